@@ -1,0 +1,43 @@
+"""Helpers shared by every kernel launcher."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+def upcast_dots() -> bool:
+    """Constexpr switch for the kernels' `tl.dot` operands.
+
+    Triton's interpreter returns garbage for `tl.dot` on bf16 operands (fp16/fp32 are exact), so under
+    TRITON_INTERPRET=1 the kernels upcast dot operands to fp32. On a GPU the dots stay in the input dtype
+    (tensor cores) and this is False.
+    """
+    return interpreting()
+
+
+def poisoning() -> bool:
+    return os.environ.get("SSLFAST_POISON", "0") == "1"
+
+
+def empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
+    """`torch.empty` for kernel outputs. With SSLFAST_POISON=1 (the test suite sets it) the buffer is filled
+    with NaN (floats) or -1 (integers) first, so an element a kernel forgets to write cannot pass a check."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if poisoning():
+        out.fill_(float("nan") if out.is_floating_point() else -1)
+    return out
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a small, fixed "machine" so splits are still exercised

@@ -1,0 +1,7 @@
+"""sslfast: fused kernels for self-supervised pretraining under a thin PyTorch API."""
+from . import nn, ops
+from .ops.infonce import clip_loss, info_nce_loss, nt_xent_loss
+
+__version__ = "0.1.0"
+
+__all__ = ["clip_loss", "info_nce_loss", "nt_xent_loss", "nn", "ops", "__version__"]

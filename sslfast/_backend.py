@@ -1,0 +1,57 @@
+"""Backend selection shared by every op (see DESIGN.md, "Dispatch").
+
+CUDA tensors take the fast path (Triton kernels or csrc); CPU tensors take the PyTorch reference path.
+`SSLFAST_BACKEND` overrides that per process:
+
+* ``auto`` (default): fast path iff every tensor is on CUDA and Triton imports;
+* ``triton``: the Triton kernels even for CPU tensors (meaningful with ``TRITON_INTERPRET=1``, which is how
+  CI runs the real kernels on a CPU);
+* ``reference``: plain PyTorch everywhere.
+
+The variable is read at every call so tests and benchmarks can switch it without re-importing.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+_CHOICES = ("auto", "triton", "reference")
+
+
+def backend() -> str:
+    value = os.environ.get("SSLFAST_BACKEND", "auto").strip().lower() or "auto"
+    if value not in _CHOICES:
+        raise ValueError(f"SSLFAST_BACKEND must be one of {_CHOICES}, got {value!r}")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+def use_triton(*tensors: torch.Tensor | None) -> bool:
+    """Whether an op over `tensors` should launch its Triton kernels."""
+    choice = backend()
+    if choice == "reference":
+        return False
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError("SSLFAST_BACKEND=triton but triton is not installed")
+        cpu = [t for t in tensors if t is not None and not t.is_cuda]
+        if cpu and not interpreting():
+            raise RuntimeError("SSLFAST_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1")
+        return True
+    present = [t for t in tensors if t is not None]
+    return bool(present) and all(t.is_cuda for t in present) and triton_available()

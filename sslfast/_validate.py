@@ -1,0 +1,60 @@
+"""Argument checks shared by the ops: every failure names the argument and what was expected, and is raised
+before any kernel launches (DESIGN.md, "Bad input")."""
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def tensor(name: str, value, *, ndim: int | None = None, shape_hint: str = "", floating: bool = True,
+           dtypes=FLOAT_DTYPES) -> torch.Tensor:
+    """Checks that `value` is a tensor of the expected rank and (floating) dtype; returns it contiguous."""
+    hint = f" {shape_hint}" if shape_hint else ""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor{hint}, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must be a {ndim}-D tensor{hint}, got shape {tuple(value.shape)}")
+    if floating and value.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have a floating dtype ({names}), got {value.dtype}")
+    return value.contiguous()
+
+
+def same_device(**tensors: torch.Tensor | None) -> torch.device:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"all inputs must be on one device, got {listing}")
+    return devices.pop()
+
+
+def same_dtype(**tensors: torch.Tensor | None) -> torch.dtype:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    dtypes = {v.dtype for v in present.values()}
+    if len(dtypes) > 1:
+        listing = ", ".join(f"{k} is {v.dtype}" for k, v in present.items())
+        raise TypeError(f"inputs must share one dtype, got {listing}")
+    return dtypes.pop()
+
+
+def positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def in_open_interval(name: str, value, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not (low < value < high):
+        raise ValueError(f"{name} must lie in ({low}, {high}), got {value}")
+    return value

@@ -1,0 +1,179 @@
+"""Op benchmark registry and runner behind `sslfast bench`.
+
+Each op family registers its cases in a module of this package (`sslfast/bench/<op>.py`, imported
+automatically). A case's `setup(device, dtype)` builds inputs once and returns a `Setup`: the callables to
+time (the fused op and the reference that users run today, each doing one full forward+backward where the
+op is differentiable), plus the FLOP and byte counts used for the "% of ceiling" column.
+
+Timing: CUDA events around each call, median over repeats after warm-up (host clock on the CPU).
+Memory: peak allocated during one call minus what was allocated before it (CUDA only).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import pkgutil
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+# Measured ceilings of the reference H100 (../shared/baselines): bf16 matmul and device-to-device copy.
+CEILING_TFLOPS = 781.0
+CEILING_TBPS = 3.0
+
+
+@dataclasses.dataclass
+class Setup:
+    fused: Callable[[], object]
+    reference: Callable[[], object] | None = None
+    flops: float = 0.0           # useful FLOPs of one fused call
+    bytes: float = 0.0           # minimal device-memory traffic of one fused call
+    others: dict = dataclasses.field(default_factory=dict)  # extra baselines by name (e.g. Inf-CL)
+
+
+@dataclasses.dataclass
+class Case:
+    op: str
+    name: str
+    setup: Callable[[torch.device, torch.dtype], Setup]
+    dtypes: tuple = (torch.bfloat16,)
+    device_types: tuple = ("cuda",)   # where the case makes sense ("cpu" for tiny smoke sizes)
+
+
+REGISTRY: list[Case] = []
+
+
+def register(op: str, name: str, *, dtypes=(torch.bfloat16,), device_types=("cuda",)):
+    """Decorator: `@register("nt_xent", "N=16384 D=128")` over a `setup(device, dtype) -> Setup`."""
+    def wrap(fn):
+        REGISTRY.append(Case(op, name, fn, tuple(dtypes), tuple(device_types)))
+        return fn
+    return wrap
+
+
+def load_all() -> list[Case]:
+    for mod in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{mod.name}")
+    return REGISTRY
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device: torch.device, warmup: int = 3, repeat: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_mib(fn, device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def _measure(fn, device, warmup, repeat):
+    try:
+        return {"ms": time_ms(fn, device, warmup, repeat), "peak_mib": peak_mib(fn, device)}
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"oom": True}
+
+
+def run(device: torch.device, ops: list[str] | None = None, warmup: int = 3, repeat: int = 10,
+        with_reference: bool = True, log=print) -> list[dict]:
+    rows = []
+    for case in load_all():
+        if ops and case.op not in ops or device.type not in case.device_types:
+            continue
+        for dtype in case.dtypes:
+            row = {"op": case.op, "case": case.name, "dtype": str(dtype).replace("torch.", ""),
+                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+            try:
+                st = case.setup(device, dtype)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                rows.append({**row, "fused": {"oom": True}})
+                continue
+            row["fused"] = _measure(st.fused, device, warmup, repeat)
+            baselines = dict(st.others)
+            if with_reference and st.reference is not None:
+                baselines = {"reference": st.reference, **baselines}
+            for name, fn in baselines.items():
+                row[name] = _measure(fn, device, warmup, repeat)
+            ms = row["fused"].get("ms")
+            if ms:
+                row["tflops"] = st.flops / ms / 1e9 if st.flops else None
+                row["tbps"] = st.bytes / ms / 1e9 if st.bytes else None
+                row["pct_ceiling"] = max(100 * (row["tflops"] or 0) / CEILING_TFLOPS,
+                                         100 * (row["tbps"] or 0) / CEILING_TBPS) or None
+                ref_ms = row.get("reference", {}).get("ms")
+                row["speedup"] = ref_ms / ms if ref_ms else None
+            rows.append(row)
+            log(json.dumps(row))
+            del st
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def table(rows: list[dict]) -> str:
+    head = ("op", "case", "dtype", "ref ms", "fused ms", "speedup", "ref MiB", "fused MiB", "% ceiling")
+    lines = [head]
+    for r in rows:
+        f, ref = r.get("fused", {}), r.get("reference", {})
+        lines.append((r["op"], r["case"], r["dtype"],
+                      "oom" if ref.get("oom") else _fmt(ref.get("ms"), ".3f"),
+                      "oom" if f.get("oom") else _fmt(f.get("ms"), ".3f"),
+                      _fmt(r.get("speedup"), ".2f"), _fmt(ref.get("peak_mib"), ".1f"),
+                      _fmt(f.get("peak_mib"), ".1f"), _fmt(r.get("pct_ceiling"), ".1f")))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("fused", {}).get("ms") and r.get("reference", {}).get("ms")]
+    labels = [f"{r['op']}\n{r['case']}\n{r['dtype']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4.5))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["reference"]["ms"] for r in rows], 0.4, label="reference")
+    ax.bar([i + 0.2 for i in x], [r["fused"]["ms"] for r in rows], 0.4, label="sslfast")
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per call (log)")
+    ax.set_xticks(list(x), labels, fontsize=6, rotation=90)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

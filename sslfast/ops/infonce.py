@@ -1,0 +1,229 @@
+"""Contrastive losses: NT-Xent (SimCLR), InfoNCE (MoCo, with or without a queue) and CLIP.
+
+All three are thin compositions over one custom op, `sslfast::similarity_lse`, that returns per-row (and
+optionally per-column) log-sum-exps of S = scale · norm(a) norm(b)ᵀ plus the positives' logits, without
+storing S (math in `sslfast.kernels.infonce`). The loss itself is then O(N) vector arithmetic:
+
+    NT-Xent:  mean_i (lse_i − s_{i,i±N}),   j = i excluded from row i's sum
+    InfoNCE:  mean_i (lse_i − s_ii)  or, with a queue, mean_i (logaddexp(lse_queue_i, pos_i) − pos_i)
+    CLIP:     ½ mean_i (lse_r[i] − s_ii) + ½ mean_j (lse_c[j] − s_jj)
+
+Backward goes through `sslfast::similarity_lse_backward` (tiles recomputed, never stored). CUDA tensors run
+the Triton kernels, CPU tensors the chunked PyTorch reference (`sslfast._backend`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _validate as V
+from .._backend import use_triton
+from ..distributed import all_gather, rank_and_world
+from ..reference import infonce as _reference
+
+_NO_SPLIT = 1 << 30  # "never": index maps with no second segment, identity pairing
+
+
+def _impl(*tensors):
+    if use_triton(*tensors):
+        from ..kernels import infonce as _kernels
+
+        return _kernels
+    return _reference
+
+
+def _maps(row_off=0, row_split=_NO_SPLIT, row_shift=0, pos_shift=0, pos_period=_NO_SPLIT) -> list[int]:
+    """Global index maps (rows: idx + off + [idx >= split]·shift; columns: identity) and the pairing
+    π(g) = (g + pos_shift) mod pos_period."""
+    return [row_off, row_split, row_shift, 0, _NO_SPLIT, 0, pos_shift, pos_period]
+
+
+def _swap(maps: list[int]) -> list[int]:
+    return maps[3:6] + maps[0:3] + maps[6:8]
+
+
+# ------------------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("sslfast::similarity_lse", mutates_args=())
+def similarity_lse(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, maps: list[int], symmetric: bool,
+                   exclude_self: bool, want_pos: bool, col_stats: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse_r [M], lse_c [Nb] or [0], pos [M] or [0]) in fp32. `symmetric`: b is a (NT-Xent on one device)."""
+    impl = _impl(a, b, scale)
+    rn_a = impl.row_rnorm(a)
+    rn_b = rn_a if symmetric else impl.row_rnorm(b)
+    lse_r, lse_c, pos = impl.similarity_lse(a, b, rn_a, rn_b, scale, maps, exclude_self=exclude_self,
+                                            want_pos=want_pos, col_stats=col_stats)
+    return lse_r.float(), lse_c.float(), pos.float()
+
+
+@similarity_lse.register_fake
+def _(a, b, scale, maps, symmetric, exclude_self, want_pos, col_stats):
+    m, nb = a.shape[0], b.shape[0]
+    f32 = dict(dtype=torch.float32, device=a.device)
+    return a.new_empty(m, **f32), a.new_empty(nb if col_stats else 0, **f32), a.new_empty(m if want_pos else 0, **f32)
+
+
+@torch.library.custom_op("sslfast::similarity_lse_backward", mutates_args=())
+def similarity_lse_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, lse_r: torch.Tensor,
+                            lse_c: torch.Tensor, g_r: torch.Tensor, g_c: torch.Tensor | None,
+                            g_p: torch.Tensor | None, maps: list[int], symmetric: bool, exclude_self: bool,
+                            want_b: bool, want_scale: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(da, db or [0], dscale or [0]) for upstream gradients g_r (of lse_r), g_c (of lse_c), g_p (of pos).
+
+    Rows of a see G directly; rows of b see Gᵀ, i.e. the same kernel with the roles swapped. In the
+    symmetric case both roles land on a and a single launch computes G + Gᵀ."""
+    impl = _impl(a, b, scale)
+    rn_a = impl.row_rnorm(a)
+    rn_b = rn_a if symmetric else impl.row_rnorm(b)
+    if symmetric:
+        lse_c, g_c = lse_r, g_r
+    with_c = g_c is not None
+    dah, dscale = impl.similarity_lse_rows_grad(
+        a, b, rn_a, rn_b, scale, maps, exclude_self=exclude_self, lse_r=lse_r, g_r=g_r,
+        lse_c=lse_c if with_c else None, g_c=g_c, g_pr=g_p, g_pc=g_p if symmetric else None,
+        want_dscale=want_scale)
+    da = impl.row_normalize_backward(a, rn_a, dah)
+    db = a.new_empty(0)
+    if want_b and not symmetric:
+        dbh, _ = impl.similarity_lse_rows_grad(
+            b, a, rn_b, rn_a, scale, _swap(maps), exclude_self=exclude_self,
+            lse_r=lse_c if with_c else None, g_r=g_c, lse_c=lse_r, g_c=g_r, g_pc=g_p)
+        db = impl.row_normalize_backward(b, rn_b, dbh)
+    dscale = dscale.float().reshape(()) if want_scale else scale.new_empty(0)
+    return da, db, dscale
+
+
+@similarity_lse_backward.register_fake
+def _(a, b, scale, lse_r, lse_c, g_r, g_c, g_p, maps, symmetric, exclude_self, want_b, want_scale):
+    db = torch.empty_like(b) if want_b and not symmetric else a.new_empty(0)
+    return torch.empty_like(a), db, scale.new_empty(() if want_scale else (0,))
+
+
+def _setup_context(ctx, inputs, output):
+    a, b, scale, maps, symmetric, exclude_self, want_pos, col_stats = inputs
+    lse_r, lse_c, _ = output
+    ctx.save_for_backward(a, b, scale, lse_r, lse_c)
+    ctx.cfg = (maps, symmetric, exclude_self, want_pos, col_stats)
+
+
+def _backward(ctx, g_r, g_c, g_p):
+    a, b, scale, lse_r, lse_c = ctx.saved_tensors
+    maps, symmetric, exclude_self, want_pos, col_stats = ctx.cfg
+    want_b = ctx.needs_input_grad[1] and not symmetric
+    want_scale = ctx.needs_input_grad[2]
+    da, db, dscale = similarity_lse_backward(
+        a, b, scale, lse_r, lse_c, g_r.float(), g_c.float() if col_stats else None,
+        g_p.float() if want_pos else None, maps, symmetric, exclude_self, want_b, want_scale)
+    return da, (db if want_b else None), (dscale if want_scale else None), None, None, None, None, None
+
+
+similarity_lse.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------- validation
+def _features(name: str, x) -> torch.Tensor:
+    x = V.tensor(name, x, ndim=2, shape_hint="[N, D]")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty [N, D] tensor, got shape {tuple(x.shape)}")
+    return x
+
+
+def _pair(name1: str, x1, name2: str, x2) -> tuple[torch.Tensor, torch.Tensor]:
+    x1, x2 = _features(name1, x1), _features(name2, x2)
+    if x1.shape != x2.shape:
+        raise ValueError(f"{name1} and {name2} must have the same shape [N, D], got {tuple(x1.shape)} and "
+                         f"{tuple(x2.shape)}")
+    V.same_device(**{name1: x1, name2: x2})
+    V.same_dtype(**{name1: x1, name2: x2})
+    return x1, x2
+
+
+def _inverse_temperature(temperature, like: torch.Tensor) -> torch.Tensor:
+    return torch.full((), 1.0 / V.positive("temperature", temperature), dtype=torch.float32, device=like.device)
+
+
+def _paired_terms(a: torch.Tensor, b_local: torch.Tensor, scale: torch.Tensor, gather: bool):
+    """(lse_r, pos) of rows of `a` against the (gathered) rows of `b_local`, positive of row i = column i."""
+    rank, _ = rank_and_world() if gather else (0, 1)
+    b = all_gather(b_local) if gather else b_local
+    lse, _, pos = similarity_lse(a, b, scale, _maps(row_off=rank * a.shape[0]), False, False, True, False)
+    return lse, pos
+
+
+# ------------------------------------------------------------------------------------------- public API
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *,
+                 gather_distributed: bool = False) -> torch.Tensor:
+    """SimCLR's NT-Xent over 2N views: z = norm([z1; z2]), S = z zᵀ/τ, row i's positive is i ± N and its
+    denominator every k ≠ i; the loss is the mean over the 2N rows (lightly `NTXentLoss(memory_bank_size=0)`).
+
+    z1, z2: [N, D], N >= 2. With `gather_distributed`, each rank scores its 2N rows against all ranks' 2N·W
+    rows; after DDP averages gradients they equal the single-process gradients on the whole batch.
+    """
+    z1, z2 = _pair("z1", z1, "z2", z2)
+    n = z1.shape[0]
+    if n < 2:
+        raise ValueError(f"z1 and z2 need at least 2 rows (N >= 2) so that every row has a negative, got N={n}")
+    scale = _inverse_temperature(temperature, z1)
+    z = torch.cat([z1, z2])
+    rank, world = rank_and_world() if gather_distributed else (0, 1)
+    if world == 1:
+        lse, _, pos = similarity_lse(z, z, scale, _maps(pos_shift=n, pos_period=2 * n), True, True, True, False)
+    else:
+        big_n = n * world
+        zg = torch.cat([all_gather(z1), all_gather(z2)])
+        maps = _maps(row_off=rank * n, row_split=n, row_shift=big_n - n, pos_shift=big_n, pos_period=2 * big_n)
+        lse, _, pos = similarity_lse(z, zg, scale, maps, False, True, True, False)
+    return (lse - pos).mean()
+
+
+def info_nce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None = None,
+                  temperature: float = 0.2, *, gather_distributed: bool = False) -> torch.Tensor:
+    """MoCo's InfoNCE.
+
+    With a queue [K, D] (MoCo v1/v2): logits_i = [q̂_i·k̂_i, q̂_i·queuê_1, …]/τ with target 0; the queue
+    gets no gradient (gather the keys into the queue instead: `sslfast.nn.InfoNCELoss` does).
+    Without (MoCo v3, one direction of CLIP): logits = q̂ k̂ᵀ/τ over the batch, target i; with
+    `gather_distributed` the keys are all-gathered and row i's positive is its own key.
+    """
+    query, key = _pair("query", query, "key", key)
+    scale = _inverse_temperature(temperature, query)
+    if queue is None:
+        world = rank_and_world()[1] if gather_distributed else 1
+        if query.shape[0] * world < 2:
+            raise ValueError("query needs at least 2 rows when queue is None (the other keys are the negatives), "
+                             f"got N={query.shape[0]}")
+        lse, pos = _paired_terms(query, key, scale, gather_distributed)
+        return (lse - pos).mean()
+    queue = V.tensor("queue", queue, ndim=2, shape_hint="[K, D]")
+    if queue.shape[1] != query.shape[1]:
+        raise ValueError(f"queue must be [K, D] with D = {query.shape[1]} (the query's), got {tuple(queue.shape)}")
+    V.same_device(query=query, queue=queue)
+    V.same_dtype(query=query, queue=queue)
+    q, k = F.normalize(query.float(), dim=1), F.normalize(key.float(), dim=1)
+    pos = scale * (q * k).sum(1)
+    if queue.shape[0] == 0:
+        return (pos - pos).mean()
+    lse_queue, _, _ = similarity_lse(query, queue.detach(), scale, _maps(), False, False, False, False)
+    return (torch.logaddexp(lse_queue, pos) - pos).mean()
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, *,
+              gather_distributed: bool = False) -> torch.Tensor:
+    """CLIP: L = logit_scale · norm(img) norm(txt)ᵀ, loss = (CE(L, arange) + CE(Lᵀ, arange)) / 2.
+
+    Row and column statistics come from the same tiles in one pass; the gradient reaches `logit_scale`
+    (a tensor with one element). With `gather_distributed`, each rank's images are scored against all texts
+    and its texts against all images (open_clip's local loss), with exact gradients.
+    """
+    img, txt = _pair("image_features", image_features, "text_features", text_features)
+    if not isinstance(logit_scale, torch.Tensor) or logit_scale.numel() != 1 or not logit_scale.is_floating_point():
+        raise TypeError("logit_scale must be a floating tensor with one element (e.g. model.logit_scale.exp())")
+    V.same_device(image_features=img, logit_scale=logit_scale)
+    scale = logit_scale.reshape(()).float()
+    if gather_distributed and rank_and_world()[1] > 1:
+        lse_i, pos_i = _paired_terms(img, txt, scale, True)
+        lse_t, pos_t = _paired_terms(txt, img, scale, True)
+        return ((lse_i - pos_i).mean() + (lse_t - pos_t).mean()) / 2
+    lse_r, lse_c, pos = similarity_lse(img, txt, scale, _maps(), False, False, True, True)
+    return ((lse_r - pos).mean() + (lse_c - pos).mean()) / 2

@@ -1,0 +1,136 @@
+"""InfoNCE family in plain PyTorch.
+
+Two layers:
+
+* the literal losses (`nt_xent_loss`, `info_nce_loss`, `clip_loss`): the papers' math with the full logit
+  matrix materialized, as lightly / solo-learn / open_clip compute it. They are the float64 test oracle and
+  the benchmark baseline;
+* the chunked core (`row_rnorm`, `similarity_lse`, `similarity_lse_rows_grad`, `row_normalize_backward`),
+  the same functions as `sslfast.kernels.infonce` computed `CHUNK_ELEMS` logits at a time, so CPU memory
+  stays O(N·D + chunk). It is the CPU path; its math is documented in `sslfast.kernels.infonce`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NORM_EPS = 1e-12
+CHUNK_ELEMS = 1 << 22  # logits per chunk: 16 MiB in fp32
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.to(_compute_dtype(logits)), target)
+
+
+# ----------------------------------------------------------------------------------------- literal losses
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """SimCLR: z = normalize([z1; z2]), S = z zᵀ/τ, row i's positive is i ± N, the diagonal is excluded,
+    loss = mean over the 2N rows of −log softmax(S_i)[positive]."""
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    s = (z @ z.T) / temperature
+    s = s.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=s.device), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(s.device)
+    return _cross_entropy(s, target)
+
+
+def info_nce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None = None,
+                  temperature: float = 0.2) -> torch.Tensor:
+    """MoCo. With a queue: logits_i = [q̂_i·k̂_i, q̂_i·queuê_j...]/τ, target 0. Without: q̂ k̂ᵀ/τ, target i."""
+    q = F.normalize(query, dim=1)
+    k = F.normalize(key, dim=1)
+    if queue is None:
+        return _cross_entropy(q @ k.T / temperature, torch.arange(q.shape[0], device=q.device))
+    neg = q @ F.normalize(queue, dim=1).detach().T
+    logits = torch.cat([(q * k).sum(1, keepdim=True), neg], dim=1) / temperature
+    return _cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+              logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP: L = logit_scale · norm(img) norm(txt)ᵀ; (CE(L, arange) + CE(Lᵀ, arange)) / 2."""
+    logits = logit_scale * F.normalize(image_features, dim=1) @ F.normalize(text_features, dim=1).T
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return (_cross_entropy(logits, target) + _cross_entropy(logits.T, target)) / 2
+
+
+# ----------------------------------------------------------------------------------------- chunked core
+def _global_index(idx: torch.Tensor, off: int, split: int, shift: int) -> torch.Tensor:
+    return idx + off + (idx >= split).long() * shift
+
+
+class _Tiles:
+    """Row chunks of the logit matrix S = scale · â b̂ᵀ with the masks of the kernels' tiles."""
+
+    def __init__(self, a, b, rn_a, rn_b, scale, maps, exclude_self):
+        ct = _compute_dtype(a)
+        self.r_off, self.r_split, self.r_shift, c_off, c_split, c_shift, self.p_shift, self.p_period = maps
+        self.ah = a.to(ct) * rn_a.to(ct)[:, None]
+        self.bh = b.to(ct) * rn_b.to(ct)[:, None]
+        self.scale = scale.to(ct)
+        self.exclude_self = exclude_self
+        self.g_col = _global_index(torch.arange(b.shape[0], device=b.device), c_off, c_split, c_shift)
+        self.rows_per_chunk = max(1, CHUNK_ELEMS // max(1, b.shape[0]))
+
+    def __iter__(self):
+        m = self.ah.shape[0]
+        for start in range(0, m, self.rows_per_chunk):
+            rows = torch.arange(start, min(m, start + self.rows_per_chunk), device=self.ah.device)
+            g_row = _global_index(rows, self.r_off, self.r_split, self.r_shift)
+            s = self.scale * (self.ah[rows] @ self.bh.T)
+            valid = None
+            if self.exclude_self:
+                valid = g_row[:, None] != self.g_col[None, :]
+                s = s.masked_fill(~valid, float("-inf"))
+            match = self.g_col[None, :] == ((g_row + self.p_shift) % self.p_period)[:, None]
+            yield rows, s, valid, match
+
+
+def row_rnorm(x: torch.Tensor) -> torch.Tensor:
+    return 1.0 / torch.linalg.vector_norm(x.to(_compute_dtype(x)), dim=1).clamp_min(NORM_EPS)
+
+
+def row_normalize_backward(x: torch.Tensor, rn: torch.Tensor, dxh: torch.Tensor) -> torch.Tensor:
+    xh = x.to(dxh.dtype) * rn[:, None]
+    return ((dxh - xh * (xh * dxh).sum(1, keepdim=True)) * rn[:, None]).to(x.dtype)
+
+
+def similarity_lse(a, b, rn_a, rn_b, scale, maps, *, exclude_self, want_pos, col_stats):
+    tiles = _Tiles(a, b, rn_a, rn_b, scale, maps, exclude_self)
+    ct = tiles.ah.dtype
+    lse_r = torch.empty(a.shape[0], dtype=ct, device=a.device)
+    pos = torch.empty(a.shape[0] if want_pos else 0, dtype=ct, device=a.device)
+    lse_c = torch.full((b.shape[0] if col_stats else 0,), float("-inf"), dtype=ct, device=a.device)
+    for rows, s, _, match in tiles:
+        lse_r[rows] = torch.logsumexp(s, dim=1)
+        if want_pos:
+            pos[rows] = torch.where(match, s, 0.0).sum(1)
+        if col_stats:
+            lse_c = torch.logaddexp(lse_c, torch.logsumexp(s, dim=0))
+    return lse_r, lse_c, pos
+
+
+def similarity_lse_rows_grad(a, b, rn_a, rn_b, scale, maps, *, exclude_self, lse_r=None, g_r=None,
+                             lse_c=None, g_c=None, g_pr=None, g_pc=None, want_dscale=False):
+    tiles = _Tiles(a, b, rn_a, rn_b, scale, maps, exclude_self)
+    dah = torch.empty_like(tiles.ah)
+    dscale = torch.zeros((), dtype=dah.dtype, device=a.device)
+    for rows, s, valid, match in tiles:
+        w = torch.zeros_like(s)
+        if g_r is not None:
+            w += g_r[rows, None] * torch.exp(s - lse_r[rows, None])
+        if g_c is not None:
+            w += g_c[None, :] * torch.exp(s - lse_c[None, :])
+        if g_pr is not None:
+            w += torch.where(match, g_pr[rows, None], 0.0)
+        if g_pc is not None:
+            w += torch.where(match, g_pc[None, :], 0.0)
+        dah[rows] = tiles.scale * (w @ tiles.bh)
+        if want_dscale:
+            cos = s / tiles.scale if valid is None else torch.where(valid, s / tiles.scale, 0.0)
+            dscale += (w * cos).sum()
+    return dah, (dscale if want_dscale else None)

@@ -1,0 +1,45 @@
+"""Test harness shared by every op's tests.
+
+* Without CUDA, Triton kernels run through the interpreter (TRITON_INTERPRET=1, set before any kernel
+  module is imported), so `SSLFAST_BACKEND=triton` exercises the real kernels on the CPU.
+* SSLFAST_POISON=1: launchers fill their outputs with NaN before a kernel writes them.
+* `backend` fixture: runs a test once on the reference (PyTorch) path and once on the Triton path.
+* `gpu` marker: skipped without CUDA.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("SSLFAST_POISON", "1")
+
+import pytest  # noqa: E402
+
+from sslfast._backend import interpreting, triton_available  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=["reference", "triton"])
+def backend(request, monkeypatch):
+    """The CPU paths: plain PyTorch, and the Triton kernels under the interpreter."""
+    if request.param == "triton" and not (triton_available() and interpreting()):
+        pytest.skip("Triton kernels on CPU tensors need triton and TRITON_INTERPRET=1")
+    monkeypatch.setenv("SSLFAST_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture
+def seed():
+    """A fresh seed per test (printed on failure through the assertion messages that include it)."""
+    s = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(s)
+    return s

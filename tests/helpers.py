@@ -1,0 +1,28 @@
+"""Comparison helpers: relative error against a float64 oracle, DESIGN.md tolerances."""
+import torch
+
+# ‖out − ref‖ / ‖ref‖ bounds (DESIGN.md, "Numerics"). On a GPU fp32 dots run in TF32.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+TOL_GPU_FP32 = 1e-3
+
+
+def tol(dtype: torch.dtype, device="cpu") -> float:
+    if dtype == torch.float32 and torch.device(device).type == "cuda":
+        return TOL_GPU_FP32
+    return TOL[dtype]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.isfinite(out).all(), "non-finite values in the output (unwritten or NaN)"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def assert_close(out, ref, bound: float, what: str = ""):
+    err = rel_err(out, ref)
+    assert err < bound, f"{what}: relative error {err:.3g} >= {bound:.1g}"
+
+
+def leaf(x: torch.Tensor, dtype=None) -> torch.Tensor:
+    """A detached copy that requires grad (optionally cast), for running the same inputs through two paths."""
+    return x.detach().clone().to(dtype or x.dtype).requires_grad_(True)
