@@ -4,18 +4,21 @@ Every contrastive loss in sslfast is a cheap function of three vectors computed 
 the similarity matrix. With â_i = a_i/‖a_i‖, b̂_j = b_j/‖b_j‖ and τ⁻¹ = `scale`:
 
     s_ij      = scale · â_i·b̂_j                       (tiles on tensor cores, input dtype, fp32 accumulate)
-    lse_r[i]  = log Σ_{j valid} exp(s_ij)              (online, per row)
-    lse_c[j]  = log Σ_{i}       exp(s_ij)              (per column, same tiles; CLIP)
     pos[i]    = s_{i, π(i)}                            (the positive column, read from the tile holding it)
+    lse_r[i]  = log Σ_{j valid, j ≠ π(i)} exp(s_ij)    (online, per row: the negatives only)
+    lse_c[j]  = log Σ_{i, π(i) ≠ j}       exp(s_ij)    (per column, same tiles; CLIP)
 
-"valid" drops j = i when `exclude_self` (NT-Xent). Indices are compared as *global* indices,
+"valid" drops j = i when `exclude_self` (NT-Xent); the positive is left out of the sums only when it is
+extracted (`want_pos`). Keeping it out makes the loss cancellation-free: a row's cross-entropy is
+softplus(lse_r − pos), accurate even when it is ~1e-9, where lse − pos of two O(scale) numbers is not. Indices are compared as *global* indices,
 g = idx + off + (idx >= split)·shift, so a rank's local rows can be scored against an all-gathered batch,
 and π(g) = (g + p_shift) mod p_period maps a row to its positive (identity for CLIP/MoCo v3,
 i ↦ i ± N for NT-Xent).
 
 Backward, for upstream gradients g_r (of lse_r), g_c (of lse_c) and g_p (of pos):
 
-    G_ij      = g_r[i]·exp(s_ij − lse_r[i]) + g_c[j]·exp(s_ij − lse_c[j]) + g_p[i or j]·[j = π(i)]
+    G_ij      = g_r[i]·exp(s_ij − lse_r[i]) + g_c[j]·exp(s_ij − lse_c[j])    (j ≠ π(i))
+    G_iπ(i)   = g_p[i] (row role) or g_p[j] (column role)
     ∂L/∂â_i   = scale · Σ_j G_ij b̂_j                 (this kernel, rows of a)
     ∂L/∂b̂_j   = scale · Σ_i G_ij â_i                 (the same kernel with a and b swapped)
     ∂L/∂scale = Σ_ij G_ij · â_i·b̂_j
@@ -94,12 +97,12 @@ def _logit_tile(a_res, A, B, rows, row_ok, cols, col_ok, D, stride_a, stride_b,
 
 
 @triton.jit
-def _masked_logits(a_res, A, B, RN_B, rows, row_ok, row_fac, g_row, c0, col_hi, D, stride_a, stride_b,
+def _masked_logits(a_res, A, B, RN_B, rows, row_ok, row_fac, g_row, g_pos, c0, col_hi, D, stride_a, stride_b,
                    c_off, c_split, c_shift, EXCLUDE_SELF: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    ONE_CHUNK: tl.constexpr, UPCAST: tl.constexpr):
-    """Base-2 logits of the tile starting at column c0 (-inf where invalid), their columns, global column
-    indices and the per-column normalization factors."""
+    """Base-2 logits of the tile starting at column c0 (-inf where invalid), where each row's positive
+    sits, the tile's columns and the per-column normalization factors."""
     cols = c0 + tl.arange(0, BLOCK_N)
     col_ok = cols < col_hi
     col_fac = tl.load(RN_B + cols, mask=col_ok, other=0.0)
@@ -111,7 +114,8 @@ def _masked_logits(a_res, A, B, RN_B, rows, row_ok, row_fac, g_row, c0, col_hi, 
     if EXCLUDE_SELF:
         valid = valid & (g_row[:, None] != g_col[None, :])
     s = tl.where(valid, s, float("-inf"))
-    return s, cols, col_ok, col_fac, g_col
+    match = g_col[None, :] == g_pos[:, None]
+    return s, match, cols, col_ok, col_fac
 
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -171,11 +175,12 @@ def _lse_fwd_kernel(
     col_lo = pid_s * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, NB)
     for c0 in range(col_lo, col_hi, BLOCK_N):
-        s, cols, col_ok, col_fac, g_col = _masked_logits(
-            a_res, A, B, RN_B, rows, row_ok, row_fac, g_row, c0, col_hi, D, stride_a, stride_b,
+        s, match, cols, col_ok, col_fac = _masked_logits(
+            a_res, A, B, RN_B, rows, row_ok, row_fac, g_row, g_pos, c0, col_hi, D, stride_a, stride_b,
             c_off, c_split, c_shift, EXCLUDE_SELF, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST)
         if WANT_POS:
-            pos_i += tl.sum(tl.where(g_col[None, :] == g_pos[:, None], s, 0.0), axis=1)
+            pos_i += tl.sum(tl.where(match, s, 0.0), axis=1)
+            s = tl.where(match, float("-inf"), s)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), axis=1)
@@ -232,23 +237,26 @@ def _lse_bwd_kernel(
     col_lo = pid_s * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, NB)
     for c0 in range(col_lo, col_hi, BLOCK_N):
-        s, cols, col_ok, col_fac, g_col = _masked_logits(
-            a_res, A, B, RN_B, rows, row_ok, row_fac, g_row, c0, col_hi, D, stride_a, stride_b,
+        s, match, cols, col_ok, col_fac = _masked_logits(
+            a_res, A, B, RN_B, rows, row_ok, row_fac, g_row, g_pos, c0, col_hi, D, stride_a, stride_b,
             c_off, c_split, c_shift, EXCLUDE_SELF, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST)
+        s_neg = s
+        if POS_ROW or POS_COL:
+            s_neg = tl.where(match, float("-inf"), s)
+            match = match & row_ok[:, None]
+        # G: softmax weights of the negatives, the positive's gradient on its own entry.
         w = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if ROW_TERM:
-            w += g_r[:, None] * tl.exp2(s - lse_r[:, None])
+            w += g_r[:, None] * tl.exp2(s_neg - lse_r[:, None])
         if COL_TERM:
             lse_c = tl.load(LSE_C + cols, mask=col_ok, other=0.0) * 1.4426950408889634
             g_c = tl.load(G_C + cols, mask=col_ok, other=0.0) * g_norm
-            w += g_c[None, :] * tl.exp2(s - lse_c[None, :])
-        if POS_ROW or POS_COL:
-            match = (g_col[None, :] == g_pos[:, None]) & row_ok[:, None]
-            if POS_ROW:
-                w += tl.where(match, g_pr[:, None], 0.0)
-            if POS_COL:
-                g_pc = tl.load(G_PC + cols, mask=col_ok, other=0.0) * g_norm
-                w += tl.where(match, g_pc[None, :], 0.0)
+            w += g_c[None, :] * tl.exp2(s_neg - lse_c[None, :])
+        if POS_ROW:
+            w += tl.where(match, g_pr[:, None], 0.0)
+        if POS_COL:
+            g_pc = tl.load(G_PC + cols, mask=col_ok, other=0.0) * g_norm
+            w += tl.where(match, g_pc[None, :], 0.0)
         if WANT_DSCALE:
             ds += tl.sum(w * tl.where(s > float("-inf"), s, 0.0), axis=1)
         wb = w * col_fac[None, :]

@@ -55,3 +55,22 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
         return True
     present = [t for t in tensors if t is not None]
     return bool(present) and all(t.is_cuda for t in present) and triton_available()
+
+
+@functools.lru_cache(maxsize=None)
+def csrc_available() -> bool:
+    """Whether the CUDA extension `sslfast._C` (csrc/, built when nvcc was found at install time) imports."""
+    try:
+        from . import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_csrc(*tensors: torch.Tensor | None) -> bool:
+    """Whether an op over `tensors` should launch the csrc kernels: every tensor on CUDA, `sslfast._C` built,
+    and SSLFAST_BACKEND not forcing the reference path."""
+    if backend() == "reference":
+        return False
+    present = [t for t in tensors if t is not None]
+    return bool(present) and all(t.is_cuda for t in present) and csrc_available()

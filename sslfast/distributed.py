@@ -20,13 +20,17 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
 
 
+# torch >= 2.13 renamed all_gather_into_tensor (the old name warns); the GPU box runs 2.11.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         world = dist.get_world_size()
         x = x.contiguous()
         out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x)
+        _all_gather_single(out, x)
         return out
 
     @staticmethod

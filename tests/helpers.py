@@ -26,3 +26,12 @@ def assert_close(out, ref, bound: float, what: str = ""):
 def leaf(x: torch.Tensor, dtype=None) -> torch.Tensor:
     """A detached copy that requires grad (optionally cast), for running the same inputs through two paths."""
     return x.detach().clone().to(dtype or x.dtype).requires_grad_(True)
+
+
+def assert_loss_close(out, ref, bound: float, what: str = "loss"):
+    """A loss is a difference of O(scale) terms (log-sum-exp minus positive logit), so no fp32 or bf16
+    implementation resolves it better than relative to max(|ref|, 1): compare on that scale."""
+    out, ref = float(out), float(ref)
+    assert out == out, f"{what}: NaN"
+    err = abs(out - ref) / max(abs(ref), 1.0)
+    assert err < bound, f"{what}: error {err:.3g} (got {out!r}, want {ref!r}) >= {bound:.1g}"

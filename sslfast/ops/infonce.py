@@ -2,11 +2,13 @@
 
 All three are thin compositions over one custom op, `sslfast::similarity_lse`, that returns per-row (and
 optionally per-column) log-sum-exps of S = scale · norm(a) norm(b)ᵀ plus the positives' logits, without
-storing S (math in `sslfast.kernels.infonce`). The loss itself is then O(N) vector arithmetic:
+storing S (math in `sslfast.kernels.infonce`). The positive is kept out of the log-sum-exps (they run over
+the negatives only), so each row's cross-entropy −log softmax(s_i)[pos] is the cancellation-free
+softplus(lse_i − pos_i), and the loss is O(N) vector arithmetic:
 
-    NT-Xent:  mean_i (lse_i − s_{i,i±N}),   j = i excluded from row i's sum
-    InfoNCE:  mean_i (lse_i − s_ii)  or, with a queue, mean_i (logaddexp(lse_queue_i, pos_i) − pos_i)
-    CLIP:     ½ mean_i (lse_r[i] − s_ii) + ½ mean_j (lse_c[j] − s_jj)
+    NT-Xent:  mean_i softplus(lse_i − s_{i,i±N}),   j = i also excluded from row i's negatives
+    InfoNCE:  mean_i softplus(lse_i − s_ii)  or, with a queue, mean_i softplus(lse_queue_i − q̂_i·k̂_i/τ)
+    CLIP:     ½ mean_i softplus(lse_r[i] − s_ii) + ½ mean_j softplus(lse_c[j] − s_jj)
 
 Backward goes through `sslfast::similarity_lse_backward` (tiles recomputed, never stored). CUDA tensors run
 the Triton kernels, CPU tensors the chunked PyTorch reference (`sslfast._backend`).
@@ -47,7 +49,8 @@ def _swap(maps: list[int]) -> list[int]:
 def similarity_lse(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, maps: list[int], symmetric: bool,
                    exclude_self: bool, want_pos: bool, col_stats: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lse_r [M], lse_c [Nb] or [0], pos [M] or [0]) in fp32. `symmetric`: b is a (NT-Xent on one device)."""
+    """(lse_r [M], lse_c [Nb] or [0], pos [M] or [0]) in fp32; with `want_pos` the positives are left out of
+    lse_r and lse_c. `symmetric`: b is a (NT-Xent on one device)."""
     impl = _impl(a, b, scale)
     rn_a = impl.row_rnorm(a)
     rn_b = rn_a if symmetric else impl.row_rnorm(b)
@@ -174,7 +177,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *
         zg = torch.cat([all_gather(z1), all_gather(z2)])
         maps = _maps(row_off=rank * n, row_split=n, row_shift=big_n - n, pos_shift=big_n, pos_period=2 * big_n)
         lse, _, pos = similarity_lse(z, zg, scale, maps, False, True, True, False)
-    return (lse - pos).mean()
+    return F.softplus(lse - pos).mean()
 
 
 def info_nce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None = None,
@@ -194,7 +197,7 @@ def info_nce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | 
             raise ValueError("query needs at least 2 rows when queue is None (the other keys are the negatives), "
                              f"got N={query.shape[0]}")
         lse, pos = _paired_terms(query, key, scale, gather_distributed)
-        return (lse - pos).mean()
+        return F.softplus(lse - pos).mean()
     queue = V.tensor("queue", queue, ndim=2, shape_hint="[K, D]")
     if queue.shape[1] != query.shape[1]:
         raise ValueError(f"queue must be [K, D] with D = {query.shape[1]} (the query's), got {tuple(queue.shape)}")
@@ -202,10 +205,10 @@ def info_nce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | 
     V.same_dtype(query=query, queue=queue)
     q, k = F.normalize(query.float(), dim=1), F.normalize(key.float(), dim=1)
     pos = scale * (q * k).sum(1)
-    if queue.shape[0] == 0:
+    if queue.shape[0] == 0:  # no negatives: softplus(-inf) = 0
         return (pos - pos).mean()
     lse_queue, _, _ = similarity_lse(query, queue.detach(), scale, _maps(), False, False, False, False)
-    return (torch.logaddexp(lse_queue, pos) - pos).mean()
+    return F.softplus(lse_queue - pos).mean()
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, *,
@@ -224,6 +227,6 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     if gather_distributed and rank_and_world()[1] > 1:
         lse_i, pos_i = _paired_terms(img, txt, scale, True)
         lse_t, pos_t = _paired_terms(txt, img, scale, True)
-        return ((lse_i - pos_i).mean() + (lse_t - pos_t).mean()) / 2
+        return (F.softplus(lse_i - pos_i).mean() + F.softplus(lse_t - pos_t).mean()) / 2
     lse_r, lse_c, pos = similarity_lse(img, txt, scale, _maps(), False, False, True, True)
-    return ((lse_r - pos).mean() + (lse_c - pos).mean()) / 2
+    return (F.softplus(lse_r - pos).mean() + F.softplus(lse_c - pos).mean()) / 2

@@ -82,12 +82,10 @@ class _Tiles:
             rows = torch.arange(start, min(m, start + self.rows_per_chunk), device=self.ah.device)
             g_row = _global_index(rows, self.r_off, self.r_split, self.r_shift)
             s = self.scale * (self.ah[rows] @ self.bh.T)
-            valid = None
             if self.exclude_self:
-                valid = g_row[:, None] != self.g_col[None, :]
-                s = s.masked_fill(~valid, float("-inf"))
+                s = s.masked_fill(g_row[:, None] == self.g_col[None, :], float("-inf"))
             match = self.g_col[None, :] == ((g_row + self.p_shift) % self.p_period)[:, None]
-            yield rows, s, valid, match
+            yield rows, s, match
 
 
 def row_rnorm(x: torch.Tensor) -> torch.Tensor:
@@ -105,10 +103,11 @@ def similarity_lse(a, b, rn_a, rn_b, scale, maps, *, exclude_self, want_pos, col
     lse_r = torch.empty(a.shape[0], dtype=ct, device=a.device)
     pos = torch.empty(a.shape[0] if want_pos else 0, dtype=ct, device=a.device)
     lse_c = torch.full((b.shape[0] if col_stats else 0,), float("-inf"), dtype=ct, device=a.device)
-    for rows, s, _, match in tiles:
-        lse_r[rows] = torch.logsumexp(s, dim=1)
-        if want_pos:
+    for rows, s, match in tiles:
+        if want_pos:  # the positive is reported separately and left out of the sums
             pos[rows] = torch.where(match, s, 0.0).sum(1)
+            s = s.masked_fill(match, float("-inf"))
+        lse_r[rows] = torch.logsumexp(s, dim=1)
         if col_stats:
             lse_c = torch.logaddexp(lse_c, torch.logsumexp(s, dim=0))
     return lse_r, lse_c, pos
@@ -119,18 +118,19 @@ def similarity_lse_rows_grad(a, b, rn_a, rn_b, scale, maps, *, exclude_self, lse
     tiles = _Tiles(a, b, rn_a, rn_b, scale, maps, exclude_self)
     dah = torch.empty_like(tiles.ah)
     dscale = torch.zeros((), dtype=dah.dtype, device=a.device)
-    for rows, s, valid, match in tiles:
+    with_pos = g_pr is not None or g_pc is not None
+    for rows, s, match in tiles:
+        s_neg = s.masked_fill(match, float("-inf")) if with_pos else s
         w = torch.zeros_like(s)
         if g_r is not None:
-            w += g_r[rows, None] * torch.exp(s - lse_r[rows, None])
+            w += g_r[rows, None] * torch.exp(s_neg - lse_r[rows, None])
         if g_c is not None:
-            w += g_c[None, :] * torch.exp(s - lse_c[None, :])
+            w += g_c[None, :] * torch.exp(s_neg - lse_c[None, :])
         if g_pr is not None:
             w += torch.where(match, g_pr[rows, None], 0.0)
         if g_pc is not None:
             w += torch.where(match, g_pc[None, :], 0.0)
         dah[rows] = tiles.scale * (w @ tiles.bh)
         if want_dscale:
-            cos = s / tiles.scale if valid is None else torch.where(valid, s / tiles.scale, 0.0)
-            dscale += (w * cos).sum()
+            dscale += (w * torch.where(torch.isfinite(s), s, 0.0)).sum() / tiles.scale
     return dah, (dscale if want_dscale else None)

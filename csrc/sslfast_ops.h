@@ -1,0 +1,25 @@
+// Host entry points of sslfast._C (defined in ema.cu and optim.cu, bound in bindings.cu).
+// `table` points at a TensorTable<depth> built by sslfast/ops/ema.py; pointers and streams are integers.
+#pragma once
+
+#include <cstdint>
+
+namespace sslfast {
+
+// teacher <- lerp(teacher, student, w), w = 1 - *momentum if momentum != 0 else weight.
+void ema_apply(const void* table, int teacher_dtype, int student_dtype, float weight, uintptr_t momentum,
+               uintptr_t stream, int device);
+
+// One AdamW step (torch.optim.AdamW(fused=True) math) per row, then the row's teacher (if flagged) <-
+// lerp(teacher, new param, w). Increments each row's fp32 step scalar first.
+void adamw_ema_apply(const void* table, int param_dtype, int teacher_dtype, float lr, float beta1, float beta2,
+                     float eps, float weight_decay, float ema_weight, uintptr_t ema_momentum, uintptr_t stream,
+                     int device);
+
+// LARS (BYOL / Barlow Twins) + EMA in two launches: per-chunk squared norms of p and of the decayed update
+// into `partials` (2 floats per chunk), then the update pass that reduces them per tensor on the device.
+void lars_ema_apply(const void* table, int param_dtype, int teacher_dtype, uintptr_t partials, float lr,
+                    float momentum, float weight_decay, float eta, float ema_weight, uintptr_t ema_momentum,
+                    uintptr_t stream, int device);
+
+}  // namespace sslfast

@@ -1,0 +1,643 @@
+"""Teacher EMA and optimizer steps fused with it: validation, pointer tables, dispatch.
+
+    teacher ← momentum·teacher + (1 − momentum)·student     (= torch.lerp(teacher, student, 1 − momentum))
+
+Dispatch (`sslfast._backend.use_csrc`): CUDA tensors with `sslfast._C` built → the csrc kernels
+(csrc/ema.cu, csrc/optim.cu); CUDA without `_C` → torch's own multi-tensor ops (`_foreach_lerp_`,
+`_fused_adamw_`); CPU (or SSLFAST_BACKEND=reference) → `sslfast.reference.ema`.
+
+Pointer tables. A csrc launch takes a `TensorTable<depth>` (csrc/multi_tensor_apply.cuh) as its kernel
+parameter: per row (tensor) one data pointer per list, the element count, the row's first chunk (a prefix sum
+over chunks of CHUNK_ELEMS elements) and flags (16-byte aligned → vector path; has a teacher; LARS adapt /
+decay). `build_tables` packs them here with numpy, byte for byte (`table_layout` mirrors the C++ struct and is
+checked against `_C.table_layout` in CI), one table per (dtype, dtype) group and at most MAX_TENSORS rows per
+table, skipping empty tensors. Tables are built once per list of tensors and cached (`_Cache`): a call then
+only checks that the same tensors still sit at the same addresses and launches, so a step costs a few
+microseconds of Python and no host sync. Gradients, which change every step, are written into the cached
+tables in place (`_FusedPlan._set_grads`).
+
+Rows the kernels cannot take (a tensor that is not dense, or whose strides differ from its partners') are
+updated by the reference path instead, in the same call.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import weakref
+from numbers import Real
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .. import _validate as V
+from .._backend import backend, csrc_available, use_csrc
+from ..reference import ema as _reference
+
+Tensor = torch.Tensor
+
+# ------------------------------------------------------------------------------------------------ constants
+# Mirrors of csrc/multi_tensor_apply.cuh (checked against sslfast._C in tests/test_ema.py).
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+FLAG_VECTOR, FLAG_TEACHER, FLAG_ADAPT, FLAG_DECAY = 1, 2, 4, 8
+MAX_TENSORS = 448
+VEC = 8                      # elements per thread-step on the vector path
+ALIGN = 16                   # bytes: the vector path needs every pointer of a row aligned to this
+EMA_DEPTH, LARS_DEPTH, ADAMW_DEPTH = 2, 4, 6
+CHUNK_ELEMS = 8192           # elements per chunk (one 256-thread block each); a multiple of VEC
+_MAX_CHUNKS = 2**31 - 1      # int32 chunk indices (and grid size)
+
+_data_ptr = Tensor.data_ptr
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return DTYPE_CODES[dtype]
+
+
+def table_layout(depth: int, max_tensors: int = MAX_TENSORS) -> dict[str, int]:
+    """Byte offsets of `TensorTable<depth>`'s fields and its size (natural alignment, as the C++ compiler
+    lays it out: four int32 header fields, then uint64 ptr[depth][max], int64 numel[max],
+    int32 chunk_start[max + 1], int32 flags[max], padded to 8 bytes)."""
+    off = {"n_tensors": 0, "n_chunks": 4, "chunk_elems": 8, "ptr": 16}
+    off["numel"] = off["ptr"] + 8 * depth * max_tensors
+    off["chunk_start"] = off["numel"] + 8 * max_tensors
+    off["flags"] = off["chunk_start"] + 4 * (max_tensors + 1)
+    off["size"] = (off["flags"] + 4 * max_tensors + 7) // 8 * 8
+    return off
+
+
+@dataclasses.dataclass
+class Table:
+    """One kernel launch: the packed table and what it holds."""
+    data: np.ndarray        # uint8, table_layout(depth)["size"] bytes
+    depth: int
+    dtypes: tuple           # dtype code of each list ((teacher, student) or (param, teacher))
+    rows: np.ndarray        # int64: indices (into the caller's rows) of the table's rows, in table order
+    n_chunks: int
+    max_tensors: int = MAX_TENSORS
+
+    views: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def field(self, name: str) -> np.ndarray:
+        """A writable typed view of one field (`ptr` as [depth, max_tensors])."""
+        view = self.views.get(name)
+        if view is None:
+            lay = table_layout(self.depth, self.max_tensors)
+            m = self.max_tensors
+            spec = {"n_tensors": (np.int32, 1), "n_chunks": (np.int32, 1), "chunk_elems": (np.int32, 1),
+                    "ptr": (np.uint64, self.depth * m), "numel": (np.int64, m), "chunk_start": (np.int32, m + 1),
+                    "flags": (np.int32, m)}
+            dt, count = spec[name]
+            start = lay[name]
+            view = self.data[start:start + np.dtype(dt).itemsize * count].view(dt)
+            view = self.views[name] = view.reshape(self.depth, m) if name == "ptr" else view
+        return view
+
+
+def _aligned(ptrs) -> bool:
+    return all(p % ALIGN == 0 for p in ptrs)
+
+
+def build_tables(rows: Sequence[Sequence[Tensor | None]], keys: Sequence[tuple], *, depth: int,
+                 flags: Sequence[int] | None = None, chunk_elems: int = CHUNK_ELEMS,
+                 max_tensors: int = MAX_TENSORS) -> list[Table]:
+    """Packs `rows` (each a tuple of `depth` tensors or None; the first one sets the element count) into
+    launch tables, one group per distinct `keys[i]` (the per-list dtype codes) in order of first appearance,
+    at most `max_tensors` rows per table. Empty tensors are left out. A row gets FLAG_VECTOR when all of its
+    pointers are 16-byte aligned, on top of `flags[i]`."""
+    if chunk_elems <= 0 or chunk_elems % VEC:
+        raise ValueError(f"chunk_elems must be a positive multiple of {VEC}, got {chunk_elems}")
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        if len(row) != depth:
+            raise ValueError(f"row {i} has {len(row)} tensors, the table depth is {depth}")
+        if row[0].numel():
+            groups.setdefault(tuple(keys[i]), []).append(i)
+    tables = []
+    for key, members in groups.items():
+        start = 0
+        while start < len(members):
+            part, chunks = [], 0
+            for i in members[start:start + max_tensors]:
+                n = -(-rows[i][0].numel() // chunk_elems)
+                if part and chunks + n > _MAX_CHUNKS:
+                    break
+                part.append(i)
+                chunks += n
+            tables.append(_pack(rows, part, key, depth, flags, chunk_elems, max_tensors))
+            start += len(part)
+    return tables
+
+
+def _pack(rows, part, key, depth, flags, chunk_elems, max_tensors) -> Table:
+    lay = table_layout(depth, max_tensors)
+    table = Table(np.zeros(lay["size"], dtype=np.uint8), depth, tuple(key), np.asarray(part, dtype=np.int64), 0,
+                  max_tensors)
+    ptr, numel, chunk_start, flag = (table.field(f) for f in ("ptr", "numel", "chunk_start", "flags"))
+    chunk = 0
+    for j, i in enumerate(part):
+        ptrs = [0 if t is None else _data_ptr(t) for t in rows[i]]
+        ptr[:, j] = ptrs
+        numel[j] = rows[i][0].numel()
+        chunk_start[j] = chunk
+        chunk += -(-int(numel[j]) // chunk_elems)
+        flag[j] = (flags[i] if flags is not None else 0) | (FLAG_VECTOR if _aligned(p for p in ptrs if p) else 0)
+    chunk_start[len(part)] = chunk
+    header = table.field("n_tensors")
+    header[0] = len(part)
+    table.field("n_chunks")[0] = chunk
+    table.field("chunk_elems")[0] = chunk_elems
+    table.n_chunks = chunk
+    return table
+
+
+_EXT = None
+
+
+def _C():
+    global _EXT
+    if _EXT is None:
+        from .. import _C as ext
+
+        _EXT = ext
+    return _EXT
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def _tensor_list(name: str, value) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a sequence of tensors (e.g. list(model.parameters())), got one tensor")
+    try:
+        items = value if isinstance(value, list) else list(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of tensors, got {type(value).__name__}") from None
+    return items
+
+
+def _check_pairs(name_a: str, a: list[Tensor], name_b: str, b: list, *, b_optional: bool = False,
+                 same_dtype: bool = False) -> torch.device | None:
+    """Per-element checks between two parallel lists; returns their one device (None for empty lists)."""
+    if len(a) != len(b):
+        raise ValueError(f"{name_a} and {name_b} must have the same length, got {len(a)} and {len(b)}")
+    device = None
+    for i, (x, y) in enumerate(zip(a, b)):
+        V.tensor(f"{name_a}[{i}]", x)
+        if y is None and b_optional:
+            continue
+        V.tensor(f"{name_b}[{i}]", y)
+        if x.shape != y.shape:
+            raise ValueError(f"{name_b}[{i}] must have the shape of {name_a}[{i}], {tuple(x.shape)}, "
+                             f"got {tuple(y.shape)}")
+        if same_dtype and x.dtype != y.dtype:
+            raise TypeError(f"{name_b}[{i}] must have the dtype of {name_a}[{i}], {x.dtype}, got {y.dtype}")
+        if device is None:
+            device = x.device
+        for nm, t in ((name_a, x), (name_b, y)):
+            if t.device != device:
+                raise ValueError(f"all tensors must be on one device: {nm}[{i}] is on {t.device}, "
+                                 f"{name_a}[0] on {device}")
+    if device is None and a:
+        device = a[0].device
+    return device
+
+
+def _momentum(name: str, value, device: torch.device | None):
+    """(weight = 1 − m as a float, or None; momentum as a 0-dim fp32 device tensor, or None)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise TypeError(f"{name} must be a float or a floating tensor with one element, got "
+                            f"{value.dtype} of shape {tuple(value.shape)}")
+        if value.device.type == "cpu" and (device is None or device.type != "cpu"):
+            return 1.0 - float(value), None  # a host scalar: reading it costs no device sync
+        if device is not None and value.device != device:
+            raise ValueError(f"{name} must be on the tensors' device {device} (or on the CPU), got {value.device}")
+        if value.device.type == "cpu":
+            return 1.0 - float(value), None
+        return None, value.reshape(()).to(torch.float32)
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number in [0, 1] or a tensor, got {type(value).__name__}")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return 1.0 - value, None
+
+
+def _reference_momentum(weight: float | None, m_tensor: Tensor | None):
+    return m_tensor if m_tensor is not None else 1.0 - weight
+
+
+_DENSE_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+
+
+def _dense(t: Tensor) -> bool:
+    """Non-overlapping and dense in a layout the kernels can walk as a flat array."""
+    if t.is_contiguous():
+        return True
+    return any(t.dim() == (4 if f is torch.channels_last else 5) and t.is_contiguous(memory_format=f)
+               for f in _DENSE_FORMATS[1:])
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    return a.is_contiguous() and b.is_contiguous() or (_dense(a) and _dense(b) and a.stride() == b.stride())
+
+
+# ------------------------------------------------------------------------------------------------ plan cache
+class _Cache:
+    """Small LRU of plans keyed by the ids of the tensors they were built from. A hit is valid only while
+    the very same tensor objects (weak references) still have the recorded data pointers."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self.plans: collections.OrderedDict = collections.OrderedDict()
+
+    def get(self, key, tensors: list[Tensor]):
+        plan = self.plans.get(key)
+        if plan is None:
+            return None
+        if plan.ptrs != tuple(map(_data_ptr, tensors)) or any(r() is not t for r, t in zip(plan.refs, tensors)):
+            del self.plans[key]
+            return None
+        self.plans.move_to_end(key)
+        return plan
+
+    def put(self, key, plan):
+        self.plans[key] = plan
+        while len(self.plans) > self.size:
+            self.plans.popitem(last=False)
+        return plan
+
+    def clear(self):
+        self.plans.clear()
+
+
+class _Plan:
+    """What a plan records about the tensors it was built from (for `_Cache` hits)."""
+
+    def _remember(self, tensors: list[Tensor]):
+        self.refs = [weakref.ref(t) for t in tensors]
+        self.ptrs = tuple(map(_data_ptr, tensors))
+
+
+# ------------------------------------------------------------------------------------------------ EMA
+class _EMAPlan(_Plan):
+    def __init__(self, teacher: list[Tensor], student: list[Tensor], device: torch.device | None):
+        self.device = device
+        self._remember(teacher + student)
+        fast = [i for i, (t, s) in enumerate(zip(teacher, student)) if _same_layout(t, s)]
+        self.fallback = [i for i, (t, s) in enumerate(zip(teacher, student)) if not _same_layout(t, s)]
+        self.tables = build_tables([(teacher[i], student[i]) for i in fast],
+                                   [(dtype_code(teacher[i].dtype), dtype_code(student[i].dtype)) for i in fast],
+                                   depth=EMA_DEPTH)
+
+
+_EMA_PLANS = _Cache()
+
+
+def _ema_plan(teacher: list[Tensor], student: list[Tensor]) -> _EMAPlan:
+    key = (tuple(map(id, teacher)), tuple(map(id, student)))
+    plan = _EMA_PLANS.get(key, teacher + student)
+    if plan is None:
+        device = _check_pairs("teacher_tensors", teacher, "student_tensors", student)
+        plan = _EMA_PLANS.put(key, _EMAPlan(teacher, student, device))
+    return plan
+
+
+def ema_update_(teacher_tensors: Iterable[Tensor], student_tensors: Iterable[Tensor], momentum) -> None:
+    """teacher ← momentum·teacher + (1 − momentum)·student, in place, for every pair of the two lists.
+
+    Computed as torch.lerp(teacher, student, 1 − momentum) in fp32 and rounded once to the teacher's dtype
+    (fp32 results equal torch's lerp exactly). Teacher and student dtypes are independent (fp32 / bf16 /
+    fp16); shapes must match pairwise and everything must sit on one device.
+
+    `momentum`: a float in [0, 1], or a one-element floating tensor. On CUDA a device tensor is read by the
+    kernel itself: no host sync, and a CUDA graph that captured the update uses the value the tensor holds at
+    replay (change it with `momentum.fill_(m)` or compute it on the device). Warm the update up once before
+    capturing (the first call builds and caches the launch tables).
+
+    On CUDA with `sslfast._C`: one launch per (teacher dtype, student dtype) group of up to 448 tensors
+    (a ViT-B's 150 parameters: one launch). Without `_C`: torch._foreach_lerp_. On the CPU: foreach lerp.
+    """
+    teacher = _tensor_list("teacher_tensors", teacher_tensors)
+    student = _tensor_list("student_tensors", student_tensors)
+    plan = _ema_plan(teacher, student)
+    if not teacher:
+        _momentum("momentum", momentum, None)
+        return
+    weight, m_tensor = _momentum("momentum", momentum, plan.device)
+    if plan.device.type == "cuda" and use_csrc(teacher[0]):
+        _C_ema = _C().ema_apply
+        stream = _stream(plan.device)
+        mptr = 0 if m_tensor is None else m_tensor.data_ptr()
+        w = 0.0 if weight is None else weight
+        for tbl in plan.tables:
+            _C_ema(tbl.data, tbl.dtypes[0], tbl.dtypes[1], w, mptr, stream, plan.device.index)
+        if plan.fallback:
+            _reference.ema_update_([teacher[i] for i in plan.fallback], [student[i] for i in plan.fallback],
+                                   _reference_momentum(weight, m_tensor))
+        return
+    _reference.ema_update_(teacher, student, _reference_momentum(weight, m_tensor))
+
+
+# ------------------------------------------------------------------------------------------------ fused steps
+class _FusedPlan(_Plan):
+    """Launch tables for one optimizer's rows: (param, grad, *state, teacher[, step]) per row. Built from the
+    tensors that do not change between steps; the gradients are written into the tables at every call."""
+
+    def __init__(self, depth: int, params: list[Tensor], states: list[list[Tensor]], teachers: list,
+                 extra: list[list[Tensor]], flags: list[int], checked: list[Tensor]):
+        self.params, self.states, self.teachers, self.extra = params, states, teachers, extra
+        self.device = params[0].device if params else None
+        self._remember(checked)
+        # rows the kernels take: param, states (and extra) dense with one layout; teachers only if they match too
+        self.fast, self.slow, row_teacher = [], [], []
+        self.teacher_fallback = []  # (teacher, param) pairs updated by ema_update_ after the step
+        for i, p in enumerate(params):
+            if _dense(p) and all(_same_layout(p, s[i]) for s in states) and all(
+                    x[i].numel() == 1 and x[i].is_contiguous() for x in extra):
+                self.fast.append(i)
+                t = teachers[i]
+                if t is not None and not _same_layout(p, t):
+                    self.teacher_fallback.append(i)
+                    t = None
+                row_teacher.append(t)
+            else:
+                self.slow.append(i)
+        rows, keys, row_flags = [], [], []
+        for i, t in zip(self.fast, row_teacher):
+            p = params[i]
+            row = [p, None, *(s[i] for s in states), t, *(x[i] for x in extra)]
+            rows.append(row)
+            keys.append((dtype_code(p.dtype), dtype_code(t.dtype) if t is not None else None))
+            row_flags.append(flags[i] | (FLAG_TEACHER if t is not None else 0))
+        keys = _merge_teacherless(keys)
+        # the grad slot is empty while packing; alignment of the other pointers is kept in `base_vector`
+        self.tables = build_tables(rows, keys, depth=depth, flags=row_flags)
+        self.fast_rows = np.asarray(self.fast, dtype=np.int64)
+        self.contiguous = [params[i].is_contiguous() for i in range(len(params))]
+        for tbl in self.tables:
+            tbl.members = self.fast_rows[tbl.rows]       # indices into params
+            n = len(tbl.members)
+            tbl.base_flags = tbl.field("flags")[:n].copy()
+            partials = None
+            if depth == LARS_DEPTH and self.device is not None and self.device.type == "cuda":
+                partials = torch.empty(2 * tbl.n_chunks, dtype=torch.float32, device=self.device)
+            tbl.partials = partials
+
+    def _grads(self, grads: list[Tensor]) -> list[Tensor]:
+        """The gradients in their parameters' layout (a copy where a gradient's strides differ)."""
+        out = list(grads)
+        for i, (p, g, contig) in enumerate(zip(self.params, grads, self.contiguous)):
+            if not (g.is_contiguous() if contig else g.stride() == p.stride()):
+                out[i] = torch.empty_like(p).copy_(g)
+        return out
+
+    def _set_grads(self, tbl: Table, grads: list[Tensor]) -> None:
+        n = len(tbl.members)
+        g = np.fromiter((_data_ptr(grads[i]) for i in tbl.members), dtype=np.uint64, count=n)
+        tbl.field("ptr")[1, :n] = g
+        aligned = (g % ALIGN) == 0
+        tbl.field("flags")[:n] = np.where(aligned, tbl.base_flags, tbl.base_flags & ~FLAG_VECTOR)
+
+
+def _merge_teacherless(keys: list[tuple]) -> list[tuple]:
+    """Rows without a teacher join a group of the same param dtype (the kernel never reads their teacher
+    pointer), so they cost no extra launch."""
+    by_param = {}
+    for p, t in keys:
+        if t is not None:
+            by_param.setdefault(p, t)
+    return [(p, t if t is not None else by_param.get(p, p)) for p, t in keys]
+
+
+def _check_fused(params: list[Tensor], states: dict[str, list], teachers) -> torch.device | None:
+    device = None
+    for name, lst in states.items():
+        device = _check_pairs("params", params, name, lst, same_dtype=True) or device
+    if teachers is not None:
+        device = _check_pairs("params", params, "teachers", teachers, b_optional=True) or device
+    return device
+
+
+def _check_steps(params: list[Tensor], steps: list) -> None:
+    if len(steps) != len(params):
+        raise ValueError(f"params and steps must have the same length, got {len(params)} and {len(steps)}")
+    for i, (p, s) in enumerate(zip(params, steps)):
+        if not isinstance(s, Tensor) or s.numel() != 1 or s.dtype != torch.float32 or s.device != p.device:
+            raise TypeError(f"steps[{i}] must be a one-element float32 tensor on {p.device} (the step count), got "
+                            f"{s.dtype if isinstance(s, Tensor) else type(s).__name__}"
+                            f"{'' if not isinstance(s, Tensor) else ' on ' + str(s.device)}")
+
+
+class AdamWEMAPlan(_FusedPlan):
+    """Launch tables of `adamw_ema_step_` for fixed params / moments / steps / teachers."""
+
+    def __init__(self, params, exp_avgs, exp_avg_sqs, steps, teachers, checked=None):
+        teachers = list(teachers) if teachers is not None else [None] * len(params)
+        checked = _stable(params, exp_avgs, exp_avg_sqs, steps, teachers) if checked is None else checked
+        super().__init__(ADAMW_DEPTH, params, [exp_avgs, exp_avg_sqs], teachers, [steps], [0] * len(params),
+                         checked)
+        self.exp_avgs, self.exp_avg_sqs, self.steps = exp_avgs, exp_avg_sqs, steps
+
+    def step_(self, grads: list[Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
+              weight_decay: float, momentum) -> None:
+        if not self.params:
+            return
+        weight, m_tensor = _momentum("momentum", momentum, self.device)
+        ref_m = _reference_momentum(weight, m_tensor)
+        grads = self._grads(grads)
+        if self.device.type == "cuda" and use_csrc(self.params[0]):
+            launch = _C().adamw_ema_apply
+            stream = _stream(self.device)
+            mptr = 0 if m_tensor is None else m_tensor.data_ptr()
+            w = 0.0 if weight is None else weight
+            for tbl in self.tables:
+                self._set_grads(tbl, grads)
+                launch(tbl.data, tbl.dtypes[0], tbl.dtypes[1], lr, beta1, beta2, eps, weight_decay, w, mptr,
+                       stream, self.device.index)
+            rows = self.slow
+        else:
+            rows = range(len(self.params))
+        rows = list(rows)
+        if rows:
+            sel = lambda lst: [lst[i] for i in rows]  # noqa: E731
+            args = (sel(self.params), sel(grads), sel(self.exp_avgs), sel(self.exp_avg_sqs), sel(self.steps),
+                    sel(self.teachers))
+            hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, momentum=ref_m)
+            if self.device.type == "cuda" and backend() != "reference" and len(rows) == len(self.params):
+                _torch_fused_adamw_ema(*args, **hp)
+            else:
+                _reference.adamw_ema_step_(*args, **hp)
+        if self.teacher_fallback:
+            _reference.ema_update_([self.teachers[i] for i in self.teacher_fallback],
+                                   [self.params[i] for i in self.teacher_fallback], ref_m)
+
+
+def _torch_fused_adamw_ema(params, grads, exp_avgs, exp_avg_sqs, steps, teachers, *, lr, beta1, beta2, eps,
+                           weight_decay, momentum) -> None:
+    """CUDA without sslfast._C: torch's fused AdamW kernel, then foreach lerp (what users run today)."""
+    with torch.no_grad():
+        groups: dict[torch.dtype, list[int]] = {}
+        for i, p in enumerate(params):
+            groups.setdefault(p.dtype, []).append(i)
+        for idx in groups.values():
+            sel = lambda lst: [lst[i] for i in idx]  # noqa: E731
+            torch._foreach_add_(sel(steps), 1)
+            torch._fused_adamw_(sel(params), sel(grads), sel(exp_avgs), sel(exp_avg_sqs), [], sel(steps), lr=lr,
+                                beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False,
+                                maximize=False)
+    _reference._teacher_ema(params, teachers, momentum)
+
+
+class LARSEMAPlan(_FusedPlan):
+    """Launch tables of `lars_ema_step_` for fixed params / momentum buffers / teachers and per-param flags."""
+
+    def __init__(self, params, momentum_buffers, teachers, decay, adapt, checked=None):
+        teachers = list(teachers) if teachers is not None else [None] * len(params)
+        self.decay, self.adapt = list(decay), list(adapt)
+        flags = [(FLAG_DECAY if d else 0) | (FLAG_ADAPT if a else 0) for d, a in zip(self.decay, self.adapt)]
+        checked = _stable(params, momentum_buffers, teachers) if checked is None else checked
+        super().__init__(LARS_DEPTH, params, [momentum_buffers], teachers, [], flags, checked)
+        self.momentum_buffers = momentum_buffers
+
+    def step_(self, grads: list[Tensor], *, lr: float, momentum: float, weight_decay: float, eta: float,
+              ema_momentum) -> None:
+        if not self.params:
+            return
+        weight, m_tensor = _momentum("ema_momentum", ema_momentum, self.device)
+        ref_m = _reference_momentum(weight, m_tensor)
+        grads = self._grads(grads)
+        rows = range(len(self.params))
+        if self.device.type == "cuda" and use_csrc(self.params[0]):
+            launch = _C().lars_ema_apply
+            stream = _stream(self.device)
+            mptr = 0 if m_tensor is None else m_tensor.data_ptr()
+            w = 0.0 if weight is None else weight
+            for tbl in self.tables:
+                self._set_grads(tbl, grads)
+                launch(tbl.data, tbl.dtypes[0], tbl.dtypes[1], tbl.partials.data_ptr(), lr, momentum,
+                       weight_decay, eta, w, mptr, stream, self.device.index)
+            rows = self.slow
+        rows = list(rows)
+        if rows:
+            sel = lambda lst: [lst[i] for i in rows]  # noqa: E731
+            _reference.lars_ema_step_(sel(self.params), sel(grads), sel(self.momentum_buffers), sel(self.teachers),
+                                      lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                                      decay=sel(self.decay), adapt=sel(self.adapt), ema_momentum=ref_m)
+        if self.teacher_fallback:
+            _reference.ema_update_([self.teachers[i] for i in self.teacher_fallback],
+                                   [self.params[i] for i in self.teacher_fallback], ref_m)
+
+
+_FUSED_PLANS = _Cache()
+
+
+def _stable(*lists) -> list[Tensor]:
+    """The tensors a fused plan's tables point at (all but the gradients), as one list."""
+    return [t for lst in lists if lst is not None for t in lst if t is not None]
+
+
+def _real(name: str, value, low: float | None = None, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must lie in [{low}, {high}], got {value}")
+    return value
+
+
+def adamw_ema_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                    exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor],
+                    teachers: Sequence[Tensor | None] | None = None, *, lr: float = 1e-3,
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                    momentum=0.996) -> None:
+    """One AdamW step (torch.optim.AdamW math: decoupled weight decay, bias-corrected moments) on every
+    params[i], and teachers[i] ← lerp(teachers[i], new params[i], 1 − momentum) where teachers[i] is given.
+
+    On CUDA with `sslfast._C` this is one kernel (after a one-block launch that increments the `steps`): it
+    reads param, grad, exp_avg, exp_avg_sq and teacher once and writes param, moments and teacher once
+    (36 bytes per fp32 parameter instead of 40 for AdamW(fused=True) + _foreach_lerp_, and one pass instead
+    of two). `steps` are one-element fp32 tensors on the params' device (torch's fused-AdamW state), so the
+    bias corrections are computed on the device: no host sync. Moments have the params' dtype; teachers may
+    have any of fp32 / bf16 / fp16. `sslfast.optim.AdamWEMA` wraps this as an optimizer.
+    """
+    params = _tensor_list("params", params)
+    grads = _tensor_list("grads", grads)
+    exp_avgs, exp_avg_sqs = _tensor_list("exp_avgs", exp_avgs), _tensor_list("exp_avg_sqs", exp_avg_sqs)
+    steps = _tensor_list("steps", steps)
+    teachers = None if teachers is None else _tensor_list("teachers", teachers)
+    beta1, beta2 = (_real("betas[0]", b, 0.0, 1.0) for b in betas)
+    lr, eps, weight_decay = _real("lr", lr, 0.0), _real("eps", eps, 0.0), _real("weight_decay", weight_decay, 0.0)
+    plan = adamw_ema_plan(params, exp_avgs, exp_avg_sqs, steps, teachers)
+    _check_pairs("params", params, "grads", grads, same_dtype=True)
+    plan.step_(grads, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, momentum=momentum)
+
+
+def adamw_ema_plan(params, exp_avgs, exp_avg_sqs, steps, teachers) -> AdamWEMAPlan:
+    """The cached (and, on a miss, validated) plan for these tensors."""
+    stable = _stable(params, exp_avgs, exp_avg_sqs, steps, teachers)
+    key = ("adamw", tuple(map(id, stable)), None if teachers is None else tuple(t is None for t in teachers))
+    plan = _FUSED_PLANS.get(key, stable)
+    if plan is None:
+        _check_fused(params, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}, teachers)
+        _check_steps(params, steps)
+        plan = _FUSED_PLANS.put(key, AdamWEMAPlan(params, exp_avgs, exp_avg_sqs, steps, teachers))
+    return plan
+
+
+def lars_ema_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
+                   teachers: Sequence[Tensor | None] | None = None, *, lr: float, momentum: float = 0.9,
+                   weight_decay: float = 0.0, eta: float = 1e-3, exclude=_reference.exclude_bias_and_norm,
+                   ema_momentum=0.996) -> None:
+    """One LARS step with BYOL / Barlow Twins semantics (see `sslfast.reference.ema`), then
+    teachers[i] ← lerp(teachers[i], new params[i], 1 − ema_momentum) where teachers[i] is given.
+
+    Parameters for which `exclude(p)` is true (default: biases and norm weights, p.ndim <= 1) get neither
+    weight decay nor the trust ratio. On CUDA with `sslfast._C`: two launches and no host sync (a pass that
+    writes per-chunk squared norms of p and of g + wd·p to a device buffer, then the update pass, where each
+    block sums its tensor's partials and applies q = η‖p‖/‖g + wd·p‖). `sslfast.optim.LARSEMA` wraps this.
+    """
+    params = _tensor_list("params", params)
+    grads = _tensor_list("grads", grads)
+    bufs = _tensor_list("momentum_buffers", momentum_buffers)
+    teachers = None if teachers is None else _tensor_list("teachers", teachers)
+    lr, momentum = _real("lr", lr, 0.0), _real("momentum", momentum, 0.0, 1.0)
+    weight_decay, eta = _real("weight_decay", weight_decay, 0.0), _real("eta", eta, 0.0)
+    excluded = [bool(exclude(p)) if exclude is not None else False for p in params]
+    plan = lars_ema_plan(params, bufs, teachers, [not e for e in excluded], [not e for e in excluded])
+    _check_pairs("params", params, "grads", grads, same_dtype=True)
+    plan.step_(grads, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, ema_momentum=ema_momentum)
+
+
+def lars_ema_plan(params, momentum_buffers, teachers, decay, adapt) -> LARSEMAPlan:
+    stable = _stable(params, momentum_buffers, teachers)
+    key = ("lars", tuple(map(id, stable)), None if teachers is None else tuple(t is None for t in teachers),
+           tuple(decay), tuple(adapt))
+    plan = _FUSED_PLANS.get(key, stable)
+    if plan is None:
+        _check_fused(params, {"momentum_buffers": momentum_buffers}, teachers)
+        plan = _FUSED_PLANS.put(key, LARSEMAPlan(params, momentum_buffers, teachers, decay, adapt))
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------ DINO center
+def update_center_(center: Tensor, teacher_output: Tensor, momentum: float = 0.9) -> None:
+    """DINO's center EMA, in place: center ← m·center + (1 − m)·mean of `teacher_output` over the batch,
+    the mean taken over all ranks when torch.distributed is initialized (as DINOLoss.update_center).
+
+    center: [1, K] or [K]; teacher_output: [N, K] (e.g. the teacher's outputs of all global crops)."""
+    if not isinstance(center, Tensor):
+        raise TypeError(f"center must be a torch.Tensor [1, K] or [K], got {type(center).__name__}")
+    V.tensor("center", center)
+    out = V.tensor("teacher_output", teacher_output, ndim=2, shape_hint="[N, K]")
+    if out.shape[0] == 0:
+        raise ValueError("teacher_output must have at least one row, got shape (0, K)")
+    if center.numel() != out.shape[1] or center.dim() > 2 or (center.dim() == 2 and center.shape[0] != 1):
+        raise ValueError(f"center must be [1, K] or [K] with K = {out.shape[1]} (teacher_output's), got "
+                         f"{tuple(center.shape)}")
+    V.same_device(center=center, teacher_output=out)
+    m = _real("momentum", momentum, 0.0, 1.0)
+    _reference.update_center_(center, out, m)

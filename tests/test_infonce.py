@@ -1,0 +1,342 @@
+"""NT-Xent, InfoNCE (MoCo) and CLIP: forward and every gradient against the float64 literal reference, on
+the reference path and on the Triton kernels (interpreted on CPU, real on `-m gpu`)."""
+import itertools
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sslfast as sf
+from sslfast.reference import infonce as ref
+from tests.distributed_harness import run_ranks
+from tests.helpers import assert_close, assert_loss_close, leaf, tol
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (N, D) pairs covering N in {2, 3, 37, 130} and D in {3, 48, 130}; each case also picks a temperature.
+SHAPES = [(2, 3), (3, 130), (37, 48), (130, 3), (37, 130), (130, 48)]
+TEMPERATURES = [0.05, 0.5, 1.0]
+
+
+def _cases():
+    for i, ((n, d), dtype) in enumerate(itertools.product(SHAPES, DTYPES)):
+        yield pytest.param(n, d, dtype, TEMPERATURES[i % 3], id=f"N{n}-D{d}-{str(dtype)[6:]}")
+
+
+def _check_grads(pairs, dtype, seed, device="cpu"):
+    for name, (got, want) in pairs.items():
+        assert got is not None, f"{name}: no gradient"
+        assert_close(got, want, tol(dtype, device), f"{name} grad (seed {seed})")
+
+
+# ------------------------------------------------------------------------------------------ correctness
+@pytest.mark.parametrize("n,d,dtype,temperature", list(_cases()))
+def test_nt_xent(backend, seed, n, d, dtype, temperature):
+    z1, z2 = torch.randn(n, d, dtype=dtype), torch.randn(n, d, dtype=dtype)
+    a, b = leaf(z1), leaf(z2)
+    loss = sf.nt_xent_loss(a, b, temperature)
+    loss.backward()
+    a64, b64 = leaf(z1, torch.float64), leaf(z2, torch.float64)
+    want = ref.nt_xent_loss(a64, b64, temperature)
+    want.backward()
+    assert loss.dtype == torch.float32
+    assert_loss_close(loss, want, tol(dtype), f"loss (seed {seed})")
+    _check_grads({"z1": (a.grad, a64.grad), "z2": (b.grad, b64.grad)}, dtype, seed)
+
+
+@pytest.mark.parametrize("k", [None, 0, 77])
+@pytest.mark.parametrize("n,d,dtype,temperature", list(_cases())[::2])
+def test_info_nce(backend, seed, n, d, dtype, temperature, k):
+    q, key = torch.randn(n, d, dtype=dtype), torch.randn(n, d, dtype=dtype)
+    queue = None if k is None else F.normalize(torch.randn(k, d), dim=1).to(dtype)
+    a, b = leaf(q), leaf(key)
+    loss = sf.info_nce_loss(a, b, queue, temperature)
+    loss.backward()
+    a64, b64 = leaf(q, torch.float64), leaf(key, torch.float64)
+    want = ref.info_nce_loss(a64, b64, None if queue is None else queue.double(), temperature)
+    want.backward()
+    if k == 0:  # only the positive logit: log(1) = 0 exactly, zero gradients
+        assert loss.item() == 0.0 and want.item() == pytest.approx(0.0, abs=1e-12)
+        assert a.grad.abs().max() == 0 and b.grad.abs().max() == 0
+        return
+    assert_loss_close(loss, want, tol(dtype), f"loss (seed {seed})")
+    _check_grads({"query": (a.grad, a64.grad), "key": (b.grad, b64.grad)}, dtype, seed)
+
+
+@pytest.mark.parametrize("logit_scale", [1.0, 14.3, 100.0])
+@pytest.mark.parametrize("n,d,dtype,temperature", list(_cases())[1::2])
+def test_clip(backend, seed, n, d, dtype, temperature, logit_scale):
+    img, txt = torch.randn(n, d, dtype=dtype), torch.randn(n, d, dtype=dtype)
+    a, b = leaf(img), leaf(txt)
+    s = torch.tensor(logit_scale, requires_grad=True)
+    loss = sf.clip_loss(a, b, s)
+    loss.backward()
+    a64, b64 = leaf(img, torch.float64), leaf(txt, torch.float64)
+    s64 = torch.tensor(logit_scale, dtype=torch.float64, requires_grad=True)
+    want = ref.clip_loss(a64, b64, s64)
+    want.backward()
+    assert_loss_close(loss, want, tol(dtype), f"loss (seed {seed})")
+    _check_grads({"image_features": (a.grad, a64.grad), "text_features": (b.grad, b64.grad),
+                  "logit_scale": (s.grad, s64.grad)}, dtype, seed)
+
+
+def test_clip_column_statistics_extreme_scale(backend, seed):
+    """Column log-sum-exps far below the fixed reference (scale = 300, nearly antipodal pairs) stay exact."""
+    img = torch.randn(9, 16)
+    txt = -img + 0.05 * torch.randn(9, 16)
+    a, b = leaf(img), leaf(txt)
+    s = torch.tensor(300.0, requires_grad=True)
+    loss = sf.clip_loss(a, b, s)
+    loss.backward()
+    a64, b64, s64 = leaf(img, torch.float64), leaf(txt, torch.float64), leaf(s, torch.float64)
+    want = ref.clip_loss(a64, b64, s64)
+    want.backward()
+    assert_loss_close(loss, want, 1e-5, f"loss (seed {seed})")
+    # fp32 logits of size ~300 carry ~300·2⁻²⁴ absolute error, which exp() turns into ~2e-5 relative error.
+    for name, got, w in (("img", a.grad, a64.grad), ("txt", b.grad, b64.grad), ("scale", s.grad, s64.grad)):
+        assert_close(got, w, 1e-4, f"{name} grad (seed {seed})")
+
+
+def test_noncontiguous_inputs(backend, seed):
+    z = torch.randn(40, 2 * 24)
+    z1, z2 = z[:, ::2], z[:, 1::2]  # strided views
+    want = ref.nt_xent_loss(z1.double(), z2.double(), 0.3)
+    assert_loss_close(sf.nt_xent_loss(z1, z2, 0.3), want, 1e-5, f"loss (seed {seed})")
+
+
+# ------------------------------------------------------------------------------------------ the core op
+def test_core_index_maps_against_reference(seed, monkeypatch):
+    """Kernels vs chunked reference on a rank's view of a gathered batch: shifted rows, two segments,
+    NT-Xent pairing, self-exclusion, column statistics and every gradient term at once."""
+    from sslfast.kernels import infonce as kern
+    from sslfast.ops.infonce import _maps
+    from sslfast._backend import interpreting
+
+    if not interpreting():
+        pytest.skip("interpreter-only (the GPU sweep covers the kernels on CUDA)")
+    n, world, rank, d = 5, 3, 1, 20
+    big = n * world
+    a = torch.randn(2 * n, d)
+    b = torch.randn(2 * big, d)
+    b[rank * n:(rank + 1) * n] = a[:n]
+    b[big + rank * n: big + (rank + 1) * n] = a[n:]
+    scale = torch.tensor(2.5)
+    maps = _maps(row_off=rank * n, row_split=n, row_shift=big - n, pos_shift=big, pos_period=2 * big)
+    kw = dict(exclude_self=True, want_pos=True, col_stats=True)
+    rn_a, rn_b = ref.row_rnorm(a.double()), ref.row_rnorm(b.double())
+    want = ref.similarity_lse(a.double(), b.double(), rn_a, rn_b, scale.double(), maps, **kw)
+    got = kern.similarity_lse(a, b, kern.row_rnorm(a), kern.row_rnorm(b), scale, maps, **kw)
+    for name, g, w in zip(("lse_r", "lse_c", "pos"), got, want):
+        assert_close(g, w, 1e-5, f"{name} (seed {seed})")
+    lse_r, lse_c = want[0], want[1]
+    g_r, g_c, g_p = torch.rand(2 * n), torch.rand(2 * big), torch.randn(2 * n)
+    terms = dict(lse_r=lse_r, g_r=g_r, lse_c=lse_c, g_c=g_c, g_pr=g_p)
+    dw, sw = ref.similarity_lse_rows_grad(a.double(), b.double(), rn_a, rn_b, scale.double(), maps,
+                                          exclude_self=True, want_dscale=True,
+                                          **{k: v.double() for k, v in terms.items()})
+    dg, sg = kern.similarity_lse_rows_grad(a, b, kern.row_rnorm(a), kern.row_rnorm(b), scale, maps,
+                                           exclude_self=True, want_dscale=True,
+                                           **{k: v.float() for k, v in terms.items()})
+    assert_close(dg, dw, 1e-5, f"rows grad (seed {seed})")
+    assert_close(sg, sw, 1e-5, f"scale grad (seed {seed})")
+
+
+# ------------------------------------------------------------------------------------------ modules
+def _lightly_ntxent(out0, out1, temperature):
+    """lightly NTXentLoss(memory_bank_size=0) forward, written from its definition: the block logits
+    [[out0 out0ᵀ, out0 out1ᵀ], [out1 out0ᵀ, out1 out1ᵀ]]/τ with the two self-similarity diagonals removed,
+    labels pointing at the other view, cross-entropy averaged over the 2N rows."""
+    n = out0.shape[0]
+    out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+    diag = torch.eye(n, dtype=torch.bool)
+    l00 = (out0 @ out0.T / temperature)[~diag].view(n, n - 1)
+    l11 = (out1 @ out1.T / temperature)[~diag].view(n, n - 1)
+    l01, l10 = out0 @ out1.T / temperature, out1 @ out0.T / temperature
+    logits = torch.cat([torch.cat([l01, l00], 1), torch.cat([l10, l11], 1)], 0)
+    labels = torch.arange(n).repeat(2)
+    return F.cross_entropy(logits, labels)
+
+
+def test_ntxent_module_matches_lightly(backend, seed):
+    z1, z2 = torch.randn(11, 24), torch.randn(11, 24)
+    got = sf.nn.NTXentLoss(temperature=0.2)(z1, z2)
+    assert_loss_close(got, _lightly_ntxent(z1.double(), z2.double(), 0.2), 1e-5, f"seed {seed}")
+
+
+def test_infonce_module_queue(backend, seed):
+    """MoCo semantics: negatives are the queue *before* this step; this step's normalized keys enter the
+    ring buffer afterwards, in place (the buffer is never reallocated), wrapping around its end."""
+    k_size, n, d = 10, 4, 12
+    module = sf.nn.InfoNCELoss(temperature=0.2, queue_size=k_size, embedding_dim=d)
+    buffer = module.queue.data_ptr()
+    expected, ptr = module.queue.clone(), 0
+    for step in range(4):
+        q, k = torch.randn(n, d), torch.randn(n, d)
+        loss = module(q, k)
+        want = ref.info_nce_loss(q.double(), k.double(), expected.double(), 0.2)
+        assert_loss_close(loss, want, 1e-5, f"step {step} (seed {seed})")
+        for row in F.normalize(k, dim=1):
+            expected[ptr], ptr = row, (ptr + 1) % k_size
+    module.flush()
+    assert module.queue.data_ptr() == buffer
+    assert_close(module.queue, expected, 1e-6, "queue contents")
+    clone = sf.nn.InfoNCELoss(temperature=0.2, queue_size=k_size, embedding_dim=d)
+    clone.load_state_dict(module.state_dict())
+    assert clone._ptr == ptr and torch.equal(clone.queue, module.queue)
+
+
+def test_clip_module(backend, seed):
+    img, txt, s = torch.randn(7, 10), torch.randn(7, 10), torch.tensor(5.0)
+    assert_loss_close(sf.nn.CLIPLoss()(img, txt, s), ref.clip_loss(img.double(), txt.double(), s.double()), 1e-5,
+                 f"seed {seed}")
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("call,match", [
+    (lambda: sf.nt_xent_loss(torch.randn(4, 8), torch.randn(5, 8)), "z1 and z2"),
+    (lambda: sf.nt_xent_loss(torch.randn(4, 8), torch.randn(4, 8), temperature=0.0), "temperature"),
+    (lambda: sf.nt_xent_loss(torch.randn(4, 8), torch.randn(4, 8), temperature=-1), "temperature"),
+    (lambda: sf.nt_xent_loss(torch.randn(4, 8), torch.randn(4, 8), temperature=float("nan")), "temperature"),
+    (lambda: sf.nt_xent_loss(torch.randn(1, 8), torch.randn(1, 8)), "N >= 2"),
+    (lambda: sf.nt_xent_loss(torch.randn(0, 8), torch.randn(0, 8)), "non-empty"),
+    (lambda: sf.nt_xent_loss(torch.randn(8), torch.randn(8)), r"z1 must be a 2-D tensor \[N, D\]"),
+    (lambda: sf.nt_xent_loss(torch.randint(0, 5, (4, 8)), torch.randn(4, 8)), "z1 must have a floating dtype"),
+    (lambda: sf.nt_xent_loss(torch.randn(4, 8), torch.randn(4, 8, device="meta")), "one device"),
+    (lambda: sf.nt_xent_loss(torch.randn(4, 8), torch.randn(4, 8, dtype=torch.float16)), "one dtype"),
+    (lambda: sf.info_nce_loss(torch.randn(4, 8), torch.randn(4, 8), torch.randn(9, 7)), "queue must be"),
+    (lambda: sf.info_nce_loss(torch.randn(1, 8), torch.randn(1, 8)), "at least 2 rows"),
+    (lambda: sf.info_nce_loss(torch.randn(4, 8), torch.randn(4, 8), torch.randn(9)), "queue must be a 2-D"),
+    (lambda: sf.clip_loss(torch.randn(4, 8), torch.randn(4, 8), 2.0), "logit_scale"),
+    (lambda: sf.clip_loss(torch.randn(4, 8), torch.randn(4, 8), torch.ones(2)), "logit_scale"),
+])
+def test_bad_input(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "clip"])
+def test_non_finite_input_gives_non_finite_loss(backend, bad, loss):
+    z1, z2 = torch.randn(6, 8), torch.randn(6, 8)
+    z1[3, 2] = bad
+    out = {"nt_xent": lambda: sf.nt_xent_loss(z1, z2),
+           "info_nce": lambda: sf.info_nce_loss(z1, z2, torch.randn(5, 8)),
+           "clip": lambda: sf.clip_loss(z1, z2, torch.tensor(3.0))}[loss]()
+    assert not torch.isfinite(out)
+
+
+# ------------------------------------------------------------------------------------------ compile
+def test_torch_compile_fullgraph(seed, monkeypatch):
+    monkeypatch.setenv("SSLFAST_BACKEND", "reference")
+
+    def step(z1, z2, queue, scale):
+        return (sf.nt_xent_loss(z1, z2, 0.3) + sf.info_nce_loss(z1, z2, queue, 0.2)
+                + sf.info_nce_loss(z1, z2, None, 0.2) + sf.clip_loss(z1, z2, scale))
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    z1, z2, queue, s = torch.randn(6, 8), torch.randn(6, 8), torch.randn(11, 8), torch.tensor(2.0)
+    a, b, sc = leaf(z1), leaf(z2), leaf(s)
+    got = compiled(a, b, queue, sc)
+    got.backward()
+    a0, b0, sc0 = leaf(z1), leaf(z2), leaf(s)
+    want = step(a0, b0, queue, sc0)
+    want.backward()
+    assert_loss_close(got, want, 1e-6, "compiled loss")
+    for g, w in ((a.grad, a0.grad), (b.grad, b0.grad), (sc.grad, sc0.grad)):
+        assert_close(g, w, 1e-6, "compiled grad")
+
+
+# ------------------------------------------------------------------------------------------ memory
+_RSS_SCRIPT = textwrap.dedent("""
+    import resource, torch, sslfast as sf
+    torch.manual_seed(0)
+    z1 = torch.randn({n}, 128, requires_grad=True); z2 = torch.randn({n}, 128, requires_grad=True)
+    sf.nt_xent_loss(z1[:64], z2[:64], 0.1).backward()          # warm up allocator and kernels
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sf.nt_xent_loss(z1, z2, 0.1).backward()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert torch.isfinite(z1.grad).all()
+    print((after - before) / 1024)
+""")
+
+
+def test_cpu_memory_stays_linear():
+    """NT-Xent at 12000 rows per view, D=128, fp32, forward+backward on the CPU path: the 2N x 2N logits
+    alone would be 2.3 GB; the chunked path must raise peak RSS by at most 512 MiB."""
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT.format(n=12000)], capture_output=True, text=True,
+                         env={**__import__("os").environ, "SSLFAST_BACKEND": "reference"}, timeout=600)
+    assert out.returncode == 0, out.stderr
+    extra_mib = float(out.stdout.strip().splitlines()[-1])
+    assert extra_mib <= 512, f"peak RSS grew by {extra_mib:.0f} MiB"
+
+
+# ------------------------------------------------------------------------------------------ distributed
+def _rank_losses(rank, world, loss_name, n, d, seed):
+    torch.manual_seed(seed)
+    x1, x2 = torch.randn(world * n, d), torch.randn(world * n, d)
+    s = torch.tensor(3.0, requires_grad=True)
+    a, b = leaf(x1[rank * n:(rank + 1) * n]), leaf(x2[rank * n:(rank + 1) * n])
+    loss = {"nt_xent": lambda: sf.nt_xent_loss(a, b, 0.3, gather_distributed=True),
+            "info_nce": lambda: sf.info_nce_loss(a, b, None, 0.3, gather_distributed=True),
+            "clip": lambda: sf.clip_loss(a, b, s, gather_distributed=True)}[loss_name]()
+    loss.backward()
+    return loss.item(), a.grad, b.grad, s.grad
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("loss_name", ["nt_xent", "info_nce", "clip"])
+def test_gather_distributed_matches_single_process(backend, seed, world, loss_name):
+    """Each rank's loss averages to the single-process loss, and each rank's input gradients, after DDP's
+    average over ranks (÷ world), equal the single-process gradients of its slice: no world_size factor."""
+    n, d = 3, 10
+    ranks = run_ranks(world, _rank_losses, loss_name, n, d, seed)
+    torch.manual_seed(seed)
+    x1, x2 = torch.randn(world * n, d), torch.randn(world * n, d)
+    a, b, s = leaf(x1, torch.float64), leaf(x2, torch.float64), torch.tensor(3.0, dtype=torch.float64,
+                                                                           requires_grad=True)
+    want = {"nt_xent": lambda: ref.nt_xent_loss(a, b, 0.3), "info_nce": lambda: ref.info_nce_loss(a, b, None, 0.3),
+            "clip": lambda: ref.clip_loss(a, b, s)}[loss_name]()
+    want.backward()
+    assert sum(r[0] for r in ranks) / world == pytest.approx(want.item(), rel=1e-5)
+    for rank, (_, ga, gb, gs) in enumerate(ranks):
+        rows = slice(rank * n, (rank + 1) * n)
+        assert_close(ga / world, a.grad[rows], 1e-5, f"rank {rank} first input grad (seed {seed})")
+        assert_close(gb / world, b.grad[rows], 1e-5, f"rank {rank} second input grad (seed {seed})")
+    if loss_name == "clip":
+        assert_close(sum(r[3] for r in ranks) / world, s.grad, 1e-5, "logit_scale grad")
+
+
+# ------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d", [(4096, 128), (4097, 96), (16384, 128), (1000, 384)])
+def test_gpu_sweep(seed, dtype, n, d):
+    """The real kernels at realistic sizes against the float64 reference (on the GPU)."""
+    dev = "cuda"
+    z1, z2 = torch.randn(n, d, device=dev, dtype=dtype), torch.randn(n, d, device=dev, dtype=dtype)
+    s = torch.tensor(14.3, device=dev)
+    queue = F.normalize(torch.randn(4099, d, device=dev), dim=1).to(dtype)
+    checks = {
+        "nt_xent": (lambda x, y, sc: sf.nt_xent_loss(x, y, 0.1), lambda x, y, sc: ref.nt_xent_loss(x, y, 0.1)),
+        "moco_v3": (lambda x, y, sc: sf.info_nce_loss(x, y, None, 0.2),
+                    lambda x, y, sc: ref.info_nce_loss(x, y, None, 0.2)),
+        "moco_queue": (lambda x, y, sc: sf.info_nce_loss(x, y, queue, 0.2),
+                       lambda x, y, sc: ref.info_nce_loss(x, y, queue.double(), 0.2)),
+        "clip": (lambda x, y, sc: sf.clip_loss(x, y, sc), lambda x, y, sc: ref.clip_loss(x, y, sc)),
+    }
+    for name, (fused, literal) in checks.items():
+        if n > 8192 and name != "nt_xent":
+            continue
+        a, b, sc = leaf(z1), leaf(z2), leaf(s)
+        fused(a, b, sc).backward()
+        a64, b64, s64 = leaf(z1, torch.float64), leaf(z2, torch.float64), leaf(s, torch.float64)
+        want = literal(a64, b64, s64)
+        want.backward()
+        got = fused(leaf(z1), leaf(z2), leaf(s))
+        assert_loss_close(got, want, tol(dtype, dev), f"{name} loss (seed {seed})")
+        _check_grads({f"{name} a": (a.grad, a64.grad), f"{name} b": (b.grad, b64.grad)}, dtype, seed, dev)
+        if name == "clip":
+            assert_close(sc.grad, s64.grad, tol(dtype, dev), f"clip logit_scale grad (seed {seed})")
