@@ -5,15 +5,15 @@ the similarity matrix. With â_i = a_i/‖a_i‖, b̂_j = b_j/‖b_j‖ and τ�
 
     s_ij      = scale · â_i·b̂_j                       (tiles on tensor cores, input dtype, fp32 accumulate)
     pos[i]    = s_{i, π(i)}                            (the positive column, read from the tile holding it)
-    lse_r[i]  = log Σ_{j valid, j ≠ π(i)} exp(s_ij)    (online, per row: the negatives only)
+    lse_r[i]  = log Σ_{j valid, j ≠ π(i)} exp(s_ij)    (per row: the negatives only)
     lse_c[j]  = log Σ_{i, π(i) ≠ j}       exp(s_ij)    (per column, same tiles; CLIP)
 
-"valid" drops j = i when `exclude_self` (NT-Xent); the positive is left out of the sums only when it is
+"valid" drops j = i when `exclude_self` (NT-Xent); the positive is left out of the sums when it is
 extracted (`want_pos`). Keeping it out makes the loss cancellation-free: a row's cross-entropy is
-softplus(lse_r − pos), accurate even when it is ~1e-9, where lse − pos of two O(scale) numbers is not. Indices are compared as *global* indices,
-g = idx + off + (idx >= split)·shift, so a rank's local rows can be scored against an all-gathered batch,
-and π(g) = (g + p_shift) mod p_period maps a row to its positive (identity for CLIP/MoCo v3,
-i ↦ i ± N for NT-Xent).
+softplus(lse_r − pos), accurate even when it is ~1e-9, where lse − pos of two O(scale) numbers is not.
+Indices are compared as *global* indices, g = idx + off + (idx >= split)·shift, so a rank's local rows can
+be scored against an all-gathered batch, and π(g) = (g + p_shift) mod p_period maps a row to its positive
+(identity for CLIP/MoCo v3, i ↦ i ± N for NT-Xent).
 
 Backward, for upstream gradients g_r (of lse_r), g_c (of lse_c) and g_p (of pos):
 
@@ -27,11 +27,18 @@ Backward, for upstream gradients g_r (of lse_r), g_c (of lse_c) and g_p (of pos)
 When a and b are the same matrix (NT-Xent on one device), the row and column roles are folded into one
 launch: G + Gᵀ needs only S_ij (S is symmetric), so one recomputation of each tile gives the full gradient.
 
-Numerics: logits are kept in base 2 (s·log2 e) so every exponential is one `exp2`; statistics and
-accumulators are fp32. Row statistics are an online (max, sum) pair per column split, merged on the host
-side. Column statistics need a reduction across row blocks: each tile reduces its columns to
-(max m, sum l) in fp32 and atomically adds l·2^(m − scale·log2 e) into an fp64 accumulator. |s| ≤ scale,
-so that factor never overflows, and fp64 keeps it exact down to 2^-1022 (scale up to ~350).
+Operands. Tiles multiply the *raw* inputs (bf16 products are exact in the fp32 accumulator) and scale the
+dot products by per-row and per-column factors rn_a·scale·log2 e and rn_b (rn = 1/‖x‖, computed once):
+the logits are more accurate than those of a bf16 F.normalize, and every exponential is one `exp2`.
+
+Numerics. Because the rows are unit vectors, |s·log2 e| ≤ scale·log2 e. When the caller knows scale ≤ 64
+(`bounded`: every SimCLR/MoCo temperature ≥ 1/64) each 2^s and each sum of up to 2^20 of them lies inside fp32's normal
+range, so the statistics are plain fp32 sums of exp2(s): no running max, no rescaling, column sums by fp32
+atomics, and in the backward one exp2 per element serves both the row and the column term,
+G_ij = 2^s_ij · (g_r[i]·2^-lse_r[i] + g_c[j]·2^-lse_c[j]). Otherwise (CLIP, whose learned scale the host
+does not read) rows keep an online (max, sum) pair, and each tile reduces its columns to (max m, sum l)
+and atomically adds l·2^(m − scale·log2 e) into an fp64 accumulator: |s| ≤ scale, so that factor never
+overflows, and fp64 keeps it exact down to 2^-1022 (scale up to ~350).
 """
 from __future__ import annotations
 
@@ -79,48 +86,63 @@ def _load_cols_t(X, cols, col_ok, dk, D, stride, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _logit_tile(a_res, A, B, rows, row_ok, cols, col_ok, D, stride_a, stride_b,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                ONE_CHUNK: tl.constexpr, UPCAST: tl.constexpr):
-    """Raw dot products a_i·b_j of one [BLOCK_M, BLOCK_N] tile, fp32. With ONE_CHUNK the row block `a_res`
-    stays resident for the whole sweep; otherwise D is walked in BLOCK_D chunks and a is re-read (L2)."""
+def _tile_dots(r_res, R, C, rows, row_ok, cols, col_ok, D, stride_r, stride_c,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               ONE_CHUNK: tl.constexpr, UPCAST: tl.constexpr):
+    """Raw dot products r_i·c_j of one [BLOCK_M, BLOCK_N] tile (fp32). With ONE_CHUNK the row block `r_res`
+    stays resident for the whole sweep; otherwise D is walked in BLOCK_D chunks and the rows are re-read."""
     if ONE_CHUNK:
-        dk = tl.arange(0, BLOCK_D)
-        acc = tl.dot(a_res, _load_cols_t(B, cols, col_ok, dk, D, stride_b, UPCAST))
+        s = tl.dot(r_res, _load_cols_t(C, cols, col_ok, tl.arange(0, BLOCK_D), D, stride_c, UPCAST))
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_D):
             dk = k0 + tl.arange(0, BLOCK_D)
-            a = _load_rows(A, rows, row_ok, dk, D, stride_a, UPCAST)
-            acc = tl.dot(a, _load_cols_t(B, cols, col_ok, dk, D, stride_b, UPCAST), acc)
-    return acc
+            s = tl.dot(_load_rows(R, rows, row_ok, dk, D, stride_r, UPCAST),
+                       _load_cols_t(C, cols, col_ok, dk, D, stride_c, UPCAST), s)
+    return s
 
 
 @triton.jit
-def _masked_logits(a_res, A, B, RN_B, rows, row_ok, row_fac, g_row, g_pos, c0, col_hi, D, stride_a, stride_b,
-                   c_off, c_split, c_shift, EXCLUDE_SELF: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   ONE_CHUNK: tl.constexpr, UPCAST: tl.constexpr):
-    """Base-2 logits of the tile starting at column c0 (-inf where invalid), where each row's positive
-    sits, the tile's columns and the per-column normalization factors."""
-    cols = c0 + tl.arange(0, BLOCK_N)
-    col_ok = cols < col_hi
-    col_fac = tl.load(RN_B + cols, mask=col_ok, other=0.0)
-    dots = _logit_tile(a_res, A, B, rows, row_ok, cols, col_ok, D, stride_a, stride_b,
-                       BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST)
-    s = dots * row_fac[:, None] * col_fac[None, :]
+def _index_ranges(rows, row_ok, r_off, r_split, r_shift, p_shift, p_period):
+    """Global indices of the rows and of their positives, and the [lo, hi] range of each over valid rows."""
+    g_row = _global_index(rows, r_off, r_split, r_shift)
+    g_pos = (g_row + p_shift) % p_period
+    g_lo = tl.min(tl.where(row_ok, g_row, 2147483647), axis=0)
+    g_hi = tl.max(tl.where(row_ok, g_row, -1), axis=0)
+    p_lo = tl.min(tl.where(row_ok, g_pos, 2147483647), axis=0)
+    p_hi = tl.max(tl.where(row_ok, g_pos, -1), axis=0)
+    return g_row, g_pos, g_lo, g_hi, p_lo, p_hi
+
+
+@triton.jit
+def _needs_mask(c0, col_hi, g_lo, g_hi, p_lo, p_hi, c_off, c_split, c_shift,
+                EXCLUDE_SELF: tl.constexpr, POS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Whether the tile at column c0 holds anything to mask: columns past the end, a row's own index, or a
+    row's positive. Column maps are monotonic, so the tile's global columns lie in [map(c0), map(last)]."""
+    last = tl.minimum(c0 + BLOCK_N, col_hi) - 1
+    gc_lo = _global_index(c0, c_off, c_split, c_shift)
+    gc_hi = _global_index(last, c_off, c_split, c_shift)
+    need = c0 + BLOCK_N > col_hi
+    if EXCLUDE_SELF:
+        need = need | ((gc_lo <= g_hi) & (gc_hi >= g_lo))
+    if POS:
+        need = need | ((gc_lo <= p_hi) & (gc_hi >= p_lo))
+    return need
+
+
+@triton.jit
+def _tile_masks(g_row, g_pos, cols, col_ok, c_off, c_split, c_shift, EXCLUDE_SELF: tl.constexpr):
+    """(valid, match): entries that exist and are not a row's own index; the rows' positives."""
     g_col = _global_index(cols, c_off, c_split, c_shift)
     valid = col_ok[None, :]
     if EXCLUDE_SELF:
         valid = valid & (g_row[:, None] != g_col[None, :])
-    s = tl.where(valid, s, float("-inf"))
-    match = g_col[None, :] == g_pos[:, None]
-    return s, match, cols, col_ok, col_fac
+    return valid, g_col[None, :] == g_pos[:, None]
 
 
 # --------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _rownorm_fwd_kernel(X, RN, M, D, stride, eps, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rownorm_kernel(X, RN, M, D, stride, eps, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """RN[i] = 1 / max(‖x_i‖, eps) in fp32."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -132,8 +154,8 @@ def _rownorm_fwd_kernel(X, RN, M, D, stride, eps, BLOCK_M: tl.constexpr, BLOCK_D
 
 
 @triton.jit
-def _rownorm_bwd_kernel(X, RN, DXH, DX, M, D, stride_x, stride_dxh, stride_dx,
-                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _normalize_bwd_kernel(X, RN, DXH, DX, M, D, stride_x, stride_dxh, stride_dx,
+                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """DX = (DXH − x̂ (x̂·DXH)) · rn: the backward of x ↦ x/‖x‖, one row block, whole rows in registers."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -148,49 +170,66 @@ def _rownorm_bwd_kernel(X, RN, DXH, DX, M, D, stride_x, stride_dxh, stride_dx,
 
 @triton.jit
 def _lse_fwd_kernel(
-    A, B, RN_A, RN_B, SCALE, ROW_M, ROW_L, POS, COL_ACC,
-    M, NB, D, stride_a, stride_b, cols_per_split,
+    R, C, RN_R, RN_C, SCALE, ROW_M, ROW_L, POS, COL_L, COL_ACC,
+    M, NB, D, stride_r, stride_c, cols_per_split,
     r_off, r_split, r_shift, c_off, c_split, c_shift, p_shift, p_period,
-    EXCLUDE_SELF: tl.constexpr, WANT_POS: tl.constexpr, COL_STATS: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, WANT_POS: tl.constexpr, COL_STATS: tl.constexpr, BOUNDED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ONE_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Grid (row block, column split). A program keeps BLOCK_M rows resident and sweeps its split's columns
-    # BLOCK_N at a time; partial row statistics go to ROW_M/ROW_L[split], merged by the launcher.
+    # BLOCK_N at a time; partial row statistics go to ROW_M/ROW_L[split], merged by the launcher. Only the
+    # few tiles that hold a row's own index, a positive or the ragged end pay for masking.
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    scale2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
-    row_fac = tl.load(RN_A + rows, mask=row_ok, other=0.0) * scale2
-    g_row = _global_index(rows, r_off, r_split, r_shift)
-    g_pos = (g_row + p_shift) % p_period
-    a_res = 0.0
+    ragged_rows = (pid_m + 1) * BLOCK_M > M
+    g_row, g_pos, g_lo, g_hi, p_lo, p_hi = _index_ranges(rows, row_ok, r_off, r_split, r_shift, p_shift, p_period)
+    r_res = 0.0
     if ONE_CHUNK:
-        a_res = _load_rows(A, rows, row_ok, tl.arange(0, BLOCK_D), D, stride_a, UPCAST)
+        r_res = _load_rows(R, rows, row_ok, tl.arange(0, BLOCK_D), D, stride_r, UPCAST)
+    ref2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
+    row_fac = tl.load(RN_R + rows, mask=row_ok, other=0.0) * ref2
 
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    m_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if not BOUNDED:
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     col_lo = pid_s * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, NB)
     for c0 in range(col_lo, col_hi, BLOCK_N):
-        s, match, cols, col_ok, col_fac = _masked_logits(
-            a_res, A, B, RN_B, rows, row_ok, row_fac, g_row, g_pos, c0, col_hi, D, stride_a, stride_b,
-            c_off, c_split, c_shift, EXCLUDE_SELF, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST)
-        if WANT_POS:
-            pos_i += tl.sum(tl.where(match, s, 0.0), axis=1)
-            s = tl.where(match, float("-inf"), s)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), axis=1)
-        m_i = m_new
+        cols = c0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < col_hi
+        col_fac = tl.load(RN_C + cols, mask=col_ok, other=0.0)
+        s = _tile_dots(r_res, R, C, rows, row_ok, cols, col_ok, D, stride_r, stride_c,
+                       BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST) * row_fac[:, None] * col_fac[None, :]
+        if _needs_mask(c0, col_hi, g_lo, g_hi, p_lo, p_hi, c_off, c_split, c_shift, EXCLUDE_SELF, WANT_POS,
+                       BLOCK_N):
+            valid, match = _tile_masks(g_row, g_pos, cols, col_ok, c_off, c_split, c_shift, EXCLUDE_SELF)
+            if WANT_POS:
+                pos_i += tl.sum(tl.where(match, s, 0.0), axis=1)
+                valid = valid & ~match
+            s = tl.where(valid, s, float("-inf"))
         if COL_STATS:
-            sc = tl.where(row_ok[:, None], s, float("-inf"))
-            cm = tl.max(sc, axis=0)
-            cm_use = tl.where(cm == float("-inf"), 0.0, cm)
-            cl = tl.sum(tl.exp2(sc - cm_use[None, :]), axis=0)
-            tl.atomic_add(COL_ACC + cols, cl.to(tl.float64) * _exp2_f64(cm_use - scale2), mask=col_ok)
+            if ragged_rows:
+                s = tl.where(row_ok[:, None], s, float("-inf"))
+        if BOUNDED:
+            p = tl.exp2(s)
+            l_i += tl.sum(p, axis=1)
+            if COL_STATS:
+                tl.atomic_add(COL_L + cols, tl.sum(p, axis=0), mask=col_ok)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), axis=1)
+            m_i = m_new
+            if COL_STATS:
+                cm = tl.max(s, axis=0)
+                cm_use = tl.where(cm == float("-inf"), 0.0, cm)
+                cl = tl.sum(tl.exp2(s - cm_use[None, :]), axis=0)
+                tl.atomic_add(COL_ACC + cols, cl.to(tl.float64) * _exp2_f64(cm_use - ref2), mask=col_ok)
 
     out = pid_s * M + rows
     tl.store(ROW_M + out, m_i, mask=row_ok)
@@ -201,35 +240,36 @@ def _lse_fwd_kernel(
 
 @triton.jit
 def _lse_bwd_kernel(
-    A, B, RN_A, RN_B, SCALE, LSE_R, G_R, LSE_C, G_C, G_PR, G_PC, DA, DSCALE,
-    M, NB, D, stride_a, stride_b, stride_da, cols_per_split, g_norm,
+    R, C, RN_R, RN_C, SCALE, LSE_R, G_R, LSE_C, G_C, G_PR, G_PC, DR, DSCALE,
+    M, NB, D, stride_r, stride_c, stride_dr, cols_per_split, g_norm,
     r_off, r_split, r_shift, c_off, c_split, c_shift, p_shift, p_period,
     EXCLUDE_SELF: tl.constexpr, ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr,
     POS_ROW: tl.constexpr, POS_COL: tl.constexpr, WANT_DSCALE: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
-    BLOCK_DO: tl.constexpr, UPCAST: tl.constexpr,
+    BOUNDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, BLOCK_DO: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # Grid (row block, column split, output-feature chunk). Each program recomputes its tiles, forms G and
-    # accumulates G·B̂ for BLOCK_DO output features in fp32. Splits add into DA atomically.
-    # G is carried multiplied by g_norm (≈ the row count) so that fp16 dot operands stay normal numbers.
+    # Grid (row block, column split, output-feature chunk). Each program recomputes its tiles, forms
+    # W = G·rn_c and accumulates W·C = G·Ĉ for BLOCK_DO output features in fp32; splits add into DR
+    # atomically. W is carried multiplied by g_norm (≈ the row count) so fp16 dot operands stay normal.
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_d = tl.program_id(2)
+    POS: tl.constexpr = POS_ROW or POS_COL
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    scale = tl.load(SCALE).to(tl.float32)
-    scale2 = scale * 1.4426950408889634
-    row_fac = tl.load(RN_A + rows, mask=row_ok, other=0.0) * scale2
-    g_row = _global_index(rows, r_off, r_split, r_shift)
-    g_pos = (g_row + p_shift) % p_period
+    ragged_rows = (pid_m + 1) * BLOCK_M > M
+    g_row, g_pos, g_lo, g_hi, p_lo, p_hi = _index_ranges(rows, row_ok, r_off, r_split, r_shift, p_shift, p_period)
+    scale2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
+    row_fac = tl.load(RN_R + rows, mask=row_ok, other=0.0) * scale2
     if ROW_TERM:
         lse_r = tl.load(LSE_R + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         g_r = tl.load(G_R + rows, mask=row_ok, other=0.0) * g_norm
+        u_r = g_r * tl.exp2(-lse_r)
     if POS_ROW:
         g_pr = tl.load(G_PR + rows, mask=row_ok, other=0.0) * g_norm
-    a_res = 0.0
+    r_res = 0.0
     if ONE_CHUNK:
-        a_res = _load_rows(A, rows, row_ok, tl.arange(0, BLOCK_D), D, stride_a, UPCAST)
+        r_res = _load_rows(R, rows, row_ok, tl.arange(0, BLOCK_D), D, stride_r, UPCAST)
     dout = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
 
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
@@ -237,34 +277,52 @@ def _lse_bwd_kernel(
     col_lo = pid_s * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, NB)
     for c0 in range(col_lo, col_hi, BLOCK_N):
-        s, match, cols, col_ok, col_fac = _masked_logits(
-            a_res, A, B, RN_B, rows, row_ok, row_fac, g_row, g_pos, c0, col_hi, D, stride_a, stride_b,
-            c_off, c_split, c_shift, EXCLUDE_SELF, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST)
-        s_neg = s
-        if POS_ROW or POS_COL:
-            s_neg = tl.where(match, float("-inf"), s)
-            match = match & row_ok[:, None]
-        # G: softmax weights of the negatives, the positive's gradient on its own entry.
-        w = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if ROW_TERM:
-            w += g_r[:, None] * tl.exp2(s_neg - lse_r[:, None])
+        cols = c0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < col_hi
+        col_fac = tl.load(RN_C + cols, mask=col_ok, other=1.0)
+        s = _tile_dots(r_res, R, C, rows, row_ok, cols, col_ok, D, stride_r, stride_c,
+                       BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST) * row_fac[:, None] * col_fac[None, :]
         if COL_TERM:
             lse_c = tl.load(LSE_C + cols, mask=col_ok, other=0.0) * 1.4426950408889634
             g_c = tl.load(G_C + cols, mask=col_ok, other=0.0) * g_norm
-            w += g_c[None, :] * tl.exp2(s_neg - lse_c[None, :])
-        if POS_ROW:
-            w += tl.where(match, g_pr[:, None], 0.0)
-        if POS_COL:
-            g_pc = tl.load(G_PC + cols, mask=col_ok, other=0.0) * g_norm
-            w += tl.where(match, g_pc[None, :], 0.0)
-        if WANT_DSCALE:
-            ds += tl.sum(w * tl.where(s > float("-inf"), s, 0.0), axis=1)
-        wb = w * col_fac[None, :]
-        bd = _load_rows(B, cols, col_ok, dout, D, stride_b, UPCAST)
-        acc = tl.dot(wb.to(bd.dtype), bd, acc)
+        # W: softmax weights of the negatives (times rn_c) ...
+        if BOUNDED:
+            e = tl.exp2(s + tl.log2(col_fac)[None, :])
+            if ROW_TERM and COL_TERM:
+                w = e * (u_r[:, None] + (g_c * tl.exp2(-lse_c))[None, :])
+            elif ROW_TERM:
+                w = e * u_r[:, None]
+            else:
+                w = e * (g_c * tl.exp2(-lse_c))[None, :]
+        else:
+            w = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if ROW_TERM:
+                w += g_r[:, None] * tl.exp2(s - lse_r[:, None])
+            if COL_TERM:
+                w += g_c[None, :] * tl.exp2(s - lse_c[None, :])
+            w = w * col_fac[None, :]
+        # ... and the positive's gradient on its own entry; nothing on masked entries.
+        if _needs_mask(c0, col_hi, g_lo, g_hi, p_lo, p_hi, c_off, c_split, c_shift, EXCLUDE_SELF, POS, BLOCK_N):
+            valid, match = _tile_masks(g_row, g_pos, cols, col_ok, c_off, c_split, c_shift, EXCLUDE_SELF)
+            if POS:
+                w = tl.where(valid & ~match, w, 0.0)
+                match = match & row_ok[:, None]
+                if POS_ROW:
+                    w += tl.where(match, (g_pr[:, None] * col_fac[None, :]), 0.0)
+                if POS_COL:
+                    g_pc = tl.load(G_PC + cols, mask=col_ok, other=0.0) * g_norm
+                    w += tl.where(match, (g_pc * col_fac)[None, :], 0.0)
+            else:
+                w = tl.where(valid, w, 0.0)
+        if ragged_rows:  # padding rows: their column terms may be inf·0
+            w = tl.where(row_ok[:, None], w, 0.0)
+        if WANT_DSCALE:  # Σ G·s with G = W / rn_c
+            ds += tl.sum(w * s / col_fac[None, :], axis=1)
+        cd = _load_rows(C, cols, col_ok, dout, D, stride_c, UPCAST)
+        acc = tl.dot(w.to(cd.dtype), cd, acc)
 
-    acc = acc * (scale / g_norm)
-    dptr = DA + rows[:, None] * stride_da + dout[None, :]
+    acc = acc * (scale2 * 0.6931471805599453 / g_norm)
+    dptr = DR + rows[:, None] * stride_dr + dout[None, :]
     dmask = row_ok[:, None] & (dout[None, :] < D)
     if ATOMIC:
         tl.atomic_add(dptr, acc, mask=dmask)
@@ -276,18 +334,28 @@ def _lse_bwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------- launchers
-def _tiles(D: int) -> dict:
-    """Tile shapes. 128x64 tiles with the whole (<=256-wide) row block resident fit Hopper's register file
-    at 8 warps; under the interpreter tiles are tiny so odd sizes cross many tile edges (and D > 64 takes
-    the chunked path)."""
+# Tile shapes per pass on a GPU, keyed by whether the row block fits in one chunk (D <= 256); chosen by the
+# sweep in benchmarks/tune_infonce.py (see benchmarks/RESULTS.md), which overrides entries here.
+GPU_TILES = {
+    ("fwd", True): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    ("bwd", True): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    ("fwd", False): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    ("bwd", False): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+}
+
+
+def _tiles(D: int, kind: str) -> dict:
+    """Tile shapes for `kind` in {"fwd", "bwd"}. On a GPU a row block of up to 256 features stays resident
+    (ONE_CHUNK) and the backward keeps all D outputs in one accumulator; wider rows are walked in 64-wide
+    chunks and the backward's outputs split over the grid's third axis. Under the interpreter tiles are tiny
+    so odd sizes cross many tile edges, and D > 64 already takes the chunked path."""
     if interpreting():
         one = D <= 64
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=next_pow2(D) if one else 32, ONE_CHUNK=one,
                     BLOCK_DO=min(next_pow2(D), 64), num_warps=1, num_stages=1)
     one = D <= 256
     bd = max(16, next_pow2(D)) if one else 64
-    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=bd, ONE_CHUNK=one, BLOCK_DO=bd if one else 128,
-                num_warps=8, num_stages=2)
+    return dict(GPU_TILES[(kind, one)], BLOCK_D=bd, ONE_CHUNK=one, BLOCK_DO=bd if one else 128)
 
 
 def _splits(n_row_blocks: int, n_cols: int, block_n: int, device) -> tuple[int, int]:
@@ -303,8 +371,8 @@ def row_rnorm(x: torch.Tensor) -> torch.Tensor:
     m, d = x.shape
     rn = empty((m,), dtype=torch.float32, device=x.device)
     bm = 16 if interpreting() else 64
-    _rownorm_fwd_kernel[(triton.cdiv(m, bm),)](x, rn, m, d, x.stride(0), NORM_EPS,
-                                               BLOCK_M=bm, BLOCK_D=min(next_pow2(d), 128))
+    _rownorm_kernel[(triton.cdiv(m, bm),)](x, rn, m, d, x.stride(0), NORM_EPS, BLOCK_M=bm,
+                                          BLOCK_D=min(next_pow2(d), 128))
     return rn
 
 
@@ -313,57 +381,62 @@ def row_normalize_backward(x: torch.Tensor, rn: torch.Tensor, dxh: torch.Tensor)
     m, d = x.shape
     dx = empty(x.shape, dtype=x.dtype, device=x.device)
     bd = next_pow2(d)
-    bm = max(1, min(64, 8192 // bd)) if not interpreting() else 16
-    _rownorm_bwd_kernel[(triton.cdiv(m, bm),)](x, rn, dxh, dx, m, d, x.stride(0), dxh.stride(0), dx.stride(0),
-                                               BLOCK_M=bm, BLOCK_D=bd)
+    bm = 16 if interpreting() else max(1, min(64, 8192 // bd))
+    _normalize_bwd_kernel[(triton.cdiv(m, bm),)](x, rn, dxh, dx, m, d, x.stride(0), dxh.stride(0), dx.stride(0),
+                                                BLOCK_M=bm, BLOCK_D=bd)
     return dx
 
 
-def similarity_lse(a, b, rn_a, rn_b, scale, maps, *, exclude_self, want_pos, col_stats):
-    """Forward statistics (lse_r [M], lse_c [Nb] or empty, pos [M] or empty), all fp32. `maps` is the
-    8-tuple (r_off, r_split, r_shift, c_off, c_split, c_shift, p_shift, p_period); see the module doc."""
-    m, d = a.shape
-    nb = b.shape[0]
-    cfg = _tiles(d)
+def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col_stats, bounded):
+    """Forward statistics (lse_r [M], lse_c [Nb] or empty, pos [M] or empty), all fp32, of rows r against
+    columns c with their inverse norms. `maps` is (r_off, r_split, r_shift, c_off, c_split, c_shift, p_shift,
+    p_period); `bounded`: |scale| <= 64 is known (plain-sum statistics)."""
+    m, d = r.shape
+    nb = c.shape[0]
+    cfg = _tiles(d, "fwd")
     n_rb = triton.cdiv(m, cfg["BLOCK_M"])
-    splits, per = _splits(n_rb, nb, cfg["BLOCK_N"], a.device)
-    row_m = empty((splits, m), dtype=torch.float32, device=a.device)
-    row_l = empty((splits, m), dtype=torch.float32, device=a.device)
-    pos = empty((splits, m), dtype=torch.float32, device=a.device) if want_pos else row_m
-    col_acc = torch.zeros((nb if col_stats else 1,), dtype=torch.float64, device=a.device)
+    splits, per = _splits(n_rb, nb, cfg["BLOCK_N"], r.device)
+    row_m = empty((splits, m), dtype=torch.float32, device=r.device)
+    row_l = empty((splits, m), dtype=torch.float32, device=r.device)
+    pos = empty((splits, m), dtype=torch.float32, device=r.device) if want_pos else row_m
+    col_l = torch.zeros((nb if col_stats and bounded else 1,), dtype=torch.float32, device=r.device)
+    col_acc = torch.zeros((nb if col_stats and not bounded else 1,), dtype=torch.float64, device=r.device)
     _lse_fwd_kernel[(n_rb, splits)](
-        a, b, rn_a, rn_b, scale, row_m, row_l, pos, col_acc,
-        m, nb, d, a.stride(0), b.stride(0), per, *maps,
-        EXCLUDE_SELF=exclude_self, WANT_POS=want_pos, COL_STATS=col_stats, UPCAST=upcast_dots(), **cfg)
+        r, c, rn_r, rn_c, scale, row_m, row_l, pos, col_l, col_acc,
+        m, nb, d, r.stride(0), c.stride(0), per, *maps,
+        EXCLUDE_SELF=exclude_self, WANT_POS=want_pos, COL_STATS=col_stats, BOUNDED=bounded,
+        UPCAST=upcast_dots(), **cfg)
     lse_r = torch.logsumexp((row_m + torch.log2(row_l)) * LN2, dim=0)
-    lse_c = ((torch.log2(col_acc) + scale.double() * LOG2E) * LN2).float() if col_stats else row_l.new_empty(0)
+    if not col_stats:
+        lse_c = row_l.new_empty(0)
+    elif bounded:
+        lse_c = torch.log2(col_l) * LN2
+    else:
+        lse_c = ((torch.log2(col_acc) + scale.double() * LOG2E) * LN2).float()
     pos = pos.sum(0) if want_pos else row_l.new_empty(0)
     return lse_r, lse_c, pos
 
 
-def similarity_lse_rows_grad(a, b, rn_a, rn_b, scale, maps, *, exclude_self, lse_r=None, g_r=None,
+def similarity_lse_rows_grad(r, c, rn_r, rn_c, scale, maps, *, exclude_self, bounded, lse_r=None, g_r=None,
                              lse_c=None, g_c=None, g_pr=None, g_pc=None, want_dscale=False):
-    """dL/dâ (fp32 [M, D]) for rows of `a` against columns of `b`, and dL/dscale (fp32 scalar or None).
-    Terms whose tensors are None are left out of G (see the module doc)."""
-    m, d = a.shape
-    nb = b.shape[0]
-    cfg = _tiles(d)
+    """dL/dr̂ (fp32 [M, D], w.r.t. the unit rows r/‖r‖) and dL/dscale (fp32 scalar or None). Terms whose
+    tensors are None are left out of G (see the module doc)."""
+    m, d = r.shape
+    nb = c.shape[0]
+    cfg = _tiles(d, "bwd")
     n_rb = triton.cdiv(m, cfg["BLOCK_M"])
-    splits, per = _splits(n_rb, nb, cfg["BLOCK_N"], a.device)
-    n_dc = triton.cdiv(d, cfg["BLOCK_DO"])
+    splits, per = _splits(n_rb, nb, cfg["BLOCK_N"], r.device)
     atomic = splits > 1
-    da = (torch.zeros if atomic else empty)((m, d), dtype=torch.float32, device=a.device)
-    dscale = torch.zeros((), dtype=torch.float32, device=a.device) if want_dscale else da
-    dummy = rn_a
-    _lse_bwd_kernel[(n_rb, splits, n_dc)](
-        a, b, rn_a, rn_b, scale,
+    dr = (torch.zeros if atomic else empty)((m, d), dtype=torch.float32, device=r.device)
+    dscale = torch.zeros((), dtype=torch.float32, device=r.device) if want_dscale else dr
+    dummy = dr
+    _lse_bwd_kernel[(n_rb, splits, triton.cdiv(d, cfg["BLOCK_DO"]))](
+        r, c, rn_r, rn_c, scale,
         dummy if lse_r is None else lse_r, dummy if g_r is None else g_r,
         dummy if lse_c is None else lse_c, dummy if g_c is None else g_c,
-        dummy if g_pr is None else g_pr, dummy if g_pc is None else g_pc, da, dscale,
-        m, nb, d, a.stride(0), b.stride(0), da.stride(0), per, float(max(m, nb)), *maps,
+        dummy if g_pr is None else g_pr, dummy if g_pc is None else g_pc, dr, dscale,
+        m, nb, d, r.stride(0), c.stride(0), dr.stride(0), per, float(max(m, nb)), *maps,
         EXCLUDE_SELF=exclude_self, ROW_TERM=g_r is not None, COL_TERM=g_c is not None,
         POS_ROW=g_pr is not None, POS_COL=g_pc is not None, WANT_DSCALE=want_dscale, ATOMIC=atomic,
-        UPCAST=upcast_dots(), **cfg)
-    return da, (dscale if want_dscale else None)
-
-
+        BOUNDED=bounded, UPCAST=upcast_dots(), **cfg)
+    return dr, (dscale if want_dscale else None)

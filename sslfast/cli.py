@@ -1,4 +1,11 @@
-"""Command line: `sslfast bench` (more subcommands arrive with the methods)."""
+"""Command line: `sslfast pretrain` (the main job), `sslfast eval` (kNN / linear probe / fine-tune of a
+pretrained backbone) and `sslfast bench` (the fused ops against their PyTorch references).
+
+    sslfast pretrain                              # SimCLR on the embedded digits, then kNN vs random init
+    sslfast pretrain --method dino --data /imagenet/train --epochs 100 --precision bf16 --out runs/dino
+    torchrun --nproc-per-node 8 -m sslfast.cli pretrain --method byol --data /imagenet/train
+    sslfast eval --checkpoint runs/simclr/checkpoint.pt
+"""
 from __future__ import annotations
 
 import argparse
@@ -30,9 +37,76 @@ def _bench(args) -> int:
     return 0
 
 
+def _pretrain(args) -> int:
+    from .train import PretrainConfig, pretrain
+
+    fields = {f for f in PretrainConfig.__dataclass_fields__}
+    cfg = PretrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    pretrain(cfg)
+    return 0
+
+
+def _eval(args) -> int:
+    from .train import evaluate
+
+    evaluate(args.checkpoint, protocols=args.protocol, data=args.data, epochs=args.epochs, device=args.device,
+             random_init=args.random_init, out=args.json)
+    return 0
+
+
+def _add_pretrain(sub) -> None:
+    from .methods import METHODS
+
+    p = sub.add_parser("pretrain", help="self-supervised pretraining (default: SimCLR on the embedded digits)",
+                       description="Pretrain a backbone with an SSL method on the fused ops; writes checkpoint.pt "
+                                   "(every epoch, atomically), metrics.json and loss_curve.png to --out.")
+    p.add_argument("--method", default="simclr", choices=sorted(METHODS), help="SSL method (default: simclr)")
+    p.add_argument("--data", help="a folder of images (class sub-folders allowed) or 'digits', the embedded "
+                                  "scikit-learn digits (default)")
+    p.add_argument("--backbone", help="resnet_tiny, resnet18, resnet50, vit_micro, vit_tiny, vit_small, vit_base "
+                                      "(or a timm name); default: a tiny one on digits, resnet50 / vit_small else")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch size (split over the torchrun processes)")
+    p.add_argument("--lr", type=float, help="base learning rate for a batch of 256 (default: the method's paper)")
+    p.add_argument("--optimizer", choices=("lars", "adamw", "sgd"), help="default: the method's paper")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--out", help="run directory (default: runs/<method>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--image-size", type=int, help="training resolution (default: 16 on digits, 224 else)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--profile", choices=("paper", "small"),
+                   help="head widths: the paper's, or CPU-sized (default: small on digits, paper else)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("--workers", type=int, default=4, help="data-loading worker processes (image folders)")
+    p.add_argument("--stop-after", type=int, metavar="EPOCHS",
+                   help="stop after this many epochs of this invocation (continue later with --resume)")
+    p.add_argument("--no-knn", dest="knn", action="store_false", help="skip the final kNN evaluation")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_pretrain)
+
+
+def _add_eval(sub) -> None:
+    e = sub.add_parser("eval", help="kNN, linear probe and fine-tune accuracy of a pretrained backbone")
+    e.add_argument("--checkpoint", default="runs/simclr/checkpoint.pt",
+                   help="a checkpoint.pt written by `sslfast pretrain`, or its run directory")
+    e.add_argument("--protocol", nargs="+", choices=("knn", "linear", "finetune"),
+                   default=["knn", "linear", "finetune"])
+    e.add_argument("--data", help="labeled data (default: the pretraining data)")
+    e.add_argument("--epochs", type=int, help="epochs of the linear probe / fine-tune (default: 100 / 10)")
+    e.add_argument("--device")
+    e.add_argument("--random-init", action="store_true", help="also evaluate the randomly initialized backbone")
+    e.add_argument("--json", help="write the accuracies here")
+    e.set_defaults(func=_eval)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="sslfast", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sslfast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_pretrain(sub)
+    _add_eval(sub)
     b = sub.add_parser("bench", help="time the fused ops against their PyTorch references")
     b.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     b.add_argument("--ops", nargs="*", help="only these op families (default: all registered)")
@@ -44,6 +118,15 @@ def main(argv=None) -> int:
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_bench)
     args = parser.parse_args(argv)
+    if args.command in ("pretrain", "eval"):
+        from .train import ConfigError, NonFiniteLossError
+
+        try:
+            return args.func(args)
+        except ConfigError as err:
+            parser.exit(2, f"sslfast {args.command}: error: {err}\n")
+        except NonFiniteLossError as err:
+            parser.exit(3, f"sslfast {args.command}: {err}\n")
     return args.func(args)
 
 

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 import sslfast as sf
 from sslfast.reference import infonce as ref
-from tests.distributed_harness import run_ranks
-from tests.helpers import assert_close, assert_loss_close, leaf, tol
+from distributed_harness import run_ranks
+from aot_compile import check_compiles
+from helpers import assert_close, assert_loss_close, leaf, tol
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (N, D) pairs covering N in {2, 3, 37, 130} and D in {3, 48, 130}; each case also picks a temperature.
@@ -107,12 +108,14 @@ def test_noncontiguous_inputs(backend, seed):
 
 
 # ------------------------------------------------------------------------------------------ the core op
-def test_core_index_maps_against_reference(seed, monkeypatch):
+@pytest.mark.parametrize("bounded", [True, False])
+def test_core_index_maps_against_reference(seed, bounded):
     """Kernels vs chunked reference on a rank's view of a gathered batch: shifted rows, two segments,
-    NT-Xent pairing, self-exclusion, column statistics and every gradient term at once."""
+    NT-Xent pairing, self-exclusion, column statistics and every gradient term at once, on both the
+    plain-sum (bounded) and the online-max statistics."""
+    from sslfast._backend import interpreting
     from sslfast.kernels import infonce as kern
     from sslfast.ops.infonce import _maps
-    from sslfast._backend import interpreting
 
     if not interpreting():
         pytest.skip("interpreter-only (the GPU sweep covers the kernels on CUDA)")
@@ -124,20 +127,19 @@ def test_core_index_maps_against_reference(seed, monkeypatch):
     b[big + rank * n: big + (rank + 1) * n] = a[n:]
     scale = torch.tensor(2.5)
     maps = _maps(row_off=rank * n, row_split=n, row_shift=big - n, pos_shift=big, pos_period=2 * big)
-    kw = dict(exclude_self=True, want_pos=True, col_stats=True)
-    rn_a, rn_b = ref.row_rnorm(a.double()), ref.row_rnorm(b.double())
-    want = ref.similarity_lse(a.double(), b.double(), rn_a, rn_b, scale.double(), maps, **kw)
+    kw = dict(exclude_self=True, want_pos=True, col_stats=True, bounded=bounded)
+    a64, b64 = a.double(), b.double()
+    rn = (ref.row_rnorm(a64), ref.row_rnorm(b64))
+    want = ref.similarity_lse(a64, b64, *rn, scale.double(), maps, **kw)
     got = kern.similarity_lse(a, b, kern.row_rnorm(a), kern.row_rnorm(b), scale, maps, **kw)
     for name, g, w in zip(("lse_r", "lse_c", "pos"), got, want):
         assert_close(g, w, 1e-5, f"{name} (seed {seed})")
-    lse_r, lse_c = want[0], want[1]
     g_r, g_c, g_p = torch.rand(2 * n), torch.rand(2 * big), torch.randn(2 * n)
-    terms = dict(lse_r=lse_r, g_r=g_r, lse_c=lse_c, g_c=g_c, g_pr=g_p)
-    dw, sw = ref.similarity_lse_rows_grad(a.double(), b.double(), rn_a, rn_b, scale.double(), maps,
-                                          exclude_self=True, want_dscale=True,
+    terms = dict(lse_r=want[0], g_r=g_r, lse_c=want[1], g_c=g_c, g_pr=g_p)
+    kw = dict(exclude_self=True, bounded=bounded, want_dscale=True)
+    dw, sw = ref.similarity_lse_rows_grad(a64, b64, *rn, scale.double(), maps, **kw,
                                           **{k: v.double() for k, v in terms.items()})
-    dg, sg = kern.similarity_lse_rows_grad(a, b, kern.row_rnorm(a), kern.row_rnorm(b), scale, maps,
-                                           exclude_self=True, want_dscale=True,
+    dg, sg = kern.similarity_lse_rows_grad(a, b, kern.row_rnorm(a), kern.row_rnorm(b), scale, maps, **kw,
                                            **{k: v.float() for k, v in terms.items()})
     assert_close(dg, dw, 1e-5, f"rows grad (seed {seed})")
     assert_close(sg, sw, 1e-5, f"scale grad (seed {seed})")
@@ -340,3 +342,59 @@ def test_gpu_sweep(seed, dtype, n, d):
         _check_grads({f"{name} a": (a.grad, a64.grad), f"{name} b": (b.grad, b64.grad)}, dtype, seed, dev)
         if name == "clip":
             assert_close(sc.grad, s64.grad, tol(dtype, dev), f"clip logit_scale grad (seed {seed})")
+
+
+# ------------------------------------------------------------------------------------------ compile
+# The variants the ops launch: forward (EXCLUDE_SELF, WANT_POS, COL_STATS, BOUNDED) and backward (ROW_TERM,
+# COL_TERM, POS_ROW, POS_COL, EXCLUDE_SELF, WANT_DSCALE, BOUNDED) for NT-Xent (one device and gathered),
+# paired InfoNCE (rows, swapped), the queue, and CLIP (rows, swapped).
+_FWD_VARIANTS = [(True, True, False, True), (True, True, False, False), (False, True, False, True),
+                 (False, False, False, True), (False, True, True, False)]
+_BWD_VARIANTS = [(True, True, True, True, True, False, True), (True, False, True, False, True, False, True),
+                 (False, True, False, True, True, False, True), (True, False, True, False, False, False, True),
+                 (False, True, False, True, False, False, True), (True, False, False, False, False, False, True),
+                 (True, True, True, False, False, True, False), (True, True, False, True, False, False, False),
+                 (True, True, True, True, True, False, False)]
+
+
+def test_kernels_compile_for_sm90():
+    """Every kernel variant the ops launch compiles ahead of time to an sm_90 cubin at the GPU tile shapes,
+    with the JIT's alignment specialization (no GPU needed), and none spills registers."""
+    out = check_compiles(f"""
+    import sslfast.kernels.infonce as K
+
+    ALIGNED = ("D", "stride", "stride_r", "stride_c", "stride_dr", "stride_x", "stride_dxh", "stride_dx",
+               "cols_per_split", "M", "NB")
+    FWD = dict(zip(("EXCLUDE_SELF", "WANT_POS", "COL_STATS", "BOUNDED"), range(4)))
+    BWD = dict(zip(("ROW_TERM", "COL_TERM", "POS_ROW", "POS_COL", "EXCLUDE_SELF", "WANT_DSCALE", "BOUNDED"),
+                   range(7)))
+
+    def tiles(kind, one, **extra):
+        t = dict(K.GPU_TILES[(kind, one)], BLOCK_D=128 if one else 64, ONE_CHUNK=one, UPCAST=False, **extra)
+        return t, t.pop("num_warps"), t.pop("num_stages")
+
+    for dt in ("bf16", "fp32"):
+        build(K._rownorm_kernel, dict(X="*" + dt, RN="*fp32", eps="fp32"), dict(BLOCK_M=64, BLOCK_D=128),
+              aligned=ALIGNED)
+        build(K._normalize_bwd_kernel, dict(X="*" + dt, RN="*fp32", DXH="*fp32", DX="*" + dt),
+              dict(BLOCK_M=64, BLOCK_D=128), aligned=ALIGNED)
+        ptrs = dict(R="*" + dt, C="*" + dt, RN_R="*fp32", RN_C="*fp32", SCALE="*fp32", ROW_M="*fp32",
+                    ROW_L="*fp32", POS="*fp32", COL_L="*fp32", COL_ACC="*fp64")
+        for one in (True, False):
+            for v in ({_FWD_VARIANTS} if dt == "bf16" and one else {_FWD_VARIANTS}[::4]):
+                t, warps, stages = tiles("fwd", one)
+                build(K._lse_fwd_kernel, ptrs, dict(t, **{{k: v[i] for k, i in FWD.items()}}), warps, stages,
+                      aligned=ALIGNED)
+        ptrs = dict(R="*" + dt, C="*" + dt, RN_R="*fp32", RN_C="*fp32", SCALE="*fp32", LSE_R="*fp32",
+                    G_R="*fp32", LSE_C="*fp32", G_C="*fp32", G_PR="*fp32", G_PC="*fp32", DR="*fp32",
+                    DSCALE="*fp32", g_norm="fp32")
+        for one in (True, False):
+            for v in ({_BWD_VARIANTS} if dt == "bf16" and one else {_BWD_VARIANTS}[::6]):
+                t, warps, stages = tiles("bwd", one, BLOCK_DO=128, ATOMIC=True)
+                build(K._lse_bwd_kernel, ptrs, dict(t, **{{k: v[i] for k, i in BWD.items()}}), warps, stages,
+                      aligned=ALIGNED)
+    """)
+    built = [line for line in out.splitlines() if line.startswith('{"kernel"')]
+    assert len(built) >= 30, out
+    spills = [line for line in built if '"spills": 0,' not in line]
+    assert not spills, "register spills:\n" + "\n".join(spills[:10])

@@ -24,6 +24,7 @@ from ..distributed import all_gather, rank_and_world
 from ..reference import infonce as _reference
 
 _NO_SPLIT = 1 << 30  # "never": index maps with no second segment, identity pairing
+BOUNDED_SCALE = 64.0  # plain-sum statistics hold for |logits| <= 64 (sslfast.kernels.infonce)
 
 
 def _impl(*tensors):
@@ -47,20 +48,21 @@ def _swap(maps: list[int]) -> list[int]:
 # ------------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("sslfast::similarity_lse", mutates_args=())
 def similarity_lse(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, maps: list[int], symmetric: bool,
-                   exclude_self: bool, want_pos: bool, col_stats: bool
+                   exclude_self: bool, want_pos: bool, col_stats: bool, bounded: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lse_r [M], lse_c [Nb] or [0], pos [M] or [0]) in fp32; with `want_pos` the positives are left out of
-    lse_r and lse_c. `symmetric`: b is a (NT-Xent on one device)."""
+    lse_r and lse_c. `symmetric`: b is a (NT-Xent on one device). `bounded`: |scale| <= 64 is known, so the
+    kernels may use plain fp32 sums (see `sslfast.kernels.infonce`)."""
     impl = _impl(a, b, scale)
     rn_a = impl.row_rnorm(a)
     rn_b = rn_a if symmetric else impl.row_rnorm(b)
     lse_r, lse_c, pos = impl.similarity_lse(a, b, rn_a, rn_b, scale, maps, exclude_self=exclude_self,
-                                            want_pos=want_pos, col_stats=col_stats)
+                                            want_pos=want_pos, col_stats=col_stats, bounded=bounded)
     return lse_r.float(), lse_c.float(), pos.float()
 
 
 @similarity_lse.register_fake
-def _(a, b, scale, maps, symmetric, exclude_self, want_pos, col_stats):
+def _(a, b, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded):
     m, nb = a.shape[0], b.shape[0]
     f32 = dict(dtype=torch.float32, device=a.device)
     return a.new_empty(m, **f32), a.new_empty(nb if col_stats else 0, **f32), a.new_empty(m if want_pos else 0, **f32)
@@ -70,7 +72,7 @@ def _(a, b, scale, maps, symmetric, exclude_self, want_pos, col_stats):
 def similarity_lse_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, lse_r: torch.Tensor,
                             lse_c: torch.Tensor, g_r: torch.Tensor, g_c: torch.Tensor | None,
                             g_p: torch.Tensor | None, maps: list[int], symmetric: bool, exclude_self: bool,
-                            want_b: bool, want_scale: bool
+                            bounded: bool, want_b: bool, want_scale: bool
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(da, db or [0], dscale or [0]) for upstream gradients g_r (of lse_r), g_c (of lse_c), g_p (of pos).
 
@@ -83,14 +85,14 @@ def similarity_lse_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tenso
         lse_c, g_c = lse_r, g_r
     with_c = g_c is not None
     dah, dscale = impl.similarity_lse_rows_grad(
-        a, b, rn_a, rn_b, scale, maps, exclude_self=exclude_self, lse_r=lse_r, g_r=g_r,
+        a, b, rn_a, rn_b, scale, maps, exclude_self=exclude_self, bounded=bounded, lse_r=lse_r, g_r=g_r,
         lse_c=lse_c if with_c else None, g_c=g_c, g_pr=g_p, g_pc=g_p if symmetric else None,
         want_dscale=want_scale)
     da = impl.row_normalize_backward(a, rn_a, dah)
     db = a.new_empty(0)
     if want_b and not symmetric:
         dbh, _ = impl.similarity_lse_rows_grad(
-            b, a, rn_b, rn_a, scale, _swap(maps), exclude_self=exclude_self,
+            b, a, rn_b, rn_a, scale, _swap(maps), exclude_self=exclude_self, bounded=bounded,
             lse_r=lse_c if with_c else None, g_r=g_c, lse_c=lse_r, g_c=g_r, g_pc=g_p)
         db = impl.row_normalize_backward(b, rn_b, dbh)
     dscale = dscale.float().reshape(()) if want_scale else scale.new_empty(0)
@@ -98,27 +100,27 @@ def similarity_lse_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tenso
 
 
 @similarity_lse_backward.register_fake
-def _(a, b, scale, lse_r, lse_c, g_r, g_c, g_p, maps, symmetric, exclude_self, want_b, want_scale):
+def _(a, b, scale, lse_r, lse_c, g_r, g_c, g_p, maps, symmetric, exclude_self, bounded, want_b, want_scale):
     db = torch.empty_like(b) if want_b and not symmetric else a.new_empty(0)
     return torch.empty_like(a), db, scale.new_empty(() if want_scale else (0,))
 
 
 def _setup_context(ctx, inputs, output):
-    a, b, scale, maps, symmetric, exclude_self, want_pos, col_stats = inputs
+    a, b, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded = inputs
     lse_r, lse_c, _ = output
     ctx.save_for_backward(a, b, scale, lse_r, lse_c)
-    ctx.cfg = (maps, symmetric, exclude_self, want_pos, col_stats)
+    ctx.cfg = (maps, symmetric, exclude_self, want_pos, col_stats, bounded)
 
 
 def _backward(ctx, g_r, g_c, g_p):
     a, b, scale, lse_r, lse_c = ctx.saved_tensors
-    maps, symmetric, exclude_self, want_pos, col_stats = ctx.cfg
+    maps, symmetric, exclude_self, want_pos, col_stats, bounded = ctx.cfg
     want_b = ctx.needs_input_grad[1] and not symmetric
     want_scale = ctx.needs_input_grad[2]
     da, db, dscale = similarity_lse_backward(
         a, b, scale, lse_r, lse_c, g_r.float(), g_c.float() if col_stats else None,
-        g_p.float() if want_pos else None, maps, symmetric, exclude_self, want_b, want_scale)
-    return da, (db if want_b else None), (dscale if want_scale else None), None, None, None, None, None
+        g_p.float() if want_pos else None, maps, symmetric, exclude_self, bounded, want_b, want_scale)
+    return da, (db if want_b else None), (dscale if want_scale else None), None, None, None, None, None, None
 
 
 similarity_lse.register_autograd(_backward, setup_context=_setup_context)
@@ -142,15 +144,18 @@ def _pair(name1: str, x1, name2: str, x2) -> tuple[torch.Tensor, torch.Tensor]:
     return x1, x2
 
 
-def _inverse_temperature(temperature, like: torch.Tensor) -> torch.Tensor:
-    return torch.full((), 1.0 / V.positive("temperature", temperature), dtype=torch.float32, device=like.device)
+def _inverse_temperature(temperature, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """1/τ as a device scalar (a fill, no host-to-device copy) and whether it allows the plain-sum kernels."""
+    inv = 1.0 / V.positive("temperature", temperature)
+    return torch.full((), inv, dtype=torch.float32, device=like.device), inv <= BOUNDED_SCALE
 
 
-def _paired_terms(a: torch.Tensor, b_local: torch.Tensor, scale: torch.Tensor, gather: bool):
+def _paired_terms(a: torch.Tensor, b_local: torch.Tensor, scale: torch.Tensor, bounded: bool, gather: bool):
     """(lse_r, pos) of rows of `a` against the (gathered) rows of `b_local`, positive of row i = column i."""
     rank, _ = rank_and_world() if gather else (0, 1)
     b = all_gather(b_local) if gather else b_local
-    lse, _, pos = similarity_lse(a, b, scale, _maps(row_off=rank * a.shape[0]), False, False, True, False)
+    lse, _, pos = similarity_lse(a, b, scale, _maps(row_off=rank * a.shape[0]), False, False, True, False,
+                                 bounded)
     return lse, pos
 
 
@@ -167,16 +172,17 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *
     n = z1.shape[0]
     if n < 2:
         raise ValueError(f"z1 and z2 need at least 2 rows (N >= 2) so that every row has a negative, got N={n}")
-    scale = _inverse_temperature(temperature, z1)
+    scale, bounded = _inverse_temperature(temperature, z1)
     z = torch.cat([z1, z2])
     rank, world = rank_and_world() if gather_distributed else (0, 1)
     if world == 1:
-        lse, _, pos = similarity_lse(z, z, scale, _maps(pos_shift=n, pos_period=2 * n), True, True, True, False)
+        lse, _, pos = similarity_lse(z, z, scale, _maps(pos_shift=n, pos_period=2 * n), True, True, True, False,
+                                     bounded)
     else:
         big_n = n * world
         zg = torch.cat([all_gather(z1), all_gather(z2)])
         maps = _maps(row_off=rank * n, row_split=n, row_shift=big_n - n, pos_shift=big_n, pos_period=2 * big_n)
-        lse, _, pos = similarity_lse(z, zg, scale, maps, False, True, True, False)
+        lse, _, pos = similarity_lse(z, zg, scale, maps, False, True, True, False, bounded)
     return F.softplus(lse - pos).mean()
 
 
@@ -190,13 +196,13 @@ def info_nce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | 
     `gather_distributed` the keys are all-gathered and row i's positive is its own key.
     """
     query, key = _pair("query", query, "key", key)
-    scale = _inverse_temperature(temperature, query)
+    scale, bounded = _inverse_temperature(temperature, query)
     if queue is None:
         world = rank_and_world()[1] if gather_distributed else 1
         if query.shape[0] * world < 2:
             raise ValueError("query needs at least 2 rows when queue is None (the other keys are the negatives), "
                              f"got N={query.shape[0]}")
-        lse, pos = _paired_terms(query, key, scale, gather_distributed)
+        lse, pos = _paired_terms(query, key, scale, bounded, gather_distributed)
         return F.softplus(lse - pos).mean()
     queue = V.tensor("queue", queue, ndim=2, shape_hint="[K, D]")
     if queue.shape[1] != query.shape[1]:
@@ -207,7 +213,7 @@ def info_nce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | 
     pos = scale * (q * k).sum(1)
     if queue.shape[0] == 0:  # no negatives: softplus(-inf) = 0
         return (pos - pos).mean()
-    lse_queue, _, _ = similarity_lse(query, queue.detach(), scale, _maps(), False, False, False, False)
+    lse_queue, _, _ = similarity_lse(query, queue.detach(), scale, _maps(), False, False, False, False, bounded)
     return F.softplus(lse_queue - pos).mean()
 
 
@@ -225,8 +231,8 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     V.same_device(image_features=img, logit_scale=logit_scale)
     scale = logit_scale.reshape(()).float()
     if gather_distributed and rank_and_world()[1] > 1:
-        lse_i, pos_i = _paired_terms(img, txt, scale, True)
-        lse_t, pos_t = _paired_terms(txt, img, scale, True)
+        lse_i, pos_i = _paired_terms(img, txt, scale, False, True)
+        lse_t, pos_t = _paired_terms(txt, img, scale, False, True)
         return (F.softplus(lse_i - pos_i).mean() + F.softplus(lse_t - pos_t).mean()) / 2
-    lse_r, lse_c, pos = similarity_lse(img, txt, scale, _maps(), False, False, True, True)
+    lse_r, lse_c, pos = similarity_lse(img, txt, scale, _maps(), False, False, True, True, False)
     return (F.softplus(lse_r - pos).mean() + F.softplus(lse_c - pos).mean()) / 2

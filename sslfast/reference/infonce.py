@@ -23,7 +23,14 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.to(_compute_dtype(logits)), target)
+    """mean_i −log softmax(logits_i)[target_i]. In float64, the test oracle's dtype, it is evaluated as
+    softplus(logsumexp(negatives − positive)), the same quantity without the 1 − softmax cancellation that
+    zeroes gradients once a row's loss drops under 1e-16; otherwise as F.cross_entropy, what users run."""
+    if logits.dtype != torch.float64:
+        return F.cross_entropy(logits.to(_compute_dtype(logits)), target)
+    pos = logits.gather(1, target[:, None])
+    neg = logits.scatter(1, target[:, None], float("-inf"))
+    return F.softplus(torch.logsumexp(neg - pos, dim=1)).mean()
 
 
 # ----------------------------------------------------------------------------------------- literal losses
@@ -33,7 +40,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     s = (z @ z.T) / temperature
-    s = s.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=s.device), float("-inf"))
+    s.fill_diagonal_(float("-inf"))
     target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(s.device)
     return _cross_entropy(s, target)
 
@@ -59,33 +66,30 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------- chunked core
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
 def _global_index(idx: torch.Tensor, off: int, split: int, shift: int) -> torch.Tensor:
     return idx + off + (idx >= split).long() * shift
 
 
-class _Tiles:
-    """Row chunks of the logit matrix S = scale · â b̂ᵀ with the masks of the kernels' tiles."""
-
-    def __init__(self, a, b, rn_a, rn_b, scale, maps, exclude_self):
-        ct = _compute_dtype(a)
-        self.r_off, self.r_split, self.r_shift, c_off, c_split, c_shift, self.p_shift, self.p_period = maps
-        self.ah = a.to(ct) * rn_a.to(ct)[:, None]
-        self.bh = b.to(ct) * rn_b.to(ct)[:, None]
-        self.scale = scale.to(ct)
-        self.exclude_self = exclude_self
-        self.g_col = _global_index(torch.arange(b.shape[0], device=b.device), c_off, c_split, c_shift)
-        self.rows_per_chunk = max(1, CHUNK_ELEMS // max(1, b.shape[0]))
-
-    def __iter__(self):
-        m = self.ah.shape[0]
-        for start in range(0, m, self.rows_per_chunk):
-            rows = torch.arange(start, min(m, start + self.rows_per_chunk), device=self.ah.device)
-            g_row = _global_index(rows, self.r_off, self.r_split, self.r_shift)
-            s = self.scale * (self.ah[rows] @ self.bh.T)
-            if self.exclude_self:
-                s = s.masked_fill(g_row[:, None] == self.g_col[None, :], float("-inf"))
-            match = self.g_col[None, :] == ((g_row + self.p_shift) % self.p_period)[:, None]
-            yield rows, s, match
+def _tiles(a, b, rn_a, rn_b, scale, maps, exclude_self):
+    """Row chunks of the logits S = scale · â b̂ᵀ, with self entries at -inf and a mask of where each row's
+    positive sits."""
+    r_off, r_split, r_shift, c_off, c_split, c_shift, p_shift, p_period = maps
+    ct = _compute_dtype(a)
+    ah = a.to(ct) * (rn_a.to(ct) * scale.to(ct))[:, None]
+    bh = b.to(ct) * rn_b.to(ct)[:, None]
+    g_col = _global_index(torch.arange(b.shape[0], device=b.device), c_off, c_split, c_shift)
+    step = max(1, CHUNK_ELEMS // max(1, b.shape[0]))
+    for start in range(0, a.shape[0], step):
+        rows = torch.arange(start, min(a.shape[0], start + step), device=a.device)
+        g_row = _global_index(rows, r_off, r_split, r_shift)
+        s = ah[rows] @ bh.T
+        if exclude_self:
+            s = s.masked_fill(g_row[:, None] == g_col[None, :], float("-inf"))
+        yield rows, s, g_col[None, :] == ((g_row + p_shift) % p_period)[:, None], bh
 
 
 def row_rnorm(x: torch.Tensor) -> torch.Tensor:
@@ -97,13 +101,12 @@ def row_normalize_backward(x: torch.Tensor, rn: torch.Tensor, dxh: torch.Tensor)
     return ((dxh - xh * (xh * dxh).sum(1, keepdim=True)) * rn[:, None]).to(x.dtype)
 
 
-def similarity_lse(a, b, rn_a, rn_b, scale, maps, *, exclude_self, want_pos, col_stats):
-    tiles = _Tiles(a, b, rn_a, rn_b, scale, maps, exclude_self)
-    ct = tiles.ah.dtype
+def similarity_lse(a, b, rn_a, rn_b, scale, maps, *, exclude_self, want_pos, col_stats, bounded=False):
+    ct = _compute_dtype(a)
     lse_r = torch.empty(a.shape[0], dtype=ct, device=a.device)
     pos = torch.empty(a.shape[0] if want_pos else 0, dtype=ct, device=a.device)
     lse_c = torch.full((b.shape[0] if col_stats else 0,), float("-inf"), dtype=ct, device=a.device)
-    for rows, s, match in tiles:
+    for rows, s, match, _ in _tiles(a, b, rn_a, rn_b, scale, maps, exclude_self):
         if want_pos:  # the positive is reported separately and left out of the sums
             pos[rows] = torch.where(match, s, 0.0).sum(1)
             s = s.masked_fill(match, float("-inf"))
@@ -113,13 +116,15 @@ def similarity_lse(a, b, rn_a, rn_b, scale, maps, *, exclude_self, want_pos, col
     return lse_r, lse_c, pos
 
 
-def similarity_lse_rows_grad(a, b, rn_a, rn_b, scale, maps, *, exclude_self, lse_r=None, g_r=None,
-                             lse_c=None, g_c=None, g_pr=None, g_pc=None, want_dscale=False):
-    tiles = _Tiles(a, b, rn_a, rn_b, scale, maps, exclude_self)
-    dah = torch.empty_like(tiles.ah)
-    dscale = torch.zeros((), dtype=dah.dtype, device=a.device)
+def similarity_lse_rows_grad(a, b, rn_a, rn_b, scale, maps, *, exclude_self, bounded=False, lse_r=None,
+                             g_r=None, lse_c=None, g_c=None, g_pr=None, g_pc=None, want_dscale=False):
+    """dL/dâ for the unit rows of a (see sslfast.kernels.infonce), and dL/dscale."""
+    ct = _compute_dtype(a)
+    dah = torch.empty(a.shape, dtype=ct, device=a.device)
+    dscale = torch.zeros((), dtype=ct, device=a.device)
     with_pos = g_pr is not None or g_pc is not None
-    for rows, s, match in tiles:
+    sc = scale.to(ct)
+    for rows, s, match, bh in _tiles(a, b, rn_a, rn_b, scale, maps, exclude_self):
         s_neg = s.masked_fill(match, float("-inf")) if with_pos else s
         w = torch.zeros_like(s)
         if g_r is not None:
@@ -130,7 +135,7 @@ def similarity_lse_rows_grad(a, b, rn_a, rn_b, scale, maps, *, exclude_self, lse
             w += torch.where(match, g_pr[rows, None], 0.0)
         if g_pc is not None:
             w += torch.where(match, g_pc[None, :], 0.0)
-        dah[rows] = tiles.scale * (w @ tiles.bh)
+        dah[rows] = sc * (w @ bh)
         if want_dscale:
-            dscale += (w * torch.where(torch.isfinite(s), s, 0.0)).sum() / tiles.scale
+            dscale += (w * torch.where(torch.isfinite(s), s, 0.0)).sum() / sc
     return dah, (dscale if want_dscale else None)

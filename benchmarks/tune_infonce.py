@@ -1,0 +1,92 @@
+"""Tile sweep for the InfoNCE kernels on the current GPU (run by benchmarks/gpu_check.sh).
+
+Times the forward statistics pass and the backward row pass separately for each candidate tile shape at the
+shapes that matter (NT-Xent 2x16384 D=128, CLIP B=32768 with column statistics, MoCo N=4096 K=65536), and
+prints the best per pass. The winners are copied into `GPU_TILES` in kernels/infonce.py.
+"""
+import argparse
+import json
+
+import torch
+import triton
+
+from sslfast.bench import time_ms
+from sslfast.kernels import infonce as K
+from sslfast.ops.infonce import _maps
+
+CANDIDATES = [
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=4),
+]
+
+
+def problems(dtype):
+    dev = "cuda"
+    z = torch.randn(32768, 128, device=dev, dtype=dtype)
+    img, txt = torch.randn(32768, 128, device=dev, dtype=dtype), torch.randn(32768, 128, device=dev, dtype=dtype)
+    q, queue = torch.randn(4096, 128, device=dev, dtype=dtype), torch.randn(65536, 128, device=dev, dtype=dtype)
+    s10, s14 = torch.tensor(10.0, device=dev), torch.tensor(14.0, device=dev)
+    nt_maps = _maps(pos_shift=16384, pos_period=32768)
+    g = torch.full((32768,), 1 / 32768, device=dev)
+    lse = torch.full((32768,), 8.0, device=dev)
+
+    def prep(a, b):
+        return K.row_rnorm(a), K.row_rnorm(b)
+
+    rn_z = K.row_rnorm(z)
+    rn_i, rn_t = prep(img, txt)
+    rn_q, rn_k = prep(q, queue)
+    return {
+        ("fwd", "nt_xent 2x16384"): lambda: K.similarity_lse(z, z, rn_z, rn_z, s10, nt_maps, exclude_self=True,
+                                                             want_pos=True, col_stats=False),
+        ("fwd", "clip 32768 col-stats"): lambda: K.similarity_lse(img, txt, rn_i, rn_t, s14, _maps(),
+                                                                  exclude_self=False, want_pos=True, col_stats=True),
+        ("fwd", "moco 4096x65536"): lambda: K.similarity_lse(q, queue, rn_q, rn_k, s10, _maps(), exclude_self=False,
+                                                             want_pos=False, col_stats=False),
+        ("bwd", "nt_xent 2x16384"): lambda: K.similarity_lse_rows_grad(
+            z, z, rn_z, rn_z, s10, nt_maps, exclude_self=True, lse_r=lse, g_r=g, lse_c=lse, g_c=g, g_pr=-g, g_pc=-g),
+        ("bwd", "clip 32768 rows"): lambda: K.similarity_lse_rows_grad(
+            img, txt, rn_i, rn_t, s14, _maps(), exclude_self=False, lse_r=lse, g_r=g, lse_c=lse, g_c=g, g_pr=-g,
+            want_dscale=True),
+        ("bwd", "moco 4096x65536"): lambda: K.similarity_lse_rows_grad(
+            q, queue, rn_q, rn_k, s10, _maps(), exclude_self=False, lse_r=lse[:4096] + 3, g_r=g[:4096]),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    results = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for (kind, name), fn in problems(dtype).items():
+            saved = dict(K.GPU_TILES[(kind, True)])
+            for cfg in CANDIDATES:
+                K.GPU_TILES[(kind, True)] = cfg
+                try:
+                    ms = time_ms(fn, torch.device("cuda"), warmup=2, repeat=5)
+                except (triton.runtime.errors.OutOfResources, RuntimeError) as err:
+                    ms = None
+                    print(kind, name, cfg, "failed:", str(err).splitlines()[0][:120])
+                results.append({"kind": kind, "problem": name, "dtype": str(dtype)[6:], "cfg": cfg, "ms": ms})
+                print(json.dumps(results[-1]), flush=True)
+            K.GPU_TILES[(kind, True)] = saved
+    best = {}
+    for r in results:
+        key = f"{r['kind']} {r['problem']} {r['dtype']}"
+        if r["ms"] is not None and (key not in best or r["ms"] < best[key]["ms"]):
+            best[key] = r
+    for key, r in best.items():
+        print(f"BEST {key}: {r['ms']:.3f} ms {r['cfg']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": results, "best": best}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
