@@ -1,20 +1,16 @@
 #!/usr/bin/env bash
 # GPU check for the lent H100/H200 box: install (builds csrc), `pytest -m gpu`, the InfoNCE tile sweep and
-# `sslfast bench` for every registered op. Everything lands under $OUT (default ./gpu_out).
-#   benchmarks/gpu_check.sh [tests] [tune] [bench] [--ops OP ...]   (no step named: all three)
+# `sslfast bench`. Everything lands under $OUT (default ./gpu_out); the last lines printed are the tables.
+#   STEPS="tests tune bench"   which steps (default: all three)
+#   TEST_FILES="tests/..."     test files for `pytest -m gpu` (default: all)
+#   BENCH_OPS / BENCH_CASES    passed to `sslfast bench --ops / --cases` (default: everything)
+#   TUNE_ARGS                  passed to benchmarks/tune_infonce.py
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-steps=(); ops=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --ops) shift; while [ $# -gt 0 ]; do ops+=("$1"); shift; done ;;
-    *) steps+=("$1"); shift ;;
-  esac
-done
-[ ${#steps[@]} -eq 0 ] && steps=(tests tune bench)
-has() { [[ " ${steps[*]} " == *" $1 "* ]]; }
+STEPS=${STEPS:-tests tune bench}
+has() { [[ " $STEPS " == *" $1 "* ]]; }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/env.txt"
@@ -23,15 +19,16 @@ SSLFAST_REQUIRE_CUDA_BUILD=1 timeout 300 python3 -m pip install --no-deps --no-b
 python3 -c "import sslfast._C" 2>&1 && echo "csrc: sslfast._C imports" | tee -a "$OUT/env.txt"
 
 if has tests; then
-  timeout 900 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider tests ${ops:+-k "${ops[*]}"} >"$OUT/pytest_gpu.txt" 2>&1
-  echo "pytest -m gpu exit $?"; tail -25 "$OUT/pytest_gpu.txt"
+  timeout 900 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider --continue-on-collection-errors \
+    ${TEST_FILES:-tests} >"$OUT/pytest_gpu.txt" 2>&1
+  echo "pytest -m gpu exit $?"; grep -E "passed|failed|error" "$OUT/pytest_gpu.txt" | tail -30
 fi
 if has tune; then
-  timeout 600 python3 benchmarks/tune_infonce.py --json "$OUT/tune.json" >"$OUT/tune.txt" 2>&1
-  grep BEST "$OUT/tune.txt"
+  timeout 600 python3 benchmarks/tune_infonce.py --json "$OUT/tune.json" ${TUNE_ARGS:-} >"$OUT/tune.txt" 2>&1
+  echo "tune exit $?"; grep -E "BEST|Error|error" "$OUT/tune.txt" | tail -20
 fi
 if has bench; then
-  timeout 1200 python3 -m sslfast.cli bench --warmup 2 --repeat 7 ${ops:+--ops "${ops[@]}"} --json "$OUT/bench.json" --plot "$OUT/bench.png" \
-    --quiet >"$OUT/bench.txt" 2>&1
-  echo "bench exit $?"; cat "$OUT/bench.txt" | tail -60
+  timeout 1200 python3 -m sslfast.cli bench --warmup 2 --repeat 7 ${BENCH_OPS:+--ops $BENCH_OPS} \
+    ${BENCH_CASES:+--cases $BENCH_CASES} --json "$OUT/bench.json" --plot "$OUT/bench.png" >"$OUT/bench.txt" 2>&1
+  echo "bench exit $?"; grep -v '^{' "$OUT/bench.txt" | tail -70
 fi

@@ -43,30 +43,36 @@ def problems(dtype):
     rn_q, rn_k = prep(q, queue)
     return {
         ("fwd", "nt_xent 2x16384"): lambda: K.similarity_lse(z, z, rn_z, rn_z, s10, nt_maps, exclude_self=True,
-                                                             want_pos=True, col_stats=False),
+                                                             want_pos=True, col_stats=False, bounded=True),
         ("fwd", "clip 32768 col-stats"): lambda: K.similarity_lse(img, txt, rn_i, rn_t, s14, _maps(),
-                                                                  exclude_self=False, want_pos=True, col_stats=True),
+                                                                  exclude_self=False, want_pos=True, col_stats=True,
+                                                                  bounded=False),
         ("fwd", "moco 4096x65536"): lambda: K.similarity_lse(q, queue, rn_q, rn_k, s10, _maps(), exclude_self=False,
-                                                             want_pos=False, col_stats=False),
+                                                             want_pos=False, col_stats=False, bounded=True),
         ("bwd", "nt_xent 2x16384"): lambda: K.similarity_lse_rows_grad(
-            z, z, rn_z, rn_z, s10, nt_maps, exclude_self=True, lse_r=lse, g_r=g, lse_c=lse, g_c=g, g_pr=-g, g_pc=-g),
+            z, z, rn_z, rn_z, s10, nt_maps, exclude_self=True, bounded=True, lse_r=lse, g_r=g, lse_c=lse, g_c=g, g_pr=-g, g_pc=-g),
         ("bwd", "clip 32768 rows"): lambda: K.similarity_lse_rows_grad(
-            img, txt, rn_i, rn_t, s14, _maps(), exclude_self=False, lse_r=lse, g_r=g, lse_c=lse, g_c=g, g_pr=-g,
+            img, txt, rn_i, rn_t, s14, _maps(), exclude_self=False, bounded=False, lse_r=lse, g_r=g, lse_c=lse, g_c=g, g_pr=-g,
             want_dscale=True),
         ("bwd", "moco 4096x65536"): lambda: K.similarity_lse_rows_grad(
-            q, queue, rn_q, rn_k, s10, _maps(), exclude_self=False, lse_r=lse[:4096] + 3, g_r=g[:4096]),
+            q, queue, rn_q, rn_k, s10, _maps(), exclude_self=False, bounded=True, lse_r=lse[:4096] + 3, g_r=g[:4096]),
     }
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
+    parser.add_argument("--dtypes", nargs="*", default=["bfloat16"])
+    parser.add_argument("--problems", nargs="*", help="substrings of problem names to keep")
+    parser.add_argument("--candidates", type=int, default=len(CANDIDATES), help="try the first N candidates")
     args = parser.parse_args()
     results = []
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (getattr(torch, d) for d in args.dtypes):
         for (kind, name), fn in problems(dtype).items():
+            if args.problems and not any(p in name for p in args.problems):
+                continue
             saved = dict(K.GPU_TILES[(kind, True)])
-            for cfg in CANDIDATES:
+            for cfg in CANDIDATES[:args.candidates]:
                 K.GPU_TILES[(kind, True)] = cfg
                 try:
                     ms = time_ms(fn, torch.device("cuda"), warmup=2, repeat=5)

@@ -14,6 +14,7 @@ import dataclasses
 import importlib
 import json
 import pkgutil
+import re
 import statistics
 import time
 from typing import Callable
@@ -105,10 +106,14 @@ def _measure(fn, device, warmup, repeat):
 
 
 def run(device: torch.device, ops: list[str] | None = None, warmup: int = 3, repeat: int = 10,
-        with_reference: bool = True, log=print) -> list[dict]:
+        with_reference: bool = True, log=print, cases: list[str] | None = None) -> list[dict]:
+    """Runs the registered cases for `device`, optionally only the op families `ops` and the cases whose
+    "op case-name" matches one of the regular expressions `cases` (re.search)."""
     rows = []
     for case in load_all():
         if ops and case.op not in ops or device.type not in case.device_types:
+            continue
+        if cases and not any(re.search(c, f"{case.op} {case.name}") for c in cases):
             continue
         for dtype in case.dtypes:
             row = {"op": case.op, "case": case.name, "dtype": str(dtype).replace("torch.", ""),
