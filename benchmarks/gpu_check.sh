@@ -5,6 +5,7 @@
 #   TEST_FILES="tests/..."     test files for `pytest -m gpu` (default: all)
 #   BENCH_OPS / BENCH_CASES    passed to `sslfast bench --ops / --cases` (default: everything)
 #   TUNE_ARGS                  passed to benchmarks/tune_infonce.py
+#   SKIP_INSTALL=1, BENCH_TAG  for a second call in the same session (bench$BENCH_TAG.{txt,json})
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -14,12 +15,14 @@ has() { [[ " $STEPS " == *" $1 "* ]]; }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/env.txt"
-SSLFAST_REQUIRE_CUDA_BUILD=1 timeout 300 python3 -m pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
-  || { echo "install failed"; tail -40 "$OUT/install.log"; }
-python3 -c "import sslfast._C" 2>&1 && echo "csrc: sslfast._C imports" | tee -a "$OUT/env.txt"
+if [ -z "${SKIP_INSTALL:-}" ]; then
+  SSLFAST_REQUIRE_CUDA_BUILD=1 timeout 300 python3 -m pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
+    || { echo "install failed"; tail -40 "$OUT/install.log"; }
+  python3 -c "import sslfast._C" 2>&1 && echo "csrc: sslfast._C imports" | tee -a "$OUT/env.txt"
+fi
 
 if has tests; then
-  timeout 900 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider --continue-on-collection-errors \
+  timeout 900 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider --continue-on-collection-errors --timeout 240 \
     ${TEST_FILES:-tests} >"$OUT/pytest_gpu.txt" 2>&1
   echo "pytest -m gpu exit $?"; grep -E "passed|failed|error" "$OUT/pytest_gpu.txt" | tail -30
 fi
@@ -28,7 +31,8 @@ if has tune; then
   echo "tune exit $?"; grep -E "BEST|Error|error" "$OUT/tune.txt" | tail -20
 fi
 if has bench; then
+  tag=${BENCH_TAG:-}
   timeout 1200 python3 -m sslfast.cli bench --warmup 2 --repeat 7 ${BENCH_OPS:+--ops $BENCH_OPS} \
-    ${BENCH_CASES:+--cases $BENCH_CASES} --json "$OUT/bench.json" --plot "$OUT/bench.png" >"$OUT/bench.txt" 2>&1
-  echo "bench exit $?"; grep -v '^{' "$OUT/bench.txt" | tail -70
+    ${BENCH_CASES:+--cases $BENCH_CASES} --json "$OUT/bench$tag.json" >"$OUT/bench$tag.txt" 2>&1
+  echo "bench exit $?"; grep -v '^{' "$OUT/bench$tag.txt" | tail -70
 fi

@@ -10,22 +10,23 @@ namespace sslfast {
 namespace {
 
 template <int TD, int SD>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 8)  // <= 32 registers: 2048 threads per SM
 ema_kernel(const __grid_constant__ TensorTable<kEmaDepth> tbl, float weight, const float* momentum) {
+  constexpr int V = vec_width<TD, SD>();
   const float w = ema_weight(weight, momentum);
   for (int c = blockIdx.x; c < tbl.n_chunks; c += gridDim.x) {
     const Chunk ch = chunk_of(tbl, c);
     auto* t = list_ptr<TD>(tbl, 0, ch);
     const auto* s = list_ptr<SD>(tbl, 1, ch);
-    for_each_element(
+    for_each_element<V>(
         ch,
         [&](int64_t i) {
-          float a[kVec], b[kVec];
-          load_vec<TD>(t + i, a);
-          load_vec<SD>(s + i, b);
+          float a[V], b[V];
+          load_vec<TD, V>(t + i, a);
+          load_vec<SD, V>(s + i, b);
 #pragma unroll
-          for (int j = 0; j < kVec; ++j) a[j] = lerp(a[j], b[j], w);
-          store_vec<TD>(t + i, a);
+          for (int j = 0; j < V; ++j) a[j] = lerp(a[j], b[j], w);
+          store_vec<TD, V>(t + i, a);
         },
         [&](int64_t i) {
           t[i] = Elem<TD>::store(lerp(Elem<TD>::load(t[i]), Elem<SD>::load(s[i]), w));

@@ -12,9 +12,9 @@
 // on sm_70+ (kMaxTensors tensors per launch at depth 6); longer lists take a few launches.
 //
 // Vectors. A tensor whose pointers are all 16-byte aligned (flag kFlagVector, decided in Python) is read
-// and written kVec = 8 elements per thread-step: one 16-byte access per 8 half-precision elements, two
-// per 8 fp32 elements; the last numel % 8 elements, and every element of an unaligned tensor, take the
-// scalar path. All arithmetic is fp32; each list has its own dtype (fp32 / bf16 / fp16), a template
+// and written V elements per thread-step, V = 16 bytes / the widest element size of the kernel's lists
+// (fp32 anywhere: 4; all 16-bit: 8), consecutive threads taking consecutive groups; the last numel % V
+// elements, and every element of an unaligned tensor, take the scalar path. All arithmetic is fp32; each list has its own dtype (fp32 / bf16 / fp16), a template
 // parameter, rounded to nearest-even on store.
 #pragma once
 
@@ -41,7 +41,7 @@ constexpr int kFlagDecay = 8;    // LARS: weight decay applies
 
 constexpr int kMaxTensors = 448;  // per launch; depth 6 -> 28.7 KB of kernel parameters
 constexpr int kThreads = 256;     // threads per block
-constexpr int kVec = 8;           // elements per thread-step on the vector path
+constexpr int kVec = 8;           // chunk sizes are multiples of this (the widest vector, 8 half elements)
 
 // table depths (tensor lists per row)
 constexpr int kEmaDepth = 2;    // teacher, student
@@ -91,32 +91,43 @@ __device__ __forceinline__ float round_to(float x) {
   return Elem<DT>::load(Elem<DT>::store(x));
 }
 
-// kVec consecutive elements through 16-byte accesses; p must be 16-byte aligned.
-template <int DT>
-__device__ __forceinline__ void load_vec(const typename Elem<DT>::T* p, float (&out)[kVec]) {
-  using T = typename Elem<DT>::T;
-  constexpr int kPer = 16 / sizeof(T);
-#pragma unroll
-  for (int i = 0; i < kVec; i += kPer) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p + i);
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int j = 0; j < kPer; ++j) out[i + j] = Elem<DT>::load(e[j]);
-  }
+// Elements per thread-step on the vector path of a kernel over lists of dtypes A and B: one 16-byte access for
+// the wider dtype (fp32: 4 elements; all 16-bit: 8), an 8- or 16-byte access for the narrower one. A warp's
+// accesses are contiguous, so every load and store is fully coalesced.
+template <int A, int B>
+constexpr int vec_width() {
+  return 16 / (sizeof(typename Elem<A>::T) > sizeof(typename Elem<B>::T) ? sizeof(typename Elem<A>::T)
+                                                                          : sizeof(typename Elem<B>::T));
 }
 
-template <int DT>
-__device__ __forceinline__ void store_vec(typename Elem<DT>::T* p, const float (&in)[kVec]) {
+template <int Bytes>
+struct RawVec;
+template <>
+struct RawVec<8> { using T = uint2; };
+template <>
+struct RawVec<16> { using T = uint4; };
+
+// V consecutive elements in one 8- or 16-byte access; p must be aligned to that size (guaranteed when the
+// tensor's pointer is 16-byte aligned: chunk and group offsets are multiples of V elements).
+template <int DT, int V>
+__device__ __forceinline__ void load_vec(const typename Elem<DT>::T* p, float (&out)[V]) {
   using T = typename Elem<DT>::T;
-  constexpr int kPer = 16 / sizeof(T);
+  using Raw = typename RawVec<V * sizeof(T)>::T;
+  const Raw raw = *reinterpret_cast<const Raw*>(p);
+  const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-  for (int i = 0; i < kVec; i += kPer) {
-    uint4 raw;
-    T* e = reinterpret_cast<T*>(&raw);
+  for (int j = 0; j < V; ++j) out[j] = Elem<DT>::load(e[j]);
+}
+
+template <int DT, int V>
+__device__ __forceinline__ void store_vec(typename Elem<DT>::T* p, const float (&in)[V]) {
+  using T = typename Elem<DT>::T;
+  using Raw = typename RawVec<V * sizeof(T)>::T;
+  Raw raw;
+  T* e = reinterpret_cast<T*>(&raw);
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) e[j] = Elem<DT>::store(in[i + j]);
-    *reinterpret_cast<uint4*>(p + i) = raw;
-  }
+  for (int j = 0; j < V; ++j) e[j] = Elem<DT>::store(in[j]);
+  *reinterpret_cast<Raw*>(p) = raw;
 }
 
 // ------------------------------------------------------------------------------------------ table walk
@@ -155,15 +166,15 @@ __device__ __forceinline__ typename Elem<DT>::T* list_ptr(const TensorTable<DEPT
   return reinterpret_cast<typename Elem<DT>::T*>(tbl.ptr[list][ch.tensor]) + ch.start;
 }
 
-// Visits a chunk: f(i, kVec-wide) on the vector path for i = 0, 8, 16, ... (elements relative to the chunk),
-// then g(i) for each remaining element. Both are called by all threads of the block in a strided loop.
-template <typename VecFn, typename ScalarFn>
+// Visits a chunk: f(i) for the V-element groups i = 0, V, 2V, ... (element offsets in the chunk) on the vector
+// path, then g(i) for each remaining element. Threads of the block take consecutive groups.
+template <int V, typename VecFn, typename ScalarFn>
 __device__ __forceinline__ void for_each_element(const Chunk& ch, VecFn&& f, ScalarFn&& g) {
   int64_t done = 0;
   if (ch.flags & kFlagVector) {
-    const int64_t groups = ch.n / kVec;
-    for (int64_t v = threadIdx.x; v < groups; v += blockDim.x) f(v * kVec);
-    done = groups * kVec;
+    const int64_t groups = ch.n / V;
+    for (int64_t v = threadIdx.x; v < groups; v += blockDim.x) f(v * V);
+    done = groups * V;
   }
   for (int64_t i = done + threadIdx.x; i < ch.n; i += blockDim.x) g(i);
 }

@@ -27,9 +27,10 @@ namespace {
 // ------------------------------------------------------------------------------------------ AdamW
 constexpr int kP = 0, kG = 1, kM = 2, kV = 3, kTeacher = 4, kStep = 5;
 
+// step += 1 for every row (atomic: rows sharing one step tensor count once each, as torch._foreach_add_ does).
 __global__ void increment_steps_kernel(const __grid_constant__ TensorTable<kAdamWDepth> tbl) {
   for (int i = threadIdx.x; i < tbl.n_tensors; i += blockDim.x) {
-    *reinterpret_cast<float*>(tbl.ptr[kStep][i]) += 1.0f;
+    atomicAdd(reinterpret_cast<float*>(tbl.ptr[kStep][i]), 1.0f);
   }
 }
 
@@ -49,6 +50,7 @@ template <int PD, int TD>
 __global__ void __launch_bounds__(kThreads)
 adamw_ema_kernel(const __grid_constant__ TensorTable<kAdamWDepth> tbl, float lr, float beta1, float beta2,
                  float eps, float weight_decay, float weight, const float* momentum) {
+  constexpr int V = vec_width<PD, TD>();
   const float w = ema_weight(weight, momentum);
   for (int c = blockIdx.x; c < tbl.n_chunks; c += gridDim.x) {
     const Chunk ch = chunk_of(tbl, c);
@@ -61,24 +63,24 @@ adamw_ema_kernel(const __grid_constant__ TensorTable<kAdamWDepth> tbl, float lr,
     auto* m = list_ptr<PD>(tbl, kM, ch);
     auto* v = list_ptr<PD>(tbl, kV, ch);
     auto* t = list_ptr<TD>(tbl, kTeacher, ch);
-    for_each_element(
+    for_each_element<V>(
         ch,
         [&](int64_t i) {
-          float pv[kVec], gv[kVec], mv[kVec], vv[kVec], tv[kVec];
-          load_vec<PD>(p + i, pv);
-          load_vec<PD>(g + i, gv);
-          load_vec<PD>(m + i, mv);
-          load_vec<PD>(v + i, vv);
-          if (has_teacher) load_vec<TD>(t + i, tv);
+          float pv[V], gv[V], mv[V], vv[V], tv[V];
+          load_vec<PD, V>(p + i, pv);
+          load_vec<PD, V>(g + i, gv);
+          load_vec<PD, V>(m + i, mv);
+          load_vec<PD, V>(v + i, vv);
+          if (has_teacher) load_vec<TD, V>(t + i, tv);
 #pragma unroll
-          for (int j = 0; j < kVec; ++j) adamw(pv[j], gv[j], mv[j], vv[j]);
-          store_vec<PD>(p + i, pv);
-          store_vec<PD>(m + i, mv);
-          store_vec<PD>(v + i, vv);
+          for (int j = 0; j < V; ++j) adamw(pv[j], gv[j], mv[j], vv[j]);
+          store_vec<PD, V>(p + i, pv);
+          store_vec<PD, V>(m + i, mv);
+          store_vec<PD, V>(v + i, vv);
           if (has_teacher) {
 #pragma unroll
-            for (int j = 0; j < kVec; ++j) tv[j] = lerp(tv[j], round_to<PD>(pv[j]), w);
-            store_vec<TD>(t + i, tv);
+            for (int j = 0; j < V; ++j) tv[j] = lerp(tv[j], round_to<PD>(pv[j]), w);
+            store_vec<TD, V>(t + i, tv);
           }
         },
         [&](int64_t i) {
@@ -103,6 +105,7 @@ __device__ __forceinline__ float lars_direction(float p, float g, bool decay, fl
 template <int PD>
 __global__ void __launch_bounds__(kThreads)
 lars_norms_kernel(const __grid_constant__ TensorTable<kLarsDepth> tbl, float* partials, float weight_decay) {
+  constexpr int V = vec_width<PD, PD>();
   for (int c = blockIdx.x; c < tbl.n_chunks; c += gridDim.x) {
     const Chunk ch = chunk_of(tbl, c);
     if (!(ch.flags & kFlagAdapt)) continue;  // uniform over the block
@@ -110,14 +113,14 @@ lars_norms_kernel(const __grid_constant__ TensorTable<kLarsDepth> tbl, float* pa
     const auto* p = list_ptr<PD>(tbl, kLarsP, ch);
     const auto* g = list_ptr<PD>(tbl, kLarsG, ch);
     float pp = 0.f, dd = 0.f;
-    for_each_element(
+    for_each_element<V>(
         ch,
         [&](int64_t i) {
-          float pv[kVec], gv[kVec];
-          load_vec<PD>(p + i, pv);
-          load_vec<PD>(g + i, gv);
+          float pv[V], gv[V];
+          load_vec<PD, V>(p + i, pv);
+          load_vec<PD, V>(g + i, gv);
 #pragma unroll
-          for (int j = 0; j < kVec; ++j) {
+          for (int j = 0; j < V; ++j) {
             const float d = lars_direction(pv[j], gv[j], decay, weight_decay);
             pp = fmaf(pv[j], pv[j], pp);
             dd = fmaf(d, d, dd);
@@ -152,6 +155,7 @@ template <int PD, int TD>
 __global__ void __launch_bounds__(kThreads)
 lars_ema_kernel(const __grid_constant__ TensorTable<kLarsDepth> tbl, const float* partials, float lr,
                 float momentum, float weight_decay, float eta, float weight, const float* ema_momentum) {
+  constexpr int V = vec_width<PD, TD>();
   const float w = ema_weight(weight, ema_momentum);
   for (int c = blockIdx.x; c < tbl.n_chunks; c += gridDim.x) {
     const Chunk ch = chunk_of(tbl, c);
@@ -172,22 +176,22 @@ lars_ema_kernel(const __grid_constant__ TensorTable<kLarsDepth> tbl, const float
     const auto* g = list_ptr<PD>(tbl, kLarsG, ch);
     auto* mu = list_ptr<PD>(tbl, kLarsMu, ch);
     auto* t = list_ptr<TD>(tbl, kLarsTeacher, ch);
-    for_each_element(
+    for_each_element<V>(
         ch,
         [&](int64_t i) {
-          float pv[kVec], gv[kVec], mv[kVec], tv[kVec];
-          load_vec<PD>(p + i, pv);
-          load_vec<PD>(g + i, gv);
-          load_vec<PD>(mu + i, mv);
-          if (has_teacher) load_vec<TD>(t + i, tv);
+          float pv[V], gv[V], mv[V], tv[V];
+          load_vec<PD, V>(p + i, pv);
+          load_vec<PD, V>(g + i, gv);
+          load_vec<PD, V>(mu + i, mv);
+          if (has_teacher) load_vec<TD, V>(t + i, tv);
 #pragma unroll
-          for (int j = 0; j < kVec; ++j) lars(pv[j], gv[j], mv[j]);
-          store_vec<PD>(p + i, pv);
-          store_vec<PD>(mu + i, mv);
+          for (int j = 0; j < V; ++j) lars(pv[j], gv[j], mv[j]);
+          store_vec<PD, V>(p + i, pv);
+          store_vec<PD, V>(mu + i, mv);
           if (has_teacher) {
 #pragma unroll
-            for (int j = 0; j < kVec; ++j) tv[j] = lerp(tv[j], round_to<PD>(pv[j]), w);
-            store_vec<TD>(t + i, tv);
+            for (int j = 0; j < V; ++j) tv[j] = lerp(tv[j], round_to<PD>(pv[j]), w);
+            store_vec<TD, V>(t + i, tv);
           }
         },
         [&](int64_t i) {

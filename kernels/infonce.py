@@ -142,28 +142,49 @@ def _tile_masks(g_row, g_pos, cols, col_ok, c_off, c_split, c_shift, EXCLUDE_SEL
 
 # --------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _rownorm_kernel(X, RN, M, D, stride, eps, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """RN[i] = 1 / max(‖x_i‖, eps) in fp32."""
+def _rownorm_kernel(X, RN, P, RN_P, POS, SCALE, M, D, stride_x, stride_p, eps,
+                    HAS_PARTNER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """RN[i] = 1/max(‖x_i‖, eps) in fp32. With a partner matrix P (MoCo's keys) also RN_P and the positive
+    logits POS[i] = scale · x̂_i·p̂_i, in the same pass."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    ss_p = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    xp = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_D):
-        x = _load_rows(X, rows, row_ok, k0 + tl.arange(0, BLOCK_D), D, stride, True)
+        dk = k0 + tl.arange(0, BLOCK_D)
+        x = _load_rows(X, rows, row_ok, dk, D, stride_x, True)
         ss += tl.sum(x * x, axis=1)
-    tl.store(RN + rows, 1.0 / tl.maximum(tl.sqrt(ss), eps), mask=row_ok)
+        if HAS_PARTNER:
+            p = _load_rows(P, rows, row_ok, dk, D, stride_p, True)
+            ss_p += tl.sum(p * p, axis=1)
+            xp += tl.sum(x * p, axis=1)
+    rn = 1.0 / tl.maximum(tl.sqrt(ss), eps)
+    tl.store(RN + rows, rn, mask=row_ok)
+    if HAS_PARTNER:
+        rn_p = 1.0 / tl.maximum(tl.sqrt(ss_p), eps)
+        tl.store(RN_P + rows, rn_p, mask=row_ok)
+        tl.store(POS + rows, tl.load(SCALE).to(tl.float32) * rn * rn_p * xp, mask=row_ok)
 
 
 @triton.jit
-def _normalize_bwd_kernel(X, RN, DXH, DX, M, D, stride_x, stride_dxh, stride_dx,
+def _normalize_bwd_kernel(X, RN, DXH, P, RN_P, COEF, DX, M, D, stride_x, stride_dxh, stride_p, stride_dx,
+                          HAS_DXH: tl.constexpr, HAS_PARTNER: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """DX = (DXH − x̂ (x̂·DXH)) · rn: the backward of x ↦ x/‖x‖, one row block, whole rows in registers."""
+    """DX = (g − x̂ (x̂·g)) · rn with g = DXH + COEF·p̂: the backward of x ↦ x/‖x‖ for the gradient of the
+    tiles (DXH) plus that of a positive logit c·x̂·p̂ (MoCo's queue mode); whole rows in registers."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     dk = tl.arange(0, BLOCK_D)
     mask = row_ok[:, None] & (dk[None, :] < D)
     rn = tl.load(RN + rows, mask=row_ok, other=0.0)
     xh = _load_rows(X, rows, row_ok, dk, D, stride_x, True) * rn[:, None]
-    g = tl.load(DXH + rows[:, None] * stride_dxh + dk[None, :], mask=mask, other=0.0)
+    g = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if HAS_DXH:
+        g += tl.load(DXH + rows[:, None] * stride_dxh + dk[None, :], mask=mask, other=0.0)
+    if HAS_PARTNER:
+        coef = tl.load(COEF + rows, mask=row_ok, other=0.0) * tl.load(RN_P + rows, mask=row_ok, other=0.0)
+        g += coef[:, None] * _load_rows(P, rows, row_ok, dk, D, stride_p, True)
     dx = (g - xh * tl.sum(xh * g, axis=1)[:, None]) * rn[:, None]
     tl.store(DX + rows[:, None] * stride_dx + dk[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
@@ -334,56 +355,72 @@ def _lse_bwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------- launchers
-# Tile shapes per pass on a GPU, keyed by whether the row block fits in one chunk (D <= 256); chosen by the
-# sweep in benchmarks/tune_infonce.py (see benchmarks/RESULTS.md), which overrides entries here.
+# Tile shapes on a GPU per (pass, row block resident (D <= 256), plain-sum statistics), from the H100 sweep of
+# benchmarks/tune_infonce.py (benchmarks/RESULTS.md): the forward prefers 4 warps with 3 stages; the backward
+# with both exp terms folded into one (bounded) prefers narrow 32-column tiles, the others 128x64.
 GPU_TILES = {
-    ("fwd", True): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-    ("bwd", True): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-    ("fwd", False): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-    ("bwd", False): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    ("fwd", True, True): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    ("fwd", True, False): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    ("bwd", True, True): dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=4),
+    ("bwd", True, False): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    ("fwd", False, True): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    ("fwd", False, False): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    ("bwd", False, True): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    ("bwd", False, False): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
 }
 
 
-def _tiles(D: int, kind: str) -> dict:
+def _tiles(D: int, kind: str, bounded: bool) -> dict:
     """Tile shapes for `kind` in {"fwd", "bwd"}. On a GPU a row block of up to 256 features stays resident
     (ONE_CHUNK) and the backward keeps all D outputs in one accumulator; wider rows are walked in 64-wide
     chunks and the backward's outputs split over the grid's third axis. Under the interpreter tiles are tiny
     so odd sizes cross many tile edges, and D > 64 already takes the chunked path."""
     if interpreting():
         one = D <= 64
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=next_pow2(D) if one else 32, ONE_CHUNK=one,
-                    BLOCK_DO=min(next_pow2(D), 64), num_warps=1, num_stages=1)
+        tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=next_pow2(D) if one else 32, ONE_CHUNK=one,
+                     num_warps=1, num_stages=1)
+        return dict(tiles, BLOCK_DO=min(next_pow2(D), 64)) if kind == "bwd" else tiles
     one = D <= 256
     bd = max(16, next_pow2(D)) if one else 64
-    return dict(GPU_TILES[(kind, one)], BLOCK_D=bd, ONE_CHUNK=one, BLOCK_DO=bd if one else 128)
+    tiles = dict(GPU_TILES[(kind, one, bounded)], BLOCK_D=bd, ONE_CHUNK=one)
+    return dict(tiles, BLOCK_DO=bd if one else 128) if kind == "bwd" else tiles
 
 
 def _splits(n_row_blocks: int, n_cols: int, block_n: int, device) -> tuple[int, int]:
-    """Column splits so that row blocks x splits fills the machine about twice; returns (splits, cols each)."""
+    """Column splits so that row blocks x splits is about 8 waves of the machine (the last, partial wave
+    then costs little); returns (splits, columns per split)."""
     col_tiles = triton.cdiv(n_cols, block_n)
-    want = max(1, min(col_tiles, triton.cdiv(2 * num_sms(device), n_row_blocks)))
+    want = max(1, min(col_tiles, triton.cdiv(8 * num_sms(device), n_row_blocks)))
     per = triton.cdiv(col_tiles, want) * block_n
     return triton.cdiv(n_cols, per), per
 
 
-def row_rnorm(x: torch.Tensor) -> torch.Tensor:
-    """fp32 [M]: 1/max(‖x_i‖, 1e-12)."""
+def row_rnorm(x: torch.Tensor, partner: torch.Tensor | None = None, scale: torch.Tensor | None = None):
+    """fp32 [M] 1/max(‖x_i‖, 1e-12); with a partner, also (its inverse norms, scale · x̂_i·p̂_i)."""
     m, d = x.shape
     rn = empty((m,), dtype=torch.float32, device=x.device)
-    bm = 16 if interpreting() else 64
-    _rownorm_kernel[(triton.cdiv(m, bm),)](x, rn, m, d, x.stride(0), NORM_EPS, BLOCK_M=bm,
-                                          BLOCK_D=min(next_pow2(d), 128))
-    return rn
+    rn_p, pos = (empty((m,), dtype=torch.float32, device=x.device) for _ in range(2)) if partner is not None \
+        else (rn, rn)
+    bm = 16 if interpreting() else 32
+    _rownorm_kernel[(triton.cdiv(m, bm),)](
+        x, rn, x if partner is None else partner, rn_p, pos, rn if scale is None else scale, m, d, x.stride(0),
+        x.stride(0) if partner is None else partner.stride(0), NORM_EPS, HAS_PARTNER=partner is not None,
+        BLOCK_M=bm, BLOCK_D=min(next_pow2(d), 128), num_warps=4)
+    return rn if partner is None else (rn, rn_p, pos)
 
 
-def row_normalize_backward(x: torch.Tensor, rn: torch.Tensor, dxh: torch.Tensor) -> torch.Tensor:
-    """dL/dx in x's dtype from dL/dx̂ (fp32)."""
+def row_normalize_backward(x, rn, dxh=None, partner=None, rn_p=None, coef=None) -> torch.Tensor:
+    """dL/dx in x's dtype from dL/dx̂ (fp32, optional) plus the gradient of coef_i · x̂_i·p̂_i."""
     m, d = x.shape
     dx = empty(x.shape, dtype=x.dtype, device=x.device)
     bd = next_pow2(d)
-    bm = 16 if interpreting() else max(1, min(64, 8192 // bd))
-    _normalize_bwd_kernel[(triton.cdiv(m, bm),)](x, rn, dxh, dx, m, d, x.stride(0), dxh.stride(0), dx.stride(0),
-                                                BLOCK_M=bm, BLOCK_D=bd)
+    bm = 16 if interpreting() else max(1, min(32, 4096 // bd))
+    _normalize_bwd_kernel[(triton.cdiv(m, bm),)](
+        x, rn, dx if dxh is None else dxh, x if partner is None else partner, rn if rn_p is None else rn_p,
+        rn if coef is None else coef, dx, m, d, x.stride(0), 0 if dxh is None else dxh.stride(0),
+        x.stride(0) if partner is None else partner.stride(0), dx.stride(0),
+        HAS_DXH=dxh is not None, HAS_PARTNER=partner is not None, BLOCK_M=bm, BLOCK_D=bd,
+        num_warps=4 if bd <= 256 else 8)
     return dx
 
 
@@ -393,7 +430,7 @@ def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col
     p_period); `bounded`: |scale| <= 64 is known (plain-sum statistics)."""
     m, d = r.shape
     nb = c.shape[0]
-    cfg = _tiles(d, "fwd")
+    cfg = _tiles(d, "fwd", bounded)
     n_rb = triton.cdiv(m, cfg["BLOCK_M"])
     splits, per = _splits(n_rb, nb, cfg["BLOCK_N"], r.device)
     row_m = empty((splits, m), dtype=torch.float32, device=r.device)
@@ -406,14 +443,17 @@ def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col
         m, nb, d, r.stride(0), c.stride(0), per, *maps,
         EXCLUDE_SELF=exclude_self, WANT_POS=want_pos, COL_STATS=col_stats, BOUNDED=bounded,
         UPCAST=upcast_dots(), **cfg)
-    lse_r = torch.logsumexp((row_m + torch.log2(row_l)) * LN2, dim=0)
+    if bounded:  # plain sums: merge the splits by adding them
+        lse_r = torch.log2(row_l.sum(0) if splits > 1 else row_l[0]) * LN2
+    else:
+        lse_r = torch.logsumexp((row_m + torch.log2(row_l)) * LN2, dim=0)
     if not col_stats:
         lse_c = row_l.new_empty(0)
     elif bounded:
         lse_c = torch.log2(col_l) * LN2
     else:
         lse_c = ((torch.log2(col_acc) + scale.double() * LOG2E) * LN2).float()
-    pos = pos.sum(0) if want_pos else row_l.new_empty(0)
+    pos = (pos.sum(0) if splits > 1 else pos[0]) if want_pos else row_l.new_empty(0)
     return lse_r, lse_c, pos
 
 
@@ -423,7 +463,7 @@ def similarity_lse_rows_grad(r, c, rn_r, rn_c, scale, maps, *, exclude_self, bou
     tensors are None are left out of G (see the module doc)."""
     m, d = r.shape
     nb = c.shape[0]
-    cfg = _tiles(d, "bwd")
+    cfg = _tiles(d, "bwd", bounded)
     n_rb = triton.cdiv(m, cfg["BLOCK_M"])
     splits, per = _splits(n_rb, nb, cfg["BLOCK_N"], r.device)
     atomic = splits > 1

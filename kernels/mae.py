@@ -26,7 +26,7 @@ gather_rows (gather_tokens and unshuffle forward, one [BLOCK_R rows, BLOCK_D] ti
 index_sum (the adjoint of gather_rows, i.e. both backwards) as one-hot tensor-core products per sample:
 
     out[b, o] = Σ_s [idx[b, s] = o] · g[b, s]        o < n_out; exact (0/1 weights, fp32 accumulation)
-    rest[b]   = Σ_s [n_out <= idx[b, s] < rest_hi] · g[b, s]     (∂/∂mask_token, per sample, summed later)
+    rest[b]   = Σ_s [n_out <= idx[b, s] < rest_hi] · g[b, s]     (∂/∂mask_token: one-hot row n_out, summed later)
 
 No atomics and no zero-fill: every output row is written once, repeated indices sum correctly. A NaN in g
 spreads to the other rows of its one-hot block (0·NaN); a non-finite gradient stays non-finite.
@@ -52,7 +52,7 @@ import triton.language as tl
 from ._common import empty, interpreting, next_pow2, upcast_dots
 
 NORM_PIX_EPS = 1e-6  # as the official forward_loss
-_PAD_KEY = 9223372036854775807  # int64 max: padding lanes sort last
+_PAD_KEY = tl.constexpr(9223372036854775807)  # int64 max: padding lanes sort last (constexpr: a @jit global)
 
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -101,7 +101,7 @@ def _gather_patches_kernel(IMG, IDS, OUT, n_rows, K, L, grid_w, H, W, E, P: tl.c
         e_ok = e < E
         off = (e % C).to(tl.int64) * (H * W) + (e // (P * C)) * W + (e // C) % P
         x = tl.load(IMG + base[:, None] + off[None, :], mask=(row_ok & good)[:, None] & e_ok[None, :], other=0.0)
-        x = tl.where(good[:, None], x, float("nan"))
+        x = tl.where(good[:, None], x.to(tl.float32), float("nan"))
         tl.store(OUT + rows.to(tl.int64)[:, None] * E + e[None, :], x.to(OUT.dtype.element_ty),
                  mask=row_ok[:, None] & e_ok[None, :])
 
@@ -143,35 +143,36 @@ def _gather_rows_kernel(X, IDX, OUT, MT, POS, n_rows, n_idx, n_src, valid_hi, D,
 def _index_sum_kernel(G, IDX, OUT, REST, n_out, n_src, rest_hi, D,
                       WANT_REST: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                       BLOCK_O: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Grid (B, cdiv(n_out, BLOCK_O), cdiv(D, BLOCK_D)): a program owns BLOCK_O output rows × BLOCK_D features of
-    # one sample and sweeps that sample's n_src gradient rows BLOCK_S at a time: acc += onehot @ g (fp32).
+    # Grid (B, cdiv(n_out (+1 with WANT_REST), BLOCK_O), cdiv(D, BLOCK_D)): a program owns BLOCK_O output rows ×
+    # BLOCK_D features of one sample and sweeps its n_src gradient rows BLOCK_S at a time: acc += onehot @ g
+    # (fp32). With WANT_REST, one-hot row n_out (a padding row) marks the indices in [n_out, rest_hi), so the
+    # same product also sums the mask-token rows.
     b = tl.program_id(0).to(tl.int64)
     pid_o = tl.program_id(1)
     o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < D
     acc = tl.zeros((BLOCK_O, BLOCK_D), dtype=tl.float32)
-    rest = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for s0 in range(0, n_src, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         s_ok = s < n_src
-        idx = tl.load(IDX + b * n_src + s, mask=s_ok, other=-1)
+        idx = tl.load(IDX + b * n_src + s, mask=s_ok, other=-1).to(tl.int32)
+        if WANT_REST:
+            idx = tl.where((idx >= n_out) & (idx < rest_hi), n_out, idx)
         g = tl.load(G + (b * n_src + s)[:, None] * D + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-        hit = o[:, None] == idx[None, :]
         if UPCAST:
             g = g.to(tl.float32)
-        oh = tl.where(hit, 1.0, 0.0).to(g.dtype)
+        oh = (o[:, None] == idx[None, :]).to(g.dtype)
         if IEEE:
             acc = tl.dot(oh, g, acc, input_precision="ieee")
         else:
             acc = tl.dot(oh, g, acc)
-        if WANT_REST:
-            in_rest = (idx >= n_out) & (idx < rest_hi)
-            rest += tl.sum(tl.where(in_rest[:, None], g.to(tl.float32), 0.0), axis=0)
     tl.store(OUT + (b * n_out + o)[:, None] * D + d[None, :], acc.to(OUT.dtype.element_ty),
              mask=(o < n_out)[:, None] & d_ok[None, :])
     if WANT_REST:
-        tl.store(REST + b * D + d, rest, mask=d_ok & (pid_o == 0))
+        if (n_out >= pid_o * BLOCK_O) & (n_out < pid_o * BLOCK_O + BLOCK_O):
+            rest = tl.sum(tl.where((o == n_out)[:, None], acc, 0.0), axis=0)
+            tl.store(REST + b * D + d, rest, mask=d_ok)
 
 
 @triton.jit
@@ -260,12 +261,13 @@ def _bert_masking_kernel(SEED, seed_val, IDS, SPECIAL, OUT, LABELS, n, prob, rep
 
 
 # --------------------------------------------------------------------------------------------- launchers
-def _seed_args(seed: torch.Tensor, device: torch.device):
+def _seed_args(seed: torch.Tensor, placeholder: torch.Tensor):
     """(pointer, value, in_memory): a seed on the output's device is read by the kernel; a host seed (CPU
-    generator, CUDA output) is passed by value (reading a CPU tensor never synchronizes the device)."""
-    if seed.device == device:
+    generator, CUDA output) is passed by value (reading a CPU tensor never synchronizes the device), with a
+    device tensor as the unused pointer (Triton rejects host pointers)."""
+    if seed.device == placeholder.device:
         return seed, 0, True
-    return seed, int(seed.reshape(-1)[0]), False
+    return placeholder, int(seed.reshape(-1)[0]), False
 
 
 def random_masking(seed: torch.Tensor, batch: int, num_patches: int, keep: int, block: int, grid_w: int,
@@ -275,7 +277,7 @@ def random_masking(seed: torch.Tensor, batch: int, num_patches: int, keep: int, 
     ids_keep = empty((batch, keep), dtype=torch.int64, device=device)
     ids_restore = empty((batch, L), dtype=torch.int64, device=device)
     mask = empty((batch, L), dtype=torch.float32, device=device)
-    ptr, val, in_mem = _seed_args(seed, device)
+    ptr, val, in_mem = _seed_args(seed, ids_restore)
     bl = next_pow2(L)
     _random_masking_kernel[(batch,)](
         ptr, val, ids_keep, ids_restore, mask, L, keep, grid_w, block, grid_w // block, L // (block * block),
@@ -292,10 +294,9 @@ def gather_patches(imgs: torch.Tensor, ids: torch.Tensor | None, p: int) -> torc
     E = p * p * C
     out = empty((B, K, E), dtype=imgs.dtype, device=imgs.device)
     n_rows = B * K
-    if interpreting():
-        br, be = 8, min(256, next_pow2(E))
-    else:
-        br, be = 8, min(256, next_pow2(E))
+    be = min(256, next_pow2(E))
+    # ~2K values a program (8 x 256 at p=16, C=3: 32 registers on sm_90), 1K for small patches
+    br = 8 if interpreting() else max(1, (2048 if be >= 256 else 1024) // be)
     _gather_patches_kernel[(triton.cdiv(n_rows, br),)](
         imgs, imgs if ids is None else ids, out, n_rows, K, L, grid_w, H, W, E, P=p, C=C, ALL=ids is None,
         BLOCK_R=br, BLOCK_E=be, num_warps=1 if interpreting() else 4)
@@ -310,7 +311,7 @@ def _gather_rows(x, idx, n_src, valid_hi, out_dtype, mask_token=None, pos=None):
     if interpreting():
         br, bd = 4, min(32, next_pow2(D))
     else:
-        br, bd = 8, min(256, max(16, next_pow2(D)))
+        br, bd = 4, min(256, max(16, next_pow2(D)))  # 32 registers (sm_90): full occupancy, 16 CTAs/SM
     _gather_rows_kernel[(triton.cdiv(n_rows, br),)](
         x, idx, out, x if mask_token is None else mask_token, x if pos is None else pos,
         n_rows, n_idx, n_src, valid_hi, D, x.stride(0), HAS_MT=mask_token is not None, HAS_POS=pos is not None,
@@ -325,9 +326,10 @@ def _index_sum(g, idx, n_out, out_dtype, want_rest=False, rest_hi=0):
     if interpreting():
         bo, bs, bd, nw = 16, 16, min(32, max(16, next_pow2(D))), 1
     else:
-        bo = min(256, max(16, next_pow2(n_out)))
-        bs, bd, nw = 64, 64, (8 if bo >= 128 else 4)
-    grid = (B, triton.cdiv(n_out, bo), triton.cdiv(D, bd))
+        # 8 warps: 95 registers at 64x64x64, 112 at 128x32x64 (sm_90); larger BLOCK_O spills
+        bo = min(128, max(16, next_pow2(n_out + int(want_rest))))
+        bs, bd, nw = (64 if bo <= 64 else 32), 64, 8
+    grid = (B, triton.cdiv(n_out + int(want_rest), bo), triton.cdiv(D, bd))
     _index_sum_kernel[grid](
         g, idx, out, rest, n_out, n_src, rest_hi, D, WANT_REST=want_rest, IEEE=g.dtype == torch.float32,
         UPCAST=upcast_dots(), BLOCK_O=bo, BLOCK_S=bs, BLOCK_D=bd, num_warps=nw)
@@ -360,7 +362,9 @@ def _mse_cfg(E: int):
     be = next_pow2(E)
     if interpreting():
         return dict(BLOCK_R=16, BLOCK_E=be, num_warps=1)
-    return dict(BLOCK_R=max(1, min(8, 4096 // be)), BLOCK_E=be, num_warps=4 if be <= 2048 else 8)
+    # 4 patches of 768 (1024 lanes) at p=16, C=3: 114/128 registers (fwd/bwd, sm_90); ~2K lanes for smaller
+    # patches (more rows per program cost registers: 8 x 256 takes ~160)
+    return dict(BLOCK_R=max(1, (4096 if be >= 1024 else 2048) // be), BLOCK_E=be, num_warps=4 if be <= 2048 else 8)
 
 
 def _grid_args(imgs, p):
@@ -376,8 +380,7 @@ def masked_mse(pred, imgs, mask, p: int, norm_pix: bool):
     n_prog = triton.cdiv(n_rows, cfg["BLOCK_R"])
     part = empty((2, n_prog), dtype=torch.float32, device=pred.device)
     _masked_mse_fwd_kernel[(n_prog,)](pred, imgs, mask, part, n_rows, n_prog, L, grid_w, H, W, E, pred.stride(0),
-                                      NORM_PIX_EPS,
-                                      P=p, C=C, NORM=norm_pix, **cfg)
+                                      NORM_PIX_EPS, P=p, C=C, NORM=norm_pix, **cfg)
     sums = part.sum(1)
     return sums[0] / sums[1], sums[1]
 
@@ -389,7 +392,8 @@ def masked_mse_backward(g, pred, imgs, mask, wsum, p: int, norm_pix: bool):
     n_rows = B * L
     dpred = empty(tuple(pred.shape), dtype=pred.dtype, device=pred.device)
     _masked_mse_bwd_kernel[(triton.cdiv(n_rows, cfg["BLOCK_R"]),)](
-        g, wsum, pred, imgs, mask, dpred, n_rows, L, grid_w, H, W, E, pred.stride(0), NORM_PIX_EPS, P=p, C=C, NORM=norm_pix, **cfg)
+        g, wsum, pred, imgs, mask, dpred, n_rows, L, grid_w, H, W, E, pred.stride(0), NORM_PIX_EPS, P=p, C=C,
+        NORM=norm_pix, **cfg)
     return dpred
 
 
@@ -399,7 +403,7 @@ def bert_masking(seed, input_ids, special, mask_token_id, vocab_size, prob, repl
     n = input_ids.numel()
     out = empty(input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
     labels = empty(input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
-    ptr, val, in_mem = _seed_args(seed, input_ids.device)
+    ptr, val, in_mem = _seed_args(seed, labels)
     block = 128 if interpreting() else 1024
     _bert_masking_kernel[(triton.cdiv(n, block),)](
         ptr, val, input_ids, input_ids if special is None else special, out, labels, n, prob, replace_prob,

@@ -28,6 +28,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+_LAUNCH_OPTIONS = {"num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion", "launch_cooperative_grid"}
+
+
+@pytest.fixture(autouse=True)
+def _strict_interpreted_launches(monkeypatch):
+    """A real launch rejects keyword arguments the kernel does not declare; the interpreter silently drops
+    them. Make interpreted launches as strict as the GPU."""
+    if not interpreting() or not triton_available():
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+
+    run = InterpretedFunction.run
+
+    def checked(self, *args, grid, warmup, **kwargs):
+        unknown = set(kwargs) - set(self.arg_names) - _LAUNCH_OPTIONS
+        assert not unknown, f"{self.fn.__name__} launched with undeclared arguments {sorted(unknown)}"
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", checked)
+
+
 @pytest.fixture(params=["reference", "triton"])
 def backend(request, monkeypatch):
     """The CPU paths: plain PyTorch, and the Triton kernels under the interpreter."""

@@ -313,8 +313,9 @@ def test_gather_distributed_matches_single_process(backend, seed, world, loss_na
 
 # ------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,d", [(4096, 128), (4097, 96), (16384, 128), (1000, 384)])
+@pytest.mark.parametrize("n,d,dtype", [(4096, 128, torch.float32), (4096, 128, torch.bfloat16),
+                                       (4096, 128, torch.float16), (4097, 96, torch.bfloat16),
+                                       (16384, 128, torch.bfloat16), (1000, 384, torch.float32)])
 def test_gpu_sweep(seed, dtype, n, d):
     """The real kernels at realistic sizes against the float64 reference (on the GPU)."""
     dev = "cuda"
@@ -341,7 +342,9 @@ def test_gpu_sweep(seed, dtype, n, d):
         assert_loss_close(got, want, tol(dtype, dev), f"{name} loss (seed {seed})")
         _check_grads({f"{name} a": (a.grad, a64.grad), f"{name} b": (b.grad, b64.grad)}, dtype, seed, dev)
         if name == "clip":
-            assert_close(sc.grad, s64.grad, tol(dtype, dev), f"clip logit_scale grad (seed {seed})")
+            # Σ G·cos cancels (each row of G sums to ~0) while TF32 cosines carry ~1e-3 relative error.
+            bound = 5e-3 if dtype == torch.float32 else tol(dtype, dev)
+            assert_close(sc.grad, s64.grad, bound, f"clip logit_scale grad (seed {seed})")
 
 
 # ------------------------------------------------------------------------------------------ compile
@@ -363,26 +366,30 @@ def test_kernels_compile_for_sm90():
     out = check_compiles(f"""
     import sslfast.kernels.infonce as K
 
-    ALIGNED = ("D", "stride", "stride_r", "stride_c", "stride_dr", "stride_x", "stride_dxh", "stride_dx",
+    ALIGNED = ("D", "stride_r", "stride_c", "stride_dr", "stride_x", "stride_p", "stride_dxh", "stride_dx",
                "cols_per_split", "M", "NB")
     FWD = dict(zip(("EXCLUDE_SELF", "WANT_POS", "COL_STATS", "BOUNDED"), range(4)))
     BWD = dict(zip(("ROW_TERM", "COL_TERM", "POS_ROW", "POS_COL", "EXCLUDE_SELF", "WANT_DSCALE", "BOUNDED"),
                    range(7)))
 
-    def tiles(kind, one, **extra):
-        t = dict(K.GPU_TILES[(kind, one)], BLOCK_D=128 if one else 64, ONE_CHUNK=one, UPCAST=False, **extra)
+    def tiles(kind, one, bounded, **extra):
+        t = dict(K.GPU_TILES[(kind, one, bounded)], BLOCK_D=128 if one else 64, ONE_CHUNK=one, UPCAST=False,
+                 **extra)
         return t, t.pop("num_warps"), t.pop("num_stages")
 
     for dt in ("bf16", "fp32"):
-        build(K._rownorm_kernel, dict(X="*" + dt, RN="*fp32", eps="fp32"), dict(BLOCK_M=64, BLOCK_D=128),
-              aligned=ALIGNED)
-        build(K._normalize_bwd_kernel, dict(X="*" + dt, RN="*fp32", DXH="*fp32", DX="*" + dt),
-              dict(BLOCK_M=64, BLOCK_D=128), aligned=ALIGNED)
+        for partner in (True, False):
+            build(K._rownorm_kernel, dict(X="*" + dt, RN="*fp32", P="*" + dt, RN_P="*fp32", POS="*fp32",
+                                          SCALE="*fp32", eps="fp32"),
+                  dict(HAS_PARTNER=partner, BLOCK_M=32, BLOCK_D=128), aligned=ALIGNED)
+            build(K._normalize_bwd_kernel, dict(X="*" + dt, RN="*fp32", DXH="*fp32", P="*" + dt, RN_P="*fp32",
+                                                COEF="*fp32", DX="*" + dt),
+                  dict(HAS_DXH=True, HAS_PARTNER=partner, BLOCK_M=32, BLOCK_D=128), aligned=ALIGNED)
         ptrs = dict(R="*" + dt, C="*" + dt, RN_R="*fp32", RN_C="*fp32", SCALE="*fp32", ROW_M="*fp32",
                     ROW_L="*fp32", POS="*fp32", COL_L="*fp32", COL_ACC="*fp64")
         for one in (True, False):
             for v in ({_FWD_VARIANTS} if dt == "bf16" and one else {_FWD_VARIANTS}[::4]):
-                t, warps, stages = tiles("fwd", one)
+                t, warps, stages = tiles("fwd", one, v[3])
                 build(K._lse_fwd_kernel, ptrs, dict(t, **{{k: v[i] for k, i in FWD.items()}}), warps, stages,
                       aligned=ALIGNED)
         ptrs = dict(R="*" + dt, C="*" + dt, RN_R="*fp32", RN_C="*fp32", SCALE="*fp32", LSE_R="*fp32",
@@ -390,7 +397,7 @@ def test_kernels_compile_for_sm90():
                     DSCALE="*fp32", g_norm="fp32")
         for one in (True, False):
             for v in ({_BWD_VARIANTS} if dt == "bf16" and one else {_BWD_VARIANTS}[::6]):
-                t, warps, stages = tiles("bwd", one, BLOCK_DO=128, ATOMIC=True)
+                t, warps, stages = tiles("bwd", one, v[6], BLOCK_DO=128, ATOMIC=True)
                 build(K._lse_bwd_kernel, ptrs, dict(t, **{{k: v[i] for k, i in BWD.items()}}), warps, stages,
                       aligned=ALIGNED)
     """)

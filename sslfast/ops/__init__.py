@@ -9,3 +9,18 @@ from .mae import (MaskInfo, bert_masking, gather_patches, gather_tokens, masked_
 
 __all__ += ["mae", "MaskInfo", "bert_masking", "gather_patches", "gather_tokens", "masked_mse_loss", "patchify",
             "random_masking", "unshuffle"]
+
+from . import ema  # noqa: E402
+from .ema import adamw_ema_step_, ema_update_, lars_ema_step_, update_center_  # noqa: E402
+
+__all__ += ["ema", "adamw_ema_step_", "ema_update_", "lars_ema_step_", "update_center_"]
+
+from . import barlow  # noqa: E402
+from .barlow import barlow_twins_loss, vicreg_loss  # noqa: E402
+
+__all__ += ["barlow", "barlow_twins_loss", "vicreg_loss"]
+
+from . import dino  # noqa: E402
+from .dino import dino_loss  # noqa: E402
+
+__all__ += ["dino", "dino_loss"]

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import operator
 import weakref
 from numbers import Real
 from typing import Iterable, Sequence
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 
 from .. import _validate as V
-from .._backend import backend, csrc_available, use_csrc
+from .._backend import backend, use_csrc
 from ..reference import ema as _reference
 
 Tensor = torch.Tensor
@@ -41,13 +43,15 @@ Tensor = torch.Tensor
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 FLAG_VECTOR, FLAG_TEACHER, FLAG_ADAPT, FLAG_DECAY = 1, 2, 4, 8
 MAX_TENSORS = 448
-VEC = 8                      # elements per thread-step on the vector path
+VEC = 8                      # chunk sizes are multiples of this (the widest vector: 8 16-bit elements)
 ALIGN = 16                   # bytes: the vector path needs every pointer of a row aligned to this
 EMA_DEPTH, LARS_DEPTH, ADAMW_DEPTH = 2, 4, 6
-CHUNK_ELEMS = 8192           # elements per chunk (one 256-thread block each); a multiple of VEC
+CHUNK_ELEMS = 2048           # elements per chunk (one 256-thread block each), a multiple of VEC: on the H100
+                             # the ViT-B EMA ran 0.356 ms at 2048 vs 0.373 ms at 8192 (benchmarks/RESULTS.md)
 _MAX_CHUNKS = 2**31 - 1      # int32 chunk indices (and grid size)
 
 _data_ptr = Tensor.data_ptr
+_is_contiguous = Tensor.is_contiguous
 
 
 def dtype_code(dtype: torch.dtype) -> int:
@@ -100,11 +104,12 @@ def _aligned(ptrs) -> bool:
 
 def build_tables(rows: Sequence[Sequence[Tensor | None]], keys: Sequence[tuple], *, depth: int,
                  flags: Sequence[int] | None = None, chunk_elems: int = CHUNK_ELEMS,
-                 max_tensors: int = MAX_TENSORS) -> list[Table]:
+                 max_tensors: int = MAX_TENSORS, scalar_lists: tuple[int, ...] = ()) -> list[Table]:
     """Packs `rows` (each a tuple of `depth` tensors or None; the first one sets the element count) into
     launch tables, one group per distinct `keys[i]` (the per-list dtype codes) in order of first appearance,
     at most `max_tensors` rows per table. Empty tensors are left out. A row gets FLAG_VECTOR when all of its
-    pointers are 16-byte aligned, on top of `flags[i]`."""
+    pointers (but those of `scalar_lists`, one-element tensors read as scalars) are 16-byte aligned, on top
+    of `flags[i]`."""
     if chunk_elems <= 0 or chunk_elems % VEC:
         raise ValueError(f"chunk_elems must be a positive multiple of {VEC}, got {chunk_elems}")
     groups: dict[tuple, list[int]] = {}
@@ -124,12 +129,12 @@ def build_tables(rows: Sequence[Sequence[Tensor | None]], keys: Sequence[tuple],
                     break
                 part.append(i)
                 chunks += n
-            tables.append(_pack(rows, part, key, depth, flags, chunk_elems, max_tensors))
+            tables.append(_pack(rows, part, key, depth, flags, chunk_elems, max_tensors, scalar_lists))
             start += len(part)
     return tables
 
 
-def _pack(rows, part, key, depth, flags, chunk_elems, max_tensors) -> Table:
+def _pack(rows, part, key, depth, flags, chunk_elems, max_tensors, scalar_lists) -> Table:
     lay = table_layout(depth, max_tensors)
     table = Table(np.zeros(lay["size"], dtype=np.uint8), depth, tuple(key), np.asarray(part, dtype=np.int64), 0,
                   max_tensors)
@@ -141,7 +146,8 @@ def _pack(rows, part, key, depth, flags, chunk_elems, max_tensors) -> Table:
         numel[j] = rows[i][0].numel()
         chunk_start[j] = chunk
         chunk += -(-int(numel[j]) // chunk_elems)
-        flag[j] = (flags[i] if flags is not None else 0) | (FLAG_VECTOR if _aligned(p for p in ptrs if p) else 0)
+        vector = _aligned(p for k, p in enumerate(ptrs) if p and k not in scalar_lists)
+        flag[j] = (flags[i] if flags is not None else 0) | (FLAG_VECTOR if vector else 0)
     chunk_start[len(part)] = chunk
     header = table.field("n_tensors")
     header[0] = len(part)
@@ -164,6 +170,10 @@ def _C():
 
 
 def _stream(device: torch.device) -> int:
+    """The current CUDA stream of `device` as an integer (cudaStream_t), without building a Stream object."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(torch.cuda.current_device() if device.index is None else device.index)
     return torch.cuda.current_stream(device).cuda_stream
 
 
@@ -246,47 +256,60 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ plan cache
+class _Plan:
+    """Launch tables for fixed lists of tensors. A plan records the data pointers of the tensors it points at;
+    it holds no reference to them (the caller passes the lists at every call)."""
+
+    def _remember(self, lists: Sequence[Sequence[Tensor]]) -> None:
+        self.ptrs = tuple(tuple(map(_data_ptr, lst)) for lst in lists)
+
+    def matches(self, lists: Sequence[Sequence[Tensor]], which: Sequence[int] | None = None) -> bool:
+        """The tensors still sit where the tables point (no `.data` swap, no `module.to()` since). `which`:
+        the positions (in the remembered lists) of the given lists, when only some are checked."""
+        ptrs = self.ptrs if which is None else [self.ptrs[k] for k in which]
+        return all(p == tuple(map(_data_ptr, lst)) for p, lst in zip(ptrs, lists))
+
+
 class _Cache:
-    """Small LRU of plans keyed by the ids of the tensors they were built from. A hit is valid only while
-    the very same tensor objects (weak references) still have the recorded data pointers."""
+    """Small LRU of plans keyed by the ids of the tensor objects they were built for. Every plan holds weak
+    references with a callback that drops it when one of its tensors dies, so a key (ids) found in the cache
+    always names the same live objects; a hit then only checks that their data pointers did not move."""
 
     def __init__(self, size: int = 16):
         self.size = size
         self.plans: collections.OrderedDict = collections.OrderedDict()
 
-    def get(self, key, tensors: list[Tensor]):
+    def get(self, key, lists):
         plan = self.plans.get(key)
         if plan is None:
             return None
-        if plan.ptrs != tuple(map(_data_ptr, tensors)) or any(r() is not t for r, t in zip(plan.refs, tensors)):
+        if not plan.matches(lists):
             del self.plans[key]
             return None
         self.plans.move_to_end(key)
         return plan
 
-    def put(self, key, plan):
+    def put(self, key, plan, lists):
+        expire = functools.partial(self._expire, key, id(plan))
+        plan._refs = [weakref.ref(t, expire) for lst in lists for t in lst]
         self.plans[key] = plan
         while len(self.plans) > self.size:
             self.plans.popitem(last=False)
         return plan
 
+    def _expire(self, key, plan_id, _ref) -> None:
+        if id(self.plans.get(key)) == plan_id:
+            del self.plans[key]
+
     def clear(self):
         self.plans.clear()
-
-
-class _Plan:
-    """What a plan records about the tensors it was built from (for `_Cache` hits)."""
-
-    def _remember(self, tensors: list[Tensor]):
-        self.refs = [weakref.ref(t) for t in tensors]
-        self.ptrs = tuple(map(_data_ptr, tensors))
 
 
 # ------------------------------------------------------------------------------------------------ EMA
 class _EMAPlan(_Plan):
     def __init__(self, teacher: list[Tensor], student: list[Tensor], device: torch.device | None):
         self.device = device
-        self._remember(teacher + student)
+        self._remember((teacher, student))
         fast = [i for i, (t, s) in enumerate(zip(teacher, student)) if _same_layout(t, s)]
         self.fallback = [i for i, (t, s) in enumerate(zip(teacher, student)) if not _same_layout(t, s)]
         self.tables = build_tables([(teacher[i], student[i]) for i in fast],
@@ -299,10 +322,11 @@ _EMA_PLANS = _Cache()
 
 def _ema_plan(teacher: list[Tensor], student: list[Tensor]) -> _EMAPlan:
     key = (tuple(map(id, teacher)), tuple(map(id, student)))
-    plan = _EMA_PLANS.get(key, teacher + student)
+    lists = (teacher, student)
+    plan = _EMA_PLANS.get(key, lists)
     if plan is None:
         device = _check_pairs("teacher_tensors", teacher, "student_tensors", student)
-        plan = _EMA_PLANS.put(key, _EMAPlan(teacher, student, device))
+        plan = _EMA_PLANS.put(key, _EMAPlan(teacher, student, device), lists)
     return plan
 
 
@@ -329,12 +353,12 @@ def ema_update_(teacher_tensors: Iterable[Tensor], student_tensors: Iterable[Ten
         return
     weight, m_tensor = _momentum("momentum", momentum, plan.device)
     if plan.device.type == "cuda" and use_csrc(teacher[0]):
-        _C_ema = _C().ema_apply
+        launch = _C().ema_apply
         stream = _stream(plan.device)
         mptr = 0 if m_tensor is None else m_tensor.data_ptr()
         w = 0.0 if weight is None else weight
         for tbl in plan.tables:
-            _C_ema(tbl.data, tbl.dtypes[0], tbl.dtypes[1], w, mptr, stream, plan.device.index)
+            launch(tbl.data, tbl.dtypes[0], tbl.dtypes[1], w, mptr, stream, plan.device.index)
         if plan.fallback:
             _reference.ema_update_([teacher[i] for i in plan.fallback], [student[i] for i in plan.fallback],
                                    _reference_momentum(weight, m_tensor))
@@ -344,17 +368,19 @@ def ema_update_(teacher_tensors: Iterable[Tensor], student_tensors: Iterable[Ten
 
 # ------------------------------------------------------------------------------------------------ fused steps
 class _FusedPlan(_Plan):
-    """Launch tables for one optimizer's rows: (param, grad, *state, teacher[, step]) per row. Built from the
-    tensors that do not change between steps; the gradients are written into the tables at every call."""
+    """Launch tables for one list of optimizer rows (param, grad, *states, teacher[, step scalar]).
+
+    Built from the tensors that stay put between steps (`lists`: params, states..., teachers, extra); the
+    gradients, new tensors at every backward, are written into the tables at each call (`_set_grads`), with
+    the vector flag recomputed from their alignment. Rows whose tensors the kernels cannot walk as one flat
+    array (`slow`) take the reference path; teachers whose layout differs from their param's are EMA'd after
+    the step (`teacher_fallback`)."""
 
     def __init__(self, depth: int, params: list[Tensor], states: list[list[Tensor]], teachers: list,
-                 extra: list[list[Tensor]], flags: list[int], checked: list[Tensor]):
-        self.params, self.states, self.teachers, self.extra = params, states, teachers, extra
+                 extra: list[list[Tensor]], flags: list[int]):
         self.device = params[0].device if params else None
-        self._remember(checked)
-        # rows the kernels take: param, states (and extra) dense with one layout; teachers only if they match too
-        self.fast, self.slow, row_teacher = [], [], []
-        self.teacher_fallback = []  # (teacher, param) pairs updated by ema_update_ after the step
+        self._remember([params, *states, *extra, [t for t in teachers if t is not None]])
+        self.fast, self.slow, self.teacher_fallback, row_teacher = [], [], [], []
         for i, p in enumerate(params):
             if _dense(p) and all(_same_layout(p, s[i]) for s in states) and all(
                     x[i].numel() == 1 and x[i].is_contiguous() for x in extra):
@@ -369,38 +395,47 @@ class _FusedPlan(_Plan):
         rows, keys, row_flags = [], [], []
         for i, t in zip(self.fast, row_teacher):
             p = params[i]
-            row = [p, None, *(s[i] for s in states), t, *(x[i] for x in extra)]
-            rows.append(row)
+            rows.append([p, None, *(s[i] for s in states), t, *(x[i] for x in extra)])
             keys.append((dtype_code(p.dtype), dtype_code(t.dtype) if t is not None else None))
             row_flags.append(flags[i] | (FLAG_TEACHER if t is not None else 0))
-        keys = _merge_teacherless(keys)
-        # the grad slot is empty while packing; alignment of the other pointers is kept in `base_vector`
-        self.tables = build_tables(rows, keys, depth=depth, flags=row_flags)
-        self.fast_rows = np.asarray(self.fast, dtype=np.int64)
-        self.contiguous = [params[i].is_contiguous() for i in range(len(params))]
+        scalar_lists = tuple(range(depth - len(extra), depth))  # per-row scalars: alignment irrelevant
+        self.tables = build_tables(rows, _merge_teacherless(keys), depth=depth, flags=row_flags,
+                                   scalar_lists=scalar_lists)
+        fast = np.asarray(self.fast, dtype=np.int64)
+        self.contiguous = [p.is_contiguous() for p in params]
+        self.all_contiguous = all(self.contiguous)
         for tbl in self.tables:
-            tbl.members = self.fast_rows[tbl.rows]       # indices into params
-            n = len(tbl.members)
-            tbl.base_flags = tbl.field("flags")[:n].copy()
-            partials = None
+            tbl.members = fast[tbl.rows]  # indices into params
+            members = tbl.members.tolist()
+            tbl.pick = (None if members == list(range(len(params))) else
+                        operator.itemgetter(*members) if len(members) > 1 else (lambda lst, m=members[0]: (lst[m],)))
+            tbl.base_flags = tbl.field("flags")[:len(tbl.members)].copy()
+            tbl.partials = None
             if depth == LARS_DEPTH and self.device is not None and self.device.type == "cuda":
-                partials = torch.empty(2 * tbl.n_chunks, dtype=torch.float32, device=self.device)
-            tbl.partials = partials
+                tbl.partials = torch.empty(2 * tbl.n_chunks, dtype=torch.float32, device=self.device)
 
-    def _grads(self, grads: list[Tensor]) -> list[Tensor]:
-        """The gradients in their parameters' layout (a copy where a gradient's strides differ)."""
-        out = list(grads)
-        for i, (p, g, contig) in enumerate(zip(self.params, grads, self.contiguous)):
-            if not (g.is_contiguous() if contig else g.stride() == p.stride()):
-                out[i] = torch.empty_like(p).copy_(g)
+    def _grads(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        """The gradients of the kernels' rows in their parameters' layout (a copy where a gradient's strides
+        differ, e.g. a hand-assigned contiguous grad of a channels_last weight)."""
+        if self.all_contiguous and all(map(_is_contiguous, grads)):
+            return grads
+        out = grads
+        for i in self.fast:
+            g = grads[i]
+            if not (g.is_contiguous() if self.contiguous[i] else g.stride() == params[i].stride()):
+                out = list(out) if out is grads else out
+                out[i] = torch.empty_like(params[i]).copy_(g)
         return out
 
     def _set_grads(self, tbl: Table, grads: list[Tensor]) -> None:
         n = len(tbl.members)
-        g = np.fromiter((_data_ptr(grads[i]) for i in tbl.members), dtype=np.uint64, count=n)
+        g = np.fromiter(map(_data_ptr, grads if tbl.pick is None else tbl.pick(grads)), dtype=np.uint64, count=n)
         tbl.field("ptr")[1, :n] = g
-        aligned = (g % ALIGN) == 0
-        tbl.field("flags")[:n] = np.where(aligned, tbl.base_flags, tbl.base_flags & ~FLAG_VECTOR)
+        tbl.field("flags")[:n] = np.where(g % ALIGN == 0, tbl.base_flags, tbl.base_flags & ~FLAG_VECTOR)
+
+    def _launch_args(self, momentum):
+        weight, m_tensor = _momentum("momentum", momentum, self.device)
+        return weight, m_tensor, _reference_momentum(weight, m_tensor)
 
 
 def _merge_teacherless(keys: list[tuple]) -> list[tuple]:
@@ -427,29 +462,34 @@ def _check_steps(params: list[Tensor], steps: list) -> None:
         raise ValueError(f"params and steps must have the same length, got {len(params)} and {len(steps)}")
     for i, (p, s) in enumerate(zip(params, steps)):
         if not isinstance(s, Tensor) or s.numel() != 1 or s.dtype != torch.float32 or s.device != p.device:
-            raise TypeError(f"steps[{i}] must be a one-element float32 tensor on {p.device} (the step count), got "
-                            f"{s.dtype if isinstance(s, Tensor) else type(s).__name__}"
-                            f"{'' if not isinstance(s, Tensor) else ' on ' + str(s.device)}")
+            where = f" on {s.device}" if isinstance(s, Tensor) else ""
+            got = s.dtype if isinstance(s, Tensor) else type(s).__name__
+            raise TypeError(f"steps[{i}] must be a one-element float32 tensor on {p.device} (the step count), "
+                            f"got {got}{where}")
+
+
+def _teacher_list(teachers, n: int) -> list:
+    return list(teachers) if teachers is not None else [None] * n
 
 
 class AdamWEMAPlan(_FusedPlan):
     """Launch tables of `adamw_ema_step_` for fixed params / moments / steps / teachers."""
 
-    def __init__(self, params, exp_avgs, exp_avg_sqs, steps, teachers, checked=None):
-        teachers = list(teachers) if teachers is not None else [None] * len(params)
-        checked = _stable(params, exp_avgs, exp_avg_sqs, steps, teachers) if checked is None else checked
-        super().__init__(ADAMW_DEPTH, params, [exp_avgs, exp_avg_sqs], teachers, [steps], [0] * len(params),
-                         checked)
-        self.exp_avgs, self.exp_avg_sqs, self.steps = exp_avgs, exp_avg_sqs, steps
+    def __init__(self, params, exp_avgs, exp_avg_sqs, steps, teachers):
+        super().__init__(ADAMW_DEPTH, params, [exp_avgs, exp_avg_sqs], _teacher_list(teachers, len(params)),
+                         [steps], [0] * len(params))
 
-    def step_(self, grads: list[Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
-              weight_decay: float, momentum) -> None:
-        if not self.params:
+    def step_(self, params, grads, exp_avgs, exp_avg_sqs, steps, teachers, *, lr: float, beta1: float,
+              beta2: float, eps: float, weight_decay: float, momentum) -> None:
+        """The tensors must be those the plan was built for (`matches`); grads have the params' shapes and
+        dtypes (as `p.grad` always has)."""
+        if not params:
             return
-        weight, m_tensor = _momentum("momentum", momentum, self.device)
-        ref_m = _reference_momentum(weight, m_tensor)
-        grads = self._grads(grads)
-        if self.device.type == "cuda" and use_csrc(self.params[0]):
+        teachers = _teacher_list(teachers, len(params))
+        weight, m_tensor, ref_m = self._launch_args(momentum)
+        grads = self._grads(params, grads)
+        rows = range(len(params))
+        if self.device.type == "cuda" and use_csrc(params[0]):
             launch = _C().adamw_ema_apply
             stream = _stream(self.device)
             mptr = 0 if m_tensor is None else m_tensor.data_ptr()
@@ -459,21 +499,17 @@ class AdamWEMAPlan(_FusedPlan):
                 launch(tbl.data, tbl.dtypes[0], tbl.dtypes[1], lr, beta1, beta2, eps, weight_decay, w, mptr,
                        stream, self.device.index)
             rows = self.slow
-        else:
-            rows = range(len(self.params))
-        rows = list(rows)
-        if rows:
-            sel = lambda lst: [lst[i] for i in rows]  # noqa: E731
-            args = (sel(self.params), sel(grads), sel(self.exp_avgs), sel(self.exp_avg_sqs), sel(self.steps),
-                    sel(self.teachers))
+        if len(rows):
+            sel = (lambda lst: lst) if len(rows) == len(params) else (lambda lst: [lst[i] for i in rows])
+            args = (sel(params), sel(grads), sel(exp_avgs), sel(exp_avg_sqs), sel(steps), sel(teachers))
             hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, momentum=ref_m)
-            if self.device.type == "cuda" and backend() != "reference" and len(rows) == len(self.params):
-                _torch_fused_adamw_ema(*args, **hp)
+            if self.device.type == "cuda" and backend() != "reference" and len(rows) == len(params):
+                _torch_fused_adamw_ema(*args, **hp)  # CUDA without sslfast._C
             else:
                 _reference.adamw_ema_step_(*args, **hp)
-        if self.teacher_fallback:
-            _reference.ema_update_([self.teachers[i] for i in self.teacher_fallback],
-                                   [self.params[i] for i in self.teacher_fallback], ref_m)
+        if self.teacher_fallback and rows is self.slow:
+            _reference.ema_update_([teachers[i] for i in self.teacher_fallback],
+                                   [params[i] for i in self.teacher_fallback], ref_m)
 
 
 def _torch_fused_adamw_ema(params, grads, exp_avgs, exp_avg_sqs, steps, teachers, *, lr, beta1, beta2, eps,
@@ -495,23 +531,20 @@ def _torch_fused_adamw_ema(params, grads, exp_avgs, exp_avg_sqs, steps, teachers
 class LARSEMAPlan(_FusedPlan):
     """Launch tables of `lars_ema_step_` for fixed params / momentum buffers / teachers and per-param flags."""
 
-    def __init__(self, params, momentum_buffers, teachers, decay, adapt, checked=None):
-        teachers = list(teachers) if teachers is not None else [None] * len(params)
+    def __init__(self, params, momentum_buffers, teachers, decay, adapt):
         self.decay, self.adapt = list(decay), list(adapt)
         flags = [(FLAG_DECAY if d else 0) | (FLAG_ADAPT if a else 0) for d, a in zip(self.decay, self.adapt)]
-        checked = _stable(params, momentum_buffers, teachers) if checked is None else checked
-        super().__init__(LARS_DEPTH, params, [momentum_buffers], teachers, [], flags, checked)
-        self.momentum_buffers = momentum_buffers
+        super().__init__(LARS_DEPTH, params, [momentum_buffers], _teacher_list(teachers, len(params)), [], flags)
 
-    def step_(self, grads: list[Tensor], *, lr: float, momentum: float, weight_decay: float, eta: float,
-              ema_momentum) -> None:
-        if not self.params:
+    def step_(self, params, grads, momentum_buffers, teachers, *, lr: float, momentum: float, weight_decay: float,
+              eta: float, ema_momentum) -> None:
+        if not params:
             return
-        weight, m_tensor = _momentum("ema_momentum", ema_momentum, self.device)
-        ref_m = _reference_momentum(weight, m_tensor)
-        grads = self._grads(grads)
-        rows = range(len(self.params))
-        if self.device.type == "cuda" and use_csrc(self.params[0]):
+        teachers = _teacher_list(teachers, len(params))
+        weight, m_tensor, ref_m = self._launch_args(ema_momentum)
+        grads = self._grads(params, grads)
+        rows = range(len(params))
+        if self.device.type == "cuda" and use_csrc(params[0]):
             launch = _C().lars_ema_apply
             stream = _stream(self.device)
             mptr = 0 if m_tensor is None else m_tensor.data_ptr()
@@ -521,23 +554,17 @@ class LARSEMAPlan(_FusedPlan):
                 launch(tbl.data, tbl.dtypes[0], tbl.dtypes[1], tbl.partials.data_ptr(), lr, momentum,
                        weight_decay, eta, w, mptr, stream, self.device.index)
             rows = self.slow
-        rows = list(rows)
-        if rows:
-            sel = lambda lst: [lst[i] for i in rows]  # noqa: E731
-            _reference.lars_ema_step_(sel(self.params), sel(grads), sel(self.momentum_buffers), sel(self.teachers),
-                                      lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                                      decay=sel(self.decay), adapt=sel(self.adapt), ema_momentum=ref_m)
-        if self.teacher_fallback:
-            _reference.ema_update_([self.teachers[i] for i in self.teacher_fallback],
-                                   [self.params[i] for i in self.teacher_fallback], ref_m)
+        if len(rows):
+            sel = (lambda lst: lst) if len(rows) == len(params) else (lambda lst: [lst[i] for i in rows])
+            _reference.lars_ema_step_(sel(params), sel(grads), sel(momentum_buffers), sel(teachers), lr=lr,
+                                      momentum=momentum, weight_decay=weight_decay, eta=eta, decay=sel(self.decay),
+                                      adapt=sel(self.adapt), ema_momentum=ref_m)
+        if self.teacher_fallback and rows is self.slow:
+            _reference.ema_update_([teachers[i] for i in self.teacher_fallback],
+                                   [params[i] for i in self.teacher_fallback], ref_m)
 
 
 _FUSED_PLANS = _Cache()
-
-
-def _stable(*lists) -> list[Tensor]:
-    """The tensors a fused plan's tables point at (all but the gradients), as one list."""
-    return [t for lst in lists if lst is not None for t in lst if t is not None]
 
 
 def _real(name: str, value, low: float | None = None, high: float | None = None) -> float:
@@ -564,28 +591,23 @@ def adamw_ema_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs:
     bias corrections are computed on the device: no host sync. Moments have the params' dtype; teachers may
     have any of fp32 / bf16 / fp16. `sslfast.optim.AdamWEMA` wraps this as an optimizer.
     """
-    params = _tensor_list("params", params)
-    grads = _tensor_list("grads", grads)
+    params, grads = _tensor_list("params", params), _tensor_list("grads", grads)
     exp_avgs, exp_avg_sqs = _tensor_list("exp_avgs", exp_avgs), _tensor_list("exp_avg_sqs", exp_avg_sqs)
     steps = _tensor_list("steps", steps)
     teachers = None if teachers is None else _tensor_list("teachers", teachers)
-    beta1, beta2 = (_real("betas[0]", b, 0.0, 1.0) for b in betas)
+    beta1, beta2 = (_real(f"betas[{i}]", b, 0.0, 1.0) for i, b in enumerate(betas))
     lr, eps, weight_decay = _real("lr", lr, 0.0), _real("eps", eps, 0.0), _real("weight_decay", weight_decay, 0.0)
-    plan = adamw_ema_plan(params, exp_avgs, exp_avg_sqs, steps, teachers)
-    _check_pairs("params", params, "grads", grads, same_dtype=True)
-    plan.step_(grads, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, momentum=momentum)
-
-
-def adamw_ema_plan(params, exp_avgs, exp_avg_sqs, steps, teachers) -> AdamWEMAPlan:
-    """The cached (and, on a miss, validated) plan for these tensors."""
-    stable = _stable(params, exp_avgs, exp_avg_sqs, steps, teachers)
-    key = ("adamw", tuple(map(id, stable)), None if teachers is None else tuple(t is None for t in teachers))
-    plan = _FUSED_PLANS.get(key, stable)
+    lists = (params, exp_avgs, exp_avg_sqs, steps, [t for t in teachers if t is not None] if teachers else [])
+    key = ("adamw", *(tuple(map(id, lst)) for lst in lists),
+           None if teachers is None else tuple(t is None for t in teachers))
+    plan = _FUSED_PLANS.get(key, lists)
     if plan is None:
         _check_fused(params, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}, teachers)
         _check_steps(params, steps)
-        plan = _FUSED_PLANS.put(key, AdamWEMAPlan(params, exp_avgs, exp_avg_sqs, steps, teachers))
-    return plan
+        plan = _FUSED_PLANS.put(key, AdamWEMAPlan(params, exp_avgs, exp_avg_sqs, steps, teachers), lists)
+    _check_pairs("params", params, "grads", grads, same_dtype=True)
+    plan.step_(params, grads, exp_avgs, exp_avg_sqs, steps, teachers, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+               weight_decay=weight_decay, momentum=momentum)
 
 
 def lars_ema_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
@@ -600,28 +622,22 @@ def lars_ema_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_b
     writes per-chunk squared norms of p and of g + wd·p to a device buffer, then the update pass, where each
     block sums its tensor's partials and applies q = η‖p‖/‖g + wd·p‖). `sslfast.optim.LARSEMA` wraps this.
     """
-    params = _tensor_list("params", params)
-    grads = _tensor_list("grads", grads)
+    params, grads = _tensor_list("params", params), _tensor_list("grads", grads)
     bufs = _tensor_list("momentum_buffers", momentum_buffers)
     teachers = None if teachers is None else _tensor_list("teachers", teachers)
     lr, momentum = _real("lr", lr, 0.0), _real("momentum", momentum, 0.0, 1.0)
     weight_decay, eta = _real("weight_decay", weight_decay, 0.0), _real("eta", eta, 0.0)
-    excluded = [bool(exclude(p)) if exclude is not None else False for p in params]
-    plan = lars_ema_plan(params, bufs, teachers, [not e for e in excluded], [not e for e in excluded])
-    _check_pairs("params", params, "grads", grads, same_dtype=True)
-    plan.step_(grads, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, ema_momentum=ema_momentum)
-
-
-def lars_ema_plan(params, momentum_buffers, teachers, decay, adapt) -> LARSEMAPlan:
-    stable = _stable(params, momentum_buffers, teachers)
-    key = ("lars", tuple(map(id, stable)), None if teachers is None else tuple(t is None for t in teachers),
-           tuple(decay), tuple(adapt))
-    plan = _FUSED_PLANS.get(key, stable)
+    keep = [not (exclude is not None and bool(exclude(p))) for p in params]
+    lists = (params, bufs, [t for t in teachers if t is not None] if teachers else [])
+    key = ("lars", *(tuple(map(id, lst)) for lst in lists),
+           None if teachers is None else tuple(t is None for t in teachers), tuple(keep))
+    plan = _FUSED_PLANS.get(key, lists)
     if plan is None:
-        _check_fused(params, {"momentum_buffers": momentum_buffers}, teachers)
-        plan = _FUSED_PLANS.put(key, LARSEMAPlan(params, momentum_buffers, teachers, decay, adapt))
-    return plan
-
+        _check_fused(params, {"momentum_buffers": bufs}, teachers)
+        plan = _FUSED_PLANS.put(key, LARSEMAPlan(params, bufs, teachers, keep, keep), lists)
+    _check_pairs("params", params, "grads", grads, same_dtype=True)
+    plan.step_(params, grads, bufs, teachers, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+               ema_momentum=ema_momentum)
 
 # ------------------------------------------------------------------------------------------------ DINO center
 def update_center_(center: Tensor, teacher_output: Tensor, momentum: float = 0.9) -> None:

@@ -47,80 +47,105 @@ def _swap(maps: list[int]) -> list[int]:
 
 # ------------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("sslfast::similarity_lse", mutates_args=())
-def similarity_lse(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, maps: list[int], symmetric: bool,
-                   exclude_self: bool, want_pos: bool, col_stats: bool, bounded: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lse_r [M], lse_c [Nb] or [0], pos [M] or [0]) in fp32; with `want_pos` the positives are left out of
-    lse_r and lse_c. `symmetric`: b is a (NT-Xent on one device). `bounded`: |scale| <= 64 is known, so the
-    kernels may use plain fp32 sums (see `sslfast.kernels.infonce`)."""
+def similarity_lse(a: torch.Tensor, b: torch.Tensor, partner: torch.Tensor | None, scale: torch.Tensor,
+                   maps: list[int], symmetric: bool, exclude_self: bool, want_pos: bool, col_stats: bool,
+                   bounded: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse_r [M], lse_c [Nb] or [0], pos [M] or [0], rn_a, rn_b or [0] if symmetric), in fp32.
+
+    `want_pos`: the positives are columns of b (row i's at π(i)); they are read from the tiles and left out
+    of lse_r and lse_c. `partner` (MoCo's queue mode): the positive of row i is partner[i] instead, scored
+    in the row-norm pass. `symmetric`: b is a (NT-Xent on one device). `bounded`: |scale| <= 64 is known, so
+    the kernels may use plain fp32 sums (see `sslfast.kernels.infonce`). The inverse row norms are returned
+    for the backward; they get no gradient."""
     impl = _impl(a, b, scale)
-    rn_a = impl.row_rnorm(a)
+    if partner is None:
+        rn_a = impl.row_rnorm(a)
+    else:
+        rn_a, _, pos = impl.row_rnorm(a, partner, scale)
     rn_b = rn_a if symmetric else impl.row_rnorm(b)
-    lse_r, lse_c, pos = impl.similarity_lse(a, b, rn_a, rn_b, scale, maps, exclude_self=exclude_self,
-                                            want_pos=want_pos, col_stats=col_stats, bounded=bounded)
-    return lse_r.float(), lse_c.float(), pos.float()
+    lse_r, lse_c, tile_pos = impl.similarity_lse(a, b, rn_a, rn_b, scale, maps, exclude_self=exclude_self,
+                                                 want_pos=want_pos, col_stats=col_stats, bounded=bounded)
+    if partner is None:
+        pos = tile_pos
+    rn_b = rn_a.new_empty(0) if symmetric else rn_b  # outputs may not alias each other
+    return lse_r.float(), lse_c.float(), pos.float(), rn_a.float(), rn_b.float()
 
 
 @similarity_lse.register_fake
-def _(a, b, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded):
+def _(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded):
     m, nb = a.shape[0], b.shape[0]
     f32 = dict(dtype=torch.float32, device=a.device)
-    return a.new_empty(m, **f32), a.new_empty(nb if col_stats else 0, **f32), a.new_empty(m if want_pos else 0, **f32)
+    has_pos = want_pos or partner is not None
+    return (a.new_empty(m, **f32), a.new_empty(nb if col_stats else 0, **f32),
+            a.new_empty(m if has_pos else 0, **f32), a.new_empty(m, **f32), a.new_empty(0 if symmetric else nb, **f32))
 
 
 @torch.library.custom_op("sslfast::similarity_lse_backward", mutates_args=())
-def similarity_lse_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, lse_r: torch.Tensor,
-                            lse_c: torch.Tensor, g_r: torch.Tensor, g_c: torch.Tensor | None,
+def similarity_lse_backward(a: torch.Tensor, b: torch.Tensor, partner: torch.Tensor | None, scale: torch.Tensor,
+                            lse_r: torch.Tensor, lse_c: torch.Tensor, pos: torch.Tensor, rn_a: torch.Tensor,
+                            rn_b: torch.Tensor, g_r: torch.Tensor, g_c: torch.Tensor | None,
                             g_p: torch.Tensor | None, maps: list[int], symmetric: bool, exclude_self: bool,
                             bounded: bool, want_b: bool, want_scale: bool
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(da, db or [0], dscale or [0]) for upstream gradients g_r (of lse_r), g_c (of lse_c), g_p (of pos).
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(da, db or [0], dpartner or [0], dscale or [0]) for upstream gradients g_r (of lse_r), g_c (of lse_c),
+    g_p (of pos).
 
     Rows of a see G directly; rows of b see Gᵀ, i.e. the same kernel with the roles swapped. In the
-    symmetric case both roles land on a and a single launch computes G + Gᵀ."""
+    symmetric case both roles land on a and a single launch computes G + Gᵀ. A partner's positive
+    s_i = scale·â_i·p̂_i adds g_p[i]·scale·p̂_i to ∂L/∂â_i (and the mirror term to p) in the row-norm backward."""
     impl = _impl(a, b, scale)
-    rn_a = impl.row_rnorm(a)
-    rn_b = rn_a if symmetric else impl.row_rnorm(b)
     if symmetric:
-        lse_c, g_c = lse_r, g_r
+        lse_c, g_c, rn_b = lse_r, g_r, rn_a
     with_c = g_c is not None
+    tile_pos = g_p if partner is None else None
     dah, dscale = impl.similarity_lse_rows_grad(
         a, b, rn_a, rn_b, scale, maps, exclude_self=exclude_self, bounded=bounded, lse_r=lse_r, g_r=g_r,
-        lse_c=lse_c if with_c else None, g_c=g_c, g_pr=g_p, g_pc=g_p if symmetric else None,
+        lse_c=lse_c if with_c else None, g_c=g_c, g_pr=tile_pos, g_pc=tile_pos if symmetric else None,
         want_dscale=want_scale)
-    da = impl.row_normalize_backward(a, rn_a, dah)
-    db = a.new_empty(0)
+    db, dpartner = a.new_empty(0), a.new_empty(0)
+    if partner is None:
+        da = impl.row_normalize_backward(a, rn_a, dah)
+    else:
+        rn_p = impl.row_rnorm(partner)
+        coef = g_p * scale
+        da = impl.row_normalize_backward(a, rn_a, dah, partner, rn_p, coef)
+        dpartner = impl.row_normalize_backward(partner, rn_p, None, a, rn_a, coef)
+        if want_scale:
+            dscale = dscale + (g_p * pos).sum() / scale
     if want_b and not symmetric:
         dbh, _ = impl.similarity_lse_rows_grad(
             b, a, rn_b, rn_a, scale, _swap(maps), exclude_self=exclude_self, bounded=bounded,
-            lse_r=lse_c if with_c else None, g_r=g_c, lse_c=lse_r, g_c=g_r, g_pc=g_p)
+            lse_r=lse_c if with_c else None, g_r=g_c, lse_c=lse_r, g_c=g_r, g_pc=tile_pos)
         db = impl.row_normalize_backward(b, rn_b, dbh)
     dscale = dscale.float().reshape(()) if want_scale else scale.new_empty(0)
-    return da, db, dscale
+    return da, db, dpartner, dscale
 
 
 @similarity_lse_backward.register_fake
-def _(a, b, scale, lse_r, lse_c, g_r, g_c, g_p, maps, symmetric, exclude_self, bounded, want_b, want_scale):
+def _(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p, maps, symmetric, exclude_self, bounded,
+      want_b, want_scale):
     db = torch.empty_like(b) if want_b and not symmetric else a.new_empty(0)
-    return torch.empty_like(a), db, scale.new_empty(() if want_scale else (0,))
+    dp = a.new_empty(0) if partner is None else torch.empty_like(partner)
+    return torch.empty_like(a), db, dp, scale.new_empty(() if want_scale else (0,))
 
 
 def _setup_context(ctx, inputs, output):
-    a, b, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded = inputs
-    lse_r, lse_c, _ = output
-    ctx.save_for_backward(a, b, scale, lse_r, lse_c)
-    ctx.cfg = (maps, symmetric, exclude_self, want_pos, col_stats, bounded)
+    a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded = inputs
+    lse_r, lse_c, pos, rn_a, rn_b = output
+    ctx.save_for_backward(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b)
+    ctx.cfg = (maps, symmetric, exclude_self, want_pos or partner is not None, col_stats, bounded)
 
 
-def _backward(ctx, g_r, g_c, g_p):
-    a, b, scale, lse_r, lse_c = ctx.saved_tensors
-    maps, symmetric, exclude_self, want_pos, col_stats, bounded = ctx.cfg
+def _backward(ctx, g_r, g_c, g_p, _g_rn_a, _g_rn_b):
+    a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b = ctx.saved_tensors
+    maps, symmetric, exclude_self, has_pos, col_stats, bounded = ctx.cfg
     want_b = ctx.needs_input_grad[1] and not symmetric
-    want_scale = ctx.needs_input_grad[2]
-    da, db, dscale = similarity_lse_backward(
-        a, b, scale, lse_r, lse_c, g_r.float(), g_c.float() if col_stats else None,
-        g_p.float() if want_pos else None, maps, symmetric, exclude_self, bounded, want_b, want_scale)
-    return da, (db if want_b else None), (dscale if want_scale else None), None, None, None, None, None, None
+    want_scale = ctx.needs_input_grad[3]
+    da, db, dp, dscale = similarity_lse_backward(
+        a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r.float(), g_c.float() if col_stats else None,
+        g_p.float() if has_pos else None, maps, symmetric, exclude_self, bounded, want_b, want_scale)
+    return (da, db if want_b else None, dp if partner is not None else None, dscale if want_scale else None,
+            None, None, None, None, None, None)
 
 
 similarity_lse.register_autograd(_backward, setup_context=_setup_context)
@@ -154,8 +179,8 @@ def _paired_terms(a: torch.Tensor, b_local: torch.Tensor, scale: torch.Tensor, b
     """(lse_r, pos) of rows of `a` against the (gathered) rows of `b_local`, positive of row i = column i."""
     rank, _ = rank_and_world() if gather else (0, 1)
     b = all_gather(b_local) if gather else b_local
-    lse, _, pos = similarity_lse(a, b, scale, _maps(row_off=rank * a.shape[0]), False, False, True, False,
-                                 bounded)
+    lse, _, pos, _, _ = similarity_lse(a, b, None, scale, _maps(row_off=rank * a.shape[0]), False, False, True,
+                                       False, bounded)
     return lse, pos
 
 
@@ -176,13 +201,13 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *
     z = torch.cat([z1, z2])
     rank, world = rank_and_world() if gather_distributed else (0, 1)
     if world == 1:
-        lse, _, pos = similarity_lse(z, z, scale, _maps(pos_shift=n, pos_period=2 * n), True, True, True, False,
-                                     bounded)
+        lse, _, pos, _, _ = similarity_lse(z, z, None, scale, _maps(pos_shift=n, pos_period=2 * n), True, True,
+                                           True, False, bounded)
     else:
         big_n = n * world
         zg = torch.cat([all_gather(z1), all_gather(z2)])
         maps = _maps(row_off=rank * n, row_split=n, row_shift=big_n - n, pos_shift=big_n, pos_period=2 * big_n)
-        lse, _, pos = similarity_lse(z, zg, scale, maps, False, True, True, False, bounded)
+        lse, _, pos, _, _ = similarity_lse(z, zg, None, scale, maps, False, True, True, False, bounded)
     return F.softplus(lse - pos).mean()
 
 
@@ -209,12 +234,11 @@ def info_nce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | 
         raise ValueError(f"queue must be [K, D] with D = {query.shape[1]} (the query's), got {tuple(queue.shape)}")
     V.same_device(query=query, queue=queue)
     V.same_dtype(query=query, queue=queue)
-    q, k = F.normalize(query.float(), dim=1), F.normalize(key.float(), dim=1)
-    pos = scale * (q * k).sum(1)
-    if queue.shape[0] == 0:  # no negatives: softplus(-inf) = 0
-        return (pos - pos).mean()
-    lse_queue, _, _ = similarity_lse(query, queue.detach(), scale, _maps(), False, False, False, False, bounded)
-    return F.softplus(lse_queue - pos).mean()
+    if queue.shape[0] == 0:  # no negatives: softplus(-inf) = 0 for every row, and no gradient
+        return (query * 0).sum() + (key * 0).sum()
+    lse, _, pos, _, _ = similarity_lse(query, queue.detach(), key, scale, _maps(), False, False, False, False,
+                                       bounded)
+    return F.softplus(lse - pos).mean()
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, *,
@@ -234,5 +258,5 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         lse_i, pos_i = _paired_terms(img, txt, scale, False, True)
         lse_t, pos_t = _paired_terms(txt, img, scale, False, True)
         return (F.softplus(lse_i - pos_i).mean() + F.softplus(lse_t - pos_t).mean()) / 2
-    lse_r, lse_c, pos = similarity_lse(img, txt, scale, _maps(), False, False, True, True, False)
+    lse_r, lse_c, pos, _, _ = similarity_lse(img, txt, None, scale, _maps(), False, False, True, True, False)
     return (F.softplus(lse_r - pos).mean() + F.softplus(lse_c - pos).mean()) / 2

@@ -274,16 +274,18 @@ def _images(name: str, imgs, patch_size) -> tuple[torch.Tensor, int]:
     return imgs, p
 
 
-def _ids(name: str, ids, batch: int, upper: int, what: str) -> torch.Tensor:
-    """Integer [B, K] ids in [0, upper). The range is checked only off-CUDA (see the module docstring)."""
+def _ids(name: str, ids, batch: int, upper: int, what: str, batch_of: str, hint: str = "[B, K]") -> torch.Tensor:
+    """Integer ids [B, N] in [0, upper). The range is checked only off-CUDA and outside torch.compile tracing
+    (see the module docstring)."""
     if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor [B, K] of {what}, got {type(ids).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor {hint} of {what}, got {type(ids).__name__}")
     if ids.dtype not in _ID_DTYPES:
         raise TypeError(f"{name} must have dtype int64 or int32, got {ids.dtype}")
     if ids.dim() != 2 or ids.shape[0] != batch or ids.shape[1] == 0:
-        raise ValueError(f"{name} must be a [B, K] tensor with B={batch} and K >= 1, got shape {tuple(ids.shape)}")
+        raise ValueError(f"{name} must be a non-empty {hint} tensor with B={batch} (the batch of {batch_of}), got "
+                         f"shape {tuple(ids.shape)}")
     ids = ids.contiguous()
-    if not ids.is_cuda:
+    if not ids.is_cuda and not torch.compiler.is_compiling():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= upper:
             raise ValueError(f"{name} must hold {what} in [0, {upper}), got values in [{lo}, {hi}]")
@@ -365,7 +367,7 @@ def gather_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) 
     backward is a PyTorch scatter)."""
     imgs, p = _images("imgs", imgs, patch_size)
     B, _, H, W = imgs.shape
-    ids = _ids("ids_keep", ids_keep, B, (H // p) * (W // p), "patch indices")
+    ids = _ids("ids_keep", ids_keep, B, (H // p) * (W // p), "patch indices", "imgs")
     V.same_device(imgs=imgs, ids_keep=ids)
     return _gather_patches_op(imgs, ids, p)
 
@@ -374,7 +376,7 @@ def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     """x [B, L, D] gathered at ids_keep [B, K] -> [B, K, D] (`torch.gather` with the official repeated index,
     without building it). Differentiable: the backward sums the gradient rows into their positions."""
     x = _tokens("x", x, "[B, L, D]")
-    ids = _ids("ids_keep", ids_keep, x.shape[0], x.shape[1], "token indices")
+    ids = _ids("ids_keep", ids_keep, x.shape[0], x.shape[1], "token indices", "x")
     V.same_device(x=x, ids_keep=ids)
     return _gather_tokens_op(x, ids)
 
@@ -397,7 +399,7 @@ def unshuffle(x_visible: torch.Tensor, ids_restore: torch.Tensor, mask_token: to
     L = ids_restore.shape[1]
     if L < K:
         raise ValueError(f"ids_restore must be [B, L] with L >= K={K} (x_visible's rows), got L={L}")
-    ids = _ids("ids_restore", ids_restore, B, L, "positions")
+    ids = _ids("ids_restore", ids_restore, B, L, "positions", "x_visible", "[B, L]")
     mask_token = V.tensor("mask_token", mask_token, shape_hint="[1, 1, D]")
     if mask_token.numel() != D:
         raise ValueError(f"mask_token must have D={D} elements ([1, 1, D] or [D]), got shape {tuple(mask_token.shape)}")

@@ -92,13 +92,24 @@ def _tiles(a, b, rn_a, rn_b, scale, maps, exclude_self):
         yield rows, s, g_col[None, :] == ((g_row + p_shift) % p_period)[:, None], bh
 
 
-def row_rnorm(x: torch.Tensor) -> torch.Tensor:
-    return 1.0 / torch.linalg.vector_norm(x.to(_compute_dtype(x)), dim=1).clamp_min(NORM_EPS)
+def row_rnorm(x: torch.Tensor, partner: torch.Tensor | None = None, scale: torch.Tensor | None = None):
+    """1/max(‖x_i‖, 1e-12); with a partner, also (its inverse norms, scale · x̂_i·p̂_i)."""
+    ct = _compute_dtype(x)
+    rn = 1.0 / torch.linalg.vector_norm(x.to(ct), dim=1).clamp_min(NORM_EPS)
+    if partner is None:
+        return rn
+    rn_p = 1.0 / torch.linalg.vector_norm(partner.to(ct), dim=1).clamp_min(NORM_EPS)
+    return rn, rn_p, scale.to(ct) * rn * rn_p * (x.to(ct) * partner.to(ct)).sum(1)
 
 
-def row_normalize_backward(x: torch.Tensor, rn: torch.Tensor, dxh: torch.Tensor) -> torch.Tensor:
-    xh = x.to(dxh.dtype) * rn[:, None]
-    return ((dxh - xh * (xh * dxh).sum(1, keepdim=True)) * rn[:, None]).to(x.dtype)
+def row_normalize_backward(x, rn, dxh=None, partner=None, rn_p=None, coef=None) -> torch.Tensor:
+    """dL/dx from dL/dx̂ (optional) plus the gradient of coef_i · x̂_i·p̂_i."""
+    ct = rn.dtype
+    g = torch.zeros(x.shape, dtype=ct, device=x.device) if dxh is None else dxh.to(ct)
+    if partner is not None:
+        g = g + (coef * rn_p)[:, None] * partner.to(ct)
+    xh = x.to(ct) * rn[:, None]
+    return ((g - xh * (xh * g).sum(1, keepdim=True)) * rn[:, None]).to(x.dtype)
 
 
 def similarity_lse(a, b, rn_a, rn_b, scale, maps, *, exclude_self, want_pos, col_stats, bounded=False):

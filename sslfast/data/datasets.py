@@ -1,0 +1,264 @@
+"""Image sources for `SSLLoader`: JPEG/PNG folders (ImageFolder layout or flat), file lists, in-memory arrays,
+and the project's embedded default data set (scikit-learn's bundled digits, upscaled: no download).
+
+A source is an indexable collection of samples. `FileSource` items are paths (read as encoded bytes and
+decoded by the backend); `ArraySource` items are decoded uint8 [H, W, 3] images. `resolve_source` turns
+whatever the user passed into one of the two.
+
+Bad files: scanning never opens images (a folder of a million files must list fast). Files with an image
+extension are checked when read: `looks_like_image` tests the magic bytes and, for JPEG and PNG, the end
+marker (which a truncated download lacks). Whatever still fails to decode is skipped and counted by the
+loader.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp")
+
+_MAGIC = (
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+    (b"P5", "pnm"), (b"P6", "pnm"), (b"P4", "pnm"), (b"P2", "pnm"), (b"P3", "pnm"),
+)
+
+
+def image_format(data: bytes) -> str | None:
+    """'jpeg', 'png', 'bmp', 'tiff', 'pnm', 'webp' from the magic bytes, or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    return None
+
+
+def looks_like_image(data: bytes) -> bool:
+    """Cheap validity check before bytes reach a decoder: known magic bytes, and for JPEG the EOI marker
+    (FF D9) within the last bytes (cameras pad after it), for PNG the IEND chunk."""
+    fmt = image_format(data)
+    if fmt is None:
+        return False
+    if fmt == "jpeg":
+        return len(data) > 4 and b"\xff\xd9" in data[-64:]
+    if fmt == "png":
+        return b"IEND" in data[-32:]
+    return True
+
+
+def is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
+class FileSource:
+    """Image files: `paths` (str) with optional integer `labels` and class names."""
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int] | None = None, classes: Sequence[str] = ()):
+        self.paths = [str(p) for p in paths]
+        self.labels = list(labels) if labels is not None else [0] * len(self.paths)
+        self.classes = list(classes)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, i: int) -> bytes:
+        with open(self.paths[i], "rb") as f:
+            return f.read()
+
+    def __repr__(self) -> str:
+        return f"FileSource({len(self)} files, {len(self.classes)} classes)"
+
+
+class ArraySource:
+    """Decoded uint8 images in memory: a [N, H, W, 3] (or [N, H, W] grayscale) array / tensor, or a list of
+    [H, W, 3] / [H, W] arrays of any sizes."""
+
+    def __init__(self, images, labels: Sequence[int] | None = None):
+        import torch
+
+        if isinstance(images, torch.Tensor):
+            images = images.cpu().numpy()
+        if isinstance(images, np.ndarray):
+            if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3):
+                raise ValueError("images must be a uint8 [N, H, W, 3] or [N, H, W] array, got "
+                                 f"{images.dtype} of shape {images.shape}")
+            if images.ndim == 3:
+                images = np.repeat(images[..., None], 3, axis=-1)
+            self.batch = np.ascontiguousarray(images)
+            self.images = None
+        else:
+            items = [np.asarray(im.cpu().numpy() if isinstance(im, torch.Tensor) else im) for im in images]
+            for i, im in enumerate(items):
+                if im.dtype != np.uint8 or im.ndim not in (2, 3) or (im.ndim == 3 and im.shape[-1] != 3):
+                    raise ValueError(f"images[{i}] must be a uint8 [H, W, 3] or [H, W] array, got {im.dtype} "
+                                     f"of shape {im.shape}")
+            self.batch = None
+            self.images = [np.ascontiguousarray(np.repeat(im[..., None], 3, -1) if im.ndim == 2 else im)
+                           for im in items]
+        n = len(self)
+        self.labels = list(labels) if labels is not None else [0] * n
+        if len(self.labels) != n:
+            raise ValueError(f"labels must have one entry per image ({n}), got {len(self.labels)}")
+
+    def __len__(self) -> int:
+        return len(self.batch) if self.batch is not None else len(self.images)
+
+    def get(self, i: int) -> np.ndarray:
+        return self.batch[i] if self.batch is not None else self.images[i]
+
+    @property
+    def uniform_size(self) -> bool:
+        return self.batch is not None
+
+    def __repr__(self) -> str:
+        shape = self.batch.shape[1:] if self.batch is not None else "mixed sizes"
+        return f"ArraySource({len(self)} images, {shape})"
+
+
+def find_images(root: str | os.PathLike) -> FileSource:
+    """A folder in ImageFolder layout (root/class_x/*.jpg → label = sorted class index), or a flat folder of
+    images (label 0). Files are sorted; only image extensions are listed (torchvision's ImageFolder rule)."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"source folder {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"source {str(root)!r} is not a folder")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    paths, labels = [], []
+    if classes:
+        for label, cls in enumerate(classes):
+            for dirpath, _, files in sorted(os.walk(root / cls, followlinks=True)):
+                for name in sorted(files):
+                    if name.lower().endswith(IMG_EXTENSIONS):
+                        paths.append(os.path.join(dirpath, name))
+                        labels.append(label)
+    flat = sorted(p for p in root.iterdir() if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS))
+    if flat and not paths:
+        paths, labels, classes = [str(p) for p in flat], [0] * len(flat), []
+    if not paths:
+        raise ValueError(f"no images found in {str(root)!r} (looked for {', '.join(IMG_EXTENSIONS)} files, in "
+                         "class subfolders or at the top level)")
+    return FileSource(paths, labels, classes)
+
+
+def file_list(paths: Sequence[str | os.PathLike], labels: Sequence[int] | None = None) -> FileSource:
+    """An explicit list of image files (any names; a missing file is an error here, a corrupt one a counted
+    skip at read time). A single str/Path ending in .txt is read as one path per line."""
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise ValueError("the file list is empty")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"file {missing[0]!r} in the file list does not exist{more}")
+    if labels is not None and len(labels) != len(paths):
+        raise ValueError(f"labels must have one entry per file ({len(paths)}), got {len(labels)}")
+    return FileSource(paths, labels)
+
+
+def resolve_source(source):
+    """FileSource / ArraySource from: a folder path; a .txt file listing paths; a list of paths; a uint8 array
+    or tensor [N, H, W, 3]; a list of uint8 arrays; or a FileSource / ArraySource."""
+    import torch
+
+    if isinstance(source, (FileSource, ArraySource)):
+        if len(source) == 0:
+            raise ValueError("source is empty")
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source)
+        if p.is_file() and p.suffix.lower() == ".txt":
+            lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+            return file_list([ln if os.path.isabs(ln) else str(p.parent / ln) for ln in lines])
+        return find_images(p)
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        return ArraySource(source)
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise ValueError("source is an empty list")
+        if all(isinstance(s, (str, os.PathLike)) for s in source):
+            return file_list(source)
+        return ArraySource(source)
+    raise TypeError("source must be a folder, a .txt file list, a list of paths, a uint8 array [N, H, W, 3] or a "
+                    f"list of arrays, got {type(source).__name__}")
+
+
+# ------------------------------------------------------------------------------------- embedded default
+def load_digits(image_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled handwritten digits (1797 images, 8×8, 0..16, shipped inside the package: no
+    download), as uint8 RGB [1797, image_size, image_size, 3] (bilinearly upscaled, gray → 3 channels) and
+    int64 labels [1797]. The project's embedded default data set."""
+    import torch
+    import torch.nn.functional as F
+
+    try:
+        from sklearn.datasets import load_digits as _load
+    except ImportError as err:  # pragma: no cover - scikit-learn is a test dependency
+        raise ImportError("the embedded default data set needs scikit-learn (pip install scikit-learn)") from err
+    d = _load()
+    x = torch.from_numpy(d.images.astype(np.float32) * (255.0 / 16.0))[:, None]
+    if image_size != 8:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    img = x.round().clamp(0, 255).to(torch.uint8)[:, 0, :, :, None].expand(-1, -1, -1, 3)
+    return img.contiguous().numpy(), d.target.astype(np.int64)
+
+
+def digits(image_size: int = 32) -> ArraySource:
+    """The embedded default data set as an `ArraySource` (labels attached), ready for `SSLLoader`."""
+    images, labels = load_digits(image_size)
+    return ArraySource(images, labels.tolist())
+
+
+# ------------------------------------------------------------------------------------- synthetic JPEGs
+def synthetic_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A photo-like uint8 [H, W, 3] image: smooth colour gradients, a few shapes and mild noise (JPEG sizes
+    and decode costs close to natural images)."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.empty((height, width, 3), np.float32)
+    for c in range(3):
+        a, b, ph = rng.uniform(-1, 1, 3)
+        f1, f2 = rng.uniform(1, 6, 2)
+        img[..., c] = 128 + 60 * np.sin(2 * np.pi * (f1 * xx / width * a + f2 * yy / height * b) + ph * 3)
+    for _ in range(4):
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        r = rng.uniform(0.05, 0.25) * min(height, width)
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        img[mask] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 8, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_jpeg_folder(root: str | os.PathLike, n: int, size: tuple[int, int] = (500, 375), *, classes: int = 2,
+                      quality: int = 90, seed: int = 0, distinct: int | None = None) -> list[str]:
+    """Writes `n` synthetic JPEGs of `size` (W, H) in ImageFolder layout (root/class_k/img_i.jpg) and returns
+    their paths (tests and `sslfast bench`). With `distinct`, only that many different images are encoded and
+    the files cycle through them (same decode cost, much faster to write)."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    encoded: list[bytes] = []
+    paths = []
+    for i in range(n):
+        d = root / f"class_{i % max(1, classes)}"
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / f"img_{i:06d}.jpg"
+        if distinct is None or len(encoded) < distinct:
+            encoded.append(encode_jpeg(synthetic_image(rng, size[1], size[0]), quality))
+        p.write_bytes(encoded[-1] if distinct is None else encoded[i % distinct])
+        paths.append(str(p))
+    return paths
+
+
+def encode_jpeg(img: np.ndarray, quality: int = 90) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

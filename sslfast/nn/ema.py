@@ -1,0 +1,157 @@
+"""`EMA`: a teacher network that follows a student by exponential moving average (BYOL, MoCo, DINO)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..ops import ema as _ops
+from ..reference.ema import cosine_momentum
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            module = module.module
+        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def _slots(module: nn.Module, kind: str) -> list[tuple[str, nn.Module, str]]:
+    """(qualified name, owning module, attribute) of every parameter or buffer, shared ones once."""
+    out, seen = [], set()
+    for mod_name, mod in module.named_modules():
+        for name, t in getattr(mod, kind).items():
+            if t is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            out.append((f"{mod_name}.{name}" if mod_name else name, mod, name))
+    return out
+
+
+class EMA(nn.Module):
+    """A teacher that tracks `student` by EMA: after each `update()`,
+
+        teacher_param ← m·teacher_param + (1 − m)·student_param   for every parameter,
+        teacher_buffer ← student_buffer                          for every buffer (e.g. BatchNorm statistics).
+
+    `teacher`: a module with the student's parameter names and shapes (e.g. a bf16 copy), or None for a deep
+    copy of the student. Its parameters stop requiring grad. A DistributedDataParallel / DataParallel /
+    torch.compile-wrapped student is unwrapped (`.module`).
+
+    Momentum schedule: with `total_steps=None`, m = `momentum` at every step; otherwise the BYOL / DINO cosine
+    schedule from `momentum` at step 0 to `final_momentum` at `total_steps`
+    (m_k = final − (final − base)(1 + cos(πk/K))/2, `sslfast.reference.ema.cosine_momentum`). The step count is
+    host-side, so a schedule costs no device sync; it is saved in `state_dict()` with the teacher.
+
+    `update()` is one multi-tensor launch on CUDA (`sslfast.ema_update_`). Calling the module runs the teacher.
+    To fold the EMA into the optimizer step instead, pass this object as `teacher=` to `sslfast.optim.AdamWEMA`
+    or `sslfast.optim.LARSEMA` and do not call `update()` yourself.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, momentum: float = 0.996,
+                 final_momentum: float = 1.0, total_steps: int | None = None, *, copy_buffers: bool = True):
+        super().__init__()
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
+        student = unwrap(student)
+        if teacher is None:
+            teacher = copy.deepcopy(student)
+        elif not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
+        teacher = unwrap(teacher)
+        for name, value, low, high in (("momentum", momentum, 0.0, 1.0), ("final_momentum", final_momentum, 0.0, 1.0)):
+            _ops._real(name, value, low, high)
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                        or total_steps <= 0):
+            raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
+        teacher.requires_grad_(False)
+        self.teacher = teacher
+        self._student = [student]  # a list, so the student is not registered as a submodule
+        self.base_momentum = float(momentum)
+        self.final_momentum = float(final_momentum)
+        self.total_steps = total_steps
+        self.copy_buffers = copy_buffers
+        self.step = 0
+        self._bind()
+
+    @property
+    def student(self) -> nn.Module:
+        return self._student[0]
+
+    def _bind(self) -> None:
+        """Pairs the student's parameters and buffers with the teacher's by name (checking names and shapes)."""
+        pairs = {}
+        for kind in ("_parameters", "_buffers"):
+            s_slots, t_slots = _slots(self.student, kind), _slots(self.teacher, kind)
+            s_names, t_names = [n for n, _, _ in s_slots], [n for n, _, _ in t_slots]
+            if s_names != t_names:
+                what = "parameters" if kind == "_parameters" else "buffers"
+                missing = sorted(set(s_names) ^ set(t_names))
+                raise ValueError(f"teacher must have the student's {what} (same names, same order); they differ at "
+                                 f"{missing[:5] or 'their order'}")
+            for (name, sm, sa), (_, tm, ta) in zip(s_slots, t_slots):
+                s, t = getattr(sm, kind)[sa], getattr(tm, kind)[ta]
+                if s.shape != t.shape:
+                    raise ValueError(f"teacher.{name} has shape {tuple(t.shape)}, the student's has {tuple(s.shape)}")
+            pairs[kind] = ([(sm, sa) for _, sm, sa in s_slots], [(tm, ta) for _, tm, ta in t_slots])
+        self._param_slots = pairs["_parameters"]
+        # buffers grouped by dtype, so each group is one multi-tensor copy (foreach's fast path needs one dtype)
+        groups: dict = {}
+        for s_slot, t_slot in zip(*pairs["_buffers"]):
+            key = (s_slot[0]._buffers[s_slot[1]].dtype, t_slot[0]._buffers[t_slot[1]].dtype)
+            g = groups.setdefault(key, ([], []))
+            g[0].append(s_slot)
+            g[1].append(t_slot)
+        self._buffer_groups = list(groups.values())
+
+    # The current tensors are looked up at every update (cheap), so parameters replaced after construction
+    # (load_state_dict(assign=True), module.to() with overwrite semantics...) are still the ones updated.
+    def _params(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        (s_slots, t_slots) = self._param_slots
+        return [m._parameters[a] for m, a in s_slots], [m._parameters[a] for m, a in t_slots]
+
+    @property
+    def momentum(self) -> float:
+        """The momentum the next `update()` uses."""
+        return cosine_momentum(self.step, self.total_steps, self.base_momentum, self.final_momentum)
+
+    @torch.no_grad()
+    def update(self, momentum=None) -> None:
+        """One EMA step of the teacher towards the student (then buffers copied, step count + 1).
+
+        `momentum` overrides the schedule for this step: a float, or a one-element CUDA tensor read on the
+        device (for CUDA-graph capture)."""
+        student, teacher = self._params()
+        _ops.ema_update_(teacher, student, self.momentum if momentum is None else momentum)
+        self._finish()
+
+    def _finish(self) -> None:
+        """Buffers copied and the step counted (after the parameters were EMA'd, here or by a fused step)."""
+        if self.copy_buffers:
+            with torch.no_grad():  # BatchNorm statistics, counters: one multi-tensor copy per dtype
+                for s_slots, t_slots in self._buffer_groups:
+                    torch._foreach_copy_([tm._buffers[ta] for tm, ta in t_slots],
+                                         [sm._buffers[sa] for sm, sa in s_slots])
+        self.step += 1
+
+    def forward(self, *args, **kwargs):
+        return self.teacher(*args, **kwargs)
+
+    def get_extra_state(self):
+        return {"step": self.step, "momentum": self.base_momentum, "final_momentum": self.final_momentum,
+                "total_steps": self.total_steps}
+
+    def set_extra_state(self, state):
+        self.step = int(state["step"])
+        self.base_momentum = float(state.get("momentum", self.base_momentum))
+        self.final_momentum = float(state.get("final_momentum", self.final_momentum))
+        self.total_steps = state.get("total_steps", self.total_steps)
+
+    def extra_repr(self) -> str:
+        return (f"momentum={self.base_momentum}, final_momentum={self.final_momentum}, "
+                f"total_steps={self.total_steps}, step={self.step}")

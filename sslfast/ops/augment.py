@@ -1,0 +1,300 @@
+"""Multi-view augmentation ops: per-sample parameters drawn on the device, the fused augmentation of packed
+uint8 images into normalized NCHW views, and a per-sample separable Gaussian blur.
+
+    sizes = ...                                   # [B, 2] int32 (H, W) on the device
+    params = sample_view_params(spec, sizes, count=2, generator=g)   # [2, B, NUM_FIELDS] fp32, no host sync
+    views = augment_views(flat, offsets, sizes, params, 224, dtype=torch.bfloat16)   # [2, B, 3, 224, 224]
+
+`augment_batch` strings these together for a list of view specs (a preset). Math and parameter layout:
+`sslfast.reference.augment`; kernels: `sslfast.kernels.augment`. CUDA tensors run the Triton kernels, CPU
+tensors the PyTorch reference in fp32 (`sslfast._backend`).
+"""
+from __future__ import annotations
+
+import math
+from numbers import Integral
+
+import torch
+
+from .. import _validate as V
+from .._backend import use_triton
+from ..reference import augment as _reference
+
+NUM_FIELDS = _reference.NUM_FIELDS
+FIELDS = _reference.FIELDS
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_RRC_ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params
+
+
+def _impl(*tensors):
+    if use_triton(*tensors):
+        from ..kernels import augment as _kernels
+
+        return _kernels
+    return _reference
+
+
+# ------------------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("sslfast::augment_views", mutates_args=())
+def _augment_views_op(images: torch.Tensor, offsets: torch.Tensor, sizes: torch.Tensor, params: torch.Tensor,
+                      out_h: int, out_w: int, chw: bool, out_dtype: torch.dtype, mean: list[float],
+                      std: list[float], blur_kernel: int) -> torch.Tensor:
+    return _impl(images, params).augment_views(images, offsets, sizes, params, out_h, out_w, chw, out_dtype, mean,
+                                               std, blur_kernel)
+
+
+@_augment_views_op.register_fake
+def _(images, offsets, sizes, params, out_h, out_w, chw, out_dtype, mean, std, blur_kernel):
+    return images.new_empty((params.shape[0], params.shape[1], 3, out_h, out_w), dtype=out_dtype)
+
+
+@torch.library.custom_op("sslfast::gaussian_blur", mutates_args=())
+def _gaussian_blur_op(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    impl = _impl(x, sigma)
+    if impl is _reference:
+        return _reference.gaussian_blur_batch(x.float(), sigma, kernel_size).to(x.dtype)
+    return impl.gaussian_blur(x, sigma, kernel_size)
+
+
+@_gaussian_blur_op.register_fake
+def _(x, sigma, kernel_size):
+    return torch.empty_like(x)
+
+
+# ------------------------------------------------------------------------------------------- validation
+def _size2(name: str, value) -> tuple[int, int]:
+    if isinstance(value, Integral) and not isinstance(value, bool):
+        value = (value, value)
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, Integral) and not isinstance(v, bool) for v in value)):
+        raise TypeError(f"{name} must be an int or a pair of ints (H, W), got {value!r}")
+    if min(value) < 1:
+        raise ValueError(f"{name} must be positive, got {tuple(value)}")
+    return int(value[0]), int(value[1])
+
+
+def _kernel_size(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"blur_kernel must be an odd int (or 0 for no blur), got {type(value).__name__}")
+    if value < 0 or (value and value % 2 == 0):
+        raise ValueError(f"blur_kernel must be an odd positive int (or 0 for no blur), got {value}")
+    return int(value)
+
+
+def _triple(name: str, value) -> list[float]:
+    vals = [float(v) for v in value]
+    if len(vals) != 3:
+        raise ValueError(f"{name} must have 3 values (one per RGB channel), got {len(vals)}")
+    return vals
+
+
+def _int_tensor(name: str, t, shape_hint: str, ndim: int, dtype: torch.dtype) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {shape_hint}, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64) or t.dim() != ndim:
+        raise ValueError(f"{name} must be an integer {shape_hint} tensor, got {t.dtype} of shape {tuple(t.shape)}")
+    return t.to(dtype).contiguous()
+
+
+def _check_packed(images, offsets, sizes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        raise TypeError("images must be a flat uint8 tensor of packed images (see pack_images), got "
+                        f"{type(images).__name__ if not isinstance(images, torch.Tensor) else images.dtype}")
+    images = images.reshape(-1).contiguous()
+    offsets = _int_tensor("offsets", offsets, "[B]", 1, torch.int64)
+    sizes = _int_tensor("sizes", sizes, "[B, 2] (H, W)", 2, torch.int32)
+    if sizes.shape != (offsets.shape[0], 2):
+        raise ValueError(f"sizes must be [B, 2] with B = {offsets.shape[0]} (offsets' length), got "
+                         f"{tuple(sizes.shape)}")
+    V.same_device(images=images, offsets=offsets, sizes=sizes)
+    if not images.is_cuda and offsets.numel():
+        ends = offsets + 3 * sizes[:, 0].long() * sizes[:, 1].long()
+        if int(sizes.min()) < 1 or int(offsets.min()) < 0 or int(ends.max()) > images.numel():
+            raise ValueError("offsets and sizes must describe images inside the flat images buffer "
+                             f"({images.numel()} bytes) with H, W >= 1")
+    return images, offsets, sizes
+
+
+def _check_params(params, batch: int) -> torch.Tensor:
+    params = V.tensor("params", params, ndim=3, shape_hint=f"[G, B, {NUM_FIELDS}]", dtypes=(torch.float32,))
+    if params.shape[1] != batch or params.shape[2] != NUM_FIELDS:
+        raise ValueError(f"params must be [G, B, {NUM_FIELDS}] with B = {batch}, got {tuple(params.shape)}")
+    return params
+
+
+# ------------------------------------------------------------------------------------------- packing
+def pack_images(images, *, chw: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(flat uint8, offsets int64 [B], sizes int32 [B, 2]) from a list of uint8 images ([3, H, W] when `chw`,
+    else [H, W, 3]) or a uint8 batch [B, 3, H, W] / [B, H, W, 3] (packed without a copy). Tensors stay on
+    their device; the small offsets/sizes tensors are built on the host and moved there."""
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4 or images.dtype != torch.uint8:
+            raise ValueError(f"images must be a uint8 [B, 3, H, W] or [B, H, W, 3] batch, got {images.dtype} of "
+                             f"shape {tuple(images.shape)}")
+        images = images.contiguous()
+        batch = images.shape[0]
+        h, w = (images.shape[2], images.shape[3]) if chw else (images.shape[1], images.shape[2])
+        per = 3 * h * w
+        offsets = torch.arange(batch, dtype=torch.int64) * per
+        sizes = torch.tensor([[h, w]], dtype=torch.int32).expand(batch, 2).contiguous()
+        flat = images.reshape(-1)
+    else:
+        images = list(images)
+        if not images:
+            raise ValueError("images must hold at least one image")
+        shapes = []
+        for i, im in enumerate(images):
+            if not isinstance(im, torch.Tensor) or im.dtype != torch.uint8 or im.dim() != 3 \
+                    or im.shape[0 if chw else 2] != 3:
+                want = "[3, H, W]" if chw else "[H, W, 3]"
+                raise ValueError(f"images[{i}] must be a uint8 {want} tensor, got "
+                                 f"{getattr(im, 'dtype', type(im).__name__)} {tuple(getattr(im, 'shape', ()))}")
+            shapes.append((im.shape[1], im.shape[2]) if chw else (im.shape[0], im.shape[1]))
+        lengths = [3 * h * w for h, w in shapes]
+        offsets = torch.tensor([0] + lengths[:-1], dtype=torch.int64).cumsum(0)
+        sizes = torch.tensor(shapes, dtype=torch.int32)
+        flat = torch.cat([im.reshape(-1) for im in images])
+    dev = flat.device
+    return flat, offsets.to(dev, non_blocking=True), sizes.to(dev, non_blocking=True)
+
+
+# ------------------------------------------------------------------------------------------- parameters
+def _uniform(gen, shape, lo: float, hi: float, device, dtype=torch.float32) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(shape, generator=gen, device=device, dtype=dtype)
+
+
+def _random_resized_crop(sizes: torch.Tensor, scale, ratio, gen, count: int) -> torch.Tensor:
+    """[count, B, 4] (top, left, height, width): torchvision RandomResizedCrop.get_params, vectorized — up to 10
+    attempts of area ~ U(scale)·H·W and log-ratio ~ U(log ratio), the first that fits wins, else the central
+    crop with the ratio clamped."""
+    dev = sizes.device
+    h_img = sizes[:, 0].to(torch.float64)[None, :, None]
+    w_img = sizes[:, 1].to(torch.float64)[None, :, None]
+    shape = (count, sizes.shape[0], _RRC_ATTEMPTS)
+    area = h_img * w_img * _uniform(gen, shape, scale[0], scale[1], dev, torch.float64)
+    aspect = torch.exp(_uniform(gen, shape, math.log(ratio[0]), math.log(ratio[1]), dev, torch.float64))
+    w = torch.round(torch.sqrt(area * aspect))
+    h = torch.round(torch.sqrt(area / aspect))
+    fits = (w > 0) & (w <= w_img) & (h > 0) & (h <= h_img)
+    top = torch.floor(torch.rand(shape, generator=gen, device=dev, dtype=torch.float64) * (h_img - h + 1))
+    left = torch.floor(torch.rand(shape, generator=gen, device=dev, dtype=torch.float64) * (w_img - w + 1))
+    attempt = torch.arange(_RRC_ATTEMPTS, device=dev)
+    first = torch.where(fits, attempt, _RRC_ATTEMPTS - 1).amin(dim=2, keepdim=True)  # first that fits
+    box = torch.stack([top, left, h, w], dim=-1).gather(2, first[..., None].expand(-1, -1, -1, 4)).squeeze(2)
+    # Fallback: central crop, ratio clamped to the range.
+    hi_, wi_ = h_img[..., 0], w_img[..., 0]
+    in_ratio = wi_ / hi_
+    lo_r, hi_r = min(ratio), max(ratio)
+    fw = torch.where(in_ratio < lo_r, wi_, torch.where(in_ratio > hi_r, torch.round(hi_ * hi_r), wi_))
+    fh = torch.where(in_ratio < lo_r, torch.round(wi_ / lo_r), hi_)
+    fallback = torch.stack([torch.floor((hi_ - fh) / 2), torch.floor((wi_ - fw) / 2), fh, fw], dim=-1)
+    return torch.where(fits.any(dim=2)[..., None], box, fallback.expand_as(box))
+
+
+def sample_view_params(spec, sizes: torch.Tensor, *, count: int = 1, generator: torch.Generator | None = None
+                       ) -> torch.Tensor:
+    """[count, B, NUM_FIELDS] fp32 parameters for `count` views of `spec` (a `sslfast.data.ViewSpec` or any
+    object with its fields) of images of `sizes` [B, 2] (H, W), drawn on sizes' device from `generator`
+    (that device's default generator when None). No host synchronization.
+
+    Distributions (torchvision's): the crop as RandomResizedCrop(scale, ratio); flip, jitter, gray, blur and
+    solarize are Bernoulli(p); jitter factors b, c, s ~ U(max(0, 1 − x), 1 + x), hue ~ U(−h, h); the op
+    order is a uniform random permutation (ColorJitter's randperm); sigma ~ U(blur_sigma)."""
+    sizes = _int_tensor("sizes", sizes, "[B, 2] (H, W)", 2, torch.int32)
+    dev = sizes.device
+    shape = (int(count), sizes.shape[0])
+    f32 = dict(device=dev, dtype=torch.float32)
+
+    def coin(p):
+        if p <= 0:
+            return torch.zeros(shape, **f32)
+        return (torch.rand(shape, generator=generator, **f32) < p).float()
+
+    def factor(x):
+        return _uniform(generator, shape, max(0.0, 1.0 - x), 1.0 + x, dev)
+
+    box = _random_resized_crop(sizes, spec.scale, spec.ratio, generator, shape[0]).float()
+    has_jitter = spec.jitter_p > 0 and any((spec.brightness, spec.contrast, spec.saturation, spec.hue))
+    jitter = coin(spec.jitter_p if has_jitter else 0.0)
+    order = torch.argsort(torch.rand(shape + (4,), generator=generator, **f32), dim=-1)
+    cpos = (order == 1).to(torch.int8).argmax(dim=-1)
+    cols = [box[..., 0], box[..., 1], box[..., 2], box[..., 3], coin(spec.flip_p), jitter,
+            factor(spec.brightness), factor(spec.contrast), factor(spec.saturation),
+            _uniform(generator, shape, -spec.hue, spec.hue, dev),
+            *order.float().unbind(-1), cpos.float(), coin(spec.gray_p), coin(spec.blur_p),
+            _uniform(generator, shape, spec.blur_sigma[0], spec.blur_sigma[1], dev), coin(spec.solarize_p),
+            torch.full(shape, float(spec.solarize_threshold), **f32)]
+    return torch.stack(cols, dim=-1).contiguous()
+
+
+# ------------------------------------------------------------------------------------------- public API
+def augment_views(images: torch.Tensor, offsets: torch.Tensor, sizes: torch.Tensor, params: torch.Tensor,
+                  out_size, *, chw: bool = False, dtype: torch.dtype = torch.float32, mean=IMAGENET_MEAN,
+                  std=IMAGENET_STD, blur_kernel: int = 23) -> torch.Tensor:
+    """[G, B, 3, H, W] normalized views in `dtype` from packed uint8 images (`pack_images`) and per-(view,
+    sample) parameters [G, B, NUM_FIELDS] (`sample_view_params`). One fused pass per view, plus a separable
+    blur pass over the samples whose blur flag is set when `blur_kernel` > 0 (odd; 0 skips blur)."""
+    images, offsets, sizes = _check_packed(images, offsets, sizes)
+    params = _check_params(params, offsets.shape[0])
+    V.same_device(images=images, params=params)
+    out_h, out_w = _size2("out_size", out_size)
+    if dtype not in V.FLOAT_DTYPES:
+        raise TypeError(f"dtype must be one of float32, bfloat16, float16, got {dtype}")
+    std = _triple("std", std)
+    if min(std) <= 0:
+        raise ValueError(f"std must be positive, got {std}")
+    return _augment_views_op(images, offsets, sizes, params, out_h, out_w, bool(chw), dtype,
+                             _triple("mean", mean), std, _kernel_size(blur_kernel))
+
+
+def gaussian_blur(x: torch.Tensor, sigma, kernel_size: int = 23) -> torch.Tensor:
+    """Separable Gaussian blur of [B, C, H, W] with a per-sample sigma (float or [B] tensor), torchvision's
+    `gaussian_blur` semantics (weights exp(−x²/2σ²)/Σ over `kernel_size` taps, reflect padding). Same dtype."""
+    x = V.tensor("x", x, ndim=4, shape_hint="[B, C, H, W]")
+    k = _kernel_size(kernel_size)
+    if k == 0:
+        raise ValueError("kernel_size must be an odd positive int, got 0")
+    if isinstance(sigma, torch.Tensor):
+        sigma = sigma.to(device=x.device, dtype=torch.float32).reshape(-1)
+        if sigma.numel() == 1:
+            sigma = sigma.expand(x.shape[0])
+        if sigma.shape != (x.shape[0],):
+            raise ValueError(f"sigma must be a float or a [B] tensor with B = {x.shape[0]}, got {tuple(sigma.shape)}")
+        if not sigma.is_cuda and not bool((sigma > 0).all()):
+            raise ValueError("sigma must be > 0")
+    else:
+        sigma = torch.full((x.shape[0],), V.positive("sigma", sigma), dtype=torch.float32, device=x.device)
+    return _gaussian_blur_op(x, sigma.contiguous(), k)
+
+
+def _group_views(specs) -> list[tuple[tuple[int, int], list[int]]]:
+    """Output views grouped by (size, blur kernel): one launch per group."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(specs):
+        groups.setdefault((s.size, s.blur_kernel if s.blur_p > 0 else 0), []).append(i)
+    return list(groups.items())
+
+
+def augment_batch(images, offsets, sizes, views, *, chw: bool = False, dtype: torch.dtype = torch.float32,
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD, generator: torch.Generator | None = None
+                  ) -> list[torch.Tensor]:
+    """All views of one batch: `views` is a sequence of view specs (e.g. `preset.views`, each with a `count`);
+    returns one [B, 3, size, size] tensor per output view, in order. Parameters are drawn on the images'
+    device (`sample_view_params`); views that share a size and blur kernel share one launch."""
+    specs = [s for s in views for _ in range(getattr(s, "count", 1))]
+    params = []
+    for s in views:
+        params.append(sample_view_params(s, sizes, count=getattr(s, "count", 1), generator=generator))
+    params = torch.cat(params, dim=0)
+    out: list[torch.Tensor | None] = [None] * len(specs)
+    for (size, kernel), idx in _group_views(specs):
+        if idx == list(range(idx[0], idx[-1] + 1)):   # presets list same-size views together: a slice
+            group = params[idx[0]: idx[-1] + 1]
+        else:
+            group = params.index_select(0, torch.tensor(idx, device=params.device))
+        res = augment_views(images, offsets, sizes, group, size, chw=chw, dtype=dtype, mean=mean, std=std,
+                            blur_kernel=kernel)
+        for j, i in enumerate(idx):
+            out[i] = res[j]
+    return out

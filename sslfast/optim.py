@@ -1,0 +1,206 @@
+"""Optimizers whose step also updates the EMA teacher, in the same pass over the parameters.
+
+    opt = sslfast.optim.AdamWEMA(student.parameters(), teacher=sslfast.EMA(student), lr=1e-3)
+    loss.backward(); opt.step()        # student AdamW step + teacher EMA (+ buffers copied, schedule advanced)
+
+`AdamWEMA` equals torch.optim.AdamW followed by `sslfast.ema_update_(teacher, student, m)`; `LARSEMA` equals the
+LARS of BYOL / Barlow Twins followed by the same EMA. On CUDA with `sslfast._C` each parameter group is one
+kernel that reads every student tensor once (AdamW: after a one-block launch that counts the step; LARS: after
+a pass that computes the trust-ratio norms); elsewhere the steps run `sslfast.reference.ema` (CPU) or torch's
+fused kernels (CUDA without `_C`). No CUDA path syncs with the host.
+
+`teacher` may be an `sslfast.nn.EMA` (its schedule gives the momentum, its step count advances with every
+optimizer step, its buffers are copied), a sequence of teacher tensors parallel to the optimizer's parameters
+(flattened over the param groups in order; momentum `ema_momentum`, a float or a one-element device tensor),
+or None (a plain fused AdamW / LARS). Parameters without a gradient are not stepped, but their teachers still
+follow them, as `optimizer.step(); ema.update()` would do.
+"""
+from __future__ import annotations
+
+import itertools
+import operator
+from typing import Callable
+
+import torch
+
+from .nn.ema import EMA
+from .ops import ema as _ops
+from .reference.ema import exclude_bias_and_norm
+
+__all__ = ["AdamWEMA", "LARSEMA", "exclude_bias_and_norm"]
+
+
+class _EMAOptimizer(torch.optim.Optimizer):
+    """Per step: one cached plan per param group (keyed by which parameters have gradients and by the
+    teacher mapping), checked for moved storage, its gradient pointers refreshed, launched. The Python work is
+    a handful of C-level passes over the parameter list (no per-parameter state lookups)."""
+
+    def __init__(self, params, defaults, teacher, ema_momentum):
+        super().__init__(params, defaults)
+        self._ema: EMA | None = None
+        self._mapping = None  # (students, teachers, {id(student): teacher}, version)
+        if isinstance(teacher, EMA):
+            self._ema = teacher
+        elif teacher is not None:
+            teachers = _ops._tensor_list("teacher", teacher)
+            flat = [p for g in self.param_groups for p in g["params"]]
+            _ops._check_pairs("params", flat, "teacher", teachers)
+            self._mapping = (flat, teachers, dict(zip(map(id, flat), teachers)), 0)
+        _ops._momentum("ema_momentum", ema_momentum, None)
+        self.ema_momentum = ema_momentum
+        self._plans: dict = {}
+        self._leftovers: dict = {}
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._plans.clear()  # the state tensors were replaced
+
+    def _teacher_mapping(self):
+        """(students, teachers, {id(student): teacher}, version) for this step, or None without teachers. With
+        an EMA, its current parameters are looked up every step and the mapping rebuilt only when they are
+        other objects than last step's."""
+        if self._ema is None:
+            return self._mapping
+        students, teachers = self._ema._params()
+        old = self._mapping
+        if old is None or len(students) != len(old[0]) or not (all(map(operator.is_, students, old[0])) and
+                                                               all(map(operator.is_, teachers, old[1]))):
+            version = 0 if old is None else old[3] + 1
+            self._mapping = (students, teachers, dict(zip(map(id, students), teachers)), version)
+        return self._mapping
+
+    def _group_plan(self, index: int, group: dict, params: list[torch.Tensor], mapping):
+        """(plan, its tensor lists) for these params, cached. The plan holds the tensors, so their ids stay
+        valid; params and teachers are checked for moved storage (the states are the optimizer's own, and
+        load_state_dict drops every plan)."""
+        key = (index, tuple(map(id, params)), None if mapping is None else mapping[3])
+        bound = self._plans.get(key)
+        if bound is not None and not bound[0].matches((params, bound[2]), which=(0, -1)):
+            bound = None
+        if bound is None:
+            teachers = [mapping[2].get(id(p)) for p in params] if mapping else [None] * len(params)
+            plan, lists = self._build_plan(group, params, teachers)
+            bound = self._plans[key] = (plan, lists, [t for t in teachers if t is not None])
+        return key, bound[0], bound[1]
+
+    def _leftover_pairs(self, mapping, keys: tuple):
+        """(teachers, students) of the pairs that no group stepped this time (no gradient, or not in this
+        optimizer): they get a plain EMA, as `optimizer.step(); ema.update()` would give them."""
+        left = self._leftovers.get(keys)
+        if left is None:
+            covered = {id(p) for k in keys for p in self._plans[k][1][0]}
+            pairs = [(t, s) for s, t in zip(mapping[0], mapping[1]) if id(s) not in covered]
+            left = self._leftovers[keys] = ([t for t, _ in pairs], [s for _, s in pairs])
+        return left
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        mapping = self._teacher_mapping()
+        momentum = 0.0 if mapping is None else (self._ema.momentum if self._ema is not None else self.ema_momentum)
+        keys = []
+        for index, group in enumerate(self.param_groups):
+            params = group["params"]
+            grads = [p.grad for p in params]
+            if not all(map(operator.is_not, grads, itertools.repeat(None))):  # C-level: no Tensor.__eq__
+                params = [p for p, g in zip(params, grads) if g is not None]
+                grads = [g for g in grads if g is not None]
+            if not params:
+                continue
+            key, plan, lists = self._group_plan(index, group, params, mapping)
+            self._step_group(plan, lists, group, grads, momentum)
+            keys.append(key)
+        if mapping is not None:
+            teachers, students = self._leftover_pairs(mapping, tuple(keys))
+            if teachers:
+                _ops.ema_update_(teachers, students, momentum)
+        if self._ema is not None:
+            self._ema._finish()
+        return loss
+
+
+class AdamWEMA(_EMAOptimizer):
+    """torch.optim.AdamW (decoupled weight decay; no amsgrad / maximize) fused with the teacher EMA.
+
+    State per parameter as torch's fused AdamW: `step` (fp32 tensor on the parameter's device), `exp_avg`,
+    `exp_avg_sq`; a torch.optim.AdamW state dict loads as is. Per step and fp32 parameter the CUDA kernel moves
+    36 bytes (read param, grad, both moments and the teacher; write param, moments, teacher), against 40 for
+    AdamW(fused=True) + _foreach_lerp_.
+    """
+
+    def __init__(self, params, teacher=None, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, ema_momentum=0.996):
+        for name, value, low, high in (("lr", lr, 0.0, None), ("betas[0]", betas[0], 0.0, 1.0),
+                                       ("betas[1]", betas[1], 0.0, 1.0), ("eps", eps, 0.0, None),
+                                       ("weight_decay", weight_decay, 0.0, None)):
+            _ops._real(name, value, low, high)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), teacher,
+                         ema_momentum)
+
+    def _build_plan(self, group, params, teachers):
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            step = state["step"]
+            if not isinstance(step, torch.Tensor):
+                step = torch.tensor(float(step))
+            if step.device != p.device or step.dtype != torch.float32 or step.dim():
+                state["step"] = step = step.to(device=p.device, dtype=torch.float32).reshape(())
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(step)
+        _ops._check_fused(params, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}, teachers)
+        plan = _ops.AdamWEMAPlan(params, exp_avgs, exp_avg_sqs, steps, teachers)
+        return plan, (params, exp_avgs, exp_avg_sqs, steps, teachers)
+
+    def _step_group(self, plan, lists, group, grads, momentum):
+        params, exp_avgs, exp_avg_sqs, steps, teachers = lists
+        beta1, beta2 = group["betas"]
+        plan.step_(params, grads, exp_avgs, exp_avg_sqs, steps, teachers, lr=group["lr"], beta1=beta1, beta2=beta2,
+                   eps=group["eps"], weight_decay=group["weight_decay"], momentum=momentum)
+
+
+class LARSEMA(_EMAOptimizer):
+    """LARS with the semantics of BYOL / Barlow Twins, fused with the teacher EMA:
+
+        d = g + wd·p,  q = η‖p‖/‖d‖ (1 if either norm is 0),  μ ← momentum·μ + q·d,  p ← p − lr·μ
+
+    where parameters with `exclude(p)` true (default: biases and norm weights, p.ndim <= 1) get neither the
+    weight decay nor the trust ratio (BYOL appendix C). The per-tensor norms are computed on the device by a
+    first pass (no host sync). State per parameter: `momentum_buffer`.
+    """
+
+    def __init__(self, params, teacher=None, lr: float = 0.2, momentum: float = 0.9, weight_decay: float = 1.5e-6,
+                 eta: float = 1e-3, *, exclude: Callable[[torch.Tensor], bool] | None = exclude_bias_and_norm,
+                 ema_momentum=0.996):
+        for name, value, low, high in (("lr", lr, 0.0, None), ("momentum", momentum, 0.0, 1.0),
+                                       ("weight_decay", weight_decay, 0.0, None), ("eta", eta, 0.0, None)):
+            _ops._real(name, value, low, high)
+        if exclude is not None and not callable(exclude):
+            raise TypeError(f"exclude must be a callable (param -> bool) or None, got {type(exclude).__name__}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, exclude=exclude),
+                         teacher, ema_momentum)
+
+    def _build_plan(self, group, params, teachers):
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            bufs.append(state["momentum_buffer"])
+        exclude = group["exclude"]
+        keep = [not (exclude is not None and bool(exclude(p))) for p in params]
+        _ops._check_fused(params, {"momentum_buffers": bufs}, teachers)
+        return _ops.LARSEMAPlan(params, bufs, teachers, keep, keep), (params, bufs, teachers)
+
+    def _step_group(self, plan, lists, group, grads, momentum):
+        params, bufs, teachers = lists
+        plan.step_(params, grads, bufs, teachers, lr=group["lr"], momentum=group["momentum"],
+                   weight_decay=group["weight_decay"], eta=group["eta"], ema_momentum=momentum)
