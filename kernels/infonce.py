@@ -51,6 +51,7 @@ from ._common import empty, interpreting, next_pow2, num_sms, upcast_dots
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize
+MAX_ATOMIC_SPLITS = 4  # backward column splits that add into one output atomically (more: per-split slices)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -262,7 +263,7 @@ def _lse_fwd_kernel(
 @triton.jit
 def _lse_bwd_kernel(
     R, C, RN_R, RN_C, SCALE, LSE_R, G_R, LSE_C, G_C, G_PR, G_PC, DR, DSCALE,
-    M, NB, D, stride_r, stride_c, stride_dr, cols_per_split, g_norm,
+    M, NB, D, stride_r, stride_c, stride_dr, stride_ds, cols_per_split, g_norm,
     r_off, r_split, r_shift, c_off, c_split, c_shift, p_shift, p_period,
     EXCLUDE_SELF: tl.constexpr, ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr,
     POS_ROW: tl.constexpr, POS_COL: tl.constexpr, WANT_DSCALE: tl.constexpr, ATOMIC: tl.constexpr,
@@ -270,8 +271,10 @@ def _lse_bwd_kernel(
     ONE_CHUNK: tl.constexpr, BLOCK_DO: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Grid (row block, column split, output-feature chunk). Each program recomputes its tiles, forms
-    # W = G·rn_c and accumulates W·C = G·Ĉ for BLOCK_DO output features in fp32; splits add into DR
-    # atomically. W is carried multiplied by g_norm (≈ the row count) so fp16 dot operands stay normal.
+    # W = G·rn_c and accumulates W·C = G·Ĉ for BLOCK_DO output features in fp32. A few splits add into DR
+    # atomically; many write their own slice DR[split] (stride_ds), summed by the launcher, since hundreds
+    # of programs adding into one row block serialize on the atomics. W is carried multiplied by g_norm
+    # (≈ the row count) so fp16 dot operands stay normal numbers.
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_d = tl.program_id(2)
@@ -343,7 +346,7 @@ def _lse_bwd_kernel(
         acc = tl.dot(w.to(cd.dtype), cd, acc)
 
     acc = acc * (scale2 * 0.6931471805599453 / g_norm)
-    dptr = DR + rows[:, None] * stride_dr + dout[None, :]
+    dptr = DR + pid_s * stride_ds + rows[:, None] * stride_dr + dout[None, :]
     dmask = row_ok[:, None] & (dout[None, :] < D)
     if ATOMIC:
         tl.atomic_add(dptr, acc, mask=dmask)
@@ -386,11 +389,13 @@ def _tiles(D: int, kind: str, bounded: bool) -> dict:
     return dict(tiles, BLOCK_DO=bd if one else 128) if kind == "bwd" else tiles
 
 
-def _splits(n_row_blocks: int, n_cols: int, block_n: int, device) -> tuple[int, int]:
-    """Column splits so that row blocks x splits is about 8 waves of the machine (the last, partial wave
-    then costs little); returns (splits, columns per split)."""
+def _splits(n_row_blocks: int, n_cols: int, block_n: int, device, waves: int) -> tuple[int, int]:
+    """Column splits so that row blocks x splits is about `waves` waves of the machine; returns (splits,
+    columns per split). The forward, whose splits only write small partial statistics, takes 8 (the last,
+    partial wave then costs little); the backward, whose splits each add a [BLOCK_M, D] fp32 block, takes 2
+    (the configuration of the H100 sweep)."""
     col_tiles = triton.cdiv(n_cols, block_n)
-    want = max(1, min(col_tiles, triton.cdiv(8 * num_sms(device), n_row_blocks)))
+    want = max(1, min(col_tiles, triton.cdiv(waves * num_sms(device), n_row_blocks)))
     per = triton.cdiv(col_tiles, want) * block_n
     return triton.cdiv(n_cols, per), per
 
@@ -432,7 +437,7 @@ def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col
     nb = c.shape[0]
     cfg = _tiles(d, "fwd", bounded)
     n_rb = triton.cdiv(m, cfg["BLOCK_M"])
-    splits, per = _splits(n_rb, nb, cfg["BLOCK_N"], r.device)
+    splits, per = _splits(n_rb, nb, cfg["BLOCK_N"], r.device, waves=8)
     row_m = empty((splits, m), dtype=torch.float32, device=r.device)
     row_l = empty((splits, m), dtype=torch.float32, device=r.device)
     pos = empty((splits, m), dtype=torch.float32, device=r.device) if want_pos else row_m
@@ -465,9 +470,12 @@ def similarity_lse_rows_grad(r, c, rn_r, rn_c, scale, maps, *, exclude_self, bou
     nb = c.shape[0]
     cfg = _tiles(d, "bwd", bounded)
     n_rb = triton.cdiv(m, cfg["BLOCK_M"])
-    splits, per = _splits(n_rb, nb, cfg["BLOCK_N"], r.device)
-    atomic = splits > 1
-    dr = (torch.zeros if atomic else empty)((m, d), dtype=torch.float32, device=r.device)
+    splits, per = _splits(n_rb, nb, cfg["BLOCK_N"], r.device, waves=2)
+    atomic = 1 < splits <= MAX_ATOMIC_SPLITS
+    if atomic:
+        dr = torch.zeros((m, d), dtype=torch.float32, device=r.device)
+    else:  # one split, or one [M, D] slice per split (summed below)
+        dr = empty((splits, m, d), dtype=torch.float32, device=r.device)
     dscale = torch.zeros((), dtype=torch.float32, device=r.device) if want_dscale else dr
     dummy = dr
     _lse_bwd_kernel[(n_rb, splits, triton.cdiv(d, cfg["BLOCK_DO"]))](
@@ -475,8 +483,10 @@ def similarity_lse_rows_grad(r, c, rn_r, rn_c, scale, maps, *, exclude_self, bou
         dummy if lse_r is None else lse_r, dummy if g_r is None else g_r,
         dummy if lse_c is None else lse_c, dummy if g_c is None else g_c,
         dummy if g_pr is None else g_pr, dummy if g_pc is None else g_pc, dr, dscale,
-        m, nb, d, r.stride(0), c.stride(0), dr.stride(0), per, float(max(m, nb)), *maps,
+        m, nb, d, r.stride(0), c.stride(0), d, m * d if dr.dim() == 3 else 0, per, float(max(m, nb)), *maps,
         EXCLUDE_SELF=exclude_self, ROW_TERM=g_r is not None, COL_TERM=g_c is not None,
         POS_ROW=g_pr is not None, POS_COL=g_pc is not None, WANT_DSCALE=want_dscale, ATOMIC=atomic,
         BOUNDED=bounded, UPCAST=upcast_dots(), **cfg)
+    if dr.dim() == 3:
+        dr = dr[0] if splits == 1 else dr.sum(0)
     return dr, (dscale if want_dscale else None)

@@ -58,3 +58,22 @@ def in_open_interval(name: str, value, low: float, high: float) -> float:
     if not (low < value < high):
         raise ValueError(f"{name} must lie in ({low}, {high}), got {value}")
     return value
+
+
+def features(name: str, x) -> torch.Tensor:
+    """A non-empty [N, D] floating tensor (made contiguous)."""
+    x = tensor(name, x, ndim=2, shape_hint="[N, D]")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty [N, D] tensor, got shape {tuple(x.shape)}")
+    return x
+
+
+def view_pair(name1: str, x1, name2: str, x2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two embeddings of the same batch (two views, query/key, image/text): same shape, device and dtype."""
+    x1, x2 = features(name1, x1), features(name2, x2)
+    if x1.shape != x2.shape:
+        raise ValueError(f"{name1} and {name2} must have the same shape [N, D], got {tuple(x1.shape)} and "
+                         f"{tuple(x2.shape)}")
+    same_device(**{name1: x1, name2: x2})
+    same_dtype(**{name1: x1, name2: x2})
+    return x1, x2

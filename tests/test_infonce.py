@@ -366,7 +366,7 @@ def test_kernels_compile_for_sm90():
     out = check_compiles(f"""
     import sslfast.kernels.infonce as K
 
-    ALIGNED = ("D", "stride_r", "stride_c", "stride_dr", "stride_x", "stride_p", "stride_dxh", "stride_dx",
+    ALIGNED = ("D", "stride_r", "stride_c", "stride_dr", "stride_ds", "stride_x", "stride_p", "stride_dxh", "stride_dx",
                "cols_per_split", "M", "NB")
     FWD = dict(zip(("EXCLUDE_SELF", "WANT_POS", "COL_STATS", "BOUNDED"), range(4)))
     BWD = dict(zip(("ROW_TERM", "COL_TERM", "POS_ROW", "POS_COL", "EXCLUDE_SELF", "WANT_DSCALE", "BOUNDED"),

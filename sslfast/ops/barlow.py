@@ -40,7 +40,6 @@ from .. import _validate as V
 from .._backend import use_triton
 from ..distributed import all_gather, rank_and_world
 from ..reference import barlow as _reference
-from .infonce import _pair  # the [N, D] pair checks shared by the two-view losses
 
 BARLOW, VICREG = _reference.BARLOW, _reference.VICREG
 ALGORITHMS = ("auto", "gram", "tiled")
@@ -141,7 +140,7 @@ class _Eager(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------------------- validation
 def _inputs(z1, z2) -> tuple[torch.Tensor, torch.Tensor]:
-    z1, z2 = _pair("z1", z1, "z2", z2)
+    z1, z2 = V.view_pair("z1", z1, "z2", z2)
     if z1.shape[0] < 2:
         raise ValueError(f"z1 and z2 need at least 2 rows (N >= 2): the per-feature variance of one sample is "
                          f"undefined, got N={z1.shape[0]}")

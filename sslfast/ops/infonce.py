@@ -152,23 +152,6 @@ similarity_lse.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------------- validation
-def _features(name: str, x) -> torch.Tensor:
-    x = V.tensor(name, x, ndim=2, shape_hint="[N, D]")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name} must be a non-empty [N, D] tensor, got shape {tuple(x.shape)}")
-    return x
-
-
-def _pair(name1: str, x1, name2: str, x2) -> tuple[torch.Tensor, torch.Tensor]:
-    x1, x2 = _features(name1, x1), _features(name2, x2)
-    if x1.shape != x2.shape:
-        raise ValueError(f"{name1} and {name2} must have the same shape [N, D], got {tuple(x1.shape)} and "
-                         f"{tuple(x2.shape)}")
-    V.same_device(**{name1: x1, name2: x2})
-    V.same_dtype(**{name1: x1, name2: x2})
-    return x1, x2
-
-
 def _inverse_temperature(temperature, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """1/τ as a device scalar (a fill, no host-to-device copy) and whether it allows the plain-sum kernels."""
     inv = 1.0 / V.positive("temperature", temperature)
@@ -193,7 +176,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *
     z1, z2: [N, D], N >= 2. With `gather_distributed`, each rank scores its 2N rows against all ranks' 2N·W
     rows; after DDP averages gradients they equal the single-process gradients on the whole batch.
     """
-    z1, z2 = _pair("z1", z1, "z2", z2)
+    z1, z2 = V.view_pair("z1", z1, "z2", z2)
     n = z1.shape[0]
     if n < 2:
         raise ValueError(f"z1 and z2 need at least 2 rows (N >= 2) so that every row has a negative, got N={n}")
@@ -220,7 +203,7 @@ def info_nce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | 
     Without (MoCo v3, one direction of CLIP): logits = q̂ k̂ᵀ/τ over the batch, target i; with
     `gather_distributed` the keys are all-gathered and row i's positive is its own key.
     """
-    query, key = _pair("query", query, "key", key)
+    query, key = V.view_pair("query", query, "key", key)
     scale, bounded = _inverse_temperature(temperature, query)
     if queue is None:
         world = rank_and_world()[1] if gather_distributed else 1
@@ -249,7 +232,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     (a tensor with one element). With `gather_distributed`, each rank's images are scored against all texts
     and its texts against all images (open_clip's local loss), with exact gradients.
     """
-    img, txt = _pair("image_features", image_features, "text_features", text_features)
+    img, txt = V.view_pair("image_features", image_features, "text_features", text_features)
     if not isinstance(logit_scale, torch.Tensor) or logit_scale.numel() != 1 or not logit_scale.is_floating_point():
         raise TypeError("logit_scale must be a floating tensor with one element (e.g. model.logit_scale.exp())")
     V.same_device(image_features=img, logit_scale=logit_scale)
