@@ -104,6 +104,20 @@ def _tile_dots(r_res, R, C, rows, row_ok, cols, col_ok, D, stride_r, stride_c,
 
 
 @triton.jit
+def _logit_tile(r_res, R, C, RN_C, rows, row_ok, row_fac, c0, col_hi, D, stride_r, stride_c,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                ONE_CHUNK: tl.constexpr, UPCAST: tl.constexpr):
+    """Base-2 logits of the tile at column c0, its columns and their inverse norms (1 past the end, where the
+    logits are masked by the caller)."""
+    cols = c0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < col_hi
+    col_fac = tl.load(RN_C + cols, mask=col_ok, other=1.0)
+    s = _tile_dots(r_res, R, C, rows, row_ok, cols, col_ok, D, stride_r, stride_c,
+                   BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST) * row_fac[:, None] * col_fac[None, :]
+    return s, cols, col_ok, col_fac
+
+
+@triton.jit
 def _index_ranges(rows, row_ok, r_off, r_split, r_shift, p_shift, p_period):
     """Global indices of the rows and of their positives, and the [lo, hi] range of each over valid rows."""
     g_row = _global_index(rows, r_off, r_split, r_shift)
@@ -222,11 +236,8 @@ def _lse_fwd_kernel(
     col_lo = pid_s * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, NB)
     for c0 in range(col_lo, col_hi, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < col_hi
-        col_fac = tl.load(RN_C + cols, mask=col_ok, other=0.0)
-        s = _tile_dots(r_res, R, C, rows, row_ok, cols, col_ok, D, stride_r, stride_c,
-                       BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST) * row_fac[:, None] * col_fac[None, :]
+        s, cols, col_ok, col_fac = _logit_tile(r_res, R, C, RN_C, rows, row_ok, row_fac, c0, col_hi, D, stride_r,
+                                               stride_c, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST)
         if _needs_mask(c0, col_hi, g_lo, g_hi, p_lo, p_hi, c_off, c_split, c_shift, EXCLUDE_SELF, WANT_POS,
                        BLOCK_N):
             valid, match = _tile_masks(g_row, g_pos, cols, col_ok, c_off, c_split, c_shift, EXCLUDE_SELF)
@@ -301,11 +312,8 @@ def _lse_bwd_kernel(
     col_lo = pid_s * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, NB)
     for c0 in range(col_lo, col_hi, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < col_hi
-        col_fac = tl.load(RN_C + cols, mask=col_ok, other=1.0)
-        s = _tile_dots(r_res, R, C, rows, row_ok, cols, col_ok, D, stride_r, stride_c,
-                       BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST) * row_fac[:, None] * col_fac[None, :]
+        s, cols, col_ok, col_fac = _logit_tile(r_res, R, C, RN_C, rows, row_ok, row_fac, c0, col_hi, D, stride_r,
+                                               stride_c, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST)
         if COL_TERM:
             lse_c = tl.load(LSE_C + cols, mask=col_ok, other=0.0) * 1.4426950408889634
             g_c = tl.load(G_C + cols, mask=col_ok, other=0.0) * g_norm

@@ -24,22 +24,21 @@ def tensor(name: str, value, *, ndim: int | None = None, shape_hint: str = "", f
     return value.contiguous()
 
 
-def same_device(**tensors: torch.Tensor | None) -> torch.device:
+def _agree(attr: str, error: type, tensors: dict) -> object:
     present = {k: v for k, v in tensors.items() if v is not None}
-    devices = {v.device for v in present.values()}
-    if len(devices) > 1:
-        listing = ", ".join(f"{k} on {v.device}" for k, v in present.items())
-        raise ValueError(f"all inputs must be on one device, got {listing}")
-    return devices.pop()
+    values = {getattr(v, attr) for v in present.values()}
+    if len(values) > 1:
+        listing = ", ".join(f"{k}: {getattr(v, attr)}" for k, v in present.items())
+        raise error(f"all inputs must share one {attr}, got {listing}")
+    return values.pop()
+
+
+def same_device(**tensors: torch.Tensor | None) -> torch.device:
+    return _agree("device", ValueError, tensors)
 
 
 def same_dtype(**tensors: torch.Tensor | None) -> torch.dtype:
-    present = {k: v for k, v in tensors.items() if v is not None}
-    dtypes = {v.dtype for v in present.values()}
-    if len(dtypes) > 1:
-        listing = ", ".join(f"{k} is {v.dtype}" for k, v in present.items())
-        raise TypeError(f"inputs must share one dtype, got {listing}")
-    return dtypes.pop()
+    return _agree("dtype", TypeError, tensors)
 
 
 def positive(name: str, value) -> float:

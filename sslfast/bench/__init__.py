@@ -45,6 +45,16 @@ class Case:
 
 
 REGISTRY: list[Case] = []
+BF16_AND_FP32 = (torch.bfloat16, torch.float32)
+
+
+def fwd_bwd(loss_fn, *leaves):
+    """A timed call: clear the leaves' gradients, then one forward+backward of `loss_fn()`."""
+    def run():
+        for t in leaves:
+            t.grad = None
+        loss_fn().backward()
+    return run
 
 
 def register(op: str, name: str, *, dtypes=(torch.bfloat16,), device_types=("cuda",)):

@@ -15,17 +15,8 @@ import torch
 
 from .. import ops
 from ..reference import barlow as ref
-from . import Setup, register
+from . import BF16_AND_FP32 as BOTH, Setup, fwd_bwd as _fwd_bwd, register
 
-BOTH = (torch.bfloat16, torch.float32)
-
-
-def _fwd_bwd(loss_fn, *leaves):
-    def run():
-        for t in leaves:
-            t.grad = None
-        loss_fn().backward()
-    return run
 
 
 def _forced_gram_forward(fn, variant):
