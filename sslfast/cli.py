@@ -20,7 +20,8 @@ def _bench(args) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = bench.run(device, ops=args.ops, warmup=args.warmup, repeat=args.repeat,
-                     with_reference=not args.no_reference, log=(lambda s: None) if args.quiet else print)
+                     with_reference=not args.no_reference, log=(lambda s: None) if args.quiet else print,
+                     cases=args.cases)
     meta = {"torch": torch.__version__, "device": rows[0]["device"] if rows else str(device)}
     try:
         import triton
@@ -74,7 +75,8 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--image-size", type=int, help="training resolution (default: 16 on digits, 224 else)")
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--warmup-epochs", type=float,
+                   help="linear lr warm-up (default: the paper's, at most a tenth of the run), then cosine")
     p.add_argument("--profile", choices=("paper", "small"),
                    help="head widths: the paper's, or CPU-sized (default: small on digits, paper else)")
     p.add_argument("--seed", type=int, default=0)
@@ -110,6 +112,7 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="time the fused ops against their PyTorch references")
     b.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     b.add_argument("--ops", nargs="*", help="only these op families (default: all registered)")
+    b.add_argument("--cases", nargs="*", help="only cases whose 'op case-name' matches one of these regular expressions")
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--repeat", type=int, default=10)
     b.add_argument("--no-reference", action="store_true", help="time only the fused ops")

@@ -1,0 +1,107 @@
+"""DINO (Caron et al., 2021, "Emerging Properties in Self-Supervised Vision Transformers", arXiv:2104.14294;
+facebookresearch/dino).
+
+Student: backbone → head (3-layer MLP 2048 wide with GELU, no BN, to a 256-d bottleneck, L2-normalized, then a
+weight-normalized bias-free linear layer to K = 65536 prototypes whose norm is fixed, "norm_last_layer").
+Teacher: an EMA of backbone + head (`sslfast.EMA`, 0.996 → 1 on a cosine). Multi-crop: the student sees every
+crop (2 global + the local ones, each resolution batched through the backbone once), the teacher the 2 global
+ones. Loss: `sslfast.nn.DINOLoss` — the centered, sharpened cross-entropy over all (global, other crop) pairs
+in one op (`sslfast.dino_loss`) with the center EMA (momentum 0.9), τ_s = 0.1, τ_t = 0.04.
+
+RECIPE (main_dino.py defaults): AdamW lr 5e-4 · B/256, weight decay 0.04 (DINO raises it to 0.4 on a cosine;
+kept constant here), 10 warm-up epochs, cosine; the last layer frozen during the first epoch. Gradient
+clipping (3.0 in DINO) is not applied. The teacher is the evaluated network. SMALL: head 256 → 64 → 1024
+prototypes with BN in the head (DINO's `use_bn_in_head`, its ConvNet option: without it the tiny CPU
+backbone's near-identical initial outputs are centered away and the outputs collapse to uniform), EMA from
+0.99, lr 2e-3, 1 warm-up epoch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.layers import SyncBatchNorm
+from ..nn.dino import DINOLoss
+from ..nn.ema import EMA
+from .base import Method, check_views, loss_region
+
+
+class NormedLinear(nn.Module):
+    """Bias-free linear layer with rows of unit norm: weight_norm(Linear) with its gain fixed at 1."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_dim, in_dim))
+        nn.init.trunc_normal_(self.weight, std=0.02)
+
+    def forward(self, x):
+        return F.linear(x, F.normalize(self.weight, dim=1))
+
+
+class DINOHead(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 use_bn: bool = False):
+        super().__init__()
+        norm = (lambda: SyncBatchNorm(hidden_dim)) if use_bn else nn.Identity
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), norm(), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 norm(), nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = NormedLinear(bottleneck_dim, out_dim)
+
+    def forward(self, x):
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+def _multicrop(backbone: nn.Module, crops) -> torch.Tensor:
+    """Backbone features of every crop, [sum of B, D], each run of same-size crops in one batch (in order)."""
+    out, i = [], 0
+    while i < len(crops):
+        j = i
+        while j < len(crops) and crops[j].shape[-2:] == crops[i].shape[-2:]:
+            j += 1
+        out.append(backbone(torch.cat(list(crops[i:j]))))
+        i = j
+    return torch.cat(out)
+
+
+class DINO(Method):
+    name = "dino"
+    preset = "dino"
+    RECIPE = dict(optimizer="adamw", lr=5e-4, weight_decay=0.04, warmup_epochs=10, betas=(0.9, 0.999))
+    SMALL = dict(out_dim=1024, hidden_dim=256, bottleneck_dim=64, use_bn_in_head=True, momentum=0.99, lr=2e-3,
+                 warmup_epochs=1)
+
+    def __init__(self, backbone, *, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 momentum: float = 0.996, student_temp: float = 0.1, teacher_temp: float = 0.04,
+                 warmup_teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 0, center_momentum: float = 0.9,
+                 num_global_crops: int = 2, freeze_last_layer: int = 1, use_bn_in_head: bool = False,
+                 gather_distributed: bool = False):
+        super().__init__(backbone, gather_distributed=gather_distributed)
+        self.head = DINOHead(self.feature_dim, out_dim, hidden_dim, bottleneck_dim, use_bn_in_head)
+        # the teacher follows backbone + head (a Sequential kept unregistered: no duplicate state-dict keys)
+        self.ema = EMA(nn.Sequential(self.backbone, self.head), momentum=momentum, final_momentum=1.0)
+        self.criterion = DINOLoss(out_dim, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs,
+                                  student_temp, center_momentum, num_global_crops)
+        self.num_global_crops = num_global_crops
+        self.freeze_last_layer = freeze_last_layer
+
+    def forward(self, views):
+        G = self.num_global_crops
+        check_views(self.name, views, G + (1 if G == 1 else 0))
+        student = self.head(_multicrop(self.backbone, views))
+        with torch.no_grad():
+            teacher = self.ema.teacher[1](_multicrop(self.ema.teacher[0], views[:G]))
+        with loss_region(student):
+            return self.criterion(teacher, student, epoch=self.epoch_float)
+
+    def before_optimizer_step(self):
+        if self.steps_per_epoch and self.epoch_float < self.freeze_last_layer:
+            for p in self.head.last_layer.parameters():
+                p.grad = None
+
+    def eval_backbone(self):
+        return self.ema.teacher[0]

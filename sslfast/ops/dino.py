@@ -1,0 +1,105 @@
+"""DINO's centered, sharpened cross-entropy over every (teacher global crop, other student crop) pair, one op.
+
+    loss = sf.dino_loss(student_output, teacher_output, center, student_temp=0.1, teacher_temp=0.04,
+                        num_global_crops=2, center_momentum=0.9)
+
+student_output [V·B, K]: all V crops crop-major, the global ones first; teacher_output [G·B, K]: the teacher's
+G global crops. The loss is exactly facebookresearch/dino's `DINOLoss.forward` (mean over the G·V − G pairs of
+the batch-mean CE between softmax((t_g − center)/τ_t) and log_softmax(s_v/τ_s), v ≠ g), computed as
+per-row log-sum-exps and dots against the teacher probabilities summed over crops (math in
+`sslfast.reference.dino`): no per-pair softmax or product is materialized, and the backward recomputes the
+student softmax from the saved [V·B] row LSEs. The teacher output and the center get no gradient.
+
+With `center_momentum`, the center (a [1, K] or [K] tensor, e.g. the `center` buffer of
+`sslfast.nn.DINOLoss`) is then updated in place with the batch mean of the teacher outputs, all-reduced over
+ranks (`sslfast.ops.ema.update_center_`); the loss uses the center from before the update, as DINO does.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _validate as V
+from ..reference import dino as _reference
+from .ema import update_center_
+
+
+def _impl(*tensors):
+    # Fast path: kernels/dino.py when it exists; the reference is memory-frugal on every device.
+    return _reference
+
+
+@torch.library.custom_op("sslfast::dino_loss", mutates_args=())
+def _dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, student_temp: float,
+               teacher_temp: float, num_global: int) -> tuple[torch.Tensor, torch.Tensor]:
+    loss, lse = _impl(student, teacher).dino_loss_forward(student, teacher, center, student_temp, teacher_temp,
+                                                         num_global)
+    return loss, lse
+
+
+@_dino_loss.register_fake
+def _(student, teacher, center, student_temp, teacher_temp, num_global):
+    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    return student.new_empty((), dtype=dtype), student.new_empty(student.shape[0], dtype=dtype)
+
+
+@torch.library.custom_op("sslfast::dino_loss_backward", mutates_args=())
+def _dino_loss_backward(grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
+                        lse: torch.Tensor, student_temp: float, teacher_temp: float, num_global: int) -> torch.Tensor:
+    return _impl(student, teacher).dino_loss_backward(grad, student, teacher, center, lse, student_temp,
+                                                      teacher_temp, num_global)
+
+
+@_dino_loss_backward.register_fake
+def _(grad, student, teacher, center, lse, student_temp, teacher_temp, num_global):
+    return torch.empty_like(student)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, center, student_temp, teacher_temp, num_global = inputs
+    ctx.save_for_backward(student, teacher, center, output[1])
+    ctx.cfg = (student_temp, teacher_temp, num_global)
+
+
+def _backward(ctx, g_loss, g_lse):
+    student, teacher, center, lse = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 6
+    ds = _dino_loss_backward(g_loss, student, teacher, center, lse, *ctx.cfg)
+    return ds, None, None, None, None, None
+
+
+_dino_loss.register_autograd(_backward, setup_context=_setup_context)
+
+_DTYPES = V.FLOAT_DTYPES + (torch.float64,)
+
+
+def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center: torch.Tensor,
+              student_temp: float = 0.1, teacher_temp: float = 0.04, *, num_global_crops: int = 2,
+              center_momentum: float | None = None) -> torch.Tensor:
+    """DINO loss (see the module docstring); returns an fp32 scalar (fp64 for fp64 inputs)."""
+    s = V.tensor("student_output", student_output, ndim=2, shape_hint="[V·B, K]", dtypes=_DTYPES)
+    t = V.tensor("teacher_output", teacher_output, ndim=2, shape_hint="[G·B, K]", dtypes=_DTYPES)
+    c = V.tensor("center", center, dtypes=_DTYPES)
+    if isinstance(num_global_crops, bool) or not isinstance(num_global_crops, int) or num_global_crops < 1:
+        raise ValueError(f"num_global_crops must be an int >= 1, got {num_global_crops!r}")
+    G = num_global_crops
+    if t.shape[0] == 0 or t.shape[1] == 0 or t.shape[0] % G:
+        raise ValueError(f"teacher_output must be a non-empty [G·B, K] tensor with G = num_global_crops = {G}, "
+                         f"got shape {tuple(t.shape)}")
+    B, K = t.shape[0] // G, t.shape[1]
+    if s.shape[1] != K or s.shape[0] % B or s.shape[0] // B < G:
+        raise ValueError(f"student_output must be [V·B, K] with B = {B}, K = {K} (from teacher_output) and "
+                         f"V >= {G} crops, got shape {tuple(s.shape)}")
+    if s.shape[0] // B == 1:
+        raise ValueError("student_output needs at least 2 crops (a pair of different views)")
+    if c.numel() != K or c.dim() > 2 or (c.dim() == 2 and c.shape[0] != 1):
+        raise ValueError(f"center must be [1, K] or [K] with K = {K}, got shape {tuple(c.shape)}")
+    V.same_device(student_output=s, teacher_output=t, center=c)
+    st = V.positive("student_temp", student_temp)
+    tt = V.positive("teacher_temp", teacher_temp)
+    if center_momentum is not None:
+        c = c.detach().clone()  # the loss (and its backward) use the center from before the update
+    loss, _ = _dino_loss(s, t.detach(), c.detach(), st, tt, G)
+    if center_momentum is not None:
+        update_center_(center, t.detach(), center_momentum)
+    return loss

@@ -1,0 +1,119 @@
+"""DINO loss: the one-op multi-crop loss against the literal facebookresearch/dino code (float64 oracle)."""
+import pytest
+import torch
+
+import sslfast as sf
+from sslfast.nn import DINOLoss
+from sslfast.reference import dino as R
+
+from helpers import assert_close, leaf, tol
+
+
+def _inputs(G, V, B, K, dtype=torch.float32):
+    s = torch.randn(V * B, K, dtype=torch.float64) * 3
+    t = torch.randn(G * B, K, dtype=torch.float64) * 2
+    c = torch.randn(1, K, dtype=torch.float64) * 0.3
+    return s.to(dtype), t.to(dtype), c.to(dtype)
+
+
+def _literal(s, t, c, st, tt, G):
+    s64 = leaf(s, torch.float64)
+    loss = R.dino_loss_literal(s64, t.double(), c.double(), st, tt, G)
+    (g,) = torch.autograd.grad(loss, s64)
+    return loss, g
+
+
+@pytest.mark.parametrize("G,V,B,K", [(2, 6, 5, 37), (2, 2, 3, 48), (1, 3, 7, 11), (3, 5, 2, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_matches_literal(seed, G, V, B, K, dtype, monkeypatch):
+    s, t, c = _inputs(G, V, B, K, dtype)
+    st, tt = 0.1, 0.04 + 0.03 * torch.rand(()).item()
+    ref, gref = _literal(s, t, c, st, tt, G)
+    monkeypatch.setattr(R, "CHUNK_ELEMS", K * (V + G + 2) * 2)  # several chunks of images
+    x = leaf(s)
+    out = sf.dino_loss(x, t, c, st, tt, num_global_crops=G)
+    (g,) = torch.autograd.grad(out, x)
+    bound = 1e-12 if dtype == torch.float64 else tol(dtype)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert abs(out.item() - ref.item()) / max(abs(ref.item()), 1.0) < bound, f"seed {seed}"
+    assert g.dtype == dtype
+    assert_close(g, gref, 1e-10 if dtype == torch.float64 else tol(dtype), f"grad, seed {seed}")
+
+
+def test_center_update_matches_dino(seed):
+    G, V, B, K = 2, 4, 6, 33
+    s, t, c = _inputs(G, V, B, K)
+    center = c.clone()
+    ref, _ = _literal(s, t, c, 0.1, 0.04, G)
+    out = sf.dino_loss(leaf(s), t, center, 0.1, 0.04, num_global_crops=G, center_momentum=0.9)
+    assert abs(out.item() - ref.item()) < 1e-5  # the loss used the center from before the update
+    want = c * 0.9 + t.mean(0, keepdim=True) * 0.1
+    assert_close(center, want, 1e-6, "center")
+
+
+def test_backward_uses_pre_update_center(seed):
+    s, t, c = _inputs(2, 3, 4, 20)
+    center = c.clone()
+    x = leaf(s)
+    loss = sf.dino_loss(x, t, center, num_global_crops=2, center_momentum=0.5)
+    (g,) = torch.autograd.grad(loss, x)
+    _, gref = _literal(s, t, c, 0.1, 0.04, 2)
+    assert_close(g, gref, 1e-5, "grad")
+
+
+def test_module_schedule_and_lists(seed):
+    G, V, B, K = 2, 4, 3, 16
+    s, t, c = _inputs(G, V, B, K)
+    crit = DINOLoss(output_dim=K, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=10)
+    assert crit.teacher_temperature(0) == pytest.approx(0.04)
+    assert crit.teacher_temperature(5) == pytest.approx(0.055)
+    assert crit.teacher_temperature(None) == pytest.approx(0.07)
+    crit.center.copy_(c)
+    out = crit(list(t.chunk(G)), list(s.chunk(V)), epoch=5)
+    ref, _ = _literal(s, t, c, 0.1, 0.055, G)
+    assert abs(out.item() - ref.item()) < 1e-5
+    assert not torch.equal(crit.center, c.float())            # training mode: center moved
+    crit.eval()
+    before = crit.center.clone()
+    crit(t, s)
+    assert torch.equal(crit.center, before)                   # eval mode: untouched
+
+
+def test_non_finite_propagates():
+    s, t, c = _inputs(2, 3, 4, 8)
+    s[5, 3] = float("nan")
+    assert torch.isnan(sf.dino_loss(s, t, c))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(student_output=torch.randn(12, 8), teacher_output=torch.randn(5, 8)), "teacher_output"),
+    (dict(student_output=torch.randn(12, 7), teacher_output=torch.randn(6, 8)), "student_output"),
+    (dict(student_output=torch.randn(3, 8), teacher_output=torch.randn(6, 8)), "student_output"),
+    (dict(student_output=torch.randn(12, 8), teacher_output=torch.randn(6, 8), center=torch.zeros(2, 8)), "center"),
+    (dict(student_output=torch.randn(12, 8), teacher_output=torch.randn(6, 8), student_temp=0.0), "student_temp"),
+    (dict(student_output=torch.randn(12, 8), teacher_output=torch.randn(6, 8), teacher_temp=-1.0), "teacher_temp"),
+    (dict(student_output=torch.randn(12, 8), teacher_output=torch.randn(6, 8), num_global_crops=0),
+     "num_global_crops"),
+    (dict(student_output=torch.randn(12), teacher_output=torch.randn(6, 8)), "student_output"),
+])
+def test_bad_input(kwargs, match):
+    kwargs.setdefault("center", torch.zeros(1, 8))
+    with pytest.raises(ValueError, match=match):
+        sf.dino_loss(**kwargs)
+
+
+def test_bad_dtype():
+    with pytest.raises(TypeError, match="student_output"):
+        sf.dino_loss(torch.ones(12, 8, dtype=torch.long), torch.randn(6, 8), torch.zeros(8))
+
+
+def test_memory_frugal_backward_saves_no_softmax():
+    """The autograd graph keeps the inputs and the [V·B] row LSEs, not a [V·B, K] softmax per pair."""
+    G, V, B, K = 2, 6, 4, 1000
+    s, t, c = _inputs(G, V, B, K)
+    x = leaf(s)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda z: saved.append(z) or z, lambda z: z):
+        sf.dino_loss(x, t, c)
+    extra = sum(z.numel() for z in saved if z.data_ptr() not in (x.data_ptr(), t.data_ptr()))
+    assert extra <= K + V * B, f"saved {extra} extra elements"
