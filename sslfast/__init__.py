@@ -1,29 +1,19 @@
-"""sslfast: fused kernels for self-supervised pretraining under a thin PyTorch API."""
-from . import nn, ops
+"""sslfast: fused kernels for self-supervised pretraining under a thin PyTorch API.
+
+Losses (CUDA tensors: fused kernels; CPU tensors: memory-safe PyTorch; see `sslfast._backend`):
+`nt_xent_loss`, `info_nce_loss`, `clip_loss`, `barlow_twins_loss`, `vicreg_loss`, `dino_loss`.
+MAE masking ops in `sslfast.mae`; teacher EMA in `ema_update_` / `EMA` (fused optimizer steps in
+`sslfast.optim`); modules in `sslfast.nn`; augmentation and loaders in `sslfast.data`; backbones and recipes in
+`sslfast.models` / `sslfast.methods`.
+"""
+from . import data, mae, methods, models, nn, ops
+from .nn.ema import EMA
+from .ops.barlow import barlow_twins_loss, vicreg_loss
+from .ops.dino import dino_loss
+from .ops.ema import ema_update_
 from .ops.infonce import clip_loss, info_nce_loss, nt_xent_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["clip_loss", "info_nce_loss", "nt_xent_loss", "nn", "ops", "__version__"]
-
-from . import mae  # noqa: E402  (MAE: sf.mae.random_masking, gather_patches, unshuffle, masked_mse_loss, ...)
-
-__all__ += ["mae"]
-
-from .nn.ema import EMA  # noqa: E402  (teacher EMA: sf.ema_update_, sf.EMA; fused steps in sslfast.optim)
-from .ops.ema import ema_update_  # noqa: E402
-
-__all__ += ["EMA", "ema_update_"]
-
-from .ops.barlow import barlow_twins_loss, vicreg_loss  # noqa: E402  (Barlow Twins, VICReg: no D x D matrix)
-
-__all__ += ["barlow_twins_loss", "vicreg_loss"]
-
-from . import data  # noqa: E402  (multi-view augmentation: sf.data.SSLLoader, presets, datasets)
-
-__all__ += ["data"]
-
-from .ops.dino import dino_loss  # noqa: E402  (DINO: all crop pairs + center EMA in one op)
-from . import methods, models  # noqa: E402  (SSL recipes and backbones behind `sslfast pretrain`)
-
-__all__ += ["dino_loss", "methods", "models"]
+__all__ = ["EMA", "barlow_twins_loss", "clip_loss", "data", "dino_loss", "ema_update_", "info_nce_loss", "mae",
+           "methods", "models", "nn", "nt_xent_loss", "ops", "vicreg_loss", "__version__"]

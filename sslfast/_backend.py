@@ -74,3 +74,14 @@ def use_csrc(*tensors: torch.Tensor | None) -> bool:
         return False
     present = [t for t in tensors if t is not None]
     return bool(present) and all(t.is_cuda for t in present) and csrc_available()
+
+
+def without_autocast(fn):
+    """Runs an op's implementation with autocast off on its tensors' device: the ops choose their own
+    precision (dots in the input dtype, fp32 accumulation) and must not see autocast's casts."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper

@@ -382,3 +382,19 @@ def test_gpu_peak_memory_and_compile(seed):
     assert extra < 96, f"peak extra memory {extra:.1f} MiB"
     got = torch.compile(step, fullgraph=True, backend="aot_eager")(z1, z2)
     assert_close(got, step(z1, z2), 1e-6, "compiled loss")
+
+
+@pytest.mark.parametrize("name", ["barlow", "vicreg"])
+def test_autocast_does_not_change_the_op(backend, seed, name):
+    """Inside a bf16 autocast region the losses compute in their inputs' dtype, as outside it."""
+    fused = LOSSES[name][0]
+    z1, z2 = torch.randn(9, 20), torch.randn(9, 20)
+    a, b = leaf(z1), leaf(z2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused(a, b)
+    got.backward()
+    a0, b0 = leaf(z1), leaf(z2)
+    want = fused(a0, b0)
+    want.backward()
+    assert_close(got, want, 1e-6, f"{name} loss (seed {seed})")
+    assert_close(a.grad, a0.grad, 1e-6, f"{name} grad (seed {seed})")

@@ -405,3 +405,23 @@ def test_kernels_compile_for_sm90():
     assert len(built) >= 30, out
     spills = [line for line in built if '"spills": 0,' not in line]
     assert not spills, "register spills:\n" + "\n".join(spills[:10])
+
+
+@pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "clip"])
+def test_autocast_does_not_change_the_op(backend, seed, loss):
+    """Inside a bf16 autocast region the losses still compute in their inputs' dtype (same value and
+    gradients as outside it): the ops pick their own precision."""
+    z1, z2, queue = torch.randn(9, 16), torch.randn(9, 16), torch.randn(13, 16)
+    call = {"nt_xent": lambda a, b: sf.nt_xent_loss(a, b, 0.3),
+            "info_nce": lambda a, b: sf.info_nce_loss(a, b, queue, 0.3),
+            "clip": lambda a, b: sf.clip_loss(a, b, torch.tensor(4.0))}[loss]
+    a, b = leaf(z1), leaf(z2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = call(a, b)
+    got.backward()
+    a0, b0 = leaf(z1), leaf(z2)
+    want = call(a0, b0)
+    want.backward()
+    assert got.dtype == torch.float32
+    assert_loss_close(got, want, 1e-6, f"loss (seed {seed})")
+    assert_close(a.grad, a0.grad, 1e-6, "grad")

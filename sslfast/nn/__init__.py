@@ -1,16 +1,7 @@
 """`nn.Module` drop-ins over the fused ops (names follow lightly)."""
 from .contrastive import CLIPLoss, InfoNCELoss, NTXentLoss
+from .dino import DINOLoss
+from .ema import EMA
+from .redundancy import BarlowTwinsLoss, VICRegLoss
 
-__all__ = ["CLIPLoss", "InfoNCELoss", "NTXentLoss"]
-
-from .ema import EMA  # noqa: E402
-
-__all__ += ["EMA"]
-
-from .redundancy import BarlowTwinsLoss, VICRegLoss  # noqa: E402
-
-__all__ += ["BarlowTwinsLoss", "VICRegLoss"]
-
-from .dino import DINOLoss  # noqa: E402
-
-__all__ += ["DINOLoss"]
+__all__ = ["BarlowTwinsLoss", "CLIPLoss", "DINOLoss", "EMA", "InfoNCELoss", "NTXentLoss", "VICRegLoss"]

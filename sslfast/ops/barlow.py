@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _validate as V
-from .._backend import use_triton
+from .._backend import use_triton, without_autocast
 from ..distributed import all_gather, rank_and_world
 from ..reference import barlow as _reference
 
@@ -51,6 +51,16 @@ def _impl(*tensors):
 
         return _kernels
     return _reference
+
+
+@without_autocast
+def _run_forward(z1, z2, *config):
+    return _impl(z1, z2).forward(z1, z2, *config)
+
+
+@without_autocast
+def _run_backward(grad, z1, z2, *rest):
+    return _impl(z1, z2).backward(grad, z1, z2, *rest)
 
 
 def _operand_dtype(z: torch.Tensor, rows: int, algorithm: str) -> torch.dtype:
@@ -70,7 +80,7 @@ def redundancy_loss(z1: torch.Tensor, z2: torch.Tensor, kind: int, coef: list[fl
     """(loss_r, u_r, col, scal, ops, grams, pdiag): this rank's loss and share (module doc of
     `sslfast.kernels.barlow`), then what the backward needs (per-feature statistics, operand scales, GEMM
     operands, Gram rows and their diagonal). `rows` = [first row of this rank, rows per rank]."""
-    return tuple(_impl(z1, z2).forward(z1, z2, kind, coef, eps, rows, world, algorithm))
+    return tuple(_run_forward(z1, z2, kind, coef, eps, rows, world, algorithm))
 
 
 @redundancy_loss.register_fake
@@ -92,8 +102,7 @@ def redundancy_loss_backward(grad: torch.Tensor, z1: torch.Tensor, z2: torch.Ten
                              kind: int, coef: list[float], eps: float, rows: list[int], world: int, algorithm: str
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dz1, dz2) of loss_r for the upstream gradient `grad` (0-d)."""
-    return tuple(_impl(z1, z2).backward(grad, z1, z2, col, scal, ops, grams, pdiag, kind, coef, eps, rows, world,
-                                        algorithm))
+    return tuple(_run_backward(grad, z1, z2, col, scal, ops, grams, pdiag, kind, coef, eps, rows, world, algorithm))
 
 
 @redundancy_loss_backward.register_fake
@@ -125,7 +134,7 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z1, z2, kind, coef, eps, rows, world, algorithm):
-        loss, share, *saved = _impl(z1, z2).forward(z1, z2, kind, coef, eps, rows, world, algorithm)
+        loss, share, *saved = _run_forward(z1, z2, kind, coef, eps, rows, world, algorithm)
         ctx.save_for_backward(z1, z2, *saved)  # intermediates (statistics, operands, Gram rows) freed after use
         ctx.cfg = (kind, coef, eps, rows, world, algorithm)
         ctx.mark_non_differentiable(share)
@@ -134,7 +143,7 @@ class _Eager(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _):
         z1, z2, *saved = ctx.saved_tensors
-        dz1, dz2 = _impl(z1, z2).backward(g_loss.float(), z1, z2, *saved, *ctx.cfg)
+        dz1, dz2 = _run_backward(g_loss.float(), z1, z2, *saved, *ctx.cfg)
         return dz1, dz2, None, None, None, None, None, None
 
 

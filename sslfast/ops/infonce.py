@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _validate as V
-from .._backend import use_triton
+from .._backend import use_triton, without_autocast
 from ..distributed import all_gather, rank_and_world
 from ..reference import infonce as _reference
 
@@ -45,18 +45,9 @@ def _swap(maps: list[int]) -> list[int]:
     return maps[3:6] + maps[0:3] + maps[6:8]
 
 
-# ------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("sslfast::similarity_lse", mutates_args=())
-def similarity_lse(a: torch.Tensor, b: torch.Tensor, partner: torch.Tensor | None, scale: torch.Tensor,
-                   maps: list[int], symmetric: bool, exclude_self: bool, want_pos: bool, col_stats: bool,
-                   bounded: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lse_r [M], lse_c [Nb] or [0], pos [M] or [0], rn_a, rn_b or [0] if symmetric), in fp32.
-
-    `want_pos`: the positives are columns of b (row i's at π(i)); they are read from the tiles and left out
-    of lse_r and lse_c. `partner` (MoCo's queue mode): the positive of row i is partner[i] instead, scored
-    in the row-norm pass. `symmetric`: b is a (NT-Xent on one device). `bounded`: |scale| <= 64 is known, so
-    the kernels may use plain fp32 sums (see `sslfast.kernels.infonce`). The inverse row norms are returned
-    for the backward; they get no gradient."""
+# ------------------------------------------------------------------------------------------- the op
+@without_autocast
+def _forward(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded):
     impl = _impl(a, b, scale)
     if partner is None:
         rn_a = impl.row_rnorm(a)
@@ -71,28 +62,9 @@ def similarity_lse(a: torch.Tensor, b: torch.Tensor, partner: torch.Tensor | Non
     return lse_r.float(), lse_c.float(), pos.float(), rn_a.float(), rn_b.float()
 
 
-@similarity_lse.register_fake
-def _(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded):
-    m, nb = a.shape[0], b.shape[0]
-    f32 = dict(dtype=torch.float32, device=a.device)
-    has_pos = want_pos or partner is not None
-    return (a.new_empty(m, **f32), a.new_empty(nb if col_stats else 0, **f32),
-            a.new_empty(m if has_pos else 0, **f32), a.new_empty(m, **f32), a.new_empty(0 if symmetric else nb, **f32))
-
-
-@torch.library.custom_op("sslfast::similarity_lse_backward", mutates_args=())
-def similarity_lse_backward(a: torch.Tensor, b: torch.Tensor, partner: torch.Tensor | None, scale: torch.Tensor,
-                            lse_r: torch.Tensor, lse_c: torch.Tensor, pos: torch.Tensor, rn_a: torch.Tensor,
-                            rn_b: torch.Tensor, g_r: torch.Tensor, g_c: torch.Tensor | None,
-                            g_p: torch.Tensor | None, maps: list[int], symmetric: bool, exclude_self: bool,
-                            bounded: bool, want_b: bool, want_scale: bool
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(da, db or [0], dpartner or [0], dscale or [0]) for upstream gradients g_r (of lse_r), g_c (of lse_c),
-    g_p (of pos).
-
-    Rows of a see G directly; rows of b see Gᵀ, i.e. the same kernel with the roles swapped. In the
-    symmetric case both roles land on a and a single launch computes G + Gᵀ. A partner's positive
-    s_i = scale·â_i·p̂_i adds g_p[i]·scale·p̂_i to ∂L/∂â_i (and the mirror term to p) in the row-norm backward."""
+@without_autocast
+def _backward(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p, maps, symmetric, exclude_self,
+              bounded, want_b, want_scale):
     impl = _impl(a, b, scale)
     if symmetric:
         lse_c, g_c, rn_b = lse_r, g_r, rn_a
@@ -121,7 +93,70 @@ def similarity_lse_backward(a: torch.Tensor, b: torch.Tensor, partner: torch.Ten
     return da, db, dpartner, dscale
 
 
-@similarity_lse_backward.register_fake
+def _backward_inputs(ctx, g_r, g_c, g_p):
+    """Arguments of `_backward` from an autograd context (custom op or autograd.Function alike)."""
+    a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b = ctx.saved_tensors
+    maps, symmetric, exclude_self, has_pos, col_stats, bounded = ctx.cfg
+    want_b = ctx.needs_input_grad[1] and not symmetric
+    return (a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r.float(), g_c.float() if col_stats else None,
+            g_p.float() if has_pos else None, maps, symmetric, exclude_self, bounded, want_b,
+            ctx.needs_input_grad[3])
+
+
+def _input_grads(ctx, da, db, dp, dscale):
+    partner = ctx.saved_tensors[2]
+    return (da, db if ctx.needs_input_grad[1] and not ctx.cfg[1] else None, dp if partner is not None else None,
+            dscale if ctx.needs_input_grad[3] else None, None, None, None, None, None, None)
+
+
+def _save(ctx, inputs, output):
+    a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded = inputs
+    lse_r, lse_c, pos, rn_a, rn_b = output
+    ctx.save_for_backward(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b)
+    ctx.cfg = (maps, symmetric, exclude_self, want_pos or partner is not None, col_stats, bounded)
+
+
+@torch.library.custom_op("sslfast::similarity_lse", mutates_args=())
+def similarity_lse_op(a: torch.Tensor, b: torch.Tensor, partner: torch.Tensor | None, scale: torch.Tensor,
+                      maps: list[int], symmetric: bool, exclude_self: bool, want_pos: bool, col_stats: bool,
+                      bounded: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse_r [M], lse_c [Nb] or [0], pos [M] or [0], rn_a, rn_b or [0] if symmetric), in fp32.
+
+    `want_pos`: the positives are columns of b (row i's at π(i)); they are read from the tiles and left out
+    of lse_r and lse_c. `partner` (MoCo's queue mode): the positive of row i is partner[i] instead, scored
+    in the row-norm pass. `symmetric`: b is a (NT-Xent on one device). `bounded`: |scale| <= 64 is known, so
+    the kernels may use plain fp32 sums (see `sslfast.kernels.infonce`). The inverse row norms are returned
+    for the backward; they get no gradient."""
+    return _forward(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded)
+
+
+@similarity_lse_op.register_fake
+def _(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded):
+    m, nb = a.shape[0], b.shape[0]
+    f32 = dict(dtype=torch.float32, device=a.device)
+    has_pos = want_pos or partner is not None
+    return (a.new_empty(m, **f32), a.new_empty(nb if col_stats else 0, **f32),
+            a.new_empty(m if has_pos else 0, **f32), a.new_empty(m, **f32), a.new_empty(0 if symmetric else nb, **f32))
+
+
+@torch.library.custom_op("sslfast::similarity_lse_backward", mutates_args=())
+def similarity_lse_backward_op(a: torch.Tensor, b: torch.Tensor, partner: torch.Tensor | None, scale: torch.Tensor,
+                               lse_r: torch.Tensor, lse_c: torch.Tensor, pos: torch.Tensor, rn_a: torch.Tensor,
+                               rn_b: torch.Tensor, g_r: torch.Tensor, g_c: torch.Tensor | None,
+                               g_p: torch.Tensor | None, maps: list[int], symmetric: bool, exclude_self: bool,
+                               bounded: bool, want_b: bool, want_scale: bool
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(da, db or [0], dpartner or [0], dscale or [0]) for upstream gradients g_r (of lse_r), g_c (of lse_c),
+    g_p (of pos).
+
+    Rows of a see G directly; rows of b see Gᵀ, i.e. the same kernel with the roles swapped. In the
+    symmetric case both roles land on a and a single launch computes G + Gᵀ. A partner's positive
+    s_i = scale·â_i·p̂_i adds g_p[i]·scale·p̂_i to ∂L/∂â_i (and the mirror term to p) in the row-norm backward."""
+    return _backward(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p, maps, symmetric,
+                     exclude_self, bounded, want_b, want_scale)
+
+
+@similarity_lse_backward_op.register_fake
 def _(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p, maps, symmetric, exclude_self, bounded,
       want_b, want_scale):
     db = torch.empty_like(b) if want_b and not symmetric else a.new_empty(0)
@@ -129,26 +164,33 @@ def _(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p, maps, 
     return torch.empty_like(a), db, dp, scale.new_empty(() if want_scale else (0,))
 
 
-def _setup_context(ctx, inputs, output):
-    a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded = inputs
-    lse_r, lse_c, pos, rn_a, rn_b = output
-    ctx.save_for_backward(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b)
-    ctx.cfg = (maps, symmetric, exclude_self, want_pos or partner is not None, col_stats, bounded)
+def _op_backward(ctx, g_r, g_c, g_p, *_):
+    return _input_grads(ctx, *similarity_lse_backward_op(*_backward_inputs(ctx, g_r, g_c, g_p)))
 
 
-def _backward(ctx, g_r, g_c, g_p, _g_rn_a, _g_rn_b):
-    a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b = ctx.saved_tensors
-    maps, symmetric, exclude_self, has_pos, col_stats, bounded = ctx.cfg
-    want_b = ctx.needs_input_grad[1] and not symmetric
-    want_scale = ctx.needs_input_grad[3]
-    da, db, dp, dscale = similarity_lse_backward(
-        a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r.float(), g_c.float() if col_stats else None,
-        g_p.float() if has_pos else None, maps, symmetric, exclude_self, bounded, want_b, want_scale)
-    return (da, db if want_b else None, dp if partner is not None else None, dscale if want_scale else None,
-            None, None, None, None, None, None)
+similarity_lse_op.register_autograd(_op_backward, setup_context=_save)
 
 
-similarity_lse.register_autograd(_backward, setup_context=_setup_context)
+class _Eager(torch.autograd.Function):
+    """The same forward and backward through a plain autograd.Function: the torch.library dispatcher costs
+    ~100 µs of host time per forward+backward, as much as a whole small loss on an H100."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = _forward(*inputs)
+        _save(ctx, inputs, out)
+        ctx.mark_non_differentiable(*out[3:])
+        return out
+
+    @staticmethod
+    def backward(ctx, g_r, g_c, g_p, *_):
+        return _input_grads(ctx, *_backward(*_backward_inputs(ctx, g_r, g_c, g_p)))
+
+
+def similarity_lse(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded):
+    """The op: the custom op while torch.compile traces (no graph break), `_Eager` otherwise."""
+    args = (a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded)
+    return similarity_lse_op(*args) if torch.compiler.is_compiling() else _Eager.apply(*args)
 
 
 # ------------------------------------------------------------------------------------------- validation
