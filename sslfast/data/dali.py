@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import datasets as D
-from .native import BadSample
+from .native import read_image_bytes
 
 _INSTALL_HINT = ("backend='dali' needs NVIDIA DALI: pip install 'sslfast[dali]' (nvidia-dali-cuda130), or "
                  "nvidia-dali-cuda120 on CUDA 12")
@@ -184,13 +184,7 @@ class DaliBackend:
         src = self.loader.source
         if not self.encoded:
             return src.get(i)
-        try:
-            data = src.read(i)
-        except OSError as err:
-            raise BadSample(f"unreadable ({err})") from err
-        if not D.looks_like_image(data):
-            raise BadSample("not an image (bad magic bytes or truncated)")
-        return np.frombuffer(data, dtype=np.uint8)
+        return np.frombuffer(read_image_bytes(src, i), dtype=np.uint8)
 
     def _run(self, payloads):
         pipe = self._pipeline()

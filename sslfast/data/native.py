@@ -28,6 +28,17 @@ class BadSample(Exception):
     """A sample that cannot be read or decoded (the loader skips and counts it)."""
 
 
+def read_image_bytes(source, i: int) -> bytes:
+    """The encoded bytes of sample i; BadSample when the file cannot be read or is not an image."""
+    try:
+        data = source.read(i)
+    except OSError as err:
+        raise BadSample(f"unreadable ({err})") from err
+    if not D.looks_like_image(data):
+        raise BadSample("not an image (bad magic bytes or truncated)")
+    return data
+
+
 @functools.lru_cache(maxsize=None)
 def torchvision_decode_jpeg():
     """torchvision.io.decode_jpeg when torchvision imports (it does not beside the CPU-only torch 2.13)."""
@@ -101,12 +112,7 @@ class NativeBackend:
         src = self.loader.source
         if not self.files:
             return "hwc", src.get(i)
-        try:
-            data = src.read(i)
-        except OSError as err:
-            raise BadSample(f"unreadable ({err})") from err
-        if not D.looks_like_image(data):
-            raise BadSample("not an image (bad magic bytes or truncated)")
+        data = read_image_bytes(src, i)
         if self.gpu_decode and D.is_jpeg(data):
             return "jpeg", data
         return "hwc", decode_pil(data)

@@ -14,7 +14,6 @@ Two layers:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 NORM_PIX_EPS = 1e-6
 _M32 = 0xFFFFFFFF
