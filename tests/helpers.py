@@ -31,7 +31,7 @@ def leaf(x: torch.Tensor, dtype=None) -> torch.Tensor:
 def assert_loss_close(out, ref, bound: float, what: str = "loss"):
     """A loss is a difference of O(scale) terms (log-sum-exp minus positive logit), so no fp32 or bf16
     implementation resolves it better than relative to max(|ref|, 1): compare on that scale."""
-    out, ref = float(out), float(ref)
+    out, ref = float(torch.as_tensor(out).detach()), float(torch.as_tensor(ref).detach())
     assert out == out, f"{what}: NaN"
     err = abs(out - ref) / max(abs(ref), 1.0)
     assert err < bound, f"{what}: error {err:.3g} (got {out!r}, want {ref!r}) >= {bound:.1g}"
