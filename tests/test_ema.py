@@ -418,6 +418,16 @@ def _grads(params, k):
     return [torch.randn(p.shape, generator=g) for p in params]
 
 
+def _steps_side_by_side(pairs, ref_ema, x, steps=4):
+    """`steps` training steps of each (model, optimizer) pair on x; the reference EMA follows the second."""
+    for _ in range(steps):
+        for model, o in pairs:
+            o.zero_grad()
+            model(x).square().sum().backward()
+            o.step()
+        ref_ema.update()
+
+
 @pytest.mark.parametrize("t_dtype", [torch.float32, torch.bfloat16])
 def test_adamw_ema_equals_torch_adamw_plus_lerp(seed, t_dtype):
     ref_model = _mlp()
@@ -456,12 +466,7 @@ def test_adamw_ema_with_ema_module_and_state_dict(seed):
     opt = AdamWEMA(student.parameters(), teacher=ema, lr=1e-2)
     ref = torch.optim.AdamW(ref_student.parameters(), lr=1e-2)
     x = torch.randn(2, 3, 6, 6)
-    for _ in range(4):
-        for model, o in ((student, opt), (ref_student, ref)):
-            o.zero_grad()
-            model(x).square().sum().backward()
-            o.step()
-        ref_ema.update()
+    _steps_side_by_side(((student, opt), (ref_student, ref)), ref_ema, x)
     assert ema.step == ref_ema.step == 4
     for a, b in zip(ema.teacher.state_dict().values(), ref_ema.teacher.state_dict().values()):
         assert_close(a.float(), b.float(), 1e-6, "teacher state")
@@ -780,12 +785,7 @@ def test_gpu_adamw_with_ema_module(seed):
     opt = AdamWEMA([p for p in student.parameters() if p.requires_grad], teacher=ema, lr=1e-2)
     ref = torch.optim.AdamW([p for p in ref_student.parameters() if p.requires_grad], lr=1e-2, fused=True)
     x = torch.randn(2, 3, 6, 6, device="cuda")
-    for _ in range(4):
-        for model, o in ((student, opt), (ref_student, ref)):
-            o.zero_grad()
-            model(x).square().sum().backward()
-            o.step()
-        ref_ema.update()
+    _steps_side_by_side(((student, opt), (ref_student, ref)), ref_ema, x)
     assert ema.step == ref_ema.step == 4
     for (name, a), b in zip(ema.teacher.state_dict().items(), ref_ema.teacher.state_dict().values()):
         assert_close(a.float(), b.float(), 1e-6, f"teacher {name}")
