@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# GPU check for the lent H100/H200 box: install (builds csrc), `pytest -m gpu`, the InfoNCE tile sweep and
-# `sslfast bench`. Everything lands under $OUT (default ./gpu_out); the last lines printed are the tables.
-#   STEPS="tests tune bench"   which steps (default: all three)
+# GPU check for the lent H100/H200 box: install (builds csrc), `pytest -m gpu`, the InfoNCE tile sweep,
+# `sslfast bench` and a profile (kernels vs host) of the cases still off target. Everything lands under $OUT
+# (default ./gpu_out); the last lines printed are the tables.
+#   STEPS="tests tune bench profile"   which steps (default: all four)
 #   TEST_FILES="tests/..."     test files for `pytest -m gpu` (default: all)
 #   BENCH_OPS / BENCH_CASES    passed to `sslfast bench --ops / --cases` (default: everything)
 #   TUNE_ARGS                  passed to benchmarks/tune_infonce.py
+#   PROFILE_CASES              regexes for benchmarks/profile_ops.py (default: the cases off target)
 #   SKIP_INSTALL=1, BENCH_TAG  for a second call in the same session (bench$BENCH_TAG.{txt,json})
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-STEPS=${STEPS:-tests tune bench}
+STEPS=${STEPS:-tests tune bench profile}
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -35,4 +37,10 @@ if has bench; then
   timeout 1200 python3 -m sslfast.cli bench --warmup 2 --repeat 7 ${BENCH_OPS:+--ops $BENCH_OPS} \
     ${BENCH_CASES:+--cases $BENCH_CASES} --json "$OUT/bench$tag.json" >"$OUT/bench$tag.txt" 2>&1
   echo "bench exit $?"; grep -v '^{' "$OUT/bench$tag.txt" | tail -70
+fi
+if has profile; then
+  default_cases='"barlow_twins N=256" "barlow_twins N=2048" "^mae [a-z]" "^ema ViT-B" "nt_xent 2x16384" "moco_queue N=4096"'
+  eval "set -- ${PROFILE_CASES:-$default_cases}"
+  timeout 600 python3 benchmarks/profile_ops.py --cases "$@" --json "$OUT/profile.json" >"$OUT/profile.txt" 2>&1
+  echo "profile exit $?"; grep -E "wall|Error" "$OUT/profile.txt" | tail -40
 fi

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty, interpreting, next_pow2
+from ._common import cdiv, empty, interpreting, next_pow2
 
 FIELDS = (
     "top", "left", "height", "width", "flip", "jitter", "brightness", "contrast", "saturation", "hue",
@@ -367,10 +367,10 @@ def _blur(src, tmp, out, params, flag_col, sigma_col, solar_col, thresh_col, c, 
     pstride = params.shape[-1]
     in_place = src.data_ptr() == tmp.data_ptr()
     cfg = _blur_cfg(c * h, w, in_place)
-    _blur_rows_kernel[(triton.cdiv(c * h, cfg["ROWS"]), batch, g_views)](
+    _blur_rows_kernel[(cdiv(c * h, cfg["ROWS"]), batch, g_views)](
         src, tmp, params, pstride, flag_col, sigma_col, c * h, w, KSIZE=ksize, SYNC=in_place, **cfg)
     cfg = _blur_cfg(c * h, w, False)
-    _blur_cols_kernel[(triton.cdiv(c * h, cfg["ROWS"]), batch, g_views)](
+    _blur_cols_kernel[(cdiv(c * h, cfg["ROWS"]), batch, g_views)](
         tmp, out, params, pstride, flag_col, sigma_col, solar_col, thresh_col, c, h, w, *norm,
         KSIZE=ksize, EPILOGUE=epilogue, **cfg)
 

@@ -72,7 +72,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty, interpreting, num_sms, upcast_dots
+from ._common import cdiv, empty, interpreting, num_sms, upcast_dots
 
 BARLOW, VICREG = 0, 1
 NCOL = 9  # rows of `col` [NCOL, D], fp32:
@@ -647,7 +647,7 @@ def symmetric_gram_forward(m: int, device) -> bool:
     # Its upper tiles cost as much as cuBLAS's 128 x 256 output tiles of the two full Gram GEMMs, and there
     # are half as many: it wins once they make at least two waves (M >= ~3000 on 132 SMs). At M = 2048 both
     # need two waves (136 vs 256 tiles) and cuBLAS's tiles are the more efficient ones.
-    t = triton.cdiv(m, _cfg()["sym"]["BLOCK_T"])
+    t = cdiv(m, _cfg()["sym"]["BLOCK_T"])
     return t * (t + 1) // 2 >= 2 * num_sms(torch.device(device))
 
 
@@ -675,7 +675,7 @@ def forward(z1, z2, kind, coef, eps, rows, world, algorithm):
     scal = empty((2,), dtype=f32, device=dev)
     ops = empty((2, m, d), dtype=odt, device=dev)
     cc = cfg["col"]
-    grid = (triton.cdiv(d, cc["BLOCK_D"]),)
+    grid = (cdiv(d, cc["BLOCK_D"]),)
     args = (z1, z2, col, scal, ops, m, d, z1.stride(0), z2.stride(0), r0, n, float(eps))
     if kind == BARLOW:
         _columns_kernel[grid](*args, KIND=kind, STATS=True, OPERANDS=True, **cc)
@@ -689,7 +689,7 @@ def forward(z1, z2, kind, coef, eps, rows, world, algorithm):
         grams = empty((2, n, m), dtype=odt, device=dev)
         pdiag = empty((2, n), dtype=f32, device=dev)
         sc = cfg["sym"]
-        t = triton.cdiv(m, sc["BLOCK_T"])
+        t = cdiv(m, sc["BLOCK_T"])
         if n == m and symmetric_gram_forward(m, dev):
             part = empty((t * t, 2), dtype=f32, device=dev)
             _sym_gram_kernel[(t, t)](ops, grams, pdiag, part, m, d, 1.0 / d, t, KIND=kind, UPCAST=upcast_dots(),
@@ -698,8 +698,8 @@ def forward(z1, z2, kind, coef, eps, rows, world, algorithm):
             return loss, u, col, scal, ops, grams, pdiag
         g = _bmm_f32(ops[:, r0:r0 + n], ops.transpose(1, 2))     # [2, n, M]: this rank's Gram rows
         gc = cfg["gram"]
-        tiles_c = triton.cdiv(m, gc["BLOCK_C"])
-        n_tiles = triton.cdiv(n, gc["BLOCK_R"]) * tiles_c
+        tiles_c = cdiv(m, gc["BLOCK_C"])
+        n_tiles = cdiv(n, gc["BLOCK_R"]) * tiles_c
         finalize = n_tiles <= cfg["small_tiles"]
         nprog = 1 if finalize else n_tiles
         part = loss if finalize else empty((nprog, 2), dtype=f32, device=dev)
@@ -710,7 +710,7 @@ def forward(z1, z2, kind, coef, eps, rows, world, algorithm):
             _finalize_kernel[(1,)](part, nprog, col, scal, loss, u, *tail, KIND=kind, GRAM=True, **cfg["fin"])
         return loss, u, col, scal, ops, grams, pdiag
     tc = cfg["tiles"]
-    t = triton.cdiv(d, tc["BLOCK_T"])
+    t = cdiv(d, tc["BLOCK_T"])
     part = empty((t * t, 2), dtype=f32, device=dev)
     _tiles_kernel[(t, t, 1 if kind == BARLOW else 2)](ops, part, m, d, t, SYM=kind == VICREG,
                                                        UPCAST=upcast_dots(), **tc)
@@ -753,7 +753,7 @@ def backward(grad, z1, z2, col, scal, ops, grams, pdiag, kind, coef, eps, rows, 
     dz2 = empty(z2.shape, dtype=z2.dtype, device=z2.device)
     cc = _cfg()["col"]
     pd = pdiag if algorithm == "gram" else col
-    _combine_kernel[(triton.cdiv(d, cc["BLOCK_D"]),)](
+    _combine_kernel[(cdiv(d, cc["BLOCK_D"]),)](
         z1, z2, h, pd, col, scal, grad, dz1, dz2, m, d, z1.stride(0), z2.stride(0), r0, n, float(world),
         c0, c1, c2, hfac, KIND=kind, GRAM=algorithm == "gram",
         BLOCK_M=cc["BLOCK_M"], BLOCK_D=cc["BLOCK_D"], num_warps=cc["num_warps"])

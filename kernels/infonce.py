@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty, interpreting, next_pow2, num_sms, upcast_dots
+from ._common import cdiv, empty, interpreting, next_pow2, num_sms, upcast_dots
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -402,10 +402,10 @@ def _splits(n_row_blocks: int, n_cols: int, block_n: int, device, waves: int) ->
     columns per split). The forward, whose splits only write small partial statistics, takes 8 (the last,
     partial wave then costs little); the backward, whose splits each add a [BLOCK_M, D] fp32 block, takes 2
     (the configuration of the H100 sweep)."""
-    col_tiles = triton.cdiv(n_cols, block_n)
-    want = max(1, min(col_tiles, triton.cdiv(waves * num_sms(device), n_row_blocks)))
-    per = triton.cdiv(col_tiles, want) * block_n
-    return triton.cdiv(n_cols, per), per
+    col_tiles = cdiv(n_cols, block_n)
+    want = max(1, min(col_tiles, cdiv(waves * num_sms(device), n_row_blocks)))
+    per = cdiv(col_tiles, want) * block_n
+    return cdiv(n_cols, per), per
 
 
 def row_rnorm(x: torch.Tensor, partner: torch.Tensor | None = None, scale: torch.Tensor | None = None):
@@ -415,7 +415,7 @@ def row_rnorm(x: torch.Tensor, partner: torch.Tensor | None = None, scale: torch
     rn_p, pos = (empty((m,), dtype=torch.float32, device=x.device) for _ in range(2)) if partner is not None \
         else (rn, rn)
     bm = 16 if interpreting() else 32
-    _rownorm_kernel[(triton.cdiv(m, bm),)](
+    _rownorm_kernel[(cdiv(m, bm),)](
         x, rn, x if partner is None else partner, rn_p, pos, rn if scale is None else scale, m, d, x.stride(0),
         x.stride(0) if partner is None else partner.stride(0), NORM_EPS, HAS_PARTNER=partner is not None,
         BLOCK_M=bm, BLOCK_D=min(next_pow2(d), 128), num_warps=4)
@@ -428,7 +428,7 @@ def row_normalize_backward(x, rn, dxh=None, partner=None, rn_p=None, coef=None) 
     dx = empty(x.shape, dtype=x.dtype, device=x.device)
     bd = next_pow2(d)
     bm = 16 if interpreting() else max(1, min(32, 4096 // bd))
-    _normalize_bwd_kernel[(triton.cdiv(m, bm),)](
+    _normalize_bwd_kernel[(cdiv(m, bm),)](
         x, rn, dx if dxh is None else dxh, x if partner is None else partner, rn if rn_p is None else rn_p,
         rn if coef is None else coef, dx, m, d, x.stride(0), 0 if dxh is None else dxh.stride(0),
         x.stride(0) if partner is None else partner.stride(0), dx.stride(0),
@@ -444,7 +444,7 @@ def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col
     m, d = r.shape
     nb = c.shape[0]
     cfg = _tiles(d, "fwd", bounded)
-    n_rb = triton.cdiv(m, cfg["BLOCK_M"])
+    n_rb = cdiv(m, cfg["BLOCK_M"])
     splits, per = _splits(n_rb, nb, cfg["BLOCK_N"], r.device, waves=8)
     row_m = empty((splits, m), dtype=torch.float32, device=r.device)
     row_l = empty((splits, m), dtype=torch.float32, device=r.device)
@@ -477,7 +477,7 @@ def similarity_lse_rows_grad(r, c, rn_r, rn_c, scale, maps, *, exclude_self, bou
     m, d = r.shape
     nb = c.shape[0]
     cfg = _tiles(d, "bwd", bounded)
-    n_rb = triton.cdiv(m, cfg["BLOCK_M"])
+    n_rb = cdiv(m, cfg["BLOCK_M"])
     splits, per = _splits(n_rb, nb, cfg["BLOCK_N"], r.device, waves=2)
     atomic = 1 < splits <= MAX_ATOMIC_SPLITS
     if atomic:
@@ -486,7 +486,7 @@ def similarity_lse_rows_grad(r, c, rn_r, rn_c, scale, maps, *, exclude_self, bou
         dr = empty((splits, m, d), dtype=torch.float32, device=r.device)
     dscale = torch.zeros((), dtype=torch.float32, device=r.device) if want_dscale else dr
     dummy = dr
-    _lse_bwd_kernel[(n_rb, splits, triton.cdiv(d, cfg["BLOCK_DO"]))](
+    _lse_bwd_kernel[(n_rb, splits, cdiv(d, cfg["BLOCK_DO"]))](
         r, c, rn_r, rn_c, scale,
         dummy if lse_r is None else lse_r, dummy if g_r is None else g_r,
         dummy if lse_c is None else lse_c, dummy if g_c is None else g_c,

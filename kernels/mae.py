@@ -34,6 +34,16 @@ spreads to the other rows of its one-hot block (0·NaN); a non-finite gradient s
 Token inputs (x of gather_tokens / unshuffle, pred) may be batch-strided views such as `x[:, 1:]` (rows
 dense, any batch stride): the official decoder's cls-token slices are read in place, not copied.
 
+Patch reads (gather_patches / patchify, masked_mse's targets; whole patches per program). A patch's C·p image
+rows of p pixels ("segments") are loaded as a [BLOCK_S ≥ C·p, BLOCK_P ≥ p] tile with the pixels innermost
+(coalesced; 16-byte vectors when p·itemsize is a multiple of 16, e.g. p=16 in bf16 or fp32, narrower ones
+otherwise), then put in MAE order by one gather through shared memory:
+
+    seg[s, j] = img[b, c, hp·p + i, wp·p + j]                         s = c·p + i
+    x[e]      = seg[(e mod C)·p + ⌊e / (C·p)⌋, ⌊e / C⌋ mod p]         e = (i·p + j)·C + c
+
+(with C = 1 and p a power of two the two orders coincide and there is no gather).
+
 masked_mse (rows of whole patches in registers; the target is read from the images, never materialized):
 
     t      = patch pixels;  with norm_pix: t = (t − mean) / sqrt(var + 1e-6), var unbiased (x.var(-1))
@@ -49,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty, interpreting, next_pow2, upcast_dots
+from ._common import cdiv, empty, interpreting, next_pow2, upcast_dots
 
 NORM_PIX_EPS = 1e-6  # as the official forward_loss
 _PAD_KEY = tl.constexpr(9223372036854775807)  # int64 max: padding lanes sort last (constexpr: a @jit global)
@@ -81,29 +91,51 @@ def _random_masking_kernel(SEED, seed_val, IDS_KEEP, IDS_RESTORE, MASK, L, keep,
 
 
 @triton.jit
-def _gather_patches_kernel(IMG, IDS, OUT, n_rows, K, L, grid_w, H, W, E, P: tl.constexpr, C: tl.constexpr,
-                           ALL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
-    # Grid (cdiv(B·K, BLOCK_R),): BLOCK_R output patches per program, E walked BLOCK_E values at a time;
-    # stores are contiguous, loads read p-long image row segments. ALL: patchify (patch index = row).
+def _patches(IMG, b, l, load_ok, L, grid_w, P: tl.constexpr, C: tl.constexpr, BLOCK_R: tl.constexpr,
+             BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Patches l of samples b: [BLOCK_R, BLOCK_E] rows in MAE order, IMG's dtype, 0 where not load_ok and at e >= E.
+    Segments in, one gather to MAE order (see the module docstring)."""
+    # W = w·p and H·W = L·p·p: strides the compiler knows are multiples of p (aligned vectors without the JIT's
+    # divisibility specialization)
+    W = grid_w * P
+    base = b.to(tl.int64) * (L * (C * P * P)) + ((l // grid_w) * P).to(tl.int64) * W + (l % grid_w) * P
+    s = tl.arange(0, BLOCK_S)
+    j = tl.arange(0, BLOCK_P)
+    seg = (s // P).to(tl.int64) * (L * (P * P)) + (s % P) * W
+    x = tl.load(IMG + base[:, None, None] + seg[None, :, None] + j[None, None, :],
+                mask=load_ok[:, None, None] & (s < C * P)[None, :, None] & (j < P)[None, None, :], other=0.0)
+    if C > 1 or BLOCK_P > P:  # otherwise segment order is MAE order
+        e = tl.arange(0, BLOCK_E)
+        src = ((e % C) * P + e // (C * P)) * BLOCK_P + (e // C) % P
+        # e >= E reads the tile's last lane, a zero (BLOCK_E > E = C·p·p means BLOCK_S > C·p or BLOCK_P > p)
+        src = tl.where(e < C * P * P, src, BLOCK_S * BLOCK_P - 1)
+        src = tl.arange(0, BLOCK_R)[:, None] * (BLOCK_S * BLOCK_P) + src[None, :]
+        # flattened to 1-D, the gather goes through shared memory (one st.shared.v4 per 8 bf16, one ld.shared per
+        # value); Triton lowers a 2-D gather to warp shuffles instead: 1024 per lane at p=16, C=3
+        x = tl.gather(tl.reshape(x, (BLOCK_R * BLOCK_S * BLOCK_P,)), tl.reshape(src, (BLOCK_R * BLOCK_E,)), 0)
+    return tl.reshape(x, (BLOCK_R, BLOCK_E))
+
+
+@triton.jit
+def _gather_patches_kernel(IMG, IDS, OUT, n_rows, K, L, grid_w, P: tl.constexpr, C: tl.constexpr,
+                           ALL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+                           BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr):
+    # Grid (cdiv(B·K, BLOCK_R),): BLOCK_R whole output patches per program, contiguous rows out.
+    # ALL: patchify (patch index = row).
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
-    b = (rows // K).to(tl.int64)
     if ALL:
         l = rows % K
     else:
         l = tl.load(IDS + rows, mask=row_ok, other=0)
     good = (l >= 0) & (l < L)
-    ph = tl.where(good, l // grid_w, 0)
-    pw = tl.where(good, l % grid_w, 0)
-    base = b * (C * H * W) + (ph * P).to(tl.int64) * W + pw * P
-    for e0 in range(0, E, BLOCK_E):
-        e = e0 + tl.arange(0, BLOCK_E)
-        e_ok = e < E
-        off = (e % C).to(tl.int64) * (H * W) + (e // (P * C)) * W + (e // C) % P
-        x = tl.load(IMG + base[:, None] + off[None, :], mask=(row_ok & good)[:, None] & e_ok[None, :], other=0.0)
-        x = tl.where(good[:, None], x.to(tl.float32), float("nan"))
-        tl.store(OUT + rows.to(tl.int64)[:, None] * E + e[None, :], x.to(OUT.dtype.element_ty),
-                 mask=row_ok[:, None] & e_ok[None, :])
+    E = P * P * C
+    x = _patches(IMG, rows // K, tl.where(good, l, 0), row_ok & good, L, grid_w, P, C, BLOCK_R, BLOCK_E, BLOCK_S,
+                 BLOCK_P)
+    x = tl.where(good[:, None], x.to(tl.float32), float("nan"))
+    e = tl.arange(0, BLOCK_E)
+    tl.store(OUT + rows.to(tl.int64)[:, None] * E + e[None, :], x.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & (e < E)[None, :])
 
 
 @triton.jit
@@ -176,16 +208,14 @@ def _index_sum_kernel(G, IDX, OUT, REST, n_out, n_src, rest_hi, D,
 
 
 @triton.jit
-def _patch_targets(IMG, rows, load_ok, L, grid_w, H, W, E, e, e_ok, eps,
-                   P: tl.constexpr, C: tl.constexpr, NORM: tl.constexpr):
+def _patch_targets(IMG, rows, load_ok, L, grid_w, e_ok, eps, P: tl.constexpr, C: tl.constexpr,
+                   NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
+                   BLOCK_P: tl.constexpr):
     """Target rows [BLOCK_R, BLOCK_E] (fp32) read straight from the images; normalized per patch when NORM."""
-    b = (rows // L).to(tl.int64)
-    l = rows % L
-    base = b * (C * H * W) + ((l // grid_w) * P).to(tl.int64) * W + (l % grid_w) * P
-    off = (e % C).to(tl.int64) * (H * W) + (e // (P * C)) * W + (e // C) % P
-    t = tl.load(IMG + base[:, None] + off[None, :], mask=load_ok[:, None] & e_ok[None, :], other=0.0)
+    t = _patches(IMG, rows // L, rows % L, load_ok, L, grid_w, P, C, BLOCK_R, BLOCK_E, BLOCK_S, BLOCK_P)
     t = t.to(tl.float32)
     if NORM:
+        E = P * P * C
         mean = tl.sum(t, axis=1) / E
         dev = tl.where(e_ok[None, :], t - mean[:, None], 0.0)
         var = tl.sum(dev * dev, axis=1) / (E - 1)
@@ -194,16 +224,18 @@ def _patch_targets(IMG, rows, load_ok, L, grid_w, H, W, E, e, e_ok, eps,
 
 
 @triton.jit
-def _masked_mse_fwd_kernel(PRED, IMG, MASK, PART, n_rows, n_prog, L, grid_w, H, W, E, stride_pb, eps,
+def _masked_mse_fwd_kernel(PRED, IMG, MASK, PART, n_rows, n_prog, L, grid_w, stride_pb, eps,
                            P: tl.constexpr, C: tl.constexpr, NORM: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+                           BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
+                           BLOCK_P: tl.constexpr):
     # Grid (cdiv(B·L, BLOCK_R),): BLOCK_R whole patch rows per program; writes (Σ w·ℓ, Σ w) of its rows.
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
+    E = P * P * C
     e = tl.arange(0, BLOCK_E)
     e_ok = e < E
-    t = _patch_targets(IMG, rows, row_ok, L, grid_w, H, W, E, e, e_ok, eps, P, C, NORM)
+    t = _patch_targets(IMG, rows, row_ok, L, grid_w, e_ok, eps, P, C, NORM, BLOCK_R, BLOCK_E, BLOCK_S, BLOCK_P)
     prow = (rows // L).to(tl.int64) * stride_pb + (rows % L) * E
     pr = tl.load(PRED + prow[:, None] + e[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
     dif = tl.where(e_ok[None, :], pr - t, 0.0)
@@ -214,18 +246,20 @@ def _masked_mse_fwd_kernel(PRED, IMG, MASK, PART, n_rows, n_prog, L, grid_w, H, 
 
 
 @triton.jit
-def _masked_mse_bwd_kernel(G, WSUM, PRED, IMG, MASK, DPRED, n_rows, L, grid_w, H, W, E, stride_pb, eps,
+def _masked_mse_bwd_kernel(G, WSUM, PRED, IMG, MASK, DPRED, n_rows, L, grid_w, stride_pb, eps,
                            P: tl.constexpr, C: tl.constexpr, NORM: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+                           BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
+                           BLOCK_P: tl.constexpr):
     # Grid (cdiv(B·L, BLOCK_R),): recomputes the targets of rows with w != 0 and writes their gradient;
     # rows with w = 0 are written as zeros without reading pred or the images.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     w = tl.load(MASK + rows, mask=row_ok, other=0.0).to(tl.float32)
     act = row_ok & (w != 0.0)
+    E = P * P * C
     e = tl.arange(0, BLOCK_E)
     e_ok = e < E
-    t = _patch_targets(IMG, rows, act, L, grid_w, H, W, E, e, e_ok, eps, P, C, NORM)
+    t = _patch_targets(IMG, rows, act, L, grid_w, e_ok, eps, P, C, NORM, BLOCK_R, BLOCK_E, BLOCK_S, BLOCK_P)
     prow = (rows // L).to(tl.int64) * stride_pb + (rows % L) * E
     pr = tl.load(PRED + prow[:, None] + e[None, :], mask=act[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
     scale = tl.load(G).to(tl.float32) * 2.0 / (E * tl.load(WSUM).to(tl.float32))
@@ -285,6 +319,20 @@ def random_masking(seed: torch.Tensor, batch: int, num_patches: int, keep: int, 
     return ids_keep, ids_restore, mask
 
 
+def _patch_cfg(p: int, C: int) -> dict:
+    """Launch config of the kernels that read whole patches from the images (gather_patches, masked_mse).
+
+    A patch is BLOCK_E values in MAE order and BLOCK_S segments of BLOCK_P pixels in the images (powers of two)."""
+    blocks = dict(BLOCK_E=next_pow2(p * p * C), BLOCK_S=next_pow2(C * p), BLOCK_P=next_pow2(p))
+    lanes = blocks["BLOCK_S"] * blocks["BLOCK_P"]  # >= BLOCK_E
+    if interpreting():
+        return dict(BLOCK_R=16, **blocks, num_warps=1)
+    # 4096 lanes (4 patches at p=16, C=3): 32 registers (gather_patches), 64 (masked_mse fwd and bwd) at 4 warps
+    # on sm_90, so 8 programs (32 patches) per SM; larger patches one per program at ~32 lanes a thread
+    br = max(1, 4096 // lanes)
+    return dict(BLOCK_R=br, **blocks, num_warps=max(4, min(16, br * lanes // 1024)))
+
+
 def gather_patches(imgs: torch.Tensor, ids: torch.Tensor | None, p: int) -> torch.Tensor:
     """[B, K, p·p·C] patches (MAE order) of `imgs` at `ids` [B, K]; all L patches when ids is None."""
     B, C, H, W = imgs.shape
@@ -294,12 +342,9 @@ def gather_patches(imgs: torch.Tensor, ids: torch.Tensor | None, p: int) -> torc
     E = p * p * C
     out = empty((B, K, E), dtype=imgs.dtype, device=imgs.device)
     n_rows = B * K
-    be = min(256, next_pow2(E))
-    # ~2K values a program (8 x 256 at p=16, C=3: 32 registers on sm_90), 1K for small patches
-    br = 8 if interpreting() else max(1, (2048 if be >= 256 else 1024) // be)
-    _gather_patches_kernel[(triton.cdiv(n_rows, br),)](
-        imgs, imgs if ids is None else ids, out, n_rows, K, L, grid_w, H, W, E, P=p, C=C, ALL=ids is None,
-        BLOCK_R=br, BLOCK_E=be, num_warps=1 if interpreting() else 4)
+    cfg = _patch_cfg(p, C)
+    _gather_patches_kernel[(cdiv(n_rows, cfg["BLOCK_R"]),)](
+        imgs, imgs if ids is None else ids, out, n_rows, K, L, grid_w, P=p, C=C, ALL=ids is None, **cfg)
     return out
 
 
@@ -312,7 +357,7 @@ def _gather_rows(x, idx, n_src, valid_hi, out_dtype, mask_token=None, pos=None):
         br, bd = 4, min(32, next_pow2(D))
     else:
         br, bd = 4, min(256, max(16, next_pow2(D)))  # 32 registers (sm_90): full occupancy, 16 CTAs/SM
-    _gather_rows_kernel[(triton.cdiv(n_rows, br),)](
+    _gather_rows_kernel[(cdiv(n_rows, br),)](
         x, idx, out, x if mask_token is None else mask_token, x if pos is None else pos,
         n_rows, n_idx, n_src, valid_hi, D, x.stride(0), HAS_MT=mask_token is not None, HAS_POS=pos is not None,
         BLOCK_R=br, BLOCK_D=bd, num_warps=1 if interpreting() else 4)
@@ -329,7 +374,7 @@ def _index_sum(g, idx, n_out, out_dtype, want_rest=False, rest_hi=0):
         # 8 warps: 95 registers at 64x64x64, 112 at 128x32x64 (sm_90); larger BLOCK_O spills
         bo = min(128, max(16, next_pow2(n_out + int(want_rest))))
         bs, bd, nw = (64 if bo <= 64 else 32), 64, 8
-    grid = (B, triton.cdiv(n_out + int(want_rest), bo), triton.cdiv(D, bd))
+    grid = (B, cdiv(n_out + int(want_rest), bo), cdiv(D, bd))
     _index_sum_kernel[grid](
         g, idx, out, rest, n_out, n_src, rest_hi, D, WANT_REST=want_rest, IEEE=g.dtype == torch.float32,
         UPCAST=upcast_dots(), BLOCK_O=bo, BLOCK_S=bs, BLOCK_D=bd, num_warps=nw)
@@ -358,28 +403,19 @@ def unshuffle_backward(g, ids_restore, keep, x_dtype, want_mask_token):
     return _index_sum(g, ids_restore, keep, x_dtype, want_rest=want_mask_token, rest_hi=ids_restore.shape[1])
 
 
-def _mse_cfg(E: int):
-    be = next_pow2(E)
-    if interpreting():
-        return dict(BLOCK_R=16, BLOCK_E=be, num_warps=1)
-    # 4 patches of 768 (1024 lanes) at p=16, C=3: 114/128 registers (fwd/bwd, sm_90); ~2K lanes for smaller
-    # patches (more rows per program cost registers: 8 x 256 takes ~160)
-    return dict(BLOCK_R=max(1, (4096 if be >= 1024 else 2048) // be), BLOCK_E=be, num_warps=4 if be <= 2048 else 8)
-
-
 def _grid_args(imgs, p):
     B, C, H, W = imgs.shape
-    return B, C, H, W, W // p, (H // p) * (W // p), p * p * C
+    return B, C, W // p, (H // p) * (W // p)
 
 
 def masked_mse(pred, imgs, mask, p: int, norm_pix: bool):
     """(loss, Σ mask) as fp32 scalars (tensors, no host sync)."""
-    B, C, H, W, grid_w, L, E = _grid_args(imgs, p)
-    cfg = _mse_cfg(E)
+    B, C, grid_w, L = _grid_args(imgs, p)
+    cfg = _patch_cfg(p, C)
     n_rows = B * L
-    n_prog = triton.cdiv(n_rows, cfg["BLOCK_R"])
+    n_prog = cdiv(n_rows, cfg["BLOCK_R"])
     part = empty((2, n_prog), dtype=torch.float32, device=pred.device)
-    _masked_mse_fwd_kernel[(n_prog,)](pred, imgs, mask, part, n_rows, n_prog, L, grid_w, H, W, E, pred.stride(0),
+    _masked_mse_fwd_kernel[(n_prog,)](pred, imgs, mask, part, n_rows, n_prog, L, grid_w, pred.stride(0),
                                       NORM_PIX_EPS, P=p, C=C, NORM=norm_pix, **cfg)
     sums = part.sum(1)
     return sums[0] / sums[1], sums[1]
@@ -387,12 +423,12 @@ def masked_mse(pred, imgs, mask, p: int, norm_pix: bool):
 
 def masked_mse_backward(g, pred, imgs, mask, wsum, p: int, norm_pix: bool):
     """dL/dpred in pred's dtype for the upstream gradient g (fp32 scalar tensor)."""
-    B, C, H, W, grid_w, L, E = _grid_args(imgs, p)
-    cfg = _mse_cfg(E)
+    B, C, grid_w, L = _grid_args(imgs, p)
+    cfg = _patch_cfg(p, C)
     n_rows = B * L
     dpred = empty(tuple(pred.shape), dtype=pred.dtype, device=pred.device)
-    _masked_mse_bwd_kernel[(triton.cdiv(n_rows, cfg["BLOCK_R"]),)](
-        g, wsum, pred, imgs, mask, dpred, n_rows, L, grid_w, H, W, E, pred.stride(0), NORM_PIX_EPS, P=p, C=C,
+    _masked_mse_bwd_kernel[(cdiv(n_rows, cfg["BLOCK_R"]),)](
+        g, wsum, pred, imgs, mask, dpred, n_rows, L, grid_w, pred.stride(0), NORM_PIX_EPS, P=p, C=C,
         NORM=norm_pix, **cfg)
     return dpred
 
@@ -405,7 +441,7 @@ def bert_masking(seed, input_ids, special, mask_token_id, vocab_size, prob, repl
     labels = empty(input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
     ptr, val, in_mem = _seed_args(seed, labels)
     block = 128 if interpreting() else 1024
-    _bert_masking_kernel[(triton.cdiv(n, block),)](
+    _bert_masking_kernel[(cdiv(n, block),)](
         ptr, val, input_ids, input_ids if special is None else special, out, labels, n, prob, replace_prob,
         random_prob, mask_token_id, vocab_size, ignore_index, SEED_IN_MEMORY=in_mem,
         HAS_SPECIAL=special is not None, BLOCK=block, num_warps=1 if interpreting() else 4)

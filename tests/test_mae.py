@@ -2,7 +2,8 @@
 
 Every op runs through both CPU paths (`backend` fixture: PyTorch reference and the Triton kernels under the
 interpreter) and is compared, forward and gradients, with a float64 run of the official code given the same
-permutation. Shapes: L in {49, 50 (5x10 grid, non-square images), 196}, p in {4, 16}, C in {1, 3}.
+permutation. Shapes: L in {49, 50 (5x10 grid, non-square images), 196}, p in {4, 16} and a few non-powers of
+two (6, 14: padded patch tiles), C in {1, 3}.
 """
 import os
 
@@ -126,7 +127,7 @@ def test_block_masking(backend, seed, grid, block, ratio):
 
 
 # ----------------------------------------------------------------------------------------- patches
-SHAPES = [(L, p, C) for L in (49, 50, 196) for p in (4, 16) for C in (1, 3)]
+SHAPES = [(L, p, C) for L in (49, 50, 196) for p in (4, 16) for C in (1, 3)] + [(49, 6, 3), (50, 6, 1), (49, 14, 3)]
 
 
 @pytest.mark.parametrize("L,p,C", SHAPES)
@@ -565,30 +566,53 @@ def test_bench_cases_run_on_cpu(backend, monkeypatch):
 
 
 def test_kernels_compile_for_sm90():
-    """Every kernel compiles ahead of time to an sm_90 cubin at the launchers' GPU tiles (no GPU needed)."""
-    check_compiles("""
+    """Every kernel compiles ahead of time to an sm_90 cubin at the launchers' GPU tiles (no GPU needed), without
+    register spills; at p=16 the patch kernels read images and predictions as 16-byte vectors."""
+    out = check_compiles("""
 import sslfast.kernels.mae as K
+
+ALIGNED = ("n_rows", "stride_pb")  # patch kernels: multiples of 16 at B=256, 224 px (the JIT specializes them)
+
+def loads(k, img, p):  # bf16 images, p=16: 16-byte and 2-byte global loads, warp shuffles
+    if img == "bf16" and p == 16:
+        ptx = k.asm["ptx"]
+        print("loads", ptx.count("ld.global.v4.b32"), ptx.count("ld.global.b16"), ptx.count("shfl."))
 
 for mem in (True, False):
     build(K._random_masking_kernel, dict(SEED="*i64", seed_val="i64", IDS_KEEP="*i64", IDS_RESTORE="*i64",
           MASK="*fp32"), dict(SEED_IN_MEMORY=mem, BLOCK_L=256), 2)
 for dt in ("bf16", "fp32"):
-    for all_ in (True, False):
-        build(K._gather_patches_kernel, dict(IMG="*" + dt, IDS="*i64", OUT="*" + dt),
-              dict(P=16, C=3, ALL=all_, BLOCK_R=8, BLOCK_E=256))
+    for p, C in ((16, 3), (16, 1), (14, 3)):
+        cfg = K._patch_cfg(p, C)
+        warps = cfg.pop("num_warps")
+        for all_ in (True, False):
+            k = build(K._gather_patches_kernel, dict(IMG="*" + dt, IDS="*i64", OUT="*" + dt),
+                      dict(P=p, C=C, ALL=all_, **cfg), warps, aligned=ALIGNED)
+            loads(k, dt, p)
+        for kern in (K._masked_mse_fwd_kernel, K._masked_mse_bwd_kernel):
+            for img in sorted({dt, "fp32"}):  # fp32 images with bf16 predictions: AMP
+                k = build(kern, dict(G="*fp32", WSUM="*fp32", PRED="*" + dt, IMG="*" + img, MASK="*fp32",
+                          PART="*fp32", DPRED="*" + dt, eps="fp32", stride_pb="i64"), dict(P=p, C=C, NORM=True, **cfg),
+                          warps, aligned=ALIGNED)
+                loads(k, img, p)
     for mt in (True, False):
         build(K._gather_rows_kernel, dict(X="*" + dt, IDX="*i64", OUT="*fp32", MT="*" + dt, POS="*fp32",
               stride_xb="i64"), dict(HAS_MT=mt, HAS_POS=mt, BLOCK_R=4, BLOCK_D=256))
     for bo, bs in ((64, 64), (128, 32)):
         build(K._index_sum_kernel, dict(G="*" + dt, IDX="*i64", OUT="*" + dt, REST="*fp32"),
               dict(WANT_REST=bo == 64, IEEE=dt == "fp32", UPCAST=False, BLOCK_O=bo, BLOCK_S=bs, BLOCK_D=64), 8)
-    for kern in (K._masked_mse_fwd_kernel, K._masked_mse_bwd_kernel):
-        build(kern, dict(G="*fp32", WSUM="*fp32", PRED="*" + dt, IMG="*fp32", MASK="*fp32", PART="*fp32",
-              DPRED="*" + dt, eps="fp32", stride_pb="i64"), dict(P=16, C=3, NORM=True, BLOCK_R=4, BLOCK_E=1024))
 build(K._bert_masking_kernel, dict(SEED="*i64", seed_val="i64", IDS="*i64", SPECIAL="*i8", OUT="*i64",
       LABELS="*i64", prob="fp32", replace_prob="fp32", random_prob="fp32"),
       dict(SEED_IN_MEMORY=True, HAS_SPECIAL=True, BLOCK=1024))
 """)
+    built = [line for line in out.splitlines() if line.startswith('{"kernel"')]
+    assert len(built) == 2 + 12 + 18 + 8 + 1, out  # masking, gather_patches, masked_mse, token kernels, bert
+    spills = [line for line in built if '"spills": 0,' not in line]
+    assert not spills, "register spills:\n" + "\n".join(spills)
+    # bf16, p=16: images and predictions are read as 16-byte vectors, never 2 bytes at a time, and the patch
+    # gather to MAE order goes through shared memory (as warp shuffles it would take 1024 per lane)
+    loads = [[int(n) for n in line.split()[1:]] for line in out.splitlines() if line.startswith("loads ")]
+    assert len(loads) == 8 and all(vec > 0 and scalar == 0 and shfl < 100 for vec, scalar, shfl in loads), out
 
 
 # ----------------------------------------------------------------------------------------- GPU (real kernels)

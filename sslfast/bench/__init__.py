@@ -5,7 +5,11 @@ automatically). A case's `setup(device, dtype)` builds inputs once and returns a
 time (the fused op and the reference that users run today, each doing one full forward+backward where the
 op is differentiable), plus the FLOP and byte counts used for the "% of ceiling" column.
 
-Timing: CUDA events around each call, median over repeats after warm-up (host clock on the CPU).
+Timing: CUDA events around each call after a device synchronization, median over repeats after warm-up (host
+clock on the CPU), as ../shared/baselines times the references: the latency of one call from an idle device,
+host overhead included. For calls under PIPELINE_BELOW_MS, also "pipelined" ms: PIPELINE_CALLS calls back
+to back between two events, divided by their number. That is the cost inside a training step, where the host
+queues work ahead of the device and a small op's Python and launches overlap the kernels before it.
 Memory: peak allocated during one call minus what was allocated before it (CUDA only).
 """
 from __future__ import annotations
@@ -71,7 +75,7 @@ def load_all() -> list[Case]:
     return REGISTRY
 
 
-def _sync(device: torch.device):
+def sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -79,7 +83,7 @@ def _sync(device: torch.device):
 def time_ms(fn, device: torch.device, warmup: int = 3, repeat: int = 10) -> float:
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(repeat):
         if device.type == "cuda":
@@ -96,20 +100,42 @@ def time_ms(fn, device: torch.device, warmup: int = 3, repeat: int = 10) -> floa
     return statistics.median(times)
 
 
+PIPELINE_BELOW_MS = 5.0
+PIPELINE_CALLS = 20
+
+
+def pipelined_ms(fn, device: torch.device, repeat: int = 5) -> float:
+    """Median over `repeat` of (time of PIPELINE_CALLS back-to-back calls) / PIPELINE_CALLS (CUDA)."""
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(PIPELINE_CALLS):
+            fn()
+        end.record()
+        sync(device)
+        times.append(start.elapsed_time(end) / PIPELINE_CALLS)
+    return statistics.median(times)
+
+
 def peak_mib(fn, device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    _sync(device)
+    sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     fn()
-    _sync(device)
+    sync(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
 def _measure(fn, device, warmup, repeat):
     try:
-        return {"ms": time_ms(fn, device, warmup, repeat), "peak_mib": peak_mib(fn, device)}
+        row = {"ms": time_ms(fn, device, warmup, repeat), "peak_mib": peak_mib(fn, device)}
+        if device.type == "cuda" and row["ms"] < PIPELINE_BELOW_MS:
+            row["pipelined_ms"] = pipelined_ms(fn, device)
+        return row
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {"oom": True}
@@ -161,14 +187,16 @@ def _fmt(x, spec):
 
 
 def table(rows: list[dict]) -> str:
-    head = ("op", "case", "dtype", "ref ms", "fused ms", "speedup", "ref MiB", "fused MiB", "% ceiling")
+    head = ("op", "case", "dtype", "ref ms", "fused ms", "speedup", "ref pipe", "fused pipe", "ref MiB", "fused MiB",
+            "% ceiling")
     lines = [head]
     for r in rows:
         f, ref = r.get("fused", {}), r.get("reference", {})
         lines.append((r["op"], r["case"], r["dtype"],
                       "oom" if ref.get("oom") else _fmt(ref.get("ms"), ".3f"),
                       "oom" if f.get("oom") else _fmt(f.get("ms"), ".3f"),
-                      _fmt(r.get("speedup"), ".2f"), _fmt(ref.get("peak_mib"), ".1f"),
+                      _fmt(r.get("speedup"), ".2f"), _fmt(ref.get("pipelined_ms"), ".3f"),
+                      _fmt(f.get("pipelined_ms"), ".3f"), _fmt(ref.get("peak_mib"), ".1f"),
                       _fmt(f.get("peak_mib"), ".1f"), _fmt(r.get("pct_ceiling"), ".1f")))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in lines)

@@ -18,6 +18,7 @@ import torch
 
 from .. import _validate as V
 from .._backend import use_triton
+from .._custom_op import custom_op
 from ..reference import augment as _reference
 
 NUM_FIELDS = _reference.NUM_FIELDS
@@ -36,7 +37,11 @@ def _impl(*tensors):
 
 
 # ------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("sslfast::augment_views", mutates_args=())
+def _fake_views(images, offsets, sizes, params, out_h, out_w, chw, out_dtype, mean, std, blur_kernel):
+    return images.new_empty((params.shape[0], params.shape[1], 3, out_h, out_w), dtype=out_dtype)
+
+
+@custom_op("augment_views", fake=_fake_views)
 def _augment_views_op(images: torch.Tensor, offsets: torch.Tensor, sizes: torch.Tensor, params: torch.Tensor,
                       out_h: int, out_w: int, chw: bool, out_dtype: torch.dtype, mean: list[float],
                       std: list[float], blur_kernel: int) -> torch.Tensor:
@@ -44,22 +49,12 @@ def _augment_views_op(images: torch.Tensor, offsets: torch.Tensor, sizes: torch.
                                                std, blur_kernel)
 
 
-@_augment_views_op.register_fake
-def _(images, offsets, sizes, params, out_h, out_w, chw, out_dtype, mean, std, blur_kernel):
-    return images.new_empty((params.shape[0], params.shape[1], 3, out_h, out_w), dtype=out_dtype)
-
-
-@torch.library.custom_op("sslfast::gaussian_blur", mutates_args=())
+@custom_op("gaussian_blur", fake=lambda x, sigma, kernel_size: torch.empty_like(x))
 def _gaussian_blur_op(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
     impl = _impl(x, sigma)
     if impl is _reference:
         return _reference.gaussian_blur_batch(x.float(), sigma, kernel_size).to(x.dtype)
     return impl.gaussian_blur(x, sigma, kernel_size)
-
-
-@_gaussian_blur_op.register_fake
-def _(x, sigma, kernel_size):
-    return torch.empty_like(x)
 
 
 # ------------------------------------------------------------------------------------------- validation

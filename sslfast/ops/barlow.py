@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from .. import _validate as V
 from .._backend import use_triton, without_autocast
+from .._custom_op import custom_op
 from ..distributed import all_gather, rank_and_world
 from ..reference import barlow as _reference
 
@@ -71,20 +72,8 @@ def _operand_dtype(z: torch.Tensor, rows: int, algorithm: str) -> torch.dtype:
     return torch.float32
 
 
-# ------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("sslfast::redundancy_loss", mutates_args=())
-def redundancy_loss(z1: torch.Tensor, z2: torch.Tensor, kind: int, coef: list[float], eps: float, rows: list[int],
-                    world: int, algorithm: str
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                               torch.Tensor]:
-    """(loss_r, u_r, col, scal, ops, grams, pdiag): this rank's loss and share (module doc of
-    `sslfast.kernels.barlow`), then what the backward needs (per-feature statistics, operand scales, GEMM
-    operands, Gram rows and their diagonal). `rows` = [first row of this rank, rows per rank]."""
-    return tuple(_run_forward(z1, z2, kind, coef, eps, rows, world, algorithm))
-
-
-@redundancy_loss.register_fake
-def _(z1, z2, kind, coef, eps, rows, world, algorithm):
+# ------------------------------------------------------------------------------------------- the op
+def _fake_forward(z1, z2, kind, coef, eps, rows, world, algorithm):
     m, d = z1.shape
     n = rows[1]
     f32 = dict(dtype=torch.float32)
@@ -96,18 +85,17 @@ def _(z1, z2, kind, coef, eps, rows, world, algorithm):
             z1.new_empty((2, n) if gram else (2, 0), **f32))
 
 
-@torch.library.custom_op("sslfast::redundancy_loss_backward", mutates_args=())
+def _fake_backward(grad, z1, z2, col, scal, ops, grams, pdiag, kind, coef, eps, rows, world, algorithm):
+    return torch.empty_like(z1), torch.empty_like(z2)
+
+
+@custom_op("redundancy_loss_backward", fake=_fake_backward)
 def redundancy_loss_backward(grad: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, col: torch.Tensor,
                              scal: torch.Tensor, ops: torch.Tensor, grams: torch.Tensor, pdiag: torch.Tensor,
                              kind: int, coef: list[float], eps: float, rows: list[int], world: int, algorithm: str
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dz1, dz2) of loss_r for the upstream gradient `grad` (0-d)."""
     return tuple(_run_backward(grad, z1, z2, col, scal, ops, grams, pdiag, kind, coef, eps, rows, world, algorithm))
-
-
-@redundancy_loss_backward.register_fake
-def _(grad, z1, z2, col, scal, ops, grams, pdiag, kind, coef, eps, rows, world, algorithm):
-    return torch.empty_like(z1), torch.empty_like(z2)
 
 
 def _setup_context(ctx, inputs, output):
@@ -124,27 +112,16 @@ def _backward(ctx, g_loss, *unused):
     return dz1, dz2, None, None, None, None, None, None
 
 
-redundancy_loss.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _Eager(torch.autograd.Function):
-    """The eager path: the same `forward` / `backward` as the custom op, through a plain autograd.Function.
-    The torch.library dispatcher costs ~100 µs of host time per forward + backward, which at N = 256 is more
-    than the whole op on an H100; torch.compile traces the custom op instead (same functions, same numbers)."""
-
-    @staticmethod
-    def forward(ctx, z1, z2, kind, coef, eps, rows, world, algorithm):
-        loss, share, *saved = _run_forward(z1, z2, kind, coef, eps, rows, world, algorithm)
-        ctx.save_for_backward(z1, z2, *saved)  # intermediates (statistics, operands, Gram rows) freed after use
-        ctx.cfg = (kind, coef, eps, rows, world, algorithm)
-        ctx.mark_non_differentiable(share)
-        return loss, share
-
-    @staticmethod
-    def backward(ctx, g_loss, _):
-        z1, z2, *saved = ctx.saved_tensors
-        dz1, dz2 = _run_backward(g_loss.float(), z1, z2, *saved, *ctx.cfg)
-        return dz1, dz2, None, None, None, None, None, None
+@custom_op("redundancy_loss", fake=_fake_forward, backward=_backward, setup_context=_setup_context,
+           non_differentiable=range(1, 7))
+def redundancy_loss(z1: torch.Tensor, z2: torch.Tensor, kind: int, coef: list[float], eps: float, rows: list[int],
+                    world: int, algorithm: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor]:
+    """(loss_r, u_r, col, scal, ops, grams, pdiag): this rank's loss and share (module doc of
+    `sslfast.kernels.barlow`), then what the backward needs (per-feature statistics, operand scales, GEMM
+    operands, Gram rows and their diagonal). `rows` = [first row of this rank, rows per rank]."""
+    return tuple(_run_forward(z1, z2, kind, coef, eps, rows, world, algorithm))
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -187,10 +164,7 @@ def _loss(kind: int, z1: torch.Tensor, z2: torch.Tensor, coef: list[float], eps:
         z1, z2 = all_gather(z1), all_gather(z2)
     m, d = z1.shape
     args = (z1, z2, kind, coef, eps, [rank * n, n], world, choose_algorithm(algorithm, m, d))
-    if torch.compiler.is_compiling():
-        loss, share, *_ = redundancy_loss(*args)
-    else:
-        loss, share = _Eager.apply(*args)
+    loss, share, *_ = redundancy_loss(*args)
     if world > 1:
         # loss_r = base + W·u_r has the right gradients; report the global value base + Σ_r u_r.
         total = share.detach().clone()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V
+from .._custom_op import custom_op
 from ..reference import dino as _reference
 from .ema import update_center_
 
@@ -28,30 +29,20 @@ def _impl(*tensors):
     return _reference
 
 
-@torch.library.custom_op("sslfast::dino_loss", mutates_args=())
-def _dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, student_temp: float,
-               teacher_temp: float, num_global: int) -> tuple[torch.Tensor, torch.Tensor]:
-    loss, lse = _impl(student, teacher).dino_loss_forward(student, teacher, center, student_temp, teacher_temp,
-                                                         num_global)
-    return loss, lse
-
-
-@_dino_loss.register_fake
-def _(student, teacher, center, student_temp, teacher_temp, num_global):
+def _fake_forward(student, teacher, center, student_temp, teacher_temp, num_global):
     dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     return student.new_empty((), dtype=dtype), student.new_empty(student.shape[0], dtype=dtype)
 
 
-@torch.library.custom_op("sslfast::dino_loss_backward", mutates_args=())
+def _fake_backward(grad, student, teacher, center, lse, student_temp, teacher_temp, num_global):
+    return torch.empty_like(student)
+
+
+@custom_op("dino_loss_backward", fake=_fake_backward)
 def _dino_loss_backward(grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
                         lse: torch.Tensor, student_temp: float, teacher_temp: float, num_global: int) -> torch.Tensor:
     return _impl(student, teacher).dino_loss_backward(grad, student, teacher, center, lse, student_temp,
                                                       teacher_temp, num_global)
-
-
-@_dino_loss_backward.register_fake
-def _(grad, student, teacher, center, lse, student_temp, teacher_temp, num_global):
-    return torch.empty_like(student)
 
 
 def _setup_context(ctx, inputs, output):
@@ -68,7 +59,14 @@ def _backward(ctx, g_loss, g_lse):
     return ds, None, None, None, None, None
 
 
-_dino_loss.register_autograd(_backward, setup_context=_setup_context)
+@custom_op("dino_loss", fake=_fake_forward, backward=_backward, setup_context=_setup_context,
+           non_differentiable=(1,))
+def _dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, student_temp: float,
+               teacher_temp: float, num_global: int) -> tuple[torch.Tensor, torch.Tensor]:
+    loss, lse = _impl(student, teacher).dino_loss_forward(student, teacher, center, student_temp, teacher_temp,
+                                                         num_global)
+    return loss, lse
+
 
 _DTYPES = V.FLOAT_DTYPES + (torch.float64,)
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _validate as V
+from .._custom_op import custom_op
 from .._backend import use_triton, without_autocast
 from ..distributed import all_gather, rank_and_world
 from ..reference import infonce as _reference
@@ -116,22 +117,7 @@ def _save(ctx, inputs, output):
     ctx.cfg = (maps, symmetric, exclude_self, want_pos or partner is not None, col_stats, bounded)
 
 
-@torch.library.custom_op("sslfast::similarity_lse", mutates_args=())
-def similarity_lse_op(a: torch.Tensor, b: torch.Tensor, partner: torch.Tensor | None, scale: torch.Tensor,
-                      maps: list[int], symmetric: bool, exclude_self: bool, want_pos: bool, col_stats: bool,
-                      bounded: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lse_r [M], lse_c [Nb] or [0], pos [M] or [0], rn_a, rn_b or [0] if symmetric), in fp32.
-
-    `want_pos`: the positives are columns of b (row i's at π(i)); they are read from the tiles and left out
-    of lse_r and lse_c. `partner` (MoCo's queue mode): the positive of row i is partner[i] instead, scored
-    in the row-norm pass. `symmetric`: b is a (NT-Xent on one device). `bounded`: |scale| <= 64 is known, so
-    the kernels may use plain fp32 sums (see `sslfast.kernels.infonce`). The inverse row norms are returned
-    for the backward; they get no gradient."""
-    return _forward(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded)
-
-
-@similarity_lse_op.register_fake
-def _(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded):
+def _fake_lse(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded):
     m, nb = a.shape[0], b.shape[0]
     f32 = dict(dtype=torch.float32, device=a.device)
     has_pos = want_pos or partner is not None
@@ -139,13 +125,20 @@ def _(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, 
             a.new_empty(m if has_pos else 0, **f32), a.new_empty(m, **f32), a.new_empty(0 if symmetric else nb, **f32))
 
 
-@torch.library.custom_op("sslfast::similarity_lse_backward", mutates_args=())
-def similarity_lse_backward_op(a: torch.Tensor, b: torch.Tensor, partner: torch.Tensor | None, scale: torch.Tensor,
-                               lse_r: torch.Tensor, lse_c: torch.Tensor, pos: torch.Tensor, rn_a: torch.Tensor,
-                               rn_b: torch.Tensor, g_r: torch.Tensor, g_c: torch.Tensor | None,
-                               g_p: torch.Tensor | None, maps: list[int], symmetric: bool, exclude_self: bool,
-                               bounded: bool, want_b: bool, want_scale: bool
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fake_lse_backward(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p, maps, symmetric,
+                       exclude_self, bounded, want_b, want_scale):
+    db = torch.empty_like(b) if want_b and not symmetric else a.new_empty(0)
+    dp = a.new_empty(0) if partner is None else torch.empty_like(partner)
+    return torch.empty_like(a), db, dp, scale.new_empty(() if want_scale else (0,))
+
+
+@custom_op("similarity_lse_backward", fake=_fake_lse_backward)
+def similarity_lse_backward(a: torch.Tensor, b: torch.Tensor, partner: torch.Tensor | None, scale: torch.Tensor,
+                            lse_r: torch.Tensor, lse_c: torch.Tensor, pos: torch.Tensor, rn_a: torch.Tensor,
+                            rn_b: torch.Tensor, g_r: torch.Tensor, g_c: torch.Tensor | None,
+                            g_p: torch.Tensor | None, maps: list[int], symmetric: bool, exclude_self: bool,
+                            bounded: bool, want_b: bool, want_scale: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(da, db or [0], dpartner or [0], dscale or [0]) for upstream gradients g_r (of lse_r), g_c (of lse_c),
     g_p (of pos).
 
@@ -156,41 +149,22 @@ def similarity_lse_backward_op(a: torch.Tensor, b: torch.Tensor, partner: torch.
                      exclude_self, bounded, want_b, want_scale)
 
 
-@similarity_lse_backward_op.register_fake
-def _(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p, maps, symmetric, exclude_self, bounded,
-      want_b, want_scale):
-    db = torch.empty_like(b) if want_b and not symmetric else a.new_empty(0)
-    dp = a.new_empty(0) if partner is None else torch.empty_like(partner)
-    return torch.empty_like(a), db, dp, scale.new_empty(() if want_scale else (0,))
-
-
 def _op_backward(ctx, g_r, g_c, g_p, *_):
-    return _input_grads(ctx, *similarity_lse_backward_op(*_backward_inputs(ctx, g_r, g_c, g_p)))
+    return _input_grads(ctx, *similarity_lse_backward(*_backward_inputs(ctx, g_r, g_c, g_p)))
 
 
-similarity_lse_op.register_autograd(_op_backward, setup_context=_save)
+@custom_op("similarity_lse", fake=_fake_lse, backward=_op_backward, setup_context=_save, non_differentiable=(3, 4))
+def similarity_lse(a: torch.Tensor, b: torch.Tensor, partner: torch.Tensor | None, scale: torch.Tensor,
+                   maps: list[int], symmetric: bool, exclude_self: bool, want_pos: bool, col_stats: bool,
+                   bounded: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse_r [M], lse_c [Nb] or [0], pos [M] or [0], rn_a, rn_b or [0] if symmetric), in fp32.
 
-
-class _Eager(torch.autograd.Function):
-    """The same forward and backward through a plain autograd.Function: the torch.library dispatcher costs
-    ~100 µs of host time per forward+backward, as much as a whole small loss on an H100."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        out = _forward(*inputs)
-        _save(ctx, inputs, out)
-        ctx.mark_non_differentiable(*out[3:])
-        return out
-
-    @staticmethod
-    def backward(ctx, g_r, g_c, g_p, *_):
-        return _input_grads(ctx, *_backward(*_backward_inputs(ctx, g_r, g_c, g_p)))
-
-
-def similarity_lse(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded):
-    """The op: the custom op while torch.compile traces (no graph break), `_Eager` otherwise."""
-    args = (a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded)
-    return similarity_lse_op(*args) if torch.compiler.is_compiling() else _Eager.apply(*args)
+    `want_pos`: the positives are columns of b (row i's at π(i)); they are read from the tiles and left out
+    of lse_r and lse_c. `partner` (MoCo's queue mode): the positive of row i is partner[i] instead, scored
+    in the row-norm pass. `symmetric`: b is a (NT-Xent on one device). `bounded`: |scale| <= 64 is known, so
+    the kernels may use plain fp32 sums (see `sslfast.kernels.infonce`). The inverse row norms are returned
+    for the backward; they get no gradient."""
+    return _forward(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded)
 
 
 # ------------------------------------------------------------------------------------------- validation

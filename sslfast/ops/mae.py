@@ -2,7 +2,8 @@
 tokens, and the norm-pix masked MSE loss (math in `sslfast.kernels.mae`).
 
 Every op is a `torch.library.custom_op` (`sslfast::mae_*`) with a fake kernel and, where differentiable, an
-autograd formula, so `torch.compile(fullgraph=True)` traces through them. CUDA tensors run the Triton
+autograd formula, so `torch.compile(fullgraph=True)` traces through them; eager calls skip the dispatcher
+(`sslfast._custom_op`). CUDA tensors run the Triton
 kernels, CPU tensors the PyTorch path in `sslfast.reference.mae` (`sslfast._backend`).
 
 Index checks: ids are checked against their range on the CPU (free) and raise a ValueError naming the
@@ -19,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _validate as V
+from .._custom_op import custom_op
 from .._backend import use_triton
 from ..reference import mae as _reference
 
@@ -51,28 +53,20 @@ def _device_probe(device: torch.device) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("sslfast::mae_random_masking", mutates_args=())
+def _fake_masking(seed, batch, num_patches, keep, block, grid_w, device):
+    return (torch.empty(batch, keep, dtype=torch.int64, device=device),
+            torch.empty(batch, num_patches, dtype=torch.int64, device=device),
+            torch.empty(batch, num_patches, dtype=torch.float32, device=device))
+
+
+@custom_op("mae_random_masking", fake=_fake_masking)
 def _random_masking_op(seed: torch.Tensor, batch: int, num_patches: int, keep: int, block: int, grid_w: int,
                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     impl = _impl(_device_probe(device))
     return impl.random_masking(seed, batch, num_patches, keep, block, grid_w, device)
 
 
-@_random_masking_op.register_fake
-def _(seed, batch, num_patches, keep, block, grid_w, device):
-    return (torch.empty(batch, keep, dtype=torch.int64, device=device),
-            torch.empty(batch, num_patches, dtype=torch.int64, device=device),
-            torch.empty(batch, num_patches, dtype=torch.float32, device=device))
-
-
-@torch.library.custom_op("sslfast::mae_gather_patches", mutates_args=())
-def _gather_patches_op(imgs: torch.Tensor, ids: torch.Tensor | None, p: int) -> torch.Tensor:
-    out = _impl(imgs, ids).gather_patches(imgs, ids, p)
-    return out.clone() if out.data_ptr() == imgs.data_ptr() else out
-
-
-@_gather_patches_op.register_fake
-def _(imgs, ids, p):
+def _fake_gather_patches(imgs, ids, p):
     B, C, H, W = imgs.shape
     k = (H // p) * (W // p) if ids is None else ids.shape[1]
     return imgs.new_empty(B, k, p * p * C)
@@ -90,27 +84,17 @@ def _gather_patches_backward(ctx, g):
     return _reference.gather_patches_backward(g, ids, p, shape), None, None
 
 
-_gather_patches_op.register_autograd(_gather_patches_backward, setup_context=_gather_patches_setup)
+@custom_op("mae_gather_patches", fake=_fake_gather_patches, backward=_gather_patches_backward,
+           setup_context=_gather_patches_setup)
+def _gather_patches_op(imgs: torch.Tensor, ids: torch.Tensor | None, p: int) -> torch.Tensor:
+    out = _impl(imgs, ids).gather_patches(imgs, ids, p)
+    return out.clone() if out.data_ptr() == imgs.data_ptr() else out
 
 
-@torch.library.custom_op("sslfast::mae_gather_tokens", mutates_args=())
-def _gather_tokens_op(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return _impl(x, ids).gather_tokens(x, ids)
-
-
-@_gather_tokens_op.register_fake
-def _(x, ids):
-    return x.new_empty(x.shape[0], ids.shape[1], x.shape[2])
-
-
-@torch.library.custom_op("sslfast::mae_gather_tokens_backward", mutates_args=())
+@custom_op("mae_gather_tokens_backward", fake=lambda g, ids, num_tokens: g.new_empty(g.shape[0], num_tokens,
+                                                                                   g.shape[2]))
 def _gather_tokens_backward_op(g: torch.Tensor, ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return _impl(g, ids).gather_tokens_backward(g, ids, num_tokens)
-
-
-@_gather_tokens_backward_op.register_fake
-def _(g, ids, num_tokens):
-    return g.new_empty(g.shape[0], num_tokens, g.shape[2])
 
 
 def _gather_tokens_setup(ctx, inputs, output):
@@ -124,7 +108,10 @@ def _gather_tokens_backward(ctx, g):
     return _gather_tokens_backward_op(g.contiguous(), ids, ctx.num_tokens), None
 
 
-_gather_tokens_op.register_autograd(_gather_tokens_backward, setup_context=_gather_tokens_setup)
+@custom_op("mae_gather_tokens", fake=lambda x, ids: x.new_empty(x.shape[0], ids.shape[1], x.shape[2]),
+           backward=_gather_tokens_backward, setup_context=_gather_tokens_setup)
+def _gather_tokens_op(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return _impl(x, ids).gather_tokens(x, ids)
 
 
 def _unshuffle_dtype(x, mask_token, pos) -> torch.dtype:
@@ -132,31 +119,18 @@ def _unshuffle_dtype(x, mask_token, pos) -> torch.dtype:
     return dt if pos is None else torch.promote_types(dt, pos.dtype)
 
 
-@torch.library.custom_op("sslfast::mae_unshuffle", mutates_args=())
-def _unshuffle_op(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
-                  pos: torch.Tensor | None) -> torch.Tensor:
-    impl = _impl(x, ids_restore, mask_token, pos)
-    return impl.unshuffle(x, ids_restore, mask_token, pos, _unshuffle_dtype(x, mask_token, pos))
+def _fake_unshuffle_backward(g, ids_restore, keep, x_dtype, want_mask_token):
+    B, _, D = g.shape
+    return (g.new_empty(B, keep, D, dtype=x_dtype),
+            g.new_empty(D if want_mask_token else 0, dtype=torch.float32))
 
 
-@_unshuffle_op.register_fake
-def _(x, ids_restore, mask_token, pos):
-    return x.new_empty(x.shape[0], ids_restore.shape[1], x.shape[2], dtype=_unshuffle_dtype(x, mask_token, pos))
-
-
-@torch.library.custom_op("sslfast::mae_unshuffle_backward", mutates_args=())
+@custom_op("mae_unshuffle_backward", fake=_fake_unshuffle_backward)
 def _unshuffle_backward_op(g: torch.Tensor, ids_restore: torch.Tensor, keep: int, x_dtype: torch.dtype,
                            want_mask_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx [B, K, D] in x_dtype, d mask_token fp32 [D] or [0])."""
     dx, dmt = _impl(g, ids_restore).unshuffle_backward(g, ids_restore, keep, x_dtype, want_mask_token)
     return dx.contiguous(), (dmt.float().contiguous() if want_mask_token else g.new_empty(0, dtype=torch.float32))
-
-
-@_unshuffle_backward_op.register_fake
-def _(g, ids_restore, keep, x_dtype, want_mask_token):
-    B, _, D = g.shape
-    return (g.new_empty(B, keep, D, dtype=x_dtype),
-            g.new_empty(D if want_mask_token else 0, dtype=torch.float32))
 
 
 def _unshuffle_setup(ctx, inputs, output):
@@ -175,31 +149,21 @@ def _unshuffle_backward(ctx, g):
     return (dx if ctx.needs_input_grad[0] else None, None, dmt.to(mt_dtype) if want_mt else None, dpos)
 
 
-_unshuffle_op.register_autograd(_unshuffle_backward, setup_context=_unshuffle_setup)
+def _fake_unshuffle(x, ids_restore, mask_token, pos):
+    return x.new_empty(x.shape[0], ids_restore.shape[1], x.shape[2], dtype=_unshuffle_dtype(x, mask_token, pos))
 
 
-@torch.library.custom_op("sslfast::mae_masked_mse", mutates_args=())
-def _masked_mse_op(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, p: int,
-                   norm_pix: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, Σ mask) as fp32 scalars."""
-    loss, wsum = _impl(pred, imgs, mask).masked_mse(pred, imgs, mask, p, norm_pix)
-    return loss.float().clone(), wsum.float().clone()
+@custom_op("mae_unshuffle", fake=_fake_unshuffle, backward=_unshuffle_backward, setup_context=_unshuffle_setup)
+def _unshuffle_op(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
+                  pos: torch.Tensor | None) -> torch.Tensor:
+    impl = _impl(x, ids_restore, mask_token, pos)
+    return impl.unshuffle(x, ids_restore, mask_token, pos, _unshuffle_dtype(x, mask_token, pos))
 
 
-@_masked_mse_op.register_fake
-def _(pred, imgs, mask, p, norm_pix):
-    return pred.new_empty((), dtype=torch.float32), pred.new_empty((), dtype=torch.float32)
-
-
-@torch.library.custom_op("sslfast::mae_masked_mse_backward", mutates_args=())
+@custom_op("mae_masked_mse_backward", fake=lambda g, pred, imgs, mask, wsum, p, norm_pix: torch.empty_like(pred))
 def _masked_mse_backward_op(g: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor,
                             wsum: torch.Tensor, p: int, norm_pix: bool) -> torch.Tensor:
     return _impl(pred, imgs, mask).masked_mse_backward(g, pred, imgs, mask, wsum, p, norm_pix)
-
-
-@_masked_mse_backward_op.register_fake
-def _(g, pred, imgs, mask, wsum, p, norm_pix):
-    return torch.empty_like(pred)
 
 
 def _masked_mse_setup(ctx, inputs, output):
@@ -216,10 +180,25 @@ def _masked_mse_backward(ctx, g_loss, g_wsum):
     return dpred, None, None, None, None
 
 
-_masked_mse_op.register_autograd(_masked_mse_backward, setup_context=_masked_mse_setup)
+def _fake_masked_mse(pred, imgs, mask, p, norm_pix):
+    return pred.new_empty((), dtype=torch.float32), pred.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("sslfast::mae_bert_masking", mutates_args=())
+@custom_op("mae_masked_mse", fake=_fake_masked_mse, backward=_masked_mse_backward, setup_context=_masked_mse_setup,
+           non_differentiable=(1,))
+def _masked_mse_op(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, p: int,
+                   norm_pix: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, Σ mask) as fp32 scalars."""
+    loss, wsum = _impl(pred, imgs, mask).masked_mse(pred, imgs, mask, p, norm_pix)
+    return loss.float().clone(), wsum.float().clone()
+
+
+def _fake_bert_masking(seed, input_ids, special, mask_token_id, vocab_size, prob, replace_prob, random_prob,
+                       ignore_index):
+    return torch.empty_like(input_ids), torch.empty_like(input_ids)
+
+
+@custom_op("mae_bert_masking", fake=_fake_bert_masking)
 def _bert_masking_op(seed: torch.Tensor, input_ids: torch.Tensor, special: torch.Tensor | None,
                      mask_token_id: int, vocab_size: int, prob: float, replace_prob: float, random_prob: float,
                      ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,12 +207,6 @@ def _bert_masking_op(seed: torch.Tensor, input_ids: torch.Tensor, special: torch
                              random_prob, ignore_index)
 
 
-@_bert_masking_op.register_fake
-def _(seed, input_ids, special, mask_token_id, vocab_size, prob, replace_prob, random_prob, ignore_index):
-    return torch.empty_like(input_ids), torch.empty_like(input_ids)
-
-
-# ------------------------------------------------------------------------------------------- validation
 def _int(name: str, value, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

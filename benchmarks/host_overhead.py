@@ -1,0 +1,139 @@
+"""Host cost of each op's fast path, measured on a machine without a GPU.
+
+A small op on an H100 (Barlow Twins at N=256, the MAE token ops, the EMA of a parameter list) finishes its
+GPU work in tens of microseconds, so what a call costs is the Python, the PyTorch dispatch and the kernel
+launches in front of it. This script measures that part on the CPU:
+
+* SSLFAST_BACKEND=triton with TRITON_INTERPRET=1 sends every op down its Triton path (the same launchers,
+  validation, autograd plumbing and torch glue ops as on a GPU);
+* the interpreter's launch is replaced by a counter, so kernels cost nothing and are only counted;
+* inputs are tiny, so the glue ops' CPU arithmetic is negligible next to their dispatch.
+
+Per case it prints the median wall time of one call (forward + backward where the op trains), the Triton
+launches and the ATen ops it issued. The wall time excludes the launches themselves: on a GPU add the
+launcher's cost for each one (the Triton launch path, a few microseconds each).
+
+    python benchmarks/host_overhead.py [--json FILE] [--repeat 200] [--cases REGEX ...]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import cProfile
+import json
+import os
+import pstats
+import re
+import statistics
+import time
+
+os.environ["SSLFAST_BACKEND"] = "triton"
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ.pop("SSLFAST_POISON", None)
+
+import torch  # noqa: E402
+import triton.runtime.interpreter as _interp  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import sslfast as sf  # noqa: E402
+from sslfast import mae  # noqa: E402
+from sslfast.bench import fwd_bwd  # noqa: E402
+
+LAUNCHES: collections.Counter = collections.Counter()
+
+
+def _count_launch(self, *args, grid, warmup, **kwargs):
+    LAUNCHES[self.fn.__name__] += 1
+
+
+_interp.InterpretedFunction.run = _count_launch
+torch.set_num_threads(1)  # tiny tensors: intra-op threads would only add wake-up latency
+
+
+class _CountAten(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _leaves(*shapes):
+    return [torch.randn(*s, requires_grad=True) for s in shapes]
+
+
+def cases():
+    """name -> call. Shapes are tiny; only the code path (algorithm, flags) matters."""
+    z1, z2 = _leaves((16, 64), (16, 64))
+    q, k = _leaves((16, 32), (16, 32))
+    queue = torch.randn(64, 32)
+    scale = torch.tensor(14.0, requires_grad=True)
+    yield "nt_xent fwd+bwd", fwd_bwd(lambda: sf.nt_xent_loss(q, k, 0.1), q, k)
+    yield "info_nce (queue) fwd+bwd", fwd_bwd(lambda: sf.info_nce_loss(q, k, queue, 0.2), q, k)
+    yield "clip fwd+bwd", fwd_bwd(lambda: sf.clip_loss(q, k, scale), q, k, scale)
+    yield "barlow_twins (gram) fwd+bwd", fwd_bwd(lambda: sf.barlow_twins_loss(z1, z2), z1, z2)
+    yield "vicreg (gram) fwd+bwd", fwd_bwd(lambda: sf.vicreg_loss(z1, z2), z1, z2)
+
+    b, L, d, p, c = 2, 16, 32, 4, 3
+    x, = _leaves((b, L, d))
+    xv, mt = _leaves((b, L // 4, d), (1, 1, d))
+    pos = torch.randn(1, L, d)
+    imgs = torch.randn(b, c, 16, 16)
+    pred, = _leaves((b, L, p * p * c))
+    shuffle = torch.argsort(torch.rand(b, L), dim=1)  # a valid mask, built without the (counted) kernel
+    restore = torch.argsort(shuffle, dim=1)
+    m = mae.MaskInfo(shuffle[:, :L // 4], restore, (restore >= L // 4).float())
+
+    yield "mae random_masking", lambda: mae.random_masking(b, L, 0.75)
+    yield "mae gather_tokens fwd", lambda: mae.gather_tokens(x, m.ids_keep)
+    yield "mae gather_patches fwd", lambda: mae.gather_patches(imgs, m.ids_keep, p)
+    yield "mae unshuffle fwd", lambda: mae.unshuffle(xv, m.ids_restore, mt)
+    yield "mae unshuffle+pos fwd+bwd", fwd_bwd(lambda: mae.unshuffle(xv, m.ids_restore, mt, pos).sum(), xv, mt)
+    yield "mae norm-pix loss fwd+bwd", fwd_bwd(lambda: mae.masked_mse_loss(pred, imgs, m.mask, p), pred)
+
+
+def measure(call, repeat: int) -> dict:
+    for _ in range(5):
+        call()
+    LAUNCHES.clear()
+    with _CountAten() as mode:
+        call()
+    launches = dict(LAUNCHES)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return {"us": statistics.median(times) * 1e6, "launches": sum(launches.values()), "kernels": launches,
+            "aten_ops": sum(mode.ops.values()), "aten": dict(mode.ops)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=200)
+    ap.add_argument("--cases", nargs="*", help="regular expressions on the case names")
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also print each case's N most expensive functions (cProfile, own time)")
+    args = ap.parse_args(argv)
+    rows = []
+    print(f"{'case':40s} {'host us':>9s} {'launches':>9s} {'aten ops':>9s}")
+    for name, call in cases():
+        if args.cases and not any(re.search(c, name) for c in args.cases):
+            continue
+        row = {"case": name, **measure(call, args.repeat)}
+        rows.append(row)
+        print(f"{name:40s} {row['us']:9.1f} {row['launches']:9d} {row['aten_ops']:9d}")
+        if args.profile:
+            prof = cProfile.Profile()
+            prof.runcall(lambda: [call() for _ in range(args.repeat)])
+            pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

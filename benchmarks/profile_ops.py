@@ -1,0 +1,90 @@
+"""Where the time of a benchmark case goes on the GPU: kernels vs the host in front of them.
+
+For each registered `sslfast bench` case matching `--cases` (fused path only), after warm-up:
+
+* wall ms    one call timed as `sslfast bench` times it (sync, event, call, event, sync);
+* pipe ms    the same call back to back (`sslfast.bench.pipelined_ms`): host overhead hidden behind kernels;
+* kernel ms  the sum of the device time of the kernels the call launched (torch.profiler, CUPTI);
+* launches   how many kernels, and the top ones by device time;
+* host ms    the CPU time from the call's start to its last launch returning.
+
+wall ≫ kernel means the host (Python, dispatch, launches) is the bottleneck; wall ≈ kernel means the
+kernels are, and the per-kernel table says which one.
+
+    python benchmarks/profile_ops.py --cases "barlow_twins N=256" "mae " --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from sslfast import bench
+
+
+def _kernel_table(prof) -> list[tuple[str, float, int]]:
+    """(name, total device ms, count) per kernel, largest first."""
+    total: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            t = total[ev.name]
+            t[0] += ev.device_time_total / 1e3
+            t[1] += 1
+    return sorted(((k, v[0], v[1]) for k, v in total.items()), key=lambda r: -r[1])
+
+
+def profile_case(case, dtype, device, calls: int) -> dict:
+    st = case.setup(device, dtype)
+    fn = st.fused
+    wall = bench.time_ms(fn, device, warmup=3, repeat=10)
+    pipe = bench.pipelined_ms(fn, device) if device.type == "cuda" else None
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        host = []
+        for _ in range(calls):
+            bench.sync(device)
+            t0 = time.perf_counter()
+            fn()
+            host.append((time.perf_counter() - t0) * 1e3)
+        bench.sync(device)
+    kernels = _kernel_table(prof)
+    return {"op": case.op, "case": case.name, "dtype": str(dtype).replace("torch.", ""), "wall_ms": wall,
+            "pipelined_ms": pipe, "host_ms": sorted(host)[len(host) // 2], "kernel_ms": sum(k[1] for k in kernels) / calls,
+            "launches": sum(k[2] for k in kernels) / calls,
+            "kernels": [{"name": k[0][:120], "ms": k[1] / calls, "count": k[2] / calls} for k in kernels[:12]]}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", nargs="+", required=True, help="regular expressions on 'op case-name'")
+    ap.add_argument("--calls", type=int, default=5, help="profiled calls per case")
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--device", default="cuda", help="cpu: runs the CPU smoke cases (checks this script)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    rows = []
+    for case in bench.load_all():
+        if device.type not in case.device_types or not any(re.search(c, f"{case.op} {case.name}") for c in args.cases):
+            continue
+        for dtype in case.dtypes:
+            row = profile_case(case, dtype, device, args.calls)
+            rows.append(row)
+            pipe = "-" if row["pipelined_ms"] is None else f"{row['pipelined_ms']:.3f}"
+            print(f"\n{row['op']} {row['case']} {row['dtype']}: wall {row['wall_ms']:.3f} ms, pipelined {pipe} ms, "
+                  f"host {row['host_ms']:.3f} ms, kernels {row['kernel_ms']:.3f} ms in {row['launches']:.0f} launches")
+            for k in row["kernels"]:
+                print(f"    {k['ms']:8.3f} ms  x{k['count']:<4.0f} {k['name']}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

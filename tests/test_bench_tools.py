@@ -1,0 +1,33 @@
+"""The measurement scripts in benchmarks/ run (each in its own process: host_overhead.py stubs Triton's
+interpreter for the whole process)."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *args):
+    env = {k: v for k, v in os.environ.items() if k not in ("SSLFAST_BACKEND", "TRITON_INTERPRET")}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_host_overhead_counts_launches_and_aten_ops(tmp_path):
+    out = tmp_path / "host.json"
+    _run("host_overhead.py", "--repeat", "3", "--cases", "gather_tokens", "norm-pix", "--json", str(out))
+    rows = {r["case"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"mae gather_tokens fwd", "mae norm-pix loss fwd+bwd"}
+    assert rows["mae gather_tokens fwd"]["kernels"] == {"_gather_rows_kernel": 1}
+    assert rows["mae norm-pix loss fwd+bwd"]["kernels"] == {"_masked_mse_fwd_kernel": 1, "_masked_mse_bwd_kernel": 1}
+    assert all(r["us"] > 0 and r["aten_ops"] > 0 for r in rows.values())
+
+
+def test_profile_ops_runs_the_cpu_smoke_cases(tmp_path):
+    out = tmp_path / "profile.json"
+    _run("profile_ops.py", "--device", "cpu", "--cases", "nt_xent 2x64", "--calls", "2", "--json", str(out))
+    (row,) = json.loads(out.read_text())
+    assert row["op"] == "nt_xent" and row["wall_ms"] > 0 and row["host_ms"] > 0 and row["pipelined_ms"] is None
