@@ -1,8 +1,8 @@
 """Tile sweep for the InfoNCE kernels on the current GPU (run by benchmarks/gpu_check.sh).
 
 Times the forward statistics pass and the backward row pass separately for each candidate tile shape at the
-shapes that matter (NT-Xent 2x16384 D=128, CLIP B=32768 with column statistics, MoCo N=4096 K=65536), and
-prints the best per pass. The winners are copied into `GPU_TILES` in kernels/infonce.py.
+shapes that matter (NT-Xent 2x16384 D=128, its forward both symmetric and as the full square; CLIP B=32768
+with column statistics; MoCo N=4096 K=65536), and prints the best per pass. The winners are copied into `GPU_TILES` in kernels/infonce.py.
 """
 import argparse
 import json
@@ -25,7 +25,19 @@ CANDIDATES = [
 ]
 
 
+def _deterministic(fn):
+    """`fn` under torch.use_deterministic_algorithms: the symmetric forward takes its full-square schedule."""
+    def run():
+        torch.use_deterministic_algorithms(True)
+        try:
+            return fn()
+        finally:
+            torch.use_deterministic_algorithms(False)
+    return run
+
+
 def problems(dtype):
+    """{(pass, name, bounded): call}; `bounded` picks the GPU_TILES entry the call uses (with ONE_CHUNK, D=128)."""
     dev = "cuda"
     z = torch.randn(32768, 128, device=dev, dtype=dtype)
     img, txt = torch.randn(32768, 128, device=dev, dtype=dtype), torch.randn(32768, 128, device=dev, dtype=dtype)
@@ -34,28 +46,28 @@ def problems(dtype):
     nt_maps = _maps(pos_shift=16384, pos_period=32768)
     g = torch.full((32768,), 1 / 32768, device=dev)
     lse = torch.full((32768,), 8.0, device=dev)
+    rn_z, rn_i, rn_t, rn_q, rn_k = (K.row_rnorm(x) for x in (z, img, txt, q, queue))
 
-    def prep(a, b):
-        return K.row_rnorm(a), K.row_rnorm(b)
+    def nt_fwd():
+        return K.similarity_lse(z, z, rn_z, rn_z, s10, nt_maps, exclude_self=True, want_pos=True, col_stats=False,
+                                bounded=True)
 
-    rn_z = K.row_rnorm(z)
-    rn_i, rn_t = prep(img, txt)
-    rn_q, rn_k = prep(q, queue)
     return {
-        ("fwd", "nt_xent 2x16384"): lambda: K.similarity_lse(z, z, rn_z, rn_z, s10, nt_maps, exclude_self=True,
-                                                             want_pos=True, col_stats=False, bounded=True),
-        ("fwd", "clip 32768 col-stats"): lambda: K.similarity_lse(img, txt, rn_i, rn_t, s14, _maps(),
-                                                                  exclude_self=False, want_pos=True, col_stats=True,
-                                                                  bounded=False),
-        ("fwd", "moco 4096x65536"): lambda: K.similarity_lse(q, queue, rn_q, rn_k, s10, _maps(), exclude_self=False,
-                                                             want_pos=False, col_stats=False, bounded=True),
-        ("bwd", "nt_xent 2x16384"): lambda: K.similarity_lse_rows_grad(
-            z, z, rn_z, rn_z, s10, nt_maps, exclude_self=True, bounded=True, lse_r=lse, g_r=g, lse_c=lse, g_c=g, g_pr=-g, g_pc=-g),
-        ("bwd", "clip 32768 rows"): lambda: K.similarity_lse_rows_grad(
-            img, txt, rn_i, rn_t, s14, _maps(), exclude_self=False, bounded=False, lse_r=lse, g_r=g, lse_c=lse, g_c=g, g_pr=-g,
-            want_dscale=True),
-        ("bwd", "moco 4096x65536"): lambda: K.similarity_lse_rows_grad(
-            q, queue, rn_q, rn_k, s10, _maps(), exclude_self=False, bounded=True, lse_r=lse[:4096] + 3, g_r=g[:4096]),
+        ("fwd", "nt_xent 2x16384 (symmetric)", True): nt_fwd,
+        ("fwd", "nt_xent 2x16384 (full square)", True): _deterministic(nt_fwd),
+        ("fwd", "clip 32768 col-stats", False): lambda: K.similarity_lse(
+            img, txt, rn_i, rn_t, s14, _maps(), exclude_self=False, want_pos=True, col_stats=True, bounded=False),
+        ("fwd", "moco 4096x65536", True): lambda: K.similarity_lse(
+            q, queue, rn_q, rn_k, s10, _maps(), exclude_self=False, want_pos=False, col_stats=False, bounded=True),
+        ("bwd", "nt_xent 2x16384", True): lambda: K.similarity_lse_rows_grad(
+            z, z, rn_z, rn_z, s10, nt_maps, exclude_self=True, bounded=True, lse_r=lse, g_r=g, lse_c=lse, g_c=g,
+            g_pr=-g, g_pc=-g),
+        ("bwd", "clip 32768 rows", False): lambda: K.similarity_lse_rows_grad(
+            img, txt, rn_i, rn_t, s14, _maps(), exclude_self=False, bounded=False, lse_r=lse, g_r=g, lse_c=lse,
+            g_c=g, g_pr=-g, want_dscale=True),
+        ("bwd", "moco 4096x65536", True): lambda: K.similarity_lse_rows_grad(
+            q, queue, rn_q, rn_k, s10, _maps(), exclude_self=False, bounded=True, lse_r=lse[:4096] + 3,
+            g_r=g[:4096]),
     }
 
 
@@ -68,12 +80,13 @@ def main():
     args = parser.parse_args()
     results = []
     for dtype in (getattr(torch, d) for d in args.dtypes):
-        for (kind, name), fn in problems(dtype).items():
+        for (kind, name, bounded), fn in problems(dtype).items():
             if args.problems and not any(p in name for p in args.problems):
                 continue
-            saved = dict(K.GPU_TILES[(kind, True)])
+            key = (kind, True, bounded)
+            saved = dict(K.GPU_TILES[key])
             for cfg in CANDIDATES[:args.candidates]:
-                K.GPU_TILES[(kind, True)] = cfg
+                K.GPU_TILES[key] = cfg
                 try:
                     ms = time_ms(fn, torch.device("cuda"), warmup=2, repeat=5)
                 except (triton.runtime.errors.OutOfResources, RuntimeError) as err:
@@ -81,7 +94,7 @@ def main():
                     print(kind, name, cfg, "failed:", str(err).splitlines()[0][:120])
                 results.append({"kind": kind, "problem": name, "dtype": str(dtype)[6:], "cfg": cfg, "ms": ms})
                 print(json.dumps(results[-1]), flush=True)
-            K.GPU_TILES[(kind, True)] = saved
+            K.GPU_TILES[key] = saved
     best = {}
     for r in results:
         key = f"{r['kind']} {r['problem']} {r['dtype']}"

@@ -5,9 +5,7 @@ import os
 
 import torch
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+from .._backend import interpreting
 
 
 def upcast_dots() -> bool:

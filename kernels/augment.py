@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, empty, interpreting, next_pow2
+from .._backend import interpreting
+from ._common import cdiv, empty, next_pow2
 
 FIELDS = (
     "top", "left", "height", "width", "flip", "jitter", "brightness", "contrast", "saturation", "hue",

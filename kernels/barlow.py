@@ -72,7 +72,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, empty, interpreting, num_sms, upcast_dots
+from .._backend import interpreting
+from ._common import cdiv, empty, num_sms, upcast_dots
 
 BARLOW, VICREG = 0, 1
 NCOL = 9  # rows of `col` [NCOL, D], fp32:

@@ -26,6 +26,11 @@ Backward, for upstream gradients g_r (of lse_r), g_c (of lse_c) and g_p (of pos)
 
 When a and b are the same matrix (NT-Xent on one device), the row and column roles are folded into one
 launch: G + Gᵀ needs only S_ij (S is symmetric), so one recomputation of each tile gives the full gradient.
+The forward of that case uses the symmetry too (with plain-sum statistics): it computes only the row blocks'
+diagonal blocks and the tiles right of them, and a tile right of the diagonal adds its column sums to the
+statistics of the rows those columns are, half the tiles of the full square. π being an involution, a
+column's positive sits in the same tile as the row whose positive it is. The sums are fp32 atomics, so their
+last bits depend on the order; torch.use_deterministic_algorithms(True) selects the full square.
 
 Operands. Tiles multiply the *raw* inputs (bf16 products are exact in the fp32 accumulator) and scale the
 dot products by per-row and per-column factors rn_a·scale·log2 e and rn_b (rn = 1/‖x‖, computed once):
@@ -42,16 +47,20 @@ overflows, and fp64 keeps it exact down to 2^-1022 (scale up to ~350).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, empty, interpreting, next_pow2, num_sms, upcast_dots
+from .._backend import interpreting
+from ._common import cdiv, empty, next_pow2, num_sms, upcast_dots
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize
 MAX_ATOMIC_SPLITS = 4  # backward column splits that add into one output atomically (more: per-split slices)
+TRIANGLE_WAVES = 16    # work items of the symmetric forward, in waves of the machine
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -206,18 +215,26 @@ def _normalize_bwd_kernel(X, RN, DXH, P, RN_P, COEF, DX, M, D, stride_x, stride_
 
 @triton.jit
 def _lse_fwd_kernel(
-    R, C, RN_R, RN_C, SCALE, ROW_M, ROW_L, POS, COL_L, COL_ACC,
+    R, C, RN_R, RN_C, SCALE, ROW_M, ROW_L, POS, COL_L, COL_ACC, ITEMS,
     M, NB, D, stride_r, stride_c, cols_per_split,
     r_off, r_split, r_shift, c_off, c_split, c_shift, p_shift, p_period,
     EXCLUDE_SELF: tl.constexpr, WANT_POS: tl.constexpr, COL_STATS: tl.constexpr, BOUNDED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TRIANGLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ONE_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # Grid (row block, column split). A program keeps BLOCK_M rows resident and sweeps its split's columns
     # BLOCK_N at a time; partial row statistics go to ROW_M/ROW_L[split], merged by the launcher. Only the
     # few tiles that hold a row's own index, a positive or the ragged end pay for masking.
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # TRIANGLE (symmetric S, bounded): grid (work item,), item = (row block, first column block) from ITEMS,
+    # over cols_per_split columns on or right of the row block's diagonal block; a tile right of it also
+    # adds its column sums (and its columns' positives) to those rows' statistics, so the tiles left of the
+    # diagonal are never computed. Every statistic is an fp32 atomic sum into ROW_L [M] and POS [M].
+    if TRIANGLE:
+        pid_m = tl.load(ITEMS + 2 * tl.program_id(0))
+        col_lo = tl.load(ITEMS + 2 * tl.program_id(0) + 1) * BLOCK_M
+    else:
+        pid_m = tl.program_id(0)
+        col_lo = tl.program_id(1) * cols_per_split
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     ragged_rows = (pid_m + 1) * BLOCK_M > M
@@ -233,19 +250,22 @@ def _lse_fwd_kernel(
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    col_lo = pid_s * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, NB)
     for c0 in range(col_lo, col_hi, BLOCK_N):
         s, cols, col_ok, col_fac = _logit_tile(r_res, R, C, RN_C, rows, row_ok, row_fac, c0, col_hi, D, stride_r,
                                                stride_c, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST)
+        mirror = TRIANGLE and c0 >= (pid_m + 1) * BLOCK_M  # right of the diagonal block: columns count too
         if _needs_mask(c0, col_hi, g_lo, g_hi, p_lo, p_hi, c_off, c_split, c_shift, EXCLUDE_SELF, WANT_POS,
                        BLOCK_N):
             valid, match = _tile_masks(g_row, g_pos, cols, col_ok, c_off, c_split, c_shift, EXCLUDE_SELF)
             if WANT_POS:
-                pos_i += tl.sum(tl.where(match, s, 0.0), axis=1)
+                s_pos = tl.where(match, s, 0.0)
+                pos_i += tl.sum(s_pos, axis=1)
+                if mirror:  # π is an involution: column j's positive is the row whose positive j is
+                    tl.atomic_add(POS + cols, tl.sum(s_pos, axis=0) * 0.6931471805599453, mask=col_ok)
                 valid = valid & ~match
             s = tl.where(valid, s, float("-inf"))
-        if COL_STATS:
+        if COL_STATS or TRIANGLE:
             if ragged_rows:
                 s = tl.where(row_ok[:, None], s, float("-inf"))
         if BOUNDED:
@@ -253,6 +273,8 @@ def _lse_fwd_kernel(
             l_i += tl.sum(p, axis=1)
             if COL_STATS:
                 tl.atomic_add(COL_L + cols, tl.sum(p, axis=0), mask=col_ok)
+            if mirror:
+                tl.atomic_add(ROW_L + cols, tl.sum(p, axis=0), mask=col_ok)
         else:
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -264,11 +286,16 @@ def _lse_fwd_kernel(
                 cl = tl.sum(tl.exp2(s - cm_use[None, :]), axis=0)
                 tl.atomic_add(COL_ACC + cols, cl.to(tl.float64) * _exp2_f64(cm_use - ref2), mask=col_ok)
 
-    out = pid_s * M + rows
-    tl.store(ROW_M + out, m_i, mask=row_ok)
-    tl.store(ROW_L + out, l_i, mask=row_ok)
-    if WANT_POS:
-        tl.store(POS + out, pos_i * 0.6931471805599453, mask=row_ok)
+    if TRIANGLE:
+        tl.atomic_add(ROW_L + rows, l_i, mask=row_ok)
+        if WANT_POS:
+            tl.atomic_add(POS + rows, pos_i * 0.6931471805599453, mask=row_ok)
+    else:
+        out = tl.program_id(1) * M + rows
+        tl.store(ROW_M + out, m_i, mask=row_ok)
+        tl.store(ROW_L + out, l_i, mask=row_ok)
+        if WANT_POS:
+            tl.store(POS + out, pos_i * 0.6931471805599453, mask=row_ok)
 
 
 @triton.jit
@@ -437,25 +464,56 @@ def row_normalize_backward(x, rn, dxh=None, partner=None, rn_p=None, coef=None) 
     return dx
 
 
+@functools.lru_cache(maxsize=64)
+def _triangle_items(n_rb: int, q: int, device: torch.device) -> torch.Tensor:
+    """int32 [n_items, 2]: (row block I, first column block J) for J = I, I + q, ... < n_rb (built once per
+    shape and device)."""
+    items = [(i, j) for i in range(n_rb) for j in range(i, n_rb, q)]
+    return torch.tensor(items, dtype=torch.int32).to(device)
+
+
+def _triangle(n_rb: int, device: torch.device) -> torch.Tensor:
+    """Work items of the symmetric forward: q column blocks each, with q such that the n_rb²/2 blocks make
+    about TRIANGLE_WAVES waves and every row block has at least ~8 items (balance)."""
+    q = max(1, min(n_rb // 8, round(n_rb * n_rb / (2 * TRIANGLE_WAVES * num_sms(device)))))
+    return _triangle_items(n_rb, q, device), q
+
+
+def _symmetric(r, c, rn_r, rn_c, maps) -> bool:
+    """Rows and columns are one matrix with one index map, and the pairing π is an involution (NT-Xent)."""
+    return r is c and rn_r is rn_c and maps[0:3] == maps[3:6] and (2 * maps[6]) % maps[7] == 0
+
+
 def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col_stats, bounded):
     """Forward statistics (lse_r [M], lse_c [Nb] or empty, pos [M] or empty), all fp32, of rows r against
     columns c with their inverse norms. `maps` is (r_off, r_split, r_shift, c_off, c_split, c_shift, p_shift,
-    p_period); `bounded`: |scale| <= 64 is known (plain-sum statistics)."""
+    p_period); `bounded`: |scale| <= 64 is known (plain-sum statistics). A symmetric, bounded problem
+    computes only the tiles on and right of the diagonal (half the FLOPs) with atomic sums, unless
+    torch.use_deterministic_algorithms is on."""
     m, d = r.shape
     nb = c.shape[0]
     cfg = _tiles(d, "fwd", bounded)
     n_rb = cdiv(m, cfg["BLOCK_M"])
-    splits, per = _splits(n_rb, nb, cfg["BLOCK_N"], r.device, waves=8)
-    row_m = empty((splits, m), dtype=torch.float32, device=r.device)
-    row_l = empty((splits, m), dtype=torch.float32, device=r.device)
-    pos = empty((splits, m), dtype=torch.float32, device=r.device) if want_pos else row_m
-    col_l = torch.zeros((nb if col_stats and bounded else 1,), dtype=torch.float32, device=r.device)
-    col_acc = torch.zeros((nb if col_stats and not bounded else 1,), dtype=torch.float64, device=r.device)
-    _lse_fwd_kernel[(n_rb, splits)](
-        r, c, rn_r, rn_c, scale, row_m, row_l, pos, col_l, col_acc,
+    if (bounded and not col_stats and _symmetric(r, c, rn_r, rn_c, maps)
+            and not torch.are_deterministic_algorithms_enabled()):
+        items, q = _triangle(n_rb, r.device)
+        grid, per = (items.shape[0],), q * cfg["BLOCK_M"]
+        sums = torch.zeros((2, 1, m), dtype=torch.float32, device=r.device)  # one "split" of each
+        row_l, pos, splits = sums[0], sums[1], 1
+        row_m = row_l  # unused: plain sums
+    else:
+        splits, per = _splits(n_rb, nb, cfg["BLOCK_N"], r.device, waves=8)
+        grid, items = (n_rb, splits), r
+        row_m = empty((splits, m), dtype=torch.float32, device=r.device)
+        row_l = empty((splits, m), dtype=torch.float32, device=r.device)
+        pos = empty((splits, m), dtype=torch.float32, device=r.device) if want_pos else row_m
+    col_l = torch.zeros((nb,), dtype=torch.float32, device=r.device) if col_stats and bounded else row_m
+    col_acc = torch.zeros((nb,), dtype=torch.float64, device=r.device) if col_stats and not bounded else row_m
+    _lse_fwd_kernel[grid](
+        r, c, rn_r, rn_c, scale, row_m, row_l, pos, col_l, col_acc, items,
         m, nb, d, r.stride(0), c.stride(0), per, *maps,
         EXCLUDE_SELF=exclude_self, WANT_POS=want_pos, COL_STATS=col_stats, BOUNDED=bounded,
-        UPCAST=upcast_dots(), **cfg)
+        TRIANGLE=len(grid) == 1, UPCAST=upcast_dots(), **cfg)
     if bounded:  # plain sums: merge the splits by adding them
         lse_r = torch.log2(row_l.sum(0) if splits > 1 else row_l[0]) * LN2
     else:

@@ -59,7 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, empty, interpreting, next_pow2, upcast_dots
+from .._backend import interpreting
+from ._common import cdiv, empty, next_pow2, upcast_dots
 
 NORM_PIX_EPS = 1e-6  # as the official forward_loss
 _PAD_KEY = tl.constexpr(9223372036854775807)  # int64 max: padding lanes sort last (constexpr: a @jit global)

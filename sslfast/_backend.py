@@ -36,8 +36,10 @@ def triton_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
 def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1). Read once: `triton.jit`
+    reads the variable when the kernels are decorated, at import, so later changes could not apply anyway."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 

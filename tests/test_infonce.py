@@ -145,6 +145,41 @@ def test_core_index_maps_against_reference(seed, bounded):
     assert_close(sg, sw, 1e-5, f"scale grad (seed {seed})")
 
 
+@pytest.mark.parametrize("n,d", [(2, 3), (37, 48), (70, 130)])
+def test_symmetric_forward_computes_half_the_tiles(seed, n, d, monkeypatch):
+    """NT-Xent's symmetric forward (tiles on and right of the diagonal, columns mirrored into the rows) equals
+    the float64 reference and the full-square schedule that torch.use_deterministic_algorithms selects."""
+    from sslfast._backend import interpreting
+    from sslfast.kernels import infonce as kern
+    from sslfast.ops.infonce import _maps
+
+    if not interpreting():
+        pytest.skip("interpreter-only (the GPU sweep covers the kernels on CUDA)")
+    z = torch.randn(2 * n, d)
+    scale = torch.tensor(1 / 0.07)
+    maps = _maps(pos_shift=n, pos_period=2 * n)
+    kw = dict(exclude_self=True, want_pos=True, col_stats=False, bounded=True)
+    items = []
+    triangle = kern._triangle
+    monkeypatch.setattr(kern, "_triangle", lambda *a: items.append(triangle(*a)) or items[-1])
+    rn = kern.row_rnorm(z)
+    got = kern.similarity_lse(z, z, rn, rn, scale, maps, **kw)
+    (work, q), = items
+    n_rb = -(-2 * n // 16)  # interpreter tiles: BLOCK_M = 16
+    assert work.shape[0] == sum(-(-(n_rb - i) // q) for i in range(n_rb))  # row blocks x (diagonal and right)
+    torch.use_deterministic_algorithms(True)
+    try:
+        square = kern.similarity_lse(z, z, rn, rn, scale, maps, **kw)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert len(items) == 1, "deterministic mode must take the full-square schedule"
+    z64 = z.double()
+    want = ref.similarity_lse(z64, z64, ref.row_rnorm(z64), ref.row_rnorm(z64), scale.double(), maps, **kw)
+    for name, g, s, w in zip(("lse_r", "lse_c", "pos"), got, square, want):
+        assert_close(g, w, 1e-5, f"{name} (seed {seed})")
+        assert_close(s, w, 1e-5, f"{name}, full square (seed {seed})")
+
+
 # ------------------------------------------------------------------------------------------ modules
 def _lightly_ntxent(out0, out1, temperature):
     """lightly NTXentLoss(memory_bank_size=0) forward, written from its definition: the block logits
@@ -351,8 +386,10 @@ def test_gpu_sweep(seed, dtype, n, d):
 # The variants the ops launch: forward (EXCLUDE_SELF, WANT_POS, COL_STATS, BOUNDED) and backward (ROW_TERM,
 # COL_TERM, POS_ROW, POS_COL, EXCLUDE_SELF, WANT_DSCALE, BOUNDED) for NT-Xent (one device and gathered),
 # paired InfoNCE (rows, swapped), the queue, and CLIP (rows, swapped).
-_FWD_VARIANTS = [(True, True, False, True), (True, True, False, False), (False, True, False, True),
-                 (False, False, False, True), (False, True, True, False)]
+# (EXCLUDE_SELF, WANT_POS, COL_STATS, BOUNDED, TRIANGLE): NT-Xent symmetric / gathered / unbounded, MoCo, CLIP
+_FWD_VARIANTS = [(True, True, False, True, True), (True, True, False, True, False), (True, True, False, False, False),
+                 (False, True, False, True, False), (False, False, False, True, False),
+                 (False, True, True, False, False)]
 _BWD_VARIANTS = [(True, True, True, True, True, False, True), (True, False, True, False, True, False, True),
                  (False, True, False, True, True, False, True), (True, False, True, False, False, False, True),
                  (False, True, False, True, False, False, True), (True, False, False, False, False, False, True),
@@ -368,7 +405,7 @@ def test_kernels_compile_for_sm90():
 
     ALIGNED = ("D", "stride_r", "stride_c", "stride_dr", "stride_ds", "stride_x", "stride_p", "stride_dxh", "stride_dx",
                "cols_per_split", "M", "NB")
-    FWD = dict(zip(("EXCLUDE_SELF", "WANT_POS", "COL_STATS", "BOUNDED"), range(4)))
+    FWD = dict(zip(("EXCLUDE_SELF", "WANT_POS", "COL_STATS", "BOUNDED", "TRIANGLE"), range(5)))
     BWD = dict(zip(("ROW_TERM", "COL_TERM", "POS_ROW", "POS_COL", "EXCLUDE_SELF", "WANT_DSCALE", "BOUNDED"),
                    range(7)))
 
@@ -386,9 +423,9 @@ def test_kernels_compile_for_sm90():
                                                 COEF="*fp32", DX="*" + dt),
                   dict(HAS_DXH=True, HAS_PARTNER=partner, BLOCK_M=32, BLOCK_D=128), aligned=ALIGNED)
         ptrs = dict(R="*" + dt, C="*" + dt, RN_R="*fp32", RN_C="*fp32", SCALE="*fp32", ROW_M="*fp32",
-                    ROW_L="*fp32", POS="*fp32", COL_L="*fp32", COL_ACC="*fp64")
+                    ROW_L="*fp32", POS="*fp32", COL_L="*fp32", COL_ACC="*fp64", ITEMS="*i32")
         for one in (True, False):
-            for v in ({_FWD_VARIANTS} if dt == "bf16" and one else {_FWD_VARIANTS}[::4]):
+            for v in ({_FWD_VARIANTS} if dt == "bf16" and one else {_FWD_VARIANTS}[::5]):
                 t, warps, stages = tiles("fwd", one, v[3])
                 build(K._lse_fwd_kernel, ptrs, dict(t, **{{k: v[i] for k, i in FWD.items()}}), warps, stages,
                       aligned=ALIGNED)

@@ -2,7 +2,8 @@
 run today (lightly / solo-learn NT-Xent, MoCo with a queue, open_clip's CLIP loss), at the baseline shapes.
 
 FLOPs counted are the ones the fused kernels execute (tensor-core dot products, 2 per multiply-add):
-  NT-Xent (M = 2N rows):   forward 2M²D + backward 4M²D (G + Gᵀ in one pass)           = 6M²D
+  NT-Xent (M = 2N rows):   forward M²D (symmetric: tiles on and right of the diagonal only)
+                           + backward 4M²D (G + Gᵀ in one pass)                         = 5M²D
   MoCo, queue of K:        forward 2NKD + backward 4NKD (only the query gets gradients)  = 6NKD
   CLIP (B pairs):          forward 2B²D + backward 2 × 4B²D (images, then texts)         = 10B²D
 The materialized references do 6M²D, 6NKD and 6B²D respectively.
@@ -26,7 +27,7 @@ def _ntxent(n, d=128, reference=True):
         m = 2 * n
         return Setup(fused=_fwd_bwd(lambda: ops.nt_xent_loss(z1, z2, 0.1), z1, z2),
                      reference=_fwd_bwd(lambda: ref.nt_xent_loss(z1, z2, 0.1), z1, z2) if reference else None,
-                     flops=6 * m * m * d, bytes=3 * m * d * z1.element_size())
+                     flops=5 * m * m * d, bytes=3 * m * d * z1.element_size())
     return setup
 
 
