@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _validate as V
-from .._custom_op import custom_op
 from .._backend import use_triton, without_autocast
+from .._custom_op import custom_op
 from ..distributed import all_gather, rank_and_world
 from ..reference import infonce as _reference
 

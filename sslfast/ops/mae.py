@@ -20,8 +20,8 @@ from typing import NamedTuple
 import torch
 
 from .. import _validate as V
-from .._custom_op import custom_op
 from .._backend import use_triton
+from .._custom_op import custom_op
 from ..reference import mae as _reference
 
 _SEED_HIGH = 1 << 62
