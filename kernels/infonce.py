@@ -35,6 +35,9 @@ last bits depend on the order; torch.use_deterministic_algorithms(True) selects 
 Operands. Tiles multiply the *raw* inputs (bf16 products are exact in the fp32 accumulator) and scale the
 dot products by per-row and per-column factors rn_a·scale·log2 e and rn_b (rn = 1/‖x‖, computed once):
 the logits are more accurate than those of a bf16 F.normalize, and every exponential is one `exp2`.
+fp32 inputs on a GPU are the exception: one pass writes their unit rows x̂ in fp16 and the tiles multiply
+those (inverse norms 1). |x̂| <= 1, and fp16's 11-bit significand is TF32's, so the logits are as accurate
+as TF32 dots of the fp32 inputs while the tensor cores run twice as fast and tiles move half the bytes.
 
 Numerics. Because the rows are unit vectors, |s·log2 e| ≤ scale·log2 e. When the caller knows scale ≤ 64
 (`bounded`: every SimCLR/MoCo temperature ≥ 1/64) each 2^s and each sum of up to 2^20 of them lies inside fp32's normal
@@ -189,6 +192,19 @@ def _rownorm_kernel(X, RN, P, RN_P, POS, SCALE, M, D, stride_x, stride_p, eps,
         rn_p = 1.0 / tl.maximum(tl.sqrt(ss_p), eps)
         tl.store(RN_P + rows, rn_p, mask=row_ok)
         tl.store(POS + rows, tl.load(SCALE).to(tl.float32) * rn * rn_p * xp, mask=row_ok)
+
+
+@triton.jit
+def _unit_rows_kernel(X, RN, XH, M, D, stride_x, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """XH = X · RN[:, None] in XH's dtype (fp16 unit rows, the tile operands of fp32 inputs)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rn = tl.load(RN + rows, mask=row_ok, other=0.0)
+    for k0 in range(0, D, BLOCK_D):
+        dk = k0 + tl.arange(0, BLOCK_D)
+        x = _load_rows(X, rows, row_ok, dk, D, stride_x, True) * rn[:, None]
+        tl.store(XH + rows[:, None] * D + dk[None, :], x.to(XH.dtype.element_ty),
+                 mask=row_ok[:, None] & (dk[None, :] < D))
 
 
 @triton.jit
@@ -464,6 +480,34 @@ def row_normalize_backward(x, rn, dxh=None, partner=None, rn_p=None, coef=None) 
     return dx
 
 
+def fp32_operand_dtype() -> torch.dtype:
+    """Tile operands of fp32 inputs: fp16 unit rows on a GPU (fp16 keeps TF32's 11-bit significand, |x̂| <= 1
+    is far inside its range, and its tensor cores run at twice TF32's rate); fp32 under the interpreter,
+    whose dots are exact (the CI tolerance)."""
+    return torch.float32 if interpreting() else torch.float16
+
+
+def _unit_rows(x: torch.Tensor, rn: torch.Tensor) -> torch.Tensor:
+    """x̂ = x / ‖x‖ in the fp32 operand dtype, [M, D] contiguous."""
+    m, d = x.shape
+    xh = empty((m, d), dtype=fp32_operand_dtype(), device=x.device)
+    _unit_rows_kernel[(cdiv(m, 32),)](x, rn, xh, m, d, x.stride(0), BLOCK_M=32, BLOCK_D=min(next_pow2(d), 128),
+                                      num_warps=1 if interpreting() else 4)
+    return xh
+
+
+def _operands(r, c, rn_r, rn_c):
+    """The tile kernels' (r, c, rn_r, rn_c): the inputs themselves, except fp32 inputs with a 16-bit operand
+    dtype, which become unit rows (inverse norms 1). One matrix stays one (the symmetric schedules)."""
+    if r.dtype != torch.float32 or fp32_operand_dtype() == torch.float32:
+        return r, c, rn_r, rn_c
+    rh = _unit_rows(r, rn_r)
+    ones = torch.ones_like(rn_r)
+    if c is r and rn_c is rn_r:
+        return rh, rh, ones, ones
+    return rh, _unit_rows(c, rn_c), ones, torch.ones_like(rn_c)
+
+
 @functools.lru_cache(maxsize=64)
 def _triangle_items(n_rb: int, q: int, device: torch.device) -> torch.Tensor:
     """int32 [n_items, 2]: (row block I, first column block J) for J = I, I + q, ... < n_rb (built once per
@@ -490,6 +534,7 @@ def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col
     p_period); `bounded`: |scale| <= 64 is known (plain-sum statistics). A symmetric, bounded problem
     computes only the tiles on and right of the diagonal (half the FLOPs) with atomic sums, unless
     torch.use_deterministic_algorithms is on."""
+    r, c, rn_r, rn_c = _operands(r, c, rn_r, rn_c)
     m, d = r.shape
     nb = c.shape[0]
     cfg = _tiles(d, "fwd", bounded)
@@ -532,6 +577,7 @@ def similarity_lse_rows_grad(r, c, rn_r, rn_c, scale, maps, *, exclude_self, bou
                              lse_c=None, g_c=None, g_pr=None, g_pc=None, want_dscale=False):
     """dL/dr̂ (fp32 [M, D], w.r.t. the unit rows r/‖r‖) and dL/dscale (fp32 scalar or None). Terms whose
     tensors are None are left out of G (see the module doc)."""
+    r, c, rn_r, rn_c = _operands(r, c, rn_r, rn_c)
     m, d = r.shape
     nb = c.shape[0]
     cfg = _tiles(d, "bwd", bounded)

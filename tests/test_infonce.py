@@ -13,7 +13,7 @@ import sslfast as sf
 from sslfast.reference import infonce as ref
 from distributed_harness import run_ranks
 from aot_compile import check_compiles
-from helpers import assert_close, assert_loss_close, leaf, tol
+from helpers import TOL_GPU_FP32, assert_close, assert_loss_close, leaf, tol
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (N, D) pairs covering N in {2, 3, 37, 130} and D in {3, 48, 130}; each case also picks a temperature.
@@ -143,6 +143,45 @@ def test_core_index_maps_against_reference(seed, bounded):
                                            **{k: v.float() for k, v in terms.items()})
     assert_close(dg, dw, 1e-5, f"rows grad (seed {seed})")
     assert_close(sg, sw, 1e-5, f"scale grad (seed {seed})")
+
+
+@pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "clip"])
+def test_fp32_inputs_with_fp16_unit_operands(seed, loss, monkeypatch):
+    """The GPU's fp32 path (tiles over fp16 unit rows, forced here under the interpreter) meets the GPU fp32
+    tolerance against float64, every gradient included; and it really ran on fp16 operands."""
+    from sslfast._backend import interpreting
+    from sslfast.kernels import infonce as kern
+
+    if not interpreting():
+        pytest.skip("interpreter-only (on a GPU this is the fp32 path itself)")
+    monkeypatch.setenv("SSLFAST_BACKEND", "triton")
+    monkeypatch.setattr(kern, "fp32_operand_dtype", lambda: torch.float16)
+    seen = []
+    unit_rows = kern._unit_rows
+    monkeypatch.setattr(kern, "_unit_rows", lambda x, rn: seen.append(x.shape) or unit_rows(x, rn))
+    n, d = 37, 48
+    x, y = torch.randn(n, d) * 30, torch.randn(n, d) * 1e-3  # far from unit norm: the rows are normalized first
+    queue = F.normalize(torch.randn(77, d), dim=1)
+    scale = torch.tensor(14.3)
+    fused = {"nt_xent": lambda a, b, s: sf.nt_xent_loss(a, b, 0.1),
+             "info_nce": lambda a, b, s: sf.info_nce_loss(a, b, queue.to(a.dtype), 0.2),
+             "clip": lambda a, b, s: sf.clip_loss(a, b, s)}[loss]
+    literal = {"nt_xent": lambda a, b, s: ref.nt_xent_loss(a, b, 0.1),
+               "info_nce": lambda a, b, s: ref.info_nce_loss(a, b, queue.double(), 0.2),
+               "clip": lambda a, b, s: ref.clip_loss(a, b, s)}[loss]
+    a, b, s = leaf(x), leaf(y), leaf(scale)
+    got = fused(a, b, s)
+    got.backward()
+    assert seen, "the fp16 unit-row operands were not used"
+    a64, b64, s64 = leaf(x, torch.float64), leaf(y, torch.float64), leaf(scale, torch.float64)
+    want = literal(a64, b64, s64)
+    want.backward()
+    assert_loss_close(got, want, TOL_GPU_FP32, f"loss (seed {seed})")
+    grads = {"a": (a.grad, a64.grad), "b": (b.grad, b64.grad)}
+    if loss == "clip":
+        grads["logit_scale"] = (s.grad, s64.grad)
+    for name, (g, w) in grads.items():
+        assert_close(g, w, TOL_GPU_FP32, f"{name} grad (seed {seed})")
 
 
 @pytest.mark.parametrize("n,d", [(2, 3), (37, 48), (70, 130)])
@@ -422,6 +461,9 @@ def test_kernels_compile_for_sm90():
             build(K._normalize_bwd_kernel, dict(X="*" + dt, RN="*fp32", DXH="*fp32", P="*" + dt, RN_P="*fp32",
                                                 COEF="*fp32", DX="*" + dt),
                   dict(HAS_DXH=True, HAS_PARTNER=partner, BLOCK_M=32, BLOCK_D=128), aligned=ALIGNED)
+    build(K._unit_rows_kernel, dict(X="*fp32", RN="*fp32", XH="*fp16"), dict(BLOCK_M=32, BLOCK_D=128),
+          aligned=ALIGNED)
+    for dt in ("bf16", "fp16"):  # fp32 inputs tile fp16 unit rows
         ptrs = dict(R="*" + dt, C="*" + dt, RN_R="*fp32", RN_C="*fp32", SCALE="*fp32", ROW_M="*fp32",
                     ROW_L="*fp32", POS="*fp32", COL_L="*fp32", COL_ACC="*fp64", ITEMS="*i32")
         for one in (True, False):
