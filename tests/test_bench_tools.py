@@ -31,3 +31,16 @@ def test_profile_ops_runs_the_cpu_smoke_cases(tmp_path):
     _run("profile_ops.py", "--device", "cpu", "--cases", "nt_xent 2x64", "--calls", "2", "--json", str(out))
     (row,) = json.loads(out.read_text())
     assert row["op"] == "nt_xent" and row["wall_ms"] > 0 and row["host_ms"] > 0 and row["pipelined_ms"] is None
+
+
+def test_every_cpu_smoke_case_runs():
+    """`sslfast bench --device cpu` runs each op family's smoke case: fused and reference both time."""
+    import torch
+
+    from sslfast import bench
+
+    rows = bench.run(torch.device("cpu"), warmup=0, repeat=1, log=lambda *_: None)
+    ops = {r["op"] for r in rows}
+    assert {"nt_xent", "moco_queue", "clip", "barlow_twins", "vicreg", "dino", "augment", "step"} <= ops, ops
+    for r in rows:
+        assert r["fused"]["ms"] > 0 and r["reference"]["ms"] > 0, r

@@ -6,6 +6,7 @@ import sslfast as sf
 from sslfast.nn import DINOLoss
 from sslfast.reference import dino as R
 
+from aot_compile import check_compiles
 from helpers import assert_close, leaf, tol
 
 
@@ -24,8 +25,9 @@ def _literal(s, t, c, st, tt, G):
 
 
 @pytest.mark.parametrize("G,V,B,K", [(2, 6, 5, 37), (2, 2, 3, 48), (1, 3, 7, 11), (3, 5, 2, 64)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_matches_literal(seed, G, V, B, K, dtype, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_matches_literal(backend, seed, G, V, B, K, dtype, monkeypatch):
+    """Both paths (the Triton kernels take fp32/bf16/fp16, fp64 stays on the reference path)."""
     s, t, c = _inputs(G, V, B, K, dtype)
     st, tt = 0.1, 0.04 + 0.03 * torch.rand(()).item()
     ref, gref = _literal(s, t, c, st, tt, G)
@@ -79,9 +81,10 @@ def test_module_schedule_and_lists(seed):
     assert torch.equal(crit.center, before)                   # eval mode: untouched
 
 
-def test_non_finite_propagates():
-    s, t, c = _inputs(2, 3, 4, 8)
-    s[5, 3] = float("nan")
+@pytest.mark.parametrize("where", ["student", "teacher", "center"])
+def test_non_finite_propagates(backend, where):
+    s, t, c = _inputs(2, 3, 4, 8, torch.float32)
+    {"student": s, "teacher": t, "center": c}[where][-1, 3] = float("nan")
     assert torch.isnan(sf.dino_loss(s, t, c))
 
 
@@ -107,7 +110,7 @@ def test_bad_dtype():
         sf.dino_loss(torch.ones(12, 8, dtype=torch.long), torch.randn(6, 8), torch.zeros(8))
 
 
-def test_memory_frugal_backward_saves_no_softmax():
+def test_memory_frugal_backward_saves_no_softmax(backend):
     """The autograd graph keeps the inputs and the [V·B] row LSEs, not a [V·B, K] softmax per pair."""
     G, V, B, K = 2, 6, 4, 1000
     s, t, c = _inputs(G, V, B, K)
@@ -117,3 +120,21 @@ def test_memory_frugal_backward_saves_no_softmax():
         sf.dino_loss(x, t, c)
     extra = sum(z.numel() for z in saved if z.data_ptr() not in (x.data_ptr(), t.data_ptr()))
     assert extra <= K + V * B, f"saved {extra} extra elements"
+
+
+def test_kernels_compile_for_sm90():
+    """The DINO kernels compile ahead of time to sm_90 at the launchers' GPU tiles, without register spills."""
+    out = check_compiles("""
+import sslfast.kernels.dino as K
+
+for dt in ("bf16", "fp16", "fp32"):
+    ptrs = dict(S="*" + dt, T="*" + dt, C="*fp32", LSE_T="*fp32", LSE_S="*fp32", PART="*fp32", GRAD="*fp32",
+                DS="*" + dt, t2="fp32", s2="fp32", coef="fp32")
+    build(K._teacher_lse_kernel, ptrs, dict(BLOCK_K=1024), aligned=("K", "stride_t"))
+    build(K._forward_kernel, ptrs, dict(BLOCK_K=1024, BLOCK_V=16), aligned=("K", "stride_s", "stride_t", "k_per_split"))
+    build(K._backward_kernel, ptrs, dict(BLOCK_K=1024), aligned=("K", "stride_s", "stride_t", "stride_ds"))
+""")
+    built = [line for line in out.splitlines() if line.startswith('{"kernel"')]
+    assert len(built) == 9, out
+    spills = [line for line in built if '"spills": 0,' not in line]
+    assert not spills, "register spills:\n" + "\n".join(spills)

@@ -14,9 +14,11 @@ Memory: peak allocated during one call minus what was allocated before it (CUDA 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
+import os
 import pkgutil
 import re
 import statistics
@@ -59,6 +61,20 @@ def fwd_bwd(loss_fn, *leaves):
             t.grad = None
         loss_fn().backward()
     return run
+
+
+@contextlib.contextmanager
+def reference_backend():
+    """SSLFAST_BACKEND=reference inside the block (the same model and inputs on plain PyTorch)."""
+    old = os.environ.get("SSLFAST_BACKEND")
+    os.environ["SSLFAST_BACKEND"] = "reference"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SSLFAST_BACKEND", None)
+        else:
+            os.environ["SSLFAST_BACKEND"] = old
 
 
 def register(op: str, name: str, *, dtypes=(torch.bfloat16,), device_types=("cuda",)):

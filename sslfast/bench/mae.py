@@ -9,9 +9,6 @@ quarter [B, K, 768] 19.27 MB; the images [256, 3, 224, 224] bf16 are 77.07 MB.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,7 +16,7 @@ import torch.nn.functional as F
 from .. import mae
 from ..models.mae import MaskedPatchEmbed, sincos_pos_embed_2d
 from ..reference import mae as R
-from . import Setup, register
+from . import Setup, reference_backend, register
 
 B, IMG, P, C, D, RATIO = 256, 224, 16, 3, 768, 0.75
 SMALL_CASES: list = []  # the same cases at tiny sizes (tests run them on the CPU)
@@ -266,19 +263,6 @@ class _MAEViT(nn.Module):
         return R.forward_loss_official(imgs, self._decode(x), mask, self.p)
 
 
-@contextlib.contextmanager
-def _backend_env(value: str):
-    old = os.environ.get("SSLFAST_BACKEND")
-    os.environ["SSLFAST_BACKEND"] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("SSLFAST_BACKEND", None)
-        else:
-            os.environ["SSLFAST_BACKEND"] = old
-
-
 def _mae_step_factory(device, dtype, b, img, p, c, d, model_kw):
     """One MAE ViT-B/16 training step at B=256: forward (bf16 autocast, fp32 master weights), backward, fused
     AdamW. `reference` is the official models_mae.py code path with the same modules; `others` adds the fused
@@ -301,7 +285,7 @@ def _mae_step_factory(device, dtype, b, img, p, c, d, model_kw):
         return call
 
     def with_reference_backend():
-        with _backend_env("reference"):
+        with reference_backend():
             step(model.loss_fused)()
 
     L, K = _shape(b, img, p)

@@ -9,11 +9,9 @@ identical shapes; the weights drift between calls, which does not change the wor
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from . import Setup, register
+from . import Setup, reference_backend, register
 
 # (method, backbone, global batch, image size): ResNet-50 at batch 256 (2 × 256 views) is what fits a
 # 80 GB GPU with bf16 activations; DINO runs its per-GPU batch of 64 with 2 × 224 + 8 × 96 crops.
@@ -30,23 +28,6 @@ CASES = [
 ]
 
 
-class _Backend:
-    """Sets SSLFAST_BACKEND for the duration of a call."""
-
-    def __init__(self, value: str):
-        self.value, self.old = value, None
-
-    def __enter__(self):
-        self.old = os.environ.get("SSLFAST_BACKEND")
-        os.environ["SSLFAST_BACKEND"] = self.value
-
-    def __exit__(self, *exc):
-        if self.old is None:
-            os.environ.pop("SSLFAST_BACKEND", None)
-        else:
-            os.environ["SSLFAST_BACKEND"] = self.old
-
-
 def step_setup(method: str, backbone: str, batch: int, image_size: int, device, dtype) -> Setup:
     from ..methods import get_method
     from ..train import PretrainConfig, preset_for, resolve, setup, train_step
@@ -61,7 +42,7 @@ def step_setup(method: str, backbone: str, batch: int, image_size: int, device, 
         train_step(run, views)
 
     def reference():
-        with _Backend("reference"):
+        with reference_backend():
             train_step(run, views)
 
     return Setup(fused=fused, reference=reference)

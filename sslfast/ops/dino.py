@@ -8,7 +8,9 @@ G global crops. The loss is exactly facebookresearch/dino's `DINOLoss.forward` (
 the batch-mean CE between softmax((t_g − center)/τ_t) and log_softmax(s_v/τ_s), v ≠ g), computed as
 per-row log-sum-exps and dots against the teacher probabilities summed over crops (math in
 `sslfast.reference.dino`): no per-pair softmax or product is materialized, and the backward recomputes the
-student softmax from the saved [V·B] row LSEs. The teacher output and the center get no gradient.
+student softmax from the saved [V·B] row LSEs. The teacher output and the center get no gradient. CUDA
+tensors run three streaming Triton kernels over K (`sslfast.kernels.dino`); CPU and fp64 tensors the chunked
+PyTorch path.
 
 With `center_momentum`, the center (a [1, K] or [K] tensor, e.g. the `center` buffer of
 `sslfast.nn.DINOLoss`) is then updated in place with the batch mean of the teacher outputs, all-reduced over
@@ -19,13 +21,17 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V
+from .._backend import use_triton
 from .._custom_op import custom_op
 from ..reference import dino as _reference
 from .ema import update_center_
 
 
 def _impl(*tensors):
-    # Fast path: kernels/dino.py when it exists; the reference is memory-frugal on every device.
+    if use_triton(*tensors) and all(t.dtype != torch.float64 for t in tensors):
+        from ..kernels import dino as _kernels
+
+        return _kernels
     return _reference
 
 
@@ -41,7 +47,7 @@ def _fake_backward(grad, student, teacher, center, lse, student_temp, teacher_te
 @custom_op("dino_loss_backward", fake=_fake_backward)
 def _dino_loss_backward(grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
                         lse: torch.Tensor, student_temp: float, teacher_temp: float, num_global: int) -> torch.Tensor:
-    return _impl(student, teacher).dino_loss_backward(grad, student, teacher, center, lse, student_temp,
+    return _impl(student, teacher, center).dino_loss_backward(grad, student, teacher, center, lse, student_temp,
                                                       teacher_temp, num_global)
 
 
@@ -63,7 +69,7 @@ def _backward(ctx, g_loss, g_lse):
            non_differentiable=(1,))
 def _dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, student_temp: float,
                teacher_temp: float, num_global: int) -> tuple[torch.Tensor, torch.Tensor]:
-    loss, lse = _impl(student, teacher).dino_loss_forward(student, teacher, center, student_temp, teacher_temp,
+    loss, lse = _impl(student, teacher, center).dino_loss_forward(student, teacher, center, student_temp, teacher_temp,
                                                          num_global)
     return loss, lse
 
