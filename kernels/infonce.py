@@ -50,8 +50,6 @@ overflows, and fp64 keeps it exact down to 2^-1022 (scale up to ~350).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -63,7 +61,7 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize
 MAX_ATOMIC_SPLITS = 4  # backward column splits that add into one output atomically (more: per-split slices)
-TRIANGLE_WAVES = 16    # work items of the symmetric forward, in waves of the machine
+TRIANGLE_WAVES = 16    # the symmetric forward's work, in waves of the machine
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -231,7 +229,7 @@ def _normalize_bwd_kernel(X, RN, DXH, P, RN_P, COEF, DX, M, D, stride_x, stride_
 
 @triton.jit
 def _lse_fwd_kernel(
-    R, C, RN_R, RN_C, SCALE, ROW_M, ROW_L, POS, COL_L, COL_ACC, ITEMS,
+    R, C, RN_R, RN_C, SCALE, ROW_M, ROW_L, POS, COL_L, COL_ACC,
     M, NB, D, stride_r, stride_c, cols_per_split,
     r_off, r_split, r_shift, c_off, c_split, c_shift, p_shift, p_period,
     EXCLUDE_SELF: tl.constexpr, WANT_POS: tl.constexpr, COL_STATS: tl.constexpr, BOUNDED: tl.constexpr,
@@ -241,23 +239,24 @@ def _lse_fwd_kernel(
     # Grid (row block, column split). A program keeps BLOCK_M rows resident and sweeps its split's columns
     # BLOCK_N at a time; partial row statistics go to ROW_M/ROW_L[split], merged by the launcher. Only the
     # few tiles that hold a row's own index, a positive or the ragged end pay for masking.
-    # TRIANGLE (symmetric S, bounded): grid (work item,), item = (row block, first column block) from ITEMS,
-    # over cols_per_split columns on or right of the row block's diagonal block; a tile right of it also
-    # adds its column sums (and its columns' positives) to those rows' statistics, so the tiles left of the
-    # diagonal are never computed. Every statistic is an fp32 atomic sum into ROW_L [M] and POS [M].
+    # TRIANGLE (symmetric S, bounded): program (row block I, j) takes the cols_per_split columns starting at
+    # the row block's diagonal block plus j of those spans; a tile right of the diagonal block also adds its
+    # column sums (and its columns' positives) to those rows' statistics, so the tiles left of the diagonal
+    # are never computed. Programs past the last column do nothing (the grid is a rectangle over a
+    # triangle). Every statistic is an fp32 atomic sum into ROW_L [M] and POS [M].
+    pid_m = tl.program_id(0)
     if TRIANGLE:
-        pid_m = tl.load(ITEMS + 2 * tl.program_id(0))
-        col_lo = tl.load(ITEMS + 2 * tl.program_id(0) + 1) * BLOCK_M
+        col_lo = pid_m * BLOCK_M + tl.program_id(1) * cols_per_split
     else:
-        pid_m = tl.program_id(0)
         col_lo = tl.program_id(1) * cols_per_split
+    live = col_lo < NB
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     ragged_rows = (pid_m + 1) * BLOCK_M > M
     g_row, g_pos, g_lo, g_hi, p_lo, p_hi = _index_ranges(rows, row_ok, r_off, r_split, r_shift, p_shift, p_period)
     r_res = 0.0
     if ONE_CHUNK:
-        r_res = _load_rows(R, rows, row_ok, tl.arange(0, BLOCK_D), D, stride_r, UPCAST)
+        r_res = _load_rows(R, rows, row_ok & live, tl.arange(0, BLOCK_D), D, stride_r, UPCAST)
     ref2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
     row_fac = tl.load(RN_R + rows, mask=row_ok, other=0.0) * ref2
 
@@ -303,9 +302,9 @@ def _lse_fwd_kernel(
                 tl.atomic_add(COL_ACC + cols, cl.to(tl.float64) * _exp2_f64(cm_use - ref2), mask=col_ok)
 
     if TRIANGLE:
-        tl.atomic_add(ROW_L + rows, l_i, mask=row_ok)
+        tl.atomic_add(ROW_L + rows, l_i, mask=row_ok & live)
         if WANT_POS:
-            tl.atomic_add(POS + rows, pos_i * 0.6931471805599453, mask=row_ok)
+            tl.atomic_add(POS + rows, pos_i * 0.6931471805599453, mask=row_ok & live)
     else:
         out = tl.program_id(1) * M + rows
         tl.store(ROW_M + out, m_i, mask=row_ok)
@@ -509,19 +508,10 @@ def _operands(r, c, rn_r, rn_c):
     return rh, _unit_rows(c, rn_c), ones, torch.ones_like(rn_c)
 
 
-@functools.lru_cache(maxsize=64)
-def _triangle_items(n_rb: int, q: int, device: torch.device) -> torch.Tensor:
-    """int32 [n_items, 2]: (row block I, first column block J) for J = I, I + q, ... < n_rb (built once per
-    shape and device)."""
-    items = [(i, j) for i in range(n_rb) for j in range(i, n_rb, q)]
-    return torch.tensor(items, dtype=torch.int32).to(device)
-
-
-def _triangle(n_rb: int, device: torch.device) -> torch.Tensor:
-    """Work items of the symmetric forward: q column blocks each, with q such that the n_rb²/2 blocks make
-    about TRIANGLE_WAVES waves and every row block has at least ~8 items (balance)."""
-    q = max(1, min(n_rb // 8, round(n_rb * n_rb / (2 * TRIANGLE_WAVES * num_sms(device)))))
-    return _triangle_items(n_rb, q, device), q
+def _triangle_span(n_rb: int, device: torch.device) -> int:
+    """Column blocks per program of the symmetric forward: the n_rb²/2 blocks make about TRIANGLE_WAVES waves,
+    and every row block gets at least ~8 programs (balance)."""
+    return max(1, min(n_rb // 8, round(n_rb * n_rb / (2 * TRIANGLE_WAVES * num_sms(device)))))
 
 
 def _symmetric(r, c, rn_r, rn_c, maps) -> bool:
@@ -542,24 +532,24 @@ def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col
     n_rb = cdiv(m, cfg["BLOCK_M"])
     if (bounded and not col_stats and _symmetric(r, c, rn_r, rn_c, maps)
             and not torch.are_deterministic_algorithms_enabled()):
-        items, q = _triangle(n_rb, r.device)
-        grid, per = (items.shape[0],), q * cfg["BLOCK_M"]
+        q = _triangle_span(n_rb, r.device)
+        triangle, grid, per = True, (n_rb, cdiv(n_rb, q)), q * cfg["BLOCK_M"]
         sums = torch.zeros((2, 1, m), dtype=torch.float32, device=r.device)  # one "split" of each
         row_l, pos, splits = sums[0], sums[1], 1
         row_m = row_l  # unused: plain sums
     else:
         splits, per = _splits(n_rb, nb, cfg["BLOCK_N"], r.device, waves=8)
-        grid, items = (n_rb, splits), r
+        triangle, grid = False, (n_rb, splits)
         row_m = empty((splits, m), dtype=torch.float32, device=r.device)
         row_l = empty((splits, m), dtype=torch.float32, device=r.device)
         pos = empty((splits, m), dtype=torch.float32, device=r.device) if want_pos else row_m
     col_l = torch.zeros((nb,), dtype=torch.float32, device=r.device) if col_stats and bounded else row_m
     col_acc = torch.zeros((nb,), dtype=torch.float64, device=r.device) if col_stats and not bounded else row_m
     _lse_fwd_kernel[grid](
-        r, c, rn_r, rn_c, scale, row_m, row_l, pos, col_l, col_acc, items,
+        r, c, rn_r, rn_c, scale, row_m, row_l, pos, col_l, col_acc,
         m, nb, d, r.stride(0), c.stride(0), per, *maps,
         EXCLUDE_SELF=exclude_self, WANT_POS=want_pos, COL_STATS=col_stats, BOUNDED=bounded,
-        TRIANGLE=len(grid) == 1, UPCAST=upcast_dots(), **cfg)
+        TRIANGLE=triangle, UPCAST=upcast_dots(), **cfg)
     if bounded:  # plain sums: merge the splits by adding them
         lse_r = torch.log2(row_l.sum(0) if splits > 1 else row_l[0]) * LN2
     else:
