@@ -39,7 +39,7 @@ if has bench; then
   echo "bench exit $?"; grep -v '^{' "$OUT/bench$tag.txt" | tail -70
 fi
 if has profile; then
-  default_cases='"barlow_twins N=256" "barlow_twins N=2048" "^mae [a-z]" "^ema ViT-B" "nt_xent 2x16384" "moco_queue N=4096"'
+  default_cases='"barlow_twins N=256" "barlow_twins N=2048" "vicreg N=256" "^mae [a-z]" "^ema ViT-B" "nt_xent 2x16384" "moco_queue N=4096"'
   eval "set -- ${PROFILE_CASES:-$default_cases}"
   timeout 600 python3 benchmarks/profile_ops.py --cases "$@" --json "$OUT/profile.json" >"$OUT/profile.txt" 2>&1
   echo "profile exit $?"; grep -E "wall|Error" "$OUT/profile.txt" | tail -40
