@@ -116,15 +116,21 @@ def _tile_dots(r_res, R, C, rows, row_ok, cols, col_ok, D, stride_r, stride_c,
 @triton.jit
 def _logit_tile(r_res, R, C, RN_C, rows, row_ok, row_fac, c0, col_hi, D, stride_r, stride_c,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                ONE_CHUNK: tl.constexpr, UPCAST: tl.constexpr):
+                ONE_CHUNK: tl.constexpr, C_ROWS: tl.constexpr, UPCAST: tl.constexpr):
     """Base-2 logits of the tile at column c0, its columns and their inverse norms (1 past the end, where the
-    logits are masked by the caller)."""
+    logits are masked by the caller), and with C_ROWS (ONE_CHUNK only) the tile's rows of C [BLOCK_N, BLOCK_D]
+    as loaded for the dot, for the caller to use again (the backward's G·C)."""
     cols = c0 + tl.arange(0, BLOCK_N)
     col_ok = cols < col_hi
     col_fac = tl.load(RN_C + cols, mask=col_ok, other=1.0)
-    s = _tile_dots(r_res, R, C, rows, row_ok, cols, col_ok, D, stride_r, stride_c,
-                   BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST) * row_fac[:, None] * col_fac[None, :]
-    return s, cols, col_ok, col_fac
+    c_rows = 0.0
+    if C_ROWS:
+        c_rows = _load_rows(C, cols, col_ok, tl.arange(0, BLOCK_D), D, stride_c, UPCAST)
+        s = tl.dot(r_res, tl.trans(c_rows))
+    else:
+        s = _tile_dots(r_res, R, C, rows, row_ok, cols, col_ok, D, stride_r, stride_c,
+                       BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST)
+    return s * row_fac[:, None] * col_fac[None, :], cols, col_ok, col_fac, c_rows
 
 
 @triton.jit
@@ -267,8 +273,9 @@ def _lse_fwd_kernel(
     pos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     col_hi = tl.minimum(col_lo + cols_per_split, NB)
     for c0 in range(col_lo, col_hi, BLOCK_N):
-        s, cols, col_ok, col_fac = _logit_tile(r_res, R, C, RN_C, rows, row_ok, row_fac, c0, col_hi, D, stride_r,
-                                               stride_c, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST)
+        s, cols, col_ok, col_fac, _ = _logit_tile(r_res, R, C, RN_C, rows, row_ok, row_fac, c0, col_hi, D,
+                                                  stride_r, stride_c, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, False,
+                                                  UPCAST)
         mirror = TRIANGLE and c0 >= (pid_m + 1) * BLOCK_M  # right of the diagonal block: columns count too
         if _needs_mask(c0, col_hi, g_lo, g_hi, p_lo, p_hi, c_off, c_split, c_shift, EXCLUDE_SELF, WANT_POS,
                        BLOCK_N):
@@ -327,11 +334,13 @@ def _lse_bwd_kernel(
     # W = G·rn_c and accumulates W·C = G·Ĉ for BLOCK_DO output features in fp32. A few splits add into DR
     # atomically; many write their own slice DR[split] (stride_ds), summed by the launcher, since hundreds
     # of programs adding into one row block serialize on the atomics. W is carried multiplied by g_norm
-    # (≈ the row count) so fp16 dot operands stay normal numbers.
+    # (≈ the row count) so fp16 dot operands stay normal numbers. When one program covers every output
+    # feature (ONE_CHUNK, BLOCK_DO = BLOCK_D), C's tile is loaded once for both dots (S = R·Cᵀ, then W·C).
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_d = tl.program_id(2)
     POS: tl.constexpr = POS_ROW or POS_COL
+    SHARE_C: tl.constexpr = ONE_CHUNK and BLOCK_DO == BLOCK_D
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     ragged_rows = (pid_m + 1) * BLOCK_M > M
@@ -354,8 +363,9 @@ def _lse_bwd_kernel(
     col_lo = pid_s * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, NB)
     for c0 in range(col_lo, col_hi, BLOCK_N):
-        s, cols, col_ok, col_fac = _logit_tile(r_res, R, C, RN_C, rows, row_ok, row_fac, c0, col_hi, D, stride_r,
-                                               stride_c, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST)
+        s, cols, col_ok, col_fac, c_rows = _logit_tile(r_res, R, C, RN_C, rows, row_ok, row_fac, c0, col_hi, D,
+                                                       stride_r, stride_c, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK,
+                                                       SHARE_C, UPCAST)
         if COL_TERM:
             lse_c = tl.load(LSE_C + cols, mask=col_ok, other=0.0) * 1.4426950408889634
             g_c = tl.load(G_C + cols, mask=col_ok, other=0.0) * g_norm
@@ -392,7 +402,10 @@ def _lse_bwd_kernel(
             w = tl.where(row_ok[:, None], w, 0.0)
         if WANT_DSCALE:  # Σ G·s with G = W / rn_c
             ds += tl.sum(w * s / col_fac[None, :], axis=1)
-        cd = _load_rows(C, cols, col_ok, dout, D, stride_c, UPCAST)
+        if SHARE_C:
+            cd = c_rows
+        else:
+            cd = _load_rows(C, cols, col_ok, dout, D, stride_c, UPCAST)
         acc = tl.dot(w.to(cd.dtype), cd, acc)
 
     acc = acc * (scale2 * 0.6931471805599453 / g_norm)
