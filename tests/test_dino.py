@@ -138,3 +138,17 @@ for dt in ("bf16", "fp16", "fp32"):
     assert len(built) == 9, out
     spills = [line for line in built if '"spills": 0,' not in line]
     assert not spills, "register spills:\n" + "\n".join(spills)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_kernels_at_dino_size(seed, dtype):
+    """The real kernels at DINO's head size (K = 65536, 2 global + 8 local crops) against the float64 literal."""
+    G, V, B, K = 2, 10, 8, 65536
+    s, t, c = (x.cuda() for x in _inputs(G, V, B, K, dtype))
+    ref, gref = _literal(s, t, c, 0.1, 0.04, G)
+    x = leaf(s)
+    out = sf.dino_loss(x, t, c, 0.1, 0.04, num_global_crops=G)
+    (g,) = torch.autograd.grad(out, x)
+    assert abs(out.item() - ref.item()) / abs(ref.item()) < tol(dtype, "cuda"), f"seed {seed}"
+    assert_close(g, gref, tol(dtype, "cuda"), f"grad, seed {seed}")
