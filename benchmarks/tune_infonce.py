@@ -47,6 +47,9 @@ def problems(dtype):
     g = torch.full((32768,), 1 / 32768, device=dev)
     lse = torch.full((32768,), 8.0, device=dev)
     rn_z, rn_i, rn_t, rn_q, rn_k = (K.row_rnorm(x) for x in (z, img, txt, q, queue))
+    z, _, rn_z, _ = K.tile_operands(z, z, rn_z, rn_z)  # what the ops pass (fp16 unit rows for fp32 inputs)
+    img, txt, rn_i, rn_t = K.tile_operands(img, txt, rn_i, rn_t)
+    q, queue, rn_q, rn_k = K.tile_operands(q, queue, rn_q, rn_k)
 
     def nt_fwd():
         return K.similarity_lse(z, z, rn_z, rn_z, s10, nt_maps, exclude_self=True, want_pos=True, col_stats=False,

@@ -509,9 +509,10 @@ def _unit_rows(x: torch.Tensor, rn: torch.Tensor) -> torch.Tensor:
     return xh
 
 
-def _operands(r, c, rn_r, rn_c):
-    """The tile kernels' (r, c, rn_r, rn_c): the inputs themselves, except fp32 inputs with a 16-bit operand
-    dtype, which become unit rows (inverse norms 1). One matrix stays one (the symmetric schedules)."""
+def tile_operands(r, c, rn_r, rn_c):
+    """What `similarity_lse` and `similarity_lse_rows_grad` take as (r, c, rn_r, rn_c): the inputs themselves,
+    except fp32 inputs with a 16-bit operand dtype, which become unit rows (inverse norms 1). One matrix
+    stays one (the symmetric schedules). Made once per pass and shared by its launches."""
     if r.dtype != torch.float32 or fp32_operand_dtype() == torch.float32:
         return r, c, rn_r, rn_c
     rh = _unit_rows(r, rn_r)
@@ -537,8 +538,7 @@ def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col
     columns c with their inverse norms. `maps` is (r_off, r_split, r_shift, c_off, c_split, c_shift, p_shift,
     p_period); `bounded`: |scale| <= 64 is known (plain-sum statistics). A symmetric, bounded problem
     computes only the tiles on and right of the diagonal (half the FLOPs) with atomic sums, unless
-    torch.use_deterministic_algorithms is on."""
-    r, c, rn_r, rn_c = _operands(r, c, rn_r, rn_c)
+    torch.use_deterministic_algorithms is on. r, c, rn_r, rn_c come from `tile_operands`."""
     m, d = r.shape
     nb = c.shape[0]
     cfg = _tiles(d, "fwd", bounded)
@@ -580,8 +580,7 @@ def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col
 def similarity_lse_rows_grad(r, c, rn_r, rn_c, scale, maps, *, exclude_self, bounded, lse_r=None, g_r=None,
                              lse_c=None, g_c=None, g_pr=None, g_pc=None, want_dscale=False):
     """dL/dr̂ (fp32 [M, D], w.r.t. the unit rows r/‖r‖) and dL/dscale (fp32 scalar or None). Terms whose
-    tensors are None are left out of G (see the module doc)."""
-    r, c, rn_r, rn_c = _operands(r, c, rn_r, rn_c)
+    tensors are None are left out of G (see the module doc). r, c, rn_r, rn_c come from `tile_operands`."""
     m, d = r.shape
     nb = c.shape[0]
     cfg = _tiles(d, "bwd", bounded)

@@ -55,8 +55,9 @@ def _forward(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_
     else:
         rn_a, _, pos = impl.row_rnorm(a, partner, scale)
     rn_b = rn_a if symmetric else impl.row_rnorm(b)
-    lse_r, lse_c, tile_pos = impl.similarity_lse(a, b, rn_a, rn_b, scale, maps, exclude_self=exclude_self,
-                                                 want_pos=want_pos, col_stats=col_stats, bounded=bounded)
+    lse_r, lse_c, tile_pos = impl.similarity_lse(*impl.tile_operands(a, b, rn_a, rn_b), scale, maps,
+                                                 exclude_self=exclude_self, want_pos=want_pos, col_stats=col_stats,
+                                                 bounded=bounded)
     if partner is None:
         pos = tile_pos
     rn_b = rn_a.new_empty(0) if symmetric else rn_b  # outputs may not alias each other
@@ -71,8 +72,9 @@ def _backward(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p
         lse_c, g_c, rn_b = lse_r, g_r, rn_a
     with_c = g_c is not None
     tile_pos = g_p if partner is None else None
+    ta, tb, trn_a, trn_b = impl.tile_operands(a, b, rn_a, rn_b)  # once for both roles
     dah, dscale = impl.similarity_lse_rows_grad(
-        a, b, rn_a, rn_b, scale, maps, exclude_self=exclude_self, bounded=bounded, lse_r=lse_r, g_r=g_r,
+        ta, tb, trn_a, trn_b, scale, maps, exclude_self=exclude_self, bounded=bounded, lse_r=lse_r, g_r=g_r,
         lse_c=lse_c if with_c else None, g_c=g_c, g_pr=tile_pos, g_pc=tile_pos if symmetric else None,
         want_dscale=want_scale)
     db, dpartner = a.new_empty(0), a.new_empty(0)
@@ -87,7 +89,7 @@ def _backward(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p
             dscale = dscale + (g_p * pos).sum() / scale
     if want_b and not symmetric:
         dbh, _ = impl.similarity_lse_rows_grad(
-            b, a, rn_b, rn_a, scale, _swap(maps), exclude_self=exclude_self, bounded=bounded,
+            tb, ta, trn_b, trn_a, scale, _swap(maps), exclude_self=exclude_self, bounded=bounded,
             lse_r=lse_c if with_c else None, g_r=g_c, lse_c=lse_r, g_c=g_r, g_pc=tile_pos)
         db = impl.row_normalize_backward(b, rn_b, dbh)
     dscale = dscale.float().reshape(()) if want_scale else scale.new_empty(0)
