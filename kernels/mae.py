@@ -225,6 +225,21 @@ def _patch_targets(IMG, rows, load_ok, L, grid_w, e_ok, eps, P: tl.constexpr, C:
 
 
 @triton.jit
+def _residual(PRED, IMG, rows, load_ok, L, grid_w, stride_pb, eps, P: tl.constexpr, C: tl.constexpr,
+              NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
+              BLOCK_P: tl.constexpr):
+    """(pred − target) of patch rows `rows` [BLOCK_R, BLOCK_E] in fp32 (0 at e >= E and where not load_ok, whose
+    pred and image values are not read), the lane indices e and e < E."""
+    E = P * P * C
+    e = tl.arange(0, BLOCK_E)
+    e_ok = e < E
+    t = _patch_targets(IMG, rows, load_ok, L, grid_w, e_ok, eps, P, C, NORM, BLOCK_R, BLOCK_E, BLOCK_S, BLOCK_P)
+    prow = (rows // L).to(tl.int64) * stride_pb + (rows % L) * E
+    pr = tl.load(PRED + prow[:, None] + e[None, :], mask=load_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
+    return tl.where(e_ok[None, :], pr - t, 0.0), e, e_ok
+
+
+@triton.jit
 def _masked_mse_fwd_kernel(PRED, IMG, MASK, PART, n_rows, n_prog, L, grid_w, stride_pb, eps,
                            P: tl.constexpr, C: tl.constexpr, NORM: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -233,14 +248,9 @@ def _masked_mse_fwd_kernel(PRED, IMG, MASK, PART, n_rows, n_prog, L, grid_w, str
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
-    E = P * P * C
-    e = tl.arange(0, BLOCK_E)
-    e_ok = e < E
-    t = _patch_targets(IMG, rows, row_ok, L, grid_w, e_ok, eps, P, C, NORM, BLOCK_R, BLOCK_E, BLOCK_S, BLOCK_P)
-    prow = (rows // L).to(tl.int64) * stride_pb + (rows % L) * E
-    pr = tl.load(PRED + prow[:, None] + e[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
-    dif = tl.where(e_ok[None, :], pr - t, 0.0)
-    loss_r = tl.sum(dif * dif, axis=1) / E
+    dif, _, _ = _residual(PRED, IMG, rows, row_ok, L, grid_w, stride_pb, eps, P, C, NORM, BLOCK_R, BLOCK_E,
+                          BLOCK_S, BLOCK_P)
+    loss_r = tl.sum(dif * dif, axis=1) / (P * P * C)
     w = tl.load(MASK + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(PART + pid, tl.sum(tl.where(row_ok, w * loss_r, 0.0), axis=0))
     tl.store(PART + n_prog + pid, tl.sum(w, axis=0))
@@ -257,14 +267,11 @@ def _masked_mse_bwd_kernel(G, WSUM, PRED, IMG, MASK, DPRED, n_rows, L, grid_w, s
     row_ok = rows < n_rows
     w = tl.load(MASK + rows, mask=row_ok, other=0.0).to(tl.float32)
     act = row_ok & (w != 0.0)
+    dif, e, e_ok = _residual(PRED, IMG, rows, act, L, grid_w, stride_pb, eps, P, C, NORM, BLOCK_R, BLOCK_E,
+                             BLOCK_S, BLOCK_P)
     E = P * P * C
-    e = tl.arange(0, BLOCK_E)
-    e_ok = e < E
-    t = _patch_targets(IMG, rows, act, L, grid_w, e_ok, eps, P, C, NORM, BLOCK_R, BLOCK_E, BLOCK_S, BLOCK_P)
-    prow = (rows // L).to(tl.int64) * stride_pb + (rows % L) * E
-    pr = tl.load(PRED + prow[:, None] + e[None, :], mask=act[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
     scale = tl.load(G).to(tl.float32) * 2.0 / (E * tl.load(WSUM).to(tl.float32))
-    dp = tl.where(act[:, None], (pr - t) * (w * scale)[:, None], 0.0)
+    dp = tl.where(act[:, None], dif * (w * scale)[:, None], 0.0)
     tl.store(DPRED + rows.to(tl.int64)[:, None] * E + e[None, :], dp.to(DPRED.dtype.element_ty),
              mask=row_ok[:, None] & e_ok[None, :])
 
