@@ -35,3 +35,16 @@ def assert_loss_close(out, ref, bound: float, what: str = "loss"):
     assert out == out, f"{what}: NaN"
     err = abs(out - ref) / max(abs(ref), 1.0)
     assert err < bound, f"{what}: error {err:.3g} (got {out!r}, want {ref!r}) >= {bound:.1g}"
+
+
+def with_and_without_autocast(call, *inputs):
+    """`call` on fresh leaves of `inputs` inside a bf16 CPU autocast region and again outside it, each loss
+    backpropagated: (loss inside, its leaves, loss outside, its leaves)."""
+    inside = [leaf(x) for x in inputs]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = call(*inside)
+    got.backward()
+    outside = [leaf(x) for x in inputs]
+    want = call(*outside)
+    want.backward()
+    return got, inside, want, outside

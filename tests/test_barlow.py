@@ -14,7 +14,7 @@ import sslfast as sf
 from sslfast.ops import barlow as ops_barlow
 from sslfast.reference import barlow as ref
 from tests.distributed_harness import run_ranks
-from tests.helpers import assert_close, leaf, tol
+from tests.helpers import assert_close, leaf, tol, with_and_without_autocast
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
@@ -388,13 +388,6 @@ def test_gpu_peak_memory_and_compile(seed):
 def test_autocast_does_not_change_the_op(backend, seed, name):
     """Inside a bf16 autocast region the losses compute in their inputs' dtype, as outside it."""
     fused = LOSSES[name][0]
-    z1, z2 = torch.randn(9, 20), torch.randn(9, 20)
-    a, b = leaf(z1), leaf(z2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = fused(a, b)
-    got.backward()
-    a0, b0 = leaf(z1), leaf(z2)
-    want = fused(a0, b0)
-    want.backward()
+    got, (a, _), want, (a0, _) = with_and_without_autocast(fused, torch.randn(9, 20), torch.randn(9, 20))
     assert_close(got, want, 1e-6, f"{name} loss (seed {seed})")
     assert_close(a.grad, a0.grad, 1e-6, f"{name} grad (seed {seed})")

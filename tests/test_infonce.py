@@ -13,7 +13,7 @@ import sslfast as sf
 from sslfast.reference import infonce as ref
 from distributed_harness import run_ranks
 from aot_compile import check_compiles
-from helpers import TOL_GPU_FP32, assert_close, assert_loss_close, leaf, tol
+from helpers import TOL_GPU_FP32, assert_close, assert_loss_close, leaf, tol, with_and_without_autocast
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (N, D) pairs covering N in {2, 3, 37, 130} and D in {3, 48, 130}; each case also picks a temperature.
@@ -492,13 +492,7 @@ def test_autocast_does_not_change_the_op(backend, seed, loss):
     call = {"nt_xent": lambda a, b: sf.nt_xent_loss(a, b, 0.3),
             "info_nce": lambda a, b: sf.info_nce_loss(a, b, queue, 0.3),
             "clip": lambda a, b: sf.clip_loss(a, b, torch.tensor(4.0))}[loss]
-    a, b = leaf(z1), leaf(z2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = call(a, b)
-    got.backward()
-    a0, b0 = leaf(z1), leaf(z2)
-    want = call(a0, b0)
-    want.backward()
+    got, (a, _), want, (a0, _) = with_and_without_autocast(call, z1, z2)
     assert got.dtype == torch.float32
     assert_loss_close(got, want, 1e-6, f"loss (seed {seed})")
     assert_close(a.grad, a0.grad, 1e-6, "grad")
