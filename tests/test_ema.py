@@ -546,6 +546,21 @@ def test_adamw_ema_functional_and_bad_input(seed):
 
 
 # ------------------------------------------------------------------------------------------ fused LARS + EMA
+def _lars_side_by_side(opt, params, ref_params, ref_teacher, grads, kw, steps=5):
+    """`steps` LARSEMA steps (EMA momentum 0.8) against the literal LARS (`kw`, decay and adaptation on the
+    matrices only) + lerp of ref_teacher, both fed grads(k); returns the reference momentum buffers."""
+    mus = [torch.zeros_like(p) for p in ref_params]
+    keep = [p.ndim > 1 for p in ref_params]
+    for k in range(steps):
+        gs = grads(k)
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+        R.lars_step_literal_(ref_params, gs, mus, decay=keep, adapt=keep, **kw)
+        torch._foreach_lerp_(ref_teacher, [p.detach() for p in ref_params], 0.2)
+    return mus
+
+
 @pytest.mark.parametrize("use_ema_module", [False, True])
 def test_lars_ema_equals_barlow_lars_plus_lerp(seed, use_ema_module):
     student = _mlp()
@@ -561,16 +576,9 @@ def test_lars_ema_equals_barlow_lars_plus_lerp(seed, use_ema_module):
         teacher = [p.detach().clone() for p in params]
         opt = LARSEMA(params, teacher=teacher, ema_momentum=0.8, **kw)
     ref_teacher = [p.detach().clone() for p in ref_params]
-    mus = [torch.zeros_like(p) for p in ref_params]
     keep = [p.ndim > 1 for p in ref_params]  # biases and BatchNorm weights excluded from decay and adaptation
     assert keep.count(False) == 4
-    for k in range(5):
-        gs = _grads(params, k)
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        opt.step()
-        R.lars_step_literal_(ref_params, gs, mus, decay=keep, adapt=keep, **kw)
-        torch._foreach_lerp_(ref_teacher, [p.detach() for p in ref_params], 0.2)
+    mus = _lars_side_by_side(opt, params, ref_params, ref_teacher, lambda k: _grads(params, k), kw)
     for p, rp in zip(params, ref_params):
         assert_close(p, rp, 1e-6, f"param (seed {seed})")
     for t, rt in zip(teacher, ref_teacher):
@@ -836,15 +844,7 @@ def test_gpu_lars_ema_equals_reference(seed, csrc, monkeypatch):
     ref_teacher = [t.clone() for t in teacher]
     kw = dict(lr=0.3, momentum=0.9, weight_decay=1e-2, eta=2e-2)
     opt = LARSEMA(params, teacher=teacher, ema_momentum=0.8, **kw)
-    mus = [torch.zeros_like(p) for p in ref_params]
-    keep = [p.ndim > 1 for p in ref_params]
-    for _ in range(5):
-        gs = [torch.randn_like(p) for p in params]
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        opt.step()
-        R.lars_step_literal_(ref_params, gs, mus, decay=keep, adapt=keep, **kw)
-        torch._foreach_lerp_(ref_teacher, [p.detach() for p in ref_params], 0.2)
+    _lars_side_by_side(opt, params, ref_params, ref_teacher, lambda k: [torch.randn_like(p) for p in params], kw)
     for p, rp in zip(params, ref_params):
         if p.numel():
             assert_close(p, rp, 1e-5, "param")
