@@ -177,6 +177,16 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+def _launch_tables(device: torch.device, tables, weight: float | None, m_tensor: Tensor | None, launch) -> None:
+    """`launch(table, ema_weight, momentum_ptr, stream)` for each table on `device`'s current stream: the EMA
+    weight 1 − m as a float, or (weight None) the device momentum tensor's address for the kernel to read."""
+    stream = _stream(device)
+    mptr = 0 if m_tensor is None else m_tensor.data_ptr()
+    w = 0.0 if weight is None else weight
+    for tbl in tables:
+        launch(tbl, w, mptr, stream)
+
+
 # ------------------------------------------------------------------------------------------------ validation
 def _tensor_list(name: str, value) -> list[Tensor]:
     if isinstance(value, Tensor):
@@ -353,12 +363,9 @@ def ema_update_(teacher_tensors: Iterable[Tensor], student_tensors: Iterable[Ten
         return
     weight, m_tensor = _momentum("momentum", momentum, plan.device)
     if plan.device.type == "cuda" and use_csrc(teacher[0]):
-        launch = _C().ema_apply
-        stream = _stream(plan.device)
-        mptr = 0 if m_tensor is None else m_tensor.data_ptr()
-        w = 0.0 if weight is None else weight
-        for tbl in plan.tables:
-            launch(tbl.data, tbl.dtypes[0], tbl.dtypes[1], w, mptr, stream, plan.device.index)
+        apply = _C().ema_apply
+        _launch_tables(plan.device, plan.tables, weight, m_tensor, lambda tbl, w, mptr, stream: apply(
+            tbl.data, tbl.dtypes[0], tbl.dtypes[1], w, mptr, stream, plan.device.index))
         if plan.fallback:
             _reference.ema_update_([teacher[i] for i in plan.fallback], [student[i] for i in plan.fallback],
                                    _reference_momentum(weight, m_tensor))
@@ -437,6 +444,25 @@ class _FusedPlan(_Plan):
         weight, m_tensor = _momentum("momentum", momentum, self.device)
         return weight, m_tensor, _reference_momentum(weight, m_tensor)
 
+    def _csrc_step(self, params, grads, weight, m_tensor, launch):
+        """The csrc step of every table (gradients written in first) when it applies; returns the rows left to
+        the PyTorch paths: `slow`, or every row when the csrc kernels do not apply."""
+        if not (self.device.type == "cuda" and use_csrc(params[0])):
+            return range(len(params))
+
+        def step(tbl, w, mptr, stream):
+            self._set_grads(tbl, grads)
+            launch(tbl, w, mptr, stream)
+
+        _launch_tables(self.device, self.tables, weight, m_tensor, step)
+        return self.slow
+
+    def _teacher_fallback(self, rows, params, teachers, ref_m) -> None:
+        """After a csrc step: the EMA of the teachers whose layout differs from their param's."""
+        if self.teacher_fallback and rows is self.slow:
+            _reference.ema_update_([teachers[i] for i in self.teacher_fallback],
+                                   [params[i] for i in self.teacher_fallback], ref_m)
+
 
 def _merge_teacherless(keys: list[tuple]) -> list[tuple]:
     """Rows without a teacher join a group of the same param dtype (the kernel never reads their teacher
@@ -488,17 +514,9 @@ class AdamWEMAPlan(_FusedPlan):
         teachers = _teacher_list(teachers, len(params))
         weight, m_tensor, ref_m = self._launch_args(momentum)
         grads = self._grads(params, grads)
-        rows = range(len(params))
-        if self.device.type == "cuda" and use_csrc(params[0]):
-            launch = _C().adamw_ema_apply
-            stream = _stream(self.device)
-            mptr = 0 if m_tensor is None else m_tensor.data_ptr()
-            w = 0.0 if weight is None else weight
-            for tbl in self.tables:
-                self._set_grads(tbl, grads)
-                launch(tbl.data, tbl.dtypes[0], tbl.dtypes[1], lr, beta1, beta2, eps, weight_decay, w, mptr,
-                       stream, self.device.index)
-            rows = self.slow
+        rows = self._csrc_step(params, grads, weight, m_tensor, lambda tbl, w, mptr, stream: _C().adamw_ema_apply(
+            tbl.data, tbl.dtypes[0], tbl.dtypes[1], lr, beta1, beta2, eps, weight_decay, w, mptr, stream,
+            self.device.index))
         if len(rows):
             sel = (lambda lst: lst) if len(rows) == len(params) else (lambda lst: [lst[i] for i in rows])
             args = (sel(params), sel(grads), sel(exp_avgs), sel(exp_avg_sqs), sel(steps), sel(teachers))
@@ -507,9 +525,7 @@ class AdamWEMAPlan(_FusedPlan):
                 _torch_fused_adamw_ema(*args, **hp)  # CUDA without sslfast._C
             else:
                 _reference.adamw_ema_step_(*args, **hp)
-        if self.teacher_fallback and rows is self.slow:
-            _reference.ema_update_([teachers[i] for i in self.teacher_fallback],
-                                   [params[i] for i in self.teacher_fallback], ref_m)
+        self._teacher_fallback(rows, params, teachers, ref_m)
 
 
 def _torch_fused_adamw_ema(params, grads, exp_avgs, exp_avg_sqs, steps, teachers, *, lr, beta1, beta2, eps,
@@ -543,25 +559,15 @@ class LARSEMAPlan(_FusedPlan):
         teachers = _teacher_list(teachers, len(params))
         weight, m_tensor, ref_m = self._launch_args(ema_momentum)
         grads = self._grads(params, grads)
-        rows = range(len(params))
-        if self.device.type == "cuda" and use_csrc(params[0]):
-            launch = _C().lars_ema_apply
-            stream = _stream(self.device)
-            mptr = 0 if m_tensor is None else m_tensor.data_ptr()
-            w = 0.0 if weight is None else weight
-            for tbl in self.tables:
-                self._set_grads(tbl, grads)
-                launch(tbl.data, tbl.dtypes[0], tbl.dtypes[1], tbl.partials.data_ptr(), lr, momentum,
-                       weight_decay, eta, w, mptr, stream, self.device.index)
-            rows = self.slow
+        rows = self._csrc_step(params, grads, weight, m_tensor, lambda tbl, w, mptr, stream: _C().lars_ema_apply(
+            tbl.data, tbl.dtypes[0], tbl.dtypes[1], tbl.partials.data_ptr(), lr, momentum, weight_decay, eta, w,
+            mptr, stream, self.device.index))
         if len(rows):
             sel = (lambda lst: lst) if len(rows) == len(params) else (lambda lst: [lst[i] for i in rows])
             _reference.lars_ema_step_(sel(params), sel(grads), sel(momentum_buffers), sel(teachers), lr=lr,
                                       momentum=momentum, weight_decay=weight_decay, eta=eta, decay=sel(self.decay),
                                       adapt=sel(self.adapt), ema_momentum=ref_m)
-        if self.teacher_fallback and rows is self.slow:
-            _reference.ema_update_([teachers[i] for i in self.teacher_fallback],
-                                   [params[i] for i in self.teacher_fallback], ref_m)
+        self._teacher_fallback(rows, params, teachers, ref_m)
 
 
 _FUSED_PLANS = _Cache()
