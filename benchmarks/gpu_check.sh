@@ -8,6 +8,7 @@
 #   TUNE_ARGS                  passed to benchmarks/tune_infonce.py
 #   PROFILE_CASES              regexes for benchmarks/profile_ops.py (default: the cases off target)
 #   SKIP_INSTALL=1, BENCH_TAG  for a second call in the same session (bench$BENCH_TAG.{txt,json})
+#   TESTS_S / TUNE_S / BENCH_S / PROFILE_S  each step's time limit in seconds (to fit a short lease)
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -24,23 +25,23 @@ if [ -z "${SKIP_INSTALL:-}" ]; then
 fi
 
 if has tests; then
-  timeout 900 python3 -m pytest -m gpu -q -rfE -p no:cacheprovider --continue-on-collection-errors --timeout 240 \
+  timeout ${TESTS_S:-900} python3 -m pytest -m gpu -q -rfE -p no:cacheprovider --continue-on-collection-errors --timeout 240 \
     ${TEST_FILES:-tests} >"$OUT/pytest_gpu.txt" 2>&1
   echo "pytest -m gpu exit $?"; grep -E "passed|failed|error" "$OUT/pytest_gpu.txt" | tail -30
 fi
 if has tune; then
-  timeout 600 python3 benchmarks/tune_infonce.py --json "$OUT/tune.json" ${TUNE_ARGS:-} >"$OUT/tune.txt" 2>&1
+  timeout ${TUNE_S:-600} python3 benchmarks/tune_infonce.py --json "$OUT/tune.json" ${TUNE_ARGS:-} >"$OUT/tune.txt" 2>&1
   echo "tune exit $?"; grep -E "BEST|Error|error" "$OUT/tune.txt" | tail -20
 fi
 if has bench; then
   tag=${BENCH_TAG:-}
-  timeout 1200 python3 -m sslfast.cli bench --warmup 2 --repeat 7 ${BENCH_OPS:+--ops $BENCH_OPS} \
+  timeout ${BENCH_S:-1200} python3 -m sslfast.cli bench --warmup 2 --repeat 7 ${BENCH_OPS:+--ops $BENCH_OPS} \
     ${BENCH_CASES:+--cases $BENCH_CASES} --json "$OUT/bench$tag.json" >"$OUT/bench$tag.txt" 2>&1
   echo "bench exit $?"; grep -v '^{' "$OUT/bench$tag.txt" | tail -70
 fi
 if has profile; then
   default_cases='"barlow_twins N=256" "barlow_twins N=2048" "vicreg N=256" "^mae [a-z]" "^ema ViT-B" "nt_xent 2x16384" "moco_queue N=4096"'
   eval "set -- ${PROFILE_CASES:-$default_cases}"
-  timeout 600 python3 benchmarks/profile_ops.py --cases "$@" --json "$OUT/profile.json" >"$OUT/profile.txt" 2>&1
+  timeout ${PROFILE_S:-600} python3 benchmarks/profile_ops.py --cases "$@" --json "$OUT/profile.json" >"$OUT/profile.txt" 2>&1
   echo "profile exit $?"; grep -E "wall|Error" "$OUT/profile.txt" | tail -40
 fi
