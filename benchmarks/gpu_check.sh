@@ -6,7 +6,9 @@
 #   TEST_FILES="tests/..."     test files for `pytest -m gpu` (default: all)
 #   BENCH_OPS / BENCH_CASES    passed to `sslfast bench --ops / --cases` (default: everything)
 #   TUNE_ARGS                  passed to benchmarks/tune_infonce.py
-#   PROFILE_CASES              regexes for benchmarks/profile_ops.py (default: the cases off target)
+#   PROFILE_CASES              regexes for benchmarks/profile_ops.py (default: the cases off target); the
+#                              profile step first times single launches (--launch-costs)
+#   PROFILE_PYTHON=N           also cProfile N calls per profiled case
 #   SKIP_INSTALL=1, BENCH_TAG  for a second call in the same session (bench$BENCH_TAG.{txt,json})
 #   TESTS_S / TUNE_S / BENCH_S / PROFILE_S  each step's time limit in seconds (to fit a short lease)
 set -uo pipefail
@@ -42,6 +44,7 @@ fi
 if has profile; then
   default_cases='"barlow_twins N=256" "barlow_twins N=2048" "vicreg N=256" "^mae [a-z]" "^ema ViT-B" "nt_xent 2x16384" "moco_queue N=4096"'
   eval "set -- ${PROFILE_CASES:-$default_cases}"
-  timeout ${PROFILE_S:-600} python3 benchmarks/profile_ops.py --cases "$@" --json "$OUT/profile.json" >"$OUT/profile.txt" 2>&1
-  echo "profile exit $?"; grep -E "wall|Error" "$OUT/profile.txt" | tail -40
+  timeout ${PROFILE_S:-600} python3 benchmarks/profile_ops.py --launch-costs --python ${PROFILE_PYTHON:-0} \
+    --cases "$@" --json "$OUT/profile.json" >"$OUT/profile.txt" 2>&1
+  echo "profile exit $?"; grep -E " us |wall|Error" "$OUT/profile.txt" | tail -40
 fi

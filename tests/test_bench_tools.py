@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -28,9 +30,13 @@ def test_host_overhead_counts_launches_and_aten_ops(tmp_path):
 
 def test_profile_ops_runs_the_cpu_smoke_cases(tmp_path):
     out = tmp_path / "profile.json"
-    _run("profile_ops.py", "--device", "cpu", "--cases", "nt_xent 2x64", "--calls", "2", "--json", str(out))
+    _run("profile_ops.py", "--device", "cpu", "--cases", "nt_xent 2x64", "--calls", "2", "--python", "3",
+         "--json", str(out))
     (row,) = json.loads(out.read_text())
     assert row["op"] == "nt_xent" and row["wall_ms"] > 0 and row["host_ms"] > 0 and row["pipelined_ms"] is None
+    own = [p["own_us"] for p in row["python"]]
+    assert own == sorted(own, reverse=True) and own[0] > 0, row["python"]
+    assert any(p["fn"].startswith("infonce.py:") for p in row["python"]), row["python"]
 
 
 def test_every_cpu_smoke_case_runs():
@@ -44,3 +50,27 @@ def test_every_cpu_smoke_case_runs():
     assert {"nt_xent", "moco_queue", "clip", "barlow_twins", "vicreg", "dino", "augment", "step"} <= ops, ops
     for r in rows:
         assert r["fused"]["ms"] > 0 and r["reference"]["ms"] > 0, r
+
+
+@pytest.mark.gpu
+def test_capture_replays_fused_ops_and_refuses_host_syncs():
+    """`bench.capture` (behind the "graphed" column) records a fused forward+backward whose replay recomputes
+    the eager gradient, and answers None, leaving the device usable, for a call that syncs with the host."""
+    import torch
+
+    import sslfast as sf
+    from sslfast import bench
+
+    dev = torch.device("cuda")
+    z1, z2 = (torch.randn(300, 96, device=dev, requires_grad=True) for _ in range(2))
+    step = bench.fwd_bwd(lambda: sf.nt_xent_loss(z1, z2, 0.2), z1, z2)
+    step()
+    eager = z1.grad.clone()
+    graph = bench.capture(step, dev)
+    z1.grad.fill_(float("nan"))  # the gradient tensor the capture allocated: the replay must overwrite it
+    graph.replay()
+    torch.testing.assert_close(z1.grad, eager, rtol=1e-4, atol=1e-6)
+    assert bench.graphed_ms(step, dev) > 0
+    x = torch.ones(4, device=dev)
+    assert bench.capture(lambda: x.sum().item(), dev) is None
+    assert x.sum().item() == 4

@@ -9,7 +9,10 @@ Timing: CUDA events around each call after a device synchronization, median over
 clock on the CPU), as ../shared/baselines times the references: the latency of one call from an idle device,
 host overhead included. For calls under PIPELINE_BELOW_MS, also "pipelined" ms: PIPELINE_CALLS calls back
 to back between two events, divided by their number. That is the cost inside a training step, where the host
-queues work ahead of the device and a small op's Python and launches overlap the kernels before it.
+queues work ahead of the device and a small op's Python and launches overlap the kernels before it. And
+"graphed" ms: the same call captured once in a CUDA graph and replayed PIPELINE_CALLS times back to back, i.e.
+the device time with the host taken out, what `torch.compile(mode="reduce-overhead")` or a hand-captured
+step gets. A call that cannot be captured (a host sync, a CPU-side branch on device data) reports none.
 Memory: peak allocated during one call minus what was allocated before it (CUDA only).
 """
 from __future__ import annotations
@@ -122,17 +125,54 @@ PIPELINE_CALLS = 20
 
 def pipelined_ms(fn, device: torch.device, repeat: int = 5) -> float:
     """Median over `repeat` of (time of PIPELINE_CALLS back-to-back calls) / PIPELINE_CALLS (CUDA)."""
+    def calls():
+        for _ in range(PIPELINE_CALLS):
+            fn()
+    return _events_per_call(calls, device, repeat)
+
+
+def _events_per_call(body, device: torch.device, repeat: int) -> float:
+    """Median over `repeat` of (event time around `body()`) / PIPELINE_CALLS."""
     times = []
     for _ in range(repeat):
         sync(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(PIPELINE_CALLS):
-            fn()
+        body()
         end.record()
         sync(device)
         times.append(start.elapsed_time(end) / PIPELINE_CALLS)
     return statistics.median(times)
+
+
+def capture(fn, device: torch.device) -> torch.cuda.CUDAGraph | None:
+    """`fn` captured in a CUDA graph after two warm-up calls on a side stream; None if it can't be captured."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:  # capture refused (e.g. a host sync inside); the stream is usable again
+        torch.cuda.synchronize(device)
+        return None
+    return graph
+
+
+def graphed_ms(fn, device: torch.device, repeat: int = 5) -> float | None:
+    """Per-call time of `fn` captured once and replayed back to back; None if it can't be captured."""
+    graph = capture(fn, device)
+    if graph is None:
+        return None
+
+    def replays():
+        for _ in range(PIPELINE_CALLS):
+            graph.replay()
+    return _events_per_call(replays, device, repeat)
 
 
 def peak_mib(fn, device: torch.device) -> float | None:
@@ -151,6 +191,7 @@ def _measure(fn, device, warmup, repeat):
         row = {"ms": time_ms(fn, device, warmup, repeat), "peak_mib": peak_mib(fn, device)}
         if device.type == "cuda" and row["ms"] < PIPELINE_BELOW_MS:
             row["pipelined_ms"] = pipelined_ms(fn, device)
+            row["graphed_ms"] = graphed_ms(fn, device)
         return row
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
@@ -203,8 +244,8 @@ def _fmt(x, spec):
 
 
 def table(rows: list[dict]) -> str:
-    head = ("op", "case", "dtype", "ref ms", "fused ms", "speedup", "ref pipe", "fused pipe", "ref MiB", "fused MiB",
-            "% ceiling")
+    head = ("op", "case", "dtype", "ref ms", "fused ms", "speedup", "ref pipe", "fused pipe", "ref graph",
+            "fused graph", "ref MiB", "fused MiB", "% ceiling")
     lines = [head]
     for r in rows:
         f, ref = r.get("fused", {}), r.get("reference", {})
@@ -212,7 +253,8 @@ def table(rows: list[dict]) -> str:
                       "oom" if ref.get("oom") else _fmt(ref.get("ms"), ".3f"),
                       "oom" if f.get("oom") else _fmt(f.get("ms"), ".3f"),
                       _fmt(r.get("speedup"), ".2f"), _fmt(ref.get("pipelined_ms"), ".3f"),
-                      _fmt(f.get("pipelined_ms"), ".3f"), _fmt(ref.get("peak_mib"), ".1f"),
+                      _fmt(f.get("pipelined_ms"), ".3f"), _fmt(ref.get("graphed_ms"), ".3f"),
+                      _fmt(f.get("graphed_ms"), ".3f"), _fmt(ref.get("peak_mib"), ".1f"),
                       _fmt(f.get("peak_mib"), ".1f"), _fmt(r.get("pct_ceiling"), ".1f")))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in lines)
