@@ -53,9 +53,9 @@ def test_every_cpu_smoke_case_runs():
 
 
 @pytest.mark.gpu
-def test_capture_replays_fused_ops_and_refuses_host_syncs():
+def test_capture_replays_fused_ops():
     """`bench.capture` (behind the "graphed" column) records a fused forward+backward whose replay recomputes
-    the eager gradient, and answers None, leaving the device usable, for a call that syncs with the host."""
+    the eager gradient."""
     import torch
 
     import sslfast as sf
@@ -71,6 +71,3 @@ def test_capture_replays_fused_ops_and_refuses_host_syncs():
     graph.replay()
     torch.testing.assert_close(z1.grad, eager, rtol=1e-4, atol=1e-6)
     assert bench.graphed_ms(step, dev) > 0
-    x = torch.ones(4, device=dev)
-    assert bench.capture(lambda: x.sum().item(), dev) is None
-    assert x.sum().item() == 4

@@ -157,7 +157,7 @@ def capture(fn, device: torch.device) -> torch.cuda.CUDAGraph | None:
     try:
         with torch.cuda.graph(graph):
             fn()
-    except RuntimeError:  # capture refused (e.g. a host sync inside); the stream is usable again
+    except RuntimeError:  # capture refused (a host sync or pageable copy inside): report no graphed time
         torch.cuda.synchronize(device)
         return None
     return graph
