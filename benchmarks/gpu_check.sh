@@ -2,7 +2,8 @@
 # GPU check for the lent H100/H200 box: install (builds csrc), `pytest -m gpu`, the InfoNCE tile sweep,
 # `sslfast bench` and a profile (kernels vs host) of the cases still off target. Everything lands under $OUT
 # (default ./gpu_out); the last lines printed are the tables.
-#   STEPS="tests tune bench profile"   which steps (default: all four)
+#   STEPS="tests tune bench profile"   which steps (default: these four; "maxbatch" adds the largest batch per
+#                              method and path, benchmarks/max_batch.py with MAXBATCH_ARGS)
 #   TEST_FILES="tests/..."     test files for `pytest -m gpu` (default: all)
 #   BENCH_OPS / BENCH_CASES    passed to `sslfast bench --ops / --cases` (default: everything)
 #   TUNE_ARGS                  passed to benchmarks/tune_infonce.py
@@ -10,7 +11,7 @@
 #                              profile step first times single launches (--launch-costs)
 #   PROFILE_PYTHON=N           also cProfile N calls per profiled case
 #   SKIP_INSTALL=1, BENCH_TAG  for a second call in the same session (bench$BENCH_TAG.{txt,json})
-#   TESTS_S / TUNE_S / BENCH_S / PROFILE_S  each step's time limit in seconds (to fit a short lease)
+#   TESTS_S / TUNE_S / BENCH_S / PROFILE_S / MAXBATCH_S  each step's time limit in seconds (short leases)
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -47,4 +48,9 @@ if has profile; then
   timeout ${PROFILE_S:-600} python3 benchmarks/profile_ops.py --launch-costs --python ${PROFILE_PYTHON:-0} \
     --cases "$@" --json "$OUT/profile.json" >"$OUT/profile.txt" 2>&1
   echo "profile exit $?"; grep -E " us |wall|Error" "$OUT/profile.txt" | tail -40
+fi
+if has maxbatch; then
+  timeout ${MAXBATCH_S:-600} python3 benchmarks/max_batch.py ${MAXBATCH_ARGS:-} --json "$OUT/max_batch.json" \
+    >"$OUT/max_batch.txt" 2>&1
+  echo "maxbatch exit $?"; grep -E '^\{|Error' "$OUT/max_batch.txt" | tail -20
 fi

@@ -71,3 +71,32 @@ def test_capture_replays_fused_ops():
     graph.replay()
     torch.testing.assert_close(z1.grad, eager, rtol=1e-4, atol=1e-6)
     assert bench.graphed_ms(step, dev) > 0
+
+
+def test_largest_batch_search_finds_the_boundary_without_repeating_a_probe():
+    import random
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from max_batch import largest
+
+    rng = random.Random(0)
+    for _ in range(300):
+        step = rng.choice([1, 8, 64])
+        most, start, limit = rng.randint(step, 5000), rng.randint(1, 6000), rng.randint(0, 6000)
+        probes = []
+
+        def fits(b):
+            assert b % step == 0 and step <= b <= most
+            probes.append(b)
+            return b <= limit
+        assert largest(fits, start, step, most) == min(limit, most) // step * step
+        assert len(probes) == len(set(probes))
+
+
+def test_max_batch_runs_the_cpu_smoke(tmp_path):
+    """The probe loop on the CPU (nothing runs out of memory there, so every path reaches --max)."""
+    out = tmp_path / "max.json"
+    _run("max_batch.py", "--device", "cpu", "--backbone", "resnet_tiny", "--size", "16", "--methods", "simclr",
+         "--start", "8", "--step", "8", "--max", "16", "--json", str(out))
+    (row,) = json.loads(out.read_text())
+    assert (row["method"], row["fused"], row["reference"]) == ("simclr", 16, 16)

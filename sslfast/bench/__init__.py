@@ -46,6 +46,7 @@ class Setup:
     flops: float = 0.0           # useful FLOPs of one fused call
     bytes: float = 0.0           # minimal device-memory traffic of one fused call
     others: dict = dataclasses.field(default_factory=dict)  # extra baselines by name (e.g. Inf-CL)
+    items: int = 0               # samples one call processes (training steps: images), for items/s
 
 
 @dataclasses.dataclass
@@ -227,6 +228,10 @@ def run(device: torch.device, ops: list[str] | None = None, warmup: int = 3, rep
                 baselines = {"reference": st.reference, **baselines}
             for name, fn in baselines.items():
                 row[name] = _measure(fn, device, warmup, repeat)
+            if st.items:
+                for name in ("fused", *baselines):
+                    if row[name].get("ms"):
+                        row[name]["items_per_s"] = st.items / row[name]["ms"] * 1e3
             ms = row["fused"].get("ms")
             if ms:
                 row["tflops"] = st.flops / ms / 1e9 if st.flops else None
@@ -249,7 +254,7 @@ def _fmt(x, spec):
 
 def table(rows: list[dict]) -> str:
     head = ("op", "case", "dtype", "ref ms", "fused ms", "speedup", "ref pipe", "fused pipe", "ref graph",
-            "fused graph", "ref MiB", "fused MiB", "% ceiling")
+            "fused graph", "ref MiB", "fused MiB", "% ceiling", "ref img/s", "fused img/s")
     lines = [head]
     for r in rows:
         f, ref = r.get("fused", {}), r.get("reference", {})
@@ -259,7 +264,8 @@ def table(rows: list[dict]) -> str:
                       _fmt(r.get("speedup"), ".2f"), _fmt(ref.get("pipelined_ms"), ".3f"),
                       _fmt(f.get("pipelined_ms"), ".3f"), _fmt(ref.get("graphed_ms"), ".3f"),
                       _fmt(f.get("graphed_ms"), ".3f"), _fmt(ref.get("peak_mib"), ".1f"),
-                      _fmt(f.get("peak_mib"), ".1f"), _fmt(r.get("pct_ceiling"), ".1f")))
+                      _fmt(f.get("peak_mib"), ".1f"), _fmt(r.get("pct_ceiling"), ".1f"),
+                      _fmt(ref.get("items_per_s"), ".0f"), _fmt(f.get("items_per_s"), ".0f")))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in lines)
 

@@ -2,9 +2,10 @@
 same model and optimizer with `SSLFAST_BACKEND=reference` (plain PyTorch everywhere).
 
 One realistic config per method, the paper's heads (`profile="paper"`), bf16 autocast, synthetic views of the
-method's preset sizes already on the GPU (no data loading). Images per second = batch / (ms / 1000); the
-runner's peak memory is the step's peak allocation above the model and optimizer state. FLOP and byte floors
-are not counted (the backbone dominates). Each step runs on the same model, so the two paths are timed on
+method's preset sizes already on the GPU (no data loading). Images per second (`items_per_s`) = batch /
+(ms / 1000), an image counting once however many views it has; the runner's peak memory is the step's peak
+allocation above the model and optimizer state. FLOP and byte floors are not counted (the backbone
+dominates). `benchmarks/max_batch.py` finds the largest batch each path fits. Each step runs on the same model, so the two paths are timed on
 identical shapes; the weights drift between calls, which does not change the work.
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ def step_setup(method: str, backbone: str, batch: int, image_size: int, device, 
         with reference_backend():
             train_step(run, views)
 
-    return Setup(fused=fused, reference=reference)
+    return Setup(fused=fused, reference=reference, items=batch)
 
 
 for _method, _backbone, _batch, _size in CASES:
