@@ -6,7 +6,7 @@
 #                              method and path, benchmarks/max_batch.py with MAXBATCH_ARGS)
 #   TEST_FILES="tests/..."     test files for `pytest -m gpu` (default: all)
 #   BENCH_OPS / BENCH_CASES    passed to `sslfast bench --ops / --cases` (default: everything)
-#   TUNE_ARGS                  passed to benchmarks/tune_infonce.py
+#   TUNE_ARGS                  passed to benchmarks/tune_infonce.py (the tune step also runs tune_mae.py)
 #   PROFILE_CASES              regexes for benchmarks/profile_ops.py (default: the cases off target); the
 #                              profile step first times single launches (--launch-costs)
 #   PROFILE_PYTHON=N           also cProfile N calls per profiled case
@@ -35,6 +35,8 @@ fi
 if has tune; then
   timeout ${TUNE_S:-600} python3 benchmarks/tune_infonce.py --json "$OUT/tune.json" ${TUNE_ARGS:-} >"$OUT/tune.txt" 2>&1
   echo "tune exit $?"; grep -E "BEST|Error|error" "$OUT/tune.txt" | tail -20
+  timeout ${TUNE_S:-600} python3 benchmarks/tune_mae.py >"$OUT/tune_mae.txt" 2>&1  # rows as JSON lines
+  echo "tune_mae exit $?"; grep -E "BEST|Error|error" "$OUT/tune_mae.txt" | tail -5
 fi
 if has bench; then
   tag=${BENCH_TAG:-}

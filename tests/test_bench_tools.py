@@ -10,8 +10,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(script, *args):
+def _run(script, *args, interpret=False):
     env = {k: v for k, v in os.environ.items() if k not in ("SSLFAST_BACKEND", "TRITON_INTERPRET")}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], capture_output=True,
                           text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -100,3 +102,10 @@ def test_max_batch_runs_the_cpu_smoke(tmp_path):
          "--start", "8", "--step", "8", "--max", "16", "--json", str(out))
     (row,) = json.loads(out.read_text())
     assert (row["method"], row["fused"], row["reference"]) == ("simclr", 16, 16)
+
+
+def test_tune_mae_configs_agree_with_the_default(tmp_path):
+    out = tmp_path / "tune.json"
+    _run("tune_mae.py", "--device", "cpu", "--only", "1:4", "8:2", "--json", str(out), interpret=True)
+    rows = json.loads(out.read_text())
+    assert len(rows) == 6 and all(r["matches_default"] for r in rows)
