@@ -8,7 +8,7 @@ G global crops. The loss is exactly facebookresearch/dino's `DINOLoss.forward` (
 the batch-mean CE between softmax((t_g − center)/τ_t) and log_softmax(s_v/τ_s), v ≠ g), computed as
 per-row log-sum-exps and dots against the teacher probabilities summed over crops (math in
 `sslfast.reference.dino`): no per-pair softmax or product is materialized, and the backward recomputes the
-student softmax from the saved [V·B] row LSEs. The teacher output and the center get no gradient. CUDA
+student and teacher softmaxes from the saved [(V + G)·B] row LSEs. The teacher output and the center get no gradient. CUDA
 tensors run three streaming Triton kernels over K (`sslfast.kernels.dino`); CPU and fp64 tensors the chunked
 PyTorch path.
 
@@ -37,7 +37,7 @@ def _impl(*tensors):
 
 def _fake_forward(student, teacher, center, student_temp, teacher_temp, num_global):
     dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-    return student.new_empty((), dtype=dtype), student.new_empty(student.shape[0], dtype=dtype)
+    return student.new_empty((), dtype=dtype), student.new_empty(student.shape[0] + teacher.shape[0], dtype=dtype)
 
 
 def _fake_backward(grad, student, teacher, center, lse, student_temp, teacher_temp, num_global):
