@@ -73,7 +73,7 @@ def test_module_schedule_and_lists(seed):
     crit.center.copy_(c)
     out = crit(list(t.chunk(G)), list(s.chunk(V)), epoch=5)
     ref, _ = _literal(s, t, c, 0.1, 0.055, G)
-    assert abs(out.item() - ref.item()) < 1e-5
+    assert abs(out.item() - ref.item()) / max(abs(ref.item()), 1.0) < tol(torch.float32), f"seed {seed}"
     assert not torch.equal(crit.center, c.float())            # training mode: center moved
     crit.eval()
     before = crit.center.clone()
