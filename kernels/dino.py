@@ -150,12 +150,12 @@ def _backward_kernel(S, T, C, LSE_T, LSE_S, GRAD, DS, B, V, G, K, stride_s, stri
 
 # --------------------------------------------------------------------------------------------- launchers
 def _blocks(student: torch.Tensor, V: int, G: int) -> dict:
-    # [16, BLOCK_K] student tiles of 8 KB (256 columns of a 16-bit dtype, 128 of fp32) for 4 warps: one 16-byte
-    # load per thread and row group, 96 / 64 registers in the forward (bf16 / fp32, sm_90); 256 fp32 columns
-    # would take 207
-    bk = 16 if interpreting() else 4096 // student.element_size()
-    return dict(BLOCK_K=min(next_pow2(student.shape[1]), bk), BLOCK_V=next_pow2(V), BLOCK_G=next_pow2(G),
-                num_warps=_warps())
+    # Student tiles [BLOCK_V, BLOCK_K] of 8 KB for 4 warps (16 x 256 in a 16-bit dtype, 16 x 128 in fp32 at
+    # V = 10 crops): one 16-byte load per thread and row group; 96 / 64 registers in the forward (bf16 / fp32,
+    # sm_90), where 16 x 256 fp32 took 207. More crops, fewer columns per tile.
+    bv = next_pow2(V)
+    bk = 16 if interpreting() else min(1024, 8192 // student.element_size() // bv)
+    return dict(BLOCK_K=min(next_pow2(student.shape[1]), bk), BLOCK_V=bv, BLOCK_G=next_pow2(G), num_warps=_warps())
 
 
 def _warps() -> int:
