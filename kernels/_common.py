@@ -1,6 +1,7 @@
 """Helpers shared by every kernel launcher."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -18,7 +19,10 @@ def upcast_dots() -> bool:
     return interpreting()
 
 
+@functools.lru_cache(maxsize=None)
 def poisoning() -> bool:
+    """SSLFAST_POISON=1, read once per process (the test suite sets it before importing sslfast): a launcher
+    allocates several outputs per call, and an environment lookup each time is measurable host time."""
     return os.environ.get("SSLFAST_POISON", "0") == "1"
 
 

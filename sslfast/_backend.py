@@ -84,6 +84,8 @@ def without_autocast(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        if not torch.is_autocast_enabled(device):  # the common case: no context to enter and leave
+            return fn(*args, **kwargs)
         with torch.autocast(device_type=device, enabled=False):
             return fn(*args, **kwargs)
     return wrapper

@@ -25,12 +25,11 @@ def tensor(name: str, value, *, ndim: int | None = None, shape_hint: str = "", f
 
 
 def _agree(attr: str, error: type, tensors: dict) -> object:
-    present = {k: v for k, v in tensors.items() if v is not None}
-    values = {getattr(v, attr) for v in present.values()}
-    if len(values) > 1:
-        listing = ", ".join(f"{k}: {getattr(v, attr)}" for k, v in present.items())
+    values = [getattr(v, attr) for v in tensors.values() if v is not None]
+    if any(v != values[0] for v in values[1:]):
+        listing = ", ".join(f"{k}: {getattr(v, attr)}" for k, v in tensors.items() if v is not None)
         raise error(f"all inputs must share one {attr}, got {listing}")
-    return values.pop()
+    return values[0]
 
 
 def same_device(**tensors: torch.Tensor | None) -> torch.device:
