@@ -5,8 +5,16 @@ import functools
 import os
 
 import torch
+import triton.language as tl
 
 from .._backend import interpreting
+
+# The kernels keep logits in base 2 (x·log2 e) so that every exponential is one exp2. TL_* are the same
+# numbers as constexprs, the only globals a @triton.jit function may read.
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+TL_LOG2E = tl.constexpr(LOG2E)
+TL_LN2 = tl.constexpr(LN2)
 
 
 def upcast_dots() -> bool:

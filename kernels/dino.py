@@ -24,12 +24,8 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting
-from ._common import cdiv, empty, next_pow2, num_sms
+from ._common import LN2, LOG2E, TL_LN2, TL_LOG2E, cdiv, empty, next_pow2, num_sms
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-_LOG2E = tl.constexpr(LOG2E)  # the same constants inside the kernels (a @jit global must be a constexpr)
-_LN2 = tl.constexpr(LN2)
 
 
 @triton.jit
@@ -104,7 +100,7 @@ def _forward_kernel(S, T, C, PART_T, LSE_T, PART, B, V, G, K, stride_s, stride_t
     mx_t = tl.where(mx_t == float("-inf"), 0.0, mx_t)
     lse_t = mx_t + tl.log2(tl.sum(l_t * tl.exp2(m_t - mx_t[:, None]), axis=1))
     if sp == 0:
-        tl.store(LSE_T + t_rows, lse_t * _LN2, mask=gg < G)
+        tl.store(LSE_T + t_rows, lse_t * TL_LN2, mask=gg < G)
 
     k_lo = sp * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
@@ -126,7 +122,7 @@ def _forward_kernel(S, T, C, PART_T, LSE_T, PART, B, V, G, K, stride_s, stride_t
     out = (sp * V + vv) * B + b
     tl.store(PART + out, m, mask=vv < V)
     tl.store(PART + n_sp * V * B + out, l, mask=vv < V)
-    tl.store(PART + 2 * n_sp * V * B + out, dot * (s2 * _LN2), mask=vv < V)
+    tl.store(PART + 2 * n_sp * V * B + out, dot * (s2 * TL_LN2), mask=vv < V)
 
 
 @triton.jit
@@ -138,11 +134,11 @@ def _backward_kernel(S, T, C, LSE_T, LSE_S, GRAD, DS, B, V, G, K, stride_s, stri
     kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ok = kk < K
     gg = tl.arange(0, BLOCK_G)
-    lse_t = tl.load(LSE_T + gg * B + b, mask=gg < G, other=0.0) * _LOG2E
+    lse_t = tl.load(LSE_T + gg * B + b, mask=gg < G, other=0.0) * TL_LOG2E
     w = _targets(T, C, lse_t, b, B, G, gg, tl.arange(0, BLOCK_V), kk, ok, stride_t, t2)
     vv = tl.arange(0, BLOCK_V)
     s, rows, mask = _student_tile(S, b, B, V, vv, kk, ok, stride_s)
-    lse_s = tl.load(LSE_S + rows, mask=vv < V, other=0.0).to(tl.float32) * _LOG2E
+    lse_s = tl.load(LSE_S + rows, mask=vv < V, other=0.0).to(tl.float32) * TL_LOG2E
     c_v = G - (vv < G).to(tl.float32)
     ds = tl.load(GRAD).to(tl.float32) * coef * (c_v[:, None] * tl.exp2(s * s2 - lse_s[:, None]) - w)
     tl.store(DS + rows[:, None] * stride_ds + kk[None, :], ds.to(DS.dtype.element_ty), mask=mask)

@@ -55,10 +55,8 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting
-from ._common import cdiv, empty, next_pow2, num_sms, upcast_dots
+from ._common import LN2, TL_LN2, TL_LOG2E, cdiv, empty, next_pow2, num_sms, upcast_dots
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize
 MAX_ATOMIC_SPLITS = 4  # backward column splits that add into one output atomically (more: per-split slices)
 TRIANGLE_WAVES = 16    # the symmetric forward's work, in waves of the machine
@@ -263,7 +261,7 @@ def _lse_fwd_kernel(
     r_res = 0.0
     if ONE_CHUNK:
         r_res = _load_rows(R, rows, row_ok & live, tl.arange(0, BLOCK_D), D, stride_r, UPCAST)
-    ref2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
+    ref2 = tl.load(SCALE).to(tl.float32) * TL_LOG2E
     row_fac = tl.load(RN_R + rows, mask=row_ok, other=0.0) * ref2
 
     m_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -284,7 +282,7 @@ def _lse_fwd_kernel(
                 s_pos = tl.where(match, s, 0.0)
                 pos_i += tl.sum(s_pos, axis=1)
                 if mirror:  # π is an involution: column j's positive is the row whose positive j is
-                    tl.atomic_add(POS + cols, tl.sum(s_pos, axis=0) * 0.6931471805599453, mask=col_ok)
+                    tl.atomic_add(POS + cols, tl.sum(s_pos, axis=0) * TL_LN2, mask=col_ok)
                 valid = valid & ~match
             s = tl.where(valid, s, float("-inf"))
         if COL_STATS or TRIANGLE:
@@ -311,13 +309,13 @@ def _lse_fwd_kernel(
     if TRIANGLE:
         tl.atomic_add(ROW_L + rows, l_i, mask=row_ok & live)
         if WANT_POS:
-            tl.atomic_add(POS + rows, pos_i * 0.6931471805599453, mask=row_ok & live)
+            tl.atomic_add(POS + rows, pos_i * TL_LN2, mask=row_ok & live)
     else:
         out = tl.program_id(1) * M + rows
         tl.store(ROW_M + out, m_i, mask=row_ok)
         tl.store(ROW_L + out, l_i, mask=row_ok)
         if WANT_POS:
-            tl.store(POS + out, pos_i * 0.6931471805599453, mask=row_ok)
+            tl.store(POS + out, pos_i * TL_LN2, mask=row_ok)
 
 
 @triton.jit
@@ -345,10 +343,10 @@ def _lse_bwd_kernel(
     row_ok = rows < M
     ragged_rows = (pid_m + 1) * BLOCK_M > M
     g_row, g_pos, g_lo, g_hi, p_lo, p_hi = _index_ranges(rows, row_ok, r_off, r_split, r_shift, p_shift, p_period)
-    scale2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
+    scale2 = tl.load(SCALE).to(tl.float32) * TL_LOG2E
     row_fac = tl.load(RN_R + rows, mask=row_ok, other=0.0) * scale2
     if ROW_TERM:
-        lse_r = tl.load(LSE_R + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        lse_r = tl.load(LSE_R + rows, mask=row_ok, other=0.0) * TL_LOG2E
         g_r = tl.load(G_R + rows, mask=row_ok, other=0.0) * g_norm
         u_r = g_r * tl.exp2(-lse_r)
     if POS_ROW:
@@ -367,7 +365,7 @@ def _lse_bwd_kernel(
                                                        stride_r, stride_c, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK,
                                                        SHARE_C, UPCAST)
         if COL_TERM:
-            lse_c = tl.load(LSE_C + cols, mask=col_ok, other=0.0) * 1.4426950408889634
+            lse_c = tl.load(LSE_C + cols, mask=col_ok, other=0.0) * TL_LOG2E
             g_c = tl.load(G_C + cols, mask=col_ok, other=0.0) * g_norm
         # W: softmax weights of the negatives (times rn_c) ...
         if BOUNDED:
@@ -408,7 +406,7 @@ def _lse_bwd_kernel(
             cd = _load_rows(C, cols, col_ok, dout, D, stride_c, UPCAST)
         acc = tl.dot(w.to(cd.dtype), cd, acc)
 
-    acc = acc * (scale2 * 0.6931471805599453 / g_norm)
+    acc = acc * (scale2 * TL_LN2 / g_norm)
     dptr = DR + pid_s * stride_ds + rows[:, None] * stride_dr + dout[None, :]
     dmask = row_ok[:, None] & (dout[None, :] < D)
     if ATOMIC:
@@ -564,15 +562,15 @@ def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col
         EXCLUDE_SELF=exclude_self, WANT_POS=want_pos, COL_STATS=col_stats, BOUNDED=bounded,
         TRIANGLE=triangle, UPCAST=upcast_dots(), **cfg)
     if bounded:  # plain sums: merge the splits by adding them
-        lse_r = torch.log2(row_l.sum(0) if splits > 1 else row_l[0]) * LN2
+        lse_r = torch.log(row_l.sum(0) if splits > 1 else row_l[0])  # Σ 2^(x·log2 e) = Σ e^x
     else:
         lse_r = torch.logsumexp((row_m + torch.log2(row_l)) * LN2, dim=0)
     if not col_stats:
         lse_c = row_l.new_empty(0)
     elif bounded:
-        lse_c = torch.log2(col_l) * LN2
+        lse_c = torch.log(col_l)
     else:
-        lse_c = ((torch.log2(col_acc) + scale.double() * LOG2E) * LN2).float()
+        lse_c = (torch.log(col_acc) + scale.double()).float()
     pos = (pos.sum(0) if splits > 1 else pos[0]) if want_pos else row_l.new_empty(0)
     return lse_r, lse_c, pos
 

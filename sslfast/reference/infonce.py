@@ -66,8 +66,6 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------- chunked core
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 def _global_index(idx: torch.Tensor, off: int, split: int, shift: int) -> torch.Tensor:
