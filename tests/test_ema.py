@@ -16,6 +16,7 @@ from torch import nn
 
 import sslfast as sf
 from sslfast import _backend
+from sslfast.bench import capture
 from sslfast.bench import ema as bench_ema
 from sslfast.ops import ema as ops
 from sslfast.optim import AdamWEMA, LARSEMA
@@ -710,15 +711,8 @@ def test_gpu_ema_device_momentum_and_cuda_graph(seed):
     teacher, student = _lists(bench_ema.vit_b16_shapes()[:20] + [(13,)], device="cuda")
     start = [t.clone() for t in teacher]
     m = torch.full((), 0.9, device="cuda")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm-up off the default stream, as torch.cuda.graphs recommends
-        for _ in range(2):
-            sf.ema_update_(teacher, student, m)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        sf.ema_update_(teacher, student, m)
+    graph = capture(lambda: sf.ema_update_(teacher, student, m), torch.device("cuda"))
+    assert graph is not None
     for momentum in (0.9, 0.6, 0.99):
         for t, t0 in zip(teacher, start):
             t.copy_(t0)
@@ -810,14 +804,8 @@ def test_gpu_adamw_ema_step_captured_in_cuda_graph(seed):
     m = torch.full((), 0.9, device="cuda")
     opt = AdamWEMA(params, teacher=teacher, ema_momentum=m, lr=1e-3)
     ref = torch.optim.AdamW(ref_params, lr=1e-3, fused=True)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        opt.step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
+    graph = capture(opt.step, torch.device("cuda"), warmup=1)
+    assert graph is not None
     ref.step()
     R.ema_update_(ref_teacher, [p.detach() for p in ref_params], 0.9)
     for _ in range(3):

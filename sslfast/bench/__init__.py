@@ -150,12 +150,12 @@ def _events_per_call(body, device: torch.device, repeat: int) -> float:
     return statistics.median(times)
 
 
-def capture(fn, device: torch.device) -> torch.cuda.CUDAGraph | None:
-    """`fn` captured in a CUDA graph after two warm-up calls on a side stream; None if it can't be captured."""
+def capture(fn, device: torch.device, warmup: int = 2) -> torch.cuda.CUDAGraph | None:
+    """`fn` captured in a CUDA graph after `warmup` calls on a side stream; None if it can't be captured."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-        for _ in range(2):
+        for _ in range(warmup):
             fn()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
