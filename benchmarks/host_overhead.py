@@ -70,9 +70,14 @@ def cases():
     q, k = _leaves((16, 32), (16, 32))
     queue = torch.randn(64, 32)
     scale = torch.tensor(14.0, requires_grad=True)
-    yield "nt_xent fwd+bwd", fwd_bwd(lambda: sf.nt_xent_loss(q, k, 0.1), q, k)
-    yield "info_nce (queue) fwd+bwd", fwd_bwd(lambda: sf.info_nce_loss(q, k, queue, 0.2), q, k)
-    yield "clip fwd+bwd", fwd_bwd(lambda: sf.clip_loss(q, k, scale), q, k, scale)
+    student, teacher, center = _leaves((10 * 2, 64))[0], torch.randn(2 * 2, 64), torch.zeros(1, 64)
+    terminal = {"nt_xent fwd+bwd": (lambda: sf.nt_xent_loss(q, k, 0.1), q, k),
+                "info_nce (queue) fwd+bwd": (lambda: sf.info_nce_loss(q, k, queue, 0.2), q, k),
+                "clip fwd+bwd": (lambda: sf.clip_loss(q, k, scale), q, k, scale),
+                "dino fwd+bwd": (lambda: sf.dino_loss(student, teacher, center), student)}
+    for name, args in terminal.items():  # gradients computed in the forward (default), then the other way
+        yield name, fwd_bwd(*args)
+        yield f"{name} (separate backward)", fwd_bwd(*args, separate=True)
     yield "barlow_twins (gram) fwd+bwd", fwd_bwd(lambda: sf.barlow_twins_loss(z1, z2), z1, z2)
     yield "vicreg (gram) fwd+bwd", fwd_bwd(lambda: sf.vicreg_loss(z1, z2), z1, z2)
 
@@ -91,7 +96,9 @@ def cases():
     yield "mae gather_patches fwd", lambda: mae.gather_patches(imgs, m.ids_keep, p)
     yield "mae unshuffle fwd", lambda: mae.unshuffle(xv, m.ids_restore, mt)
     yield "mae unshuffle+pos fwd+bwd", fwd_bwd(lambda: mae.unshuffle(xv, m.ids_restore, mt, pos).sum(), xv, mt)
-    yield "mae norm-pix loss fwd+bwd", fwd_bwd(lambda: mae.masked_mse_loss(pred, imgs, m.mask, p), pred)
+    norm_pix = (lambda: mae.masked_mse_loss(pred, imgs, m.mask, p), pred)
+    yield "mae norm-pix loss fwd+bwd", fwd_bwd(*norm_pix)
+    yield "mae norm-pix loss fwd+bwd (separate backward)", fwd_bwd(*norm_pix, separate=True)
 
 
 def measure(call, repeat: int) -> dict:

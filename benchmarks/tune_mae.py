@@ -32,11 +32,12 @@ def problems(device, batch):
     ids = torch.rand(batch, L, device=device, generator=g).argsort(1)
     mask = torch.ones(batch, L, device=device)
     mask.scatter_(1, ids[:, :keep], 0.0)
-    loss, wsum = K.masked_mse(pred, imgs, mask, p, True)
+    loss, wsum, _ = K.masked_mse(pred, imgs, mask, p, True)
     one = torch.ones((), device=device)
     n = batch * L * E * 2
     return {
         "masked_mse fwd (norm-pix)": (lambda: K.masked_mse(pred, imgs, mask, p, True)[0], 2 * n),
+        "masked_mse fwd+grad (norm-pix)": (lambda: K.masked_mse(pred, imgs, mask, p, True, True)[2], 3 * n),
         "masked_mse bwd (norm-pix)": (lambda: K.masked_mse_backward(one, pred, imgs, mask, wsum, p, True),
                                       (2 * (L - keep) / L + 1) * n),
         "gather_patches (kept 25 %)": (lambda: K.gather_patches(imgs, ids[:, :keep].contiguous(), p),

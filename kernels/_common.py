@@ -5,6 +5,7 @@ import functools
 import os
 
 import torch
+import triton
 import triton.language as tl
 
 from .._backend import interpreting
@@ -56,3 +57,23 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: a small, fixed "machine" so splits are still exercised
+
+
+@triton.jit
+def _scale_unless_one_kernel(X, G, n, BLOCK: tl.constexpr):
+    # Grid (cdiv(n, BLOCK),): x *= g in place, unless g = 1 (then each program reads g only).
+    g = tl.load(G).to(tl.float32)
+    if g != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+        x = tl.load(X + offs, mask=ok).to(tl.float32)
+        tl.store(X + offs, (x * g).to(X.dtype.element_ty), mask=ok)
+
+
+def scale_unless_one_(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """x ·= g in place (x contiguous, g a device scalar) with no traffic when g = 1, which is what a loss's
+    own `backward()` passes: a precomputed gradient (`sslfast._custom_op.loss_with_grads`) is then free to hand
+    on, where `x * g` would read and write it once more, without a host sync to look at g."""
+    block = 1024 if interpreting() else 4096
+    _scale_unless_one_kernel[(cdiv(x.numel(), block),)](x, g, x.numel(), BLOCK=block, num_warps=4)
+    return x

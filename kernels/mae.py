@@ -48,10 +48,13 @@ masked_mse (rows of whole patches in registers; the target is read from the imag
 
     t      = patch pixels;  with norm_pix: t = (t − mean) / sqrt(var + 1e-6), var unbiased (x.var(-1))
     ℓ_r    = mean_e (pred_r − t_r)²;   loss = Σ_r w_r ℓ_r / Σ_r w_r          (w = mask, 1 = masked)
-    ∂loss/∂pred_r = g · 2 w_r (pred_r − t_r) / (E · Σ w)                     (rows with w = 0: zeros, not read)
+    ∂loss/∂pred_r = g · 2 w_r (pred_r − t_r) / (E · Σ w)                     (rows with w = 0: zeros)
 
 The forward reads every row (so a non-finite value anywhere gives a non-finite loss, as the official code);
-per-program partial sums go to a [2, n_programs] buffer that the launcher sums (deterministic).
+per-program partial sums go to an [n_programs] buffer that the launcher sums (deterministic), Σ w is one
+reduction of the mask before it. A forward that will be differentiated also writes ∂loss/∂pred for g = 1
+from the same registers (the loss is terminal: autograd's backward then only scales it); the separate
+backward kernel recomputes only the rows with w != 0 and writes zeros without reading the others.
 """
 from __future__ import annotations
 
@@ -240,20 +243,30 @@ def _residual(PRED, IMG, rows, load_ok, L, grid_w, stride_pb, eps, P: tl.constex
 
 
 @triton.jit
-def _masked_mse_fwd_kernel(PRED, IMG, MASK, PART, n_rows, n_prog, L, grid_w, stride_pb, eps,
-                           P: tl.constexpr, C: tl.constexpr, NORM: tl.constexpr,
+def _store_dpred(DPRED, rows, row_ok, act, dif, w, scale, e, e_ok, E):
+    """dpred rows = scale · w · dif where act, zeros elsewhere (rows < n_rows)."""
+    dp = tl.where(act[:, None], dif * (w * scale)[:, None], 0.0)
+    tl.store(DPRED + rows.to(tl.int64)[:, None] * E + e[None, :], dp.to(DPRED.dtype.element_ty),
+             mask=row_ok[:, None] & e_ok[None, :])
+
+
+@triton.jit
+def _masked_mse_fwd_kernel(PRED, IMG, MASK, WSUM, PART, DPRED, n_rows, L, grid_w, stride_pb, eps,
+                           P: tl.constexpr, C: tl.constexpr, NORM: tl.constexpr, WANT_GRAD: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
                            BLOCK_P: tl.constexpr):
-    # Grid (cdiv(B·L, BLOCK_R),): BLOCK_R whole patch rows per program; writes (Σ w·ℓ, Σ w) of its rows.
+    # Grid (cdiv(B·L, BLOCK_R),): BLOCK_R whole patch rows per program; writes Σ w·ℓ of its rows and, with
+    # WANT_GRAD, their gradient for an upstream 1 from the same registers (pred and the images read once).
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
-    dif, _, _ = _residual(PRED, IMG, rows, row_ok, L, grid_w, stride_pb, eps, P, C, NORM, BLOCK_R, BLOCK_E,
-                          BLOCK_S, BLOCK_P)
-    loss_r = tl.sum(dif * dif, axis=1) / (P * P * C)
+    dif, e, e_ok = _residual(PRED, IMG, rows, row_ok, L, grid_w, stride_pb, eps, P, C, NORM, BLOCK_R, BLOCK_E,
+                             BLOCK_S, BLOCK_P)
+    E = P * P * C
     w = tl.load(MASK + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(PART + pid, tl.sum(tl.where(row_ok, w * loss_r, 0.0), axis=0))
-    tl.store(PART + n_prog + pid, tl.sum(w, axis=0))
+    tl.store(PART + pid, tl.sum(tl.where(row_ok, w * tl.sum(dif * dif, axis=1) / E, 0.0), axis=0))
+    if WANT_GRAD:
+        _store_dpred(DPRED, rows, row_ok, row_ok & (w != 0.0), dif, w, 2.0 / (E * tl.load(WSUM)), e, e_ok, E)
 
 
 @triton.jit
@@ -271,9 +284,7 @@ def _masked_mse_bwd_kernel(G, WSUM, PRED, IMG, MASK, DPRED, n_rows, L, grid_w, s
                              BLOCK_S, BLOCK_P)
     E = P * P * C
     scale = tl.load(G).to(tl.float32) * 2.0 / (E * tl.load(WSUM).to(tl.float32))
-    dp = tl.where(act[:, None], dif * (w * scale)[:, None], 0.0)
-    tl.store(DPRED + rows.to(tl.int64)[:, None] * E + e[None, :], dp.to(DPRED.dtype.element_ty),
-             mask=row_ok[:, None] & e_ok[None, :])
+    _store_dpred(DPRED, rows, row_ok, act, dif, w, scale, e, e_ok, E)
 
 
 @triton.jit
@@ -416,17 +427,20 @@ def _grid_args(imgs, p):
     return B, C, W // p, (H // p) * (W // p)
 
 
-def masked_mse(pred, imgs, mask, p: int, norm_pix: bool):
-    """(loss, Σ mask) as fp32 scalars (tensors, no host sync)."""
+def masked_mse(pred, imgs, mask, p: int, norm_pix: bool, want_grad: bool = False):
+    """(loss, Σ mask, ∂loss/∂pred in pred's dtype or None) as fp32 scalars (tensors, no host sync); with
+    `want_grad` the gradient (for an upstream 1) comes from the same pass."""
     B, C, grid_w, L = _grid_args(imgs, p)
     cfg = _patch_cfg(p, C)
     n_rows = B * L
     n_prog = cdiv(n_rows, cfg["BLOCK_R"])
-    part = empty((2, n_prog), dtype=torch.float32, device=pred.device)
-    _masked_mse_fwd_kernel[(n_prog,)](pred, imgs, mask, part, n_rows, n_prog, L, grid_w, pred.stride(0),
-                                      NORM_PIX_EPS, P=p, C=C, NORM=norm_pix, **cfg)
-    sums = part.sum(1)
-    return sums[0] / sums[1], sums[1]
+    wsum = mask.sum(dtype=torch.float32)
+    part = empty((n_prog,), dtype=torch.float32, device=pred.device)
+    dpred = empty(tuple(pred.shape), dtype=pred.dtype, device=pred.device) if want_grad else None
+    _masked_mse_fwd_kernel[(n_prog,)](pred, imgs, mask, wsum, part, pred if dpred is None else dpred, n_rows, L,
+                                      grid_w, pred.stride(0), NORM_PIX_EPS, P=p, C=C, NORM=norm_pix,
+                                      WANT_GRAD=want_grad, **cfg)
+    return part.sum() / wsum, wsum, dpred
 
 
 def masked_mse_backward(g, pred, imgs, mask, wsum, p: int, norm_pix: bool):

@@ -5,8 +5,13 @@ Losses (CUDA tensors: fused kernels; CPU tensors: memory-safe PyTorch; see `sslf
 MAE masking ops in `sslfast.mae`; teacher EMA in `ema_update_` / `EMA` (fused optimizer steps in
 `sslfast.optim`); modules in `sslfast.nn`; augmentation and loaders in `sslfast.data`; backbones and recipes in
 `sslfast.models` / `sslfast.methods`.
+
+In eager training the contrastive and MAE losses compute their input gradients in the forward pass and hand
+them out in the backward; `separate_backward()` makes them wait for the backward pass instead (needed to run
+backward through such a loss twice, e.g. with retain_graph=True).
 """
 from . import data, mae, methods, models, nn, ops
+from ._custom_op import separate_backward
 from .nn.ema import EMA
 from .ops.barlow import barlow_twins_loss, vicreg_loss
 from .ops.dino import dino_loss
@@ -16,4 +21,4 @@ from .ops.infonce import clip_loss, info_nce_loss, nt_xent_loss
 __version__ = "0.1.0"
 
 __all__ = ["EMA", "barlow_twins_loss", "clip_loss", "data", "dino_loss", "ema_update_", "info_nce_loss", "mae",
-           "methods", "models", "nn", "nt_xent_loss", "ops", "vicreg_loss", "__version__"]
+           "methods", "models", "nn", "nt_xent_loss", "ops", "separate_backward", "vicreg_loss", "__version__"]

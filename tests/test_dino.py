@@ -1,4 +1,6 @@
 """DINO loss: the one-op multi-crop loss against the literal facebookresearch/dino code (float64 oracle)."""
+import contextlib
+
 import pytest
 import torch
 
@@ -26,14 +28,17 @@ def _literal(s, t, c, st, tt, G):
 
 @pytest.mark.parametrize("G,V,B,K", [(2, 6, 5, 37), (2, 2, 3, 48), (1, 3, 7, 11), (3, 5, 2, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_matches_literal(backend, seed, G, V, B, K, dtype, monkeypatch):
-    """Both paths (the Triton kernels take fp32/bf16/fp16, fp64 stays on the reference path)."""
+@pytest.mark.parametrize("separate", [False, True], ids=["grad_in_forward", "separate_backward"])
+def test_matches_literal(backend, seed, G, V, B, K, dtype, separate, monkeypatch):
+    """Both paths (the Triton kernels take fp32/bf16/fp16, fp64 stays on the reference path), with the
+    gradient computed in the forward and in a separate backward."""
     s, t, c = _inputs(G, V, B, K, dtype)
     st, tt = 0.1, 0.04 + 0.03 * torch.rand(()).item()
     ref, gref = _literal(s, t, c, st, tt, G)
     monkeypatch.setattr(R, "CHUNK_ELEMS", K * (V + G + 2) * 2)  # several chunks of images
     x = leaf(s)
-    out = sf.dino_loss(x, t, c, st, tt, num_global_crops=G)
+    with sf.separate_backward() if separate else contextlib.nullcontext():
+        out = sf.dino_loss(x, t, c, st, tt, num_global_crops=G)
     (g,) = torch.autograd.grad(out, x)
     bound = 1e-12 if dtype == torch.float64 else tol(dtype)
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -53,11 +58,13 @@ def test_center_update_matches_dino(seed):
     assert_close(center, want, 1e-6, "center")
 
 
-def test_backward_uses_pre_update_center(seed):
+@pytest.mark.parametrize("separate", [False, True], ids=["grad_in_forward", "separate_backward"])
+def test_backward_uses_pre_update_center(seed, separate):
     s, t, c = _inputs(2, 3, 4, 20)
     center = c.clone()
     x = leaf(s)
-    loss = sf.dino_loss(x, t, center, num_global_crops=2, center_momentum=0.5)
+    with sf.separate_backward() if separate else contextlib.nullcontext():
+        loss = sf.dino_loss(x, t, center, num_global_crops=2, center_momentum=0.5)
     (g,) = torch.autograd.grad(loss, x)
     _, gref = _literal(s, t, c, 0.1, 0.04, 2)
     assert_close(g, gref, 1e-5, "grad")
@@ -111,12 +118,14 @@ def test_bad_dtype():
 
 
 def test_memory_frugal_backward_saves_no_softmax(backend):
-    """The autograd graph keeps the inputs and the [(V + G)·B] row LSEs, not a [V·B, K] softmax per pair."""
+    """With a separate backward, the autograd graph keeps the inputs and the [(V + G)·B] row LSEs, not a
+    [V·B, K] softmax per pair. (With the gradient computed in the forward it keeps that gradient only.)"""
     G, V, B, K = 2, 6, 4, 1000
     s, t, c = _inputs(G, V, B, K)
     x = leaf(s)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda z: saved.append(z) or z, lambda z: z):
+    with torch.autograd.graph.saved_tensors_hooks(lambda z: saved.append(z) or z, lambda z: z), \
+            sf.separate_backward():
         sf.dino_loss(x, t, c)
     extra = sum(z.numel() for z in saved if z.data_ptr() not in (x.data_ptr(), t.data_ptr()))
     assert extra <= K + (V + G) * B, f"saved {extra} extra elements"

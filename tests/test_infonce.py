@@ -290,15 +290,52 @@ def test_bad_input(call, match):
         call()
 
 
+_LOSSES = {"nt_xent": lambda a, b, s: sf.nt_xent_loss(a, b, 0.3),
+           "moco_v3": lambda a, b, s: sf.info_nce_loss(a, b, None, 0.2),
+           "moco_queue": lambda a, b, s: sf.info_nce_loss(a, b, _QUEUE, 0.2),
+           "clip": lambda a, b, s: sf.clip_loss(a, b, s)}
+_QUEUE = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))  # D = 8 below
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("loss", ["nt_xent", "info_nce", "clip"])
-def test_non_finite_input_gives_non_finite_loss(backend, bad, loss):
+@pytest.mark.parametrize("loss", list(_LOSSES))
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_non_finite_input_gives_non_finite_loss(backend, bad, loss, grad):
     z1, z2 = torch.randn(6, 8), torch.randn(6, 8)
     z1[3, 2] = bad
-    out = {"nt_xent": lambda: sf.nt_xent_loss(z1, z2),
-           "info_nce": lambda: sf.info_nce_loss(z1, z2, torch.randn(5, 8)),
-           "clip": lambda: sf.clip_loss(z1, z2, torch.tensor(3.0))}[loss]()
+    a, b = (leaf(z1), leaf(z2)) if grad else (z1, z2)
+    out = _LOSSES[loss](a, b, torch.tensor(3.0))
     assert not torch.isfinite(out)
+    if grad:
+        out.backward()
+        assert not torch.isfinite(a.grad).all()
+
+
+@pytest.mark.parametrize("loss", list(_LOSSES))
+def test_gradients_computed_in_forward(backend, seed, loss, monkeypatch):
+    """An eager call that autograd will differentiate computes its input gradients in the forward: the loss
+    equals the no-grad call's, the backward scales by the upstream gradient, a second backward through a
+    retained graph is refused with a clear message (and works under `separate_backward`), and no second-order
+    graph is claimed."""
+    monkeypatch.setattr(sf._custom_op, "SCALE_KERNEL_MIN_NUMEL", 0)  # the Triton scaling at any size
+    z1, z2, s = torch.randn(7, 8), torch.randn(7, 8), torch.tensor(2.5)
+    with torch.no_grad():
+        plain = _LOSSES[loss](z1, z2, s)
+    a, b, sc = leaf(z1), leaf(z2), leaf(s)
+    out = _LOSSES[loss](a, b, sc)
+    assert torch.equal(out.detach(), plain), f"{loss}: loss with gradients differs from the no-grad loss"
+    (out * 3.0).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="separate_backward"):
+        out.backward()
+    a1, b1, sc1 = leaf(z1), leaf(z2), leaf(s)
+    with sf.separate_backward():
+        twice = _LOSSES[loss](a1, b1, sc1)
+    twice.backward(retain_graph=True)
+    twice.backward()
+    for got, two in ((a.grad, a1.grad), (b.grad, b1.grad)) + (((sc.grad, sc1.grad),) if loss == "clip" else ()):
+        assert_close(got, 1.5 * two, 1e-6, f"{loss}: 3·g against 2·g")
+    second = torch.autograd.grad(_LOSSES[loss](leaf(z1), b1, sc1), b1, create_graph=True)[0]
+    assert not second.requires_grad, f"{loss}: the gradient must not claim a second-order graph"
 
 
 # ------------------------------------------------------------------------------------------ compile

@@ -12,6 +12,7 @@ import torch
 
 import sslfast as sf
 from sslfast import mae
+from sslfast.ops import mae as mae_ops
 from sslfast.models.mae import MaskedPatchEmbed, sincos_pos_embed_2d
 from sslfast.reference import mae as R
 
@@ -244,6 +245,11 @@ def test_masked_mse_loss(backend, seed, L, p, C, dtype):
         (ref * 3).backward()
         assert_close(a.grad, b.grad, tol(dtype), f"d pred norm_pix={norm}")
         assert (a.grad.reshape(B * L, -1)[m.mask.reshape(-1) == 0] == 0).all(), "visible rows get zero gradient"
+        # the eager loss computed that gradient in its forward; the custom op (what torch.compile records)
+        # runs the separate backward
+        c = leaf(pred)
+        (mae_ops._masked_mse_op.custom_op(c, imgs, m.mask, p, norm)[0] * 3).backward()
+        assert_close(c.grad, b.grad, tol(dtype), f"separate backward, d pred norm_pix={norm}")
 
 
 def test_masked_mse_loss_weights_mixed_dtypes_and_nonfinite(backend, seed):
@@ -589,11 +595,12 @@ for dt in ("bf16", "fp32"):
             k = build(K._gather_patches_kernel, dict(IMG="*" + dt, IDS="*i64", OUT="*" + dt),
                       dict(P=p, C=C, ALL=all_, **cfg), warps, aligned=ALIGNED)
             loads(k, dt, p)
-        for kern in (K._masked_mse_fwd_kernel, K._masked_mse_bwd_kernel):
+        for kern, flags in ((K._masked_mse_fwd_kernel, dict(WANT_GRAD=False)),
+                            (K._masked_mse_fwd_kernel, dict(WANT_GRAD=True)), (K._masked_mse_bwd_kernel, {})):
             for img in sorted({dt, "fp32"}):  # fp32 images with bf16 predictions: AMP
                 k = build(kern, dict(G="*fp32", WSUM="*fp32", PRED="*" + dt, IMG="*" + img, MASK="*fp32",
-                          PART="*fp32", DPRED="*" + dt, eps="fp32", stride_pb="i64"), dict(P=p, C=C, NORM=True, **cfg),
-                          warps, aligned=ALIGNED)
+                          PART="*fp32", DPRED="*" + dt, eps="fp32", stride_pb="i64"),
+                          dict(P=p, C=C, NORM=True, **flags, **cfg), warps, aligned=ALIGNED)
                 loads(k, img, p)
     for mt in (True, False):
         build(K._gather_rows_kernel, dict(X="*" + dt, IDX="*i64", OUT="*fp32", MT="*" + dt, POS="*fp32",
@@ -606,13 +613,13 @@ build(K._bert_masking_kernel, dict(SEED="*i64", seed_val="i64", IDS="*i64", SPEC
       dict(SEED_IN_MEMORY=True, HAS_SPECIAL=True, BLOCK=1024))
 """)
     built = [line for line in out.splitlines() if line.startswith('{"kernel"')]
-    assert len(built) == 2 + 12 + 18 + 8 + 1, out  # masking, gather_patches, masked_mse, token kernels, bert
+    assert len(built) == 2 + 12 + 27 + 8 + 1, out  # masking, gather_patches, masked_mse, token kernels, bert
     spills = [line for line in built if '"spills": 0,' not in line]
     assert not spills, "register spills:\n" + "\n".join(spills)
     # bf16, p=16: images and predictions are read as 16-byte vectors, never 2 bytes at a time, and the patch
     # gather to MAE order goes through shared memory (as warp shuffles it would take 1024 per lane)
     loads = [[int(n) for n in line.split()[1:]] for line in out.splitlines() if line.startswith("loads ")]
-    assert len(loads) == 8 and all(vec > 0 and scalar == 0 and shfl < 100 for vec, scalar, shfl in loads), out
+    assert len(loads) == 10 and all(vec > 0 and scalar == 0 and shfl < 100 for vec, scalar, shfl in loads), out
 
 
 # ----------------------------------------------------------------------------------------- GPU (real kernels)

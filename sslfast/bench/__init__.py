@@ -30,6 +30,8 @@ from typing import Callable
 
 import torch
 
+from .._custom_op import separate_backward
+
 # Measured ceilings (bf16 matmul TFLOP/s, device-to-device copy TB/s counting reads and writes) by device
 # name: the H100 from ../shared/baselines, the H200 from the GPU box's own measurements. Others use the H100's.
 CEILINGS = {"H200": (788.0, 4.3), "H100": (781.0, 3.0)}
@@ -62,12 +64,16 @@ REGISTRY: list[Case] = []
 BF16_AND_FP32 = (torch.bfloat16, torch.float32)
 
 
-def fwd_bwd(loss_fn, *leaves):
-    """A timed call: clear the leaves' gradients, then one forward+backward of `loss_fn()`."""
+def fwd_bwd(loss_fn, *leaves, separate: bool = False):
+    """A timed call: clear the leaves' gradients, then one forward+backward of `loss_fn()`. `separate`: a
+    terminal loss runs its backward kernels in the backward pass (as under torch.compile), not in its forward
+    (`sslfast._custom_op.separate_backward`)."""
     def run():
         for t in leaves:
             t.grad = None
-        loss_fn().backward()
+        with separate_backward() if separate else contextlib.nullcontext():
+            loss = loss_fn()
+        loss.backward()
     return run
 
 

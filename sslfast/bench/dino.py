@@ -4,7 +4,8 @@ chunked PyTorch path, at DINO's head size K = 65536 and its multi-crop layout (2
 
 Bytes (the fused design, per crop L = B·K logits): the forward reads the teacher's G crops twice and the
 student's V crops once, the backward reads both once and writes the student gradient:
-(2G + V) L + (G + 2V) L = 3(G + V) L elements.
+(2G + V) L + (G + 2V) L = 3(G + V) L elements. "separate_backward": the same kernels, the backward one
+launched from the backward pass instead of the forward.
 """
 import torch
 
@@ -20,7 +21,8 @@ def _case(batch: int, k: int):
         student = torch.randn(V * batch, k, device=device, dtype=dtype, requires_grad=True)
         teacher = torch.randn(G * batch, k, device=device, dtype=dtype)
         center = torch.randn(1, k, device=device) * 0.1
-        fused = fwd_bwd(lambda: ops.dino_loss(student, teacher, center), student)
+        loss = lambda: ops.dino_loss(student, teacher, center)  # noqa: E731
+        fused = fwd_bwd(loss, student)
 
         def chunked():
             with reference_backend():
@@ -29,7 +31,8 @@ def _case(batch: int, k: int):
         return Setup(fused=fused,
                      reference=fwd_bwd(lambda: R.dino_loss_literal(student, teacher, center, 0.1, 0.04, G), student),
                      bytes=float(3 * (G + V) * batch * k * student.element_size()),
-                     others={"chunked_reference": chunked})
+                     others={"chunked_reference": chunked,
+                             "separate_backward": fwd_bwd(loss, student, separate=True)})
     return setup
 
 

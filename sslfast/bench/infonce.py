@@ -7,6 +7,9 @@ FLOPs counted are the ones the fused kernels execute (tensor-core dot products, 
   MoCo, queue of K:        forward 2NKD + backward 4NKD (only the query gets gradients)  = 6NKD
   CLIP (B pairs):          forward 2B²D + backward 2 × 4B²D (images, then texts)         = 10B²D
 The materialized references do 6M²D, 6NKD and 6B²D respectively.
+
+The fused losses compute their gradients in the forward when autograd will want them; "separate_backward"
+times the same kernels with the backward ones launched from the backward pass (the custom-op path).
 """
 import torch
 import torch.nn.functional as F
@@ -14,7 +17,6 @@ import torch.nn.functional as F
 from .. import ops
 from ..reference import infonce as ref
 from . import BF16_AND_FP32 as BOTH, Setup, fwd_bwd as _fwd_bwd, register
-
 
 
 def _views(n, d, device, dtype):
@@ -25,9 +27,11 @@ def _ntxent(n, d=128, reference=True):
     def setup(device, dtype):
         z1, z2 = _views(n, d, device, dtype)
         m = 2 * n
-        return Setup(fused=_fwd_bwd(lambda: ops.nt_xent_loss(z1, z2, 0.1), z1, z2),
+        loss = lambda: ops.nt_xent_loss(z1, z2, 0.1)  # noqa: E731
+        return Setup(fused=_fwd_bwd(loss, z1, z2),
                      reference=_fwd_bwd(lambda: ref.nt_xent_loss(z1, z2, 0.1), z1, z2) if reference else None,
-                     flops=5 * m * m * d, bytes=3 * m * d * z1.element_size())
+                     flops=5 * m * m * d, bytes=3 * m * d * z1.element_size(),
+                     others={"separate_backward": _fwd_bwd(loss, z1, z2, separate=True)})
     return setup
 
 
@@ -41,9 +45,11 @@ def _moco(n, k, d=128):
     def setup(device, dtype):
         q, key = _views(n, d, device, dtype)
         queue = F.normalize(torch.randn(k, d, device=device), dim=1).to(dtype)
-        return Setup(fused=_fwd_bwd(lambda: ops.info_nce_loss(q, key, queue, 0.2), q, key),
+        loss = lambda: ops.info_nce_loss(q, key, queue, 0.2)  # noqa: E731
+        return Setup(fused=_fwd_bwd(loss, q, key),
                      reference=_fwd_bwd(lambda: ref.info_nce_loss(q, key, queue, 0.2), q, key),
-                     flops=6 * n * k * d, bytes=k * d * queue.element_size())
+                     flops=6 * n * k * d, bytes=k * d * queue.element_size(),
+                     others={"separate_backward": _fwd_bwd(loss, q, key, separate=True)})
     return setup
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .. import mae
 from ..models.mae import MaskedPatchEmbed, sincos_pos_embed_2d
 from ..reference import mae as R
-from . import Setup, reference_backend, register
+from . import Setup, fwd_bwd, reference_backend, register
 
 B, IMG, P, C, D, RATIO = 256, 224, 16, 3, 768, 0.75
 SMALL_CASES: list = []  # the same cases at tiny sizes (tests run them on the CPU)
@@ -125,26 +125,22 @@ def _unshuffle_fwdbwd(device, dtype, b, img, p, c, d):
 def _masked_mse(device, dtype, b, img, p, c, d):
     """Baseline `mae_ref_normpix_loss_fwdbwd_B256`: official forward_loss (patchify, normalized target tensor)
     forward + backward. Fused design: the forward reads all of pred and the images (so any non-finite value
-    shows in the loss, as officially: 2 × 77.07 MB), the backward reads only the masked 75% of both (115.6 MB)
-    and writes dpred (77.07 MB): 346.8 MB -> 116 µs. (A single fused fwd+bwd pass could do 231 MB.)"""
+    shows in the loss, as officially: 2 × 77.07 MB) and writes dpred for an upstream 1 from the same registers
+    (77.07 MB); the backward's in-place scaling reads only the upstream gradient when it is 1, as here:
+    231.2 MB -> 77 µs. "separate_backward": the backward recomputes and reads only the masked 75% of pred
+    and the images (115.6 MB) and writes dpred: 346.8 MB -> 116 µs."""
     L, K = _shape(b, img, p)
     E = p * p * c
     imgs = torch.randn(b, c, img, img, device=device, dtype=dtype)
     pred = torch.randn(b, L, E, device=device, dtype=dtype, requires_grad=True)
     mask = mae.random_masking(b, L, RATIO, device=device).mask
 
-    def fused():
-        pred.grad = None
-        mae.masked_mse_loss(pred, imgs, mask, p).backward()
-
-    def reference():
-        pred.grad = None
-        R.forward_loss_official(imgs, pred, mask, p).float().backward()
-
     e = pred.element_size()
-    masked = (L - K) / L
-    return Setup(fused=fused, reference=reference,
-                 bytes=_nbytes((2 * b * L * E, e), (2 * masked * b * L * E, e), (b * L * E, e), (2 * b * L, 4)))
+    return Setup(fused=fwd_bwd(lambda: mae.masked_mse_loss(pred, imgs, mask, p), pred),
+                 reference=fwd_bwd(lambda: R.forward_loss_official(imgs, pred, mask, p).float(), pred),
+                 bytes=_nbytes((3 * b * L * E, e), (2 * b * L, 4)),
+                 others={"separate_backward": fwd_bwd(lambda: mae.masked_mse_loss(pred, imgs, mask, p), pred,
+                                                      separate=True)})
 
 
 # --------------------------------------------------------------------------------------------- encoder front

@@ -8,9 +8,10 @@ G global crops. The loss is exactly facebookresearch/dino's `DINOLoss.forward` (
 the batch-mean CE between softmax((t_g − center)/τ_t) and log_softmax(s_v/τ_s), v ≠ g), computed as
 per-row log-sum-exps and dots against the teacher probabilities summed over crops (math in
 `sslfast.reference.dino`): no per-pair softmax or product is materialized, and the backward recomputes the
-student and teacher softmaxes from the saved [(V + G)·B] row LSEs. The teacher output and the center get no gradient. CUDA
-tensors run three streaming Triton kernels over K (`sslfast.kernels.dino`); CPU and fp64 tensors the chunked
-PyTorch path.
+student and teacher softmaxes from the saved [(V + G)·B] row LSEs (an eager call that will be
+differentiated runs that backward inside its forward: `sslfast._custom_op.loss_with_grads`). The teacher
+output and the center get no gradient. CUDA tensors run three streaming Triton kernels over K
+(`sslfast.kernels.dino`); CPU and fp64 tensors the chunked PyTorch path.
 
 With `center_momentum`, the center (a [1, K] or [K] tensor, e.g. the `center` buffer of
 `sslfast.nn.DINOLoss`) is then updated in place with the batch mean of the teacher outputs, all-reduced over
@@ -18,11 +19,13 @@ ranks (`sslfast.ops.ema.update_center_`); the loss uses the center from before t
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _validate as V
 from .._backend import use_triton
-from .._custom_op import custom_op
+from .._custom_op import custom_op, grads_in_forward, loss_with_grads
 from ..reference import dino as _reference
 from .ema import update_center_
 
@@ -74,6 +77,13 @@ def _dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tenso
     return loss, lse
 
 
+def _loss_and_grad(cfg, needs, student, teacher, center):
+    """`loss_with_grads`' function: the forward kernels, then the backward's for an upstream 1."""
+    impl = _impl(student, teacher, center)
+    loss, lse = impl.dino_loss_forward(student, teacher, center, *cfg)
+    return loss, (impl.dino_loss_backward(torch.ones_like(loss), student, teacher, center, lse, *cfg), None, None)
+
+
 _DTYPES = V.FLOAT_DTYPES + (torch.float64,)
 
 
@@ -101,9 +111,12 @@ def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center
     V.same_device(student_output=s, teacher_output=t, center=c)
     st = V.positive("student_temp", student_temp)
     tt = V.positive("teacher_temp", teacher_temp)
-    if center_momentum is not None:
-        c = c.detach().clone()  # the loss (and its backward) use the center from before the update
-    loss, _ = _dino_loss(s, t.detach(), c.detach(), st, tt, G)
+    if grads_in_forward(s):
+        loss = loss_with_grads(functools.partial(_loss_and_grad, (st, tt, G)), s, t.detach(), c.detach())
+    else:
+        if center_momentum is not None:
+            c = c.detach().clone()  # the loss and its backward use the center from before the update
+        loss, _ = _dino_loss(s, t.detach(), c.detach(), st, tt, G)
     if center_momentum is not None:
         update_center_(center, t.detach(), center_momentum)
     return loss

@@ -10,17 +10,22 @@ softplus(lse_i − pos_i), and the loss is O(N) vector arithmetic:
     InfoNCE:  mean_i softplus(lse_i − s_ii)  or, with a queue, mean_i softplus(lse_queue_i − q̂_i·k̂_i/τ)
     CLIP:     ½ mean_i softplus(lse_r[i] − s_ii) + ½ mean_j softplus(lse_c[j] − s_jj)
 
-Backward goes through `sslfast::similarity_lse_backward` (tiles recomputed, never stored). CUDA tensors run
-the Triton kernels, CPU tensors the chunked PyTorch reference (`sslfast._backend`).
+Backward goes through `sslfast::similarity_lse_backward` (tiles recomputed, never stored). An eager call
+that will be differentiated runs that backward inside its forward instead (`_custom_op.loss_with_grads`),
+with the closed-form gradients of the epilogue (softplus' = sigmoid) as its upstream gradients; autograd's
+backward then only scales the stored input gradients. CUDA tensors run the Triton kernels, CPU tensors the
+chunked PyTorch reference (`sslfast._backend`).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
 from .. import _validate as V
 from .._backend import use_triton, without_autocast
-from .._custom_op import custom_op
+from .._custom_op import custom_op, grads_in_forward, loss_with_grads
 from ..distributed import all_gather, rank_and_world
 from ..reference import infonce as _reference
 
@@ -169,6 +174,44 @@ def similarity_lse(a: torch.Tensor, b: torch.Tensor, partner: torch.Tensor | Non
     return _forward(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded)
 
 
+# ------------------------------------------------------------------------------------------- the losses
+def _loss(lse_r, lse_c, pos) -> torch.Tensor:
+    """mean_i softplus(lse_r[i] − pos[i]); with column statistics (CLIP) averaged with the same over lse_c."""
+    rows = F.softplus(lse_r - pos).mean()
+    return rows if lse_c.numel() == 0 else (rows + F.softplus(lse_c - pos).mean()) / 2
+
+
+def _loss_grads(lse_r, lse_c, pos):
+    """(∂ₗ/∂lse_r, ∂ₗ/∂lse_c or None, ∂ₗ/∂pos) of `_loss` for an upstream 1: softplus' = sigmoid."""
+    w = 1.0 if lse_c.numel() == 0 else 0.5
+    g_r = torch.sigmoid(lse_r - pos).mul_(w / lse_r.numel())
+    if lse_c.numel() == 0:
+        return g_r, None, -g_r
+    g_c = torch.sigmoid(lse_c - pos).mul_(w / lse_c.numel())
+    return g_r, g_c, -(g_r + g_c)
+
+
+def _loss_and_input_grads(cfg, needs, a, b, partner, scale):
+    """`loss_with_grads`' function: the loss, then `_backward` with the epilogue's gradients."""
+    maps, symmetric, exclude_self, _, _, bounded = cfg
+    stats = _forward(a, b, partner, scale, *cfg)
+    want_b = needs[1] and not symmetric
+    da, db, dp, ds = _backward(a, b, partner, scale, *stats, *_loss_grads(*stats[:3]), maps, symmetric, exclude_self,
+                               bounded, want_b, needs[3])
+    return _loss(*stats[:3]), (da if needs[0] else None, db if want_b else None, dp if needs[2] else None,
+                               ds if needs[3] else None)
+
+
+def _contrastive(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded) -> torch.Tensor:
+    """`_loss` of `similarity_lse`'s statistics; with the input gradients in the same forward when eager
+    autograd will want them."""
+    cfg = (maps, symmetric, exclude_self, want_pos, col_stats, bounded)
+    if grads_in_forward(a, b, partner, scale):
+        return loss_with_grads(functools.partial(_loss_and_input_grads, cfg), a, b, partner, scale)
+    lse_r, lse_c, pos, _, _ = similarity_lse(a, b, partner, scale, *cfg)
+    return _loss(lse_r, lse_c, pos)
+
+
 # ------------------------------------------------------------------------------------------- validation
 def _inverse_temperature(temperature, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """1/τ as a device scalar (a fill, no host-to-device copy) and whether it allows the plain-sum kernels."""
@@ -176,13 +219,11 @@ def _inverse_temperature(temperature, like: torch.Tensor) -> tuple[torch.Tensor,
     return torch.full((), inv, dtype=torch.float32, device=like.device), inv <= BOUNDED_SCALE
 
 
-def _paired_terms(a: torch.Tensor, b_local: torch.Tensor, scale: torch.Tensor, bounded: bool, gather: bool):
-    """(lse_r, pos) of rows of `a` against the (gathered) rows of `b_local`, positive of row i = column i."""
+def _paired(a: torch.Tensor, b_local: torch.Tensor, scale: torch.Tensor, bounded: bool, gather: bool):
+    """Rows of `a` against the (gathered) rows of `b_local`, the positive of row i being column i."""
     rank, _ = rank_and_world() if gather else (0, 1)
     b = all_gather(b_local) if gather else b_local
-    lse, _, pos, _, _ = similarity_lse(a, b, None, scale, _maps(row_off=rank * a.shape[0]), False, False, True,
-                                       False, bounded)
-    return lse, pos
+    return _contrastive(a, b, None, scale, _maps(row_off=rank * a.shape[0]), False, False, True, False, bounded)
 
 
 # ------------------------------------------------------------------------------------------- public API
@@ -202,14 +243,12 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *
     z = torch.cat([z1, z2])
     rank, world = rank_and_world() if gather_distributed else (0, 1)
     if world == 1:
-        lse, _, pos, _, _ = similarity_lse(z, z, None, scale, _maps(pos_shift=n, pos_period=2 * n), True, True,
-                                           True, False, bounded)
-    else:
-        big_n = n * world
-        zg = torch.cat([all_gather(z1), all_gather(z2)])
-        maps = _maps(row_off=rank * n, row_split=n, row_shift=big_n - n, pos_shift=big_n, pos_period=2 * big_n)
-        lse, _, pos, _, _ = similarity_lse(z, zg, None, scale, maps, False, True, True, False, bounded)
-    return F.softplus(lse - pos).mean()
+        return _contrastive(z, z, None, scale, _maps(pos_shift=n, pos_period=2 * n), True, True, True, False,
+                            bounded)
+    big_n = n * world
+    zg = torch.cat([all_gather(z1), all_gather(z2)])
+    maps = _maps(row_off=rank * n, row_split=n, row_shift=big_n - n, pos_shift=big_n, pos_period=2 * big_n)
+    return _contrastive(z, zg, None, scale, maps, False, True, True, False, bounded)
 
 
 def info_nce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None = None,
@@ -228,8 +267,7 @@ def info_nce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | 
         if query.shape[0] * world < 2:
             raise ValueError("query needs at least 2 rows when queue is None (the other keys are the negatives), "
                              f"got N={query.shape[0]}")
-        lse, pos = _paired_terms(query, key, scale, bounded, gather_distributed)
-        return F.softplus(lse - pos).mean()
+        return _paired(query, key, scale, bounded, gather_distributed)
     queue = V.tensor("queue", queue, ndim=2, shape_hint="[K, D]")
     if queue.shape[1] != query.shape[1]:
         raise ValueError(f"queue must be [K, D] with D = {query.shape[1]} (the query's), got {tuple(queue.shape)}")
@@ -237,9 +275,7 @@ def info_nce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | 
     V.same_dtype(query=query, queue=queue)
     if queue.shape[0] == 0:  # no negatives: softplus(-inf) = 0 for every row, and no gradient
         return (query * 0).sum() + (key * 0).sum()
-    lse, _, pos, _, _ = similarity_lse(query, queue.detach(), key, scale, _maps(), False, False, False, False,
-                                       bounded)
-    return F.softplus(lse - pos).mean()
+    return _contrastive(query, queue.detach(), key, scale, _maps(), False, False, False, False, bounded)
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, *,
@@ -256,8 +292,5 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     V.same_device(image_features=img, logit_scale=logit_scale)
     scale = logit_scale.reshape(()).float()
     if gather_distributed and rank_and_world()[1] > 1:
-        lse_i, pos_i = _paired_terms(img, txt, scale, False, True)
-        lse_t, pos_t = _paired_terms(txt, img, scale, False, True)
-        return (F.softplus(lse_i - pos_i).mean() + F.softplus(lse_t - pos_t).mean()) / 2
-    lse_r, lse_c, pos, _, _ = similarity_lse(img, txt, None, scale, _maps(), False, False, True, True, False)
-    return (F.softplus(lse_r - pos).mean() + F.softplus(lse_c - pos).mean()) / 2
+        return (_paired(img, txt, scale, False, True) + _paired(txt, img, scale, False, True)) / 2
+    return _contrastive(img, txt, None, scale, _maps(), False, False, True, True, False)

@@ -3,8 +3,9 @@ tokens, and the norm-pix masked MSE loss (math in `sslfast.kernels.mae`).
 
 Every op is a `torch.library.custom_op` (`sslfast::mae_*`) with a fake kernel and, where differentiable, an
 autograd formula, so `torch.compile(fullgraph=True)` traces through them; eager calls skip the dispatcher
-(`sslfast._custom_op`). CUDA tensors run the Triton
-kernels, CPU tensors the PyTorch path in `sslfast.reference.mae` (`sslfast._backend`).
+(`sslfast._custom_op`), and an eager loss that will be differentiated gets its gradient from its forward
+pass (`loss_with_grads`). CUDA tensors run the Triton kernels, CPU tensors the PyTorch path in
+`sslfast.reference.mae` (`sslfast._backend`).
 
 Index checks: ids are checked against their range on the CPU (free) and raise a ValueError naming the
 argument. On CUDA that check would cost a device synchronization per call, so it is not made: the kernels
@@ -13,6 +14,7 @@ finite value), and its gradient contribution is dropped.
 """
 from __future__ import annotations
 
+import functools
 import math
 from numbers import Integral
 from typing import NamedTuple
@@ -21,7 +23,7 @@ import torch
 
 from .. import _validate as V
 from .._backend import use_triton
-from .._custom_op import custom_op
+from .._custom_op import custom_op, grads_in_forward, loss_with_grads
 from ..reference import mae as _reference
 
 _SEED_HIGH = 1 << 62
@@ -189,8 +191,14 @@ def _fake_masked_mse(pred, imgs, mask, p, norm_pix):
 def _masked_mse_op(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, p: int,
                    norm_pix: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, Σ mask) as fp32 scalars."""
-    loss, wsum = _impl(pred, imgs, mask).masked_mse(pred, imgs, mask, p, norm_pix)
+    loss, wsum, _ = _impl(pred, imgs, mask).masked_mse(pred, imgs, mask, p, norm_pix)
     return loss.float().clone(), wsum.float().clone()
+
+
+def _masked_mse_and_grad(cfg, needs, pred, imgs, mask):
+    """`loss_with_grads`' function: the loss and ∂loss/∂pred from one pass (imgs and mask get none)."""
+    loss, _, dpred = _impl(pred, imgs, mask).masked_mse(pred, imgs, mask, *cfg, True)
+    return loss.float(), (dpred, None, None)
 
 
 def _fake_bert_masking(seed, input_ids, special, mask_token_id, vocab_size, prob, replace_prob, random_prob,
@@ -414,6 +422,9 @@ def masked_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, 
     if not isinstance(norm_pix_loss, bool):
         raise TypeError(f"norm_pix_loss must be a bool, got {type(norm_pix_loss).__name__}")
     V.same_device(pred=pred, imgs=imgs, mask=mask)
+    if grads_in_forward(pred):
+        return loss_with_grads(functools.partial(_masked_mse_and_grad, (p, norm_pix_loss)), pred, imgs.detach(),
+                               mask.detach())
     loss, _ = _masked_mse_op(pred, imgs, mask.detach(), p, norm_pix_loss)
     return loss
 

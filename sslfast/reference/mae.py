@@ -193,23 +193,32 @@ def _targets(imgs: torch.Tensor, p: int, norm_pix: bool) -> torch.Tensor:
     return t
 
 
-def masked_mse(pred, imgs, mask, p: int, norm_pix: bool):
-    """(loss, Σ mask), fp32 (fp64 for fp64 inputs): the official forward_loss computed at fp32 or better."""
+def _residual(pred, imgs, p: int, norm_pix: bool) -> torch.Tensor:
+    """pred − target at fp32 or better (fp64 for fp64 inputs)."""
     t = _targets(imgs, p, norm_pix)
     ct = torch.promote_types(t.dtype, _compute_dtype(pred))
-    w = mask.to(ct)
-    loss = ((pred.to(ct) - t.to(ct)) ** 2).mean(dim=-1)
+    return pred.to(ct) - t.to(ct)
+
+
+def _dpred(dif, mask, scale, dtype) -> torch.Tensor:
+    """scale · 2 w (pred − t) / E on rows with w != 0, zeros on the others, in pred's dtype."""
+    w = mask.to(dif.dtype)[:, :, None]
+    dp = dif * (w * (2.0 * scale.to(dif.dtype) / dif.shape[-1]))
+    return torch.where(w != 0, dp, 0.0).to(dtype)
+
+
+def masked_mse(pred, imgs, mask, p: int, norm_pix: bool, want_grad: bool = False):
+    """(loss, Σ mask, ∂loss/∂pred or None): the official forward_loss computed at fp32 or better, and its
+    gradient for an upstream 1 from the same residual."""
+    dif = _residual(pred, imgs, p, norm_pix)
+    w = mask.to(dif.dtype)
     wsum = w.sum()
-    return (loss * w).sum() / wsum, wsum
+    loss = (dif ** 2).mean(dim=-1)
+    return (loss * w).sum() / wsum, wsum, _dpred(dif, mask, 1.0 / wsum, pred.dtype) if want_grad else None
 
 
 def masked_mse_backward(g, pred, imgs, mask, wsum, p: int, norm_pix: bool):
-    t = _targets(imgs, p, norm_pix)
-    ct = torch.promote_types(t.dtype, _compute_dtype(pred))
-    E = pred.shape[-1]
-    w = mask.to(ct)[:, :, None]
-    dp = (pred.to(ct) - t.to(ct)) * (w * (2.0 * g.to(ct) / (E * wsum.to(ct))))
-    return torch.where(w != 0, dp, 0.0).to(pred.dtype)
+    return _dpred(_residual(pred, imgs, p, norm_pix), mask, g / wsum, pred.dtype)
 
 
 # ----------------------------------------------------------------------------------------- BERT masking
