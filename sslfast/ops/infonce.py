@@ -54,11 +54,13 @@ def _swap(maps: list[int]) -> list[int]:
 # ------------------------------------------------------------------------------------------- the op
 @without_autocast
 def _forward(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded):
+    """similarity_lse's outputs, then the partner's inverse norms (or None) for a backward in the same call."""
     impl = _impl(a, b, scale)
+    rn_p = None
     if partner is None:
         rn_a = impl.row_rnorm(a)
     else:
-        rn_a, _, pos = impl.row_rnorm(a, partner, scale)
+        rn_a, rn_p, pos = impl.row_rnorm(a, partner, scale)
     rn_b = rn_a if symmetric else impl.row_rnorm(b)
     lse_r, lse_c, tile_pos = impl.similarity_lse(*impl.tile_operands(a, b, rn_a, rn_b), scale, maps,
                                                  exclude_self=exclude_self, want_pos=want_pos, col_stats=col_stats,
@@ -66,12 +68,12 @@ def _forward(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_
     if partner is None:
         pos = tile_pos
     rn_b = rn_a.new_empty(0) if symmetric else rn_b  # outputs may not alias each other
-    return lse_r.float(), lse_c.float(), pos.float(), rn_a.float(), rn_b.float()
+    return lse_r.float(), lse_c.float(), pos.float(), rn_a.float(), rn_b.float(), rn_p
 
 
 @without_autocast
 def _backward(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p, maps, symmetric, exclude_self,
-              bounded, want_b, want_scale):
+              bounded, want_b, want_scale, rn_p=None):
     impl = _impl(a, b, scale)
     if symmetric:
         lse_c, g_c, rn_b = lse_r, g_r, rn_a
@@ -86,7 +88,7 @@ def _backward(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p
     if partner is None:
         da = impl.row_normalize_backward(a, rn_a, dah)
     else:
-        rn_p = impl.row_rnorm(partner)
+        rn_p = impl.row_rnorm(partner) if rn_p is None else rn_p
         coef = g_p * scale
         da = impl.row_normalize_backward(a, rn_a, dah, partner, rn_p, coef)
         dpartner = impl.row_normalize_backward(partner, rn_p, None, a, rn_a, coef)
@@ -171,7 +173,7 @@ def similarity_lse(a: torch.Tensor, b: torch.Tensor, partner: torch.Tensor | Non
     in the row-norm pass. `symmetric`: b is a (NT-Xent on one device). `bounded`: |scale| <= 64 is known, so
     the kernels may use plain fp32 sums (see `sslfast.kernels.infonce`). The inverse row norms are returned
     for the backward; they get no gradient."""
-    return _forward(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded)
+    return _forward(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded)[:5]
 
 
 # ------------------------------------------------------------------------------------------- the losses
@@ -194,10 +196,10 @@ def _loss_grads(lse_r, lse_c, pos):
 def _loss_and_input_grads(cfg, needs, a, b, partner, scale):
     """`loss_with_grads`' function: the loss, then `_backward` with the epilogue's gradients."""
     maps, symmetric, exclude_self, _, _, bounded = cfg
-    stats = _forward(a, b, partner, scale, *cfg)
+    *stats, rn_p = _forward(a, b, partner, scale, *cfg)
     want_b = needs[1] and not symmetric
     da, db, dp, ds = _backward(a, b, partner, scale, *stats, *_loss_grads(*stats[:3]), maps, symmetric, exclude_self,
-                               bounded, want_b, needs[3])
+                               bounded, want_b, needs[3], rn_p)
     return _loss(*stats[:3]), (da if needs[0] else None, db if want_b else None, dp if needs[2] else None,
                                ds if needs[3] else None)
 
