@@ -54,6 +54,10 @@ def test_every_cpu_smoke_case_runs():
     assert {"nt_xent", "moco_queue", "clip", "barlow_twins", "vicreg", "dino", "augment", "step"} <= ops, ops
     for r in rows:
         assert r["fused"]["ms"] > 0 and r["reference"]["ms"] > 0, r
+    for r in rows:  # the terminal losses also time their separate backward, listed under the main table
+        if r["op"] in ("nt_xent", "moco_queue", "clip", "dino"):
+            assert r["separate_backward"]["ms"] > 0, r
+    assert "other ways, same inputs" in bench.table(rows)
 
 
 @pytest.mark.gpu

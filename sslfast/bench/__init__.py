@@ -77,6 +77,13 @@ def fwd_bwd(loss_fn, *leaves, separate: bool = False):
     return run
 
 
+def terminal_loss(loss_fn, *leaves, others: dict | None = None, **fields) -> Setup:
+    """The Setup of a loss timed both ways: `fused` computes the input gradients in the forward (the eager
+    default), others["separate_backward"] in the backward pass (what torch.compile traces)."""
+    return Setup(fused=fwd_bwd(loss_fn, *leaves),
+                 others={"separate_backward": fwd_bwd(loss_fn, *leaves, separate=True), **(others or {})}, **fields)
+
+
 @contextlib.contextmanager
 def reference_backend():
     """SSLFAST_BACKEND=reference inside the block (the same model and inputs on plain PyTorch)."""
@@ -272,7 +279,21 @@ def table(rows: list[dict]) -> str:
                       _fmt(f.get("graphed_ms"), ".3f"), _fmt(ref.get("peak_mib"), ".1f"),
                       _fmt(f.get("peak_mib"), ".1f"), _fmt(r.get("pct_ceiling"), ".1f"),
                       _fmt(ref.get("items_per_s"), ".0f"), _fmt(f.get("items_per_s"), ".0f")))
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+    out = _columns(lines)
+    others = [(r["op"], r["case"], r["dtype"], name, _fmt(m.get("ms"), ".3f"), _fmt(m.get("pipelined_ms"), ".3f"),
+               _fmt(m.get("graphed_ms"), ".3f"), _fmt(m.get("peak_mib"), ".1f"))
+              for r in rows for name, m in r.items() if name not in _ROW_KEYS and isinstance(m, dict)]
+    if others:
+        out += "\n\nother ways, same inputs\n" + _columns([("op", "case", "dtype", "way", "ms", "pipe", "graph",
+                                                              "MiB")] + others)
+    return out
+
+
+_ROW_KEYS = {"op", "case", "dtype", "device", "fused", "reference"}
+
+
+def _columns(lines: list[tuple]) -> str:
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(lines[0]))]
     return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in lines)
 
 

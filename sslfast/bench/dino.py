@@ -11,7 +11,7 @@ import torch
 
 from .. import ops
 from ..reference import dino as R
-from . import Setup, fwd_bwd, reference_backend, register
+from . import fwd_bwd, reference_backend, register, terminal_loss
 
 G, V = 2, 10
 
@@ -21,18 +21,17 @@ def _case(batch: int, k: int):
         student = torch.randn(V * batch, k, device=device, dtype=dtype, requires_grad=True)
         teacher = torch.randn(G * batch, k, device=device, dtype=dtype)
         center = torch.randn(1, k, device=device) * 0.1
-        loss = lambda: ops.dino_loss(student, teacher, center)  # noqa: E731
-        fused = fwd_bwd(loss, student)
+        st = terminal_loss(lambda: ops.dino_loss(student, teacher, center), student,
+                           reference=fwd_bwd(lambda: R.dino_loss_literal(student, teacher, center, 0.1, 0.04, G),
+                                             student),
+                           bytes=float(3 * (G + V) * batch * k * student.element_size()))
 
         def chunked():
             with reference_backend():
-                fused()
+                st.fused()
 
-        return Setup(fused=fused,
-                     reference=fwd_bwd(lambda: R.dino_loss_literal(student, teacher, center, 0.1, 0.04, G), student),
-                     bytes=float(3 * (G + V) * batch * k * student.element_size()),
-                     others={"chunked_reference": chunked,
-                             "separate_backward": fwd_bwd(loss, student, separate=True)})
+        st.others["chunked_reference"] = chunked
+        return st
     return setup
 
 

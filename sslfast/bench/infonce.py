@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..reference import infonce as ref
-from . import BF16_AND_FP32 as BOTH, Setup, fwd_bwd as _fwd_bwd, register
+from . import BF16_AND_FP32 as BOTH, fwd_bwd as _fwd_bwd, register, terminal_loss
 
 
 def _views(n, d, device, dtype):
@@ -27,11 +27,9 @@ def _ntxent(n, d=128, reference=True):
     def setup(device, dtype):
         z1, z2 = _views(n, d, device, dtype)
         m = 2 * n
-        loss = lambda: ops.nt_xent_loss(z1, z2, 0.1)  # noqa: E731
-        return Setup(fused=_fwd_bwd(loss, z1, z2),
-                     reference=_fwd_bwd(lambda: ref.nt_xent_loss(z1, z2, 0.1), z1, z2) if reference else None,
-                     flops=5 * m * m * d, bytes=3 * m * d * z1.element_size(),
-                     others={"separate_backward": _fwd_bwd(loss, z1, z2, separate=True)})
+        return terminal_loss(lambda: ops.nt_xent_loss(z1, z2, 0.1), z1, z2,
+                             reference=_fwd_bwd(lambda: ref.nt_xent_loss(z1, z2, 0.1), z1, z2) if reference else None,
+                             flops=5 * m * m * d, bytes=3 * m * d * z1.element_size())
     return setup
 
 
@@ -45,11 +43,9 @@ def _moco(n, k, d=128):
     def setup(device, dtype):
         q, key = _views(n, d, device, dtype)
         queue = F.normalize(torch.randn(k, d, device=device), dim=1).to(dtype)
-        loss = lambda: ops.info_nce_loss(q, key, queue, 0.2)  # noqa: E731
-        return Setup(fused=_fwd_bwd(loss, q, key),
-                     reference=_fwd_bwd(lambda: ref.info_nce_loss(q, key, queue, 0.2), q, key),
-                     flops=6 * n * k * d, bytes=k * d * queue.element_size(),
-                     others={"separate_backward": _fwd_bwd(loss, q, key, separate=True)})
+        return terminal_loss(lambda: ops.info_nce_loss(q, key, queue, 0.2), q, key,
+                             reference=_fwd_bwd(lambda: ref.info_nce_loss(q, key, queue, 0.2), q, key),
+                             flops=6 * n * k * d, bytes=k * d * queue.element_size())
     return setup
 
 
@@ -62,9 +58,9 @@ def _clip(b, d):
     def setup(device, dtype):
         img, txt = _views(b, d, device, dtype)
         scale = torch.tensor(14.0, device=device, requires_grad=True)
-        return Setup(fused=_fwd_bwd(lambda: ops.clip_loss(img, txt, scale), img, txt, scale),
-                     reference=_fwd_bwd(lambda: ref.clip_loss(img, txt, scale), img, txt, scale),
-                     flops=10 * b * b * d, bytes=4 * b * d * img.element_size())
+        return terminal_loss(lambda: ops.clip_loss(img, txt, scale), img, txt, scale,
+                             reference=_fwd_bwd(lambda: ref.clip_loss(img, txt, scale), img, txt, scale),
+                             flops=10 * b * b * d, bytes=4 * b * d * img.element_size())
     return setup
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .. import mae
 from ..models.mae import MaskedPatchEmbed, sincos_pos_embed_2d
 from ..reference import mae as R
-from . import Setup, fwd_bwd, reference_backend, register
+from . import Setup, fwd_bwd, reference_backend, register, terminal_loss
 
 B, IMG, P, C, D, RATIO = 256, 224, 16, 3, 768, 0.75
 SMALL_CASES: list = []  # the same cases at tiny sizes (tests run them on the CPU)
@@ -135,12 +135,9 @@ def _masked_mse(device, dtype, b, img, p, c, d):
     pred = torch.randn(b, L, E, device=device, dtype=dtype, requires_grad=True)
     mask = mae.random_masking(b, L, RATIO, device=device).mask
 
-    e = pred.element_size()
-    return Setup(fused=fwd_bwd(lambda: mae.masked_mse_loss(pred, imgs, mask, p), pred),
-                 reference=fwd_bwd(lambda: R.forward_loss_official(imgs, pred, mask, p).float(), pred),
-                 bytes=_nbytes((3 * b * L * E, e), (2 * b * L, 4)),
-                 others={"separate_backward": fwd_bwd(lambda: mae.masked_mse_loss(pred, imgs, mask, p), pred,
-                                                      separate=True)})
+    return terminal_loss(lambda: mae.masked_mse_loss(pred, imgs, mask, p), pred,
+                         reference=fwd_bwd(lambda: R.forward_loss_official(imgs, pred, mask, p).float(), pred),
+                         bytes=_nbytes((3 * b * L * E, pred.element_size()), (2 * b * L, 4)))
 
 
 # --------------------------------------------------------------------------------------------- encoder front
