@@ -11,7 +11,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n", [1, 1023, 5000])
+@pytest.mark.parametrize("n", [1, 1023, 5000, pytest.param((1 << 22) + 3, marks=pytest.mark.gpu)])
 def test_scale_unless_one(seed, dtype, n):
     x = torch.randn(n, device=DEVICE).to(dtype)
     for g in (2.5, -0.75, 1.0):
