@@ -44,6 +44,13 @@ def empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    """Per device, once: `get_device_properties` costs microseconds of Python per call, and launchers ask
+    for the SM count on every call (grid splits)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) on the host (`triton.cdiv` is a constexpr function: ~1.5 µs of Python per host call)."""
     return -(-a // b)
@@ -55,7 +62,7 @@ def next_pow2(n: int) -> int:
 
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _sm_count(torch.cuda.current_device() if device.index is None else device.index)
     return 4  # interpreter: a small, fixed "machine" so splits are still exercised
 
 
