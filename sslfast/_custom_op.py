@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from typing import Callable, Sequence
 
 import torch
@@ -65,25 +66,25 @@ def _tracing(args) -> bool:
     return type(args[0]) not in _PLAIN or torch.compiler.is_compiling()
 
 
-_GRADS_IN_FORWARD = [True]
+_MODE = threading.local()  # .separate: depth of `separate_backward` blocks in this thread (grad mode is per thread too)
 
 
 @contextlib.contextmanager
 def separate_backward():
     """Inside the block, terminal losses leave their gradients to the backward pass as the custom ops do
     (the benchmarks time both ways)."""
-    _GRADS_IN_FORWARD.append(False)
+    _MODE.separate = getattr(_MODE, "separate", 0) + 1
     try:
         yield
     finally:
-        _GRADS_IN_FORWARD.pop()
+        _MODE.separate -= 1
 
 
 def grads_in_forward(*tensors: torch.Tensor | None) -> bool:
     """Whether a terminal loss on `tensors` computes its gradients in the forward (`loss_with_grads`): an
     eager call (not traced, plain tensors) that autograd will differentiate, outside `separate_backward`."""
     present = [t for t in tensors if t is not None]
-    return (_GRADS_IN_FORWARD[-1] and torch.is_grad_enabled() and any(t.requires_grad for t in present)
+    return (torch.is_grad_enabled() and not getattr(_MODE, "separate", 0) and any(t.requires_grad for t in present)
             and not _tracing(present))
 
 
