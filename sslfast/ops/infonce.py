@@ -177,19 +177,24 @@ def similarity_lse(a: torch.Tensor, b: torch.Tensor, partner: torch.Tensor | Non
 
 
 # ------------------------------------------------------------------------------------------- the losses
-def _loss(lse_r, lse_c, pos) -> torch.Tensor:
-    """mean_i softplus(lse_r[i] − pos[i]); with column statistics (CLIP) averaged with the same over lse_c."""
-    rows = F.softplus(lse_r - pos).mean()
-    return rows if lse_c.numel() == 0 else (rows + F.softplus(lse_c - pos).mean()) / 2
+def _margins(lse_r, lse_c, pos):
+    """(lse_r − pos, lse_c − pos or None): each row's (column's) cross-entropy is softplus of its margin."""
+    return lse_r - pos, None if lse_c.numel() == 0 else lse_c - pos
 
 
-def _loss_grads(lse_r, lse_c, pos):
+def _loss(x_r, x_c) -> torch.Tensor:
+    """mean softplus(x_r); with column margins (CLIP) averaged with mean softplus(x_c)."""
+    rows = F.softplus(x_r).mean()
+    return rows if x_c is None else (rows + F.softplus(x_c).mean()) / 2
+
+
+def _loss_grads(x_r, x_c):
     """(∂ₗ/∂lse_r, ∂ₗ/∂lse_c or None, ∂ₗ/∂pos) of `_loss` for an upstream 1: softplus' = sigmoid."""
-    w = 1.0 if lse_c.numel() == 0 else 0.5
-    g_r = torch.sigmoid(lse_r - pos).mul_(w / lse_r.numel())
-    if lse_c.numel() == 0:
+    w = 1.0 if x_c is None else 0.5
+    g_r = torch.sigmoid(x_r).mul_(w / x_r.numel())
+    if x_c is None:
         return g_r, None, -g_r
-    g_c = torch.sigmoid(lse_c - pos).mul_(w / lse_c.numel())
+    g_c = torch.sigmoid(x_c).mul_(w / x_c.numel())
     return g_r, g_c, -(g_r + g_c)
 
 
@@ -197,11 +202,12 @@ def _loss_and_input_grads(cfg, needs, a, b, partner, scale):
     """`loss_with_grads`' function: the loss, then `_backward` with the epilogue's gradients."""
     maps, symmetric, exclude_self, _, _, bounded = cfg
     *stats, rn_p = _forward(a, b, partner, scale, *cfg)
+    margins = _margins(*stats[:3])
     want_b = needs[1] and not symmetric
-    da, db, dp, ds = _backward(a, b, partner, scale, *stats, *_loss_grads(*stats[:3]), maps, symmetric, exclude_self,
+    da, db, dp, ds = _backward(a, b, partner, scale, *stats, *_loss_grads(*margins), maps, symmetric, exclude_self,
                                bounded, want_b, needs[3], rn_p)
-    return _loss(*stats[:3]), (da if needs[0] else None, db if want_b else None, dp if needs[2] else None,
-                               ds if needs[3] else None)
+    return _loss(*margins), (da if needs[0] else None, db if want_b else None, dp if needs[2] else None,
+                             ds if needs[3] else None)
 
 
 def _contrastive(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded) -> torch.Tensor:
@@ -211,7 +217,7 @@ def _contrastive(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, 
     if grads_in_forward(a, b, partner, scale):
         return loss_with_grads(functools.partial(_loss_and_input_grads, cfg), a, b, partner, scale)
     lse_r, lse_c, pos, _, _ = similarity_lse(a, b, partner, scale, *cfg)
-    return _loss(lse_r, lse_c, pos)
+    return _loss(*_margins(lse_r, lse_c, pos))
 
 
 # ------------------------------------------------------------------------------------------- validation
