@@ -8,7 +8,7 @@ are in base 2 (x·log2 e), so every exponential is one `exp2`.
               P_g[b, k]   = exp((t_gb[k] − c[k]) / τ_t − lse_t[g, b]),    P_Σ = Σ_g P_g
     forward   per image b and K split, all V crops as one [V, K-chunk] tile: the running (max, sum) of
               s_vb/τ_s and dot[v, b] = Σ_k (P_Σ − [v < G] P_v)[b, k] · s_vb[k] / τ_s       (_forward_kernel)
-              splits merged by the launcher: lse_s[v, b];  loss = Σ_{v,b} (c_v lse_s − dot) / (B·n)
+              splits merged by one more program: lse_s[v, b];  loss = Σ_{v,b} (c_v lse_s − dot) / (B·n)
     backward  ∂loss/∂s_vb[k] = g · (c_v exp(s_vb[k]/τ_s − lse_s[v, b]) − (P_Σ − [v < G] P_v)[b, k])
                                / (τ_s·B·n)                                                  (_backward_kernel)
 
@@ -24,8 +24,16 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting
-from ._common import LN2, LOG2E, TL_LN2, TL_LOG2E, cdiv, empty, next_pow2, num_sms
+from ._common import LOG2E, TL_LN2, TL_LOG2E, cdiv, empty, next_pow2, num_sms
 
+
+@triton.jit
+def _merged_lse2(m, l, AXIS: tl.constexpr):
+    """Base-2 log-sum-exp from split partials (max m, sum l of 2^(x − m)) along AXIS; a group whose every
+    partial is empty (m = −inf) gives −inf, not NaN."""
+    mx = tl.max(m, axis=AXIS)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    return mx + tl.log2(tl.sum(l * tl.exp2(m - tl.expand_dims(mx, AXIS)), axis=AXIS))
 
 
 @triton.jit
@@ -96,9 +104,7 @@ def _forward_kernel(S, T, C, PART_T, LSE_T, PART, B, V, G, K, stride_s, stride_t
     t_part = tl.arange(0, BLOCK_SP)[None, :] * (G * B) + t_rows[:, None]
     m_t = tl.load(PART_T + t_part, mask=t_mask, other=float("-inf"))
     l_t = tl.load(PART_T + n_sp * G * B + t_part, mask=t_mask, other=0.0)
-    mx_t = tl.max(m_t, axis=1)
-    mx_t = tl.where(mx_t == float("-inf"), 0.0, mx_t)
-    lse_t = mx_t + tl.log2(tl.sum(l_t * tl.exp2(m_t - mx_t[:, None]), axis=1))
+    lse_t = _merged_lse2(m_t, l_t, 1)
     if sp == 0:
         tl.store(LSE_T + t_rows, lse_t * TL_LN2, mask=gg < G)
 
@@ -123,6 +129,28 @@ def _forward_kernel(S, T, C, PART_T, LSE_T, PART, B, V, G, K, stride_s, stride_t
     tl.store(PART + out, m, mask=vv < V)
     tl.store(PART + n_sp * V * B + out, l, mask=vv < V)
     tl.store(PART + 2 * n_sp * V * B + out, dot * (s2 * TL_LN2), mask=vv < V)
+
+
+@triton.jit
+def _loss_kernel(PART, LSE_S, LOSS, n_sp, n, B, G, inv_pairs, BLOCK_SP: tl.constexpr, BLOCK: tl.constexpr):
+    # Grid (1,): the splits' partials of every student row (n = V·B, crop-major) merged into its natural LSE,
+    # and loss = Σ (c_v lse_s − dot) / (B·n_pairs), summed in a fixed order: one launch for what were a dozen
+    # small ATen ops.
+    sp = tl.arange(0, BLOCK_SP)[:, None]
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, n, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        ok = i < n
+        mask = (sp < n_sp) & ok[None, :]
+        at = sp * n + i[None, :]
+        m = tl.load(PART + at, mask=mask, other=float("-inf"))
+        l = tl.load(PART + n_sp * n + at, mask=mask, other=0.0)
+        dot = tl.sum(tl.load(PART + 2 * n_sp * n + at, mask=mask, other=0.0), axis=0)
+        lse = _merged_lse2(m, l, 0) * TL_LN2
+        tl.store(LSE_S + i, lse, mask=ok)
+        c_v = G - (i < G * B).to(tl.float32)  # crop v = i // B is a global crop when i < G·B
+        acc += tl.where(ok, c_v * lse - dot, 0.0)
+    tl.store(LOSS, tl.sum(acc, axis=0) * inv_pairs)
 
 
 @triton.jit
@@ -188,12 +216,9 @@ def dino_loss_forward(student, teacher, center, student_temp, teacher_temp, num_
     _forward_kernel[(B, splits)](student, teacher, center, part_t, lse[V * B:], part, B, V, G, K, student.stride(0),
                                  teacher.stride(0), per, LOG2E / student_temp, LOG2E / teacher_temp,
                                  BLOCK_SP=next_pow2(splits), **cfg)
-    m, l, dot = part
-    mx = m.amax(0)
-    torch.mul(mx + torch.log2((l * torch.exp2(m - mx)).sum(0)), LN2, out=lse[:V * B].view(V, B))
-    coef = torch.full((V, 1), float(G), dtype=torch.float32, device=student.device)
-    coef[:G] -= 1
-    loss = (coef * lse[:V * B].view(V, B) - dot.sum(0)).sum() / (B * (G * V - G))
+    loss = empty((), dtype=torch.float32, device=student.device)
+    _loss_kernel[(1,)](part, lse, loss, splits, V * B, B, G, 1.0 / (B * (G * V - G)), BLOCK_SP=next_pow2(splits),
+                       BLOCK=64 if interpreting() else 256, num_warps=_warps())
     return loss, lse
 
 

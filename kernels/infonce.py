@@ -47,6 +47,10 @@ G_ij = 2^s_ij · (g_r[i]·2^-lse_r[i] + g_c[j]·2^-lse_c[j]). Otherwise (CLIP, w
 does not read) rows keep an online (max, sum) pair, and each tile reduces its columns to (max m, sum l)
 and atomically adds l·2^(m − scale·log2 e) into an fp64 accumulator: |s| ≤ scale, so that factor never
 overflows, and fp64 keeps it exact down to 2^-1022 (scale up to ~350).
+
+Epilogue. An eager training call turns the statistics into the loss and the upstream gradients of its
+backward in one launch (`loss_epilogue`): loss = mean softplus(lse − pos) (rows and, for CLIP, columns
+averaged), ∂/∂lse = sigmoid(lse − pos)/M, ∂/∂pos = −(the row's and column's terms).
 """
 from __future__ import annotations
 
@@ -229,6 +233,39 @@ def _normalize_bwd_kernel(X, RN, DXH, P, RN_P, COEF, DX, M, D, stride_x, stride_
         g += coef[:, None] * _load_rows(P, rows, row_ok, dk, D, stride_p, True)
     dx = (g - xh * tl.sum(xh * g, axis=1)[:, None]) * rn[:, None]
     tl.store(DX + rows[:, None] * stride_dx + dk[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _softplus(x):
+    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), with log1p(y) = log(u)·y/(u − 1), u = 1 + y (y where u rounds
+    to 1): accurate for the tiny losses of well-separated rows (~e^x), where log(1 + y) would return 0."""
+    y = tl.exp(-tl.abs(x))
+    u = 1.0 + y
+    return tl.maximum(x, 0.0) + tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
+
+
+@triton.jit
+def _loss_epilogue_kernel(LSE_R, LSE_C, POS, LOSS, G_R, G_C, G_P, m, w_over_m, COLS: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    # Grid (1,): one program walks the M rows in BLOCK chunks (a few µs at M ≤ 10⁶), so the loss is summed in
+    # a fixed order. Per row: x = lse − pos, loss += w·softplus(x)/M, ∂/∂lse = w·sigmoid(x)/M, ∂/∂pos = −Σ.
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, m, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        ok = i < m
+        p = tl.load(POS + i, mask=ok, other=0.0)
+        x = tl.load(LSE_R + i, mask=ok, other=0.0) - p
+        acc += tl.where(ok, _softplus(x), 0.0)
+        g = tl.sigmoid(x) * w_over_m
+        tl.store(G_R + i, g, mask=ok)
+        if COLS:
+            xc = tl.load(LSE_C + i, mask=ok, other=0.0) - p
+            acc += tl.where(ok, _softplus(xc), 0.0)
+            gc = tl.sigmoid(xc) * w_over_m
+            tl.store(G_C + i, gc, mask=ok)
+            g += gc
+        tl.store(G_P + i, -g, mask=ok)
+    tl.store(LOSS, tl.sum(acc, axis=0) * w_over_m)
 
 
 @triton.jit
@@ -573,6 +610,20 @@ def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col
         lse_c = (torch.log(col_acc) + scale.double()).float()
     pos = (pos.sum(0) if splits > 1 else pos[0]) if want_pos else row_l.new_empty(0)
     return lse_r, lse_c, pos
+
+
+def loss_epilogue(lse_r, lse_c, pos):
+    """(loss, ∂loss/∂lse_r, ∂loss/∂lse_c or None, ∂loss/∂pos) of `reference.infonce.contrastive_loss` for an
+    upstream 1, in one launch instead of a dozen elementwise ops and reductions (all fp32 [M]; with column
+    statistics M = Nb: CLIP is square)."""
+    m, cols = lse_r.shape[0], lse_c.numel() > 0
+    f32 = dict(dtype=torch.float32, device=lse_r.device)
+    loss, g_r, g_p = empty((), **f32), empty((m,), **f32), empty((m,), **f32)
+    g_c = empty((m,), **f32) if cols else None
+    _loss_epilogue_kernel[(1,)](lse_r, lse_c if cols else lse_r, pos, loss, g_r, g_r if g_c is None else g_c, g_p, m,
+                                (0.5 if cols else 1.0) / m, COLS=cols, BLOCK=64 if interpreting() else 1024,
+                                num_warps=4)
+    return loss, g_r, g_c, g_p
 
 
 def similarity_lse_rows_grad(r, c, rn_r, rn_c, scale, maps, *, exclude_self, bounded, lse_r=None, g_r=None,

@@ -66,6 +66,22 @@ def _tracing(args) -> bool:
     return type(args[0]) not in _PLAIN or torch.compiler.is_compiling()
 
 
+def scalar_constant(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A 0-d fp32 tensor holding `value` on `like`'s device, for kernels that read a scalar from memory. Eager
+    calls reuse one per (value, device): a fill is a launch (tens of µs of host time on the GPU box). Not
+    while tracing (the tensor would be a constant of the graph) nor while a CUDA graph is being captured (the
+    fill would only run at replay)."""
+    if _tracing((like,)) or (like.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return torch.full((), value, dtype=torch.float32, device=like.device)
+    return _cached_scalar(float(value), like.device)
+
+
+@functools.lru_cache(maxsize=256)  # bounded: a temperature schedule makes a new value every step
+def _cached_scalar(value: float, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):  # a first call under inference_mode must not cache an inference tensor
+        return torch.full((), value, dtype=torch.float32, device=device)
+
+
 _MODE = threading.local()  # .separate: depth of `separate_backward` blocks in this thread (grad mode is per thread too)
 
 

@@ -108,6 +108,28 @@ def test_noncontiguous_inputs(backend, seed):
 
 
 # ------------------------------------------------------------------------------------------ the core op
+@pytest.mark.parametrize("m", [1, 37, 200])
+@pytest.mark.parametrize("cols", [False, True])
+def test_loss_epilogue_kernel_against_reference(seed, m, cols):
+    """The one-launch epilogue (loss and the upstream gradients of the backward) against the float64 ATen
+    one, with margins from −40 to 40, a row without negatives (lse = −inf) and, separately, a NaN."""
+    from sslfast.kernels import infonce as kern
+
+    lse_r, lse_c, pos = torch.randn(m) * 8, torch.randn(m if cols else 0) * 8, torch.randn(m) * 8
+    lse_r[0], pos[-1] = float("-inf"), 40.0
+    want = ref.loss_epilogue(lse_r.double(), lse_c.double(), pos.double())
+    got = kern.loss_epilogue(lse_r, lse_c, pos)
+    for name, g, w in zip(("loss", "g_r", "g_c", "g_p"), got, want):
+        if w is None:
+            assert g is None, name
+        else:
+            assert g.dtype == torch.float32 and g.shape == w.shape, name
+            assert_close(g, w, 1e-5, f"{name} (seed {seed})")  # fp32 margins: |x|·2⁻²⁴ of e^x
+    lse_r[m // 2] = float("nan")
+    loss, g_r, _, g_p = kern.loss_epilogue(lse_r, lse_c, pos)
+    assert loss.isnan() and g_r[m // 2].isnan() and g_p[m // 2].isnan()
+
+
 @pytest.mark.parametrize("bounded", [True, False])
 def test_core_index_maps_against_reference(seed, bounded):
     """Kernels vs chunked reference on a rank's view of a gathered batch: shifted rows, two segments,
@@ -314,7 +336,8 @@ def test_non_finite_input_gives_non_finite_loss(backend, bad, loss, grad):
 @pytest.mark.parametrize("loss", list(_LOSSES))
 def test_gradients_computed_in_forward(backend, seed, loss, monkeypatch):
     """An eager call that autograd will differentiate computes its input gradients in the forward: the loss
-    equals the no-grad call's, the backward scales by the upstream gradient, a second backward through a
+    equals the no-grad call's (to rounding: one fused epilogue against ATen ops), the backward scales by
+    the upstream gradient, a second backward through a
     retained graph is refused with a clear message (and works under `separate_backward`), and no second-order
     graph is claimed."""
     monkeypatch.setattr(sf._custom_op, "SCALE_KERNEL_MIN_NUMEL", 0)  # the Triton scaling at any size
@@ -323,7 +346,7 @@ def test_gradients_computed_in_forward(backend, seed, loss, monkeypatch):
         plain = _LOSSES[loss](z1, z2, s)
     a, b, sc = leaf(z1), leaf(z2), leaf(s)
     out = _LOSSES[loss](a, b, sc)
-    assert torch.equal(out.detach(), plain), f"{loss}: loss with gradients differs from the no-grad loss"
+    assert_loss_close(out.detach(), plain, 1e-6, f"{loss}: loss with gradients against the no-grad loss")
     (out * 3.0).backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="separate_backward"):
         out.backward()
@@ -336,6 +359,22 @@ def test_gradients_computed_in_forward(backend, seed, loss, monkeypatch):
         assert_close(got, 1.5 * two, 1e-6, f"{loss}: 3·g against 2·g")
     second = torch.autograd.grad(_LOSSES[loss](leaf(z1), b1, sc1), b1, create_graph=True)[0]
     assert not second.requires_grad, f"{loss}: the gradient must not claim a second-order graph"
+
+
+def test_temperature_scalar_reused_across_modes(backend, seed):
+    """Eager calls share one device scalar per temperature; one first made under inference_mode still
+    works in a training call that saves it for backward (the separate backward does)."""
+    tau = 0.3 + torch.rand(()).item()  # a value no other test has cached
+    z1, z2 = torch.randn(9, 8), torch.randn(9, 8)
+    with torch.inference_mode():
+        first = sf.nt_xent_loss(z1, z2, tau)
+    a, b = leaf(z1), leaf(z2)
+    with sf.separate_backward():
+        loss = sf.nt_xent_loss(a, b, tau)
+    loss.backward()
+    assert torch.equal(loss.detach(), first) and torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+    assert_loss_close(sf.nt_xent_loss(leaf(z1), z2, tau), first, 1e-6, "loss with gradients in the forward")
+    assert sf._custom_op.scalar_constant(1 / tau, z1) is sf._custom_op.scalar_constant(1 / tau, z1)
 
 
 # ------------------------------------------------------------------------------------------ compile
@@ -498,6 +537,9 @@ def test_kernels_compile_for_sm90():
                   dict(HAS_DXH=True, HAS_PARTNER=partner, BLOCK_M=32, BLOCK_D=128), aligned=ALIGNED)
     build(K._unit_rows_kernel, dict(X="*fp32", RN="*fp32", XH="*fp16"), dict(BLOCK_M=32, BLOCK_D=128),
           aligned=ALIGNED)
+    for cols in (False, True):
+        build(K._loss_epilogue_kernel, dict(LSE_R="*fp32", LSE_C="*fp32", POS="*fp32", LOSS="*fp32", G_R="*fp32",
+              G_C="*fp32", G_P="*fp32", w_over_m="fp32"), dict(COLS=cols, BLOCK=1024))
     for dt in ("bf16", "fp16"):  # fp32 inputs tile fp16 unit rows
         ptrs = dict(R="*" + dt, C="*" + dt, RN_R="*fp32", RN_C="*fp32", SCALE="*fp32", ROW_M="*fp32",
                     ROW_L="*fp32", POS="*fp32", COL_L="*fp32", COL_ACC="*fp64")

@@ -12,8 +12,8 @@ softplus(lse_i − pos_i), and the loss is O(N) vector arithmetic:
 
 Backward goes through `sslfast::similarity_lse_backward` (tiles recomputed, never stored). An eager call
 that will be differentiated runs that backward inside its forward instead (`_custom_op.loss_with_grads`),
-with the closed-form gradients of the epilogue (softplus' = sigmoid) as its upstream gradients; autograd's
-backward then only scales the stored input gradients. CUDA tensors run the Triton kernels, CPU tensors the
+with the closed-form gradients of the epilogue (softplus' = sigmoid, one launch: `loss_epilogue`) as its
+upstream gradients; autograd's backward then only scales the stored input gradients. CUDA tensors run the Triton kernels, CPU tensors the
 chunked PyTorch reference (`sslfast._backend`).
 """
 from __future__ import annotations
@@ -21,11 +21,10 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from .. import _validate as V
 from .._backend import use_triton, without_autocast
-from .._custom_op import custom_op, grads_in_forward, loss_with_grads
+from .._custom_op import custom_op, grads_in_forward, loss_with_grads, scalar_constant
 from ..distributed import all_gather, rank_and_world
 from ..reference import infonce as _reference
 
@@ -177,54 +176,33 @@ def similarity_lse(a: torch.Tensor, b: torch.Tensor, partner: torch.Tensor | Non
 
 
 # ------------------------------------------------------------------------------------------- the losses
-def _margins(lse_r, lse_c, pos):
-    """(lse_r − pos, lse_c − pos or None): each row's (column's) cross-entropy is softplus of its margin."""
-    return lse_r - pos, None if lse_c.numel() == 0 else lse_c - pos
-
-
-def _loss(x_r, x_c) -> torch.Tensor:
-    """mean softplus(x_r); with column margins (CLIP) averaged with mean softplus(x_c)."""
-    rows = F.softplus(x_r).mean()
-    return rows if x_c is None else (rows + F.softplus(x_c).mean()) / 2
-
-
-def _loss_grads(x_r, x_c):
-    """(∂ₗ/∂lse_r, ∂ₗ/∂lse_c or None, ∂ₗ/∂pos) of `_loss` for an upstream 1: softplus' = sigmoid."""
-    w = 1.0 if x_c is None else 0.5
-    g_r = torch.sigmoid(x_r).mul_(w / x_r.numel())
-    if x_c is None:
-        return g_r, None, -g_r
-    g_c = torch.sigmoid(x_c).mul_(w / x_c.numel())
-    return g_r, g_c, -(g_r + g_c)
-
-
 def _loss_and_input_grads(cfg, needs, a, b, partner, scale):
     """`loss_with_grads`' function: the loss, then `_backward` with the epilogue's gradients."""
     maps, symmetric, exclude_self, _, _, bounded = cfg
     *stats, rn_p = _forward(a, b, partner, scale, *cfg)
-    margins = _margins(*stats[:3])
+    loss, *grads = _impl(a, b, scale).loss_epilogue(*stats[:3])
     want_b = needs[1] and not symmetric
-    da, db, dp, ds = _backward(a, b, partner, scale, *stats, *_loss_grads(*margins), maps, symmetric, exclude_self,
-                               bounded, want_b, needs[3], rn_p)
-    return _loss(*margins), (da if needs[0] else None, db if want_b else None, dp if needs[2] else None,
-                             ds if needs[3] else None)
+    da, db, dp, ds = _backward(a, b, partner, scale, *stats, *grads, maps, symmetric, exclude_self, bounded, want_b,
+                               needs[3], rn_p)
+    return loss, (da if needs[0] else None, db if want_b else None, dp if needs[2] else None,
+                  ds if needs[3] else None)
 
 
 def _contrastive(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded) -> torch.Tensor:
-    """`_loss` of `similarity_lse`'s statistics; with the input gradients in the same forward when eager
-    autograd will want them."""
+    """The loss from `similarity_lse`'s statistics (`reference.infonce.contrastive_loss`); with the input
+    gradients in the same forward when eager autograd will want them."""
     cfg = (maps, symmetric, exclude_self, want_pos, col_stats, bounded)
     if grads_in_forward(a, b, partner, scale):
         return loss_with_grads(functools.partial(_loss_and_input_grads, cfg), a, b, partner, scale)
     lse_r, lse_c, pos, _, _ = similarity_lse(a, b, partner, scale, *cfg)
-    return _loss(*_margins(lse_r, lse_c, pos))
+    return _reference.contrastive_loss(lse_r, lse_c, pos)
 
 
 # ------------------------------------------------------------------------------------------- validation
 def _inverse_temperature(temperature, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """1/τ as a device scalar (a fill, no host-to-device copy) and whether it allows the plain-sum kernels."""
     inv = 1.0 / V.positive("temperature", temperature)
-    return torch.full((), inv, dtype=torch.float32, device=like.device), inv <= BOUNDED_SCALE
+    return scalar_constant(inv, like), inv <= BOUNDED_SCALE
 
 
 def _paired(a: torch.Tensor, b_local: torch.Tensor, scale: torch.Tensor, bounded: bool, gather: bool):

@@ -7,7 +7,9 @@ Two layers:
   the benchmark baseline;
 * the chunked core (`row_rnorm`, `similarity_lse`, `similarity_lse_rows_grad`, `row_normalize_backward`),
   the same functions as `sslfast.kernels.infonce` computed `CHUNK_ELEMS` logits at a time, so CPU memory
-  stays O(N·D + chunk). It is the CPU path; its math is documented in `sslfast.kernels.infonce`.
+  stays O(N·D + chunk). It is the CPU path; its math is documented in `sslfast.kernels.infonce`;
+* the epilogue from those statistics to the loss: `contrastive_loss` (differentiable, what torch.compile
+  traces) and `loss_epilogue` (the loss and its closed-form gradients, the kernels' one-launch counterpart).
 """
 from __future__ import annotations
 
@@ -153,3 +155,32 @@ def similarity_lse_rows_grad(a, b, rn_a, rn_b, scale, maps, *, exclude_self, bou
         if want_dscale:
             dscale += (w * torch.where(torch.isfinite(s), s, 0.0)).sum() / sc
     return dah, (dscale if want_dscale else None)
+
+
+# ----------------------------------------------------------------------------------------- epilogue
+def _margins(lse_r, lse_c, pos):
+    """(lse_r − pos, lse_c − pos or None): each row's (column's) cross-entropy is softplus of its margin."""
+    return lse_r - pos, None if lse_c.numel() == 0 else lse_c - pos
+
+
+def _mean_softplus(x_r, x_c) -> torch.Tensor:
+    rows = F.softplus(x_r).mean()
+    return rows if x_c is None else (rows + F.softplus(x_c).mean()) / 2
+
+
+def contrastive_loss(lse_r, lse_c, pos) -> torch.Tensor:
+    """mean_i softplus(lse_r[i] − pos[i]); with column statistics (CLIP, lse_c not empty) averaged with the
+    same over the columns, whose positives are the same diagonal."""
+    return _mean_softplus(*_margins(lse_r, lse_c, pos))
+
+
+def loss_epilogue(lse_r, lse_c, pos):
+    """(`contrastive_loss`, its gradients w.r.t. lse_r, lse_c (None without columns) and pos for an upstream
+    1): softplus' = sigmoid."""
+    x_r, x_c = _margins(lse_r, lse_c, pos)
+    w = 1.0 if x_c is None else 0.5
+    g_r = torch.sigmoid(x_r).mul_(w / x_r.numel())
+    if x_c is None:
+        return _mean_softplus(x_r, x_c), g_r, None, -g_r
+    g_c = torch.sigmoid(x_c).mul_(w / x_c.numel())
+    return _mean_softplus(x_r, x_c), g_r, g_c, -(g_r + g_c)
