@@ -5,7 +5,7 @@ For each candidate (patches per program BLOCK_R, warps) it checks the output aga
 on a GPU, times the bare kernel call with triton.testing.do_bench (L2 flushed between calls). Byte floors
 (what each pass must move): forward reads pred and the images, 2·B·L·E·2 B; backward reads the masked rows
 of both and writes dpred, (2·0.75 + 1)·B·L·E·2 B; gather_patches reads the kept patches and writes them,
-2·B·K·E·2 B. The winner replaces `_patch_cfg` in kernels/mae.py.
+2·B·K·E·2 B. The winners set `_patch_cfg`'s lanes per thread in kernels/mae.py.
 
     python benchmarks/tune_mae.py [--only 4:4 8:8] [--json out.json]
     TRITON_INTERPRET=1 python benchmarks/tune_mae.py --device cpu      (checks the configs on tiny shapes)
@@ -60,8 +60,8 @@ def main(argv=None):
         for name, (call, nbytes) in problems(device, batch).items():
             expect = call()
             for br, warps in candidates:
-                K._patch_cfg = lambda p, C, br=br, warps=warps: {**default_cfg(p, C), "BLOCK_R": br,
-                                                                  "num_warps": warps}
+                K._patch_cfg = lambda p, C, lanes, br=br, warps=warps: {**default_cfg(p, C, lanes), "BLOCK_R": br,
+                                                                         "num_warps": warps}
                 out = call()
                 tol = 1e-5 if out.dtype == torch.float32 else 8e-3  # a bf16 output may round the other way
                 ok = bool(torch.allclose(out.float(), expect.float(), rtol=tol, atol=tol))

@@ -338,7 +338,7 @@ def random_masking(seed: torch.Tensor, batch: int, num_patches: int, keep: int, 
     return ids_keep, ids_restore, mask
 
 
-def _patch_cfg(p: int, C: int) -> dict:
+def _patch_cfg(p: int, C: int, lanes_per_thread: int) -> dict:
     """Launch config of the kernels that read whole patches from the images (gather_patches, masked_mse).
 
     A patch is BLOCK_E values in MAE order and BLOCK_S segments of BLOCK_P pixels in the images (powers of two)."""
@@ -346,10 +346,14 @@ def _patch_cfg(p: int, C: int) -> dict:
     lanes = blocks["BLOCK_S"] * blocks["BLOCK_P"]  # >= BLOCK_E
     if interpreting():
         return dict(BLOCK_R=16, **blocks, num_warps=1)
-    # 4096 lanes (4 patches at p=16, C=3): 32 registers (gather_patches), 64 (masked_mse fwd and bwd) at 4 warps
-    # on sm_90, so 8 programs (32 patches) per SM; larger patches one per program at ~32 lanes a thread
+    # 4096 lanes a program (4 patches at p=16, C=3), larger patches one per program. Warps from the lanes each
+    # thread holds: gather_patches is fastest at 32 (4 warps), masked_mse at 64 (2 warps: 0.104 against 0.117
+    # ms for the one-pass norm-pix loss on an H200, benchmarks/tune_mae.py)
     br = max(1, 4096 // lanes)
-    return dict(BLOCK_R=br, **blocks, num_warps=max(4, min(16, br * lanes // 1024)))
+    return dict(BLOCK_R=br, **blocks, num_warps=max(1, min(16, br * lanes // (32 * lanes_per_thread))))
+
+
+GATHER_LANES_PER_THREAD, MSE_LANES_PER_THREAD = 32, 64
 
 
 def gather_patches(imgs: torch.Tensor, ids: torch.Tensor | None, p: int) -> torch.Tensor:
@@ -361,7 +365,7 @@ def gather_patches(imgs: torch.Tensor, ids: torch.Tensor | None, p: int) -> torc
     E = p * p * C
     out = empty((B, K, E), dtype=imgs.dtype, device=imgs.device)
     n_rows = B * K
-    cfg = _patch_cfg(p, C)
+    cfg = _patch_cfg(p, C, GATHER_LANES_PER_THREAD)
     _gather_patches_kernel[(cdiv(n_rows, cfg["BLOCK_R"]),)](
         imgs, imgs if ids is None else ids, out, n_rows, K, L, grid_w, P=p, C=C, ALL=ids is None, **cfg)
     return out
@@ -431,7 +435,7 @@ def masked_mse(pred, imgs, mask, p: int, norm_pix: bool, want_grad: bool = False
     """(loss, Σ mask, ∂loss/∂pred in pred's dtype or None) as fp32 scalars (tensors, no host sync); with
     `want_grad` the gradient (for an upstream 1) comes from the same pass."""
     B, C, grid_w, L = _grid_args(imgs, p)
-    cfg = _patch_cfg(p, C)
+    cfg = _patch_cfg(p, C, MSE_LANES_PER_THREAD)
     n_rows = B * L
     n_prog = cdiv(n_rows, cfg["BLOCK_R"])
     wsum = mask.sum(dtype=torch.float32)
@@ -446,7 +450,7 @@ def masked_mse(pred, imgs, mask, p: int, norm_pix: bool, want_grad: bool = False
 def masked_mse_backward(g, pred, imgs, mask, wsum, p: int, norm_pix: bool):
     """dL/dpred in pred's dtype for the upstream gradient g (fp32 scalar tensor)."""
     B, C, grid_w, L = _grid_args(imgs, p)
-    cfg = _patch_cfg(p, C)
+    cfg = _patch_cfg(p, C, MSE_LANES_PER_THREAD)
     n_rows = B * L
     dpred = empty(tuple(pred.shape), dtype=pred.dtype, device=pred.device)
     _masked_mse_bwd_kernel[(cdiv(n_rows, cfg["BLOCK_R"]),)](

@@ -589,12 +589,14 @@ for mem in (True, False):
           MASK="*fp32"), dict(SEED_IN_MEMORY=mem, BLOCK_L=256), 2)
 for dt in ("bf16", "fp32"):
     for p, C in ((16, 3), (16, 1), (14, 3)):
-        cfg = K._patch_cfg(p, C)
+        cfg = K._patch_cfg(p, C, K.GATHER_LANES_PER_THREAD)
         warps = cfg.pop("num_warps")
         for all_ in (True, False):
             k = build(K._gather_patches_kernel, dict(IMG="*" + dt, IDS="*i64", OUT="*" + dt),
                       dict(P=p, C=C, ALL=all_, **cfg), warps, aligned=ALIGNED)
             loads(k, dt, p)
+        cfg = K._patch_cfg(p, C, K.MSE_LANES_PER_THREAD)
+        warps = cfg.pop("num_warps")
         for kern, flags in ((K._masked_mse_fwd_kernel, dict(WANT_GRAD=False)),
                             (K._masked_mse_fwd_kernel, dict(WANT_GRAD=True)), (K._masked_mse_bwd_kernel, {})):
             for img in sorted({dt, "fp32"}):  # fp32 images with bf16 predictions: AMP
