@@ -67,6 +67,15 @@ def num_sms(device: torch.device) -> int:
 
 
 @triton.jit
+def merged_lse2(m, l, AXIS: tl.constexpr):
+    """Base-2 log-sum-exp from split partials (max m, sum l of 2^(x − m)) along AXIS; a group whose every
+    partial is empty (m = −inf) gives −inf, not NaN."""
+    mx = tl.max(m, axis=AXIS)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    return mx + tl.log2(tl.sum(l * tl.exp2(m - tl.expand_dims(mx, AXIS)), axis=AXIS))
+
+
+@triton.jit
 def _scale_unless_one_kernel(X, G, n, BLOCK: tl.constexpr):
     # Grid (cdiv(n, BLOCK),): x *= g in place, unless g = 1 (then each program reads g only).
     g = tl.load(G).to(tl.float32)

@@ -24,16 +24,7 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting
-from ._common import LOG2E, TL_LN2, TL_LOG2E, cdiv, empty, next_pow2, num_sms
-
-
-@triton.jit
-def _merged_lse2(m, l, AXIS: tl.constexpr):
-    """Base-2 log-sum-exp from split partials (max m, sum l of 2^(x − m)) along AXIS; a group whose every
-    partial is empty (m = −inf) gives −inf, not NaN."""
-    mx = tl.max(m, axis=AXIS)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    return mx + tl.log2(tl.sum(l * tl.exp2(m - tl.expand_dims(mx, AXIS)), axis=AXIS))
+from ._common import LOG2E, TL_LN2, TL_LOG2E, cdiv, empty, merged_lse2, next_pow2, num_sms
 
 
 @triton.jit
@@ -104,7 +95,7 @@ def _forward_kernel(S, T, C, PART_T, LSE_T, PART, B, V, G, K, stride_s, stride_t
     t_part = tl.arange(0, BLOCK_SP)[None, :] * (G * B) + t_rows[:, None]
     m_t = tl.load(PART_T + t_part, mask=t_mask, other=float("-inf"))
     l_t = tl.load(PART_T + n_sp * G * B + t_part, mask=t_mask, other=0.0)
-    lse_t = _merged_lse2(m_t, l_t, 1)
+    lse_t = merged_lse2(m_t, l_t, 1)
     if sp == 0:
         tl.store(LSE_T + t_rows, lse_t * TL_LN2, mask=gg < G)
 
@@ -146,7 +137,7 @@ def _loss_kernel(PART, LSE_S, LOSS, n_sp, n, B, G, inv_pairs, BLOCK_SP: tl.const
         m = tl.load(PART + at, mask=mask, other=float("-inf"))
         l = tl.load(PART + n_sp * n + at, mask=mask, other=0.0)
         dot = tl.sum(tl.load(PART + 2 * n_sp * n + at, mask=mask, other=0.0), axis=0)
-        lse = _merged_lse2(m, l, 0) * TL_LN2
+        lse = merged_lse2(m, l, 0) * TL_LN2
         tl.store(LSE_S + i, lse, mask=ok)
         c_v = G - (i < G * B).to(tl.float32)  # crop v = i // B is a global crop when i < G·B
         acc += tl.where(ok, c_v * lse - dot, 0.0)

@@ -48,6 +48,9 @@ does not read) rows keep an online (max, sum) pair, and each tile reduces its co
 and atomically adds l·2^(m − scale·log2 e) into an fp64 accumulator: |s| ≤ scale, so that factor never
 overflows, and fp64 keeps it exact down to 2^-1022 (scale up to ~350).
 
+Split merge. A forward split over columns leaves per-split partials [splits, M] (sums, or (max, sum) pairs)
+and column sums; one launch (`_merge_splits_kernel`) reduces them to lse_r, pos and lse_c.
+
 Epilogue. An eager training call turns the statistics into the loss and the upstream gradients of its
 backward in one launch (`loss_epilogue`): loss = mean softplus(lse − pos) (rows and, for CLIP, columns
 averaged), ∂/∂lse = sigmoid(lse − pos)/M, ∂/∂pos = −(the row's and column's terms).
@@ -59,7 +62,7 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting
-from ._common import LN2, TL_LN2, TL_LOG2E, cdiv, empty, next_pow2, num_sms, upcast_dots
+from ._common import TL_LN2, TL_LOG2E, cdiv, empty, merged_lse2, next_pow2, num_sms, upcast_dots
 
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize
 MAX_ATOMIC_SPLITS = 4  # backward column splits that add into one output atomically (more: per-split slices)
@@ -266,6 +269,34 @@ def _loss_epilogue_kernel(LSE_R, LSE_C, POS, LOSS, G_R, G_C, G_P, m, w_over_m, C
             g += gc
         tl.store(G_P + i, -g, mask=ok)
     tl.store(LOSS, tl.sum(acc, axis=0) * w_over_m)
+
+
+@triton.jit
+def _merge_splits_kernel(ROW_M, ROW_L, POS_S, COL_L, COL_ACC, SCALE, LSE_R, POS, LSE_C, m, nb, splits,
+                         WANT_POS: tl.constexpr, COL_STATS: tl.constexpr, BOUNDED: tl.constexpr,
+                         BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
+    # Grid (cdiv(max(M, Nb), BLOCK),): BLOCK rows' [BLOCK_S ≥ splits, BLOCK] partials, reduced over the splits
+    # (plain sums: ln Σ l; otherwise the base-2 (max, sum) merge), the positives' split sums, and BLOCK columns.
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = i < m
+    at = tl.arange(0, BLOCK_S)[:, None] * m + i[None, :]
+    ok = (tl.arange(0, BLOCK_S)[:, None] < splits) & row_ok[None, :]
+    l = tl.load(ROW_L + at, mask=ok, other=0.0)
+    if BOUNDED:
+        lse = tl.log(tl.sum(l, axis=0))
+    else:
+        lse = merged_lse2(tl.load(ROW_M + at, mask=ok, other=float("-inf")), l, 0) * TL_LN2
+    tl.store(LSE_R + i, lse, mask=row_ok)
+    if WANT_POS:
+        tl.store(POS + i, tl.sum(tl.load(POS_S + at, mask=ok, other=0.0), axis=0), mask=row_ok)
+    if COL_STATS:
+        col_ok = i < nb
+        if BOUNDED:  # Σ_i e^s_ij
+            lse_c = tl.log(tl.load(COL_L + i, mask=col_ok, other=1.0))
+        else:  # Σ_i e^(s_ij − scale) in fp64
+            acc = tl.load(COL_ACC + i, mask=col_ok, other=1.0)
+            lse_c = (tl.log(acc) + tl.load(SCALE).to(tl.float64)).to(tl.float32)
+        tl.store(LSE_C + i, lse_c, mask=col_ok)
 
 
 @triton.jit
@@ -583,7 +614,7 @@ def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col
         q = _triangle_span(n_rb, r.device)
         triangle, grid, per = True, (n_rb, cdiv(n_rb, q)), q * cfg["BLOCK_M"]
         sums = torch.zeros((2, 1, m), dtype=torch.float32, device=r.device)  # one "split" of each
-        row_l, pos, splits = sums[0], sums[1], 1
+        row_l, pos = sums[0], sums[1]
         row_m = row_l  # unused: plain sums
     else:
         splits, per = _splits(n_rb, nb, cfg["BLOCK_N"], r.device, waves=8)
@@ -598,18 +629,28 @@ def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col
         m, nb, d, r.stride(0), c.stride(0), per, *maps,
         EXCLUDE_SELF=exclude_self, WANT_POS=want_pos, COL_STATS=col_stats, BOUNDED=bounded,
         TRIANGLE=triangle, UPCAST=upcast_dots(), **cfg)
-    if bounded:  # plain sums: merge the splits by adding them
-        lse_r = torch.log(row_l.sum(0) if splits > 1 else row_l[0])  # Σ 2^(x·log2 e) = Σ e^x
-    else:
-        lse_r = torch.logsumexp((row_m + torch.log2(row_l)) * LN2, dim=0)
-    if not col_stats:
-        lse_c = row_l.new_empty(0)
-    elif bounded:
-        lse_c = torch.log(col_l)
-    else:
-        lse_c = (torch.log(col_acc) + scale.double()).float()
-    pos = (pos.sum(0) if splits > 1 else pos[0]) if want_pos else row_l.new_empty(0)
-    return lse_r, lse_c, pos
+    return merge_splits(row_m, row_l, pos, col_l, col_acc, scale, nb, want_pos=want_pos, col_stats=col_stats,
+                        bounded=bounded)
+
+
+def merge_splits(row_m, row_l, pos, col_l, col_acc, scale, nb: int, *, want_pos, col_stats, bounded):
+    """(lse_r [M], lse_c [Nb] or empty, pos [M] or empty), fp32, from the forward's partials: row_m, row_l,
+    pos [splits, M] (row_m only read when not `bounded`), column sums col_l (fp32, bounded) or col_acc
+    (fp64 of e^(s − scale)), in one launch (plain sums of one split: an ATen log, cheaper on the host than a
+    launch). Unused inputs may be any tensor."""
+    splits, m = row_l.shape
+    if splits == 1 and bounded and not col_stats:  # nothing to merge (NT-Xent's triangle): one log, no launch
+        return torch.log(row_l[0]), row_l.new_empty(0), pos[0] if want_pos else row_l.new_empty(0)
+    f32 = dict(dtype=torch.float32, device=row_l.device)
+    lse_r, pos_out = empty((m,), **f32), empty((m if want_pos else 0,), **f32)
+    lse_c = empty((nb if col_stats else 0,), **f32)
+    block_s = next_pow2(splits)
+    block = max(1, (256 if interpreting() else 1024) // block_s)  # ≤ 1024 partials a program (8 per thread)
+    _merge_splits_kernel[(cdiv(max(m, lse_c.numel()), block),)](
+        row_m, row_l, pos, col_l, col_acc, scale, lse_r, pos_out if want_pos else lse_r,
+        lse_c if col_stats else lse_r, m, nb, splits, WANT_POS=want_pos, COL_STATS=col_stats, BOUNDED=bounded,
+        BLOCK=block, BLOCK_S=block_s, num_warps=4)
+    return lse_r, lse_c, pos_out
 
 
 def loss_epilogue(lse_r, lse_c, pos):

@@ -1,6 +1,7 @@
 """NT-Xent, InfoNCE (MoCo) and CLIP: forward and every gradient against the float64 literal reference, on
 the reference path and on the Triton kernels (interpreted on CPU, real on `-m gpu`)."""
 import itertools
+import math
 import subprocess
 import sys
 import textwrap
@@ -137,6 +138,45 @@ def test_loss_epilogue_kernel_against_reference(seed, m, cols):
     lse_r[m // 2] = float("nan")
     loss, g_r, _, g_p = kern.loss_epilogue(lse_r, lse_c, pos)
     assert loss.isnan() and g_r[m // 2].isnan() and g_p[m // 2].isnan()
+
+
+@pytest.mark.parametrize("splits", [1, 3, 37, 300])  # 300: one row a program
+@pytest.mark.parametrize("bounded", [True, False])
+def test_merge_splits_kernel_against_reference(seed, splits, bounded):
+    """The one-launch split merge against the ATen formulas in float64: ln Σ_s l (plain sums) or the
+    logsumexp of the base-2 (max, sum) partials, Σ_s pos, and the column LSEs (more columns than rows). A row
+    whose every split is empty gives −inf, an empty split among full ones is skipped, and a NaN partial
+    gives a NaN."""
+    from sslfast.kernels import infonce as kern
+
+    m, nb, scale = 45, 70, 37.5
+    row_m, row_l = torch.randn(splits, m) * 30, torch.rand(splits, m) * 50 + 0.5
+    row_m[0, 1], row_l[0, 1] = float("-inf"), 0.0  # empty split (a no-op unless it is the only one)
+    row_m[:, 2], row_l[:, 2] = float("-inf"), 0.0  # no negatives at all
+    pos, col_l = torch.randn(splits, m) * 9, torch.rand(nb) * 1e3 + 1e-3
+    col_acc = torch.rand(nb, dtype=torch.float64) * 1e-200  # e^(s − scale) sums live far below fp32's range
+    if bounded:
+        want_r = row_l.double().sum(0).log()
+        want_c = col_l.double().log()
+    else:
+        want_r = torch.logsumexp((row_m.double() + row_l.double().log2()) * math.log(2), dim=0)
+        want_c = col_acc.log() + scale
+    for want_pos, col_stats in ((True, True), (False, False)):
+        lse_r, lse_c, got_p = kern.merge_splits(row_m, row_l, pos, col_l, col_acc, torch.tensor(scale), nb,
+                                                want_pos=want_pos, col_stats=col_stats, bounded=bounded)
+        assert lse_r.dtype == lse_c.dtype == got_p.dtype == torch.float32
+        assert torch.equal(lse_r.isinf(), want_r.isinf()) and (lse_r[want_r.isinf()] < 0).all()
+        finite = want_r.isfinite()
+        assert_close(lse_r[finite], want_r[finite], 1e-6, f"lse_r (seed {seed})")
+        assert got_p.shape == (m if want_pos else 0,) and lse_c.shape == (nb if col_stats else 0,)
+        if want_pos:
+            assert_close(got_p, pos.double().sum(0), 1e-6, f"pos (seed {seed})")
+        if col_stats:
+            assert_close(lse_c, want_c, 1e-6, f"lse_c (seed {seed})")
+    row_l[-1, 7] = float("nan")
+    lse_r, _, _ = kern.merge_splits(row_m, row_l, pos, col_l, col_acc, torch.tensor(scale), nb, want_pos=False,
+                                    col_stats=False, bounded=bounded)
+    assert lse_r[7].isnan() and lse_r[8].isfinite()
 
 
 @pytest.mark.parametrize("bounded", [True, False])
@@ -342,14 +382,14 @@ def test_non_finite_input_gives_non_finite_loss(backend, bad, loss, grad):
         assert not torch.isfinite(a.grad).all()
 
 
+@pytest.mark.parametrize("scale_kernel_from", [0, 1 << 62])  # every gradient by the Triton kernel / foreach
 @pytest.mark.parametrize("loss", list(_LOSSES))
-def test_gradients_computed_in_forward(backend, seed, loss, monkeypatch):
+def test_gradients_computed_in_forward(backend, seed, loss, scale_kernel_from, monkeypatch):
     """An eager call that autograd will differentiate computes its input gradients in the forward: the loss
     equals the no-grad call's (to rounding: one fused epilogue against ATen ops), the backward scales by
-    the upstream gradient, a second backward through a
-    retained graph is refused with a clear message (and works under `separate_backward`), and no second-order
-    graph is claimed."""
-    monkeypatch.setattr(sf._custom_op, "SCALE_KERNEL_MIN_NUMEL", 0)  # the Triton scaling at any size
+    the upstream gradient (both ways it can), a second backward through a retained graph is refused with a
+    clear message (and works under `separate_backward`), and no second-order graph is claimed."""
+    monkeypatch.setattr(sf._custom_op, "SCALE_KERNEL_MIN_NUMEL", scale_kernel_from)
     z1, z2, s = torch.randn(7, 8), torch.randn(7, 8), torch.tensor(2.5)
     with torch.no_grad():
         plain = _LOSSES[loss](z1, z2, s)
@@ -546,6 +586,12 @@ def test_kernels_compile_for_sm90():
                   dict(HAS_DXH=True, HAS_PARTNER=partner, BLOCK_M=32, BLOCK_D=128), aligned=ALIGNED)
     build(K._unit_rows_kernel, dict(X="*fp32", RN="*fp32", XH="*fp16"), dict(BLOCK_M=32, BLOCK_D=128),
           aligned=ALIGNED)
+    merges = ((True, False, True), (True, False, False), (False, False, True), (True, True, False))
+    for want_pos, cols, bounded in merges:  # NT-Xent bounded / unbounded, MoCo's queue, CLIP
+        for bs in (1, 8, 1024):  # splits: NT-Xent's triangle, MoCo, a few row blocks over many columns
+            build(K._merge_splits_kernel, dict(ROW_M="*fp32", ROW_L="*fp32", POS_S="*fp32", COL_L="*fp32",
+                  COL_ACC="*fp64", SCALE="*fp32", LSE_R="*fp32", POS="*fp32", LSE_C="*fp32"),
+                  dict(WANT_POS=want_pos, COL_STATS=cols, BOUNDED=bounded, BLOCK=max(1, 1024 // bs), BLOCK_S=bs))
     for cols in (False, True):
         build(K._loss_epilogue_kernel, dict(LSE_R="*fp32", LSE_C="*fp32", POS="*fp32", LOSS="*fp32", G_R="*fp32",
               G_C="*fp32", G_P="*fp32", w_over_m="fp32"), dict(COLS=cols, BLOCK=1024))
