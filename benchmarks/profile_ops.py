@@ -126,7 +126,8 @@ def profile_case(case, dtype, device, calls: int, python_calls: int = 0) -> dict
     kernels = _kernel_table(prof)
     python = python_top(fn, device, python_calls) if python_calls else []
     return {"op": case.op, "case": case.name, "dtype": str(dtype).replace("torch.", ""), "wall_ms": wall,
-            "pipelined_ms": pipe, "host_ms": sorted(host)[len(host) // 2], "kernel_ms": sum(k[1] for k in kernels) / calls,
+            "pipelined_ms": pipe, "host_ms": sorted(host)[len(host) // 2],
+            "kernel_ms": sum(k[1] for k in kernels) / calls,
             "launches": sum(k[2] for k in kernels) / calls,
             "kernels": [{"name": k[0][:120], "ms": k[1] / calls, "count": k[2] / calls} for k in kernels[:12]],
             "python": python}

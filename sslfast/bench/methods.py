@@ -5,8 +5,9 @@ One realistic config per method, the paper's heads (`profile="paper"`), bf16 aut
 method's preset sizes already on the GPU (no data loading). Images per second (`items_per_s`) = batch /
 (ms / 1000), an image counting once however many views it has; the runner's peak memory is the step's peak
 allocation above the model and optimizer state. FLOP and byte floors are not counted (the backbone
-dominates). `benchmarks/max_batch.py` finds the largest batch each path fits. Each step runs on the same model, so the two paths are timed on
-identical shapes; the weights drift between calls, which does not change the work.
+dominates). `benchmarks/max_batch.py` finds the largest batch each path fits. Each step runs on the same
+model, so the two paths are timed on identical shapes; the weights drift between calls, which does not change
+the work.
 """
 from __future__ import annotations
 

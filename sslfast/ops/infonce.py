@@ -13,8 +13,8 @@ softplus(lse_i − pos_i), and the loss is O(N) vector arithmetic:
 Backward goes through `sslfast::similarity_lse_backward` (tiles recomputed, never stored). An eager call
 that will be differentiated runs that backward inside its forward instead (`_custom_op.loss_with_grads`),
 with the closed-form gradients of the epilogue (softplus' = sigmoid, one launch: `loss_epilogue`) as its
-upstream gradients; autograd's backward then only scales the stored input gradients. CUDA tensors run the Triton kernels, CPU tensors the
-chunked PyTorch reference (`sslfast._backend`).
+upstream gradients; autograd's backward then only scales the stored input gradients. CUDA tensors run the
+Triton kernels, CPU tensors the chunked PyTorch reference (`sslfast._backend`).
 """
 from __future__ import annotations
 
