@@ -81,6 +81,25 @@ def test_capture_replays_fused_ops():
     assert bench.graphed_ms(step, dev) > 0
 
 
+@pytest.mark.gpu
+def test_capture_reports_no_graph_when_refused_or_empty(recwarn):
+    """No graphed time from a capture torch refuses (AdamW without capturable=True, the bench's reference
+    optimizer step) or one that records no kernel, and no "CUDA Graph is empty" warning left from either."""
+    import torch
+
+    from sslfast import bench
+
+    dev = torch.device("cuda")
+    x = torch.randn(64, device=dev)
+    p = torch.nn.Parameter(x.clone())
+    p.grad = torch.ones_like(p)
+    assert bench.capture(torch.optim.AdamW([p]).step, dev) is None
+    assert bench.capture(lambda: x.view(8, 8), dev) is None  # a view launches nothing
+    assert bench.graphed_ms(lambda: x.view(8, 8), dev) is None
+    assert not [w for w in recwarn if "CUDA Graph is empty" in str(w.message)]
+    assert bench.capture(lambda: x.mul_(1.0), dev) is not None
+
+
 def test_largest_batch_search_finds_the_boundary_without_repeating_a_probe():
     import random
 

@@ -26,6 +26,7 @@ import pkgutil
 import re
 import statistics
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -172,13 +173,19 @@ def capture(fn, device: torch.device, warmup: int = 2) -> torch.cuda.CUDAGraph |
             fn()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            fn()
-    except RuntimeError:  # capture refused (a host sync or pageable copy inside): report no graphed time
-        torch.cuda.synchronize(device)
-        return None
-    return graph
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with torch.cuda.graph(graph):
+                fn()
+        except RuntimeError:  # capture refused (a host sync or pageable copy inside): report no graphed time
+            torch.cuda.synchronize(device)  # (torch also warns that the abandoned graph is empty: dropped)
+            return None
+    empty = [w for w in caught if "CUDA Graph is empty" in str(w.message)]
+    for w in caught:
+        if w not in empty:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return None if empty else graph  # an empty graph would time nothing
 
 
 def graphed_ms(fn, device: torch.device, repeat: int = 5) -> float | None:
