@@ -38,6 +38,11 @@ def _nvcc():
 class NvccBuildExt(build_ext):
     """Compiles the `.cu` sources with nvcc directly: no torch headers, no torch.utils.cpp_extension."""
 
+    def build_extensions(self):
+        super().build_extensions()
+        # A skipped or failed extension has no file: drop it, or the (editable) install's copy step fails.
+        self.extensions = [e for e in self.extensions if Path(self.get_ext_fullpath(e.name)).is_file()]
+
     def build_extension(self, ext):
         nvcc = _nvcc()
         if nvcc is None or not ext.sources:

@@ -2,7 +2,8 @@
 
 Times the forward statistics pass and the backward row pass separately for each candidate tile shape at the
 shapes that matter (NT-Xent 2x16384 D=128, its forward both symmetric and as the full square; CLIP B=32768
-with column statistics; MoCo N=4096 K=65536), and prints the best per pass. The winners are copied into `GPU_TILES` in kernels/infonce.py.
+with column statistics; MoCo N=4096 K=65536), and prints the best per pass. The winners are copied into
+`GPU_TILES` (or, when they hold for D <= 128 only, `NARROW_TILES`) in kernels/infonce.py.
 """
 import argparse
 import json
@@ -22,6 +23,10 @@ CANDIDATES = [
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4),
 ]
 
 
@@ -37,7 +42,7 @@ def _deterministic(fn):
 
 
 def problems(dtype):
-    """{(pass, name, bounded): call}; `bounded` picks the GPU_TILES entry the call uses (with ONE_CHUNK, D=128)."""
+    """{(pass, name, bounded): call}; `bounded` picks the tile entry the call uses (`K.gpu_tiles`, D=128)."""
     dev = "cuda"
     z = torch.randn(32768, 128, device=dev, dtype=dtype)
     img, txt = torch.randn(32768, 128, device=dev, dtype=dtype), torch.randn(32768, 128, device=dev, dtype=dtype)
@@ -86,10 +91,12 @@ def main():
         for (kind, name, bounded), fn in problems(dtype).items():
             if args.problems and not any(p in name for p in args.problems):
                 continue
-            key = (kind, True, bounded)
-            saved = dict(K.GPU_TILES[key])
+            # the entry these D = 128 problems read (`K.gpu_tiles`)
+            table, key = ((K.NARROW_TILES, (kind, bounded)) if (kind, bounded) in K.NARROW_TILES
+                          else (K.GPU_TILES, (kind, True, bounded)))
+            saved = dict(table[key])
             for cfg in CANDIDATES[:args.candidates]:
-                K.GPU_TILES[key] = cfg
+                table[key] = cfg
                 try:
                     ms = time_ms(fn, torch.device("cuda"), warmup=2, repeat=5)
                 except (triton.runtime.errors.OutOfResources, RuntimeError) as err:
@@ -97,7 +104,7 @@ def main():
                     print(kind, name, cfg, "failed:", str(err).splitlines()[0][:120])
                 results.append({"kind": kind, "problem": name, "dtype": str(dtype)[6:], "cfg": cfg, "ms": ms})
                 print(json.dumps(results[-1]), flush=True)
-            K.GPU_TILES[key] = saved
+            table[key] = saved
     best = {}
     for r in results:
         key = f"{r['kind']} {r['problem']} {r['dtype']}"

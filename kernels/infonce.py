@@ -487,9 +487,10 @@ def _lse_bwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------- launchers
-# Tile shapes on a GPU per (pass, row block resident (D <= 256), plain-sum statistics), from the H100 sweep of
-# benchmarks/tune_infonce.py (benchmarks/RESULTS.md): the forward prefers 4 warps with 3 stages; the backward
-# with both exp terms folded into one (bounded) prefers narrow 32-column tiles, the others 128x64.
+# Tile shapes on a GPU per (pass, row block resident (D <= 256), plain-sum statistics), from the sweeps of
+# benchmarks/tune_infonce.py (benchmarks/RESULTS.md: H100 run 2, H200 run 6): the forward prefers 4 warps
+# with 3 stages; the backward with both exp terms folded into one (bounded) prefers narrow 32-column tiles,
+# the others 128x64, except at D <= 128 (NARROW_TILES).
 GPU_TILES = {
     ("fwd", True, True): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
     ("fwd", True, False): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
@@ -500,6 +501,18 @@ GPU_TILES = {
     ("bwd", False, True): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
     ("bwd", False, False): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
 }
+# (pass, bounded) -> tiles for rows of at most 128 features. The unbounded backward (CLIP's learned scale)
+# runs 64x64 tiles on 4 warps there: CLIP B=32768 D=128 7.24 -> 6.28 ms on the H200, where at D=256 the same
+# tiles take 12.9 ms against 10.4 (run 6).
+NARROW_TILES = {
+    ("bwd", False): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+}
+
+
+def gpu_tiles(kind: str, one: bool, bounded: bool, block_d: int) -> dict:
+    """GPU_TILES' entry, or NARROW_TILES' for a resident row block of at most 128 features."""
+    narrow = NARROW_TILES.get((kind, bounded)) if one and block_d <= 128 else None
+    return dict(narrow or GPU_TILES[(kind, one, bounded)])
 
 
 def _tiles(D: int, kind: str, bounded: bool) -> dict:
@@ -514,7 +527,7 @@ def _tiles(D: int, kind: str, bounded: bool) -> dict:
         return dict(tiles, BLOCK_DO=min(next_pow2(D), 64)) if kind == "bwd" else tiles
     one = D <= 256
     bd = max(16, next_pow2(D)) if one else 64
-    tiles = dict(GPU_TILES[(kind, one, bounded)], BLOCK_D=bd, ONE_CHUNK=one)
+    tiles = dict(gpu_tiles(kind, one, bounded, bd), BLOCK_D=bd, ONE_CHUNK=one)
     return dict(tiles, BLOCK_DO=bd if one else 128) if kind == "bwd" else tiles
 
 

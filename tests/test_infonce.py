@@ -573,8 +573,8 @@ def test_kernels_compile_for_sm90():
                    range(7)))
 
     def tiles(kind, one, bounded, **extra):
-        t = dict(K.GPU_TILES[(kind, one, bounded)], BLOCK_D=128 if one else 64, ONE_CHUNK=one, UPCAST=False,
-                 **extra)
+        bd = 128 if one else 64
+        t = dict(K.gpu_tiles(kind, one, bounded, bd), BLOCK_D=bd, ONE_CHUNK=one, UPCAST=False, **extra)
         return t, t.pop("num_warps"), t.pop("num_stages")
 
     for dt in ("bf16", "fp32"):
