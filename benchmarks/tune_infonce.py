@@ -42,7 +42,7 @@ def _deterministic(fn):
 
 
 def problems(dtype):
-    """{(pass, name, bounded): call}; `bounded` picks the tile entry the call uses (`K.gpu_tiles`, D=128)."""
+    """{(pass, name, bounded): call}; `bounded` picks the tile entry the call uses (`K.tile_entry`, D=128)."""
     dev = "cuda"
     z = torch.randn(32768, 128, device=dev, dtype=dtype)
     img, txt = torch.randn(32768, 128, device=dev, dtype=dtype), torch.randn(32768, 128, device=dev, dtype=dtype)
@@ -91,9 +91,7 @@ def main():
         for (kind, name, bounded), fn in problems(dtype).items():
             if args.problems and not any(p in name for p in args.problems):
                 continue
-            # the entry these D = 128 problems read (`K.gpu_tiles`)
-            table, key = ((K.NARROW_TILES, (kind, bounded)) if (kind, bounded) in K.NARROW_TILES
-                          else (K.GPU_TILES, (kind, True, bounded)))
+            table, key = K.tile_entry(kind, True, bounded, 128)  # the entry these D = 128 problems read
             saved = dict(table[key])
             for cfg in CANDIDATES[:args.candidates]:
                 table[key] = cfg

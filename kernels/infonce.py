@@ -509,10 +509,18 @@ NARROW_TILES = {
 }
 
 
+def tile_entry(kind: str, one: bool, bounded: bool, block_d: int) -> tuple[dict, tuple]:
+    """(table, key) of the tiles a launch reads: NARROW_TILES' entry for a resident row block of at most 128
+    features where it has one, else GPU_TILES'."""
+    if one and block_d <= 128 and (kind, bounded) in NARROW_TILES:
+        return NARROW_TILES, (kind, bounded)
+    return GPU_TILES, (kind, one, bounded)
+
+
 def gpu_tiles(kind: str, one: bool, bounded: bool, block_d: int) -> dict:
-    """GPU_TILES' entry, or NARROW_TILES' for a resident row block of at most 128 features."""
-    narrow = NARROW_TILES.get((kind, bounded)) if one and block_d <= 128 else None
-    return dict(narrow or GPU_TILES[(kind, one, bounded)])
+    """A copy of the tiles `tile_entry` points at."""
+    table, key = tile_entry(kind, one, bounded, block_d)
+    return dict(table[key])
 
 
 def _tiles(D: int, kind: str, bounded: bool) -> dict:
