@@ -6,8 +6,8 @@ time (the fused op and the reference that users run today, each doing one full f
 op is differentiable), plus the FLOP and byte counts used for the "% of ceiling" column.
 
 Timing: CUDA events around each call after a device synchronization, median over repeats after warm-up (host
-clock on the CPU), as ../shared/baselines times the references: the latency of one call from an idle device,
-host overhead included. For calls under PIPELINE_BELOW_MS, also "pipelined" ms: PIPELINE_CALLS calls back
+clock on the CPU), as benchmarks/reference_ops_bench.py times the references: the latency of one call from an
+idle device, host overhead included. For calls under PIPELINE_BELOW_MS, also "pipelined" ms: PIPELINE_CALLS calls back
 to back between two events, divided by their number. That is the cost inside a training step, where the host
 queues work ahead of the device and a small op's Python and launches overlap the kernels before it. And
 "graphed" ms: the same call captured once in a CUDA graph and replayed PIPELINE_CALLS times back to back, i.e.
@@ -34,7 +34,8 @@ import torch
 from .._custom_op import separate_backward
 
 # Measured ceilings (bf16 matmul TFLOP/s, device-to-device copy TB/s counting reads and writes) by device
-# name: the H100 from ../shared/baselines, the H200 from the GPU box's own measurements. Others use the H100's.
+# name: an H100 80GB HBM3 (benchmarks/runs/2026-11-26-h100-baselines/baselines.json) and an H200, both measured with
+# torch 2.11 and triton 3.6. Other devices use the H100's.
 CEILINGS = {"H200": (788.0, 4.3), "H100": (781.0, 3.0)}
 
 

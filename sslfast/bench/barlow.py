@@ -1,7 +1,7 @@
 """Benchmark cases for Barlow Twins and VICReg: the fused op (forward + backward) against the materialized
 losses users run today (the official code's D x D cross-correlation / covariances; for Barlow Twins, the
-`barlow` function of ../shared/baselines/reference_ops_bench.py with DESIGN.md's eps placement), at the
-baseline shapes.
+`barlow_reference` of benchmarks/reference_ops_bench.py, except that eps sits inside the square root of the
+biased variance, as in BatchNorm1d, where that script adds it to the std), at the baseline shapes.
 
 FLOPs counted are the ones the fused path executes (2 per multiply-add):
   Gram path (N < D):   two N x N x D Gram GEMMs forward + two N x N x D products backward      = 8·N²·D

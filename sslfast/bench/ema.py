@@ -1,9 +1,9 @@
 """Teacher-EMA and fused optimizer-step benchmark cases (csrc/ema.cu, csrc/optim.cu).
 
-Parameter lists: ViT-B/16 (the `ema_vitb_*` baselines of ../shared/baselines: 150 tensors, 85.80M parameters)
-and ResNet-50 (161 tensors, 25.56M parameters). Byte floors count the minimal device-memory traffic per
-parameter of each fused design (N = parameter count); at the measured 3.0 TB/s copy ceiling of the reference
-H100 they give the floor times in the comments:
+Parameter lists: ViT-B/16 (the `ema_vitb_*` baselines of benchmarks/reference_ops_bench.py: 150 tensors,
+85.80M parameters) and ResNet-50 (161 tensors, 25.56M parameters). Byte floors count the minimal device-memory
+traffic per parameter of each fused design (N = parameter count); at the measured 3.0 TB/s copy ceiling of the
+reference H100 they give the floor times in the comments:
 
     EMA fp32                 read teacher + student, write teacher       12 B   ViT-B 1.030 GB → 0.343 ms
     EMA bf16 → fp32 teacher  4 + 2 + 4                                   10 B   ViT-B 0.858 GB → 0.286 ms
@@ -32,7 +32,7 @@ SMALL_CASES: list = []  # the same cases on tiny parameter lists (tests run them
 
 # --------------------------------------------------------------------------------------------- param lists
 def vit_b16_shapes() -> list[tuple[int, ...]]:
-    """ViT-B/16 parameters in model order (../shared/baselines/reference_ops_bench.py)."""
+    """ViT-B/16 parameters in model order (`vit_b16_parameter_shapes` of benchmarks/reference_ops_bench.py)."""
     shapes = [(768, 3, 16, 16), (768,), (1, 1, 768), (1, 197, 768)]
     for _ in range(12):
         shapes += [(768,), (768,), (2304, 768), (2304,), (768, 768), (768,), (768,), (768,), (3072, 768), (3072,),

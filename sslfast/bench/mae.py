@@ -1,4 +1,4 @@
-"""MAE benchmark cases: ViT-B/16, B=256, 224 px, bf16 (the shapes of ../shared/baselines, `mae_ref_*`).
+"""MAE benchmark cases: ViT-B/16, B=256, 224 px, bf16 (the `mae_ref_*` shapes of benchmarks/reference_ops_bench.py).
 
 Each fused op is timed against the official MAE code (`sslfast.reference.mae`). Byte floors count the
 minimal device-memory traffic of the fused design (bf16 = 2 bytes, int64 ids = 8, fp32 mask = 4); at the
