@@ -7,9 +7,13 @@ are packed in one flat uint8 buffer: image b starts at OFFS[b], is SIZES[b] = (H
 PARAMS [G, B, NUM_FIELDS] (fp32), drawn on the device by `sslfast.ops.augment.sample_view_params`.
 
 _augment_kernel, grid (B, G): one program per (sample, view) walks its out_h × out_w view BLOCK pixels at
-a time. Each pixel is sampled straight from its image (crop box + bilinear resize with PyTorch's
-half-pixel rule, flip folded into the output coordinate), then the colour ops run in registers in the
-sample's random order. Contrast needs the mean gray of the view *as it stands right before the contrast
+a time. Each pixel is sampled straight from its image (crop box + resize, flip folded into the output
+coordinate), then the colour ops run in registers in the sample's random order. The resize (ANTIALIAS) is
+torchvision v2's antialiased bilinear: per axis, a triangle filter of half-width s = max(crop/out, 1)
+centred at c = (o + ½)·crop/out, taps clipped to the crop and renormalized; each pixel sums the product of
+the two axes' windows, ⌈2s_y⌉ × ⌈2s_x⌉ taps (the most that can carry weight), a loop bound that each
+program takes from its own sample's crop. Otherwise it is PyTorch's plain bilinear (half-pixel rule,
+2 × 2 taps). Contrast needs the mean gray of the view *as it stands right before the contrast
 op* (torchvision's adjust_contrast takes the mean of the image it adjusts), so for jittered samples a first
 sweep recomputes crop, resize and the ops that precede contrast and reduces their grayscale in fp32; the
 second sweep writes. Samples to be blurred write their [0, 1] values (before solarize and normalization) in
@@ -127,12 +131,89 @@ def _jitter(r, g, b, P, n_ops, mean):
 
 
 @triton.jit
-def _sample(IMG, base, H, W, pix, out_w, flip, top, left, ch, cw, scale_y, scale_x, CHW: tl.constexpr):
-    """RGB in [0, 1] (fp32) at output pixels `pix` of the crop box resized to the view: PyTorch's bilinear
-    (align_corners=False: src = (dst + ½)·in/out − ½, clamped at 0; the far neighbour clamped to the box)."""
+def _sample(IMG, base, H, W, pix, out_w, flip, top, left, ch, cw, scale_y, scale_x,
+            CHW: tl.constexpr, ANTIALIAS: tl.constexpr):
+    """RGB in [0, 1] (fp32) at output pixels `pix` of the crop box resized to the view (flip folded in)."""
     oy = pix // out_w
     ox = pix % out_w
     ox = tl.where(flip, out_w - 1 - ox, ox)
+    if CHW:
+        cs = H * W
+        step = 1
+    else:
+        cs = 1
+        step = 3
+    if ANTIALIAS:
+        r, g, b = _resize_antialias(IMG + base, W, cs, step, oy, ox, top, left, ch, cw, scale_y, scale_x)
+    else:
+        r, g, b = _resize_bilinear(IMG + base, W, cs, step, oy, ox, top, left, ch, cw, scale_y, scale_x)
+    return r / 255.0, g / 255.0, b / 255.0
+
+
+@triton.jit
+def _aa_window(o, scale, n):
+    """Antialiased filter of output coordinates o along an axis of n crop pixels: centre c = (o + ½)·scale and
+    window [lo, hi) = [⌊c − s + ½⌋, ⌊c + s + ½⌋) ∩ [0, n), s = max(scale, 1) (torch's _upsample_bilinear2d_aa)."""
+    c = (o.to(tl.float32) + 0.5) * scale
+    s = tl.maximum(scale, 1.0)
+    lo = tl.maximum(tl.floor(c - s + 0.5), 0.0).to(tl.int32)
+    hi = tl.minimum(tl.floor(c + s + 0.5).to(tl.int32), n)
+    return c, lo, hi
+
+
+@triton.jit
+def _aa_weight(k, c, hi, inv_s):
+    """Unnormalized triangle weight max(0, 1 − |k + ½ − c|/s) of crop pixel k; 0 from the window's end hi on."""
+    w = tl.maximum(1.0 - tl.abs(k.to(tl.float32) + 0.5 - c) * inv_s, 0.0)
+    return tl.where(k < hi, w, 0.0)
+
+
+@triton.jit
+def _resize_antialias(src, W, cs, step, oy, ox, top, left, ch, cw, scale_y, scale_x):
+    """Σ_ky Σ_kx wy·wx·img / (Σ wy · Σ wx) (0..255, fp32) over the windows of `_aa_window`. Weights carry at
+    most ⌈2s⌉ taps per axis from lo on (the open interval |k + ½ − c| < s), the loop bounds; taps past the
+    window are clamped into the crop for the load and weigh 0."""
+    cy, ylo, yhi = _aa_window(oy, scale_y, ch)
+    cx, xlo, xhi = _aa_window(ox, scale_x, cw)
+    sy = tl.maximum(scale_y, 1.0)
+    sx = tl.maximum(scale_x, 1.0)
+    inv_y = 1.0 / sy
+    inv_x = 1.0 / sx
+    ny = tl.ceil(2.0 * sy).to(tl.int32)
+    nx = tl.ceil(2.0 * sx).to(tl.int32)
+    tot_x = cx * 0.0
+    for tx in range(0, nx):
+        tot_x += _aa_weight(xlo + tx, cx, xhi, inv_x)
+    tot_y = cy * 0.0
+    r = cy * 0.0
+    g = cy * 0.0
+    b = cy * 0.0
+    for ty in range(0, ny):
+        yk = ylo + ty
+        wy = _aa_weight(yk, cy, yhi, inv_y)
+        tot_y += wy
+        row = (tl.minimum(yk, ch - 1) + top) * W + left
+        rr = cx * 0.0
+        gg = cx * 0.0
+        bb = cx * 0.0
+        for tx in range(0, nx):
+            xk = xlo + tx
+            wx = _aa_weight(xk, cx, xhi, inv_x)
+            p = (row + tl.minimum(xk, cw - 1)) * step
+            rr += wx * tl.load(src + p).to(tl.float32)
+            gg += wx * tl.load(src + cs + p).to(tl.float32)
+            bb += wx * tl.load(src + 2 * cs + p).to(tl.float32)
+        r += wy * rr
+        g += wy * gg
+        b += wy * bb
+    norm = 1.0 / (tot_y * tot_x)
+    return r * norm, g * norm, b * norm
+
+
+@triton.jit
+def _resize_bilinear(src, W, cs, step, oy, ox, top, left, ch, cw, scale_y, scale_x):
+    """PyTorch's plain bilinear (0..255, fp32; align_corners=False: src = (dst + ½)·in/out − ½, clamped at 0;
+    the far neighbour clamped to the box)."""
     sy = tl.maximum((oy.to(tl.float32) + 0.5) * scale_y - 0.5, 0.0)
     sx = tl.maximum((ox.to(tl.float32) + 0.5) * scale_x - 0.5, 0.0)
     y0 = sy.to(tl.int32)
@@ -143,19 +224,10 @@ def _sample(IMG, base, H, W, pix, out_w, flip, top, left, ch, cw, scale_y, scale
     x1 = x0 + (x0 < cw - 1).to(tl.int32) + left
     y0 = y0 + top
     x0 = x0 + left
-    if CHW:
-        cs = H * W
-        p00 = y0 * W + x0
-        p01 = y0 * W + x1
-        p10 = y1 * W + x0
-        p11 = y1 * W + x1
-    else:
-        cs = 1
-        p00 = (y0 * W + x0) * 3
-        p01 = (y0 * W + x1) * 3
-        p10 = (y1 * W + x0) * 3
-        p11 = (y1 * W + x1) * 3
-    src = IMG + base
+    p00 = (y0 * W + x0) * step
+    p01 = (y0 * W + x1) * step
+    p10 = (y1 * W + x0) * step
+    p11 = (y1 * W + x1) * step
     hy = 1.0 - ly
     hx = 1.0 - lx
     r = hy * (hx * tl.load(src + p00).to(tl.float32) + lx * tl.load(src + p01).to(tl.float32)) \
@@ -164,7 +236,7 @@ def _sample(IMG, base, H, W, pix, out_w, flip, top, left, ch, cw, scale_y, scale
         + ly * (hx * tl.load(src + cs + p10).to(tl.float32) + lx * tl.load(src + cs + p11).to(tl.float32))
     b = hy * (hx * tl.load(src + 2 * cs + p00).to(tl.float32) + lx * tl.load(src + 2 * cs + p01).to(tl.float32)) \
         + ly * (hx * tl.load(src + 2 * cs + p10).to(tl.float32) + lx * tl.load(src + 2 * cs + p11).to(tl.float32))
-    return r / 255.0, g / 255.0, b / 255.0
+    return r, g, b
 
 
 @triton.jit
@@ -188,7 +260,7 @@ def _gauss_sum(sigma, KSIZE: tl.constexpr):
 @triton.jit
 def _augment_kernel(IMG, OFFS, SIZES, PARAMS, OUT, SCRATCH, out_h, out_w,
                     m0, m1, m2, is0, is1, is2,
-                    CHW: tl.constexpr, HAS_SCRATCH: tl.constexpr, BLOCK: tl.constexpr):
+                    CHW: tl.constexpr, HAS_SCRATCH: tl.constexpr, ANTIALIAS: tl.constexpr, BLOCK: tl.constexpr):
     # Grid (B, G): program (b, g) writes view g of sample b, [3, out_h, out_w], BLOCK pixels per step.
     pid_b = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -221,7 +293,7 @@ def _augment_kernel(IMG, OFFS, SIZES, PARAMS, OUT, SCRATCH, out_h, out_w,
             pix = p0 + lanes
             ok = pix < npix
             pix = tl.minimum(pix, npix - 1)
-            r, g, b = _sample(IMG, base, H, W, pix, out_w, flip, top, left, ch, cw, scale_y, scale_x, CHW)
+            r, g, b = _sample(IMG, base, H, W, pix, out_w, flip, top, left, ch, cw, scale_y, scale_x, CHW, ANTIALIAS)
             r, g, b = _jitter(r, g, b, P, cpos, mean)
             acc += tl.where(ok, _gray(r, g, b), 0.0)
         mean = tl.sum(acc, axis=0) / npix
@@ -232,7 +304,7 @@ def _augment_kernel(IMG, OFFS, SIZES, PARAMS, OUT, SCRATCH, out_h, out_w,
         pix = p0 + lanes
         ok = pix < npix
         pix = tl.minimum(pix, npix - 1)
-        r, g, b = _sample(IMG, base, H, W, pix, out_w, flip, top, left, ch, cw, scale_y, scale_x, CHW)
+        r, g, b = _sample(IMG, base, H, W, pix, out_w, flip, top, left, ch, cw, scale_y, scale_x, CHW, ANTIALIAS)
         if jitter:
             r, g, b = _jitter(r, g, b, P, 4, mean)
         if gray:
@@ -343,9 +415,11 @@ def _norm_args(mean, std) -> list[float]:
     return [float(m) for m in mean] + [1.0 / float(s) for s in std]
 
 
-def augment_views(images, offsets, sizes, params, out_h, out_w, chw, out_dtype, mean, std, blur_kernel):
+def augment_views(images, offsets, sizes, params, out_h, out_w, chw, out_dtype, mean, std, blur_kernel, *,
+                  antialias=True):
     """[G, B, 3, out_h, out_w] in `out_dtype` (see the module doc). `blur_kernel` (odd, or 0 for no blur
-    pass): samples with the blur flag are blurred with that many taps before solarize and normalization."""
+    pass): samples with the blur flag are blurred with that many taps before solarize and normalization.
+    `antialias`: the antialiased resize, else plain bilinear."""
     g_views, batch = params.shape[0], params.shape[1]
     dev = images.device
     out = empty((g_views, batch, 3, out_h, out_w), dtype=out_dtype, device=dev)
@@ -356,7 +430,8 @@ def augment_views(images, offsets, sizes, params, out_h, out_w, chw, out_dtype, 
                else torch.zeros(1, dtype=torch.float32, device=dev))
     norm = _norm_args(mean, std)
     _augment_kernel[(batch, g_views)](images, offsets, sizes, params, out, scratch, out_h, out_w, *norm,
-                                      CHW=bool(chw), HAS_SCRATCH=int(blur), **_augment_cfg(out_h * out_w))
+                                      CHW=bool(chw), HAS_SCRATCH=int(blur), ANTIALIAS=bool(antialias),
+                                      **_augment_cfg(out_h * out_w))
     if blur:
         _blur(scratch, scratch, out, params, COL_BLUR, COL_SIGMA, COL_SOLAR, COL_THRESH, 3, out_h, out_w, batch,
               g_views, blur_kernel, norm, epilogue=True)

@@ -270,10 +270,10 @@ def compile_sm90(fn, signature, constexprs, num_warps):
 
 f = "fp32"
 norm = dict(m0=f, m1=f, m2=f, is0=f, is1=f, is2=f)
-for chw, out in ((True, "*bf16"), (False, "*fp32")):
+for chw, out, aa in ((True, "*bf16", True), (False, "*fp32", True), (False, "*fp32", False)):
     compile_sm90(K._augment_kernel, dict(IMG="*u8", OFFS="*i64", SIZES="*i32", PARAMS="*fp32", OUT=out,
                                          SCRATCH="*fp32", out_h="i32", out_w="i32", **norm),
-                 dict(CHW=chw, HAS_SCRATCH=int(chw), BLOCK=1024), 8)
+                 dict(CHW=chw, HAS_SCRATCH=int(chw), ANTIALIAS=aa, BLOCK=1024), 8)
 compile_sm90(K._blur_rows_kernel, dict(SRC="*fp32", DST="*fp32", PARAMS="*fp32", pstride="i32", flag_col="i32",
                                        sigma_col="i32", n_rows="i32", w="i32"),
              dict(KSIZE=23, ROWS=4, BLOCK_W=256, SYNC=True), 4)
@@ -331,7 +331,8 @@ def test_gpu_gaussian_blur_and_params_on_device(seed):
 
 
 @pytest.mark.gpu
-def test_reference_matches_torchvision(seed):
+@pytest.mark.parametrize("antialias", [True, False])
+def test_reference_matches_torchvision(seed, antialias):
     """The reference's ops are torchvision's: each view of `ref.augment_one` equals the same parameters run
     through torchvision.transforms.v2.functional in float64 (the GPU box has torchvision; CPU CI does not)."""
     TF = pytest.importorskip("torchvision.transforms.v2.functional")
@@ -347,7 +348,7 @@ def test_reference_matches_torchvision(seed):
             p = params[g, b].double().tolist()
             top, left, ch, cw = (int(p[i]) for i in (ref.F_TOP, ref.F_LEFT, ref.F_HEIGHT, ref.F_WIDTH))
             x = TF.resized_crop(img.double() / 255, top, left, ch, cw, [40, 40],
-                                interpolation=InterpolationMode.BILINEAR, antialias=False)
+                                interpolation=InterpolationMode.BILINEAR, antialias=antialias)
             if p[ref.F_FLIP]:
                 x = TF.horizontal_flip(x)
             if p[ref.F_JITTER]:
@@ -361,5 +362,5 @@ def test_reference_matches_torchvision(seed):
                 x = TF.gaussian_blur(x, [23, 23], [p[ref.F_SIGMA]] * 2)
             if p[ref.F_SOLAR]:
                 x = TF.solarize(x, p[ref.F_THRESH])
-            want = ref.augment_one(img, p, 40, 40, 23)
+            want = ref.augment_one(img, p, 40, 40, 23, antialias=antialias)
             assert_close(want, x, 1e-6, f"seed={seed} sample {b} view {g}")

@@ -37,16 +37,16 @@ def _impl(*tensors):
 
 
 # ------------------------------------------------------------------------------------------- custom ops
-def _fake_views(images, offsets, sizes, params, out_h, out_w, chw, out_dtype, mean, std, blur_kernel):
+def _fake_views(images, offsets, sizes, params, out_h, out_w, chw, out_dtype, mean, std, blur_kernel, antialias):
     return images.new_empty((params.shape[0], params.shape[1], 3, out_h, out_w), dtype=out_dtype)
 
 
 @custom_op("augment_views", fake=_fake_views)
 def _augment_views_op(images: torch.Tensor, offsets: torch.Tensor, sizes: torch.Tensor, params: torch.Tensor,
                       out_h: int, out_w: int, chw: bool, out_dtype: torch.dtype, mean: list[float],
-                      std: list[float], blur_kernel: int) -> torch.Tensor:
+                      std: list[float], blur_kernel: int, antialias: bool) -> torch.Tensor:
     return _impl(images, params).augment_views(images, offsets, sizes, params, out_h, out_w, chw, out_dtype, mean,
-                                               std, blur_kernel)
+                                               std, blur_kernel, antialias=antialias)
 
 
 @custom_op("gaussian_blur", fake=lambda x, sigma, kernel_size: torch.empty_like(x))
@@ -75,6 +75,12 @@ def _kernel_size(value) -> int:
     if value < 0 or (value and value % 2 == 0):
         raise ValueError(f"blur_kernel must be an odd positive int (or 0 for no blur), got {value}")
     return int(value)
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
 
 
 def _triple(name: str, value) -> list[float]:
@@ -226,10 +232,15 @@ def sample_view_params(spec, sizes: torch.Tensor, *, count: int = 1, generator: 
 # ------------------------------------------------------------------------------------------- public API
 def augment_views(images: torch.Tensor, offsets: torch.Tensor, sizes: torch.Tensor, params: torch.Tensor,
                   out_size, *, chw: bool = False, dtype: torch.dtype = torch.float32, mean=IMAGENET_MEAN,
-                  std=IMAGENET_STD, blur_kernel: int = 23) -> torch.Tensor:
+                  std=IMAGENET_STD, blur_kernel: int = 23, antialias: bool = True) -> torch.Tensor:
     """[G, B, 3, H, W] normalized views in `dtype` from packed uint8 images (`pack_images`) and per-(view,
     sample) parameters [G, B, NUM_FIELDS] (`sample_view_params`). One fused pass per view, plus a separable
-    blur pass over the samples whose blur flag is set when `blur_kernel` > 0 (odd; 0 skips blur)."""
+    blur pass over the samples whose blur flag is set when `blur_kernel` > 0 (odd; 0 skips blur).
+
+    `antialias` (default, as torchvision v2's RandomResizedCrop): the crop is resized with the triangle
+    filter whose support grows with the downscale factor (PIL's, `F.interpolate(antialias=True)`'s; plain
+    bilinear when upscaling); False: plain two-tap bilinear. Formula: `sslfast.reference.augment`."""
+    antialias = _flag("antialias", antialias)
     images, offsets, sizes = _check_packed(images, offsets, sizes)
     params = _check_params(params, offsets.shape[0])
     V.same_device(images=images, params=params)
@@ -240,7 +251,7 @@ def augment_views(images: torch.Tensor, offsets: torch.Tensor, sizes: torch.Tens
     if min(std) <= 0:
         raise ValueError(f"std must be positive, got {std}")
     return _augment_views_op(images, offsets, sizes, params, out_h, out_w, bool(chw), dtype,
-                             _triple("mean", mean), std, _kernel_size(blur_kernel))
+                             _triple("mean", mean), std, _kernel_size(blur_kernel), antialias)
 
 
 def gaussian_blur(x: torch.Tensor, sigma, kernel_size: int = 23) -> torch.Tensor:
@@ -263,33 +274,38 @@ def gaussian_blur(x: torch.Tensor, sigma, kernel_size: int = 23) -> torch.Tensor
     return _gaussian_blur_op(x, sigma.contiguous(), k)
 
 
-def _group_views(specs) -> list[tuple[tuple[int, int], list[int]]]:
-    """Output views grouped by (size, blur kernel): one launch per group."""
-    groups: dict[tuple[int, int], list[int]] = {}
+def _group_views(specs, antialias: bool) -> list[tuple[tuple[int, int, bool], list[int]]]:
+    """Output views grouped by (size, blur kernel, antialias): one launch per group. A spec's own `antialias`
+    attribute, where it has one, overrides the call's."""
+    groups: dict[tuple[int, int, bool], list[int]] = {}
     for i, s in enumerate(specs):
-        groups.setdefault((s.size, s.blur_kernel if s.blur_p > 0 else 0), []).append(i)
+        key = (s.size, s.blur_kernel if s.blur_p > 0 else 0, _flag("antialias", getattr(s, "antialias", antialias)))
+        groups.setdefault(key, []).append(i)
     return list(groups.items())
 
 
 def augment_batch(images, offsets, sizes, views, *, chw: bool = False, dtype: torch.dtype = torch.float32,
-                  mean=IMAGENET_MEAN, std=IMAGENET_STD, generator: torch.Generator | None = None
-                  ) -> list[torch.Tensor]:
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD, generator: torch.Generator | None = None,
+                  antialias: bool = True) -> list[torch.Tensor]:
     """All views of one batch: `views` is a sequence of view specs (e.g. `preset.views`, each with a `count`);
     returns one [B, 3, size, size] tensor per output view, in order. Parameters are drawn on the images'
-    device (`sample_view_params`); views that share a size and blur kernel share one launch."""
+    device (`sample_view_params`); views that share a size, blur kernel and resize mode share one launch.
+    `antialias` as in `augment_views`, for every spec without an `antialias` attribute of its own."""
+    antialias = _flag("antialias", antialias)
     specs = [s for s in views for _ in range(getattr(s, "count", 1))]
+    groups = _group_views(specs, antialias)
     params = []
     for s in views:
         params.append(sample_view_params(s, sizes, count=getattr(s, "count", 1), generator=generator))
     params = torch.cat(params, dim=0)
     out: list[torch.Tensor | None] = [None] * len(specs)
-    for (size, kernel), idx in _group_views(specs):
+    for (size, kernel, aa), idx in groups:
         if idx == list(range(idx[0], idx[-1] + 1)):   # presets list same-size views together: a slice
             group = params[idx[0]: idx[-1] + 1]
         else:
             group = params.index_select(0, torch.tensor(idx, device=params.device))
         res = augment_views(images, offsets, sizes, group, size, chw=chw, dtype=dtype, mean=mean, std=std,
-                            blur_kernel=kernel)
+                            blur_kernel=kernel, antialias=aa)
         for j, i in enumerate(idx):
             out[i] = res[j]
     return out

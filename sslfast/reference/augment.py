@@ -1,9 +1,10 @@
 """Multi-view SSL augmentation in plain PyTorch: the float64 oracle of the fused kernel and its CPU path.
 
 The oracle is written as torchvision's functional *tensor* ops (v0.15+) compute them, one sample at a time,
-so a reader can check each line against torchvision (a GPU-box test does, with torchvision installed): `F.resized_crop` (bilinear, no antialias),
-`F.hflip`, `ColorJitter` (four ops in a random per-sample order), `F.rgb_to_grayscale`,
-`F.gaussian_blur` (reflect padding), `F.solarize`, `F.normalize`. The views take the per-sample parameters
+so a reader can check each line against torchvision (a GPU-box test does, with torchvision installed):
+`F.resized_crop` (bilinear, antialiased on downscale as torchvision v2 by default, or plain), `F.hflip`,
+`ColorJitter` (four ops in a random per-sample order), `F.rgb_to_grayscale`, `F.gaussian_blur` (reflect
+padding), `F.solarize`, `F.normalize`. The views take the per-sample parameters
 as a tensor (layout `FIELDS`, drawn by `sslfast.ops.augment.sample_view_params`), so the kernel and this
 reference run the very same random draws. Two layers, as in `sslfast.reference.infonce`:
 
@@ -15,7 +16,7 @@ says whether images are stored [3, H, W] (GPU decode) or [H, W, 3] (PIL, numpy).
 
 Order of operations for one view of one sample (fixed, as in every preset's source):
 
-    x   = resized_crop(img, top, left, height, width, (out_h, out_w)) / 255     bilinear, half-pixel centres
+    x   = resized_crop(img, top, left, height, width, (out_h, out_w)) / 255     bilinear, see below
     x   = hflip(x)                                              if flip
     for op in order (a permutation of brightness, contrast, saturation, hue):   if jitter
         brightness: x = clamp(b·x, 0, 1)
@@ -27,10 +28,21 @@ Order of operations for one view of one sample (fixed, as in every preset's sour
     x   = where(x >= threshold, 1 − x, x)                       if solarize
     out = (x − mean) / std
 
-Deviations from torchvision (the kernel and this reference agree to rounding): bilinear resize
-without antialiasing (torchvision v2's RandomResizedCrop antialiases on downscale; the papers' PIL code uses
-bicubic), values stay in float between ops (PIL rounds to uint8 after each op), and the blur's reflect
-index folds repeatedly so a kernel wider than the view still works (torchvision raises there).
+The resize, per axis of the crop (`in` source pixels to `out`, scale = in/out, separable: rows, then
+columns). With `antialias` (the default, torchvision v2's RandomResizedCrop, PIL's and
+`F.interpolate(mode="bilinear", antialias=True)`'s triangle filter) output pixel o is centred at
+c = (o + ½)·scale in crop coordinates and
+
+    x[o] = Σ_k w_k·img[k] / Σ_k w_k,    w_k = max(0, 1 − |k + ½ − c| / s),   s = max(scale, 1),
+
+over the crop's pixels k ∈ [0, in) (taps outside the crop are dropped, the rest renormalized): the support
+widens with the downscale factor, and upscaling (s = 1) is ordinary bilinear. `antialias_weights` writes
+this [out, in] matrix literally. Without it: PyTorch's plain bilinear (align_corners=False: src =
+(dst + ½)·scale − ½ clamped at 0, two taps), which aliases when downscaling.
+
+Deviations from torchvision (the kernel and this reference agree to rounding): values stay in float between
+ops (PIL rounds to uint8 after each op; the papers' PIL code resizes bicubic), and the blur's reflect index
+folds repeatedly so a kernel wider than the view still works (torchvision raises there).
 """
 from __future__ import annotations
 
@@ -159,6 +171,31 @@ def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) 
     return torch.stack([gaussian_blur(x[b], kernel_size, float(sigma[b])) for b in range(x.shape[0])])
 
 
+def antialias_weights(in_n: int, out_n: int, dtype=torch.float64) -> torch.Tensor:
+    """[out_n, in_n] weights of the antialiased bilinear resize along one axis (the module doc's formula):
+    W[o, k] = max(0, 1 − |k + ½ − c_o| / s) / Σ_k (…), c_o = (o + ½)·in/out, s = max(in/out, 1)."""
+    scale = in_n / out_n
+    c = (torch.arange(out_n, dtype=dtype) + 0.5) * scale
+    k = torch.arange(in_n, dtype=dtype) + 0.5
+    w = (1.0 - (k[None, :] - c[:, None]).abs() / max(scale, 1.0)).clamp_min(0.0)
+    return w / w.sum(dim=1, keepdim=True)
+
+
+def resize_antialias_literal(x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """[..., H, W] -> [..., out_h, out_w] as Wy · x · Wxᵀ with `antialias_weights` per axis (in x.dtype)."""
+    wy = antialias_weights(x.shape[-2], out_h, x.dtype).to(x.device)
+    wx = antialias_weights(x.shape[-1], out_w, x.dtype).to(x.device)
+    return wy @ x @ wx.T
+
+
+def resized_crop(img: torch.Tensor, top: int, left: int, height: int, width: int, out_h: int, out_w: int,
+                 antialias: bool, dtype=torch.float64) -> torch.Tensor:
+    """torchvision `F.resized_crop` of a [3, H, W] image (bilinear; see the module doc), in `dtype`, 0..255."""
+    crop = img[:, top: top + height, left: left + width].to(dtype)
+    return F.interpolate(crop[None], size=(out_h, out_w), mode="bilinear", align_corners=False,
+                         antialias=antialias)[0]
+
+
 # ----------------------------------------------------------------------------------------- the pipeline
 def unpack_image(images: torch.Tensor, offset: int, h: int, w: int, chw: bool) -> torch.Tensor:
     """One packed uint8 image as [3, H, W]."""
@@ -167,13 +204,11 @@ def unpack_image(images: torch.Tensor, offset: int, h: int, w: int, chw: bool) -
 
 
 def augment_one(img: torch.Tensor, p: list[float], out_h: int, out_w: int, blur_kernel: int,
-                dtype=torch.float64) -> torch.Tensor:
+                dtype=torch.float64, *, antialias: bool = True) -> torch.Tensor:
     """One view of one uint8 [3, H, W] image with parameter row `p` (list of floats, layout FIELDS):
     values in [0, 1] after solarize, before normalization."""
-    top, left, ch, cw = (int(p[i]) for i in (F_TOP, F_LEFT, F_HEIGHT, F_WIDTH))
-    crop = img[:, top: top + ch, left: left + cw].to(dtype)
-    x = F.interpolate(crop[None], size=(out_h, out_w), mode="bilinear", align_corners=False,
-                      antialias=False)[0] / 255.0
+    box = (int(p[i]) for i in (F_TOP, F_LEFT, F_HEIGHT, F_WIDTH))
+    x = resized_crop(img, *box, out_h, out_w, antialias=antialias, dtype=dtype) / 255.0
     if p[F_FLIP]:
         x = x.flip(-1)
     if p[F_JITTER]:
@@ -192,7 +227,7 @@ def augment_one(img: torch.Tensor, p: list[float], out_h: int, out_w: int, blur_
 
 def augment_views_literal(images: torch.Tensor, offsets: torch.Tensor, sizes: torch.Tensor, params: torch.Tensor,
                   out_h: int, out_w: int, chw: bool, out_dtype: torch.dtype, mean, std, blur_kernel: int,
-                  compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+                  compute_dtype: torch.dtype = torch.float64, *, antialias: bool = True) -> torch.Tensor:
     """The float64 test oracle: [G, B, 3, out_h, out_w] views, one `augment_one` per (view g, sample b).
     params [G, B, NUM_FIELDS], sizes [B, 2] (H, W) and offsets [B] into the flat uint8 `images`; computed in
     `compute_dtype`, returned in `out_dtype`."""
@@ -206,7 +241,7 @@ def augment_views_literal(images: torch.Tensor, offsets: torch.Tensor, sizes: to
     for b in range(batch):
         img = unpack_image(images, offs[b], hw[b][0], hw[b][1], chw)
         for g in range(g_views):
-            x = augment_one(img, rows[g][b], out_h, out_w, blur_kernel, compute_dtype)
+            x = augment_one(img, rows[g][b], out_h, out_w, blur_kernel, compute_dtype, antialias=antialias)
             out[g, b] = ((x - m) / s).to(out_dtype)
     return out
 
@@ -242,6 +277,18 @@ def _crop_resize_rows(images, base, hgt, wid, p, out_h, out_w, chw: bool, ct) ->
     return (hy * (hx * tap(y0, x0) + lx * tap(y0, x1)) + ly * (hx * tap(y1, x0) + lx * tap(y1, x1))) / 255.0
 
 
+def _crop_resize_rows_antialiased(images, base, hgt, wid, p, out_h, out_w, chw: bool, ct) -> torch.Tensor:
+    """`_crop_resize_rows` with the antialiased resize: one `resized_crop` per row (the crop sizes, hence the
+    filter supports, differ per row)."""
+    boxes = p[:, [F_TOP, F_LEFT, F_HEIGHT, F_WIDTH]].long().tolist()
+    flips = (p[:, F_FLIP] > 0.5).tolist()
+    views = []
+    for box, flip, b, h, w in zip(boxes, flips, base.tolist(), hgt.tolist(), wid.tolist()):
+        x = resized_crop(unpack_image(images, b, h, w, chw), *box, out_h, out_w, antialias=True, dtype=ct)
+        views.append(x.flip(-1) if flip else x)
+    return torch.stack(views) / 255.0
+
+
 def _blur_rows(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """[n, C, H, W] blurred with per-row sigma [n]: reflect index padding, then two grouped conv2d passes."""
     n, c, h, w = x.shape
@@ -269,10 +316,10 @@ CHUNK_ELEMS = 1 << 21  # output values per chunk of the batched CPU path (gather
 
 def augment_views(images: torch.Tensor, offsets: torch.Tensor, sizes: torch.Tensor, params: torch.Tensor,
                   out_h: int, out_w: int, chw: bool, out_dtype: torch.dtype, mean, std, blur_kernel: int,
-                  compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  compute_dtype: torch.dtype = torch.float32, *, antialias: bool = True) -> torch.Tensor:
     """The CPU path: the same math as `augment_views_literal`, vectorized over (view, sample) rows in chunks —
-    gathers for the bilinear crop, masked sub-batches for each op (the jitter per order position and op),
-    grouped convolutions for the per-sample blur."""
+    gathers for the plain bilinear crop (one `F.interpolate` per row when `antialias`), masked sub-batches for
+    each op (the jitter per order position and op), grouped convolutions for the per-sample blur."""
     g_views, batch = params.shape[0], params.shape[1]
     ct = compute_dtype
     out = torch.empty((g_views, batch, 3, out_h, out_w), dtype=out_dtype, device=images.device)
@@ -287,7 +334,8 @@ def augment_views(images: torch.Tensor, offsets: torch.Tensor, sizes: torch.Tens
     for r0 in range(0, n_rows, step):
         sl = slice(r0, min(n_rows, r0 + step))
         p = rows_p[sl]
-        x = _crop_resize_rows(images, base_all[sl], hgt_all[sl], wid_all[sl], p, out_h, out_w, chw, ct)
+        crop_resize = _crop_resize_rows_antialiased if antialias else _crop_resize_rows
+        x = crop_resize(images, base_all[sl], hgt_all[sl], wid_all[sl], p, out_h, out_w, chw, ct)
         jitter = p[:, F_JITTER] > 0.5
         factors = [p[:, F_BRIGHT].view(-1, 1, 1, 1), p[:, F_CONTRAST].view(-1, 1, 1, 1),
                    p[:, F_SAT].view(-1, 1, 1, 1), p[:, F_HUE].view(-1, 1, 1)]
