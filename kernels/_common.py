@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -16,6 +18,41 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 TL_LOG2E = tl.constexpr(LOG2E)
 TL_LN2 = tl.constexpr(LN2)
+
+
+_INTERPRETER_MODULE = r"triton\.runtime\.interpreter"
+
+
+def quiet_interpreter() -> None:
+    """Under TRITON_INTERPRET=1 (installed once, at import): interpreted launches stop reporting the
+    interpreter's own numpy noise. The interpreter evaluates every lane of a block, masked-off ones included
+    (log2 of 0, inf − inf, NaN casts on lanes that are never stored), and converts 1-element arrays to Python
+    ints the way numpy deprecates; none of it reaches a result, but it reached users as RuntimeWarnings and
+    DeprecationWarnings. Each grid launch (`triton.runtime.interpreter.GridExecutor.__call__`) now runs under
+    `np.errstate(all="ignore")` (so a user's `np.seterr(all="raise")` cannot break a kernel either) and a
+    warnings filter that ignores RuntimeWarning and DeprecationWarning attributed to that module only:
+    warnings from anywhere else, and everything outside interpreted launches, are untouched. (The filter is
+    a `warnings.catch_warnings` scope, which is process-wide for its duration, as that API always is.)"""
+    from triton.runtime import interpreter
+
+    executor = getattr(interpreter, "GridExecutor", None)  # the launch of every interpreted grid
+    if executor is None or getattr(executor.__call__, "_sslfast_quiet", False):
+        return
+    call = executor.__call__
+
+    @functools.wraps(call)
+    def quiet_call(self, *args, **kwargs):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            for category in (RuntimeWarning, DeprecationWarning):
+                warnings.filterwarnings("ignore", category=category, module=_INTERPRETER_MODULE)
+            return call(self, *args, **kwargs)
+
+    quiet_call._sslfast_quiet = True
+    executor.__call__ = quiet_call
+
+
+if interpreting():
+    quiet_interpreter()
 
 
 def upcast_dots() -> bool:

@@ -7,7 +7,8 @@ DALI reader state (the source of solo-learn's skipped-epoch and drop-last bugs).
 
 Each view is a branch of the graph, with per-sample random parameters from DALI's seeded random operators:
 
-    random_resized_crop(size, random_area=scale, random_aspect_ratio=ratio, 10 attempts, linear, no antialias)
+    random_resized_crop(size, random_area=scale, random_aspect_ratio=ratio, 10 attempts, linear, antialiased
+                        when downscaling, as the native kernel and torchvision v2)
     jitter (coin p): x = clamp(b·x); x = clamp(c·x + (1 − c)·mean(gray(x)));
                      x = clamp(fn.hsv(x, saturation=s, hue=360·h))
     grayscale (coin p): x = gray(x) on all channels            gray = .2989 r + .587 g + .114 b (arithmetic)
@@ -73,7 +74,7 @@ def _view_graph(images, spec, *, gpu: bool, mean, std, fp16: bool):
 
     x = fn.random_resized_crop(images, size=[spec.size, spec.size], random_area=list(spec.scale),
                                random_aspect_ratio=list(spec.ratio), num_attempts=10,
-                               interp_type=types.INTERP_LINEAR, antialias=False)
+                               interp_type=types.INTERP_LINEAR, antialias=True)
     x = fn.cast(x, dtype=types.FLOAT)
     if spec.has_jitter:
         on = coin(spec.jitter_p)

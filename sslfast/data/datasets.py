@@ -123,26 +123,90 @@ class ArraySource:
         return f"ArraySource({len(self)} images, {shape})"
 
 
+def _folder_key(path: str):
+    """(st_dev, st_ino) of the folder `path` names (links followed), or None when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _scan_images(folder: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """One folder: its image files as (path, identity) and its subfolders' paths, both sorted by name, links
+    followed. A file's identity is its real path: the folder's real path plus the name for a plain file (no
+    system call per file), `os.path.realpath` for a link. An unreadable folder gives nothing (as `os.walk`)."""
+    try:
+        real = os.path.realpath(folder)
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError:
+        return [], []
+    images, subfolders = [], []
+    for e in entries:
+        try:
+            is_dir = e.is_dir()
+        except OSError:
+            is_dir = False
+        if is_dir:
+            subfolders.append(e.path)
+        elif e.name.lower().endswith(IMG_EXTENSIONS):
+            images.append((e.path, os.path.realpath(e.path) if e.is_symlink() else os.path.join(real, e.name)))
+    return images, subfolders
+
+
+def _walk_images(top: str, visited: set) -> list[tuple[str, str]]:
+    """(path, identity) of the image files under `top` (see `_scan_images`), links followed, in the order of
+    `sorted(os.walk(top))` (by folder path, then name). A folder whose (st_dev, st_ino) is in `visited` is not
+    entered (and every folder entered is added), so a link back up the tree (`a/self -> ..`) or a second link
+    to one folder neither loops nor lists its files again. Folders are entered depth first in sorted order, so
+    which of two paths to one folder is kept does not depend on the file system's listing order."""
+    found, stack = [], [top]
+    while stack:
+        folder = stack.pop()
+        images, subfolders = _scan_images(folder)
+        found.append((folder, images))
+        fresh = []
+        for sub in subfolders:
+            key = _folder_key(sub)
+            if key is not None and key not in visited:
+                visited.add(key)
+                fresh.append(sub)
+        stack.extend(reversed(fresh))
+    return [item for _, images in sorted(found, key=lambda f: f[0]) for item in images]
+
+
 def find_images(root: str | os.PathLike) -> FileSource:
     """A folder in ImageFolder layout (root/class_x/*.jpg → label = sorted class index), or a flat folder of
-    images (label 0). Files are sorted; only image extensions are listed (torchvision's ImageFolder rule)."""
+    images (label 0). Files are sorted; only image extensions are listed (torchvision's ImageFolder rule).
+
+    Symbolic links to files and folders are followed (inside the tree or out of it), but every real file is
+    listed once (by its real path; the first path in sorted order wins, so a file linked from two classes is
+    one sample, of the first class) and every real folder is entered once (by (st_dev, st_ino)), so a link
+    cycle such as `a/self -> ..` neither loops nor multiplies the data set; the root and the class folders are
+    never re-entered through a link inside a class."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"source folder {str(root)!r} does not exist")
     if not root.is_dir():
         raise NotADirectoryError(f"source {str(root)!r} is not a folder")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    visited = {_folder_key(str(root)), *(_folder_key(str(root / cls)) for cls in classes)}
+    seen: set = set()
     paths, labels = [], []
-    if classes:
-        for label, cls in enumerate(classes):
-            for dirpath, _, files in sorted(os.walk(root / cls, followlinks=True)):
-                for name in sorted(files):
-                    if name.lower().endswith(IMG_EXTENSIONS):
-                        paths.append(os.path.join(dirpath, name))
-                        labels.append(label)
-    flat = sorted(p for p in root.iterdir() if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS))
-    if flat and not paths:
-        paths, labels, classes = [str(p) for p in flat], [0] * len(flat), []
+
+    def add(images: list[tuple[str, str]], label: int) -> None:
+        for path, identity in images:
+            if identity not in seen:
+                seen.add(identity)
+                paths.append(path)
+                labels.append(label)
+
+    for label, cls in enumerate(classes):
+        add(_walk_images(str(root / cls), visited), label)
+    if not paths:  # a flat folder: the images at the top level, label 0
+        classes = []
+        add(_scan_images(str(root))[0], 0)
     if not paths:
         raise ValueError(f"no images found in {str(root)!r} (looked for {', '.join(IMG_EXTENSIONS)} files, in "
                          "class subfolders or at the top level)")

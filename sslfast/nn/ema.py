@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 from torch import nn
@@ -31,6 +32,17 @@ def _slots(module: nn.Module, kind: str) -> list[tuple[str, nn.Module, str]]:
             seen.add(id(t))
             out.append((f"{mod_name}.{name}" if mod_name else name, mod, name))
     return out
+
+
+def _schedule(momentum, final_momentum, total_steps, where: str = "") -> tuple[float, float, int | None]:
+    """The checked (momentum, final_momentum, total_steps) of a schedule: both momenta finite numbers in [0, 1]
+    (NaN refused), total_steps a positive int or None. `where` names the source in messages (a state dict)."""
+    m = _ops._real(f"{where}momentum", momentum, 0.0, 1.0)
+    final = _ops._real(f"{where}final_momentum", final_momentum, 0.0, 1.0)
+    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                    or total_steps <= 0):
+        raise ValueError(f"{where}total_steps must be a positive int or None, got {total_steps!r}")
+    return m, final, total_steps
 
 
 class EMA(nn.Module):
@@ -64,17 +76,10 @@ class EMA(nn.Module):
         elif not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
         teacher = unwrap(teacher)
-        for name, value, low, high in (("momentum", momentum, 0.0, 1.0), ("final_momentum", final_momentum, 0.0, 1.0)):
-            _ops._real(name, value, low, high)
-        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
-                                        or total_steps <= 0):
-            raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
+        self.base_momentum, self.final_momentum, self.total_steps = _schedule(momentum, final_momentum, total_steps)
         teacher.requires_grad_(False)
         self.teacher = teacher
         self._student = [student]  # a list, so the student is not registered as a submodule
-        self.base_momentum = float(momentum)
-        self.final_momentum = float(final_momentum)
-        self.total_steps = total_steps
         self.copy_buffers = copy_buffers
         self.step = 0
         self._bind()
@@ -124,8 +129,9 @@ class EMA(nn.Module):
     def update(self, momentum=None) -> None:
         """One EMA step of the teacher towards the student (then buffers copied, step count + 1).
 
-        `momentum` overrides the schedule for this step: a float, or a one-element CUDA tensor read on the
-        device (for CUDA-graph capture)."""
+        `momentum` overrides the schedule for this step: a float in [0, 1], or a one-element CUDA tensor read on
+        the device (for CUDA-graph capture), whose range is checked by a device-side assertion instead of a host
+        sync (see `sslfast.ops.ema.ema_update_`)."""
         student, teacher = self._params()
         _ops.ema_update_(teacher, student, self.momentum if momentum is None else momentum)
         self._finish()
@@ -147,10 +153,16 @@ class EMA(nn.Module):
                 "total_steps": self.total_steps}
 
     def set_extra_state(self, state):
-        self.step = int(state["step"])
-        self.base_momentum = float(state.get("momentum", self.base_momentum))
-        self.final_momentum = float(state.get("final_momentum", self.final_momentum))
-        self.total_steps = state.get("total_steps", self.total_steps)
+        try:
+            step = operator.index(state["step"])
+        except TypeError:
+            step = -1
+        if isinstance(state["step"], bool) or step < 0:
+            raise ValueError(f"state: step must be an int >= 0, got {state['step']!r}")
+        self.base_momentum, self.final_momentum, self.total_steps = _schedule(
+            state.get("momentum", self.base_momentum), state.get("final_momentum", self.final_momentum),
+            state.get("total_steps", self.total_steps), where="state: ")
+        self.step = step
 
     def extra_repr(self) -> str:
         return (f"momentum={self.base_momentum}, final_momentum={self.final_momentum}, "

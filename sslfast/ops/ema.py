@@ -12,9 +12,10 @@ over chunks of CHUNK_ELEMS elements) and flags (16-byte aligned → vector path;
 decay). `build_tables` packs them here with numpy, byte for byte (`table_layout` mirrors the C++ struct and is
 checked against `_C.table_layout` in CI), one table per (dtype, dtype) group and at most MAX_TENSORS rows per
 table, skipping empty tensors. Tables are built once per list of tensors and cached (`_Cache`): a call then
-only checks that the same tensors still sit at the same addresses and launches, so a step costs a few
-microseconds of Python and no host sync. Gradients, which change every step, are written into the cached
-tables in place (`_FusedPlan._set_grads`).
+only checks that the same tensors still sit at the same addresses with the same sizes, strides and dtypes
+(`_layout_key`, compared at C level; any change rebuilds the plan, which re-validates the tensors) and
+launches: no host sync, and a few C calls per tensor of Python. Gradients, which change every step, are
+written into the cached tables in place (`_FusedPlan._set_grads`).
 
 Rows the kernels cannot take (a tensor that is not dense, or whose strides differ from its partners') are
 updated by the reference path instead, in the same call.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import math
 import operator
 import weakref
 from numbers import Real
@@ -52,6 +54,9 @@ _MAX_CHUNKS = 2**31 - 1      # int32 chunk indices (and grid size)
 
 _data_ptr = Tensor.data_ptr
 _is_contiguous = Tensor.is_contiguous
+_size = Tensor.size
+_stride = Tensor.stride
+_dtype_of = operator.attrgetter("dtype")
 
 
 def dtype_code(dtype: torch.dtype) -> int:
@@ -225,25 +230,38 @@ def _check_pairs(name_a: str, a: list[Tensor], name_b: str, b: list, *, b_option
     return device
 
 
+def _unit(name: str, value: float) -> float:
+    """`value` if it lies in [0, 1]; NaN fails both comparisons and is refused with everything else."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return value
+
+
 def _momentum(name: str, value, device: torch.device | None):
-    """(weight = 1 − m as a float, or None; momentum as a 0-dim fp32 device tensor, or None)."""
+    """(weight = 1 − m as a float, or None; momentum as a 0-dim fp32 device tensor, or None).
+
+    Every momentum must lie in [0, 1] (NaN and ±inf are refused): a float or a CPU tensor is read and checked
+    on the host (ValueError naming `name`). A CUDA tensor is not read on the host (that would cost a device sync
+    per step, and a CUDA graph replays with whatever value the tensor holds then); instead a device-side
+    assertion is queued on the current stream before the update (`torch._assert_async(clamp(m, 0, 1) == m)`:
+    two tiny elementwise kernels and the assert, captured with the update by a CUDA graph). A value outside
+    [0, 1] never extrapolates the teacher silently: it raises a device-side assert error, reported at the next
+    synchronization (which, as every CUDA device assert, leaves the CUDA context unusable)."""
     if isinstance(value, Tensor):
         if value.numel() != 1 or not value.is_floating_point():
             raise TypeError(f"{name} must be a float or a floating tensor with one element, got "
                             f"{value.dtype} of shape {tuple(value.shape)}")
-        if value.device.type == "cpu" and (device is None or device.type != "cpu"):
-            return 1.0 - float(value), None  # a host scalar: reading it costs no device sync
+        if value.device.type == "cpu":  # a host scalar: reading it costs no device sync
+            return 1.0 - _unit(name, float(value)), None
         if device is not None and value.device != device:
             raise ValueError(f"{name} must be on the tensors' device {device} (or on the CPU), got {value.device}")
-        if value.device.type == "cpu":
-            return 1.0 - float(value), None
-        return None, value.reshape(()).to(torch.float32)
+        m = value.detach().reshape(()).to(torch.float32)
+        torch._assert_async(m.clamp(0.0, 1.0) == m, f"{name} must lie in [0, 1] (a device tensor, checked on "
+                                                    "the device)")
+        return None, m
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number in [0, 1] or a tensor, got {type(value).__name__}")
-    value = float(value)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {value}")
-    return 1.0 - value, None
+    return 1.0 - _unit(name, float(value)), None
 
 
 def _reference_momentum(weight: float | None, m_tensor: Tensor | None):
@@ -266,24 +284,37 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ plan cache
+def _layout_key(tensors: Sequence[Tensor]) -> tuple:
+    """What a plan's tables were built from, for one list of tensors: their data pointers (storage and offset),
+    sizes, strides and dtypes, as four tuples. Built and compared by C-level passes (`map` over the tensor
+    methods, tuple equality): a handful of C calls per tensor, no Python loop."""
+    return (tuple(map(_data_ptr, tensors)), tuple(map(_size, tensors)), tuple(map(_stride, tensors)),
+            tuple(map(_dtype_of, tensors)))
+
+
 class _Plan:
-    """Launch tables for fixed lists of tensors. A plan records the data pointers of the tensors it points at;
-    it holds no reference to them (the caller passes the lists at every call)."""
+    """Launch tables for fixed lists of tensors. A plan records the layout key (`_layout_key`: data pointers,
+    sizes, strides, dtypes) of every list it was built from; it holds no reference to the tensors (the caller
+    passes the lists at every call and checks them with `matches`)."""
 
     def _remember(self, lists: Sequence[Sequence[Tensor]]) -> None:
-        self.ptrs = tuple(tuple(map(_data_ptr, lst)) for lst in lists)
+        self.keys = tuple(map(_layout_key, lists))
 
     def matches(self, lists: Sequence[Sequence[Tensor]], which: Sequence[int] | None = None) -> bool:
-        """The tensors still sit where the tables point (no `.data` swap, no `module.to()` since). `which`:
-        the positions (in the remembered lists) of the given lists, when only some are checked."""
-        ptrs = self.ptrs if which is None else [self.ptrs[k] for k in which]
-        return all(p == tuple(map(_data_ptr, lst)) for p, lst in zip(ptrs, lists))
+        """The tensors are still what the tables describe: same storage at the same addresses (no `.data` swap,
+        no `module.to()` since), same sizes and strides (no `resize_`, `t_()`, `as_strided_`, `.data = view`)
+        and same dtypes. `which`: the positions (in the remembered lists) of the given lists, when only some
+        are checked. A mismatch makes the caller rebuild the plan, which re-validates the tensors (so a
+        resized tensor is refused there rather than broadcast or read out of bounds)."""
+        keys = self.keys if which is None else [self.keys[k] for k in which]
+        return len(keys) == len(lists) and all(k == _layout_key(lst) for k, lst in zip(keys, lists))
 
 
 class _Cache:
     """Small LRU of plans keyed by the ids of the tensor objects they were built for. Every plan holds weak
     references with a callback that drops it when one of its tensors dies, so a key (ids) found in the cache
-    always names the same live objects; a hit then only checks that their data pointers did not move."""
+    always names the same live objects; a hit then only checks that their layout keys (data pointers, sizes,
+    strides, dtypes) did not change, and a miss drops the plan so the caller validates and rebuilds."""
 
     def __init__(self, size: int = 16):
         self.size = size
@@ -350,7 +381,9 @@ def ema_update_(teacher_tensors: Iterable[Tensor], student_tensors: Iterable[Ten
     `momentum`: a float in [0, 1], or a one-element floating tensor. On CUDA a device tensor is read by the
     kernel itself: no host sync, and a CUDA graph that captured the update uses the value the tensor holds at
     replay (change it with `momentum.fill_(m)` or compute it on the device). Warm the update up once before
-    capturing (the first call builds and caches the launch tables).
+    capturing (the first call builds and caches the launch tables). A momentum outside [0, 1] (NaN included)
+    is refused: floats and CPU tensors with a ValueError, device tensors by a device-side assertion queued
+    before the update (see `_momentum`).
 
     On CUDA with `sslfast._C`: one launch per (teacher dtype, student dtype) group of up to 448 tensors
     (a ViT-B's 150 parameters: one launch). Without `_C`: torch._foreach_lerp_. On the CPU: foreach lerp.
@@ -574,11 +607,14 @@ _FUSED_PLANS = _Cache()
 
 
 def _real(name: str, value, low: float | None = None, high: float | None = None) -> float:
+    """`value` as a float, finite and within [low, high] (either bound optional): NaN and ±inf are refused."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name} must lie in [{low}, {high}], got {value}")
+    if not (math.isfinite(value) and (low is None or value >= low) and (high is None or value <= high)):
+        bounds = (f" in [{low}, {high}]" if low is not None and high is not None else
+                  f" >= {low}" if low is not None else f" <= {high}" if high is not None else "")
+        raise ValueError(f"{name} must be a finite number{bounds}, got {value}")
     return value
 
 
@@ -646,15 +682,20 @@ def lars_ema_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_b
                ema_momentum=ema_momentum)
 
 # ------------------------------------------------------------------------------------------------ DINO center
+_CENTER_DTYPES = V.FLOAT_DTYPES + (torch.float64,)
+
+
 def update_center_(center: Tensor, teacher_output: Tensor, momentum: float = 0.9) -> None:
     """DINO's center EMA, in place: center ← m·center + (1 − m)·mean of `teacher_output` over the batch,
     the mean taken over all ranks when torch.distributed is initialized (as DINOLoss.update_center).
 
-    center: [1, K] or [K]; teacher_output: [N, K] (e.g. the teacher's outputs of all global crops)."""
+    center: [1, K] or [K]; teacher_output: [N, K] (e.g. the teacher's outputs of all global crops). Both may
+    be fp32, bf16, fp16 or fp64, independently (the batch mean is taken in fp32, fp64 for fp64 outputs); this
+    is plain PyTorch on every device. `momentum` must be a finite number in [0, 1]."""
     if not isinstance(center, Tensor):
         raise TypeError(f"center must be a torch.Tensor [1, K] or [K], got {type(center).__name__}")
-    V.tensor("center", center)
-    out = V.tensor("teacher_output", teacher_output, ndim=2, shape_hint="[N, K]")
+    V.tensor("center", center, dtypes=_CENTER_DTYPES)
+    out = V.tensor("teacher_output", teacher_output, ndim=2, shape_hint="[N, K]", dtypes=_CENTER_DTYPES)
     if out.shape[0] == 0:
         raise ValueError("teacher_output must have at least one row, got shape (0, K)")
     if center.numel() != out.shape[1] or center.dim() > 2 or (center.dim() == 2 and center.shape[0] != 1):

@@ -223,10 +223,25 @@ def _int(name: str, value, low: int = 1) -> int:
     return int(value)
 
 
-def _normalize_device(device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+def _normalize_device(device, name: str = "device") -> torch.device:
+    """`device` as a torch.device with its CUDA index filled in. An unknown device string, or a CUDA device
+    this process cannot use, is a ValueError naming `name`, raised before anything runs (instead of torch's
+    "not compiled with CUDA" AssertionError from deep inside the first allocation)."""
+    if not isinstance(device, (str, int, torch.device)) or isinstance(device, bool):
+        raise TypeError(f"{name} must be a torch.device or a device string (e.g. 'cuda'), got "
+                        f"{type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{name} must name a device (e.g. 'cpu', 'cuda', 'cuda:1'), got {device!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}={str(device)!r} was requested but CUDA is not available (no GPU, or this "
+                             "torch build has no CUDA support)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}={str(device)!r}: there are only {torch.cuda.device_count()} CUDA devices")
     return device
 
 
@@ -237,7 +252,7 @@ def _draw_seed(generator, device: torch.device) -> torch.Tensor:
         return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    gdev = _normalize_device(generator.device)
+    gdev = _normalize_device(generator.device, "generator.device")
     if gdev.type != "cpu" and gdev != device:
         raise ValueError(f"generator must live on the CPU or on the output device {device}, got one on {gdev}")
     return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=gdev, generator=generator)
