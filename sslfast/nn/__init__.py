@@ -3,5 +3,6 @@ from .contrastive import CLIPLoss, InfoNCELoss, NTXentLoss
 from .dino import DINOLoss
 from .ema import EMA
 from .redundancy import BarlowTwinsLoss, VICRegLoss
+from .siglip import SigLIPLoss
 
-__all__ = ["BarlowTwinsLoss", "CLIPLoss", "DINOLoss", "EMA", "InfoNCELoss", "NTXentLoss", "VICRegLoss"]
+__all__ = ["BarlowTwinsLoss", "CLIPLoss", "DINOLoss", "EMA", "InfoNCELoss", "NTXentLoss", "SigLIPLoss", "VICRegLoss"]
