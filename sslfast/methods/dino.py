@@ -71,6 +71,7 @@ def _multicrop(backbone: nn.Module, crops) -> torch.Tensor:
 class DINO(Method):
     name = "dino"
     preset = "dino"
+    default_backbone = {"small": "resnet_tiny", "paper": "vit_small"}  # the paper is ViT-first
     RECIPE = dict(optimizer="adamw", lr=5e-4, weight_decay=0.04, warmup_epochs=10, betas=(0.9, 0.999))
     SMALL = dict(out_dim=1024, hidden_dim=256, bottleneck_dim=64, use_bn_in_head=True, momentum=0.99, lr=2e-3,
                  warmup_epochs=1)
@@ -84,8 +85,10 @@ class DINO(Method):
         self.head = DINOHead(self.feature_dim, out_dim, hidden_dim, bottleneck_dim, use_bn_in_head)
         # the teacher follows backbone + head (a Sequential kept unregistered: no duplicate state-dict keys)
         self.ema = EMA(nn.Sequential(self.backbone, self.head), momentum=momentum, final_momentum=1.0)
-        self.criterion = DINOLoss(out_dim, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs,
-                                  student_temp, center_momentum, num_global_crops)
+        self.criterion = DINOLoss(output_dim=out_dim, warmup_teacher_temp=warmup_teacher_temp,
+                                  teacher_temp=teacher_temp, warmup_teacher_temp_epochs=warmup_teacher_temp_epochs,
+                                  student_temp=student_temp, center_momentum=center_momentum,
+                                  num_global_crops=num_global_crops)
         self.num_global_crops = num_global_crops
         self.freeze_last_layer = freeze_last_layer
 
