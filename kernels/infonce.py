@@ -45,8 +45,11 @@ range, so the statistics are plain fp32 sums of exp2(s): no running max, no resc
 atomics, and in the backward one exp2 per element serves both the row and the column term,
 G_ij = 2^s_ij · (g_r[i]·2^-lse_r[i] + g_c[j]·2^-lse_c[j]). Otherwise (CLIP, whose learned scale the host
 does not read) rows keep an online (max, sum) pair, and each tile reduces its columns to (max m, sum l)
-and atomically adds l·2^(m − scale·log2 e) into an fp64 accumulator: |s| ≤ scale, so that factor never
-overflows, and fp64 keeps it exact down to 2^-1022 (scale up to ~350).
+and atomically adds l·2^(m − |scale|·log2 e) into an fp64 accumulator: |s| ≤ |scale|, so that factor never
+overflows, and fp64 keeps it exact down to 2^-1022, which covers every column while |scale| < ~333. A column
+whose largest logit lies further below |scale| (its sum under 2^-MIN_COL_ACC_EXP) is recomputed by one more
+launch of the forward with the roles swapped, its columns as rows with the online (max, sum); that launch
+skips every row block without such a column, so at ordinary scales it costs one near-empty launch.
 
 Split merge. A forward split over columns leaves per-split partials [splits, M] (sums, or (max, sum) pairs)
 and column sums; one launch (`_merge_splits_kernel`) reduces them to lse_r, pos and lse_c.
@@ -67,6 +70,10 @@ from ._common import TL_LN2, TL_LOG2E, cdiv, empty, merged_lse2, next_pow2, num_
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize
 MAX_ATOMIC_SPLITS = 4  # backward column splits that add into one output atomically (more: per-split slices)
 TRIANGLE_WAVES = 16    # the symmetric forward's work, in waves of the machine
+# The column sums of the online-max forward are fp64 sums of 2^(s − |scale|·log2 e): terms under 2^-1022 lose
+# bits or vanish. A column whose sum is under 2^-MIN_COL_ACC_EXP (its largest logit > ~665 below |scale|) is
+# recomputed; above it, the at most 2^31 lost terms (each < 2^-1022) weigh < 2^-31 of the sum.
+MIN_COL_ACC_EXP = tl.constexpr(960)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -82,6 +89,15 @@ def _exp2_f64(x):
     frac = tl.exp2(x - n).to(tl.float64)
     bits = (n.to(tl.int64) + 1023) << 52
     return frac * bits.to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _underflowed(COL_ACC, cols, col_ok):
+    """Columns whose fp64 sum Σ 2^(s − |scale|·log2 e) fell under 2^-MIN_COL_ACC_EXP (zero included: every term
+    underflowed; NaN excluded: the inputs were not finite). Compared on the bits, as positive doubles order
+    like their int64 patterns: a float literal would be an fp32 constant, in which 2^-960 is 0."""
+    bits = tl.load(COL_ACC + cols, mask=col_ok, other=1.0).to(tl.int64, bitcast=True)
+    return col_ok & (bits < (1023 - MIN_COL_ACC_EXP) << 52)
 
 
 @triton.jit
@@ -293,9 +309,9 @@ def _merge_splits_kernel(ROW_M, ROW_L, POS_S, COL_L, COL_ACC, SCALE, LSE_R, POS,
         col_ok = i < nb
         if BOUNDED:  # Σ_i e^s_ij
             lse_c = tl.log(tl.load(COL_L + i, mask=col_ok, other=1.0))
-        else:  # Σ_i e^(s_ij − scale) in fp64
+        else:  # Σ_i e^(s_ij − |scale|) in fp64 (underflowed columns are recomputed after this launch)
             acc = tl.load(COL_ACC + i, mask=col_ok, other=1.0)
-            lse_c = (tl.log(acc) + tl.load(SCALE).to(tl.float64)).to(tl.float32)
+            lse_c = (tl.log(acc) + tl.abs(tl.load(SCALE).to(tl.float64))).to(tl.float32)
         tl.store(LSE_C + i, lse_c, mask=col_ok)
 
 
@@ -308,6 +324,33 @@ def _lse_fwd_kernel(
     TRIANGLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ONE_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    _lse_fwd(R, C, RN_R, RN_C, SCALE, ROW_M, ROW_L, POS, COL_L, COL_ACC, M, NB, D, stride_r, stride_c, cols_per_split,
+             r_off, r_split, r_shift, c_off, c_split, c_shift, p_shift, p_period, EXCLUDE_SELF, WANT_POS, COL_STATS,
+             BOUNDED, TRIANGLE, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST, False)
+
+
+@triton.jit
+def _lse_redo_kernel(
+    R, C, RN_R, RN_C, SCALE, LSE, COL_ACC, M, NB, D, stride_r, stride_c,
+    r_off, r_split, r_shift, c_off, c_split, c_shift, p_shift, p_period,
+    EXCLUDE_SELF: tl.constexpr, WANT_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Grid (row block,): `_lse_fwd`'s REDO mode, LSE[i] for the rows i whose COL_ACC[i] underflowed.
+    _lse_fwd(R, C, RN_R, RN_C, SCALE, LSE, LSE, LSE, LSE, COL_ACC, M, NB, D, stride_r, stride_c, NB,
+             r_off, r_split, r_shift, c_off, c_split, c_shift, p_shift, p_period, EXCLUDE_SELF, WANT_POS, False,
+             False, False, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST, True)
+
+
+@triton.jit
+def _lse_fwd(
+    R, C, RN_R, RN_C, SCALE, ROW_M, ROW_L, POS, COL_L, COL_ACC,
+    M, NB, D, stride_r, stride_c, cols_per_split,
+    r_off, r_split, r_shift, c_off, c_split, c_shift, p_shift, p_period,
+    EXCLUDE_SELF: tl.constexpr, WANT_POS: tl.constexpr, COL_STATS: tl.constexpr, BOUNDED: tl.constexpr,
+    TRIANGLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, UPCAST: tl.constexpr, REDO: tl.constexpr,
+):
     # Grid (row block, column split). A program keeps BLOCK_M rows resident and sweeps its split's columns
     # BLOCK_N at a time; partial row statistics go to ROW_M/ROW_L[split], merged by the launcher. Only the
     # few tiles that hold a row's own index, a positive or the ragged end pay for masking.
@@ -316,6 +359,9 @@ def _lse_fwd_kernel(
     # column sums (and its columns' positives) to those rows' statistics, so the tiles left of the diagonal
     # are never computed. Programs past the last column do nothing (the grid is a rectangle over a
     # triangle). Every statistic is an fp32 atomic sum into ROW_L [M] and POS [M].
+    # REDO (one split, online max): the rows are the columns of an earlier launch whose fp64 sums COL_ACC
+    # underflowed (`_underflowed`); a row block holding none of them skips its sweep, the others store those
+    # rows' natural-log LSEs into ROW_L (the earlier merge's LSE_C). WANT_POS then only masks the positives.
     pid_m = tl.program_id(0)
     if TRIANGLE:
         col_lo = pid_m * BLOCK_M + tl.program_id(1) * cols_per_split
@@ -324,6 +370,9 @@ def _lse_fwd_kernel(
     live = col_lo < NB
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
+    if REDO:
+        redo = _underflowed(COL_ACC, rows, row_ok)
+        live = live & (tl.max(redo.to(tl.int32), axis=0) > 0)
     ragged_rows = (pid_m + 1) * BLOCK_M > M
     g_row, g_pos, g_lo, g_hi, p_lo, p_hi = _index_ranges(rows, row_ok, r_off, r_split, r_shift, p_shift, p_period)
     r_res = 0.0
@@ -338,6 +387,8 @@ def _lse_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     col_hi = tl.minimum(col_lo + cols_per_split, NB)
+    if REDO:
+        col_hi = tl.where(live, col_hi, col_lo)
     for c0 in range(col_lo, col_hi, BLOCK_N):
         s, cols, col_ok, col_fac, _ = _logit_tile(r_res, R, C, RN_C, rows, row_ok, row_fac, c0, col_hi, D,
                                                   stride_r, stride_c, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, False,
@@ -372,12 +423,14 @@ def _lse_fwd_kernel(
                 cm = tl.max(s, axis=0)
                 cm_use = tl.where(cm == float("-inf"), 0.0, cm)
                 cl = tl.sum(tl.exp2(s - cm_use[None, :]), axis=0)
-                tl.atomic_add(COL_ACC + cols, cl.to(tl.float64) * _exp2_f64(cm_use - ref2), mask=col_ok)
+                tl.atomic_add(COL_ACC + cols, cl.to(tl.float64) * _exp2_f64(cm_use - tl.abs(ref2)), mask=col_ok)
 
     if TRIANGLE:
         tl.atomic_add(ROW_L + rows, l_i, mask=row_ok & live)
         if WANT_POS:
             tl.atomic_add(POS + rows, pos_i * TL_LN2, mask=row_ok & live)
+    elif REDO:
+        tl.store(ROW_L + rows, (m_i + tl.log2(l_i)) * TL_LN2, mask=redo)
     else:
         out = tl.program_id(1) * M + rows
         tl.store(ROW_M + out, m_i, mask=row_ok)
@@ -650,8 +703,25 @@ def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col
         m, nb, d, r.stride(0), c.stride(0), per, *maps,
         EXCLUDE_SELF=exclude_self, WANT_POS=want_pos, COL_STATS=col_stats, BOUNDED=bounded,
         TRIANGLE=triangle, UPCAST=upcast_dots(), **cfg)
-    return merge_splits(row_m, row_l, pos, col_l, col_acc, scale, nb, want_pos=want_pos, col_stats=col_stats,
-                        bounded=bounded)
+    lse_r, lse_c, pos = merge_splits(row_m, row_l, pos, col_l, col_acc, scale, nb, want_pos=want_pos,
+                                     col_stats=col_stats, bounded=bounded)
+    if col_stats and not bounded:
+        _recompute_underflowed_columns(r, c, rn_r, rn_c, scale, maps, col_acc, lse_c, cfg=cfg,
+                                       exclude_self=exclude_self, want_pos=want_pos)
+    return lse_r, lse_c, pos
+
+
+def _recompute_underflowed_columns(r, c, rn_r, rn_c, scale, maps, col_acc, lse_c, *, cfg, exclude_self, want_pos):
+    """lse_c[j] of the columns whose fp64 sums underflowed (`MIN_COL_ACC_EXP`: a largest logit more than ~665
+    under |scale|, so never at |scale| < 333), in place: the forward with the roles swapped (columns of S as
+    rows, every row of r as columns, one split, online max; π an involution, as the backward's swapped launch
+    assumes). A row block without such a column skips its sweep, so the fast path pays one near-empty launch."""
+    nb, d = c.shape
+    m = r.shape[0]
+    swapped = list(maps[3:6]) + list(maps[0:3]) + list(maps[6:8])
+    _lse_redo_kernel[(cdiv(nb, cfg["BLOCK_M"]),)](
+        c, r, rn_c, rn_r, scale, lse_c, col_acc, nb, m, d, c.stride(0), r.stride(0), *swapped,
+        EXCLUDE_SELF=exclude_self, WANT_POS=want_pos, UPCAST=upcast_dots(), **cfg)
 
 
 def merge_splits(row_m, row_l, pos, col_l, col_acc, scale, nb: int, *, want_pos, col_stats, bounded):
