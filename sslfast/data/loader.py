@@ -19,8 +19,10 @@ slot in the batch is filled by another image of the same batch, so batches keep 
 its step count. Only a source in which nothing decodes is an error.
 
 The same seed gives the same views. Native backend: per-batch generators are seeded by (seed, epoch, shard,
-batch), so `set_epoch(e)` replays epoch e exactly. DALI backend: its random operators are seeded once per
-loader (seed, shard) and run on, so two loaders with the same seed produce the same sequence of epochs.
+batch), so `set_epoch(e)` replays epoch e exactly. Torch backend (`sslfast.data.torch_loader`): per-sample
+generators seeded by (seed, epoch, index), whatever the number of worker processes. DALI backend: its random
+operators are seeded once per loader (seed, shard) and run on, so two loaders with the same seed produce the
+same sequence of epochs.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from . import datasets as D
 from .native import BadSample, NativeBackend
 from .presets import get_preset
 
-_BACKENDS = ("native", "dali")
+_BACKENDS = ("native", "dali", "torch")
 _MASK64 = (1 << 64) - 1
 
 
@@ -77,10 +79,12 @@ class SSLLoader:
         [N, H, W, 3] or a list of uint8 arrays, or a `FileSource` / `ArraySource` (`sslfast.data.datasets`).
     preset: a name in `sslfast.data.PRESETS` ("simclr", "moco_v2", "byol", "barlow", "vicreg", "dino",
         "mae") or a `Preset`. `image_size` resizes it (the first view gets image_size; others keep their ratio).
-    backend: "native" (decode + sslfast's fused Triton augmentation; PyTorch on the CPU) or "dali".
+    backend: "native" (decode + sslfast's fused Triton augmentation; PyTorch on the CPU), "dali", or "torch" (a
+        torch DataLoader: worker processes decode with PIL and augment per sample on the CPU; the baseline).
     device: where the views live ("cuda" or "cpu"). dtype: torch.float32, bfloat16 or float16.
     shard_id, num_shards: this process's shard; default: the torch.distributed rank and world size.
-    num_workers: host threads reading/decoding files. prefetch: batches read ahead.
+    num_workers: host threads reading/decoding files (torch backend: worker processes; 0 runs in this process).
+    prefetch: batches read ahead (torch backend: per worker).
     """
 
     def __init__(self, source, preset="simclr", batch_size: int = 256, *, backend: str = "native",
@@ -112,7 +116,7 @@ class SSLLoader:
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
         self.shuffle = bool(shuffle)
-        self.num_workers = num_workers if num_workers is not None else max(1, min(8, os.cpu_count() or 1))
+        self.num_workers = self._workers(num_workers, backend)
         self.prefetch = max(1, int(prefetch))
         self.source = D.resolve_source(source)
         if len(self) == 0:
@@ -127,8 +131,23 @@ class SSLLoader:
             from .dali import DaliBackend
 
             self._backend = DaliBackend(self)
+        elif backend == "torch":
+            from .torch_loader import TorchBackend
+
+            self._backend = TorchBackend(self)
         else:
             self._backend = NativeBackend(self)
+
+    @staticmethod
+    def _workers(num_workers, backend: str) -> int:
+        if num_workers is None:
+            return max(1, min(8, os.cpu_count() or 1))
+        if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)):
+            raise TypeError(f"num_workers must be an int, got {type(num_workers).__name__}")
+        lowest = 0 if backend == "torch" else 1
+        if num_workers < lowest:
+            raise ValueError(f"num_workers must be >= {lowest} for backend={backend!r}, got {num_workers}")
+        return int(num_workers)
 
     # ------------------------------------------------------------------------------------------ sampling
     def _shard_len(self) -> int:
@@ -235,6 +254,9 @@ class SSLLoader:
         shard = self.shard_indices(epoch)
         nb = len(self)
         batches = [shard[k * self.batch_size: (k + 1) * self.batch_size] for k in range(nb)]
+        if self.backend_name == "torch":
+            yield from self._backend.iterate(batches, epoch)
+            return
         pool = self._executor()
         pending = collections.deque()
 
