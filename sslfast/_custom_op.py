@@ -23,6 +23,15 @@ Gradients of outputs. The custom op materializes a zero gradient for every outpu
 eager path declares `non_differentiable` outputs (saved statistics, operands, shares) as such and passes
 their gradients as None instead of zero-filling them (they can be large); the other outputs still get zeros
 when unused, as from the custom op.
+
+Double backward (create_graph=True). The autograd engine runs a backward in grad mode exactly when it was asked
+to build a graph, so every backward here checks `torch.is_grad_enabled()`. Fused kernels and hand-written
+gradient formulas (which treat the saved statistics as constants) are not differentiable again: such a
+backward raises `DoubleBackwardError` instead of returning gradients that are silently wrong or detached.
+An op (or a terminal loss) whose path is plain PyTorch may pass a `double_backward` (`differentiable`) route
+instead: it recomputes its outputs from the saved inputs in plain autograd and returns
+∂⟨outputs, grads⟩/∂inputs with create_graph=True (`differentiable_grads`), a graph that autograd can
+differentiate again.
 """
 from __future__ import annotations
 
@@ -32,23 +41,89 @@ import threading
 from typing import Callable, Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._backend import use_triton
 
 
+class DoubleBackwardError(NotImplementedError):
+    """A backward through an sslfast op was asked to build a graph (create_graph=True, e.g. for a gradient
+    penalty or `torch.autograd.gradgradcheck`) on a path whose gradients are not differentiable again."""
+
+
+def double_backward_unsupported(op: str, hint: str = "") -> DoubleBackwardError:
+    """The error for `op` (raise it): names the op and says what to do instead."""
+    return DoubleBackwardError(f"sslfast: {op} does not support double backward (create_graph=True); "
+                               f"{hint or 'its gradient formula is not differentiable again'}")
+
+
+TRITON_DOUBLE_BACKWARD = ("the Triton kernels' gradients are not differentiable again; the reference backend "
+                          "supports it (CPU tensors, or SSLFAST_BACKEND=reference)")
+
+
+def differentiable_grads(fn: Callable, inputs: Sequence[torch.Tensor | None], needs: Sequence[bool],
+                         grads: Sequence[torch.Tensor | None]) -> tuple:
+    """The input gradients Σ_k ∂⟨fn(*inputs)_k, grads_k⟩/∂inputs (None where `needs` is False) as a graph that
+    can be differentiated again: `fn` recomputed in plain autograd, then `torch.autograd.grad` with
+    create_graph=True. The double-backward route of an op whose path is plain PyTorch; `inputs` are the saved
+    inputs themselves (their graph is what the second derivative runs through). A tensor passed as two inputs
+    gets its whole gradient at the first (autograd adds what each input position returns)."""
+    wanted = []
+    for i, need in enumerate(needs):
+        x = inputs[i]
+        if need and x is not None and x.requires_grad and not any(inputs[j] is x for j in wanted):
+            wanted.append(i)
+    out: list = [None] * len(needs)
+    with torch.enable_grad():
+        outs = fn(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        if wanted and pairs:
+            got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                      create_graph=True, allow_unused=True)
+            for i, g in zip(wanted, got):
+                out[i] = g
+    return tuple(out)
+
+
+def backward_on_reference(name: str, backward: Callable) -> Callable:
+    """A `double_backward` for an op whose `backward` is plain PyTorch on the reference path (so autograd
+    records it as it runs, e.g. a gather's scatter-add) and launches kernels on the Triton path, which raises."""
+    def run(ctx, *grads):
+        if use_triton(*ctx.saved_tensors, *grads):
+            raise double_backward_unsupported(name, TRITON_DOUBLE_BACKWARD)
+        return backward(ctx, *grads)
+    return run
+
+
+def _guarded(name: str, backward: Callable, double_backward: Callable | None) -> Callable:
+    """`backward`, or `double_backward` when the engine builds a graph (grad mode is on in a backward exactly
+    when create_graph=True); without a double-backward route, the clear error."""
+    def run(ctx, *grads):
+        if torch.is_grad_enabled():
+            if double_backward is None:
+                raise double_backward_unsupported(name)
+            return double_backward(ctx, *grads)
+        return backward(ctx, *grads)
+    return run
+
+
 def custom_op(name: str, *, fake: Callable, backward: Callable | None = None, setup_context: Callable | None = None,
-              non_differentiable: Sequence[int] = ()):
+              non_differentiable: Sequence[int] = (), double_backward: Callable | None = None):
     """Decorator: registers `fn` as `sslfast::<name>` and returns a callable (positional arguments, as the
     schema) that runs the custom op while compiling and `fn` (wrapped for autograd) otherwise. The custom op
-    itself is the callable's `.custom_op` (for `torch.library.opcheck`)."""
+    itself is the callable's `.custom_op` (for `torch.library.opcheck`).
+
+    `double_backward(ctx, *grads)`, same contract as `backward`, runs instead of it when autograd builds a
+    graph of the backward (create_graph=True) and must return differentiable gradients (or raise
+    `DoubleBackwardError`); without it such a backward raises `DoubleBackwardError`."""
     def wrap(fn):
         op = torch.library.custom_op(f"sslfast::{name}", mutates_args=())(fn)
         op.register_fake(fake)
         eager = fn
         if backward is not None:
-            op.register_autograd(backward, setup_context=setup_context)
-            eager = _eager_function(name, fn, backward, setup_context, tuple(non_differentiable)).apply
+            guarded = _guarded(name, backward, double_backward)
+            op.register_autograd(guarded, setup_context=setup_context)
+            eager = _eager_function(name, fn, guarded, setup_context, tuple(non_differentiable)).apply
 
         @functools.wraps(fn)
         def call(*args):
@@ -66,20 +141,20 @@ def _tracing(args) -> bool:
     return type(args[0]) not in _PLAIN or torch.compiler.is_compiling()
 
 
-def scalar_constant(value: float, like: torch.Tensor) -> torch.Tensor:
-    """A 0-d fp32 tensor holding `value` on `like`'s device, for kernels that read a scalar from memory. Eager
-    calls reuse one per (value, device): a fill is a launch (tens of µs of host time on the GPU box). Not
-    while tracing (the tensor would be a constant of the graph) nor while a CUDA graph is being captured (the
-    fill would only run at replay)."""
+def scalar_constant(value: float, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A 0-d tensor (fp32 unless `dtype`) holding `value` on `like`'s device, for kernels that read a scalar from
+    memory. Eager calls reuse one per (value, device, dtype): a fill is a launch (tens of µs of host time on
+    the GPU box). Not while tracing (the tensor would be a constant of the graph) nor while a CUDA graph is
+    being captured (the fill would only run at replay)."""
     if _tracing((like,)) or (like.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return torch.full((), value, dtype=torch.float32, device=like.device)
-    return _cached_scalar(float(value), like.device)
+        return torch.full((), value, dtype=dtype, device=like.device)
+    return _cached_scalar(float(value), like.device, dtype)
 
 
 @functools.lru_cache(maxsize=256)  # bounded: a temperature schedule makes a new value every step
-def _cached_scalar(value: float, device: torch.device) -> torch.Tensor:
+def _cached_scalar(value: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     with torch.inference_mode(False):  # a first call under inference_mode must not cache an inference tensor
-        return torch.full((), value, dtype=torch.float32, device=device)
+        return torch.full((), value, dtype=dtype, device=device)
 
 
 _MODE = threading.local()  # .separate: depth of `separate_backward` blocks in this thread (grad mode is per thread too)
@@ -106,19 +181,26 @@ def grads_in_forward(*tensors: torch.Tensor | None) -> bool:
 
 class _LossWithGrads(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, *inputs):
-        loss, ctx.grads = fn(ctx.needs_input_grad[1:], *inputs)  # intermediates, not saved tensors: see backward
+    def forward(ctx, fn, why_not, differentiable, *inputs):
+        loss, ctx.grads = fn(ctx.needs_input_grad[3:], *inputs)  # intermediates, not saved tensors: see backward
+        ctx.why_not, ctx.differentiable = why_not, differentiable
+        if differentiable is not None:
+            ctx.save_for_backward(*inputs)  # only unpacked (and version-checked) by a create_graph backward
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
+        if torch.is_grad_enabled():  # create_graph=True: the stored gradients are constants, recompute instead
+            if ctx.differentiable is None:
+                raise double_backward_unsupported(*ctx.why_not)
+            return (None, None, None, *differentiable_grads(ctx.differentiable, ctx.saved_tensors,
+                                                            ctx.needs_input_grad[3:], (g,)))
         grads, ctx.grads = ctx.grads, None  # handed on, not copied: the next node may own them
         if grads is None:
             raise RuntimeError("this sslfast loss computed its input gradients in the forward pass and the first "
                                "backward handed them on; to backpropagate through it twice (retain_graph=True), "
                                "compute it inside `with sslfast.separate_backward():`")
-        return (None, *_scale_all_(grads, g))
+        return (None, None, None, *_scale_all_(grads, g))
 
 
 # Below this many elements ATen's multiply is cheaper: its host call costs ~5 µs less than a Triton launch on the
@@ -145,15 +227,22 @@ def _scale_all_(grads: tuple, g: torch.Tensor) -> tuple:
     return grads
 
 
-def loss_with_grads(fn: Callable, *inputs: torch.Tensor | None) -> torch.Tensor:
+def loss_with_grads(fn: Callable, *inputs: torch.Tensor | None, op: str | None = None,
+                    differentiable: Callable | None = None, hint: str = "") -> torch.Tensor:
     """A scalar loss whose input gradients `fn` computes in the same forward (see the module docstring).
 
     `fn(needs_grad, *inputs) -> (loss, grads)`: needs_grad[i] says whether inputs[i] wants a gradient;
     grads[i] is ∂loss/∂inputs[i] (None where not wanted), in the input's dtype. The backward scales them in
     place by the upstream gradient g (on the GPU a kernel that leaves them untouched when g = 1) and hands
-    them on, so it runs once per forward; it is not differentiable again (create_graph=True builds no graph
-    through it)."""
-    return _LossWithGrads.apply(fn, *inputs)
+    them on, so it runs once per forward.
+
+    Those gradients are constants, so a backward with create_graph=True cannot use them: given
+    `differentiable(*inputs) -> loss` (the same loss in plain autograd), it recomputes the loss and returns
+    gradients that can be differentiated again; without it, it raises `DoubleBackwardError` naming `op` (by
+    default `fn`'s name) with `hint`."""
+    name = op or getattr(getattr(fn, "func", fn), "__name__", "this loss").strip("_")
+    why_not = (name, hint or "its input gradients are computed in the forward pass and are not differentiable again")
+    return _LossWithGrads.apply(fn, why_not, differentiable, *inputs)
 
 
 def _eager_function(name, fn, backward, setup_context, non_differentiable):
@@ -167,7 +256,7 @@ def _eager_function(name, fn, backward, setup_context, non_differentiable):
                          if i not in non_differentiable and o.is_floating_point()}
         return out
 
-    def backward_(ctx, *grads):
+    def backward_(ctx, *grads):  # `backward` is guarded (see `custom_op`)
         grads = [torch.zeros(ctx.zero_like[i][0], dtype=ctx.zero_like[i][1], device=ctx.zero_like[i][2])
                  if g is None and i in ctx.zero_like else g for i, g in enumerate(grads)]
         return backward(ctx, *grads)

@@ -1,5 +1,5 @@
 """Argument checks shared by the ops: every failure names the argument and what was expected, and is raised
-before any kernel launches (DESIGN.md, "Bad input")."""
+before any kernel launches."""
 from __future__ import annotations
 
 import math
@@ -7,12 +7,18 @@ from numbers import Real
 
 import torch
 
+from ._backend import use_triton
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+REFERENCE_DTYPES = (torch.float64,)  # what the reference path runs (gradcheck's dtype) and the kernels do not
 
 
 def tensor(name: str, value, *, ndim: int | None = None, shape_hint: str = "", floating: bool = True,
-           dtypes=FLOAT_DTYPES) -> torch.Tensor:
-    """Checks that `value` is a tensor of the expected rank and (floating) dtype; returns it contiguous."""
+           dtypes=FLOAT_DTYPES, reference_dtypes=()) -> torch.Tensor:
+    """Checks that `value` is a tensor of the expected rank and (floating) dtype; returns it contiguous.
+
+    `reference_dtypes` are accepted too where the op will run its reference path (CPU tensors, or
+    SSLFAST_BACKEND=reference); on the Triton path they raise a TypeError that says so."""
     hint = f" {shape_hint}" if shape_hint else ""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor{hint}, got {type(value).__name__}")
@@ -20,7 +26,11 @@ def tensor(name: str, value, *, ndim: int | None = None, shape_hint: str = "", f
         raise ValueError(f"{name} must be a {ndim}-D tensor{hint}, got shape {tuple(value.shape)}")
     if floating and value.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must have a floating dtype ({names}), got {value.dtype}")
+        if value.dtype not in reference_dtypes:
+            raise TypeError(f"{name} must have a floating dtype ({names}), got {value.dtype}")
+        if use_triton(value):
+            raise TypeError(f"{name} has dtype {value.dtype}, which only the reference backend runs (the Triton "
+                            f"kernels take {names}): set SSLFAST_BACKEND=reference or use CPU tensors")
     return value.contiguous()
 
 
@@ -59,8 +69,8 @@ def in_open_interval(name: str, value, low: float, high: float) -> float:
 
 
 def features(name: str, x) -> torch.Tensor:
-    """A non-empty [N, D] floating tensor (made contiguous)."""
-    x = tensor(name, x, ndim=2, shape_hint="[N, D]")
+    """A non-empty [N, D] floating tensor (made contiguous); float64 on the reference path."""
+    x = tensor(name, x, ndim=2, shape_hint="[N, D]", reference_dtypes=REFERENCE_DTYPES)
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name} must be a non-empty [N, D] tensor, got shape {tuple(x.shape)}")
     return x

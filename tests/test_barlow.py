@@ -201,7 +201,6 @@ def test_non_finite_input_gives_non_finite_loss(backend, loss_name, algorithm, b
     (lambda f: f(torch.randn(8), torch.randn(8)), r"z1 must be a 2-D tensor \[N, D\]"),
     (lambda f: f(torch.randn(4, 8), torch.randn(2, 4, 8)), r"z2 must be a 2-D tensor \[N, D\]"),
     (lambda f: f(torch.randint(0, 5, (4, 8)), torch.randn(4, 8)), "z1 must have a floating dtype"),
-    (lambda f: f(torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)), "z1 must have"),
     (lambda f: f(torch.randn(4, 8), [[0.0] * 8] * 4), "z2 must be a torch.Tensor"),
     (lambda f: f(torch.randn(4, 8), torch.randn(4, 8, device="meta")), "one device"),
     (lambda f: f(torch.randn(4, 8), torch.randn(4, 8, dtype=torch.float16)), "one dtype"),

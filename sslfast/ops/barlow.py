@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from .. import _validate as V
 from .._backend import use_triton, without_autocast
-from .._custom_op import custom_op
+from .._custom_op import TRITON_DOUBLE_BACKWARD, custom_op, differentiable_grads, double_backward_unsupported
 from ..distributed import all_gather, rank_and_world
 from ..reference import barlow as _reference
 
@@ -69,14 +69,19 @@ def _operand_dtype(z: torch.Tensor, rows: int, algorithm: str) -> torch.dtype:
         from ..kernels import barlow as _kernels
 
         return _kernels.operand_dtype(z.dtype, rows, algorithm)
-    return torch.float32
+    return _stat_dtype(z)
+
+
+def _stat_dtype(z: torch.Tensor) -> torch.dtype:
+    """The loss' and statistics' dtype: fp32, fp64 for fp64 inputs (reference path only)."""
+    return torch.promote_types(z.dtype, torch.float32)
 
 
 # ------------------------------------------------------------------------------------------- the op
 def _fake_forward(z1, z2, kind, coef, eps, rows, world, algorithm):
     m, d = z1.shape
     n = rows[1]
-    f32 = dict(dtype=torch.float32)
+    f32 = dict(dtype=_stat_dtype(z1))
     odt = _operand_dtype(z1, m, algorithm)
     gram = algorithm == "gram"
     return (z1.new_empty((), **f32), z1.new_empty((), **f32), z1.new_empty((_reference.NCOL, d), **f32),
@@ -108,12 +113,23 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g_loss, *unused):
     # Only loss_r is differentiable; u_r and the saved tensors are returned for the caller and the backward.
     z1, z2, col, scal, ops, grams, pdiag = ctx.saved_tensors
-    dz1, dz2 = redundancy_loss_backward(g_loss.float(), z1, z2, col, scal, ops, grams, pdiag, *ctx.cfg)
+    dz1, dz2 = redundancy_loss_backward(g_loss.to(col.dtype), z1, z2, col, scal, ops, grams, pdiag, *ctx.cfg)
     return dz1, dz2, None, None, None, None, None, None
 
 
+def _double_backward(ctx, g_loss, *unused):
+    """create_graph=True: loss_r recomputed in plain autograd by the reference path's forward."""
+    z1, z2 = ctx.saved_tensors[:2]
+    if _impl(z1, z2) is not _reference:
+        raise double_backward_unsupported("redundancy_loss (barlow_twins_loss, vicreg_loss)", TRITON_DOUBLE_BACKWARD)
+
+    def loss_r(a, b):
+        return _run_forward(a, b, *ctx.cfg)[0]
+    return (*differentiable_grads(loss_r, (z1, z2), ctx.needs_input_grad[:2], (g_loss,)),) + (None,) * 6
+
+
 @custom_op("redundancy_loss", fake=_fake_forward, backward=_backward, setup_context=_setup_context,
-           non_differentiable=range(1, 7))
+           non_differentiable=range(1, 7), double_backward=_double_backward)
 def redundancy_loss(z1: torch.Tensor, z2: torch.Tensor, kind: int, coef: list[float], eps: float, rows: list[int],
                     world: int, algorithm: str
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -179,7 +195,8 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051,
     """Barlow Twins: zn = batch-standardized z (per-feature mean, biased variance, eps inside the sqrt, as
     `BatchNorm1d(affine=False)` in training); C = zn1ᵀ zn2 / N; loss = Σ(1 − C_ii)² + λ Σ_{i≠j} C_ij².
 
-    z1, z2: [N, D], N >= 2, fp32/bf16/fp16; the loss is fp32. Computed exactly without the D x D matrix:
+    z1, z2: [N, D], N >= 2, fp32/bf16/fp16 (and fp64 on the reference path); the loss is fp32 (fp64 for fp64
+    inputs). Computed exactly without the D x D matrix:
     `algorithm` ``"auto"`` (default) picks ``"gram"`` when N < D (N x N Gram matrices) and ``"tiled"``
     otherwise; both can be forced. A constant feature (zero variance) standardizes to 0, so it contributes
     (1 − 0)² = 1 and no gradient, as BatchNorm does (the eps keeps it finite).

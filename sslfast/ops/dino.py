@@ -25,7 +25,8 @@ import torch
 
 from .. import _validate as V
 from .._backend import use_triton
-from .._custom_op import custom_op, grads_in_forward, loss_with_grads
+from .._custom_op import (TRITON_DOUBLE_BACKWARD, custom_op, differentiable_grads, double_backward_unsupported,
+                          grads_in_forward, loss_with_grads)
 from ..reference import dino as _reference
 from .ema import update_center_
 
@@ -68,8 +69,22 @@ def _backward(ctx, g_loss, g_lse):
     return ds, None, None, None, None, None
 
 
+def _differentiable_loss(cfg, student, teacher, center) -> torch.Tensor:
+    """The loss in plain autograd (the reference path's forward), for a create_graph=True backward."""
+    if _impl(student, teacher, center) is not _reference:
+        raise double_backward_unsupported("dino_loss", TRITON_DOUBLE_BACKWARD)
+    return _reference.dino_loss_forward(student, teacher, center, *cfg)[0]
+
+
+def _double_backward(ctx, g_loss, g_lse):
+    student, teacher, center, _ = ctx.saved_tensors
+    grads = differentiable_grads(functools.partial(_differentiable_loss, ctx.cfg), (student, teacher, center),
+                                 (ctx.needs_input_grad[0], False, False), (g_loss,))
+    return grads + (None,) * 3
+
+
 @custom_op("dino_loss", fake=_fake_forward, backward=_backward, setup_context=_setup_context,
-           non_differentiable=(1,))
+           non_differentiable=(1,), double_backward=_double_backward)
 def _dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, student_temp: float,
                teacher_temp: float, num_global: int) -> tuple[torch.Tensor, torch.Tensor]:
     loss, lse = _impl(student, teacher, center).dino_loss_forward(student, teacher, center, student_temp, teacher_temp,
@@ -112,7 +127,10 @@ def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center
     st = V.positive("student_temp", student_temp)
     tt = V.positive("teacher_temp", teacher_temp)
     if grads_in_forward(s):
-        loss = loss_with_grads(functools.partial(_loss_and_grad, (st, tt, G)), s, t.detach(), c.detach())
+        # a create_graph backward recomputes the loss in plain autograd (reference path only)
+        differentiable = functools.partial(_differentiable_loss, (st, tt, G)) if _impl(s, t, c) is _reference else None
+        loss = loss_with_grads(functools.partial(_loss_and_grad, (st, tt, G)), s, t.detach(), c.detach(),
+                               op="dino_loss", differentiable=differentiable, hint=TRITON_DOUBLE_BACKWARD)
     else:
         if center_momentum is not None:
             c = c.detach().clone()  # the loss and its backward use the center from before the update

@@ -14,7 +14,9 @@ Backward goes through `sslfast::similarity_lse_backward` (tiles recomputed, neve
 that will be differentiated runs that backward inside its forward instead (`_custom_op.loss_with_grads`),
 with the closed-form gradients of the epilogue (softplus' = sigmoid, one launch: `loss_epilogue`) as its
 upstream gradients; autograd's backward then only scales the stored input gradients. CUDA tensors run the
-Triton kernels, CPU tensors the chunked PyTorch reference (`sslfast._backend`).
+Triton kernels, CPU tensors the chunked PyTorch reference (`sslfast._backend`), which also takes float64 and
+is differentiable twice (create_graph=True recomputes the statistics in plain autograd; the kernels raise
+`DoubleBackwardError`).
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import torch
 
 from .. import _validate as V
 from .._backend import use_triton, without_autocast
-from .._custom_op import custom_op, grads_in_forward, loss_with_grads, scalar_constant
+from .._custom_op import (TRITON_DOUBLE_BACKWARD, custom_op, differentiable_grads, double_backward_unsupported,
+                          grads_in_forward, loss_with_grads, scalar_constant)
 from ..distributed import all_gather, rank_and_world
 from ..reference import infonce as _reference
 
@@ -50,6 +53,11 @@ def _swap(maps: list[int]) -> list[int]:
     return maps[3:6] + maps[0:3] + maps[6:8]
 
 
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    """The statistics' and scale's dtype: fp32, fp64 for fp64 inputs (reference path only)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 # ------------------------------------------------------------------------------------------- the op
 @without_autocast
 def _forward(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded):
@@ -67,7 +75,8 @@ def _forward(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_
     if partner is None:
         pos = tile_pos
     rn_b = rn_a.new_empty(0) if symmetric else rn_b  # outputs may not alias each other
-    return lse_r.float(), lse_c.float(), pos.float(), rn_a.float(), rn_b.float(), rn_p
+    st = _stat_dtype(a)
+    return lse_r.to(st), lse_c.to(st), pos.to(st), rn_a.to(st), rn_b.to(st), rn_p
 
 
 @without_autocast
@@ -98,7 +107,7 @@ def _backward(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p
             tb, ta, trn_b, trn_a, scale, _swap(maps), exclude_self=exclude_self, bounded=bounded,
             lse_r=lse_c if with_c else None, g_r=g_c, lse_c=lse_r, g_c=g_r, g_pc=tile_pos)
         db = impl.row_normalize_backward(b, rn_b, dbh)
-    dscale = dscale.float().reshape(()) if want_scale else scale.new_empty(0)
+    dscale = dscale.to(scale.dtype).reshape(()) if want_scale else scale.new_empty(0)
     return da, db, dpartner, dscale
 
 
@@ -107,8 +116,9 @@ def _backward_inputs(ctx, g_r, g_c, g_p):
     a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b = ctx.saved_tensors
     maps, symmetric, exclude_self, has_pos, col_stats, bounded = ctx.cfg
     want_b = ctx.needs_input_grad[1] and not symmetric
-    return (a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r.float(), g_c.float() if col_stats else None,
-            g_p.float() if has_pos else None, maps, symmetric, exclude_self, bounded, want_b,
+    st = lse_r.dtype
+    return (a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r.to(st), g_c.to(st) if col_stats else None,
+            g_p.to(st) if has_pos else None, maps, symmetric, exclude_self, bounded, want_b,
             ctx.needs_input_grad[3])
 
 
@@ -127,7 +137,7 @@ def _save(ctx, inputs, output):
 
 def _fake_lse(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded):
     m, nb = a.shape[0], b.shape[0]
-    f32 = dict(dtype=torch.float32, device=a.device)
+    f32 = dict(dtype=_stat_dtype(a), device=a.device)
     has_pos = want_pos or partner is not None
     return (a.new_empty(m, **f32), a.new_empty(nb if col_stats else 0, **f32),
             a.new_empty(m if has_pos else 0, **f32), a.new_empty(m, **f32), a.new_empty(0 if symmetric else nb, **f32))
@@ -161,7 +171,27 @@ def _op_backward(ctx, g_r, g_c, g_p, *_):
     return _input_grads(ctx, *similarity_lse_backward(*_backward_inputs(ctx, g_r, g_c, g_p)))
 
 
-@custom_op("similarity_lse", fake=_fake_lse, backward=_op_backward, setup_context=_save, non_differentiable=(3, 4))
+def _differentiable_stats(cfg):
+    """(a, b, partner, scale) -> (lse_r, lse_c, pos) in plain autograd: the reference path's forward."""
+    def stats(a, b, partner, scale):
+        if _impl(a, b, scale) is not _reference:
+            raise double_backward_unsupported("similarity_lse", TRITON_DOUBLE_BACKWARD)
+        return _forward(a, b, partner, scale, *cfg)[:3]
+    return stats
+
+
+def _op_double_backward(ctx, g_r, g_c, g_p, *_):
+    """create_graph=True: the statistics recomputed in plain autograd (reference path), so the input gradients
+    are differentiable in the inputs and in g_r, g_c, g_p."""
+    a, b, partner, scale = ctx.saved_tensors[:4]
+    maps, symmetric, exclude_self, has_pos, col_stats, bounded = ctx.cfg
+    stats = _differentiable_stats((maps, symmetric, exclude_self, has_pos and partner is None, col_stats, bounded))
+    grads = differentiable_grads(stats, (a, b, partner, scale), ctx.needs_input_grad[:4], (g_r, g_c, g_p))
+    return _input_grads(ctx, *grads)
+
+
+@custom_op("similarity_lse", fake=_fake_lse, backward=_op_backward, setup_context=_save, non_differentiable=(3, 4),
+           double_backward=_op_double_backward)
 def similarity_lse(a: torch.Tensor, b: torch.Tensor, partner: torch.Tensor | None, scale: torch.Tensor,
                    maps: list[int], symmetric: bool, exclude_self: bool, want_pos: bool, col_stats: bool,
                    bounded: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -188,12 +218,19 @@ def _loss_and_input_grads(cfg, needs, a, b, partner, scale):
                   ds if needs[3] else None)
 
 
+def _differentiable_loss(cfg, a, b, partner, scale) -> torch.Tensor:
+    return _reference.contrastive_loss(*_differentiable_stats(cfg)(a, b, partner, scale))
+
+
 def _contrastive(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded) -> torch.Tensor:
     """The loss from `similarity_lse`'s statistics (`reference.infonce.contrastive_loss`); with the input
     gradients in the same forward when eager autograd will want them."""
     cfg = (maps, symmetric, exclude_self, want_pos, col_stats, bounded)
     if grads_in_forward(a, b, partner, scale):
-        return loss_with_grads(functools.partial(_loss_and_input_grads, cfg), a, b, partner, scale)
+        # a create_graph backward recomputes the loss in plain autograd (reference path only)
+        differentiable = functools.partial(_differentiable_loss, cfg) if _impl(a, b, scale) is _reference else None
+        return loss_with_grads(functools.partial(_loss_and_input_grads, cfg), a, b, partner, scale,
+                               op="similarity_lse", differentiable=differentiable, hint=TRITON_DOUBLE_BACKWARD)
     lse_r, lse_c, pos, _, _ = similarity_lse(a, b, partner, scale, *cfg)
     return _reference.contrastive_loss(lse_r, lse_c, pos)
 
@@ -202,7 +239,7 @@ def _contrastive(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, 
 def _inverse_temperature(temperature, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """1/τ as a device scalar (a fill, no host-to-device copy) and whether it allows the plain-sum kernels."""
     inv = 1.0 / V.positive("temperature", temperature)
-    return scalar_constant(inv, like), inv <= BOUNDED_SCALE
+    return scalar_constant(inv, like, _stat_dtype(like)), inv <= BOUNDED_SCALE
 
 
 def _paired(a: torch.Tensor, b_local: torch.Tensor, scale: torch.Tensor, bounded: bool, gather: bool):
@@ -254,7 +291,7 @@ def info_nce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | 
             raise ValueError("query needs at least 2 rows when queue is None (the other keys are the negatives), "
                              f"got N={query.shape[0]}")
         return _paired(query, key, scale, bounded, gather_distributed)
-    queue = V.tensor("queue", queue, ndim=2, shape_hint="[K, D]")
+    queue = V.tensor("queue", queue, ndim=2, shape_hint="[K, D]", reference_dtypes=V.REFERENCE_DTYPES)
     if queue.shape[1] != query.shape[1]:
         raise ValueError(f"queue must be [K, D] with D = {query.shape[1]} (the query's), got {tuple(queue.shape)}")
     V.same_device(query=query, queue=queue)
@@ -276,7 +313,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     if not isinstance(logit_scale, torch.Tensor) or logit_scale.numel() != 1 or not logit_scale.is_floating_point():
         raise TypeError("logit_scale must be a floating tensor with one element (e.g. model.logit_scale.exp())")
     V.same_device(image_features=img, logit_scale=logit_scale)
-    scale = logit_scale.reshape(()).float()
+    scale = logit_scale.reshape(()).to(_stat_dtype(img))
     if gather_distributed and rank_and_world()[1] > 1:
         return (_paired(img, txt, scale, False, True) + _paired(txt, img, scale, False, True)) / 2
     return _contrastive(img, txt, None, scale, _maps(), False, False, True, True, False)

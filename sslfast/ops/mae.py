@@ -23,7 +23,8 @@ import torch
 
 from .. import _validate as V
 from .._backend import use_triton
-from .._custom_op import custom_op, grads_in_forward, loss_with_grads
+from .._custom_op import (TRITON_DOUBLE_BACKWARD, backward_on_reference, custom_op, differentiable_grads,
+                          grads_in_forward, loss_with_grads)
 from ..reference import mae as _reference
 
 _SEED_HIGH = 1 << 62
@@ -87,7 +88,7 @@ def _gather_patches_backward(ctx, g):
 
 
 @custom_op("mae_gather_patches", fake=_fake_gather_patches, backward=_gather_patches_backward,
-           setup_context=_gather_patches_setup)
+           setup_context=_gather_patches_setup, double_backward=_gather_patches_backward)
 def _gather_patches_op(imgs: torch.Tensor, ids: torch.Tensor | None, p: int) -> torch.Tensor:
     out = _impl(imgs, ids).gather_patches(imgs, ids, p)
     return out.clone() if out.data_ptr() == imgs.data_ptr() else out
@@ -110,8 +111,14 @@ def _gather_tokens_backward(ctx, g):
     return _gather_tokens_backward_op(g.contiguous(), ids, ctx.num_tokens), None
 
 
+def _gather_tokens_backward_literal(ctx, g):
+    (ids,) = ctx.saved_tensors
+    return _reference.gather_tokens_backward(g, ids, ctx.num_tokens), None
+
+
 @custom_op("mae_gather_tokens", fake=lambda x, ids: x.new_empty(x.shape[0], ids.shape[1], x.shape[2]),
-           backward=_gather_tokens_backward, setup_context=_gather_tokens_setup)
+           backward=_gather_tokens_backward, setup_context=_gather_tokens_setup,
+           double_backward=backward_on_reference("gather_tokens", _gather_tokens_backward_literal))
 def _gather_tokens_op(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return _impl(x, ids).gather_tokens(x, ids)
 
@@ -155,7 +162,17 @@ def _fake_unshuffle(x, ids_restore, mask_token, pos):
     return x.new_empty(x.shape[0], ids_restore.shape[1], x.shape[2], dtype=_unshuffle_dtype(x, mask_token, pos))
 
 
-@custom_op("mae_unshuffle", fake=_fake_unshuffle, backward=_unshuffle_backward, setup_context=_unshuffle_setup)
+def _unshuffle_backward_literal(ctx, g):
+    (ids_restore,) = ctx.saved_tensors
+    keep, x_dtype, mt_dtype, pos_dtype = ctx.cfg
+    want_mt = ctx.needs_input_grad[2]
+    dx, dmt = _reference.unshuffle_backward(g, ids_restore, keep, x_dtype, want_mt)
+    dpos = g.sum(0, dtype=torch.float32).to(pos_dtype) if pos_dtype is not None and ctx.needs_input_grad[3] else None
+    return (dx if ctx.needs_input_grad[0] else None, None, dmt.to(mt_dtype) if want_mt else None, dpos)
+
+
+@custom_op("mae_unshuffle", fake=_fake_unshuffle, backward=_unshuffle_backward, setup_context=_unshuffle_setup,
+           double_backward=backward_on_reference("unshuffle", _unshuffle_backward_literal))
 def _unshuffle_op(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
                   pos: torch.Tensor | None) -> torch.Tensor:
     impl = _impl(x, ids_restore, mask_token, pos)
@@ -186,8 +203,21 @@ def _fake_masked_mse(pred, imgs, mask, p, norm_pix):
     return pred.new_empty((), dtype=torch.float32), pred.new_empty((), dtype=torch.float32)
 
 
+def _masked_mse_literal(cfg, pred, imgs, mask):
+    """The loss in plain autograd (the reference path's formula): the double-backward route."""
+    return _reference.masked_mse(pred, imgs, mask, *cfg)[0]
+
+
+def _masked_mse_double_backward(ctx, g_loss, g_wsum):
+    pred, imgs, mask, _ = ctx.saved_tensors
+    (dpred,) = differentiable_grads(lambda x: _masked_mse_literal(ctx.cfg, x, imgs, mask), [pred],
+                                    [ctx.needs_input_grad[0]], [g_loss])
+    return dpred, None, None, None, None
+
+
 @custom_op("mae_masked_mse", fake=_fake_masked_mse, backward=_masked_mse_backward, setup_context=_masked_mse_setup,
-           non_differentiable=(1,))
+           non_differentiable=(1,),
+           double_backward=backward_on_reference("masked_mse_loss", _masked_mse_double_backward))
 def _masked_mse_op(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, p: int,
                    norm_pix: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, Σ mask) as fp32 scalars."""
@@ -438,8 +468,10 @@ def masked_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, 
         raise TypeError(f"norm_pix_loss must be a bool, got {type(norm_pix_loss).__name__}")
     V.same_device(pred=pred, imgs=imgs, mask=mask)
     if grads_in_forward(pred):
-        return loss_with_grads(functools.partial(_masked_mse_and_grad, (p, norm_pix_loss)), pred, imgs.detach(),
-                               mask.detach())
+        cfg = (p, norm_pix_loss)
+        literal = functools.partial(_masked_mse_literal, cfg) if not use_triton(pred, imgs, mask) else None
+        return loss_with_grads(functools.partial(_masked_mse_and_grad, cfg), pred, imgs.detach(), mask.detach(),
+                               op="masked_mse_loss", differentiable=literal, hint=TRITON_DOUBLE_BACKWARD)
     loss, _ = _masked_mse_op(pred, imgs, mask.detach(), p, norm_pix_loss)
     return loss
 

@@ -4,8 +4,7 @@ Two layers, as for every op family:
 
 * the literal losses (`barlow_twins_loss`, `vicreg_loss`): the papers' math with the D x D matrices
   materialized, the way the official code computes them. They are the float64 test oracle and the
-  benchmark baseline (the `barlow` function of ../shared/baselines/reference_ops_bench.py, with the eps
-  placement of DESIGN.md);
+  benchmark baseline;
 * the memory-safe CPU path (`forward`, `backward`): the same functions as `sslfast.kernels.barlow`, with the
   same inputs and outputs, computed in fp32 with PyTorch. It never forms a D x D matrix: the Gram path
   works with N x N Gram matrices (the path chosen when N < D) and the tiled path with P x D slabs of the
@@ -67,6 +66,11 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std
 
 
 # ----------------------------------------------------------------------------------------- CPU path
+def _work_dtype(z: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs, fp64 for fp64."""
+    return torch.promote_types(z.dtype, torch.float32)
+
+
 def _slabs(d: int):
     """P x D slabs of the cross-correlation, P·D <= SLAB_ELEMS, at least two: never the D x D matrix."""
     p = max(1, min((d + 1) // 2, SLAB_ELEMS // max(1, d)))
@@ -84,23 +88,26 @@ def _cross_slab(a: torch.Tensor, b: torch.Tensor, p0: int, p1: int) -> torch.Ten
 def forward(z1, z2, kind, coef, eps, rows, world, algorithm):
     """Same contract as `sslfast.kernels.barlow.forward`: (loss_r, u_r, col, scal, ops, grams, pdiag).
 
-    fp32 throughout; `ops` are the exact standardized (Barlow) or centered (VICReg) features, the operand
-    scales `scal` are 1, and `grams` hold the partner's off-diagonal Gram rows unscaled."""
+    fp32 throughout (fp64 for fp64 inputs); `ops` are the exact standardized (Barlow) or centered (VICReg)
+    features, the operand scales `scal` are 1, and `grams` hold the partner's off-diagonal Gram rows unscaled.
+    Plain autograd can differentiate loss_r through it (the double-backward route of the op): the one in-place
+    update of a tensor that autograd saves is made out of place when grad mode records."""
     m, d = z1.shape
     r0, n = rows
     w = float(world)
     dev = z1.device
-    ops = torch.stack([z1, z2]).float()                     # [2, M, D], updated in place below
+    work = _work_dtype(z1)
+    ops = torch.stack([z1, z2]).to(work)                    # [2, M, D], updated in place below
     shift = ops[:, :1].clone()
     ops -= shift                                            # shifted by row 0: constant columns are exact zeros
     mean_y = ops.mean(1, keepdim=True)
     ops -= mean_y                                           # centered
-    col = torch.zeros(NCOL, d, device=dev)
+    col = torch.zeros(NCOL, d, device=dev, dtype=work)
     col[0:2] = (shift + mean_y).squeeze(1)
     m2 = torch.linalg.vector_norm(ops, dim=1).square()      # [2, D]
     if kind == BARLOW:
         rstd = torch.rsqrt(m2 / m + eps)
-        ops *= rstd[:, None, :]                             # standardized
+        ops = ops * rstd[:, None, :] if ops.requires_grad else ops.mul_(rstd[:, None, :])  # standardized
         col[2:4] = rstd
         col[4] = col[5] = (ops[0] * ops[1]).sum(0) / m
         col[6:8] = torch.linalg.vector_norm(ops, dim=1).square()
@@ -109,9 +116,9 @@ def forward(z1, z2, kind, coef, eps, rows, world, algorithm):
         col[2:4] = torch.sqrt(var + eps)
         col[4:6] = var
         col[6:8] = m2
-        col[8] = (z1[r0:r0 + n].float() - z2[r0:r0 + n].float()).pow(2).sum(0)
-    scal = torch.ones(2, device=dev)
-    s_a = s_b = torch.zeros((), device=dev)
+        col[8] = (z1[r0:r0 + n].to(work) - z2[r0:r0 + n].to(work)).pow(2).sum(0)
+    scal = torch.ones(2, device=dev, dtype=work)
+    s_a = s_b = torch.zeros((), device=dev, dtype=work)
     if algorithm == "gram":
         g = torch.bmm(ops[:, r0:r0 + n], ops.transpose(1, 2))      # [2, n, M] Gram rows of this rank
         if kind == BARLOW:
@@ -142,7 +149,7 @@ def _loss(col, s_a, s_b, kind, coef, m, d, n, w, algorithm):
         on = (1 - col[4]).pow(2).sum()
         if algorithm == "gram":
             return on + lambd * (w * s_a / m**2 - col[5].pow(2).sum()), lambd * s_a / m**2
-        return on + lambd * s_a / m**2, torch.zeros((), device=col.device)
+        return on + lambd * s_a / m**2, col.new_zeros(())
     sim, std_c, cov_c = coef
     inv = col[8].sum()
     hinge = F.relu(1 - col[2:4]).sum()
@@ -163,6 +170,7 @@ def backward(grad, z1, z2, col, scal, ops, grams, pdiag, kind, coef, eps, rows, 
     r0, n = rows
     w = float(world)
     mine = slice(r0, r0 + n)
+    grad = grad.to(ops.dtype)
     if algorithm == "gram":
         # t = ∂S_r/∂ops: the off-diagonal partner Gram rows times the operands, from both sides of the rank's
         # rows, plus the diagonal term kept apart (it is the exact, dominant one in the kernels).
@@ -197,11 +205,11 @@ def backward(grad, z1, z2, col, scal, ops, grams, pdiag, kind, coef, eps, rows, 
         g -= g.mean(1, keepdim=True)
         g.addcmul_(ops, proj[:, None, :], value=-1)
         g *= col[2:4, None, :]
-        g *= grad.float()
+        g *= grad
     else:
         sim, std_c, cov_c = coef
         std = col[2:4]
-        self_coef = -(std_c / (2 * d)) * (std < 1).float() / (std * (m - 1))
+        self_coef = -(std_c / (2 * d)) * (std < 1).to(std.dtype) / (std * (m - 1))
         if algorithm == "gram":
             g *= cov_c / d * 2 * w / (m - 1) ** 2
             self_coef = self_coef - cov_c / d * 4 * (col[6:8] / (m - 1)) / (m - 1)
@@ -209,8 +217,8 @@ def backward(grad, z1, z2, col, scal, ops, grams, pdiag, kind, coef, eps, rows, 
             g *= cov_c / d * 4 / (m - 1)
         g.addcmul_(ops, self_coef[:, None, :])
         g -= g.mean(1, keepdim=True)                       # centering backward
-        g *= grad.float()
-        inv = (z1[mine].float() - z2[mine].float()).mul_(2 * sim / (n * d) * grad.float())
+        g *= grad
+        inv = (z1[mine].to(g.dtype) - z2[mine].to(g.dtype)).mul_(2 * sim / (n * d) * grad)
         g[0, mine] += inv
         g[1, mine] -= inv
     return g[0].to(z1.dtype, copy=True), g[1].to(z2.dtype, copy=True)
