@@ -171,3 +171,16 @@ def test_interpreted_launches_emit_no_interpreter_warnings(seed, monkeypatch):
              if os.path.join("triton", "runtime", "interpreter") in w.filename]
     assert not noisy, noisy[:3]
     assert abs(float(got) - float(want)) <= 1e-5 * max(1.0, abs(float(want))), f"seed {seed}"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 1.5, -0.1])
+def test_dino_loss_checks_center_momentum_before_the_loss(bad, monkeypatch):
+    """A bad center_momentum is refused up front, naming the argument, before the loss runs."""
+    import sslfast.ops.dino as dino_ops
+
+    s, t, c = torch.randn(6, 11), torch.randn(4, 11), torch.zeros(1, 11)
+    calls = []
+    monkeypatch.setattr(dino_ops, "_impl", lambda *a: calls.append(a) or dino_ops._reference)
+    with pytest.raises(ValueError, match="center_momentum"):
+        sf.dino_loss(s, t, c, center_momentum=bad)
+    assert not calls, "the loss ran before the argument was checked"

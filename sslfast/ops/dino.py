@@ -28,7 +28,7 @@ from .._backend import use_triton
 from .._custom_op import (TRITON_DOUBLE_BACKWARD, custom_op, differentiable_grads, double_backward_unsupported,
                           grads_in_forward, loss_with_grads)
 from ..reference import dino as _reference
-from .ema import update_center_
+from .ema import _real, update_center_
 
 
 def _impl(*tensors):
@@ -126,6 +126,8 @@ def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center
     V.same_device(student_output=s, teacher_output=t, center=c)
     st = V.positive("student_temp", student_temp)
     tt = V.positive("teacher_temp", teacher_temp)
+    if center_momentum is not None:  # checked before any launch, not after the loss has run
+        center_momentum = _real("center_momentum", center_momentum, 0.0, 1.0)
     if grads_in_forward(s):
         # a create_graph backward recomputes the loss in plain autograd (reference path only)
         differentiable = functools.partial(_differentiable_loss, (st, tt, G)) if _impl(s, t, c) is _reference else None
