@@ -9,7 +9,9 @@ pretrained backbone) and `sslfast bench` (the fused ops against their PyTorch re
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import shlex
 import sys
 
 import torch
@@ -17,7 +19,20 @@ import torch
 
 def _bench(args) -> int:
     from . import bench
+    from .train.checkpoint import check_writable_file
+    from .train.config import ConfigError, check_device
 
+    check_device(args.device)
+    known = sorted({case.op for case in bench.load_all()})
+    unknown = [op for op in args.ops or () if op not in known]
+    if unknown:
+        raise ConfigError(f"--ops: unknown op famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)} "
+                          f"(known: {', '.join(known)})")
+    if args.plot and not _importable("matplotlib"):
+        raise ConfigError("--plot needs matplotlib (pip install matplotlib)")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_writable_file(path, what=flag)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = bench.run(device, ops=args.ops, warmup=args.warmup, repeat=args.repeat,
                      with_reference=not args.no_reference, log=(lambda s: None) if args.quiet else print,
@@ -42,14 +57,19 @@ def _pretrain(args) -> int:
     from .train import PretrainConfig, pretrain
 
     fields = {f for f in PretrainConfig.__dataclass_fields__}
-    cfg = PretrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    pretrain(cfg)
+    given = {k: v for k, v in vars(args).items() if k in fields}  # only the flags on the command line
+    pretrain(PretrainConfig(**given), explicit=given)
     return 0
 
 
 def _eval(args) -> int:
     from .train import evaluate
+    from .train.checkpoint import check_writable_file
+    from .train.config import check_device
 
+    check_device(args.device)
+    if args.json:  # before the evaluation, not after it
+        check_writable_file(args.json, what="--json")
     evaluate(args.checkpoint, protocols=args.protocol, data=args.data, epochs=args.epochs, device=args.device,
              random_init=args.random_init, out=args.json)
     return 0
@@ -60,8 +80,10 @@ def _add_pretrain(sub) -> None:
 
     p = sub.add_parser("pretrain", help="self-supervised pretraining (default: SimCLR on the embedded digits)",
                        description="Pretrain a backbone with an SSL method on the fused ops; writes checkpoint.pt "
-                                   "(every epoch, atomically), metrics.json and loss_curve.png to --out.")
-    p.add_argument("--method", default="simclr", choices=sorted(METHODS), help="SSL method (default: simclr)")
+                                   "(every epoch, atomically; the one before is kept as checkpoint.prev.pt), "
+                                   "metrics.json and loss_curve.png to --out.",
+                       argument_default=argparse.SUPPRESS)  # args holds only the flags given (see --resume)
+    p.add_argument("--method", choices=sorted(METHODS), help="SSL method (default: simclr)")
     p.add_argument("--data", help="a folder of images (class sub-folders allowed) or 'digits', the embedded "
                                   "scikit-learn digits (default)")
     p.add_argument("--backbone", help="resnet_tiny, resnet18, resnet50, vit_micro, vit_tiny, vit_small, vit_base "
@@ -70,18 +92,29 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--batch-size", type=int, help="global batch size (split over the torchrun processes)")
     p.add_argument("--lr", type=float, help="base learning rate for a batch of 256 (default: the method's paper)")
     p.add_argument("--optimizer", choices=("lars", "adamw", "sgd"), help="default: the method's paper")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--out", help="run directory (default: runs/<method>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--precision", choices=("fp32", "bf16"), help="default: fp32")
+    p.add_argument("--out", help="run directory (default: runs/<method>); a new run refuses one that holds a run "
+                                 "(use --resume or --overwrite), and one process at a time may use it")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (or the one before, if the last is "
+                        "unreadable) with its saved config. These flags may change on resume (a note is printed): "
+                        "--epochs (extend or shorten the run; the warm-up + cosine lr schedule and the method's "
+                        "step schedules are recomputed for the new total and continue from the step reached), "
+                        "--lr (the schedule is rescaled), --stop-after, --workers, --no-knn, --no-progress, "
+                        "--device. Any other flag that differs from the saved config is an error listing the "
+                        "differences")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out that already holds one (its checkpoints and metrics are "
+                        "deleted)")
     p.add_argument("--image-size", type=int, help="training resolution (default: 16 on digits, 224 else)")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--warmup-epochs", type=float,
                    help="linear lr warm-up (default: the paper's, at most a tenth of the run), then cosine")
     p.add_argument("--profile", choices=("paper", "small"),
                    help="head widths: the paper's, or CPU-sized (default: small on digits, paper else)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="default: 0")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
-    p.add_argument("--workers", type=int, default=4, help="data-loading worker processes (image folders)")
+    p.add_argument("--workers", type=int, help="data-loading worker threads for image folders (default: 4)")
     p.add_argument("--stop-after", type=int, metavar="EPOCHS",
                    help="stop after this many epochs of this invocation (continue later with --resume)")
     p.add_argument("--no-knn", dest="knn", action="store_false", help="skip the final kNN evaluation")
@@ -121,16 +154,31 @@ def main(argv=None) -> int:
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_bench)
     args = parser.parse_args(argv)
-    if args.command in ("pretrain", "eval"):
-        from .train import ConfigError, NonFiniteLossError
+    from .train.config import ConfigError, NonFiniteLossError, RunInterrupted
 
-        try:
-            return args.func(args)
-        except ConfigError as err:
-            parser.exit(2, f"sslfast {args.command}: error: {err}\n")
-        except NonFiniteLossError as err:
-            parser.exit(3, f"sslfast {args.command}: {err}\n")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        parser.exit(2, f"sslfast {args.command}: error: {_one_line(err)}\n")
+    except NonFiniteLossError as err:
+        parser.exit(3, f"sslfast {args.command}: {_one_line(err)}\n")
+    except RunInterrupted as err:
+        parser.exit(130, f"sslfast {args.command}: {_one_line(err)}\n")
+    except KeyboardInterrupt:
+        hint = f"; resume with `sslfast pretrain --resume --out {shlex.quote(args.out)}` if it holds a checkpoint" \
+            if args.command == "pretrain" and getattr(args, "out", None) else ""
+        parser.exit(130, f"sslfast {args.command}: interrupted{hint}\n")
+
+
+def _importable(name: str) -> bool:
+    """Whether `import name` would find the module, without importing it."""
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    return importlib.util.find_spec(name) is not None
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":

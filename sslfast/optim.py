@@ -27,7 +27,11 @@ from .nn.ema import EMA
 from .ops import ema as _ops
 from .reference.ema import exclude_bias_and_norm
 
-__all__ = ["AdamWEMA", "LARSEMA", "exclude_bias_and_norm"]
+__all__ = ["AdamWEMA", "EXCLUDE_RULES", "LARSEMA", "exclude_bias_and_norm"]
+
+# LARS exclusion rules by name: a param group stores the name (plain data in `state_dict`, loadable with
+# `torch.load(weights_only=True)`), never the function.
+EXCLUDE_RULES: dict[str, Callable[[torch.Tensor], bool]] = {"bias_and_norm": exclude_bias_and_norm}
 
 
 class _EMAOptimizer(torch.optim.Optimizer):
@@ -175,18 +179,63 @@ class LARSEMA(_EMAOptimizer):
     where parameters with `exclude(p)` true (default: biases and norm weights, p.ndim <= 1) get neither the
     weight decay nor the trust ratio (BYOL appendix C). The per-tensor norms are computed on the device by a
     first pass (no host sync). State per parameter: `momentum_buffer`.
+
+    `exclude` (also per param group) is the name of a rule in `EXCLUDE_RULES` ("bias_and_norm"), None (no
+    exclusion) or a callable param -> bool. A param group keeps only a name, so `state_dict()` is plain data: a
+    registered rule is stored as its name, any other callable as "callable:<module>.<qualname>", which resolves
+    only in an optimizer built with that same callable (a loaded state dict never brings code).
     """
 
     def __init__(self, params, teacher=None, lr: float = 0.2, momentum: float = 0.9, weight_decay: float = 1.5e-6,
-                 eta: float = 1e-3, *, exclude: Callable[[torch.Tensor], bool] | None = exclude_bias_and_norm,
+                 eta: float = 1e-3, *, exclude: str | Callable[[torch.Tensor], bool] | None = "bias_and_norm",
                  ema_momentum=0.996):
         for name, value, low, high in (("lr", lr, 0.0, None), ("momentum", momentum, 0.0, 1.0),
                                        ("weight_decay", weight_decay, 0.0, None), ("eta", eta, 0.0, None)):
             _ops._real(name, value, low, high)
-        if exclude is not None and not callable(exclude):
-            raise TypeError(f"exclude must be a callable (param -> bool) or None, got {type(exclude).__name__}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, exclude=exclude),
-                         teacher, ema_momentum)
+        self._exclude_callables: dict[str, Callable[[torch.Tensor], bool]] = {}
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                                      exclude=self._exclude_name(exclude)), teacher, ema_momentum)
+
+    def _exclude_name(self, exclude) -> str | None:
+        """The stored form of an `exclude` argument (a rule name or None); a user callable is remembered."""
+        if exclude is None:
+            return None
+        if isinstance(exclude, str):
+            if exclude not in EXCLUDE_RULES and exclude not in self._exclude_callables:
+                raise ValueError(f"exclude: unknown rule {exclude!r} (known: {', '.join(sorted(EXCLUDE_RULES))}, "
+                                 f"or pass a callable param -> bool, or None)")
+            return exclude
+        if not callable(exclude):
+            raise TypeError(f"exclude must be a rule name, a callable (param -> bool) or None, got "
+                            f"{type(exclude).__name__}")
+        for name, rule in EXCLUDE_RULES.items():
+            if exclude is rule:
+                return name
+        key = f"callable:{getattr(exclude, '__module__', '?')}.{getattr(exclude, '__qualname__', repr(exclude))}"
+        if self._exclude_callables.get(key, exclude) is not exclude:
+            key = f"{key}#{len(self._exclude_callables)}"  # two different callables of the same name
+        self._exclude_callables[key] = exclude
+        return key
+
+    def add_param_group(self, param_group: dict) -> None:
+        if "exclude" in param_group:
+            param_group = dict(param_group, exclude=self._exclude_name(param_group["exclude"]))
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a state dict of an older version may hold the function itself
+            group["exclude"] = self._exclude_name(group.get("exclude"))
+
+    def _exclude_rule(self, name):
+        if name is None:
+            return None
+        rule = EXCLUDE_RULES.get(name) or self._exclude_callables.get(name)
+        if rule is None:
+            raise ValueError(f"exclude: the param group names the rule {name!r}, which this optimizer does not "
+                             f"know (a loaded state dict names a callable: build the optimizer with exclude= that "
+                             f"callable)")
+        return rule
 
     def _build_plan(self, group, params, teachers):
         bufs = []
@@ -195,7 +244,7 @@ class LARSEMA(_EMAOptimizer):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             bufs.append(state["momentum_buffer"])
-        exclude = group["exclude"]
+        exclude = self._exclude_rule(group["exclude"])
         keep = [not (exclude is not None and bool(exclude(p))) for p in params]
         _ops._check_fused(params, {"momentum_buffers": bufs}, teachers)
         return _ops.LARSEMAPlan(params, bufs, teachers, keep, keep), (params, bufs, teachers)

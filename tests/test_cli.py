@@ -16,7 +16,7 @@ DEFAULT_MARGIN = 0.15
 
 
 def _load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _is_png(path):

@@ -11,21 +11,17 @@ from sslfast.train import PretrainConfig, data_sources, preset_for, resolve, set
 
 from distributed_harness import run_ranks
 
-VIT_ONLY = ("mae", "dino")
-
-
 def _cfg(method, **kw):
     kw.setdefault("batch_size", 16)
     kw.setdefault("epochs", 1)
     return resolve(PretrainConfig(method=method, out="unused", workers=1, **kw))
 
 
-def _views(method, batch, size=16, seed=0):
+def _views(method, batch, seed=0):
+    """Random views shaped as the method's preset makes them for its default small run (16 px)."""
     g = torch.Generator().manual_seed(seed)
-    if method == "dino":
-        return [torch.randn(batch, 3, size, size, generator=g) for _ in range(2)] + \
-            [torch.randn(batch, 3, size // 2, size // 2, generator=g) for _ in range(3)]
-    return [torch.randn(batch, 3, size, size, generator=g) for _ in range(1 if method == "mae" else 2)]
+    specs = preset_for(_cfg(method), METHODS[method]).expanded()
+    return [torch.randn(batch, 3, v.size, v.size, generator=g) for v in specs]
 
 
 # --------------------------------------------------------------------------------------------- backbones

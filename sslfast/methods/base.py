@@ -22,6 +22,12 @@ class Method(nn.Module):
       SMALL:   overrides (head widths, temperatures, recipe keys) for the CPU-sized backbones of the embedded
                digits demo (`profile="small"`); each method documents them.
 
+    Traits the trainer, tests and benches read instead of branching on the name:
+      needs_vit:          the method only runs on a ViT backbone (patch tokens);
+      default_backbone:   the backbone per profile ({"small": ..., "paper": ...});
+      min_batch_per_rank: images each rank needs per step (batch statistics, in-batch negatives);
+      pictures:           extra PNG files the trainer writes at the end (`write_pictures`).
+
     Attributes set by subclasses: `backbone` (the student trunk), `ema` (an `sslfast.EMA` teacher or None;
     the trainer fuses its update into the optimizer step).
     """
@@ -30,6 +36,10 @@ class Method(nn.Module):
     preset = "simclr"
     RECIPE: dict = {}
     SMALL: dict = {}
+    needs_vit = False
+    default_backbone = {"small": "resnet_tiny", "paper": "resnet50"}
+    min_batch_per_rank = 1
+    pictures: tuple[str, ...] = ()
 
     def __init__(self, backbone: nn.Module, *, gather_distributed: bool = False):
         super().__init__()
@@ -45,8 +55,9 @@ class Method(nn.Module):
         return int(self.backbone.num_features)
 
     @classmethod
-    def recipe(cls, profile: str = "paper") -> dict:
-        """The training settings (RECIPE, with SMALL's recipe keys for `profile="small"`)."""
+    def recipe(cls, profile: str = "paper", *, vit: bool = False) -> dict:
+        """The training settings (RECIPE, with SMALL's recipe keys for `profile="small"`); `vit` says whether
+        the backbone is a ViT (a method whose paper has a separate ViT recipe overrides this)."""
         out = dict(cls.RECIPE)
         if profile == "small":
             out.update({k: v for k, v in cls.SMALL.items() if k in _RECIPE_KEYS})
@@ -82,6 +93,10 @@ class Method(nn.Module):
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)
         return [g for g in (dict(params=decay), dict(params=no_decay, weight_decay_scale=0.0)) if g["params"]]
+
+    def write_pictures(self, out_dir: str, images: torch.Tensor, *, denormalize, seed: int = 0) -> None:
+        """Writes the files named in `pictures` to `out_dir` from a batch of held-out images (`denormalize`
+        maps them back to [0, 1]; `seed` fixes any randomness); nothing by default."""
 
     def before_optimizer_step(self) -> None:
         """Hook between backward and the optimizer step (DINO freezes its last layer here)."""

@@ -19,6 +19,7 @@ from .base import Method, check_views, negative_cosine
 class BYOL(Method):
     name = "byol"
     preset = "byol"
+    min_batch_per_rank = 2
     RECIPE = dict(optimizer="lars", lr=0.2, weight_decay=1.5e-6, warmup_epochs=10, momentum=0.9)
     SMALL = dict(hidden_dim=256, out_dim=64, momentum=0.99, lr=1.0, warmup_epochs=1)
 

@@ -12,6 +12,8 @@ mask ratio 0.75. SMALL: decoder 64 wide, 2 blocks, 4 heads; lr 1e-3, 1 warm-up e
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -24,6 +26,9 @@ from .base import Method, check_views, loss_region
 class MAE(Method):
     name = "mae"
     preset = "mae"
+    needs_vit = True
+    default_backbone = {"small": "vit_micro", "paper": "vit_small"}
+    pictures = ("reconstructions.png",)
     RECIPE = dict(optimizer="adamw", lr=1.5e-4, weight_decay=0.05, warmup_epochs=40, betas=(0.9, 0.95))
     SMALL = dict(decoder_dim=64, decoder_depth=2, decoder_heads=4, lr=1e-3, warmup_epochs=1)
 
@@ -67,6 +72,15 @@ class MAE(Method):
             return _mae.masked_mse_loss(pred, imgs, info.mask, self.patch_size, self.norm_pix_loss)
 
     @torch.no_grad()
+    def write_pictures(self, out_dir: str, images: torch.Tensor, *, denormalize, seed: int = 0) -> None:
+        """reconstructions.png: a row of images, a row of their masked versions, a row of reconstructions."""
+        from .._plot import save_image_grid
+
+        imgs = images[:8]
+        masked, recon = self.reconstruct(imgs, generator=torch.Generator(imgs.device).manual_seed(seed))
+        save_image_grid([denormalize(x).cpu() for x in (imgs, masked, recon)],
+                        os.path.join(out_dir, self.pictures[0]))
+
     def reconstruct(self, imgs: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(masked images, reconstructions with the visible patches pasted back), both [B, C, H, W], for the
         reconstruction grid. With norm_pix_loss the predicted patches are de-normalized with the statistics

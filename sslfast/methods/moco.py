@@ -56,6 +56,7 @@ class MoCoV2(Method):
 class MoCoV3(Method):
     name = "mocov3"
     preset = "byol"  # MoCo v3 uses BYOL's augmentations (§4)
+    min_batch_per_rank = 2
     RECIPE = dict(optimizer="lars", lr=0.6, weight_decay=1e-6, warmup_epochs=10, momentum=0.9)
     RECIPE_VIT = dict(optimizer="adamw", lr=1.5e-4, weight_decay=0.1, warmup_epochs=40, betas=(0.9, 0.999))
     SMALL = dict(hidden_dim=256, out_dim=64, temperature=0.2, warmup_epochs=1)
@@ -72,7 +73,7 @@ class MoCoV3(Method):
         self.ema = EMA(torch.nn.Sequential(self.backbone, self.projector), momentum=momentum, final_momentum=1.0)
 
     @classmethod
-    def recipe(cls, profile: str = "paper", vit: bool = False) -> dict:
+    def recipe(cls, profile: str = "paper", *, vit: bool = False) -> dict:
         out = super().recipe(profile)
         if vit:
             out.update(cls.RECIPE_VIT)

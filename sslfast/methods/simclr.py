@@ -20,6 +20,7 @@ from .base import Method, check_views, loss_region
 class SimCLR(Method):
     name = "simclr"
     preset = "simclr"
+    min_batch_per_rank = 2
     RECIPE = dict(optimizer="lars", lr=0.3, weight_decay=1e-6, warmup_epochs=10, momentum=0.9)
     SMALL = dict(temperature=0.5, hidden_dim=256, out_dim=64, lr=2.0, warmup_epochs=1)
 

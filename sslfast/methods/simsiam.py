@@ -17,6 +17,7 @@ from .base import Method, check_views, negative_cosine
 class SimSiam(Method):
     name = "simsiam"
     preset = "moco_v2"  # "the same as MoCo v2" (§4)
+    min_batch_per_rank = 2
     RECIPE = dict(optimizer="sgd", lr=0.05, weight_decay=1e-4, warmup_epochs=0, momentum=0.9)
     SMALL = dict(dim=256, pred_dim=64, lr=0.5)
 

@@ -16,6 +16,7 @@ from .base import Method, check_views, loss_region
 class VICReg(Method):
     name = "vicreg"
     preset = "vicreg"
+    min_batch_per_rank = 2
     RECIPE = dict(optimizer="lars", lr=0.2, weight_decay=1e-6, warmup_epochs=10, momentum=0.9)
     SMALL = dict(hidden_dim=512, out_dim=512, lr=0.5, warmup_epochs=1)
 

@@ -1,0 +1,138 @@
+"""One training step and what it needs: process group, model, optimizer and schedule."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..distributed import rank_and_world
+from ..methods import Method, build_method
+from ..models import build_backbone, convert_sync_batchnorm, is_vit
+from ..optim import AdamWEMA, LARSEMA
+from .config import PretrainConfig, _recipe
+
+def init_distributed(device: str | None) -> tuple[int, int, torch.device]:
+    """torchrun: one process per GPU (WORLD_SIZE > 1 → a process group, NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    dev = torch.device(device) if device else torch.device("cuda" if use_cuda else "cpu")
+    if use_cuda and dev.index is None:
+        dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = rank_and_world()
+    return rank, world, dev
+
+
+def build_optimizer(method: Method, cfg: PretrainConfig):
+    """The optimizer of the recipe, fused with the teacher EMA (`sslfast.optim`) for lars / adamw, and the
+    per-group schedule factors (warm-up + cosine, or constant for `fixed_lr` groups)."""
+    recipe = _recipe(cfg)
+    lr = cfg.lr * cfg.batch_size / 256
+    groups = []
+    for g in method.param_groups():
+        g = dict(g)
+        g["lr"] = lr * g.pop("lr_scale", 1.0)
+        g["weight_decay"] = cfg.weight_decay * g.pop("weight_decay_scale", 1.0)
+        groups.append(g)
+    momentum = recipe.get("momentum", 0.9)
+    if cfg.optimizer == "lars":
+        opt = LARSEMA(groups, teacher=method.ema, lr=lr, momentum=momentum, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adamw":
+        opt = AdamWEMA(groups, teacher=method.ema, lr=lr, betas=tuple(recipe.get("betas", (0.9, 0.999))),
+                       weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=cfg.weight_decay)
+    return opt
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then half a cosine to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def build_scheduler(opt, total_steps: int, warmup_steps: int):
+    lambdas = [(lambda s: 1.0) if g.get("fixed_lr") else (lambda s: lr_factor(s, total_steps, warmup_steps))
+               for g in opt.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: PretrainConfig, world: int = 1, **overrides) -> Method:
+    """The backbone and method of `cfg` (same seed → same initial weights); `overrides` go to the method."""
+    seed_everything(cfg.seed)
+    backbone = build_backbone(cfg.backbone, image_size=cfg.image_size)
+    if world > 1:
+        convert_sync_batchnorm(backbone)  # global BN statistics (the heads' BNs already are)
+    return build_method(cfg.method, backbone, profile=cfg.profile, gather_distributed=world > 1, **overrides)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training step touches (built by `setup`)."""
+    cfg: PretrainConfig
+    method: Method
+    model: nn.Module              # the method, wrapped in DistributedDataParallel when world > 1
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    world: int = 1
+
+    @property
+    def fused_ema(self) -> bool:
+        return self.method.ema is not None and isinstance(self.optimizer, (AdamWEMA, LARSEMA))
+
+
+def setup(cfg: PretrainConfig, steps_per_epoch: int, device, world: int = 1, **overrides) -> Run:
+    """Model, optimizer and schedule of a resolved config (DDP-wrapped when world > 1); `overrides` go to the
+    method's constructor."""
+    device = torch.device(device)
+    method = build_model(cfg, world, **overrides).to(device)
+    if device.type == "cuda" and not is_vit(cfg.backbone):
+        method.to(memory_format=torch.channels_last)  # NHWC convolutions (tensor cores)
+    method.configure(steps_per_epoch * cfg.epochs, steps_per_epoch)
+    opt = build_optimizer(method, cfg)
+    sched = build_scheduler(opt, steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch))
+    model = method
+    if world > 1:
+        # buffers (global-BN statistics, queue, center) stay equal on every rank by construction: no per-step
+        # broadcast (torch >= 2.13 names the switch forward_sync_buffers)
+        ddp = nn.parallel.DistributedDataParallel
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else \
+            "broadcast_buffers"
+        model = ddp(method, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})
+    return Run(cfg, method, model, opt, sched, device, world)
+
+
+def train_step(run: Run, views) -> torch.Tensor:
+    """One optimizer step on a batch of views; returns the (detached) loss of this rank."""
+    views = [v.to(run.device, non_blocking=True) for v in views]
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cfg.precision == "bf16"):
+        loss = run.model(views)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.method.before_optimizer_step()
+    run.optimizer.step()          # lars / adamw: the teacher EMA is fused into this step
+    run.scheduler.step()
+    if run.method.ema is not None and not run.fused_ema:
+        run.method.ema.update()
+    run.method.after_step()
+    return loss.detach()
