@@ -115,6 +115,10 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--seed", type=int, help="default: 0")
     p.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--workers", type=int, help="data-loading worker threads for image folders (default: 4)")
+    p.add_argument("--loader", choices=("native", "dali", "torch"),
+                   help="native: decode + the fused augmentation kernel on the device (default); dali: NVIDIA DALI; "
+                        "torch: a torch DataLoader of --workers processes, PIL decode and per-sample CPU transforms "
+                        "(the usual pipeline, for comparison)")
     p.add_argument("--stop-after", type=int, metavar="EPOCHS",
                    help="stop after this many epochs of this invocation (continue later with --resume)")
     p.add_argument("--no-knn", dest="knn", action="store_false", help="skip the final kNN evaluation")

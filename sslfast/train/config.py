@@ -51,6 +51,7 @@ class PretrainConfig:
     seed: int = 0
     device: str | None = None
     workers: int = 4
+    loader: str = "native"             # native (fused GPU augmentation) | dali | torch (DataLoader + PIL, per sample)
     knn: bool = True                   # evaluate kNN (pretrained vs random init) at the end
     stop_after: int | None = None      # stop after this many epochs of the run (resume later)
     progress: bool = True
@@ -61,6 +62,7 @@ class PretrainConfig:
 
 
 # Defaults of the embedded digits demo, measured to finish on 2 CPU cores in well under 3 minutes.
+LOADERS = ("native", "dali", "torch")
 DIGITS_DEFAULTS = dict(epochs=40, batch_size=256, image_size=16)
 IMAGENET_DEFAULTS = dict(epochs=100, batch_size=256, image_size=224)
 
@@ -111,6 +113,8 @@ def resolve(cfg: PretrainConfig, world: int = 1) -> PretrainConfig:
         raise ConfigError(f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}")
     if not (cfg.warmup_epochs >= 0 and math.isfinite(cfg.warmup_epochs)):
         raise ConfigError(f"--warmup-epochs must be a finite number >= 0, got {cfg.warmup_epochs}")
+    if cfg.loader not in LOADERS:
+        raise ConfigError(f"--loader must be one of {', '.join(LOADERS)}, got {cfg.loader!r}")
     if cfg.precision not in ("fp32", "bf16"):
         raise ConfigError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
     for key in ("epochs", "batch_size", "image_size", "workers", "stop_after"):

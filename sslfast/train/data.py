@@ -55,7 +55,8 @@ def _data_loader(cfg: PretrainConfig, rank: int, world: int, device):
     train, _ = data_sources(cfg)
     try:
         return SSLLoader(train, preset_for(cfg, get_method(cfg.method)), cfg.batch_size // world, device=device,
-                         shard_id=rank, num_shards=world, seed=cfg.seed, drop_last=True, num_workers=cfg.workers)
+                         backend=cfg.loader, shard_id=rank, num_shards=world, seed=cfg.seed, drop_last=True,
+                         num_workers=cfg.workers)
     except ValueError as err:  # e.g. a batch larger than the data
         raise ConfigError(f"--batch-size {cfg.batch_size}: {err}") from None
 

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ..data import Prefetcher
 from ..distributed import is_distributed
 from .checkpoint import (METRICS, PREVIOUS, all_finite, check_writable_dir, load_latest, nonfinite_names, rng_state,
                          run_lock, save_atomic, saved_config, set_rng_state, write_text_atomic)
@@ -186,8 +187,11 @@ def _train_epoch(run, loader, epoch: int, history: dict, ckpt_path: str, saved_e
     steps_per_epoch = len(loader)
     bar = _Progress(cfg.progress and rank == 0, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
     t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+    # batch k + 1 is read, decoded and augmented in the background while batch k trains; the prefetcher
+    # measures how long each step waited for its data
+    batches = Prefetcher(loader, depth=2, device=run.device if run.device.type == "cuda" else None)
     try:
-        for step, views in enumerate(_batches(loader, cfg)):
+        for step, views in enumerate(_batches(batches, loader, cfg)):
             loss = train_step(run, views).float()
             if world > 1:  # every rank sees the same value, so a NaN stops all of them at the same step
                 dist.all_reduce(loss)
@@ -200,26 +204,30 @@ def _train_epoch(run, loader, epoch: int, history: dict, ckpt_path: str, saved_e
             loss_sum += value
             history["step_loss"].append(value)
             bar.update(loss=f"{value:.4f}", lr=f"{opt.param_groups[0]['lr']:.3g}",
-                       img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
+                       img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}",
+                       wait=f"{batches.wait_s * 1e3:.0f}ms")
     finally:
         bar.close()
+        batches.close()
     seconds = time.perf_counter() - t0
     bad = loader.bad_files
     new_bad = [(path, why) for path, why in bad if path not in history["bad_files"]]
     history["bad_files"].update(dict(bad))
     record = {"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch, "lr": opt.param_groups[0]["lr"],
-              "images_per_s": seen / seconds, "seconds": seconds, "skipped_images": len(history["bad_files"])}
+              "images_per_s": seen / seconds, "seconds": seconds, "data_wait_s": batches.epoch_wait_s,
+              "skipped_images": len(history["bad_files"])}
     history["epochs"].append(record)
     say(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}  {record['images_per_s']:.0f} images/s  "
-        f"{seconds:.1f}s" + (f"  ({len(history['bad_files'])} undecodable image(s) skipped so far)"
+        f"{seconds:.1f}s (data wait {batches.epoch_wait_s:.1f}s)" + (f"  ({len(history['bad_files'])} undecodable image(s) skipped so far)"
                              if history["bad_files"] else ""))
     for path, why in new_bad[:3]:
         say(f"  skipped {path}: {why}")
 
 
-def _batches(loader, cfg: PretrainConfig):
-    """The loader's batches; a source in which nothing decodes is a `ConfigError` naming --data."""
-    it = iter(loader)
+def _batches(batches, loader, cfg: PretrainConfig):
+    """The batches of `batches` (the loader, or a prefetcher over it); a source in which nothing decodes is a
+    `ConfigError` naming --data."""
+    it = iter(batches)
     while True:
         try:
             views = next(it)
