@@ -10,8 +10,8 @@ TRITON_INTERPRET:
     ''')
 
 `build(fn, types, consts, num_warps, num_stages, aligned)` types every parameter not named in `types` as i32
-and every name in `consts` as a constexpr, and prints the register count and spilled bytes of the result (cuobjdump) as a
-JSON line.
+and every name in `consts` as a constexpr, and prints the register count and spilled bytes of the result
+(cuobjdump) as a JSON line.
 """
 import os
 import subprocess

@@ -170,7 +170,8 @@ def test_dino_schedule_is_main_dino(seed, W):
     assert crit.teacher_temperature(None) == final
     teacher, student = _dino_inputs()
     crit.eval()
-    assert_loss_close(crit(teacher, student, epoch=W - 1), _want(teacher, student, schedule[W - 1]), 1e-5, f"seed {seed}")
+    got = crit(teacher, student, epoch=W - 1)
+    assert_loss_close(got, _want(teacher, student, schedule[W - 1]), 1e-5, f"seed {seed}")
 
 
 def test_dino_third_argument_is_teacher_temp(seed):

@@ -39,7 +39,8 @@ def test_nan_and_out_of_range_momenta_are_refused(seed, make):
 
 
 @pytest.mark.parametrize("kwargs,name", [({"momentum": NAN}, "momentum"), ({"final_momentum": NAN}, "final_momentum"),
-                                         ({"momentum": math.inf}, "momentum"), ({"final_momentum": 1.5}, "final_momentum")])
+                                         ({"momentum": math.inf}, "momentum"),
+                                         ({"final_momentum": 1.5}, "final_momentum")])
 def test_ema_module_refuses_bad_momenta(kwargs, name):
     with pytest.raises(ValueError, match=name):
         sf.EMA(torch.nn.Linear(3, 2), **kwargs)

@@ -125,7 +125,8 @@ class _Pass:
                 return self.queue.get(timeout=_POLL_S)
             except queue.Empty:
                 if not self.thread.is_alive() and self.queue.empty():
-                    raise RuntimeError("the prefetch thread ended without a batch, an end marker or an error")
+                    raise RuntimeError("the prefetch thread ended without a batch, an end marker or an "
+                                       "error") from None
 
     def close(self, timeout: float | None) -> None:
         self.stop.set()

@@ -11,9 +11,10 @@ class BarlowTwinsLoss(nn.Module):
     """Barlow Twins (`sslfast.barlow_twins_loss`), computed without the D x D cross-correlation.
 
     Arguments as lightly's `BarlowTwinsLoss(lambda_param, gather_distributed)`; the default λ is the paper's
-    0.0051 (as `sf.barlow_twins_loss`; lightly's is 5e-3: pass `lambda_param=5e-3` for its numbers). `eps` is the standardization's (BatchNorm1d's 1e-5) and `algorithm`
-    forces ``"gram"`` or ``"tiled"`` (default ``"auto"``). With `gather_distributed`, gradients are exact
-    after DDP's average (the official implementation's are 1/world_size of that).
+    0.0051 (as `sf.barlow_twins_loss`; lightly's is 5e-3: pass `lambda_param=5e-3` for its numbers). `eps` is the
+    standardization's (BatchNorm1d's 1e-5) and `algorithm` forces ``"gram"`` or ``"tiled"`` (default ``"auto"``).
+    With `gather_distributed`, gradients are exact after DDP's average (the official implementation's are
+    1/world_size of that).
     """
 
     def __init__(self, lambda_param: float = 0.0051, gather_distributed: bool = False, *, eps: float = 1e-5,

@@ -217,9 +217,9 @@ def _train_epoch(run, loader, epoch: int, history: dict, ckpt_path: str, saved_e
               "images_per_s": seen / seconds, "seconds": seconds, "data_wait_s": batches.epoch_wait_s,
               "skipped_images": len(history["bad_files"])}
     history["epochs"].append(record)
+    skipped = f"  ({len(history['bad_files'])} undecodable image(s) skipped so far)" if history["bad_files"] else ""
     say(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}  {record['images_per_s']:.0f} images/s  "
-        f"{seconds:.1f}s (data wait {batches.epoch_wait_s:.1f}s)" + (f"  ({len(history['bad_files'])} undecodable image(s) skipped so far)"
-                             if history["bad_files"] else ""))
+        f"{seconds:.1f}s (data wait {batches.epoch_wait_s:.1f}s){skipped}")
     for path, why in new_bad[:3]:
         say(f"  skipped {path}: {why}")
 
