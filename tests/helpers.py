@@ -1,7 +1,7 @@
-"""Comparison helpers: relative error against a float64 oracle, DESIGN.md tolerances."""
+"""Comparison helpers: relative error against a float64 oracle, with the tolerances of CONTRIBUTING.md."""
 import torch
 
-# ‖out − ref‖ / ‖ref‖ bounds (DESIGN.md, "Numerics"). On a GPU fp32 dots run in TF32.
+# ‖out − ref‖ / ‖ref‖ bounds (CONTRIBUTING.md, "Numerics"). On a GPU fp32 dots run in TF32.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 TOL_GPU_FP32 = 1e-3
 

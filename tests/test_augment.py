@@ -334,7 +334,7 @@ def test_gpu_gaussian_blur_and_params_on_device(seed):
 @pytest.mark.parametrize("antialias", [True, False])
 def test_reference_matches_torchvision(seed, antialias):
     """The reference's ops are torchvision's: each view of `ref.augment_one` equals the same parameters run
-    through torchvision.transforms.v2.functional in float64 (the GPU box has torchvision; CPU CI does not)."""
+    through torchvision.transforms.v2.functional in float64 (GPU machines usually have torchvision; CPU CI does not)."""
     TF = pytest.importorskip("torchvision.transforms.v2.functional")
     from torchvision.transforms import InterpolationMode
 
