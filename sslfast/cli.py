@@ -23,7 +23,9 @@ def _bench(args) -> int:
     from .train.config import ConfigError, check_device
 
     check_device(args.device)
-    known = sorted({case.op for case in bench.load_all()})
+    if args.ops and "e2e" in args.ops:
+        return _bench_e2e(args)
+    known = sorted({case.op for case in bench.load_all()} | {"e2e"})
     unknown = [op for op in args.ops or () if op not in known]
     if unknown:
         raise ConfigError(f"--ops: unknown op famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)} "
@@ -50,6 +52,42 @@ def _bench(args) -> int:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
     if args.plot:
         bench.plot(rows, args.plot)
+    return 0
+
+
+def _bench_e2e(args) -> int:
+    """`sslfast bench --ops e2e`: whole steps from JPEG files per loader and step mode (`sslfast.bench.e2e`)."""
+    import dataclasses
+
+    from .bench import e2e
+    from .train.checkpoint import check_writable_file
+    from .train.config import ConfigError
+
+    if args.ops != ["e2e"]:
+        raise ConfigError("--ops e2e runs alone (time the other op families in another invocation)")
+    if args.plot:
+        raise ConfigError("--plot: the e2e rows have no plot (use --json)")
+    if args.json:
+        check_writable_file(args.json, what="--json")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    settings = e2e.default_settings(device)
+    changes = {k: getattr(args, f"e2e_{k}") for k in ("method", "backbone", "batch", "image_size", "steps", "data")
+               if getattr(args, f"e2e_{k}") is not None}
+    for key in ("batch", "image_size", "steps"):
+        if key in changes and changes[key] < 1:
+            raise ConfigError(f"--e2e-{key.replace('_', '-')} must be a positive integer, got {changes[key]}")
+    if args.e2e_images:
+        try:
+            changes["images"], size = e2e.parse_images(args.e2e_images)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if size:
+            changes["jpeg_size"] = size
+    rows = e2e.run(device, dataclasses.replace(settings, **changes), log=(lambda s: None) if args.quiet else print)
+    print(e2e.table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": {"torch": torch.__version__, "device": rows[0]["device"]}, "rows": rows}, f, indent=1)
     return 0
 
 
@@ -119,6 +157,10 @@ def _add_pretrain(sub) -> None:
                    help="native: decode + the fused augmentation kernel on the device (default); dali: NVIDIA DALI; "
                         "torch: a torch DataLoader of --workers processes, PIL decode and per-sample CPU transforms "
                         "(the usual pipeline, for comparison)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the method's forward (CUDA only; the first steps compile)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture the whole step in a CUDA graph (not implemented yet: refused with the reason)")
     p.add_argument("--stop-after", type=int, metavar="EPOCHS",
                    help="stop after this many epochs of this invocation (continue later with --resume)")
     p.add_argument("--no-knn", dest="knn", action="store_false", help="skip the final kNN evaluation")
@@ -149,13 +191,23 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="time the fused ops against their PyTorch references")
     b.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     b.add_argument("--ops", nargs="*", help="only these op families (default: all registered)")
-    b.add_argument("--cases", nargs="*", help="only cases whose 'op case-name' matches one of these regular expressions")
+    b.add_argument("--cases", nargs="*",
+                   help="only cases whose 'op case-name' matches one of these regular expressions")
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--repeat", type=int, default=10)
     b.add_argument("--no-reference", action="store_true", help="time only the fused ops")
     b.add_argument("--json", help="write the rows here")
     b.add_argument("--plot", help="write a PNG bar chart here")
     b.add_argument("--quiet", action="store_true")
+    e = b.add_argument_group("--ops e2e (whole steps from JPEG files; defaults: SimCLR resnet50 B=256 224px on "
+                             "2000 generated 500x375 JPEGs on CUDA, resnet_tiny B=16 16px on 64 at 64x48 on the CPU)")
+    e.add_argument("--e2e-data", help="a folder of images (default: a generated set in ~/.cache/sslfast/e2e)")
+    e.add_argument("--e2e-images", metavar="N[:WxH]", help="size of the generated set, e.g. 2000:500x375")
+    e.add_argument("--e2e-steps", type=int, help="timed steps per pass")
+    e.add_argument("--e2e-method")
+    e.add_argument("--e2e-backbone")
+    e.add_argument("--e2e-batch", type=int)
+    e.add_argument("--e2e-image-size", type=int)
     b.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     from .train.config import ConfigError, NonFiniteLossError, RunInterrupted

@@ -20,7 +20,7 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
 
 
-# torch >= 2.13 renamed all_gather_into_tensor (the old name warns); torch 2.11 (CUDA builds in use) has only the old one.
+# torch >= 2.13 renamed all_gather_into_tensor (the old name warns); torch 2.11 has only the old one.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 

@@ -52,6 +52,8 @@ class PretrainConfig:
     device: str | None = None
     workers: int = 4
     loader: str = "native"             # native (fused GPU augmentation) | dali | torch (DataLoader + PIL, per sample)
+    compile: bool = False              # torch.compile the method's forward (CUDA; see `resolve`)
+    cuda_graph: bool = False           # capture the whole step in a CUDA graph (refused for now, see `resolve`)
     knn: bool = True                   # evaluate kNN (pretrained vs random init) at the end
     stop_after: int | None = None      # stop after this many epochs of the run (resume later)
     progress: bool = True
@@ -134,6 +136,7 @@ def resolve(cfg: PretrainConfig, world: int = 1) -> PretrainConfig:
         raise ConfigError(f"--batch-size: {cls.name} needs at least {cls.min_batch_per_rank} images per rank (batch "
                           f"statistics, negatives), got {cfg.batch_size // world}")
     check_device(cfg.device)
+    check_step_mode(cfg)
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
     cfg.out = cfg.out or os.path.join("runs", cfg.method)
@@ -157,12 +160,39 @@ def check_device(device: str | None, *, what: str = "--device") -> None:
             raise ConfigError(f"{what} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
+# torch.compile on the CPU: the ops run their PyTorch reference path there, whose custom-op backward
+# (sslfast::similarity_lse_backward, NT-Xent / InfoNCE) fails torch.compile's output-aliasing check, and
+# inductor's C++ compile of even a tiny backbone takes minutes on a few cores.
+COMPILE_CPU_REFUSAL = ("--compile needs a CUDA device (on the CPU the ops' reference path does not pass "
+                       "torch.compile's custom-op checks yet)")
+
+
+def _on_cuda(device: str | None) -> bool:
+    return torch.device(device).type == "cuda" if device else torch.cuda.is_available()
+
+
+def check_step_mode(cfg: PretrainConfig) -> None:
+    """`--compile` and `--cuda-graph` on the run's device, else a one-line `ConfigError` saying why."""
+    for key in ("compile", "cuda_graph"):
+        if not isinstance(getattr(cfg, key), bool):
+            raise ConfigError(f"{flag_name(key)} must be True or False, got {getattr(cfg, key)!r}")
+    on_cuda = _on_cuda(cfg.device)
+    if cfg.cuda_graph:
+        if not on_cuda:
+            raise ConfigError("--cuda-graph needs a CUDA device")
+        raise ConfigError("--cuda-graph: capturing the whole step (forward, backward, optimizer and EMA on static "
+                          "buffers) is not implemented yet; use --compile, or neither")
+    if cfg.compile and not on_cuda:
+        raise ConfigError(COMPILE_CPU_REFUSAL)
+
+
 # What `--resume` may change: these flags apply to the resumed run (with a printed note); every other flag that
 # differs from the saved config is an error. `epochs` extends (or shortens, not below the epoch reached) the run:
 # the warm-up + cosine schedule and the method's step-based schedules (EMA momentum, DINO's teacher temperature)
 # are recomputed for the new total and continue from the step reached. `lr` rescales the whole schedule from the
-# step reached. `device` moves the run (not bit-exact across devices).
-RESUMABLE = ("epochs", "lr", "stop_after", "workers", "knn", "progress", "device")
+# step reached. `device` moves the run (not bit-exact across devices). `compile` / `cuda_graph` change how the
+# step executes, not what it computes.
+RESUMABLE = ("epochs", "lr", "stop_after", "workers", "knn", "progress", "device", "compile", "cuda_graph")
 # Run-control flags that are never part of the comparison.
 _NOT_COMPARED = ("out", "resume", "overwrite")
 
@@ -197,7 +227,8 @@ def merge_resume(saved: PretrainConfig, given: PretrainConfig, explicit: Iterabl
         raise ConfigError(f"--epochs {merged.epochs}: the run already reached epoch {reached}")
     result = dataclasses.replace(saved, **{k: getattr(merged, k) for k in changed}, out=given.out, resume=True,
                                  overwrite=False)
-    for key in ("stop_after", "knn", "progress", "workers", "device"):  # invocation-only: never inherited
+    # invocation-only: never inherited
+    for key in ("stop_after", "knn", "progress", "workers", "device", "compile", "cuda_graph"):
         if key not in explicit:
             setattr(result, key, getattr(given, key))
     for key, (old, new) in changed.items():

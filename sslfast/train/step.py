@@ -119,20 +119,35 @@ def setup(cfg: PretrainConfig, steps_per_epoch: int, device, world: int = 1, **o
         no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else \
             "broadcast_buffers"
         model = ddp(method, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})
+    if cfg.compile:
+        # the method's forward (backbone, heads, the sslfast custom ops) traced and compiled; the parameters,
+        # buffers and the state dict stay the method's own (`run.method`)
+        model = torch.compile(model)
     return Run(cfg, method, model, opt, sched, device, world)
 
 
-def train_step(run: Run, views) -> torch.Tensor:
-    """One optimizer step on a batch of views; returns the (detached) loss of this rank."""
+def forward_backward(run: Run, views) -> torch.Tensor:
+    """The loss of a batch of views and its backward (gradients in the parameters' `.grad`); returns the loss."""
     views = [v.to(run.device, non_blocking=True) for v in views]
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cfg.precision == "bf16"):
         loss = run.model(views)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    return loss
+
+
+def optimizer_step(run: Run) -> None:
+    """The optimizer step after `forward_backward`: the method's hooks, the schedule and the teacher EMA."""
     run.method.before_optimizer_step()
     run.optimizer.step()          # lars / adamw: the teacher EMA is fused into this step
     run.scheduler.step()
     if run.method.ema is not None and not run.fused_ema:
         run.method.ema.update()
     run.method.after_step()
+
+
+def train_step(run: Run, views) -> torch.Tensor:
+    """One optimizer step on a batch of views; returns the (detached) loss of this rank."""
+    loss = forward_backward(run, views)
+    optimizer_step(run)
     return loss.detach()
