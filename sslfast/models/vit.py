@@ -7,6 +7,10 @@ The patch front is `sslfast.models.mae.MaskedPatchEmbed`, so one model serves bo
   (`global_pool="avg"`: the mean patch token);
 * `forward_masked(imgs, mask_ratio)` is the MAE encoder: only the visible patches are read from the images
   and embedded (mask first), then run through the blocks; returns (tokens [B, 1 + K, D], MaskInfo).
+* `embed(imgs, masks=masks)` is iBOT's / DINOv2's masked-image-modeling input: every patch is embedded, and
+  the patch tokens at `masks` [B, L] (True = masked) are replaced by the learnable `mask_token` before the
+  position embedding is added (`init_mask_token()` creates it; a model without one has no such parameter, so
+  its state dict is unchanged).
 
 Attention is `F.scaled_dot_product_attention` (flash / memory-efficient kernels on CUDA); there is no
 xformers dependency.
@@ -89,8 +93,17 @@ class VisionTransformer(nn.Module):
         self.num_features = self.embed_dim = embed_dim
         self.patch_size = patch_size
         self.global_pool = global_pool
+        self.mask_token: nn.Parameter | None = None
         init_transformer_(self.blocks)
         init_transformer_(self.norm)
+
+    def init_mask_token(self) -> nn.Parameter:
+        """Creates the learnable mask token [1, 1, D] used by `embed(..., masks=)` (zeros, as DINOv2's ViT) and
+        returns it; a second call keeps the existing one."""
+        if self.mask_token is None:
+            weight = self.patch_embed.proj.weight
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim, device=weight.device, dtype=weight.dtype))
+        return self.mask_token
 
     @property
     def num_patches(self) -> int:
@@ -105,17 +118,38 @@ class VisionTransformer(nn.Module):
         pos = F.interpolate(pos.float(), size=grid, mode="bicubic", align_corners=False).to(pe.pos_embed.dtype)
         return pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
 
-    def embed(self, imgs: torch.Tensor) -> torch.Tensor:
-        """All patch tokens plus the cls token, [B, 1 + L, D] (any image size divisible by the patch)."""
+    def embed(self, imgs: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """All patch tokens plus the cls token, [B, 1 + L, D] (any image size divisible by the patch).
+
+        `masks` [B, L] bool (row-major patch order): the patch embedding of each True position is replaced by
+        `mask_token` before the position embedding is added (DINOv2's `prepare_tokens_with_masks`):
+        x[b, l] = (mask_token if masks[b, l] else proj(patch[b, l])) + pos[l]."""
         pe = self.patch_embed
         h, w = imgs.shape[-2:]
-        if (h, w) == pe.img_size:
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"image size {h}x{w} must be divisible by patch_size={self.patch_size}")
+        grid = (h // self.patch_size, w // self.patch_size)
+        if masks is not None:
+            self._check_masks(masks, imgs.shape[0], grid[0] * grid[1], imgs.device)
+            x = pe.proj(imgs).flatten(2).transpose(1, 2)
+            x = torch.where(masks[..., None], self.mask_token.to(x.dtype), x) + self._pos_embed(grid)
+        elif (h, w) == pe.img_size:
             x = pe.embed_all(imgs)
         else:
-            if h % self.patch_size or w % self.patch_size:
-                raise ValueError(f"image size {h}x{w} must be divisible by patch_size={self.patch_size}")
-            x = pe.proj(imgs).flatten(2).transpose(1, 2) + self._pos_embed((h // self.patch_size, w // self.patch_size))
+            x = pe.proj(imgs).flatten(2).transpose(1, 2) + self._pos_embed(grid)
         return torch.cat([pe.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+
+    def _check_masks(self, masks, batch: int, num_patches: int, device: torch.device) -> None:
+        if self.mask_token is None:
+            raise ValueError("masks given but this VisionTransformer has no mask_token: call init_mask_token() first")
+        if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:
+            raise TypeError(f"masks must be a bool tensor [B, L], got "
+                            f"{masks.dtype if isinstance(masks, torch.Tensor) else type(masks).__name__}")
+        if tuple(masks.shape) != (batch, num_patches):
+            raise ValueError(f"masks must be [B, L] = [{batch}, {num_patches}] (images and patch grid), got shape "
+                             f"{tuple(masks.shape)}")
+        if masks.device != device:
+            raise ValueError(f"masks must be on the images' device {device}, got {masks.device}")
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         for blk in self.blocks:
