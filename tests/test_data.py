@@ -52,7 +52,7 @@ def _check_views(views, preset, batch, dtype, device="cpu"):
 # ------------------------------------------------------------------------------------------- presets
 def test_presets_match_the_papers():
     want = {"simclr": [224] * 2, "moco_v2": [224] * 2, "byol": [224] * 2, "barlow": [224] * 2,
-            "vicreg": [224] * 2, "dino": [224] * 2 + [96] * 8, "mae": [224]}
+            "vicreg": [224] * 2, "dino": [224] * 2 + [96] * 8, "mae": [224], "swav": [224] * 2 + [96] * 6}
     for name, sizes in want.items():
         p = P.get_preset(name)
         assert p.sizes() == sizes and p.sources, name
@@ -70,7 +70,7 @@ def test_presets_match_the_papers():
     assert P.get_preset("dino", 16).sizes() == [16, 16] + [7] * 8
     assert P.dino(local_crops=10).num_views == 12
     with pytest.raises(ValueError, match="preset"):
-        P.get_preset("swav")
+        P.get_preset("nope")
 
 
 # ------------------------------------------------------------------------------------------- loader: shapes

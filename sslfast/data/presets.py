@@ -26,6 +26,7 @@ VICReg, MAE, SimCLR's TF code) — see `sslfast.reference.augment` for the exact
 | vicreg  | 2 × 224          | (0.08, 1)              | (0.4, 0.4, 0.2, 0.1), 0.8 | 0.2  | 1.0, 0.1       | 0, 0.2     |
 | dino    | 2 × 224, 8 × 96  | (0.4, 1) / (0.05, 0.4) | (0.4, 0.4, 0.2, 0.1), 0.8 | 0.2  | 1.0, 0.1 / 0.5 | 0, 0.2 / 0 |
 | mae     | 1 × 224          | (0.2, 1)               | none                      | none | none           | none       |
+| swav    | 2 × 224, 6 × 96  | (0.14, 1) / (.05, .14) | (0.8, 0.8, 0.8, 0.2), 0.8 | 0.2  | 0.5 / 0.5      | 0 / 0      |
 """
 from __future__ import annotations
 
@@ -192,8 +193,27 @@ def mae(image_size: int | None = None) -> Preset:
     }).with_image_size(image_size)
 
 
+def swav(image_size: int | None = None, local_crops: int = 6, local_size: int = 96) -> Preset:
+    s = 1.0  # colour distortion strength, get_color_distortion(s=1.0)
+    g = ViewSpec(scale=(0.14, 1.0), brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s,
+                 jitter_p=0.8, gray_p=0.2, blur_p=0.5, count=2)
+    loc = dataclasses.replace(g, size=local_size, scale=(0.05, 0.14), count=int(local_crops))
+    views = (g, loc) if local_crops > 0 else (g,)
+    return Preset("swav", views, sources={
+        "paper": "Caron et al. 2020, Unsupervised Learning of Visual Features by Contrasting Cluster Assignments, "
+                 "Section 3.2 (multi-crop: 2 × 224 + V × 96) and Appendix A",
+        "code": "facebookresearch/swav src/multicropdataset.py MultiCropDataset with scripts/swav_800ep_pretrain.sh: "
+                "nmb_crops 2 6, size_crops 224 96, min_scale_crops 0.14 0.05, max_scale_crops 1 0.14; every crop: "
+                "RandomResizedCrop, RandomHorizontalFlip(0.5), get_color_distortion(s=1.0) = "
+                "RandomApply([ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8) + RandomGrayscale(0.2), "
+                "PILRandomGaussianBlur(p=0.5, radius U(0.1, 2.0))",
+        "normalization": "the code's std is (0.228, 0.224, 0.225); the ImageNet std (0.229, ...) is kept here, as "
+                         "in the evaluation transforms",
+    }).with_image_size(image_size)
+
+
 PRESETS = {"simclr": simclr, "moco_v2": moco_v2, "byol": byol, "barlow": barlow, "vicreg": vicreg,
-           "dino": dino, "mae": mae}
+           "dino": dino, "mae": mae, "swav": swav}
 
 
 def get_preset(preset, image_size: int | None = None) -> Preset:

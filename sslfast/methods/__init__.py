@@ -4,7 +4,7 @@
     method = sslfast.methods.build_method("byol", backbone)          # paper heads and hyperparameters
     loss = method(views); loss.backward(); opt.step()                 # teacher: method.ema (sslfast.EMA)
 
-Names: simclr, mocov2, mocov3, byol, simsiam, barlowtwins, vicreg, mae, dino. Each module documents its paper,
+Names: simclr, mocov2, mocov3, byol, simsiam, barlowtwins, vicreg, mae, dino, swav. Each module documents its paper,
 heads, loss and training recipe (`Method.RECIPE`), and the CPU-sized `SMALL` profile of the digits demo.
 """
 from __future__ import annotations
@@ -15,17 +15,40 @@ from .barlow_twins import BarlowTwins
 from .base import Method
 from .byol import BYOL
 from .dino import DINO, DINOHead
+from .dinov2 import DINOv2
 from .mae import MAE
 from .moco import MoCoV2, MoCoV3
 from .simclr import SimCLR
 from .simsiam import SimSiam
+from .swav import SwAV
 from .vicreg import VICReg
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SimCLR, MoCoV2, MoCoV3, BYOL, SimSiam, BarlowTwins, VICReg,
-                                                        MAE, DINO)}
+METHODS: dict[str, type[Method]] = {}
 
-__all__ = ["BYOL", "BarlowTwins", "DINO", "DINOHead", "MAE", "METHODS", "Method", "MoCoV2", "MoCoV3", "SimCLR",
-           "SimSiam", "VICReg", "build_method", "get_method"]
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Adds a `Method` subclass to the registry under `cls.name` (usable as a class decorator). Everything the
+    trainer needs comes from the class's traits (`Method`'s docstring lists them).
+
+    Raises:
+        TypeError: `cls` is not a `Method` subclass.
+        ValueError: another class is already registered under that name.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"register_method needs a Method subclass, got {cls!r}")
+    if METHODS.get(cls.name, cls) is not cls:
+        raise ValueError(f"a method named {cls.name!r} is already registered ({METHODS[cls.name].__name__})")
+    METHODS[cls.name] = cls
+    return cls
+
+
+for _cls in (SimCLR, MoCoV2, MoCoV3, BYOL, SimSiam, BarlowTwins, VICReg, MAE, DINO):
+    register_method(_cls)
+register_method(SwAV)
+register_method(DINOv2)
+
+__all__ = ["BYOL", "BarlowTwins", "DINO", "DINOHead", "DINOv2", "MAE", "METHODS", "Method", "MoCoV2", "MoCoV3",
+           "SimCLR", "SimSiam", "SwAV", "VICReg", "build_method", "get_method", "register_method"]
 
 
 def get_method(name: str) -> type[Method]:

@@ -1,0 +1,135 @@
+"""SwAV (Caron et al., 2020, "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments",
+arXiv:2006.09882; facebookresearch/swav main_swav.py).
+
+Network: backbone → projection head 2048 → 2048 (BN, ReLU) → 128, L2-normalized embedding z → prototypes, a
+bias-free Linear(128, K = 3000) whose weight rows are L2-normalized under no_grad at the start of every
+forward (main_swav.py normalizes them at the start of each iteration), so the scores are cosines
+s = z Cᵀ. Multi-crop (the `swav` preset): 2 × 224 + 6 × 96 crops, each resolution batched through the
+backbone once, the head over all crops together. Codes: for each global crop i,
+q_i = Sinkhorn-Knopp(exp(s_i / ε)) with ε = 0.05 and 3 iterations on the detached scores (`sf.sinkhorn_knopp`,
+over the global batch with `gather_distributed`, as `distributed_sinkhorn`). Loss: the swapped prediction
+
+    L = 1/2 Σ_{i < 2} 1/(V − 1) Σ_{v ≠ i} mean_b −Σ_k q_i[b, k] log softmax(s_v[b] / τ)_k,   τ = 0.1
+
+in one op (`sf.swav_loss`). The prototypes get no gradient during the first epoch ("freeze_prototypes_niters",
+one epoch in every published script). Queue (for small batches, main_swav.py's `queue_length` /
+`epoch_queue_starts`; off by default, as in main_swav.py and the batch-4096 scripts): from epoch
+`epoch_queue_starts` on, the embeddings of the global crops of past batches are kept (`queue_length` in all,
+split evenly over the ranks, per global crop); once the queue is full, their scores against the current
+prototypes are stacked above the batch's scores before Sinkhorn and only the batch's codes are used.
+
+RECIPE (scripts/swav_800ep_pretrain.sh, the paper's batch-4096 setting): LARS (main_swav.py: SGD wrapped in
+LARC, trust coefficient 0.001), lr 4.8 at batch 4096, i.e. 0.3 · B/256, momentum 0.9, weight decay 1e-6, 10
+warm-up epochs, then cosine. Deviations: the cosine goes to 0 (SwAV's goes to final_lr = lr/1000 = 0.0048 at
+4096, and its warm-up starts at 0.3 instead of 0); biases and BN parameters are excluded from weight decay and
+LARS adaptation (as in every LARS recipe here; LARC adapts and decays them too). SMALL (CPU digits demo): head
+256 → 64, K = 100 prototypes, no queue, LARS lr 0.1 · B/256, 1 warm-up epoch. On the digits the embeddings
+drift together as training goes on (mean pairwise cosine ≈ 0.3 at init, ≈ 0.7 after 4 epochs at lr 0.1, ≈ 0.9
+at lr 0.3, the loss nearing log K); kNN after 10 epochs at batch 128 was best at lr 0.1 (73.0%; 71.0% at 0.3,
+66.6% at 1.0; random init 63.2%).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributed import rank_and_world
+from ..models.layers import mlp
+from ..ops.sinkhorn import sinkhorn_knopp
+from ..ops.swav import swav_loss
+from .base import Method, check_views, loss_region
+from .dino import _multicrop
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _non_negative(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return float(value)
+
+
+class SwAV(Method):
+    name = "swav"
+    preset = "swav"
+    default_backbone = {"small": "resnet_tiny", "paper": "resnet50"}
+    min_batch_per_rank = 2  # BN in the projection head
+    RECIPE = dict(optimizer="lars", lr=0.3, weight_decay=1e-6, warmup_epochs=10, momentum=0.9)
+    SMALL = dict(hidden_dim=256, out_dim=64, num_prototypes=100, queue_length=0, lr=0.1, warmup_epochs=1)
+
+    def __init__(self, backbone, *, hidden_dim: int = 2048, out_dim: int = 128, num_prototypes: int = 3000,
+                 temperature: float = 0.1, epsilon: float = 0.05, sinkhorn_iterations: int = 3,
+                 num_global_crops: int = 2, freeze_prototypes_epochs: float = 1.0, queue_length: int = 0,
+                 epoch_queue_starts: float = 15, gather_distributed: bool = False):
+        for key, value in (("hidden_dim", hidden_dim), ("out_dim", out_dim), ("num_prototypes", num_prototypes),
+                           ("sinkhorn_iterations", sinkhorn_iterations), ("num_global_crops", num_global_crops)):
+            _positive_int(key, value)
+        _positive_int("queue_length", queue_length, minimum=0)
+        for key, value in (("temperature", temperature), ("epsilon", epsilon)):
+            if not _non_negative(key, value) > 0:
+                raise ValueError(f"{key} must be > 0, got {value}")
+        super().__init__(backbone, gather_distributed=gather_distributed)
+        self.temperature, self.epsilon = float(temperature), float(epsilon)
+        self.sinkhorn_iterations, self.num_global_crops = sinkhorn_iterations, num_global_crops
+        self.freeze_prototypes_epochs = _non_negative("freeze_prototypes_epochs", freeze_prototypes_epochs)
+        self.epoch_queue_starts = _non_negative("epoch_queue_starts", epoch_queue_starts)
+        self.projector = mlp(self.feature_dim, hidden_dim, out_dim, 2)
+        self.prototypes = nn.Linear(out_dim, num_prototypes, bias=False)
+        # main_swav.py: queue_length // world_size rows per rank
+        world = rank_and_world()[1] if gather_distributed else 1
+        rows = queue_length // world
+        if queue_length and rows == 0:
+            raise ValueError(f"queue_length must be 0 or at least the world size {world}, got {queue_length}")
+        self.register_buffer("queue", torch.zeros(num_global_crops, rows, out_dim) if rows else None)
+        self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))  # embeddings pushed so far
+
+    @torch.no_grad()
+    def normalize_prototypes(self) -> None:
+        """Rescales every prototype (row of `prototypes.weight`) to unit L2 norm, in place."""
+        w = self.prototypes.weight
+        w.copy_(F.normalize(w, dim=1))
+
+    def forward(self, views):
+        G = self.num_global_crops
+        check_views(self.name, views, max(G, 2))
+        B = views[0].shape[0]
+        if any(v.shape[0] != B for v in views):
+            raise ValueError(f"swav needs views of one batch size, got {[v.shape[0] for v in views]}")
+        self.normalize_prototypes()
+        z = F.normalize(self.projector(_multicrop(self.backbone, views)), dim=1)
+        scores = self.prototypes(z)                     # [V·B, K] cosines, crop-major
+        with loss_region(scores):
+            codes = self._codes(scores[:G * B].detach(), z[:G * B].detach(), B)
+            return swav_loss(scores, codes, temperature=self.temperature, num_global_crops=G)
+
+    @torch.no_grad()
+    def _codes(self, scores: torch.Tensor, z: torch.Tensor, batch: int) -> torch.Tensor:
+        """Sinkhorn codes [G·B, K] of the global crops' scores (with the queue's stacked above once it is full),
+        then the queue update (main_swav.py's order: scores of the queue before this batch enters it)."""
+        use_queue = self.queue is not None and self.training and self.epoch_float >= self.epoch_queue_starts
+        full = use_queue and int(self.queue_count) >= self.queue.shape[1]
+        codes = []
+        for i, s in enumerate(scores.split(batch)):
+            if full:
+                s = torch.cat([(self.queue[i] @ self.prototypes.weight.t().to(self.queue.dtype)).to(s.dtype), s])
+            q = sinkhorn_knopp(s, self.epsilon, self.sinkhorn_iterations, gather_distributed=self.gather_distributed)
+            codes.append(q[-batch:])
+        if use_queue:
+            rows = self.queue.shape[1]
+            pushed = z.view(len(codes), batch, -1).to(self.queue.dtype)
+            self.queue.copy_(torch.cat([pushed, self.queue], dim=1)[:, :rows])  # newest first
+            self.queue_count.add_(batch)
+        return torch.cat(codes)
+
+    def before_optimizer_step(self):
+        if self.steps_per_epoch and self.epoch_float < self.freeze_prototypes_epochs:
+            self.prototypes.weight.grad = None
