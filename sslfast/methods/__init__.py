@@ -4,8 +4,9 @@
     method = sslfast.methods.build_method("byol", backbone)          # paper heads and hyperparameters
     loss = method(views); loss.backward(); opt.step()                 # teacher: method.ema (sslfast.EMA)
 
-Names: simclr, mocov2, mocov3, byol, simsiam, barlowtwins, vicreg, mae, dino, swav. Each module documents its paper,
-heads, loss and training recipe (`Method.RECIPE`), and the CPU-sized `SMALL` profile of the digits demo.
+Names: simclr, mocov2, mocov3, byol, simsiam, barlowtwins, vicreg, mae, dino, dinov2, swav. Each module documents
+its paper, heads, loss and training recipe (`Method.RECIPE`), and the CPU-sized `SMALL` profile of the digits demo.
+A new method is one module and one `register_method` line (CONTRIBUTING.md, "Adding a method").
 """
 from __future__ import annotations
 
