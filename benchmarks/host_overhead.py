@@ -9,23 +9,30 @@ launches in front of it. This script measures that part on the CPU:
 * the interpreter's launch is replaced by a counter, so kernels cost nothing and are only counted;
 * inputs are tiny, so the glue ops' CPU arithmetic is negligible next to their dispatch.
 
-Per case it prints the median wall time of one call (forward + backward where the op trains), the Triton
-launches and the ATen ops it issued. The wall time excludes the launches themselves: on a GPU add the
-launcher's cost for each one (the Triton launch path, a few microseconds each).
+Per case it prints the median wall time of one call (forward + backward where the op trains), the median
+CPU time of this thread for it (less sensitive than the wall time to other processes on a loaded machine),
+the Triton launches and the ATen ops it issued. The times exclude the launches themselves: on a GPU add the
+launcher's cost for each one (the Triton launch path, a few microseconds each). `ema_update_` runs on CPU
+tensors, so its final multi-tensor update (`reference.ema.ema_update_`, the stand-in for the csrc launch) is
+stubbed and counted like a launch: its row is the validation and the cached plan's check.
 
-    python benchmarks/host_overhead.py [--json FILE] [--repeat 200] [--cases REGEX ...]
+    python benchmarks/host_overhead.py [--json FILE] [--repeat 200] [--cases REGEX ...] [--compare BEFORE.json]
+
+`--compare` takes the --json of an earlier run (e.g. of the code before a change) and prints both.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import cProfile
+import importlib
 import json
 import os
 import pstats
 import re
 import statistics
 import time
+import types
 
 os.environ["SSLFAST_BACKEND"] = "triton"
 os.environ["TRITON_INTERPRET"] = "1"
@@ -47,6 +54,14 @@ def _count_launch(self, *args, grid, warmup, **kwargs):
 
 
 _interp.InterpretedFunction.run = _count_launch
+
+
+def _count_ema(*args, **kwargs):
+    LAUNCHES["ema_update_ (multi-tensor update)"] += 1
+
+
+_ema_ops = importlib.import_module("sslfast.ops.ema")
+_ema_ops._reference = types.SimpleNamespace(**{**vars(_ema_ops._reference), "ema_update_": _count_ema})
 torch.set_num_threads(1)  # tiny tensors: intra-op threads would only add wake-up latency
 
 
@@ -100,6 +115,20 @@ def cases():
     yield "mae norm-pix loss fwd+bwd", fwd_bwd(*norm_pix)
     yield "mae norm-pix loss fwd+bwd (separate backward)", fwd_bwd(*norm_pix, separate=True)
 
+    teacher, student = _vit_b_params(), _vit_b_params()
+    yield "ema_update_ (cached plan, ViT-B list)", lambda: sf.ema_update_(teacher, student, 0.996)
+
+
+def _vit_b_params() -> list:
+    """A ViT-B/16's parameter list (150 tensors: patch embedding, tokens, 12 blocks of 12, final norm) at 1/64
+    of its widths: the plan cache's work grows with the number of tensors, not their sizes."""
+    d, h = 768 // 64, 3072 // 64
+    shapes = [(d, 3, 16, 16), (d,), (1, 1, d), (1, 197, d)]
+    for _ in range(12):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (h, d), (h,), (d, h), (d,)]
+    shapes += [(d,), (d,)]
+    return [torch.randn(s) for s in shapes]
+
 
 def measure(call, repeat: int) -> dict:
     for _ in range(5):
@@ -108,13 +137,17 @@ def measure(call, repeat: int) -> dict:
     with _CountAten() as mode:
         call()
     launches = dict(LAUNCHES)
-    times = []
+    times, cpu = [], []
     for _ in range(repeat):
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         call()
-        times.append(time.perf_counter() - t0)
-    return {"us": statistics.median(times) * 1e6, "launches": sum(launches.values()), "kernels": launches,
-            "aten_ops": sum(mode.ops.values()), "aten": dict(mode.ops)}
+        t1 = time.perf_counter()
+        cpu.append(time.thread_time() - c0)
+        times.append(t1 - t0)
+    return {"us": statistics.median(times) * 1e6, "cpu_us": statistics.median(cpu) * 1e6,
+            "launches": sum(launches.values()), "kernels": launches, "aten_ops": sum(mode.ops.values()),
+            "aten": dict(mode.ops)}
 
 
 def main(argv=None):
@@ -124,22 +157,34 @@ def main(argv=None):
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also print each case's N most expensive functions (cProfile, own time)")
+    ap.add_argument("--compare", metavar="BEFORE.json", help="an earlier --json: print its numbers next to these")
     args = ap.parse_args(argv)
+    before = {}
+    if args.compare:
+        with open(args.compare) as f:
+            before = {r["case"]: r for r in json.load(f)["rows"]}
     rows = []
-    print(f"{'case':40s} {'host us':>9s} {'launches':>9s} {'aten ops':>9s}")
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    head = f"{'case':46s} {'host us':>9s} {'cpu us':>8s} {'launches':>9s} {'aten ops':>9s}"
+    print(head + (f"   | before: {'host us':>8s} {'cpu us':>8s} {'launches':>8s} {'aten ops':>8s}" if before else ""))
     for name, call in cases():
         if args.cases and not any(re.search(c, name) for c in args.cases):
             continue
         row = {"case": name, **measure(call, args.repeat)}
         rows.append(row)
-        print(f"{name:40s} {row['us']:9.1f} {row['launches']:9d} {row['aten_ops']:9d}")
+        line = f"{name:46s} {row['us']:9.1f} {row['cpu_us']:8.1f} {row['launches']:9d} {row['aten_ops']:9d}"
+        if name in before:
+            b = before[name]
+            line += (f"   | {b['us']:16.1f} {b.get('cpu_us', float('nan')):8.1f} {b['launches']:8d} "
+                     f"{b['aten_ops']:8d}")
+        print(line)
         if args.profile:
             prof = cProfile.Profile()
             prof.runcall(lambda: [call() for _ in range(args.repeat)])
             pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"torch": torch.__version__, "load": os.getloadavg(), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -113,7 +113,9 @@ def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             _OUT_DTYPE_MM[0] = False
             warnings.warn(f"sslfast: torch.{mm.__name__}(out_dtype=float32) unavailable ({err}); "
                           "Barlow/VICReg GEMMs fall back to fp32 operands")
-    return torch.matmul(a.float(), b.float())
+    if a.dtype != torch.float32 or b.dtype != torch.float32:
+        a, b = a.float(), b.float()
+    return torch.mm(a, b) if a.dim() == 2 else torch.bmm(a, b)  # not matmul: its batched views cost host calls
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -697,7 +699,8 @@ def forward(z1, z2, kind, coef, eps, rows, world, algorithm):
                                      **sc)
             _finalize_kernel[(1,)](part, t * t, col, scal, loss, u, *tail, KIND=kind, GRAM=True, **cfg["fin"])
             return loss, u, col, scal, ops, grams, pdiag
-        g = _bmm_f32(ops[:, r0:r0 + n], ops.transpose(1, 2))     # [2, n, M]: this rank's Gram rows
+        mine = ops if n == m else ops[:, r0:r0 + n]
+        g = _bmm_f32(mine, ops.transpose(1, 2))     # [2, n, M]: this rank's Gram rows
         gc = cfg["gram"]
         tiles_c = cdiv(m, gc["BLOCK_C"])
         n_tiles = cdiv(n, gc["BLOCK_R"]) * tiles_c

@@ -576,11 +576,30 @@ def gpu_tiles(kind: str, one: bool, bounded: bool, block_d: int) -> dict:
     return dict(table[key])
 
 
+_TILES: dict = {}  # (D, kind, bounded) -> (the table entry it was made from, or None; the tiles)
+
+
 def _tiles(D: int, kind: str, bounded: bool) -> dict:
-    """Tile shapes for `kind` in {"fwd", "bwd"}. On a GPU a row block of up to 256 features stays resident
-    (ONE_CHUNK) and the backward keeps all D outputs in one accumulator; wider rows are walked in 64-wide
-    chunks and the backward's outputs split over the grid's third axis. Under the interpreter tiles are tiny
-    so odd sizes cross many tile edges, and D > 64 already takes the chunked path."""
+    """Tile shapes for `kind` in {"fwd", "bwd"} (a shared dict: read it, do not change it). On a GPU a row
+    block of up to 256 features stays resident (ONE_CHUNK) and the backward keeps all D outputs in one
+    accumulator; wider rows are walked in 64-wide chunks and the backward's outputs split over the grid's third
+    axis. Under the interpreter tiles are tiny so odd sizes cross many tile edges, and D > 64 already takes the
+    chunked path. Made once per (D, kind, bounded) and table entry (a tuning sweep replaces entries)."""
+    hit = _TILES.get((D, kind, bounded))
+    if hit is not None and (hit[0] is None or hit[0] is _table_entry(D, kind, bounded)):
+        return hit[1]
+    tiles = _make_tiles(D, kind, bounded)
+    _TILES[D, kind, bounded] = (None if interpreting() else _table_entry(D, kind, bounded), tiles)
+    return tiles
+
+
+def _table_entry(D: int, kind: str, bounded: bool) -> dict:
+    one = D <= 256
+    table, key = tile_entry(kind, one, bounded, max(16, next_pow2(D)) if one else 64)
+    return table[key]
+
+
+def _make_tiles(D: int, kind: str, bounded: bool) -> dict:
     if interpreting():
         one = D <= 64
         tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=next_pow2(D) if one else 32, ONE_CHUNK=one,
@@ -687,8 +706,7 @@ def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col
             and not torch.are_deterministic_algorithms_enabled()):
         q = _triangle_span(n_rb, r.device)
         triangle, grid, per = True, (n_rb, cdiv(n_rb, q)), q * cfg["BLOCK_M"]
-        sums = torch.zeros((2, 1, m), dtype=torch.float32, device=r.device)  # one "split" of each
-        row_l, pos = sums[0], sums[1]
+        row_l, pos = torch.zeros((2, m), dtype=torch.float32, device=r.device).unbind()  # one "split" of each
         row_m = row_l  # unused: plain sums
     else:
         splits, per = _splits(n_rb, nb, cfg["BLOCK_N"], r.device, waves=8)
@@ -703,6 +721,8 @@ def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col
         m, nb, d, r.stride(0), c.stride(0), per, *maps,
         EXCLUDE_SELF=exclude_self, WANT_POS=want_pos, COL_STATS=col_stats, BOUNDED=bounded,
         TRIANGLE=triangle, UPCAST=upcast_dots(), **cfg)
+    if triangle:  # one split of plain sums, nothing to merge: one log, no launch
+        return torch.log(row_l), row_l.new_empty(0), pos if want_pos else row_l.new_empty(0)
     lse_r, lse_c, pos = merge_splits(row_m, row_l, pos, col_l, col_acc, scale, nb, want_pos=want_pos,
                                      col_stats=col_stats, bounded=bounded)
     if col_stats and not bounded:
@@ -750,8 +770,9 @@ def loss_epilogue(lse_r, lse_c, pos):
     statistics M = Nb: CLIP is square)."""
     m, cols = lse_r.shape[0], lse_c.numel() > 0
     f32 = dict(dtype=torch.float32, device=lse_r.device)
-    loss, g_r, g_p = empty((), **f32), empty((m,), **f32), empty((m,), **f32)
-    g_c = empty((m,), **f32) if cols else None
+    loss = empty((), **f32)
+    g_r, g_p, *g_c = empty(((3 if cols else 2) * m,), **f32).split_with_sizes([m] * (3 if cols else 2))
+    g_c = g_c[0] if cols else None
     _loss_epilogue_kernel[(1,)](lse_r, lse_c if cols else lse_r, pos, loss, g_r, g_r if g_c is None else g_c, g_p, m,
                                 (0.5 if cols else 1.0) / m, COLS=cols, BLOCK=64 if interpreting() else 1024,
                                 num_warps=4)
@@ -771,7 +792,7 @@ def similarity_lse_rows_grad(r, c, rn_r, rn_c, scale, maps, *, exclude_self, bou
     if atomic:
         dr = torch.zeros((m, d), dtype=torch.float32, device=r.device)
     else:  # one split, or one [M, D] slice per split (summed below)
-        dr = empty((splits, m, d), dtype=torch.float32, device=r.device)
+        dr = empty((m, d) if splits == 1 else (splits, m, d), dtype=torch.float32, device=r.device)
     dscale = torch.zeros((), dtype=torch.float32, device=r.device) if want_dscale else dr
     dummy = dr
     _lse_bwd_kernel[(n_rb, splits, cdiv(d, cfg["BLOCK_DO"]))](
@@ -784,5 +805,5 @@ def similarity_lse_rows_grad(r, c, rn_r, rn_c, scale, maps, *, exclude_self, bou
         POS_ROW=g_pr is not None, POS_COL=g_pc is not None, WANT_DSCALE=want_dscale, ATOMIC=atomic,
         BOUNDED=bounded, UPCAST=upcast_dots(), **cfg)
     if dr.dim() == 3:
-        dr = dr[0] if splits == 1 else dr.sum(0)
+        dr = dr.sum(0)
     return dr, (dscale if want_dscale else None)

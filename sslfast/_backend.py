@@ -21,7 +21,12 @@ _CHOICES = ("auto", "triton", "reference")
 
 
 def backend() -> str:
-    value = os.environ.get("SSLFAST_BACKEND", "auto").strip().lower() or "auto"
+    return _parse_backend(os.environ.get("SSLFAST_BACKEND"))
+
+
+@functools.lru_cache(maxsize=8)  # the variable is still read at every call; only its parsing is remembered
+def _parse_backend(raw: str | None) -> str:
+    value = (raw or "auto").strip().lower() or "auto"
     if value not in _CHOICES:
         raise ValueError(f"SSLFAST_BACKEND must be one of {_CHOICES}, got {value!r}")
     return value
@@ -51,12 +56,16 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     if choice == "triton":
         if not triton_available():
             raise RuntimeError("SSLFAST_BACKEND=triton but triton is not installed")
-        cpu = [t for t in tensors if t is not None and not t.is_cuda]
-        if cpu and not interpreting():
+        if not interpreting() and any(t is not None and not t.is_cuda for t in tensors):
             raise RuntimeError("SSLFAST_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1")
         return True
-    present = [t for t in tensors if t is not None]
-    return bool(present) and all(t.is_cuda for t in present) and triton_available()
+    present = False
+    for t in tensors:
+        if t is not None:
+            if not t.is_cuda:
+                return False
+            present = True
+    return present and triton_available()
 
 
 @functools.lru_cache(maxsize=None)

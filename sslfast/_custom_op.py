@@ -4,7 +4,8 @@ Every op is a `torch.library.custom_op` (schema from the annotations, a fake ker
 which is what `torch.compile(fullgraph=True)` traces. Going through the dispatcher costs tens of microseconds
 of host time per call, though, as much as a whole small op on an H100 (Barlow Twins at N = 256, the MAE token
 ops). So eager calls skip it: the same function runs directly, through a plain `torch.autograd.Function` with
-the same `setup_context` and `backward` when the op is differentiable.
+the same `setup_context` and `backward` when the op is differentiable and autograd will record it (grad mode on,
+a tensor argument that requires grad); otherwise as a plain call, with no autograd node to set up.
 
 The switch: the custom op while torch.compile traces (`torch.compiler.is_compiling()`) or when the first
 argument (a tensor in every sslfast op) is a tensor subclass (the fake and functional tensors of AOTAutograd,
@@ -119,15 +120,22 @@ def custom_op(name: str, *, fake: Callable, backward: Callable | None = None, se
     def wrap(fn):
         op = torch.library.custom_op(f"sslfast::{name}", mutates_args=())(fn)
         op.register_fake(fake)
-        eager = fn
-        if backward is not None:
+        if backward is None:
+            @functools.wraps(fn)
+            def call(*args):
+                return op(*args) if _tracing(args) else fn(*args)
+        else:
             guarded = _guarded(name, backward, double_backward)
             op.register_autograd(guarded, setup_context=setup_context)
-            eager = _eager_function(name, fn, guarded, setup_context, tuple(non_differentiable)).apply
+            apply = _eager_function(name, fn, guarded, setup_context, tuple(non_differentiable)).apply
 
-        @functools.wraps(fn)
-        def call(*args):
-            return op(*args) if _tracing(args) else eager(*args)
+            @functools.wraps(fn)
+            def call(*args):
+                if _tracing(args):
+                    return op(*args)
+                if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+                    return apply(*args)
+                return fn(*args)  # nothing to differentiate: no autograd node (its setup costs host time)
 
         call.custom_op = op
         return call
@@ -251,14 +259,16 @@ def _eager_function(name, fn, backward, setup_context, non_differentiable):
         setup_context(ctx, args, out)
         outs = out if isinstance(out, tuple) else (out,)
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*(outs[i] for i in non_differentiable))
+        if non_differentiable:
+            ctx.mark_non_differentiable(*(outs[i] for i in non_differentiable))
         ctx.zero_like = {i: (o.shape, o.dtype, o.device) for i, o in enumerate(outs)
                          if i not in non_differentiable and o.is_floating_point()}
         return out
 
     def backward_(ctx, *grads):  # `backward` is guarded (see `custom_op`)
-        grads = [torch.zeros(ctx.zero_like[i][0], dtype=ctx.zero_like[i][1], device=ctx.zero_like[i][2])
-                 if g is None and i in ctx.zero_like else g for i, g in enumerate(grads)]
+        if any(g is None for g in grads):
+            grads = [torch.zeros(ctx.zero_like[i][0], dtype=ctx.zero_like[i][1], device=ctx.zero_like[i][2])
+                     if g is None and i in ctx.zero_like else g for i, g in enumerate(grads)]
         return backward(ctx, *grads)
 
     return type(f"{name}_eager", (torch.autograd.Function,),

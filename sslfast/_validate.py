@@ -19,6 +19,16 @@ def tensor(name: str, value, *, ndim: int | None = None, shape_hint: str = "", f
 
     `reference_dtypes` are accepted too where the op will run its reference path (CPU tensors, or
     SSLFAST_BACKEND=reference); on the Triton path they raise a TypeError that says so."""
+    return check(name, value, ndim=ndim, shape_hint=shape_hint, floating=floating, dtypes=dtypes,
+                 reference_dtypes=reference_dtypes).contiguous()
+
+
+def check(name: str, value, *, ndim: int | None = None, shape_hint: str = "", floating: bool = True,
+          dtypes=FLOAT_DTYPES, reference_dtypes=()) -> torch.Tensor:
+    """`tensor`'s checks, returning `value` itself (any layout)."""
+    if isinstance(value, torch.Tensor) and (ndim is None or value.dim() == ndim) and (
+            not floating or value.dtype in dtypes):
+        return value  # the common case, decided in three tests
     hint = f" {shape_hint}" if shape_hint else ""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor{hint}, got {type(value).__name__}")
@@ -31,12 +41,12 @@ def tensor(name: str, value, *, ndim: int | None = None, shape_hint: str = "", f
         if use_triton(value):
             raise TypeError(f"{name} has dtype {value.dtype}, which only the reference backend runs (the Triton "
                             f"kernels take {names}): set SSLFAST_BACKEND=reference or use CPU tensors")
-    return value.contiguous()
+    return value
 
 
 def _agree(attr: str, error: type, tensors: dict) -> object:
     values = [getattr(v, attr) for v in tensors.values() if v is not None]
-    if any(v != values[0] for v in values[1:]):
+    if values.count(values[0]) != len(values):
         listing = ", ".join(f"{k}: {getattr(v, attr)}" for k, v in tensors.items() if v is not None)
         raise error(f"all inputs must share one {attr}, got {listing}")
     return values[0]
@@ -82,6 +92,8 @@ def view_pair(name1: str, x1, name2: str, x2) -> tuple[torch.Tensor, torch.Tenso
     if x1.shape != x2.shape:
         raise ValueError(f"{name1} and {name2} must have the same shape [N, D], got {tuple(x1.shape)} and "
                          f"{tuple(x2.shape)}")
-    same_device(**{name1: x1, name2: x2})
-    same_dtype(**{name1: x1, name2: x2})
+    if x1.device != x2.device:
+        same_device(**{name1: x1, name2: x2})  # raises, naming both
+    if x1.dtype != x2.dtype:
+        same_dtype(**{name1: x1, name2: x2})
     return x1, x2

@@ -46,11 +46,17 @@ BARLOW, VICREG = _reference.BARLOW, _reference.VICREG
 ALGORITHMS = ("auto", "gram", "tiled")
 
 
-def _impl(*tensors):
-    if use_triton(*tensors):
-        from ..kernels import barlow as _kernels
+_KERNELS = None
 
-        return _kernels
+
+def _impl(*tensors):
+    global _KERNELS
+    if use_triton(*tensors):
+        if _KERNELS is None:
+            from ..kernels import barlow as kernels
+
+            _KERNELS = kernels
+        return _KERNELS
     return _reference
 
 
@@ -65,16 +71,13 @@ def _run_backward(grad, z1, z2, *rest):
 
 
 def _operand_dtype(z: torch.Tensor, rows: int, algorithm: str) -> torch.dtype:
-    if use_triton(z):
-        from ..kernels import barlow as _kernels
-
-        return _kernels.operand_dtype(z.dtype, rows, algorithm)
-    return _stat_dtype(z)
+    impl = _impl(z)
+    return _stat_dtype(z) if impl is _reference else impl.operand_dtype(z.dtype, rows, algorithm)
 
 
 def _stat_dtype(z: torch.Tensor) -> torch.dtype:
     """The loss' and statistics' dtype: fp32, fp64 for fp64 inputs (reference path only)."""
-    return torch.promote_types(z.dtype, torch.float32)
+    return torch.float64 if z.dtype == torch.float64 else torch.float32  # promote_types(dtype, fp32), no dispatch
 
 
 # ------------------------------------------------------------------------------------------- the op

@@ -35,11 +35,17 @@ _NO_SPLIT = 1 << 30  # "never": index maps with no second segment, identity pair
 BOUNDED_SCALE = 64.0  # plain-sum statistics hold for |logits| <= 64 (sslfast.kernels.infonce)
 
 
-def _impl(*tensors):
-    if use_triton(*tensors):
-        from ..kernels import infonce as _kernels
+_KERNELS = None
 
-        return _kernels
+
+def _impl(*tensors):
+    global _KERNELS
+    if use_triton(*tensors):
+        if _KERNELS is None:
+            from ..kernels import infonce as kernels
+
+            _KERNELS = kernels
+        return _KERNELS
     return _reference
 
 
@@ -54,15 +60,29 @@ def _swap(maps: list[int]) -> list[int]:
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
-    """The statistics' and scale's dtype: fp32, fp64 for fp64 inputs (reference path only)."""
-    return torch.promote_types(x.dtype, torch.float32)
+    """The statistics' and scale's dtype: fp32, fp64 for fp64 inputs (reference path only); promote_types(dtype,
+    fp32) for the float dtypes the ops take, without its dispatcher call."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`: x itself when it already is (`Tensor.to` costs a dispatcher call even then)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 # ------------------------------------------------------------------------------------------- the op
 @without_autocast
 def _forward(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded):
     """similarity_lse's outputs, then the partner's inverse norms (or None) for a backward in the same call."""
-    impl = _impl(a, b, scale)
+    *out, rn_p = _stats(_impl(a, b, scale), a, b, partner, scale, maps, symmetric, exclude_self, want_pos,
+                        col_stats, bounded)
+    if symmetric:
+        out[4] = out[3].new_empty(0)  # outputs may not alias each other
+    return (*out, rn_p)
+
+
+def _stats(impl, a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded):
+    """`_forward` on `impl` (kernels or reference), except that rn_b is None when symmetric."""
     rn_p = None
     if partner is None:
         rn_a = impl.row_rnorm(a)
@@ -74,15 +94,22 @@ def _forward(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_
                                                  bounded=bounded)
     if partner is None:
         pos = tile_pos
-    rn_b = rn_a.new_empty(0) if symmetric else rn_b  # outputs may not alias each other
     st = _stat_dtype(a)
-    return lse_r.to(st), lse_c.to(st), pos.to(st), rn_a.to(st), rn_b.to(st), rn_p
+    return _as(lse_r, st), _as(lse_c, st), _as(pos, st), _as(rn_a, st), None if symmetric else _as(rn_b, st), rn_p
 
 
 @without_autocast
 def _backward(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p, maps, symmetric, exclude_self,
               bounded, want_b, want_scale, rn_p=None):
-    impl = _impl(a, b, scale)
+    da, db, dpartner, dscale = _grads(_impl(a, b, scale), a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r,
+                                      g_c, g_p, maps, symmetric, exclude_self, bounded, want_b, want_scale, rn_p)
+    return (da, a.new_empty(0) if db is None else db, a.new_empty(0) if dpartner is None else dpartner,
+            scale.new_empty(0) if dscale is None else dscale)  # outputs may not alias each other
+
+
+def _grads(impl, a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p, maps, symmetric, exclude_self,
+           bounded, want_b, want_scale, rn_p):
+    """`_backward` on `impl`, with None for the gradients it does not compute."""
     if symmetric:
         lse_c, g_c, rn_b = lse_r, g_r, rn_a
     with_c = g_c is not None
@@ -92,7 +119,7 @@ def _backward(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p
         ta, tb, trn_a, trn_b, scale, maps, exclude_self=exclude_self, bounded=bounded, lse_r=lse_r, g_r=g_r,
         lse_c=lse_c if with_c else None, g_c=g_c, g_pr=tile_pos, g_pc=tile_pos if symmetric else None,
         want_dscale=want_scale)
-    db, dpartner = a.new_empty(0), a.new_empty(0)
+    db = dpartner = None
     if partner is None:
         da = impl.row_normalize_backward(a, rn_a, dah)
     else:
@@ -107,8 +134,7 @@ def _backward(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p
             tb, ta, trn_b, trn_a, scale, _swap(maps), exclude_self=exclude_self, bounded=bounded,
             lse_r=lse_c if with_c else None, g_r=g_c, lse_c=lse_r, g_c=g_r, g_pc=tile_pos)
         db = impl.row_normalize_backward(b, rn_b, dbh)
-    dscale = dscale.to(scale.dtype).reshape(()) if want_scale else scale.new_empty(0)
-    return da, db, dpartner, dscale
+    return da, db, dpartner, _as(dscale, scale.dtype).reshape(()) if want_scale else None
 
 
 def _backward_inputs(ctx, g_r, g_c, g_p):
@@ -117,8 +143,8 @@ def _backward_inputs(ctx, g_r, g_c, g_p):
     maps, symmetric, exclude_self, has_pos, col_stats, bounded = ctx.cfg
     want_b = ctx.needs_input_grad[1] and not symmetric
     st = lse_r.dtype
-    return (a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r.to(st), g_c.to(st) if col_stats else None,
-            g_p.to(st) if has_pos else None, maps, symmetric, exclude_self, bounded, want_b,
+    return (a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, _as(g_r, st), _as(g_c, st) if col_stats else None,
+            _as(g_p, st) if has_pos else None, maps, symmetric, exclude_self, bounded, want_b,
             ctx.needs_input_grad[3])
 
 
@@ -206,16 +232,31 @@ def similarity_lse(a: torch.Tensor, b: torch.Tensor, partner: torch.Tensor | Non
 
 
 # ------------------------------------------------------------------------------------------- the losses
+@without_autocast
 def _loss_and_input_grads(cfg, needs, a, b, partner, scale):
-    """`loss_with_grads`' function: the loss, then `_backward` with the epilogue's gradients."""
+    """`loss_with_grads`' function: the loss, then the backward with the epilogue's gradients."""
     maps, symmetric, exclude_self, _, _, bounded = cfg
-    *stats, rn_p = _forward(a, b, partner, scale, *cfg)
-    loss, *grads = _impl(a, b, scale).loss_epilogue(*stats[:3])
+    impl = _impl(a, b, scale)
+    *stats, rn_p = _stats(impl, a, b, partner, scale, *cfg)
+    loss, *grads = impl.loss_epilogue(*stats[:3])
     want_b = needs[1] and not symmetric
-    da, db, dp, ds = _backward(a, b, partner, scale, *stats, *grads, maps, symmetric, exclude_self, bounded, want_b,
-                               needs[3], rn_p)
-    return loss, (da if needs[0] else None, db if want_b else None, dp if needs[2] else None,
-                  ds if needs[3] else None)
+    da, db, dp, ds = _grads(impl, a, b, partner, scale, *stats, *grads, maps, symmetric, exclude_self, bounded,
+                            want_b, needs[3], rn_p)
+    return loss, (da if needs[0] else None, db, dp if needs[2] else None, ds)
+
+
+def _pair_loss_and_input_grads(cfg, needs, z1, z2, scale):
+    """`_loss_and_input_grads` of z = [z1; z2] against itself (single-device NT-Xent), the concatenation made
+    here, outside autograd: the graph gets no concatenation node, and z's gradient is handed on as two views."""
+    n, z = z1.shape[0], torch.cat([z1, z2])
+    loss, (dz, _, _, ds) = _loss_and_input_grads(cfg, (needs[0] or needs[1], False, False, needs[2]), z, z, None,
+                                                 scale)
+    return loss, (dz[:n] if needs[0] else None, dz[n:] if needs[1] else None, ds)
+
+
+def _differentiable_pair_loss(cfg, z1, z2, scale) -> torch.Tensor:
+    z = torch.cat([z1, z2])
+    return _differentiable_loss(cfg, z, z, None, scale)
 
 
 def _differentiable_loss(cfg, a, b, partner, scale) -> torch.Tensor:
@@ -263,11 +304,17 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *
     if n < 2:
         raise ValueError(f"z1 and z2 need at least 2 rows (N >= 2) so that every row has a negative, got N={n}")
     scale, bounded = _inverse_temperature(temperature, z1)
-    z = torch.cat([z1, z2])
     rank, world = rank_and_world() if gather_distributed else (0, 1)
     if world == 1:
-        return _contrastive(z, z, None, scale, _maps(pos_shift=n, pos_period=2 * n), True, True, True, False,
-                            bounded)
+        cfg = (_maps(pos_shift=n, pos_period=2 * n), True, True, True, False, bounded)
+        if grads_in_forward(z1, z2, scale):
+            differentiable = (functools.partial(_differentiable_pair_loss, cfg) if _impl(z1, z2, scale) is _reference
+                              else None)
+            return loss_with_grads(functools.partial(_pair_loss_and_input_grads, cfg), z1, z2, scale,
+                                   op="similarity_lse", differentiable=differentiable, hint=TRITON_DOUBLE_BACKWARD)
+        z = torch.cat([z1, z2])
+        return _contrastive(z, z, None, scale, *cfg)
+    z = torch.cat([z1, z2])
     big_n = n * world
     zg = torch.cat([all_gather(z1), all_gather(z2)])
     maps = _maps(row_off=rank * n, row_split=n, row_shift=big_n - n, pos_shift=big_n, pos_period=2 * big_n)

@@ -43,16 +43,25 @@ class MaskInfo(NamedTuple):
     mask: torch.Tensor
 
 
-def _impl(*tensors):
-    if use_triton(*tensors):
-        from ..kernels import mae as _kernels
+_KERNELS = None
 
-        return _kernels
+
+def _impl(*tensors):
+    global _KERNELS
+    if use_triton(*tensors):
+        if _KERNELS is None:
+            from ..kernels import mae as kernels
+
+            _KERNELS = kernels
+        return _KERNELS
     return _reference
 
 
+@functools.lru_cache(maxsize=16)
 def _device_probe(device: torch.device) -> torch.Tensor:
-    return torch.empty(0, device=device)
+    """An empty tensor on `device`, for the backend choice of ops that take no tensor (one per device)."""
+    with torch.inference_mode(False):
+        return torch.empty(0, device=device)
 
 
 # ------------------------------------------------------------------------------------------- custom ops
@@ -124,8 +133,8 @@ def _gather_tokens_op(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _unshuffle_dtype(x, mask_token, pos) -> torch.dtype:
-    dt = torch.promote_types(x.dtype, mask_token.dtype)
-    return dt if pos is None else torch.promote_types(dt, pos.dtype)
+    dt = x.dtype if mask_token.dtype == x.dtype else torch.promote_types(x.dtype, mask_token.dtype)
+    return dt if pos is None or pos.dtype == dt else torch.promote_types(dt, pos.dtype)
 
 
 def _fake_unshuffle_backward(g, ids_restore, keep, x_dtype, want_mask_token):
@@ -312,7 +321,8 @@ def _ids(name: str, ids, batch: int, upper: int, what: str, batch_of: str, hint:
                          f"shape {tuple(ids.shape)}")
     ids = ids.contiguous()
     if not ids.is_cuda and not torch.compiler.is_compiling():
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = torch.aminmax(ids)
+        lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= upper:
             raise ValueError(f"{name} must hold {what} in [0, {upper}), got values in [{lo}, {hi}]")
     return ids
@@ -322,7 +332,7 @@ def _tokens(name: str, x, shape_hint: str) -> torch.Tensor:
     """A [B, N, D] floating tensor; batch-strided views with dense rows (e.g. `x[:, 1:]`) are kept as they are
     (the kernels take the batch stride), anything else is made contiguous."""
     if isinstance(x, torch.Tensor) and x.dim() == 3 and x.stride(2) == 1 and x.stride(1) == x.shape[2]:
-        V.tensor(name, x[:0], ndim=3, shape_hint=shape_hint)  # rank and dtype checks without a copy
+        V.check(name, x, ndim=3, shape_hint=shape_hint)  # rank and dtype checks without a copy
     else:
         x = V.tensor(name, x, ndim=3, shape_hint=shape_hint)
     if 0 in x.shape:
@@ -441,6 +451,11 @@ def unshuffle(x_visible: torch.Tensor, ids_restore: torch.Tensor, mask_token: to
     return _unshuffle_op(x, ids, mask_token.reshape(D), pos)
 
 
+def _detached(x: torch.Tensor) -> torch.Tensor:
+    """x cut from the graph; x itself when it is not in one (`detach` is a dispatcher call)."""
+    return x.detach() if x.requires_grad else x
+
+
 def masked_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
                     norm_pix_loss: bool = True) -> torch.Tensor:
     """The official MAE `forward_loss`: target = patchify(imgs), per patch normalized to mean 0 and
@@ -470,9 +485,9 @@ def masked_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, 
     if grads_in_forward(pred):
         cfg = (p, norm_pix_loss)
         literal = functools.partial(_masked_mse_literal, cfg) if not use_triton(pred, imgs, mask) else None
-        return loss_with_grads(functools.partial(_masked_mse_and_grad, cfg), pred, imgs.detach(), mask.detach(),
+        return loss_with_grads(functools.partial(_masked_mse_and_grad, cfg), pred, _detached(imgs), _detached(mask),
                                op="masked_mse_loss", differentiable=literal, hint=TRITON_DOUBLE_BACKWARD)
-    loss, _ = _masked_mse_op(pred, imgs, mask.detach(), p, norm_pix_loss)
+    loss, _ = _masked_mse_op(pred, imgs, _detached(mask), p, norm_pix_loss)
     return loss
 
 
