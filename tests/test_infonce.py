@@ -406,8 +406,10 @@ def test_gradients_computed_in_forward(backend, seed, loss, scale_kernel_from, m
         twice = _LOSSES[loss](a1, b1, sc1)
     twice.backward(retain_graph=True)
     twice.backward()
-    for got, two in ((a.grad, a1.grad), (b.grad, b1.grad)) + (((sc.grad, sc1.grad),) if loss == "clip" else ()):
+    for got, two in ((a.grad, a1.grad), (b.grad, b1.grad)):
         assert_close(got, 1.5 * two, 1e-6, f"{loss}: 3·g against 2·g")
+    if loss == "clip":  # one fp32 scalar summing terms that cancel, from two different paths: fp32's tolerance
+        assert_close(sc.grad, 1.5 * sc1.grad, 1e-5, f"{loss}: logit_scale 3·g against 2·g")
     if backend == "reference":  # the reference path recomputes through plain autograd: a real second order
         second = torch.autograd.grad(_LOSSES[loss](leaf(z1), b1, sc1), b1, create_graph=True)[0]
         assert second.requires_grad, f"{loss}: create_graph=True must give a differentiable gradient"
