@@ -1,4 +1,4 @@
-"""Backend selection shared by every op (see DESIGN.md, "Dispatch").
+"""Backend selection shared by every op (CONTRIBUTING.md, "One op, three places": dispatch).
 
 CUDA tensors take the fast path (Triton kernels or csrc); CPU tensors take the PyTorch reference path.
 `SSLFAST_BACKEND` overrides that per process:
