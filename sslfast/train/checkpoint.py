@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -33,6 +34,10 @@ def load_checkpoint(path: str, *, what: str = "--checkpoint") -> dict:
         raise ConfigError(f"{what}: no checkpoint at {path} (run `sslfast pretrain` first)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False, which would run the file's code
+        raise ConfigError(f"{what}: {path} is not a readable sslfast checkpoint: it holds Python objects other "
+                          f"than tensors and plain data (loading it could run code), or is no checkpoint at "
+                          f"all") from None
     except Exception as err:  # noqa: BLE001 - any failure to read is the same user error
         text = str(err).strip()
         first = text.splitlines()[0] if text else type(err).__name__
