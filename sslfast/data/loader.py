@@ -72,7 +72,26 @@ class _AllBad(Exception):
     pass
 
 
-class SSLLoader:
+class BadFiles:
+    """`skipped` and `bad_files` of an object holding `source` and `_bad` ({index: reason} of the samples
+    dropped so far because they could not be read or decoded)."""
+
+    source: object
+    _bad: dict[int, str]
+
+    @property
+    def skipped(self) -> int:
+        """Number of distinct samples skipped so far (unreadable, not an image, or undecodable)."""
+        return len(self._bad)
+
+    @property
+    def bad_files(self) -> list[tuple[str, str]]:
+        """(path or index, reason) of every skipped sample."""
+        paths = getattr(self.source, "paths", None)
+        return [(paths[i] if paths else str(i), why) for i, why in sorted(self._bad.items())]
+
+
+class SSLLoader(BadFiles):
     """Iterable of multi-view batches.
 
     source: a folder (ImageFolder layout or flat), a .txt file list, a list of paths, a uint8 array/tensor
@@ -181,17 +200,6 @@ class SSLLoader:
     def _batch_seed(self, epoch: int, batch_no: int) -> int:
         return _mix(self.seed, epoch, self.shard_id, batch_no, 0x5EED)
 
-    # ------------------------------------------------------------------------------------------ bad files
-    @property
-    def skipped(self) -> int:
-        """Number of distinct samples skipped so far (unreadable, not an image, or undecodable)."""
-        return len(self._bad)
-
-    @property
-    def bad_files(self) -> list[tuple[str, str]]:
-        """(path or index, reason) of every skipped sample."""
-        paths = getattr(self.source, "paths", None)
-        return [(paths[i] if paths else str(i), why) for i, why in sorted(self._bad.items())]
 
     def _mark_bad(self, index: int, reason: str) -> None:
         with self._lock:

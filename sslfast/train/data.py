@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..data import SSLLoader, get_preset
+from ..data.loader import BadFiles
 from ..data import datasets as D
 from ..methods import Method, get_method
 from ..models import build_backbone, is_vit
@@ -61,7 +62,7 @@ def _data_loader(cfg: PretrainConfig, rank: int, world: int, device):
         raise ConfigError(f"--batch-size {cfg.batch_size}: {err}") from None
 
 
-class LabeledImages:
+class LabeledImages(BadFiles):
     """A labeled source seen without augmentation (a central square crop resized to `image_size`, the
     normalization of the presets), in batches of (images, labels) on `device`.
 
@@ -84,17 +85,6 @@ class LabeledImages:
 
     def __len__(self) -> int:
         return len(self.source)
-
-    @property
-    def skipped(self) -> int:
-        """Number of distinct samples dropped so far (unreadable or undecodable)."""
-        return len(self._bad)
-
-    @property
-    def bad_files(self) -> list[tuple[str, str]]:
-        """(path or index, reason) of every dropped sample."""
-        paths = getattr(self.source, "paths", None)
-        return [(paths[i] if paths else str(i), why) for i, why in sorted(self._bad.items())]
 
     def _loader(self, shuffle: bool, drop_last: bool, batch_size: int) -> SSLLoader:
         key = (shuffle, drop_last, batch_size)
