@@ -5,6 +5,7 @@ import torch
 import sslfast as sf
 from sslfast._custom_op import DoubleBackwardError
 from sslfast.ops import koleo as ops_koleo
+from sslfast.ops._torch import koleo as T
 from sslfast.reference import koleo as R
 from tests.aot_compile import check_compiles
 from tests.helpers import assert_close, assert_loss_close, leaf, tol
@@ -38,7 +39,7 @@ def test_matches_literal(backend, seed, monkeypatch, N, D, dtype):
     (rounded) inputs; 16-bit gradients are rounded to their dtype."""
     if dtype == torch.float64 and backend == "triton":
         pytest.skip("float64 runs on the reference path only")
-    monkeypatch.setattr(R, "CHUNK_ELEMS", 2 * N)  # the CPU path's search in chunks of two rows
+    monkeypatch.setattr(T, "CHUNK_ELEMS", 2 * N)  # the CPU path's search in chunks of two rows
     x = (torch.randn(N, D, dtype=torch.float64) * 3).to(dtype)
     _check(x, seed)
 
@@ -51,7 +52,7 @@ def test_shared_neighbours_and_scale(backend, seed):
     x *= torch.logspace(-3, 3, 23, dtype=torch.float64)[:, None]
     x = x.float()
     with torch.no_grad():
-        nn = R.nearest_neighbours(torch.nn.functional.normalize(x.double()))
+        nn = T.nearest_neighbours(torch.nn.functional.normalize(x.double()))
     assert torch.bincount(nn, minlength=23).max() >= 3
     _check(x, seed)
 

@@ -12,21 +12,28 @@ DINOv2 computes KoLeo per rank, and so does this op. Returns an fp32 scalar (fp6
 from __future__ import annotations
 
 import functools
+from typing import Protocol
 
 import torch
 
 from .. import _validate as V
-from .._backend import use_triton, without_autocast
+from .._backend import without_autocast
 from .._custom_op import TRITON_DOUBLE_BACKWARD, custom_op, differentiable_grads, double_backward_unsupported
-from ..reference import koleo as _reference
+from ._family import Family
 
 
-def _impl(x: torch.Tensor):
-    if use_triton(x) and x.dtype != torch.float64:
-        from ..kernels import koleo as _kernels
+class KoleoImpl(Protocol):
+    """What `kernels.koleo` and `ops._torch.koleo` both define."""
 
-        return _kernels
-    return _reference
+    def koleo_forward(self, x, eps):
+        """(loss [], nearest other row n [N] int64, distances d [N], inverse norms 1/max(‖x_i‖, ε) [N])."""
+
+    def koleo_backward(self, grad, x, nn, dist, rnorm, eps):
+        """∂loss/∂x in x's dtype for the 0-d upstream gradient `grad`."""
+
+
+FAMILY = Family("koleo", KoleoImpl, accepts=lambda x: x.dtype != torch.float64)
+_impl = FAMILY.impl
 
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
@@ -75,9 +82,9 @@ def _backward(ctx, g_loss, *_):
 
 def _differentiable_loss(eps, x):
     """The loss in plain autograd (the reference path's forward), for a create_graph=True backward."""
-    if _impl(x) is not _reference:
+    if _impl(x) is not FAMILY.torch:
         raise double_backward_unsupported("koleo_loss", TRITON_DOUBLE_BACKWARD)
-    return _reference.koleo_forward(x, eps)[0]
+    return FAMILY.torch.koleo_forward(x, eps)[0]
 
 
 def _double_backward(ctx, g_loss, *_):
