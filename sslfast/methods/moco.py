@@ -22,7 +22,7 @@ import torch
 
 from ..models import VisionTransformer
 from ..models.layers import mlp
-from ..nn.contrastive import InfoNCELoss
+from ..nn.infonce import InfoNCELoss
 from ..nn.ema import EMA
 from ..ops.infonce import info_nce_loss
 from .base import Method, check_views, loss_region

@@ -1,8 +1,8 @@
 """`nn.Module` drop-ins over the fused ops (names follow lightly)."""
-from .contrastive import CLIPLoss, InfoNCELoss, NTXentLoss
+from .infonce import CLIPLoss, InfoNCELoss, NTXentLoss
 from .dino import DINOLoss
 from .ema import EMA
-from .redundancy import BarlowTwinsLoss, VICRegLoss
+from .barlow import BarlowTwinsLoss, VICRegLoss
 from .siglip import SigLIPLoss
 
 __all__ = ["BarlowTwinsLoss", "CLIPLoss", "DINOLoss", "EMA", "InfoNCELoss", "NTXentLoss", "SigLIPLoss", "VICRegLoss"]
