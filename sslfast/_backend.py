@@ -1,4 +1,4 @@
-"""Backend selection shared by every op (CONTRIBUTING.md, "One op, three places": dispatch).
+"""Backend selection shared by every op (CONTRIBUTING.md, "One op family, one contract").
 
 CUDA tensors take the fast path (Triton kernels or csrc); CPU tensors take the PyTorch reference path.
 `SSLFAST_BACKEND` overrides that per process:
