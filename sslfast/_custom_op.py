@@ -15,7 +15,7 @@ same switch, so a traced backward records the custom op and an eager one runs th
 Terminal losses (`loss_with_grads`). A scalar loss's input gradients are the upstream scalar times the
 gradients for an upstream 1, so an eager training call can compute them in its forward, right behind the
 loss kernels, and its backward only scales them. On a GPU the backward kernels are then queued while the host
-is still in the forward, not after the autograd engine (~150 µs of host time on the GPU box) has reached the
+is still in the forward, not after the autograd engine (~150 µs of host time on an H100 host) has reached the
 op's node; the graph holds one node instead of the loss epilogue's four; and a loss that streams its inputs
 (MAE's norm-pix MSE) reads them once instead of twice. The scaling is in place and free when the upstream
 gradient is 1 (`kernels._common.scale_unless_one_`), so the backward hands the gradients on and runs once.
@@ -152,7 +152,7 @@ def _tracing(args) -> bool:
 def scalar_constant(value: float, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A 0-d tensor (fp32 unless `dtype`) holding `value` on `like`'s device, for kernels that read a scalar from
     memory. Eager calls reuse one per (value, device, dtype): a fill is a launch (tens of µs of host time on
-    the GPU box). Not while tracing (the tensor would be a constant of the graph) nor while a CUDA graph is
+    an H100 host). Not while tracing (the tensor would be a constant of the graph) nor while a CUDA graph is
     being captured (the fill would only run at replay)."""
     if _tracing((like,)) or (like.is_cuda and torch.cuda.is_current_stream_capturing()):
         return torch.full((), value, dtype=dtype, device=like.device)
@@ -212,7 +212,7 @@ class _LossWithGrads(torch.autograd.Function):
 
 
 # Below this many elements ATen's multiply is cheaper: its host call costs ~5 µs less than a Triton launch on the
-# GPU box, and reading + writing 2^20 bf16 elements takes ~1.3 µs at 3 TB/s.
+# H100 host, and reading + writing 2^20 bf16 elements takes ~1.3 µs at 3 TB/s.
 SCALE_KERNEL_MIN_NUMEL = 1 << 20
 
 
