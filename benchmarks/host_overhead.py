@@ -13,7 +13,7 @@ Per case it prints the median wall time of one call (forward + backward where th
 CPU time of this thread for it (less sensitive than the wall time to other processes on a loaded machine),
 the Triton launches and the ATen ops it issued. The times exclude the launches themselves: on a GPU add the
 launcher's cost for each one (the Triton launch path, a few microseconds each). `ema_update_` runs on CPU
-tensors, so its final multi-tensor update (`reference.ema.ema_update_`, the stand-in for the csrc launch) is
+tensors, so its final multi-tensor update (`ops._torch.ema.ema_update_`, the stand-in for the csrc launch) is
 stubbed and counted like a launch: its row is the validation and the cached plan's check.
 
     python benchmarks/host_overhead.py [--json FILE] [--repeat 200] [--cases REGEX ...] [--compare BEFORE.json]
@@ -32,7 +32,6 @@ import pstats
 import re
 import statistics
 import time
-import types
 
 os.environ["SSLFAST_BACKEND"] = "triton"
 os.environ["TRITON_INTERPRET"] = "1"
@@ -60,8 +59,8 @@ def _count_ema(*args, **kwargs):
     LAUNCHES["ema_update_ (multi-tensor update)"] += 1
 
 
-_ema_ops = importlib.import_module("sslfast.ops.ema")
-_ema_ops._reference = types.SimpleNamespace(**{**vars(_ema_ops._reference), "ema_update_": _count_ema})
+_ema_torch = importlib.import_module("sslfast.ops._torch.ema")
+_ema_torch.ema_update_ = _count_ema  # the family's PyTorch `ema_update_`, which CPU tensors dispatch to
 torch.set_num_threads(1)  # tiny tensors: intra-op threads would only add wake-up latency
 
 

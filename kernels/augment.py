@@ -1,10 +1,10 @@
 """Fused multi-view augmentation: packed uint8 images in, normalized NCHW views out, in one pass.
 
-The math, the order of operations and the parameter layout are those of `sslfast.reference.augment` (its
-module doc is the specification; `FIELDS` below must equal its `FIELDS`, which the tests check). Images
-are packed in one flat uint8 buffer: image b starts at OFFS[b], is SIZES[b] = (H, W) and is stored
-[3, H, W] (CHW, GPU decode) or [H, W, 3] (HWC, PIL / numpy). Per-(view, sample) parameters are a row of
-PARAMS [G, B, NUM_FIELDS] (fp32), drawn on the device by `sslfast.ops.augment.sample_view_params`.
+The math and the order of operations are those of `sslfast.reference.augment` (its module doc is the
+specification); `FIELDS` below must equal the parameter layout `sslfast.ops.augment.FIELDS`, which the tests
+check. Images are packed in one flat uint8 buffer: image b starts at OFFS[b], is SIZES[b] = (H, W) and is
+stored [3, H, W] (CHW, GPU decode) or [H, W, 3] (HWC, PIL / numpy). Per-(view, sample) parameters are a row
+of PARAMS [G, B, NUM_FIELDS] (fp32), drawn on the device by `sslfast.ops.augment.sample_view_params`.
 
 _augment_kernel, grid (B, G): one program per (sample, view) walks its out_h × out_w view BLOCK pixels at
 a time. Each pixel is sampled straight from its image (crop box + resize, flip folded into the output
@@ -241,7 +241,7 @@ def _resize_bilinear(src, W, cs, step, oy, ox, top, left, ch, cw, scale_y, scale
 
 @triton.jit
 def _reflect(i, n):
-    """Reflect padding without edge repeat, folded as often as needed (sslfast.reference.augment.reflect_index)."""
+    """Reflect padding without edge repeat, folded as often as needed (sslfast.ops._torch.augment.reflect_index)."""
     period = tl.maximum(2 * n - 2, 1)
     i = tl.abs(i) % period
     return tl.where(i >= n, period - i, i)

@@ -123,10 +123,13 @@ def _forward_kernel(S, T, C, PART_T, LSE_T, PART, B, V, G, K, stride_s, stride_t
 
 
 @triton.jit
-def _loss_kernel(PART, LSE_S, LOSS, n_sp, n, B, G, inv_pairs, BLOCK_SP: tl.constexpr, BLOCK: tl.constexpr):
-    # Grid (1,): the splits' partials of every student row (n = V·B, crop-major) merged into its natural LSE,
-    # and loss = Σ (c_v lse_s − dot) / (B·n_pairs), summed in a fixed order: one launch for what were a dozen
-    # small ATen ops.
+def _merge_loss(PART, STATS, LOSS, n_sp, n, B, G, inv_pairs, SUMS: tl.constexpr, BLOCK_SP: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """The multi-crop cross-entropy's last step, shared by DINO's and SwAV's `_loss_kernel` (one program): the
+    K splits' partials of every student row (n = V·B, crop-major) merged into its natural LSE (STATS[:n]), and
+    loss = Σ (c·lse − dot) / (B·n_pairs) summed in a fixed order. PART [3 + SUMS, splits, n] holds the (max,
+    sum) of the base-2 logits, the dot and, with SUMS, the target sums c, merged too and stored at STATS[n:2n]
+    (SwAV's codes); without SUMS, c_v = G − [v < G] (DINO's teacher softmaxes, each summing to 1)."""
     sp = tl.arange(0, BLOCK_SP)[:, None]
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, n, BLOCK):
@@ -138,10 +141,21 @@ def _loss_kernel(PART, LSE_S, LOSS, n_sp, n, B, G, inv_pairs, BLOCK_SP: tl.const
         l = tl.load(PART + n_sp * n + at, mask=mask, other=0.0)
         dot = tl.sum(tl.load(PART + 2 * n_sp * n + at, mask=mask, other=0.0), axis=0)
         lse = merged_lse2(m, l, 0) * TL_LN2
-        tl.store(LSE_S + i, lse, mask=ok)
-        c_v = G - (i < G * B).to(tl.float32)  # crop v = i // B is a global crop when i < G·B
-        acc += tl.where(ok, c_v * lse - dot, 0.0)
+        tl.store(STATS + i, lse, mask=ok)
+        if SUMS:
+            c = tl.sum(tl.load(PART + 3 * n_sp * n + at, mask=mask, other=0.0), axis=0)
+            tl.store(STATS + n + i, c, mask=ok)
+        else:
+            c = G - (i < G * B).to(tl.float32)  # crop v = i // B is a global crop when i < G·B
+        acc += tl.where(ok, c * lse - dot, 0.0)
     tl.store(LOSS, tl.sum(acc, axis=0) * inv_pairs)
+
+
+@triton.jit
+def _loss_kernel(PART, LSE_S, LOSS, n_sp, n, B, G, inv_pairs, BLOCK_SP: tl.constexpr, BLOCK: tl.constexpr):
+    # Grid (1,): the student LSEs and the loss, c_v = G − [v < G]: one launch for what were a dozen small ATen
+    # ops.
+    _merge_loss(PART, LSE_S, LOSS, n_sp, n, B, G, inv_pairs, False, BLOCK_SP, BLOCK)
 
 
 @triton.jit

@@ -14,7 +14,7 @@ random_masking (one program per sample, the whole row in registers):
 cell(l) = l without blocks; with SimMIM-style blocks of s×s patches, cell(l) is the coarse cell holding l, so
 whole cells are kept or masked together (equal keys sort adjacent; ties broken by l). The seed is a device
 scalar (SEED_IN_MEMORY, drawn from a device generator without a host sync) or a host integer.
-`sslfast.reference.mae.philox` is the same generator in PyTorch, so both paths give the same permutation.
+`sslfast.ops._torch.mae.philox` is the same generator in PyTorch, so both paths give the same permutation.
 
 gather_rows (gather_tokens and unshuffle forward, one [BLOCK_R rows, BLOCK_D] tile loop per program):
 
@@ -461,7 +461,7 @@ def masked_mse_backward(g, pred, imgs, mask, wsum, p: int, norm_pix: bool):
 
 def bert_masking(seed, input_ids, special, mask_token_id, vocab_size, prob, replace_prob, random_prob,
                  ignore_index):
-    """(masked input ids, labels) in input_ids' dtype and shape; see `sslfast.reference.mae.bert_masking`."""
+    """(masked input ids, labels) in input_ids' dtype and shape; see `sslfast.ops._torch.mae.bert_masking`."""
     n = input_ids.numel()
     out = empty(input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
     labels = empty(input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)

@@ -23,6 +23,15 @@ so the forward splits K over the grid's second axis into partial (max, sum, Σ p
 `_merge_kernel`; `_dx_kernel` does the same with per-split fp32 [B, D] slices that are summed afterwards.
 `_dw_kernel` has K/BLOCK_N programs, enough already.
 
+Teacher side (no gradient), with teacher features f [B, D], the teacher's W and center c [K]:
+
+    t_ik    = (f_i·w_k − c_k)/τ_t,   probs = softmax(t) per row
+    pass 1  `_teacher_lse_kernel`: online base-2 (max, sum) of each row over K tiles, split over K as the forward
+    pass 2  `_teacher_out_kernel`: merges the splits' partials, recomputes each tile of t and writes 2^(t − lse)
+
+so the [B, K] result is the only B×K tensor (recomputing a tile costs 2·D FLOPs per element, less than writing
+and re-reading fp32 logits at D <= 256). Without SOFTMAX, pass 2 writes the plain logits f Wᵀ (Sinkhorn's input).
+
 Tiles multiply the inputs in their dtype (fp32 accumulate; bf16 products are exact in fp32); a row block of
 up to 256 features stays resident (ONE_CHUNK), wider ones are walked in BLOCK_D chunks and the backward's
 outputs split over the grid's last axis in BLOCK_DO columns.
@@ -34,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting
-from ._common import TL_LN2, TL_LOG2E, cdiv, empty, merged_lse2, next_pow2, num_sms, upcast_dots
+from ._common import LOG2E, TL_LN2, TL_LOG2E, cdiv, empty, merged_lse2, next_pow2, num_sms, upcast_dots
 
 FWD_WAVES = 4  # forward splits over K: row blocks × splits fill about this many waves of the machine
 DX_WAVES = 2   # dX splits: fewer, each writes an fp32 [B, D] slice
@@ -217,6 +226,67 @@ def _dw_kernel(X, W, P, LSE, RSUM, G, DW, B, K, D, stride_x, stride_w, stride_p,
     tl.store(out, (acc * (g * grad_scale)).to(DW.dtype.element_ty), mask=col_ok[:, None] & (do[None, :] < D))
 
 
+@triton.jit
+def _teacher_lse_kernel(X, W, C, M_OUT, L_OUT, B, K, D, stride_x, stride_w, per, scale2,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                        UPCAST: tl.constexpr):
+    # Grid (row blocks, splits): the split's base-2 (max, sum of 2^(t − max)) per row of t = (x Wᵀ − c)/τ over
+    # prototypes [pid_s·per, (pid_s + 1)·per), to [splits, B]; scale2 = log2(e)/τ.
+    pid_m, pid_s = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    x_res = 0.0
+    if ONE_CHUNK:
+        x_res = _load(X, rows, row_ok, tl.arange(0, BLOCK_D), D, stride_x, UPCAST)
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    k_lo = pid_s * per
+    k_hi = tl.minimum(K, k_lo + per)
+    for c0 in range(k_lo, k_hi, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < k_hi
+        if ONE_CHUNK:
+            s = tl.dot(x_res, _load_t(W, cols, col_ok, tl.arange(0, BLOCK_D), D, stride_w, UPCAST))
+        else:
+            s = _dots(X, W, rows, row_ok, cols, col_ok, D, stride_x, stride_w, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST)
+        c = tl.load(C + cols, mask=col_ok, other=0.0)
+        t2 = tl.where(col_ok[None, :], (s - c[None, :]) * scale2, float("-inf"))
+        m_new = tl.maximum(m, tl.max(t2, axis=1))
+        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(t2 - m_new[:, None]), axis=1)
+        m = m_new
+    out = pid_s * B + rows
+    tl.store(M_OUT + out, m, mask=row_ok)
+    tl.store(L_OUT + out, l, mask=row_ok)
+
+
+@triton.jit
+def _teacher_out_kernel(X, W, C, M_IN, L_IN, OUT, B, K, D, stride_x, stride_w, splits, scale2,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                        ONE_CHUNK: tl.constexpr, UPCAST: tl.constexpr, SOFTMAX: tl.constexpr):
+    # Grid (row blocks, prototype blocks): one [BLOCK_M, BLOCK_N] tile of the result. SOFTMAX: 2^(t2 − lse2)
+    # with t2 = (x Wᵀ − c)·scale2 and lse2 merged from pass 1's [splits, B] partials; else x Wᵀ.
+    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    cols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < K
+    if ONE_CHUNK:
+        s = tl.dot(_load(X, rows, row_ok, tl.arange(0, BLOCK_D), D, stride_x, UPCAST),
+                   _load_t(W, cols, col_ok, tl.arange(0, BLOCK_D), D, stride_w, UPCAST))
+    else:
+        s = _dots(X, W, rows, row_ok, cols, col_ok, D, stride_x, stride_w, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST)
+    if SOFTMAX:
+        sp = tl.arange(0, BLOCK_S)
+        ok = (sp[:, None] < splits) & row_ok[None, :]
+        at = sp[:, None] * B + rows[None, :]
+        lse2 = merged_lse2(tl.load(M_IN + at, mask=ok, other=float("-inf")), tl.load(L_IN + at, mask=ok, other=0.0),
+                           0)
+        c = tl.load(C + cols, mask=col_ok, other=0.0)
+        s = tl.exp2((s - c[None, :]) * scale2 - lse2[:, None])
+    out = OUT + rows[:, None].to(tl.int64) * K + cols[None, :]
+    tl.store(out, s, mask=row_ok[:, None] & col_ok[None, :])
+
+
 # --------------------------------------------------------------------------------------------- launchers
 # GPU tiles per pass for a resident row block (D <= 256) and for wider rows walked in 64-feature chunks. Not
 # yet tuned on a GPU: chosen so that every pass compiles for sm_90 without register spills (tests).
@@ -227,21 +297,23 @@ GPU_TILES = {
     ("dx", False): dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
     ("dw", True): dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
     ("dw", False): dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+    ("teacher", True): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    ("teacher", False): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
 }
 
 
 def _tiles(D: int, kind: str) -> dict:
-    """Tiles of pass `kind` in {"fwd", "dx", "dw"}. Under the interpreter they are tiny so odd sizes cross
+    """Tiles of pass `kind` in {"fwd", "dx", "dw", "teacher"}. Under the interpreter they are tiny so odd sizes cross
     many tile edges, and D > 32 already takes the chunked path (two output blocks from D > 32 on)."""
     if interpreting():
         one = D <= 32
         bd = next_pow2(D) if one else 16
         tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=bd, ONE_CHUNK=one, num_warps=1, num_stages=1)
-        return tiles if kind == "fwd" else dict(tiles, BLOCK_DO=bd if one else 32)
+        return tiles if kind in ("fwd", "teacher") else dict(tiles, BLOCK_DO=bd if one else 32)
     one = D <= 256
     bd = max(16, next_pow2(D)) if one else 64
     tiles = dict(GPU_TILES[(kind, one)], BLOCK_D=bd, ONE_CHUNK=one)
-    return tiles if kind == "fwd" else dict(tiles, BLOCK_DO=bd if one else 128)
+    return tiles if kind in ("fwd", "teacher") else dict(tiles, BLOCK_DO=bd if one else 128)
 
 
 def _k_splits(n_row_blocks: int, K: int, block_n: int, device, waves: int) -> tuple[int, int]:
@@ -297,3 +369,34 @@ def prototype_ce_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, 
         _dw_kernel[(cdiv(K, cfg["BLOCK_N"]), cdiv(D, cfg["BLOCK_DO"]))](
             x, w, p, lse, rsum, g, dw, *common, inv_temp, grad_scale, UPCAST=upcast_dots(), **cfg)
     return dx, dw
+
+
+def _teacher_out(x, w, center, m, l, splits, scale2, softmax: bool) -> torch.Tensor:
+    B, D = x.shape
+    K = w.shape[0]
+    cfg = _tiles(D, "teacher")
+    out = empty((B, K), dtype=torch.float32, device=x.device)
+    _teacher_out_kernel[(cdiv(B, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_N"]))](
+        x, w, center, m, l, out, B, K, D, x.stride(0), w.stride(0), splits, scale2, BLOCK_S=next_pow2(splits),
+        UPCAST=upcast_dots(), SOFTMAX=softmax, **cfg)
+    return out
+
+
+def prototype_teacher_softmax(x: torch.Tensor, w: torch.Tensor, center: torch.Tensor, teacher_temp: float):
+    """softmax((x Wᵀ − c)/τ_t) per row, [B, K] fp32, in two passes over K tiles (no B×K but the result).
+    x [B, D] and w [K, D] share a dtype; center a contiguous fp32 [K]; all contiguous."""
+    B, D = x.shape
+    K = w.shape[0]
+    cfg = _tiles(D, "teacher")
+    n_rb = cdiv(B, cfg["BLOCK_M"])
+    splits, per = _k_splits(n_rb, K, cfg["BLOCK_N"], x.device, FWD_WAVES)
+    parts = empty((2, splits, B), dtype=torch.float32, device=x.device)
+    scale2 = LOG2E / teacher_temp
+    _teacher_lse_kernel[(n_rb, splits)](x, w, center, parts[0], parts[1], B, K, D, x.stride(0), w.stride(0), per,
+                                        scale2, UPCAST=upcast_dots(), **cfg)
+    return _teacher_out(x, w, center, parts[0], parts[1], splits, scale2, True)
+
+
+def prototype_teacher_logits(x: torch.Tensor, w: torch.Tensor):
+    """x Wᵀ, [B, K] fp32 (the tiles' fp32 accumulation, not rounded to the inputs' dtype)."""
+    return _teacher_out(x, w, x, x, x, 1, 1.0, False)

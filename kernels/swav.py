@@ -10,7 +10,7 @@ would renormalize each code row and allocate a [G·B, K] logarithm, so SwAV has 
     forward   per image b and K split, all V crops as one [V, K-chunk] tile: the running (max, sum) of
               s_vb/τ (base 2), dot[v, b] = Σ_k w_v[b, k]·s_vb[k]/τ and c_v[b] = Σ_k w_v[b, k]   (_forward_kernel)
               splits merged by one more program: lse[v, b], c[v, b] saved;
-              loss = Σ_{v,b} (c·lse − dot) / (B·n)                                          (_loss_kernel)
+              loss = Σ_{v,b} (c·lse − dot) / (B·n)                        (_loss_kernel: DINO's `_merge_loss`)
     backward  ∂loss/∂s_vb[k] = g·(c_v[b]·exp(s_vb[k]/τ − lse[v, b]) − w_v[b, k]) / (τ·B·n)    (_backward_kernel)
 
 Traffic: the forward reads the scores and the codes once, the backward once more and writes the gradient;
@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting
-from ._common import LOG2E, TL_LN2, TL_LOG2E, cdiv, empty, merged_lse2, next_pow2
-from .dino import _blocks, _splits, _student_tile, _warps
+from ._common import LOG2E, TL_LN2, TL_LOG2E, cdiv, empty, next_pow2
+from .dino import _blocks, _merge_loss, _splits, _student_tile, _warps
 
 
 @triton.jit
@@ -77,24 +77,8 @@ def _forward_kernel(S, Q, PART, B, V, G, K, stride_s, stride_q, k_per_split, s2,
 
 @triton.jit
 def _loss_kernel(PART, STATS, LOSS, n_sp, n, inv_pairs, BLOCK_SP: tl.constexpr, BLOCK: tl.constexpr):
-    # Grid (1,): the splits' partials of every score row (n = V·B, crop-major) merged into its natural LSE and
-    # target sum c (STATS [2, n]), and loss = Σ (c·lse − dot) / (B·n_pairs), summed in a fixed order.
-    sp = tl.arange(0, BLOCK_SP)[:, None]
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, n, BLOCK):
-        i = start + tl.arange(0, BLOCK)
-        ok = i < n
-        mask = (sp < n_sp) & ok[None, :]
-        at = sp * n + i[None, :]
-        m = tl.load(PART + at, mask=mask, other=float("-inf"))
-        l = tl.load(PART + n_sp * n + at, mask=mask, other=0.0)
-        dot = tl.sum(tl.load(PART + 2 * n_sp * n + at, mask=mask, other=0.0), axis=0)
-        c = tl.sum(tl.load(PART + 3 * n_sp * n + at, mask=mask, other=0.0), axis=0)
-        lse = merged_lse2(m, l, 0) * TL_LN2
-        tl.store(STATS + i, lse, mask=ok)
-        tl.store(STATS + n + i, c, mask=ok)
-        acc += tl.where(ok, c * lse - dot, 0.0)
-    tl.store(LOSS, tl.sum(acc, axis=0) * inv_pairs)
+    # Grid (1,): DINO's `_merge_loss` with the target sums c merged from the splits too: STATS [2, n] = (lse, c).
+    _merge_loss(PART, STATS, LOSS, n_sp, n, 0, 0, inv_pairs, True, BLOCK_SP, BLOCK)
 
 
 @triton.jit

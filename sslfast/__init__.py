@@ -20,7 +20,7 @@ from .ops.ema import ema_update_
 from .ops.ibot import ibot_patch_loss, ibot_patch_loss_masked
 from .ops.infonce import clip_loss, info_nce_loss, nt_xent_loss
 from .ops.koleo import koleo_loss
-from .ops.prototype_ce import prototype_cross_entropy
+from .ops.prototype_ce import prototype_cross_entropy, prototype_teacher_probs
 from .ops.siglip import siglip_loss
 from .ops.sinkhorn import sinkhorn_knopp
 from .ops.swav import swav_loss
@@ -29,5 +29,5 @@ __version__ = "0.1.0"
 
 __all__ = ["barlow_twins_loss", "clip_loss", "data", "dino_loss", "EMA", "ema_update_", "ibot_patch_loss",
            "ibot_patch_loss_masked", "info_nce_loss", "koleo_loss", "mae", "methods", "models", "nn", "nt_xent_loss",
-           "ops", "prototype_cross_entropy", "separate_backward", "siglip_loss", "sinkhorn_knopp", "swav_loss",
-           "vicreg_loss", "__version__"]
+           "ops", "prototype_cross_entropy", "prototype_teacher_probs", "separate_backward", "siglip_loss",
+           "sinkhorn_knopp", "swav_loss", "vicreg_loss", "__version__"]

@@ -11,6 +11,9 @@ from ._backend import use_triton
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REFERENCE_DTYPES = (torch.float64,)  # what the reference path runs (gradcheck's dtype) and the kernels do not
+# Logits and soft targets of the prototype cross-entropies (DINO, iBOT, SwAV): fp64 is accepted on every device
+# and sent to the PyTorch path by the family's `accepts`.
+ALL_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 
 def tensor(name: str, value, *, ndim: int | None = None, shape_hint: str = "", floating: bool = True,
@@ -69,6 +72,15 @@ def positive(name: str, value) -> float:
     return value
 
 
+def non_negative(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
 def in_open_interval(name: str, value, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -97,3 +109,33 @@ def view_pair(name1: str, x1, name2: str, x2) -> tuple[torch.Tensor, torch.Tenso
     if x1.dtype != x2.dtype:
         same_dtype(**{name1: x1, name2: x2})
     return x1, x2
+
+
+def soft_targets(name: str, value, *, shape: tuple[int | None, ...], shape_hint: str,
+                 like: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The targets of a soft cross-entropy over K prototypes (teacher probabilities, Sinkhorn codes), checked
+    against the tensors `like` (name → tensor) that they are scored with.
+
+    Args:
+        name: the argument's name, for the messages.
+        value: what the caller passed.
+        shape: the expected shape, taken from the `like` tensors; None leaves a dimension to the caller.
+        shape_hint: the shape in symbols, e.g. ``"[B, K]"``.
+        like: the tensors `shape` comes from, by argument name; the targets must be on their device.
+
+    Returns:
+        `value` contiguous and detached (targets get no gradient); any dtype of `ALL_FLOAT_DTYPES`.
+
+    Raises:
+        TypeError: `value` is not a tensor, or not a floating one.
+        ValueError: its rank or shape differs from `shape` (the message names the `like` arguments), or it is
+            on another device than the `like` tensors.
+    """
+    t = tensor(name, value, ndim=len(shape), shape_hint=shape_hint, dtypes=ALL_FLOAT_DTYPES)
+    if t.shape != shape and any(want is not None and want != got for want, got in zip(shape, t.shape)):
+        want = ", ".join("·" if w is None else str(w) for w in shape)
+        raise ValueError(f"{name} must be {shape_hint} = [{want}] (from {' and '.join(like)}), got shape "
+                         f"{tuple(t.shape)}")
+    if any(x.device != t.device for x in like.values()):
+        same_device(**like, **{name: t})  # raises, naming every argument
+    return t.detach()

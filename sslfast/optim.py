@@ -6,8 +6,8 @@
 `AdamWEMA` equals torch.optim.AdamW followed by `sslfast.ema_update_(teacher, student, m)`; `LARSEMA` equals the
 LARS of BYOL / Barlow Twins followed by the same EMA. On CUDA with `sslfast._C` each parameter group is one
 kernel that reads every student tensor once (AdamW: after a one-block launch that counts the step; LARS: after
-a pass that computes the trust-ratio norms); elsewhere the steps run `sslfast.reference.ema` (CPU) or torch's
-fused kernels (CUDA without `_C`). No CUDA path syncs with the host.
+a pass that computes the trust-ratio norms); elsewhere the steps run torch's foreach ops (CPU) or its fused
+kernels (CUDA without `_C`), `sslfast.ops._torch.ema`. No CUDA path syncs with the host.
 
 `teacher` may be an `sslfast.nn.EMA` (its schedule gives the momentum, its step count advances with every
 optimizer step, its buffers are copied), a sequence of teacher tensors parallel to the optimizer's parameters
@@ -24,8 +24,9 @@ from typing import Callable
 import torch
 
 from .nn.ema import EMA
+from .ops import _ema_args as _args
 from .ops import ema as _ops
-from .reference.ema import exclude_bias_and_norm
+from .ops.fused_optim import AdamWEMAPlan, LARSEMAPlan, exclude_bias_and_norm
 
 __all__ = ["AdamWEMA", "EXCLUDE_RULES", "LARSEMA", "exclude_bias_and_norm"]
 
@@ -46,11 +47,11 @@ class _EMAOptimizer(torch.optim.Optimizer):
         if isinstance(teacher, EMA):
             self._ema = teacher
         elif teacher is not None:
-            teachers = _ops._tensor_list("teacher", teacher)
+            teachers = _args.tensor_list("teacher", teacher)
             flat = [p for g in self.param_groups for p in g["params"]]
-            _ops._check_pairs("params", flat, "teacher", teachers)
+            _args.check_pairs("params", flat, "teacher", teachers)
             self._mapping = (flat, teachers, dict(zip(map(id, flat), teachers)), 0)
-        _ops._momentum("ema_momentum", ema_momentum, None)
+        _args.momentum("ema_momentum", ema_momentum, None)
         self.ema_momentum = ema_momentum
         self._plans: dict = {}
         self._leftovers: dict = {}
@@ -140,7 +141,7 @@ class AdamWEMA(_EMAOptimizer):
         for name, value, low, high in (("lr", lr, 0.0, None), ("betas[0]", betas[0], 0.0, 1.0),
                                        ("betas[1]", betas[1], 0.0, 1.0), ("eps", eps, 0.0, None),
                                        ("weight_decay", weight_decay, 0.0, None)):
-            _ops._real(name, value, low, high)
+            _args.real(name, value, low, high)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), teacher,
                          ema_momentum)
 
@@ -160,8 +161,8 @@ class AdamWEMA(_EMAOptimizer):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(step)
-        _ops._check_fused(params, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}, teachers)
-        plan = _ops.AdamWEMAPlan(params, exp_avgs, exp_avg_sqs, steps, teachers)
+        _args.check_fused(params, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}, teachers)
+        plan = AdamWEMAPlan(params, exp_avgs, exp_avg_sqs, steps, teachers)
         return plan, (params, exp_avgs, exp_avg_sqs, steps, teachers)
 
     def _step_group(self, plan, lists, group, grads, momentum):
@@ -191,7 +192,7 @@ class LARSEMA(_EMAOptimizer):
                  ema_momentum=0.996):
         for name, value, low, high in (("lr", lr, 0.0, None), ("momentum", momentum, 0.0, 1.0),
                                        ("weight_decay", weight_decay, 0.0, None), ("eta", eta, 0.0, None)):
-            _ops._real(name, value, low, high)
+            _args.real(name, value, low, high)
         self._exclude_callables: dict[str, Callable[[torch.Tensor], bool]] = {}
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
                                       exclude=self._exclude_name(exclude)), teacher, ema_momentum)
@@ -246,8 +247,8 @@ class LARSEMA(_EMAOptimizer):
             bufs.append(state["momentum_buffer"])
         exclude = self._exclude_rule(group["exclude"])
         keep = [not (exclude is not None and bool(exclude(p))) for p in params]
-        _ops._check_fused(params, {"momentum_buffers": bufs}, teachers)
-        return _ops.LARSEMAPlan(params, bufs, teachers, keep, keep), (params, bufs, teachers)
+        _args.check_fused(params, {"momentum_buffers": bufs}, teachers)
+        return LARSEMAPlan(params, bufs, teachers, keep, keep), (params, bufs, teachers)
 
     def _step_group(self, plan, lists, group, grads, momentum):
         params, bufs, teachers = lists

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from helpers import assert_close, rel_err, tol
 from sslfast.data import presets as P
 from sslfast.ops import augment as aug
+from sslfast.ops._torch import augment as pt
 from sslfast.reference import augment as ref
 
 UNIT = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))   # outputs are the resized values in [0, 1]
@@ -51,8 +52,8 @@ def _crops(crop_sizes, seed, chw):
         boxes.append((top, left, h, w))
     flat, offs, sizes = aug.pack_images([im if chw else im.permute(1, 2, 0) for im in imgs], chw=chw)
     params = torch.zeros(2, len(imgs), aug.NUM_FIELDS)
-    params[:, :, [ref.F_TOP, ref.F_LEFT, ref.F_HEIGHT, ref.F_WIDTH]] = torch.tensor(boxes, dtype=torch.float32)
-    params[1, :, ref.F_FLIP] = 1.0
+    params[:, :, [pt.F_TOP, pt.F_LEFT, pt.F_HEIGHT, pt.F_WIDTH]] = torch.tensor(boxes, dtype=torch.float32)
+    params[1, :, pt.F_FLIP] = 1.0
     return imgs, boxes, flat, offs, sizes, params
 
 

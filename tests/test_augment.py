@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from helpers import assert_close, rel_err, tol
 from sslfast.data import presets as P
 from sslfast.ops import augment as aug
+from sslfast.ops._torch import augment as pt
 from sslfast.reference import augment as ref
 
 MEAN, STD = P.IMAGENET_MEAN, P.IMAGENET_STD
@@ -31,11 +32,11 @@ def _params(spec, sizes, count, seed):
     n = rows.shape[0]
     k = torch.arange(n)
     # Force both values of every flag across the rows, whatever the draw.
-    rows[:, ref.F_FLIP] = (k % 2).float()
-    rows[:, ref.F_JITTER] = (k % 3 != 2).float()
-    rows[:, ref.F_GRAY] = (k % 4 == 1).float()
-    rows[:, ref.F_BLUR] = (k % 3 == 0).float()
-    rows[:, ref.F_SOLAR] = (k % 2 == 0).float()
+    rows[:, pt.F_FLIP] = (k % 2).float()
+    rows[:, pt.F_JITTER] = (k % 3 != 2).float()
+    rows[:, pt.F_GRAY] = (k % 4 == 1).float()
+    rows[:, pt.F_BLUR] = (k % 3 == 0).float()
+    rows[:, pt.F_SOLAR] = (k % 2 == 0).float()
     return p
 
 
@@ -47,8 +48,8 @@ def _compare(out, want, params, out_dtype, device="cpu", what=""):
     s = torch.tensor(STD, dtype=torch.float64).view(1, 1, 3, 1, 1)
     x = want * s + m
     p = params.cpu().double()
-    thr = p[..., ref.F_THRESH][..., None, None, None]
-    sol = p[..., ref.F_SOLAR][..., None, None, None] > 0.5
+    thr = p[..., pt.F_THRESH][..., None, None, None]
+    sol = p[..., pt.F_SOLAR][..., None, None, None] > 0.5
     near = sol & (((x - thr).abs() < 1e-4) | ((1 - x - thr).abs() < 1e-4))
     keep = ~near
     assert keep.float().mean() > 0.99
@@ -59,7 +60,7 @@ def _compare(out, want, params, out_dtype, device="cpu", what=""):
 def test_kernel_fields_match_reference():
     from sslfast.kernels import augment as K
 
-    assert K.FIELDS == ref.FIELDS
+    assert K.FIELDS == aug.FIELDS == pt.FIELDS
 
 
 @pytest.mark.parametrize("chw,out_dtype,blur", [(False, torch.float32, 23), (True, torch.float32, 7),
@@ -75,6 +76,26 @@ def test_augment_views_matches_reference(backend, seed, chw, out_dtype, blur):
     _compare(out, want, params, out_dtype, what=f"seed={seed} {backend} chw={chw} {out_dtype} blur={blur}")
 
 
+@pytest.mark.parametrize("antialias", [True, False])
+def test_cpu_path_in_chunks(monkeypatch, seed, antialias):
+    """The PyTorch path's chunks of (view, sample) rows (`CHUNK_ELEMS`, here 2 rows, the last chunk partial)
+    give the one-chunk result exactly, and the oracle's."""
+    monkeypatch.setenv("SSLFAST_BACKEND", "reference")
+    flat, offs, sizes = _images([(21, 17), (9, 30), (33, 26)], seed, False)
+    params = _params(BUSY, sizes, 3, seed)                       # 9 rows
+
+    def run():
+        return aug.augment_views(flat, offs, sizes, params, (9, 7), blur_kernel=5, antialias=antialias)
+
+    whole = run()
+    monkeypatch.setattr(pt, "CHUNK_ELEMS", 2 * 3 * 9 * 7)
+    chunked = run()
+    assert torch.equal(chunked, whole), f"seed={seed}: chunked rows differ from one chunk"
+    want = ref.augment_views_literal(flat, offs, sizes, params, 9, 7, False, torch.float64, MEAN, STD, 5,
+                                     antialias=antialias)
+    _compare(chunked, want, params, torch.float32, what=f"seed={seed} chunks antialias={antialias}")
+
+
 def test_augment_views_each_op_alone(backend, seed):
     """One op at a time, so an error cannot hide behind another (flip only, then each jitter op, gray, blur)."""
     flat, offs, sizes = _images([(16, 14), (11, 19)], seed, False)
@@ -82,14 +103,14 @@ def test_augment_views_each_op_alone(backend, seed):
     rows = []
     for op in range(4):
         p = base.clone()
-        p[..., ref.F_FLIP] = 1.0
-        for f in (ref.F_GRAY, ref.F_BLUR, ref.F_SOLAR):
+        p[..., pt.F_FLIP] = 1.0
+        for f in (pt.F_GRAY, pt.F_BLUR, pt.F_SOLAR):
             p[..., f] = 0.0
-        p[..., ref.F_JITTER] = 1.0
-        p[..., ref.F_BRIGHT] = 1.3 if op == 0 else 1.0
-        p[..., ref.F_CONTRAST] = 0.6 if op == 1 else 1.0
-        p[..., ref.F_SAT] = 0.4 if op == 2 else 1.0
-        p[..., ref.F_HUE] = -0.27 if op == 3 else 0.0
+        p[..., pt.F_JITTER] = 1.0
+        p[..., pt.F_BRIGHT] = 1.3 if op == 0 else 1.0
+        p[..., pt.F_CONTRAST] = 0.6 if op == 1 else 1.0
+        p[..., pt.F_SAT] = 0.4 if op == 2 else 1.0
+        p[..., pt.F_HUE] = -0.27 if op == 3 else 0.0
         rows.append(p)
     params = torch.cat(rows)
     out = aug.augment_views(flat, offs, sizes, params, 8, blur_kernel=0)
@@ -102,17 +123,17 @@ def test_contrast_uses_mean_after_preceding_ops(backend, seed):
     """Contrast after brightness must blend with the mean of the brightened view (torchvision semantics)."""
     flat, offs, sizes = _images([(12, 12)], seed, False)
     p = aug.sample_view_params(BUSY, sizes, count=2, generator=torch.Generator().manual_seed(seed))
-    p[..., ref.F_JITTER] = 1.0
-    p[..., ref.F_BRIGHT] = 0.5
-    p[..., ref.F_CONTRAST] = 0.3
-    p[..., ref.F_SAT] = 1.0
-    p[..., ref.F_HUE] = 0.0
-    for f in (ref.F_GRAY, ref.F_BLUR, ref.F_SOLAR, ref.F_FLIP):
+    p[..., pt.F_JITTER] = 1.0
+    p[..., pt.F_BRIGHT] = 0.5
+    p[..., pt.F_CONTRAST] = 0.3
+    p[..., pt.F_SAT] = 1.0
+    p[..., pt.F_HUE] = 0.0
+    for f in (pt.F_GRAY, pt.F_BLUR, pt.F_SOLAR, pt.F_FLIP):
         p[..., f] = 0.0
-    p[0, :, ref.F_ORDER:ref.F_ORDER + 4] = torch.tensor([0.0, 1.0, 2.0, 3.0])   # brightness, then contrast
-    p[1, :, ref.F_ORDER:ref.F_ORDER + 4] = torch.tensor([1.0, 0.0, 2.0, 3.0])   # contrast first
-    p[0, :, ref.F_CPOS] = 1.0
-    p[1, :, ref.F_CPOS] = 0.0
+    p[0, :, pt.F_ORDER:pt.F_ORDER + 4] = torch.tensor([0.0, 1.0, 2.0, 3.0])   # brightness, then contrast
+    p[1, :, pt.F_ORDER:pt.F_ORDER + 4] = torch.tensor([1.0, 0.0, 2.0, 3.0])   # contrast first
+    p[0, :, pt.F_CPOS] = 1.0
+    p[1, :, pt.F_CPOS] = 0.0
     out = aug.augment_views(flat, offs, sizes, p, 10, blur_kernel=0)
     want = ref.augment_views_literal(flat, offs, sizes, p, 10, 10, False, torch.float64, MEAN, STD, 0)
     assert_close(out, want, 1e-5, f"seed={seed} {backend}")
@@ -129,7 +150,7 @@ def test_gaussian_blur_matches_torchvision_formula(backend, seed, kernel_size, s
     r = kernel_size // 2
     want = []
     for b in range(shape[0]):
-        k = ref.gaussian_kernel1d(kernel_size, float(sigma[b]))
+        k = pt.gaussian_kernel1d(kernel_size, float(sigma[b]))
         xb = F.pad(x[b:b + 1].double(), (r, r, r, r), mode="reflect")
         c = shape[1]
         xb = F.conv2d(xb, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
@@ -161,15 +182,15 @@ def test_same_generator_seed_same_views(backend, seed):
 def test_reference_ops_sanity(seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(3, 7, 9, generator=g, dtype=torch.float64)
-    assert_close(ref.adjust_hue(x, 0.0), x, 1e-12, "hue 0")
-    assert_close(ref.hsv2rgb(ref.rgb2hsv(x)), x, 1e-12, "hsv round trip")
-    y = ref.adjust_hue(ref.adjust_hue(x, 0.3), -0.3)
+    assert_close(pt.adjust_hue(x, 0.0), x, 1e-12, "hue 0")
+    assert_close(pt.hsv2rgb(pt.rgb2hsv(x)), x, 1e-12, "hsv round trip")
+    y = pt.adjust_hue(pt.adjust_hue(x, 0.3), -0.3)
     assert_close(y, x, 1e-12, "hue +0.3 -0.3")
-    gray = ref.rgb_to_grayscale(x)
-    assert_close(ref.adjust_saturation(x, 0.0), gray.expand(3, -1, -1), 1e-12, "saturation 0 = gray")
-    assert torch.allclose(ref.gaussian_kernel1d(23, 1.3).sum(), torch.tensor(1.0, dtype=torch.float64))
+    gray = pt.rgb_to_grayscale(x)
+    assert_close(pt.adjust_saturation(x, 0.0), gray.expand(3, -1, -1), 1e-12, "saturation 0 = gray")
+    assert torch.allclose(pt.gaussian_kernel1d(23, 1.3).sum(), torch.tensor(1.0, dtype=torch.float64))
     i = torch.arange(-12, 20)
-    r = ref.reflect_index(i, 5)
+    r = pt.reflect_index(i, 5)
     assert r.min() >= 0 and r.max() <= 4
     assert r[12:17].tolist() == [0, 1, 2, 3, 4] and r[11].item() == 1 and r[17].item() == 3
 
@@ -184,13 +205,13 @@ def test_sample_view_params_distribution(name):
     sizes = torch.tensor([[375, 500], [500, 375], [64, 64], [30, 300]] * (n // 4), dtype=torch.int32)
     for spec in P.get_preset(name).views:
         p = aug.sample_view_params(spec, sizes, count=1, generator=gen)[0].double()
-        checks = [(ref.F_FLIP, spec.flip_p), (ref.F_JITTER, spec.jitter_p if spec.has_jitter else 0.0),
-                  (ref.F_GRAY, spec.gray_p), (ref.F_BLUR, spec.blur_p), (ref.F_SOLAR, spec.solarize_p)]
+        checks = [(pt.F_FLIP, spec.flip_p), (pt.F_JITTER, spec.jitter_p if spec.has_jitter else 0.0),
+                  (pt.F_GRAY, spec.gray_p), (pt.F_BLUR, spec.blur_p), (pt.F_SOLAR, spec.solarize_p)]
         for col, prob in checks:
             rate = p[:, col].mean().item()
             sd = math.sqrt(prob * (1 - prob) / n)
-            assert abs(rate - prob) <= 5 * sd + 1e-12, f"{name} {ref.FIELDS[col]}: rate {rate:.3f} vs p {prob}"
-        top, left, h, w = (p[:, f] for f in (ref.F_TOP, ref.F_LEFT, ref.F_HEIGHT, ref.F_WIDTH))
+            assert abs(rate - prob) <= 5 * sd + 1e-12, f"{name} {pt.FIELDS[col]}: rate {rate:.3f} vs p {prob}"
+        top, left, h, w = (p[:, f] for f in (pt.F_TOP, pt.F_LEFT, pt.F_HEIGHT, pt.F_WIDTH))
         H, W = sizes[:, 0].double(), sizes[:, 1].double()
         assert (top >= 0).all() and (left >= 0).all() and (h >= 1).all() and (w >= 1).all()
         assert (top + h <= H).all() and (left + w <= W).all()
@@ -200,18 +221,18 @@ def test_sample_view_params_distribution(name):
         assert area.min() > spec.scale[0] * 0.8 and area.max() <= 1.0
         assert ratio.min() > spec.ratio[0] * 0.9 and ratio.max() < spec.ratio[1] * 1.1
         if spec.has_jitter:
-            for col, x in ((ref.F_BRIGHT, spec.brightness), (ref.F_CONTRAST, spec.contrast),
-                           (ref.F_SAT, spec.saturation)):
+            for col, x in ((pt.F_BRIGHT, spec.brightness), (pt.F_CONTRAST, spec.contrast),
+                           (pt.F_SAT, spec.saturation)):
                 assert p[:, col].min() >= max(0, 1 - x) - 1e-6 and p[:, col].max() <= 1 + x + 1e-6
-            assert p[:, ref.F_HUE].abs().max() <= spec.hue + 1e-6
-        order = p[:, ref.F_ORDER:ref.F_ORDER + 4]
+            assert p[:, pt.F_HUE].abs().max() <= spec.hue + 1e-6
+        order = p[:, pt.F_ORDER:pt.F_ORDER + 4]
         assert (order.sort(dim=1).values == torch.arange(4.0, dtype=torch.float64)).all()
-        cpos = p[:, ref.F_CPOS].long()
+        cpos = p[:, pt.F_CPOS].long()
         assert (order.gather(1, cpos[:, None])[:, 0] == 1).all()
         if spec.blur_p > 0:
-            s = p[:, ref.F_SIGMA]
+            s = p[:, pt.F_SIGMA]
             assert s.min() >= spec.blur_sigma[0] - 1e-6 and s.max() <= spec.blur_sigma[1] + 1e-6
-        assert torch.allclose(p[:, ref.F_THRESH], torch.tensor(spec.solarize_threshold, dtype=torch.float64))
+        assert torch.allclose(p[:, pt.F_THRESH], torch.tensor(spec.solarize_threshold, dtype=torch.float64))
 
 
 def test_random_resized_crop_fallback_is_central():
@@ -220,7 +241,7 @@ def test_random_resized_crop_fallback_is_central():
     spec = P.ViewSpec(scale=(0.95, 1.0))
     sizes = torch.tensor([[10, 200]] * 64, dtype=torch.int32)
     p = aug.sample_view_params(spec, sizes, generator=torch.Generator().manual_seed(0))[0]
-    box = p[:, [ref.F_TOP, ref.F_LEFT, ref.F_HEIGHT, ref.F_WIDTH]]
+    box = p[:, [pt.F_TOP, pt.F_LEFT, pt.F_HEIGHT, pt.F_WIDTH]]
     want = torch.tensor([0.0, (200 - 13) // 2, 10.0, 13.0])
     assert (box == want).all(), box[:3]
 
@@ -327,7 +348,7 @@ def test_gpu_gaussian_blur_and_params_on_device(seed):
     p = aug.sample_view_params(P.byol().views[1], sizes, count=2,
                                generator=torch.Generator(device=dev).manual_seed(seed))
     assert p.is_cuda and p.shape == (2, 1024, aug.NUM_FIELDS)
-    assert abs(p[..., ref.F_SOLAR].mean().item() - 0.2) < 0.05
+    assert abs(p[..., pt.F_SOLAR].mean().item() - 0.2) < 0.05
 
 
 @pytest.mark.gpu
@@ -343,24 +364,24 @@ def test_reference_matches_torchvision(seed, antialias):
     ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
     for b in range(2):
         h, w = sizes[b].tolist()
-        img = ref.unpack_image(flat, int(offs[b]), h, w, True)
+        img = pt.unpack_image(flat, int(offs[b]), h, w, True)
         for g in range(3):
             p = params[g, b].double().tolist()
-            top, left, ch, cw = (int(p[i]) for i in (ref.F_TOP, ref.F_LEFT, ref.F_HEIGHT, ref.F_WIDTH))
+            top, left, ch, cw = (int(p[i]) for i in (pt.F_TOP, pt.F_LEFT, pt.F_HEIGHT, pt.F_WIDTH))
             x = TF.resized_crop(img.double() / 255, top, left, ch, cw, [40, 40],
                                 interpolation=InterpolationMode.BILINEAR, antialias=antialias)
-            if p[ref.F_FLIP]:
+            if p[pt.F_FLIP]:
                 x = TF.horizontal_flip(x)
-            if p[ref.F_JITTER]:
-                factors = (p[ref.F_BRIGHT], p[ref.F_CONTRAST], p[ref.F_SAT], p[ref.F_HUE])
+            if p[pt.F_JITTER]:
+                factors = (p[pt.F_BRIGHT], p[pt.F_CONTRAST], p[pt.F_SAT], p[pt.F_HUE])
                 for k in range(4):
-                    op = int(p[ref.F_ORDER + k])
+                    op = int(p[pt.F_ORDER + k])
                     x = ops[op](x, factors[op])
-            if p[ref.F_GRAY]:
+            if p[pt.F_GRAY]:
                 x = TF.rgb_to_grayscale(x, num_output_channels=3)
-            if p[ref.F_BLUR]:
-                x = TF.gaussian_blur(x, [23, 23], [p[ref.F_SIGMA]] * 2)
-            if p[ref.F_SOLAR]:
-                x = TF.solarize(x, p[ref.F_THRESH])
+            if p[pt.F_BLUR]:
+                x = TF.gaussian_blur(x, [23, 23], [p[pt.F_SIGMA]] * 2)
+            if p[pt.F_SOLAR]:
+                x = TF.solarize(x, p[pt.F_THRESH])
             want = ref.augment_one(img, p, 40, 40, 23, antialias=antialias)
             assert_close(want, x, 1e-6, f"seed={seed} sample {b} view {g}")

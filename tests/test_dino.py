@@ -6,6 +6,7 @@ import torch
 
 import sslfast as sf
 from sslfast.nn import DINOLoss
+from sslfast.ops._torch import dino as T
 from sslfast.reference import dino as R
 
 from aot_compile import check_compiles
@@ -36,7 +37,7 @@ def test_matches_literal(backend, seed, G, V, B, K, dtype, separate, monkeypatch
     s, t, c = _inputs(G, V, B, K, dtype)
     st, tt = 0.1, 0.04 + 0.03 * torch.rand(()).item()
     ref, gref = _literal(s, t, c, st, tt, G)
-    monkeypatch.setattr(R, "CHUNK_ELEMS", K * (V + G + 2) * 2)  # several chunks of images
+    monkeypatch.setattr(T, "CHUNK_ELEMS", K * (V + G + 2) * 2)  # several chunks of images
     x = leaf(s)
     with sf.separate_backward() if separate else contextlib.nullcontext():
         out = sf.dino_loss(x, t, c, st, tt, num_global_crops=G)
@@ -57,6 +58,38 @@ def test_center_update_matches_dino(seed):
     assert_loss_close(out, ref, tol(torch.float32), f"loss, seed {seed}")  # the center from before the update
     want = c * 0.9 + t.mean(0, keepdim=True) * 0.1
     assert_close(center, want, 1e-6, "center")
+
+
+@pytest.mark.parametrize("center_dtype,out_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                                    (torch.bfloat16, torch.float32), (torch.float64, torch.float64)])
+def test_update_center_is_dino(seed, center_dtype, out_dtype):
+    """DINOLoss.update_center: c ← m·c + (1 − m)·batch mean, against float64, for [1, K] and [K] centers."""
+    K = 11
+    out = torch.randn(9, K).to(out_dtype)
+    for shape in ((1, K), (K,)):
+        center = torch.randn(shape).to(center_dtype)
+        want = center.double() * 0.9 + out.double().mean(0).reshape(shape) * 0.1
+        sf.ops.update_center_(center, out, 0.9)
+        assert center.dtype == center_dtype and center.shape == shape
+        assert_close(center, want, 1e-12 if center_dtype == torch.float64 else tol(center_dtype), "center")
+
+
+@pytest.mark.parametrize("args,exc,match", [
+    ((torch.zeros(1, 10), torch.randn(9, 11)), ValueError, "center"),
+    ((torch.zeros(1, 11), torch.randn(11)), ValueError, "teacher_output"),
+    ((torch.zeros(1, 11), torch.randn(0, 11)), ValueError, "teacher_output"),
+    ((torch.zeros(1, 11), torch.randn(9, 11), 1.5), ValueError, "momentum"),
+    ((torch.zeros(1, 11), torch.randn(9, 11), float("nan")), ValueError, "momentum"),
+    ((torch.zeros(1, 11), torch.randn(9, 11), "0.9"), TypeError, "momentum"),
+    (([0.0] * 11, torch.randn(9, 11)), TypeError, "center"),
+    ((torch.zeros(1, 11, dtype=torch.long), torch.randn(9, 11)), TypeError, "center"),
+])
+def test_update_center_bad_input(args, exc, match):
+    center = args[0]
+    before = center.clone() if isinstance(center, torch.Tensor) else None
+    with pytest.raises(exc, match=match):
+        sf.ops.update_center_(*args)
+    assert before is None or torch.equal(center, before), "nothing may be updated on bad input"
 
 
 @pytest.mark.parametrize("separate", [False, True], ids=["grad_in_forward", "separate_backward"])

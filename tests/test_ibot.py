@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import sslfast as sf
+from sslfast.ops._torch import ibot as T
 from sslfast.reference import ibot as R
 from tests.aot_compile import check_compiles
 from tests.helpers import assert_close, assert_loss_close, leaf, tol
@@ -37,7 +38,7 @@ def test_matches_literal(backend, seed, dtype, separate, monkeypatch):
     temp = 0.1 + 0.05 * torch.rand(()).item()
     s64 = leaf(s, torch.float64)
     ref, gref = _grad_of(R.ibot_patch_loss_literal(s64, t.double(), mask, temp), s64)
-    monkeypatch.setattr(R, "CHUNK_ELEMS", 53 * 3 * 2)  # several chunks of rows
+    monkeypatch.setattr(T, "CHUNK_ELEMS", 53 * 3 * 2)  # several chunks of rows
     x = leaf(s)
     with sf.separate_backward() if separate else contextlib.nullcontext():
         out = sf.ibot_patch_loss(x, t, mask, student_temp=temp)
@@ -141,6 +142,8 @@ def _bad(**kwargs):
     (_bad(student_patch_logits=torch.ones(2, 3, 8, dtype=torch.long)), TypeError, "student_patch_logits"),
     (_bad(teacher_patch_probs=torch.rand(2, 3, 7)), ValueError, "teacher_patch_probs"),
     (_bad(teacher_patch_probs=[0.5]), TypeError, "teacher_patch_probs"),
+    (_bad(teacher_patch_probs=torch.rand(2, 3, 8, device="meta")), ValueError, "teacher_patch_probs"),
+    (_bad(teacher_patch_probs=torch.ones(2, 3, 8, dtype=torch.int32)), TypeError, "teacher_patch_probs"),
     (_bad(mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "mask"),
     (_bad(mask=torch.ones(2, 3)), TypeError, "mask"),
     (_bad(mask=None), TypeError, "mask"),
@@ -162,6 +165,7 @@ def _bad_masked(**kwargs):
     (_bad_masked(student_logits_masked=torch.randn(0, 8), teacher_probs_masked=torch.rand(0, 8)), ValueError,
      "student_logits_masked"),
     (_bad_masked(teacher_probs_masked=torch.rand(4, 8)), ValueError, "teacher_probs_masked"),
+    (_bad_masked(teacher_probs_masked=torch.rand(5, 8, device="meta")), ValueError, "teacher_probs_masked"),
     (_bad_masked(masks_weight=torch.rand(4)), ValueError, "masks_weight"),
     (_bad_masked(masks_weight=torch.rand(5), n_masked_patches=3), ValueError, "masks_weight"),
     (_bad_masked(masks_weight=torch.rand(5, 1)), ValueError, "masks_weight"),

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from sslfast._custom_op import DoubleBackwardError
 from sslfast.ops import prototype_ce as ops_pce
+from sslfast.ops._torch import prototype_ce as T
 from sslfast.ops.prototype_ce import prototype_cross_entropy
 from sslfast.reference import prototype_ce as R
 from tests.aot_compile import check_compiles
@@ -63,8 +64,8 @@ SHAPES = [(37, 53, 48), (5, 130, 33), (19, 40, 24)]
 def test_matches_float64(backend, seed, monkeypatch, B, K, D, dtype, temp):
     """bf16 features take fp32 teacher probabilities (the usual mix), the others their own dtype; the CPU path
     runs in blocks of 2 rows × 8 prototypes so its accumulation across blocks is exercised."""
-    monkeypatch.setattr(R, "ROW_BLOCK", 2)
-    monkeypatch.setattr(R, "CHUNK_ELEMS", 16)
+    monkeypatch.setattr(T, "ROW_BLOCK", 2)
+    monkeypatch.setattr(T, "CHUNK_ELEMS", 16)
     x, w, p = _inputs(B, K, D, dtype, probs_dtype=torch.float32 if dtype == torch.bfloat16 else dtype)
     _check(x, w, p, temp, f"{dtype} τ={temp} seed {seed}")
 
@@ -125,8 +126,8 @@ def test_no_bxk_saved(backend):
 
 
 def test_float64_gradcheck(seed, monkeypatch):
-    monkeypatch.setattr(R, "CHUNK_ELEMS", 8)
-    monkeypatch.setattr(R, "ROW_BLOCK", 2)
+    monkeypatch.setattr(T, "CHUNK_ELEMS", 8)
+    monkeypatch.setattr(T, "ROW_BLOCK", 2)
     x, w, p = _inputs(5, 7, 4, torch.float64)
     assert torch.autograd.gradcheck(lambda a, b: prototype_cross_entropy(a, b, p, student_temp=0.3),
                                     (leaf(x), leaf(w)))

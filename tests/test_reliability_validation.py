@@ -24,8 +24,8 @@ def _pairs(shapes, dtype=torch.float32):
     lambda t, s: sf.ema_update_(t, s, torch.tensor(1.5)),                       # would extrapolate
     lambda t, s: sf.ema_update_(t, s, torch.tensor(NAN, dtype=torch.float64)),
     lambda t, s: sf.ema_update_(t, s, torch.tensor([-0.25])),
-    lambda t, s: ops.update_center_(t[0], s[1], NAN),
-    lambda t, s: ops.adamw_ema_step_(t, s, [torch.zeros_like(x) for x in t], [torch.zeros_like(x) for x in t],
+    lambda t, s: sf.ops.update_center_(t[0], s[1], NAN),
+    lambda t, s: sf.ops.adamw_ema_step_(t, s, [torch.zeros_like(x) for x in t], [torch.zeros_like(x) for x in t],
                                      [torch.zeros(()) for _ in t], lr=NAN),
     lambda t, s: sf.dino_loss(torch.randn(6, 5), torch.randn(4, 5), t[0], num_global_crops=2,
                               center_momentum=NAN),
@@ -96,10 +96,10 @@ def test_fused_plan_rebuilds_and_refuses_a_resized_param(seed):
     grads = [torch.randn_like(p) for p in params]
     avgs, sqs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
     steps = [torch.zeros(()) for _ in params]
-    ops.adamw_ema_step_(params, grads, avgs, sqs, steps, lr=1e-2)
+    sf.ops.adamw_ema_step_(params, grads, avgs, sqs, steps, lr=1e-2)
     params[0].resize_(2, 3)
     with pytest.raises(ValueError, match=r"exp_avgs\[0\]"):
-        ops.adamw_ema_step_(params, [torch.randn_like(p) for p in params], avgs, sqs, steps, lr=1e-2)
+        sf.ops.adamw_ema_step_(params, [torch.randn_like(p) for p in params], avgs, sqs, steps, lr=1e-2)
 
 
 # ------------------------------------------------------------------------------------------ 3. fp64 center
@@ -108,7 +108,7 @@ def test_dino_center_update_accepts_float64(seed, center_shape):
     out = torch.randn(10, 13, dtype=torch.float64)
     center = torch.randn(center_shape, dtype=torch.float64)
     want = center * 0.9 + out.mean(0).reshape(center_shape) * 0.1
-    ops.update_center_(center, out, 0.9)
+    sf.ops.update_center_(center, out, 0.9)
     torch.testing.assert_close(center, want, rtol=1e-12, atol=1e-12, msg=f"seed {seed}")
 
     s, t = torch.randn(15, 13, dtype=torch.float64), torch.randn(10, 13, dtype=torch.float64)
@@ -181,7 +181,7 @@ def test_dino_loss_checks_center_momentum_before_the_loss(bad, monkeypatch):
 
     s, t, c = torch.randn(6, 11), torch.randn(4, 11), torch.zeros(1, 11)
     calls = []
-    monkeypatch.setattr(dino_ops, "_impl", lambda *a: calls.append(a) or dino_ops._reference)
+    monkeypatch.setattr(dino_ops, "_impl", lambda *a: calls.append(a) or dino_ops.FAMILY.torch)
     with pytest.raises(ValueError, match="center_momentum"):
         sf.dino_loss(s, t, c, center_momentum=bad)
     assert not calls, "the loss ran before the argument was checked"

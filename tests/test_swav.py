@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import sslfast as sf
+from sslfast.ops._torch import swav as T
 from sslfast.reference import swav as R
 from tests.aot_compile import check_compiles
 from tests.distributed_harness import run_ranks
@@ -39,7 +40,7 @@ def test_matches_literal(backend, seed, G, V, dtype, separate, monkeypatch):
     s, q = _inputs(G, V, B, K, dtype)
     temperature = 0.1 + 0.05 * torch.rand(()).item()
     ref, gref = _literal(s, q, temperature, G)
-    monkeypatch.setattr(R, "CHUNK_ELEMS", K * (2 * V + G) * 3)  # several chunks of images
+    monkeypatch.setattr(T, "CHUNK_ELEMS", K * (2 * V + G) * 3)  # several chunks of images
     x = leaf(s)
     with sf.separate_backward() if separate else contextlib.nullcontext():
         out = sf.swav_loss(x, q, temperature=temperature, num_global_crops=G)
@@ -120,6 +121,8 @@ def _bad(**kwargs):
     (_bad(scores=torch.randn(12)), ValueError, "scores"),
     (_bad(scores=torch.ones(12, 8, dtype=torch.long)), TypeError, "scores"),
     (_bad(codes=[[1.0]]), TypeError, "codes"),
+    (_bad(codes=torch.rand(6, 8, device="meta")), ValueError, "codes"),               # another device
+    (_bad(scores=[torch.randn(3, 8), torch.randn(3, 8, dtype=torch.float64)]), TypeError, "scores"),
     (_bad(temperature=0.0), ValueError, "temperature"),
     (_bad(temperature=-0.1), ValueError, "temperature"),
     (_bad(temperature="0.1"), TypeError, "temperature"),

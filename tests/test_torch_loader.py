@@ -13,6 +13,7 @@ import sslfast as sf
 from sslfast.data import datasets as D
 from sslfast.data import presets as P
 from sslfast.data import torch_loader as T
+from sslfast.ops._torch import augment as pt
 from sslfast.reference import augment as ref
 
 
@@ -188,7 +189,7 @@ def test_augment_sample_matches_the_float64_oracle(seed, kernel):
     off = dataclasses.replace(spec, hue=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
     p = dataclasses.replace(T.sample_params(off, g, 23, 31), hue=0.25)
     row = p.as_row()
-    row[ref.F_HUE] = 0.0
+    row[pt.F_HUE] = 0.0
     want = ref.augment_one(img, row, 11, 11, kernel, torch.float64)
     assert (T.augment_sample(img, p, off).double() - want).abs().max().item() < 1e-4
 

@@ -21,7 +21,11 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
+from ..ops import _ema_plan as _plan
 from ..ops import ema as _ops
+from ..ops._csrc import ema as _csrc
+from ..ops._torch import ema as _torch
+from ..ops.fused_optim import exclude_bias_and_norm
 from ..optim import AdamWEMA, LARSEMA
 from ..reference import ema as R
 from . import Setup, register
@@ -107,13 +111,13 @@ def _ema(device, dtype, shapes):
 def _launch_only(teacher, student, device, chunk_elems: int | None = None):
     """The csrc EMA launches of prebuilt tables, without the per-call checks of `ema_update_`: the kernel time
     plus the bare launch cost (the difference to `fused` is ema_update_'s Python overhead)."""
-    keys = [(_ops.dtype_code(t.dtype), _ops.dtype_code(s.dtype)) for t, s in zip(teacher, student)]
-    tables = _ops.build_tables(list(zip(teacher, student)), keys, depth=_ops.EMA_DEPTH,
-                               chunk_elems=chunk_elems or _ops.CHUNK_ELEMS)
-    ext = _ops._C()
+    keys = [(_plan.dtype_code(t.dtype), _plan.dtype_code(s.dtype)) for t, s in zip(teacher, student)]
+    tables = _plan.build_tables(list(zip(teacher, student)), keys, depth=_plan.EMA_DEPTH,
+                                chunk_elems=chunk_elems or _plan.CHUNK_ELEMS)
+    ext = _csrc.extension()
 
     def launch():
-        stream = _ops._stream(device)
+        stream = _csrc.stream(device)
         for tbl in tables:
             ext.ema_apply(tbl.data, tbl.dtypes[0], tbl.dtypes[1], 1 - MOMENTUM, 0, stream, device.index or 0)
     return launch
@@ -183,8 +187,8 @@ def _adamw_ema(device, dtype, shapes):
 # --------------------------------------------------------------------------------------------- LARS + EMA
 @_both("lars_ema", "LARS step + EMA (fp32 36 B/param)", dtypes=(torch.float32,))
 def _lars_ema(device, dtype, shapes):
-    """sslfast.optim.LARSEMA.step() (norm pass + update pass, no host sync) vs the sslfast reference LARS +
-    EMA (foreach ops, norms on the device), and the official per-parameter LARS loop (Barlow Twins) +
+    """sslfast.optim.LARSEMA.step() (norm pass + update pass, no host sync) vs sslfast's PyTorch LARS + EMA
+    (foreach ops, norms on the device), and the official per-parameter LARS loop (Barlow Twins) +
     _foreach_lerp_. BYOL hyper-parameters (wd 1.5e-6, eta 1e-3, biases and norms excluded).
     Floor 36 B/param: ViT-B 3.089 GB → 1.030 ms, ResNet-50 0.920 GB → 0.307 ms."""
     kw = dict(lr=0.2, momentum=0.9, weight_decay=1.5e-6, eta=1e-3)
@@ -193,11 +197,11 @@ def _lars_ema(device, dtype, shapes):
     opt = LARSEMA(mine, teacher=t_mine, ema_momentum=MOMENTUM, **kw)
     bufs_ref = [torch.zeros_like(p) for p in ref]
     bufs_lit = [torch.zeros_like(p) for p in lit]
-    keep = [not R.exclude_bias_and_norm(p) for p in ref]
+    keep = [not exclude_bias_and_norm(p) for p in ref]
 
     def reference():
-        R.lars_ema_step_(ref, [p.grad for p in ref], bufs_ref, t_ref, decay=keep, adapt=keep,
-                         ema_momentum=MOMENTUM, **kw)
+        _torch.lars_foreach_step_(ref, [p.grad for p in ref], bufs_ref, t_ref, decay=keep, adapt=keep,
+                                  ema_momentum=MOMENTUM, **kw)
 
     def literal():
         R.lars_step_literal_(lit, [p.grad for p in lit], bufs_lit, decay=keep, adapt=keep, **kw)

@@ -22,9 +22,9 @@ ops on CPU tensors (torchvision is not needed):
     RandomSolarize(threshold, solarize_p)                    x ↦ 1 − x where x ≥ threshold
     Normalize(mean, std)
 
-The pixel math is `sslfast.reference.augment`'s (values stay float between ops, as on the other backends);
-`ViewParams.as_row()` gives the parameter row in its layout, so one sample can be checked against the
-float64 oracle `sslfast.reference.augment.augment_one`.
+The pixel math is `sslfast.ops._torch.augment`'s torchvision ops (values stay float between ops, as on the other
+backends); `ViewParams.as_row()` gives the parameter row in its `FIELDS` layout, so one sample can be checked
+against the float64 oracle `sslfast.reference.augment.augment_one`.
 
 Determinism: every sample's generator is seeded from (seed, epoch, index) alone — not from the worker, the
 shard or the batch — so any `num_workers`, and a resumed run (`set_epoch`), give the same views. A slot whose
@@ -39,7 +39,7 @@ from numbers import Integral
 import numpy as np
 import torch
 
-from ..reference import augment as ref
+from ..ops._torch import augment as pixel
 from . import datasets as D
 from .loader import SSLLoader, _mix
 from .native import BadSample, decode_pil, read_image_bytes
@@ -72,7 +72,7 @@ class ViewParams:
     threshold: float
 
     def as_row(self) -> list[float]:
-        """The parameter row in `sslfast.reference.augment.FIELDS` layout."""
+        """The parameter row in `sslfast.ops.augment.FIELDS` layout."""
         return [float(v) for v in (self.top, self.left, self.height, self.width, self.flip, self.jitter,
                                    self.brightness, self.contrast, self.saturation, self.hue, *self.order,
                                    self.order.index(1), self.gray, self.blur, self.sigma, self.solarize,
@@ -151,16 +151,16 @@ def _blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of [C, H, W] (torchvision's weights; reflect padding folded as often as needed,
     so a kernel wider than the view works): rows, then columns, as sums of shifted copies."""
     _, h, w = x.shape
-    taps = ref.gaussian_kernel1d(kernel_size, sigma, torch.float64).tolist()
+    taps = pixel.gaussian_kernel1d(kernel_size, sigma, torch.float64).tolist()
     r = kernel_size // 2
-    x = _shifted_sum(x[:, :, ref.reflect_index(torch.arange(-r, w + r), w)], taps, 2, w)
-    return _shifted_sum(x[:, ref.reflect_index(torch.arange(-r, h + r), h), :], taps, 1, h)
+    x = _shifted_sum(x[:, :, pixel.reflect_index(torch.arange(-r, w + r), w)], taps, 2, w)
+    return _shifted_sum(x[:, pixel.reflect_index(torch.arange(-r, h + r), h), :], taps, 1, h)
 
 
 def augment_sample(img: torch.Tensor, p: ViewParams, spec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """One view [3, size, size] in [0, 1] (before normalization) of a uint8 [3, H, W] image, computed in
     `dtype`: resized crop (bilinear, antialiased), flip, jitter in `p.order`, gray, blur, solarize."""
-    x = ref.resized_crop(img, p.top, p.left, p.height, p.width, spec.size, spec.size, antialias=True,
+    x = pixel.resized_crop(img, p.top, p.left, p.height, p.width, spec.size, spec.size, antialias=True,
                          dtype=dtype) / 255.0
     if p.flip:
         x = x.flip(-1)
@@ -169,13 +169,13 @@ def augment_sample(img: torch.Tensor, p: ViewParams, spec, dtype: torch.dtype = 
         factors = (p.brightness, p.contrast, p.saturation, p.hue)
         for op in p.order:
             if strengths[op]:  # torchvision leaves out an op whose strength is 0 (an identity)
-                x = ref.JITTER_OPS[op](x, factors[op])
+                x = pixel.JITTER_OPS[op](x, factors[op])
     if p.gray:
-        x = ref.rgb_to_grayscale(x).expand(3, -1, -1)
+        x = pixel.rgb_to_grayscale(x).expand(3, -1, -1)
     if p.blur and spec.blur_kernel > 0:
         x = _blur(x, spec.blur_kernel, p.sigma)
     if p.solarize:
-        x = ref.solarize(x, p.threshold)
+        x = pixel.solarize(x, p.threshold)
     return x
 
 

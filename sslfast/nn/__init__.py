@@ -4,5 +4,7 @@ from .dino import DINOLoss
 from .ema import EMA
 from .barlow import BarlowTwinsLoss, VICRegLoss
 from .siglip import SigLIPLoss
+from .heads import PrototypeHead, PrototypeLoss
 
-__all__ = ["BarlowTwinsLoss", "CLIPLoss", "DINOLoss", "EMA", "InfoNCELoss", "NTXentLoss", "SigLIPLoss", "VICRegLoss"]
+__all__ = ["BarlowTwinsLoss", "CLIPLoss", "DINOLoss", "EMA", "InfoNCELoss", "NTXentLoss", "PrototypeHead",
+           "PrototypeLoss", "SigLIPLoss", "VICRegLoss"]

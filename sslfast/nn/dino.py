@@ -25,6 +25,19 @@ class DINOLoss(nn.Module):
     and [V·B, K], G = `num_global_crops`). τ_t is `teacher_temp` when given, else the warm-up schedule's value
     at `epoch`, else the final `teacher_temp`. The third positional argument is `teacher_temp` (older lightly
     took the epoch there): an int there raises TypeError, and passing both raises ValueError.
+
+    Args:
+        output_dim: K, the head's output size (the center's length).
+        warmup_teacher_temp: τ_t at epoch 0.
+        teacher_temp: τ_t after the warm-up.
+        warmup_teacher_temp_epochs: W, the warm-up's length in epochs, an int >= 0.
+        student_temp: τ_s.
+        center_momentum: the center EMA's momentum, in [0, 1].
+        center_mode: "mean", the only mode.
+        num_global_crops: G for concatenated inputs (a list of crops gives G by its length).
+
+    Raises:
+        ValueError: `center_mode` is not "mean"; `warmup_teacher_temp_epochs` is not an int >= 0.
     """
 
     def __init__(self, output_dim: int = 65536, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.04,
@@ -70,6 +83,21 @@ class DINOLoss(nn.Module):
     def forward(self, teacher_out: Sequence[torch.Tensor] | torch.Tensor,
                 student_out: Sequence[torch.Tensor] | torch.Tensor, teacher_temp: float | None = None,
                 epoch: float | None = None) -> torch.Tensor:
+        """The DINO loss of one step; in training mode the center is then updated (`sslfast.ops.dino.dino_loss`).
+
+        Args:
+            teacher_out: the teacher's G global crops, a list of [B, K] tensors or one [G·B, K] tensor.
+            student_out: the student's V crops (globals first), a list of [B, K] tensors or one [V·B, K] tensor.
+            teacher_temp: τ_t for this call (a float), overriding the schedule.
+            epoch: the epoch at which the warm-up schedule is read (`teacher_temperature`).
+
+        Returns:
+            The loss, a 0-d fp32 tensor (fp64 for fp64 inputs).
+
+        Raises:
+            TypeError: `teacher_temp` is an int (the epoch passed where lightly < 1.5 took it); as `dino_loss`.
+            ValueError: both `teacher_temp` and `epoch` given; a negative or non-finite epoch; as `dino_loss`.
+        """
         if isinstance(teacher_temp, int):  # bool included
             raise TypeError(f"teacher_temp must be a float, got {teacher_temp!r}: the third argument of forward is "
                             "the teacher temperature (as in lightly >= 1.5); pass the epoch as epoch=")

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ..ops import ema as _ops
-from ..reference.ema import cosine_momentum
+from ..ops._ema_args import real as _real
+from ..schedules import cosine_momentum
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -37,8 +38,8 @@ def _slots(module: nn.Module, kind: str) -> list[tuple[str, nn.Module, str]]:
 def _schedule(momentum, final_momentum, total_steps, where: str = "") -> tuple[float, float, int | None]:
     """The checked (momentum, final_momentum, total_steps) of a schedule: both momenta finite numbers in [0, 1]
     (NaN refused), total_steps a positive int or None. `where` names the source in messages (a state dict)."""
-    m = _ops._real(f"{where}momentum", momentum, 0.0, 1.0)
-    final = _ops._real(f"{where}final_momentum", final_momentum, 0.0, 1.0)
+    m = _real(f"{where}momentum", momentum, 0.0, 1.0)
+    final = _real(f"{where}final_momentum", final_momentum, 0.0, 1.0)
     if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
                                     or total_steps <= 0):
         raise ValueError(f"{where}total_steps must be a positive int or None, got {total_steps!r}")
@@ -57,12 +58,26 @@ class EMA(nn.Module):
 
     Momentum schedule: with `total_steps=None`, m = `momentum` at every step; otherwise the BYOL / DINO cosine
     schedule from `momentum` at step 0 to `final_momentum` at `total_steps`
-    (m_k = final − (final − base)(1 + cos(πk/K))/2, `sslfast.reference.ema.cosine_momentum`). The step count is
+    (m_k = final − (final − base)(1 + cos(πk/K))/2, `sslfast.schedules.cosine_momentum`). The step count is
     host-side, so a schedule costs no device sync; it is saved in `state_dict()` with the teacher.
 
     `update()` is one multi-tensor launch on CUDA (`sslfast.ema_update_`). Calling the module runs the teacher.
     To fold the EMA into the optimizer step instead, pass this object as `teacher=` to `sslfast.optim.AdamWEMA`
     or `sslfast.optim.LARSEMA` and do not call `update()` yourself.
+
+    Args:
+        student: the module followed (unwrapped as above); it is not registered as a submodule.
+        teacher: a module with the student's parameter and buffer names and shapes, or None for a deep copy.
+        momentum: the base momentum m_0, a finite number in [0, 1].
+        final_momentum: the momentum at `total_steps` and after, a finite number in [0, 1].
+        total_steps: K, a positive int, or None for the constant `momentum`.
+        copy_buffers: whether `update()` copies the student's buffers into the teacher.
+
+    Raises:
+        TypeError: `student` is not an nn.Module, or `teacher` neither an nn.Module nor None; a momentum is not
+            a real number.
+        ValueError: a momentum outside [0, 1], NaN or infinite; `total_steps` not a positive int or None; the
+            teacher's parameter or buffer names or shapes differ from the student's.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, momentum: float = 0.996,
@@ -129,9 +144,15 @@ class EMA(nn.Module):
     def update(self, momentum=None) -> None:
         """One EMA step of the teacher towards the student (then buffers copied, step count + 1).
 
-        `momentum` overrides the schedule for this step: a float in [0, 1], or a one-element CUDA tensor read on
-        the device (for CUDA-graph capture), whose range is checked by a device-side assertion instead of a host
-        sync (see `sslfast.ops.ema.ema_update_`)."""
+        Args:
+            momentum: None for the schedule's `momentum`, or an override for this step: a float in [0, 1], or a
+                one-element CUDA tensor read on the device (for CUDA-graph capture), whose range is checked by a
+                device-side assertion instead of a host sync.
+
+        Raises:
+            TypeError, ValueError: as `sslfast.ops.ema.ema_update_` (a bad momentum; parameters replaced by
+                tensors of other shapes or devices).
+        """
         student, teacher = self._params()
         _ops.ema_update_(teacher, student, self.momentum if momentum is None else momentum)
         self._finish()

@@ -55,7 +55,7 @@ class Family:
         ValueError: `name` is already declared.
     """
 
-    __slots__ = ("name", "contract", "_accepts", "_fast", "_kernels_path", "_kernels", "_torch")
+    __slots__ = ("name", "contract", "impl", "_accepts", "_fast", "_kernels_path", "_kernels", "_torch")
 
     def __init__(self, name: str, contract: type, *, accepts: Callable[..., bool] | None = None,
                  kernels: str | None = None, fast: Callable[..., bool] = use_triton):
@@ -68,6 +68,7 @@ class Family:
         self._kernels_path = kernels or f"sslfast.kernels.{name}"
         self._kernels: ModuleType | None = None
         self._torch: ModuleType | None = None
+        self.impl = self._dispatcher()
         FAMILIES[name] = self
 
     @property
@@ -84,12 +85,33 @@ class Family:
             self._torch = importlib.import_module(f"sslfast.ops._torch.{self.name}")
         return self._torch
 
-    def impl(self, *tensors: torch.Tensor | None) -> ModuleType:
-        """The implementation for an op over `tensors`: the kernels when `fast` says so and `accepts` (if any)
-        agrees, else the PyTorch one."""
-        if self._fast(*tensors) and (self._accepts is None or self._accepts(*tensors)):
-            return self._kernels if self._kernels is not None else self.kernels
-        return self._torch if self._torch is not None else self.torch
+    def _dispatcher(self) -> Callable[..., ModuleType]:
+        """`impl(*tensors)`: the implementation for an op over `tensors`, the kernels when `fast` says so and
+        `accepts` (if any) agrees, else the PyTorch one. A closure over the family's fields rather than a
+        method, because it runs on every call of every op (a bound method and its attribute reads cost about
+        a microsecond of host time more)."""
+        family, fast, accepts = self, self._fast, self._accepts
+        kernels = torch_impl = None  # the modules, held in the closure once imported
+
+        def pick(use_kernels: bool) -> ModuleType:
+            nonlocal kernels, torch_impl
+            if use_kernels:
+                kernels = family.kernels
+                return kernels
+            torch_impl = family.torch
+            return torch_impl
+
+        if accepts is None:
+            def impl(*tensors: torch.Tensor | None) -> ModuleType:
+                if fast(*tensors):
+                    return kernels or pick(True)
+                return torch_impl or pick(False)
+        else:
+            def impl(*tensors: torch.Tensor | None) -> ModuleType:
+                if fast(*tensors) and accepts(*tensors):
+                    return kernels or pick(True)
+                return torch_impl or pick(False)
+        return impl
 
     def members(self) -> dict[str, inspect.Signature]:
         """The contract's functions and their signatures without ``self``."""

@@ -5,35 +5,45 @@ uint8 images into normalized NCHW views, and a per-sample separable Gaussian blu
     params = sample_view_params(spec, sizes, count=2, generator=g)   # [2, B, NUM_FIELDS] fp32, no host sync
     views = augment_views(flat, offsets, sizes, params, 224, dtype=torch.bfloat16)   # [2, B, 3, 224, 224]
 
-`augment_batch` strings these together for a list of view specs (a preset). Math and parameter layout:
-`sslfast.reference.augment`; kernels: `sslfast.kernels.augment`. CUDA tensors run the Triton kernels, CPU
-tensors the PyTorch reference in fp32 (`sslfast._backend`).
+`augment_batch` strings these together for a list of view specs (a preset). Math: `sslfast.reference.augment`;
+parameter layout: `FIELDS`. CUDA tensors run the Triton kernels (`sslfast.kernels.augment`), CPU tensors the
+PyTorch path in fp32 (`sslfast.ops._torch.augment`), chosen by `FAMILY` (`sslfast.ops._family`).
 """
 from __future__ import annotations
 
 import math
 from numbers import Integral
+from typing import Protocol
 
 import torch
 
 from .. import _validate as V
-from .._backend import use_triton
 from .._custom_op import custom_op
-from ..reference import augment as _reference
+from ._family import Family
+from ._torch.augment import FIELDS, NUM_FIELDS
 
-NUM_FIELDS = _reference.NUM_FIELDS
-FIELDS = _reference.FIELDS
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _RRC_ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params
 
+__all__ = ["FAMILY", "FIELDS", "IMAGENET_MEAN", "IMAGENET_STD", "NUM_FIELDS", "AugmentImpl", "augment_batch",
+           "augment_views", "gaussian_blur", "pack_images", "sample_view_params"]
 
-def _impl(*tensors):
-    if use_triton(*tensors):
-        from ..kernels import augment as _kernels
 
-        return _kernels
-    return _reference
+class AugmentImpl(Protocol):
+    """What `kernels.augment` and `ops._torch.augment` both define."""
+
+    def augment_views(self, images, offsets, sizes, params, out_h, out_w, chw, out_dtype, mean, std, blur_kernel, *,
+                      antialias=True):
+        """[G, B, 3, out_h, out_w] normalized views in out_dtype from packed uint8 images and parameter rows
+        params [G, B, NUM_FIELDS]; samples with the blur flag are blurred with `blur_kernel` taps (0: no blur)."""
+
+    def gaussian_blur(self, x, sigma, kernel_size):
+        """[B, C, H, W] blurred per sample with sigma [B] fp32 (`kernel_size` taps, reflect padding), x's dtype."""
+
+
+FAMILY = Family("augment", AugmentImpl)
+_impl = FAMILY.impl
 
 
 # ------------------------------------------------------------------------------------------- custom ops
@@ -51,10 +61,7 @@ def _augment_views_op(images: torch.Tensor, offsets: torch.Tensor, sizes: torch.
 
 @custom_op("gaussian_blur", fake=lambda x, sigma, kernel_size: torch.empty_like(x))
 def _gaussian_blur_op(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    impl = _impl(x, sigma)
-    if impl is _reference:
-        return _reference.gaussian_blur_batch(x.float(), sigma, kernel_size).to(x.dtype)
-    return impl.gaussian_blur(x, sigma, kernel_size)
+    return _impl(x, sigma).gaussian_blur(x, sigma, kernel_size)
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -128,7 +135,18 @@ def _check_params(params, batch: int) -> torch.Tensor:
 def pack_images(images, *, chw: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(flat uint8, offsets int64 [B], sizes int32 [B, 2]) from a list of uint8 images ([3, H, W] when `chw`,
     else [H, W, 3]) or a uint8 batch [B, 3, H, W] / [B, H, W, 3] (packed without a copy). Tensors stay on
-    their device; the small offsets/sizes tensors are built on the host and moved there."""
+    their device; the small offsets/sizes tensors are built on the host and moved there.
+
+    Args:
+        images: a sequence of uint8 images, or a uint8 batch tensor.
+        chw: the images are [3, H, W] (True) or [H, W, 3] (False).
+
+    Returns:
+        (flat uint8 buffer, offsets int64 [B], sizes int32 [B, 2]) on the images' device.
+
+    Raises:
+        ValueError: an empty sequence, an image or batch that is not uint8 of the expected layout.
+    """
     if isinstance(images, torch.Tensor):
         if images.dim() != 4 or images.dtype != torch.uint8:
             raise ValueError(f"images must be a uint8 [B, 3, H, W] or [B, H, W, 3] batch, got {images.dtype} of "
@@ -201,7 +219,22 @@ def sample_view_params(spec, sizes: torch.Tensor, *, count: int = 1, generator: 
 
     Distributions (torchvision's): the crop as RandomResizedCrop(scale, ratio); flip, jitter, gray, blur and
     solarize are Bernoulli(p); jitter factors b, c, s ~ U(max(0, 1 − x), 1 + x), hue ~ U(−h, h); the op
-    order is a uniform random permutation (ColorJitter's randperm); sigma ~ U(blur_sigma)."""
+    order is a uniform random permutation (ColorJitter's randperm); sigma ~ U(blur_sigma).
+
+    Args:
+        spec: the view's distributions (scale, ratio, flip_p, jitter_p, brightness, contrast, saturation, hue,
+            gray_p, blur_p, blur_sigma, solarize_p, solarize_threshold).
+        sizes: int32 or int64 [B, 2], the images' (H, W).
+        count: views drawn per image.
+        generator: a `torch.Generator` on sizes' device; None: that device's default generator.
+
+    Returns:
+        fp32 [count, B, NUM_FIELDS] in the layout `FIELDS`.
+
+    Raises:
+        TypeError: sizes not a tensor.
+        ValueError: sizes not an integer [B, 2] tensor.
+    """
     sizes = _int_tensor("sizes", sizes, "[B, 2] (H, W)", 2, torch.int32)
     dev = sizes.device
     shape = (int(count), sizes.shape[0])
@@ -239,7 +272,30 @@ def augment_views(images: torch.Tensor, offsets: torch.Tensor, sizes: torch.Tens
 
     `antialias` (default, as torchvision v2's RandomResizedCrop): the crop is resized with the triangle
     filter whose support grows with the downscale factor (PIL's, `F.interpolate(antialias=True)`'s; plain
-    bilinear when upscaling); False: plain two-tap bilinear. Formula: `sslfast.reference.augment`."""
+    bilinear when upscaling); False: plain two-tap bilinear. Formula: `sslfast.reference.augment`.
+
+    Args:
+        images: the flat uint8 buffer of packed images.
+        offsets: int [B], each image's first element in `images`.
+        sizes: int [B, 2], each image's (H, W).
+        params: fp32 [G, B, NUM_FIELDS], one row per (view, sample) in the layout `FIELDS`.
+        out_size: the views' size, an int or (H, W).
+        chw: images stored [3, H, W] (True) or [H, W, 3] (False).
+        dtype: the views' dtype: float32, bfloat16 or float16.
+        mean: per-channel mean of the normalization (3 values).
+        std: per-channel std (3 positive values).
+        blur_kernel: the blur's taps (odd), or 0 for no blur pass.
+        antialias: the antialiased resize (True) or plain bilinear.
+
+    Returns:
+        [G, B, 3, H, W] views in `dtype`.
+
+    Raises:
+        TypeError: images not uint8, integer tensors of another kind, params not fp32, dtype not a float dtype,
+            a non-bool flag, a non-int size or kernel.
+        ValueError: shapes that disagree, images outside the buffer (checked off CUDA), a non-positive size or
+            std, an even blur kernel, tensors on different devices.
+    """
     antialias = _flag("antialias", antialias)
     images, offsets, sizes = _check_packed(images, offsets, sizes)
     params = _check_params(params, offsets.shape[0])
@@ -256,7 +312,20 @@ def augment_views(images: torch.Tensor, offsets: torch.Tensor, sizes: torch.Tens
 
 def gaussian_blur(x: torch.Tensor, sigma, kernel_size: int = 23) -> torch.Tensor:
     """Separable Gaussian blur of [B, C, H, W] with a per-sample sigma (float or [B] tensor), torchvision's
-    `gaussian_blur` semantics (weights exp(−x²/2σ²)/Σ over `kernel_size` taps, reflect padding). Same dtype."""
+    `gaussian_blur` semantics (weights exp(−x²/2σ²)/Σ over `kernel_size` taps, reflect padding). Same dtype.
+
+    Args:
+        x: floating [B, C, H, W].
+        sigma: a positive float, or a [B] (or one-element) tensor of positive values (checked off CUDA).
+        kernel_size: the taps, an odd positive int.
+
+    Returns:
+        The blurred [B, C, H, W] in x's dtype.
+
+    Raises:
+        TypeError: x not a floating tensor, kernel_size not an int.
+        ValueError: x not 4-d, an even or zero kernel_size, sigma not positive or of the wrong length.
+    """
     x = V.tensor("x", x, ndim=4, shape_hint="[B, C, H, W]")
     k = _kernel_size(kernel_size)
     if k == 0:
@@ -290,7 +359,23 @@ def augment_batch(images, offsets, sizes, views, *, chw: bool = False, dtype: to
     """All views of one batch: `views` is a sequence of view specs (e.g. `preset.views`, each with a `count`);
     returns one [B, 3, size, size] tensor per output view, in order. Parameters are drawn on the images'
     device (`sample_view_params`); views that share a size, blur kernel and resize mode share one launch.
-    `antialias` as in `augment_views`, for every spec without an `antialias` attribute of its own."""
+    `antialias` as in `augment_views`, for every spec without an `antialias` attribute of its own.
+
+    Args:
+        images, offsets, sizes: the packed images (`pack_images`).
+        views: view specs (each with `size`, `blur_kernel`, the fields `sample_view_params` reads, and
+            optionally `count` and `antialias`).
+        chw, dtype, mean, std: as in `augment_views`.
+        generator: a `torch.Generator` on the images' device; None: that device's default generator.
+        antialias: the resize mode of specs without their own.
+
+    Returns:
+        One [B, 3, size, size] tensor in `dtype` per output view, in the order of `views` (a spec with count n
+        gives n consecutive views).
+
+    Raises:
+        TypeError, ValueError: as `augment_views` and `sample_view_params`, for bad images, specs or flags.
+    """
     antialias = _flag("antialias", antialias)
     specs = [s for s in views for _ in range(getattr(s, "count", 1))]
     groups = _group_views(specs, antialias)

@@ -10,7 +10,7 @@ backward `sslfast::redundancy_loss_backward`. Two exact algorithms (math in `ssl
   backward. Chosen by ``"auto"`` when N >= D.
 
 CUDA tensors run the Triton kernels (with cuBLAS for the big Gram GEMMs), CPU tensors the PyTorch path of
-`sslfast.reference.barlow` (the same algorithms, never D x D when N < D).
+`sslfast.ops._torch.barlow` (the same algorithms, never D x D when N < D).
 
 Distributed (``gather_distributed=True``): z1 and z2 are all-gathered with `sslfast.distributed.all_gather`
 (N·W x D per rank instead of the official code's D x D all-reduce); each rank reduces its own rows of the
@@ -30,34 +30,38 @@ global loss. How the official implementations differ:
 """
 from __future__ import annotations
 
-import math
-from numbers import Real
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
 from .. import _validate as V
-from .._backend import use_triton, without_autocast
+from .._backend import without_autocast
 from .._custom_op import TRITON_DOUBLE_BACKWARD, custom_op, differentiable_grads, double_backward_unsupported
 from ..distributed import all_gather, rank_and_world
-from ..reference import barlow as _reference
+from ._family import Family
+from ._torch.barlow import BARLOW, NCOL, VICREG
 
-BARLOW, VICREG = _reference.BARLOW, _reference.VICREG
 ALGORITHMS = ("auto", "gram", "tiled")
 
 
-_KERNELS = None
+class BarlowImpl(Protocol):
+    """What `kernels.barlow` and `ops._torch.barlow` both define (`kind` is BARLOW or VICREG, `rows` = [first
+    row of this rank, rows per rank]; the outputs are those of `redundancy_loss`)."""
+
+    def forward(self, z1, z2, kind, coef, eps, rows, world, algorithm):
+        """(loss_r, u_r, col [NCOL, D], scal [2], ops [2, M, D], grams [2, n, M] or [2, 0, 0], pdiag [2, n] or
+        [2, 0])."""
+
+    def backward(self, grad, z1, z2, col, scal, ops, grams, pdiag, kind, coef, eps, rows, world, algorithm):
+        """(∂loss_r/∂z1, ∂loss_r/∂z2) in the inputs' dtypes for the 0-d upstream gradient `grad`."""
+
+    def operand_dtype(self, dtype, rows, algorithm):
+        """The dtype of `forward`'s `ops` and `grams` for inputs of `dtype` and a batch of `rows` rows."""
 
 
-def _impl(*tensors):
-    global _KERNELS
-    if use_triton(*tensors):
-        if _KERNELS is None:
-            from ..kernels import barlow as kernels
-
-            _KERNELS = kernels
-        return _KERNELS
-    return _reference
+FAMILY = Family("barlow", BarlowImpl)
+_impl = FAMILY.impl
 
 
 @without_autocast
@@ -70,13 +74,8 @@ def _run_backward(grad, z1, z2, *rest):
     return _impl(z1, z2).backward(grad, z1, z2, *rest)
 
 
-def _operand_dtype(z: torch.Tensor, rows: int, algorithm: str) -> torch.dtype:
-    impl = _impl(z)
-    return _stat_dtype(z) if impl is _reference else impl.operand_dtype(z.dtype, rows, algorithm)
-
-
 def _stat_dtype(z: torch.Tensor) -> torch.dtype:
-    """The loss' and statistics' dtype: fp32, fp64 for fp64 inputs (reference path only)."""
+    """The loss' and statistics' dtype: fp32, fp64 for fp64 inputs (PyTorch path only)."""
     return torch.float64 if z.dtype == torch.float64 else torch.float32  # promote_types(dtype, fp32), no dispatch
 
 
@@ -85,9 +84,9 @@ def _fake_forward(z1, z2, kind, coef, eps, rows, world, algorithm):
     m, d = z1.shape
     n = rows[1]
     f32 = dict(dtype=_stat_dtype(z1))
-    odt = _operand_dtype(z1, m, algorithm)
+    odt = _impl(z1).operand_dtype(z1.dtype, m, algorithm)
     gram = algorithm == "gram"
-    return (z1.new_empty((), **f32), z1.new_empty((), **f32), z1.new_empty((_reference.NCOL, d), **f32),
+    return (z1.new_empty((), **f32), z1.new_empty((), **f32), z1.new_empty((NCOL, d), **f32),
             z1.new_empty((2,), **f32), z1.new_empty((2, m, d), dtype=odt),
             z1.new_empty((2, n, m) if gram else (2, 0, 0), dtype=odt),
             z1.new_empty((2, n) if gram else (2, 0), **f32))
@@ -121,9 +120,9 @@ def _backward(ctx, g_loss, *unused):
 
 
 def _double_backward(ctx, g_loss, *unused):
-    """create_graph=True: loss_r recomputed in plain autograd by the reference path's forward."""
+    """create_graph=True: loss_r recomputed in plain autograd by the PyTorch path's forward."""
     z1, z2 = ctx.saved_tensors[:2]
-    if _impl(z1, z2) is not _reference:
+    if _impl(z1, z2) is not FAMILY.torch:
         raise double_backward_unsupported("redundancy_loss (barlow_twins_loss, vicreg_loss)", TRITON_DOUBLE_BACKWARD)
 
     def loss_r(a, b):
@@ -150,15 +149,6 @@ def _inputs(z1, z2) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"z1 and z2 need at least 2 rows (N >= 2): the per-feature variance of one sample is "
                          f"undefined, got N={z1.shape[0]}")
     return z1, z2
-
-
-def _non_negative(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return value
 
 
 def _options(algorithm, gather_distributed) -> None:
@@ -195,21 +185,38 @@ def _loss(kind: int, z1: torch.Tensor, z2: torch.Tensor, coef: list[float], eps:
 # ------------------------------------------------------------------------------------------- public API
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051, *, eps: float = 1e-5,
                       gather_distributed: bool = False, algorithm: str = "auto") -> torch.Tensor:
-    """Barlow Twins: zn = batch-standardized z (per-feature mean, biased variance, eps inside the sqrt, as
-    `BatchNorm1d(affine=False)` in training); C = zn1ᵀ zn2 / N; loss = Σ(1 − C_ii)² + λ Σ_{i≠j} C_ij².
+    """Barlow Twins' redundancy-reduction loss, exactly, without the D x D cross-correlation.
 
-    z1, z2: [N, D], N >= 2, fp32/bf16/fp16 (and fp64 on the reference path); the loss is fp32 (fp64 for fp64
-    inputs). Computed exactly without the D x D matrix:
-    `algorithm` ``"auto"`` (default) picks ``"gram"`` when N < D (N x N Gram matrices) and ``"tiled"``
-    otherwise; both can be forced. A constant feature (zero variance) standardizes to 0, so it contributes
-    (1 − 0)² = 1 and no gradient, as BatchNorm does (the eps keeps it finite).
+    With zn the batch-standardized z (per-feature mean, biased variance, eps inside the sqrt, as
+    `BatchNorm1d(affine=False)` in training) and C = zn1ᵀ zn2 / N:
 
-    `gather_distributed`: every rank scores its rows against the all-gathered batch; after DDP averages the
-    gradients, they equal the single-process gradients on the concatenated batch (the official code's are
-    1/world_size of that), and every rank returns the global loss value.
+        loss = Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij²
+
+    A constant feature (zero variance) standardizes to 0, so it contributes (1 − 0)² = 1 and no gradient, as
+    BatchNorm does (the eps keeps it finite).
+
+    Args:
+        z1, z2: the two views' embeddings [N, D], N >= 2, one dtype (fp32, bf16, fp16; fp64 on the PyTorch
+            path: CPU tensors or ``SSLFAST_BACKEND=reference``) and one device.
+        lambd: λ >= 0, the weight of the off-diagonal terms (the paper's 0.0051).
+        eps: > 0, added to the variance before the square root.
+        gather_distributed: every rank scores its rows against the all-gathered batch; after DDP averages the
+            gradients they equal the single-process gradients on the concatenated batch (the official code's
+            are 1/world_size of that), and every rank returns the global loss value.
+        algorithm: ``"gram"`` (N x N Gram matrices), ``"tiled"`` (C tile by tile, recomputed in P x D slabs
+            in the backward) or ``"auto"``: ``"gram"`` when the (global) batch N < D, else ``"tiled"``.
+
+    Returns:
+        The loss, a 0-d fp32 tensor (fp64 for fp64 inputs) with gradients to z1 and z2.
+
+    Raises:
+        TypeError: z1 or z2 is not a floating tensor, or their dtypes differ; lambd or eps is not a real
+            number; gather_distributed is not a bool.
+        ValueError: z1 or z2 is not a non-empty [N, D] tensor, their shapes or devices differ, N < 2, lambd
+            < 0, eps <= 0 (or either is not finite), or algorithm is not one of ``ALGORITHMS``.
     """
     z1, z2 = _inputs(z1, z2)
-    lambd = _non_negative("lambd", lambd)
+    lambd = V.non_negative("lambd", lambd)
     eps = V.positive("eps", eps)
     _options(algorithm, gather_distributed)
     return _loss(BARLOW, z1, z2, [lambd], eps, gather_distributed, algorithm)
@@ -218,7 +225,7 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051,
 def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
                 cov_coeff: float = 1.0, *, eps: float = 1e-4, gather_distributed: bool = False,
                 algorithm: str = "auto") -> torch.Tensor:
-    """VICReg as the official code (facebookresearch/vicreg, `main_vicreg.py`, `VICReg.forward`):
+    """VICReg as the official code computes it (facebookresearch/vicreg, `main_vicreg.py`, `VICReg.forward`):
 
         sim_coeff · mse(z1, z2)
       + std_coeff · (mean_k relu(1 − std1_k) + mean_k relu(1 − std2_k)) / 2,  std = sqrt(var + eps)
@@ -226,12 +233,27 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std
 
     with z̃ the centered features and var the *unbiased* variance (the official `x.var(dim=0)`). One op:
     the covariance terms use the Gram identity (or tiles), never the D x D matrices when N < D.
-    `algorithm` and `gather_distributed` as in `barlow_twins_loss` (the official code's gradients are
-    already exact here; its per-rank value uses the local MSE, sslfast returns the global loss).
+
+    Args:
+        z1, z2: the two views' embeddings [N, D], N >= 2, as in `barlow_twins_loss`.
+        sim_coeff, std_coeff, cov_coeff: >= 0, the weights of the invariance, variance and covariance terms.
+        eps: > 0, added to the variance before the square root.
+        gather_distributed: as in `barlow_twins_loss` (the official code's gradients are already exact here;
+            its per-rank value uses the local MSE, sslfast returns the global loss on every rank).
+        algorithm: ``"auto"``, ``"gram"`` or ``"tiled"``, as in `barlow_twins_loss`.
+
+    Returns:
+        The loss, a 0-d fp32 tensor (fp64 for fp64 inputs) with gradients to z1 and z2.
+
+    Raises:
+        TypeError: z1 or z2 is not a floating tensor, or their dtypes differ; a coefficient or eps is not a
+            real number; gather_distributed is not a bool.
+        ValueError: z1 or z2 is not a non-empty [N, D] tensor, their shapes or devices differ, N < 2, a
+            coefficient < 0, eps <= 0 (or either is not finite), or algorithm is not one of ``ALGORITHMS``.
     """
     z1, z2 = _inputs(z1, z2)
-    coef = [_non_negative("sim_coeff", sim_coeff), _non_negative("std_coeff", std_coeff),
-            _non_negative("cov_coeff", cov_coeff)]
+    coef = [V.non_negative("sim_coeff", sim_coeff), V.non_negative("std_coeff", std_coeff),
+            V.non_negative("cov_coeff", cov_coeff)]
     eps = V.positive("eps", eps)
     _options(algorithm, gather_distributed)
     return _loss(VICREG, z1, z2, coef, eps, gather_distributed, algorithm)

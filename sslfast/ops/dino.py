@@ -15,28 +15,35 @@ output and the center get no gradient. CUDA tensors run three streaming Triton k
 
 With `center_momentum`, the center (a [1, K] or [K] tensor, e.g. the `center` buffer of
 `sslfast.nn.DINOLoss`) is then updated in place with the batch mean of the teacher outputs, all-reduced over
-ranks (`sslfast.ops.ema.update_center_`); the loss uses the center from before the update, as DINO does.
+ranks (`update_center_`); the loss uses the center from before the update, as DINO does.
 """
 from __future__ import annotations
 
 import functools
+from typing import Protocol
 
 import torch
 
 from .. import _validate as V
-from .._backend import use_triton
 from .._custom_op import (TRITON_DOUBLE_BACKWARD, custom_op, differentiable_grads, double_backward_unsupported,
                           grads_in_forward, loss_with_grads)
-from ..reference import dino as _reference
-from .ema import _real, update_center_
+from ._ema_args import real as _real
+from ._family import Family
 
 
-def _impl(*tensors):
-    if use_triton(*tensors) and all(t.dtype != torch.float64 for t in tensors):
-        from ..kernels import dino as _kernels
+class DinoImpl(Protocol):
+    """What `kernels.dino` and `ops._torch.dino` both define."""
 
-        return _kernels
-    return _reference
+    def dino_loss_forward(self, student, teacher, center, student_temp, teacher_temp, num_global):
+        """(loss [], natural log-sum-exps [(V + G)·B]: of student/τ_s per row, then of (teacher − center)/τ_t
+        per row), fp32 (fp64 for fp64 inputs)."""
+
+    def dino_loss_backward(self, grad, student, teacher, center, lse, student_temp, teacher_temp, num_global):
+        """∂loss/∂student in the student's dtype for the 0-d upstream gradient `grad`; `lse` from the forward."""
+
+
+FAMILY = Family("dino", DinoImpl, accepts=lambda *tensors: all(t.dtype != torch.float64 for t in tensors))
+_impl = FAMILY.impl
 
 
 def _fake_forward(student, teacher, center, student_temp, teacher_temp, num_global):
@@ -71,9 +78,9 @@ def _backward(ctx, g_loss, g_lse):
 
 def _differentiable_loss(cfg, student, teacher, center) -> torch.Tensor:
     """The loss in plain autograd (the reference path's forward), for a create_graph=True backward."""
-    if _impl(student, teacher, center) is not _reference:
+    if _impl(student, teacher, center) is not FAMILY.torch:
         raise double_backward_unsupported("dino_loss", TRITON_DOUBLE_BACKWARD)
-    return _reference.dino_loss_forward(student, teacher, center, *cfg)[0]
+    return FAMILY.torch.dino_loss_forward(student, teacher, center, *cfg)[0]
 
 
 def _double_backward(ctx, g_loss, g_lse):
@@ -105,7 +112,29 @@ _DTYPES = V.FLOAT_DTYPES + (torch.float64,)
 def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center: torch.Tensor,
               student_temp: float = 0.1, teacher_temp: float = 0.04, *, num_global_crops: int = 2,
               center_momentum: float | None = None) -> torch.Tensor:
-    """DINO loss (see the module docstring); returns an fp32 scalar (fp64 for fp64 inputs)."""
+    """DINO loss over every (teacher global crop, other student crop) pair (see the module docstring).
+
+    Args:
+        student_output: [V·B, K] logits of V >= 2 crops of B images, crop-major, the G global crops first;
+            fp32 / bf16 / fp16, or fp64 on the PyTorch path.
+        teacher_output: [G·B, K] the teacher's logits of the G global crops (gets no gradient).
+        center: [1, K] or [K], the teacher's center (gets no gradient).
+        student_temp: τ_s, finite, > 0.
+        teacher_temp: τ_t, finite, > 0.
+        num_global_crops: G, an int >= 1.
+        center_momentum: None, or m in [0, 1]: then `center` is updated in place after the loss
+            (`update_center_`), the loss using the center from before the update.
+
+    Returns:
+        The loss, a 0-d fp32 tensor (fp64 for fp64 inputs), differentiable in `student_output`.
+
+    Raises:
+        TypeError: an input is not a tensor or has a dtype other than fp32 / bf16 / fp16 / fp64; a temperature
+            or `center_momentum` is not a real number.
+        ValueError: shapes that do not fit [V·B, K] / [G·B, K] / [K] (fewer than 2 crops, an empty teacher, B or
+            K differing), inputs on different devices, a temperature <= 0 or not finite, `num_global_crops`
+            not an int >= 1, `center_momentum` outside [0, 1], NaN or infinite.
+    """
     s = V.tensor("student_output", student_output, ndim=2, shape_hint="[V·B, K]", dtypes=_DTYPES)
     t = V.tensor("teacher_output", teacher_output, ndim=2, shape_hint="[G·B, K]", dtypes=_DTYPES)
     c = V.tensor("center", center, dtypes=_DTYPES)
@@ -130,7 +159,8 @@ def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center
         center_momentum = _real("center_momentum", center_momentum, 0.0, 1.0)
     if grads_in_forward(s):
         # a create_graph backward recomputes the loss in plain autograd (reference path only)
-        differentiable = functools.partial(_differentiable_loss, (st, tt, G)) if _impl(s, t, c) is _reference else None
+        differentiable = (functools.partial(_differentiable_loss, (st, tt, G)) if _impl(s, t, c) is FAMILY.torch
+                          else None)
         loss = loss_with_grads(functools.partial(_loss_and_grad, (st, tt, G)), s, t.detach(), c.detach(),
                                op="dino_loss", differentiable=differentiable, hint=TRITON_DOUBLE_BACKWARD)
     else:
@@ -140,3 +170,40 @@ def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center
     if center_momentum is not None:
         update_center_(center, t.detach(), center_momentum)
     return loss
+
+
+_CENTER_DTYPES = V.FLOAT_DTYPES + (torch.float64,)
+
+
+def update_center_(center: torch.Tensor, teacher_output: torch.Tensor, momentum: float = 0.9) -> None:
+    """DINO's center EMA, in place: center ← m·center + (1 − m)·mean of `teacher_output` over the batch,
+    the mean taken over all ranks when torch.distributed is initialized (as DINOLoss.update_center). Plain
+    PyTorch on every device (`sslfast.ops._torch.dino.update_center_`); the batch mean is taken in fp32, fp64
+    for fp64 outputs.
+
+    Args:
+        center: [1, K] or [K], fp32 / bf16 / fp16 / fp64, updated in place.
+        teacher_output: [N, K], N >= 1 (e.g. the teacher's outputs of all global crops), any of the same dtypes
+            (independently of the center's), on the center's device.
+        momentum: m, a finite number in [0, 1].
+
+    Returns:
+        None (`center` is updated in place).
+
+    Raises:
+        TypeError: `center` or `teacher_output` is not a floating tensor of those dtypes; `momentum` is not a
+            real number.
+        ValueError: `teacher_output` is not 2-D or has no row; `center` is not [1, K] or [K] with
+            teacher_output's K; the two are on different devices; `momentum` outside [0, 1], NaN or infinite.
+    """
+    if not isinstance(center, torch.Tensor):
+        raise TypeError(f"center must be a torch.Tensor [1, K] or [K], got {type(center).__name__}")
+    V.tensor("center", center, dtypes=_CENTER_DTYPES)
+    out = V.tensor("teacher_output", teacher_output, ndim=2, shape_hint="[N, K]", dtypes=_CENTER_DTYPES)
+    if out.shape[0] == 0:
+        raise ValueError("teacher_output must have at least one row, got shape (0, K)")
+    if center.numel() != out.shape[1] or center.dim() > 2 or (center.dim() == 2 and center.shape[0] != 1):
+        raise ValueError(f"center must be [1, K] or [K] with K = {out.shape[1]} (teacher_output's), got "
+                         f"{tuple(center.shape)}")
+    V.same_device(center=center, teacher_output=out)
+    FAMILY.torch.update_center_(center, out, _real("momentum", momentum, 0.0, 1.0))

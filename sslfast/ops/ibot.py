@@ -28,24 +28,35 @@ scalar (fp64 for fp64 student logits). Like DINOv2, the loss is a mean over this
 from __future__ import annotations
 
 import functools
+from typing import Protocol
 
 import torch
 
 from .. import _validate as V
-from .._backend import use_triton, without_autocast
+from .._backend import without_autocast
 from .._custom_op import (TRITON_DOUBLE_BACKWARD, custom_op, differentiable_grads, double_backward_unsupported,
                           grads_in_forward, loss_with_grads)
-from ..reference import ibot as _reference
-
-_DTYPES = V.FLOAT_DTYPES + (torch.float64,)
+from ._family import Family
 
 
-def _impl(*tensors):
-    if use_triton(*tensors) and all(t.dtype != torch.float64 for t in tensors):
-        from ..kernels import ibot as _kernels
+class IbotImpl(Protocol):
+    """What `kernels.ibot` and `ops._torch.ibot` both define: student logits and teacher probabilities [R, K],
+    weights [R] in the work dtype (rows of weight 0 are neither read nor differentiated)."""
 
-        return _kernels
-    return _reference
+    def ibot_forward(self, student, teacher, weights, student_temp):
+        """(loss [], row statistics [2, R]: natural lse(s/τ) (0 where w = 0), then Σ_k t)."""
+
+    def ibot_backward(self, grad, student, teacher, weights, stats, student_temp):
+        """∂loss/∂student [R, K] in the student's dtype for the 0-d upstream gradient `grad`; `stats` from the
+        forward."""
+
+
+def _accepts(student, teacher, weights) -> bool:
+    return student.dtype != torch.float64 and teacher.dtype != torch.float64 and weights.dtype != torch.float64
+
+
+FAMILY = Family("ibot", IbotImpl, accepts=_accepts)
+_impl = FAMILY.impl
 
 
 def _work_dtype(student: torch.Tensor) -> torch.dtype:
@@ -92,10 +103,10 @@ def _backward(ctx, g_loss, g_stats):
 
 
 def _differentiable_loss(student_temp, student, teacher, weights) -> torch.Tensor:
-    """The loss in plain autograd (the reference path's forward), for a create_graph=True backward."""
-    if _impl(student, teacher, weights) is not _reference:
+    """The loss in plain autograd (the PyTorch path's forward), for a create_graph=True backward."""
+    if _impl(student, teacher, weights) is not FAMILY.torch:
         raise double_backward_unsupported("ibot_patch_loss", TRITON_DOUBLE_BACKWARD)
-    return _reference.ibot_forward(student, teacher, weights, student_temp)[0]
+    return FAMILY.torch.ibot_forward(student, teacher, weights, student_temp)[0]
 
 
 def _double_backward(ctx, g_loss, g_stats):
@@ -123,28 +134,44 @@ def _weighted_loss(student: torch.Tensor, teacher: torch.Tensor, weights: torch.
     """Σ_r weights_r·ℓ(teacher_r, student_r) over rows of [R, K] tensors (validated); weights [R] in the work
     dtype, no gradient."""
     if grads_in_forward(student):
-        # a create_graph backward recomputes the loss in plain autograd (reference path only)
+        # a create_graph backward recomputes the loss in plain autograd (PyTorch path only)
         differentiable = (functools.partial(_differentiable_loss, student_temp)
-                          if _impl(student, teacher, weights) is _reference else None)
+                          if _impl(student, teacher, weights) is FAMILY.torch else None)
         return loss_with_grads(functools.partial(_loss_and_grad, student_temp), student, teacher, weights,
                                op="ibot_patch_loss", differentiable=differentiable, hint=TRITON_DOUBLE_BACKWARD)
     return _ibot(student, teacher, weights, student_temp)[0]
 
 
 def _logits_and_probs(s_name: str, student, t_name: str, teacher, ndim: int, hint: str):
-    s = V.tensor(s_name, student, ndim=ndim, shape_hint=hint, dtypes=_DTYPES)
-    t = V.tensor(t_name, teacher, ndim=ndim, shape_hint=hint, dtypes=_DTYPES)
+    """(student logits, teacher probabilities detached), both [.., K] of one shape, K >= 1, on one device."""
+    s = V.tensor(s_name, student, ndim=ndim, shape_hint=hint, dtypes=V.ALL_FLOAT_DTYPES)
     if s.shape[-1] == 0:
         raise ValueError(f"{s_name} must have K >= 1 prototypes, got shape {tuple(s.shape)}")
-    if t.shape != s.shape:
-        raise ValueError(f"{t_name} must have the shape of {s_name} {tuple(s.shape)}, got {tuple(t.shape)}")
-    V.same_device(**{s_name: s, t_name: t})
-    return s, t.detach()
+    return s, V.soft_targets(t_name, teacher, shape=s.shape, shape_hint=hint, like={s_name: s})
 
 
 def ibot_patch_loss(student_patch_logits: torch.Tensor, teacher_patch_probs: torch.Tensor, mask: torch.Tensor, *,
                     student_temp: float = 0.1) -> torch.Tensor:
-    """DINOv2's `iBOTPatchLoss.forward` (see the module docstring): tokens [B, L, K], mask [B, L] bool."""
+    """DINOv2's `iBOTPatchLoss.forward`: the masked tokens' soft cross-entropy, a mean per image, then over the
+    images (an image without masked tokens contributes 0; see the module docstring).
+
+    Args:
+        student_patch_logits: [B, L, K], B images of L patch tokens, K >= 1 prototypes; fp32, bf16, fp16 or
+            fp64 (fp64 runs the PyTorch path). Gets the gradient (0 on the unmasked tokens).
+        teacher_patch_probs: [B, L, K], any floating dtype, on the student's device; no gradient, rows need
+            not sum to 1. Unmasked tokens are not read.
+        mask: [B, L] bool, True for the masked tokens that count.
+        student_temp: τ > 0, the student's softmax temperature.
+
+    Returns:
+        The loss, a 0-d fp32 tensor (fp64 for fp64 student logits).
+
+    Raises:
+        TypeError: a tensor argument is not a tensor, the logits or probabilities are not floating, mask is
+            not bool, or student_temp is not a real number.
+        ValueError: a rank or shape differs from the above (no tokens, K = 0, shapes disagreeing), the tensors
+            are on different devices, or student_temp is not finite and > 0.
+    """
     s, t = _logits_and_probs("student_patch_logits", student_patch_logits, "teacher_patch_probs",
                              teacher_patch_probs, 3, "[B, L, K]")
     if not isinstance(mask, torch.Tensor):
@@ -176,8 +203,29 @@ def _count(name: str, value, low: int, high: int | None = None) -> int:
 def ibot_patch_loss_masked(student_logits_masked: torch.Tensor, teacher_probs_masked: torch.Tensor, *,
                            masks_weight: torch.Tensor, n_images: int, n_masked_patches: int | None = None,
                            student_temp: float = 0.1) -> torch.Tensor:
-    """DINOv2's `iBOTPatchLoss.forward_masked` (see the module docstring): masked tokens [M, K], masks_weight
-    [n_masked_patches] (default n = M), n_images the count the weighted sum is divided by."""
+    """DINOv2's `iBOTPatchLoss.forward_masked` with its weights explicit (see the module docstring):
+
+        loss = Σ_{m < n} masks_weight[m]·ℓ(t_m, s_m) / n_images,   n = n_masked_patches
+
+    Args:
+        student_logits_masked: [M, K], the masked tokens' student logits, M >= 1, K >= 1; fp32, bf16, fp16 or
+            fp64 (fp64 runs the PyTorch path). Gets the gradient (0 on rows m >= n).
+        teacher_probs_masked: [M, K], the same tokens' teacher probabilities, any floating dtype, on the
+            student's device; no gradient, rows need not sum to 1.
+        masks_weight: [n], one weight per counted token (DINOv2's: 1 / masked tokens of the token's image).
+        n_images: >= 1, what the weighted sum is divided by (DINOv2: the batch size).
+        n_masked_patches: n in [0, M], the rows that count (DINOv2 pads its buffers beyond them); default M.
+        student_temp: τ > 0, the student's softmax temperature.
+
+    Returns:
+        The loss, a 0-d fp32 tensor (fp64 for fp64 student logits).
+
+    Raises:
+        TypeError: a tensor argument is not a floating tensor, n_images or n_masked_patches is not an int, or
+            student_temp is not a real number.
+        ValueError: a rank or shape differs from the above, n_images < 1, n_masked_patches outside [0, M], the
+            tensors are on different devices, or student_temp is not finite and > 0.
+    """
     s, t = _logits_and_probs("student_logits_masked", student_logits_masked, "teacher_probs_masked",
                              teacher_probs_masked, 2, "[M, K]")
     M = s.shape[0]
@@ -185,7 +233,8 @@ def ibot_patch_loss_masked(student_logits_masked: torch.Tensor, teacher_probs_ma
         raise ValueError("student_logits_masked must hold at least one token row [M, K], got M = 0")
     n = M if n_masked_patches is None else _count("n_masked_patches", n_masked_patches, 0, M)
     images = _count("n_images", n_images, 1)
-    w = V.tensor("masks_weight", masks_weight, ndim=1, shape_hint=f"[n_masked_patches] = [{n}]", dtypes=_DTYPES)
+    w = V.tensor("masks_weight", masks_weight, ndim=1, shape_hint=f"[n_masked_patches] = [{n}]",
+                 dtypes=V.ALL_FLOAT_DTYPES)
     if w.shape[0] != n:
         raise ValueError(f"masks_weight must have n_masked_patches = {n} entries (one per counted token), got "
                          f"shape {tuple(w.shape)}")

@@ -16,21 +16,32 @@ call it; each iteration all-gathers one K-vector of per-prototype log-sums).
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from .. import _validate as V
-from .._backend import use_triton
 from .._custom_op import custom_op
 from ..distributed import all_gather, rank_and_world
-from ..reference import sinkhorn as _reference
+from ._family import Family
 
 
-def _impl(x: torch.Tensor):
-    if use_triton(x) and x.dtype != torch.float64:
-        from ..kernels import sinkhorn as _kernels
+class SinkhornImpl(Protocol):
+    """What `kernels.sinkhorn` and `ops._torch.sinkhorn` both define: the passes over logits x [B, K] with
+    s = x·inv_temp, in fp32 (fp64 for fp64 logits)."""
 
-        return _kernels
-    return _reference
+    def column_potential(self, x, v, inv_temp):
+        """LSE_b(s_bk + v_b) [K] over this rank's samples, for the row potential v [B]."""
+
+    def row_lse(self, x, u, inv_temp):
+        """LSE_k(s_bk + u_k) [B] for the column potential u [K]."""
+
+    def softmax_rows(self, x, u, inv_temp):
+        """softmax_k(s_bk + u_k) [B, K]: the targets."""
+
+
+FAMILY = Family("sinkhorn", SinkhornImpl, accepts=lambda x: x.dtype != torch.float64)
+_impl = FAMILY.impl
 
 
 def _fake(x, inv_temp, n_iters, distributed):
@@ -54,7 +65,24 @@ def _sinkhorn(x: torch.Tensor, inv_temp: float, n_iters: int, distributed: bool)
 
 def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iters: int = 3, *,
                    gather_distributed: bool = False) -> torch.Tensor:
-    """Sinkhorn-Knopp targets [B, K] of `teacher_logits` [B, K] (see the module docstring); no gradient."""
+    """Sinkhorn-Knopp targets of teacher logits (see the module docstring); no gradient.
+
+    Args:
+        teacher_logits: [B, K], B samples (this rank's with `gather_distributed`) and K prototypes; fp32, bf16,
+            fp16, or fp64 on the PyTorch path (CPU tensors or ``SSLFAST_BACKEND=reference``).
+        temperature: τ > 0; the logits are divided by it before the exponential.
+        n_iters: >= 1 alternations of the prototype and sample normalizations.
+        gather_distributed: normalize over the global batch of every rank's samples (every rank must call).
+
+    Returns:
+        The targets [B, K], each row summing to 1, fp32 (fp64 for fp64 logits), not requiring grad.
+
+    Raises:
+        TypeError: teacher_logits is not a floating tensor, temperature not a real number, n_iters not an int
+            or gather_distributed not a bool.
+        ValueError: teacher_logits is not a non-empty 2-D tensor, temperature is not finite and > 0, or
+            n_iters < 1.
+    """
     x = V.tensor("teacher_logits", teacher_logits, ndim=2, shape_hint="[B, K]",
                  reference_dtypes=V.REFERENCE_DTYPES)
     if x.shape[0] == 0 or x.shape[1] == 0:

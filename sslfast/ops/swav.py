@@ -24,24 +24,31 @@ gradient of the single-process loss on the whole batch.
 from __future__ import annotations
 
 import functools
+from typing import Protocol
 
 import torch
 
 from .. import _validate as V
-from .._backend import use_triton, without_autocast
+from .._backend import without_autocast
 from .._custom_op import (TRITON_DOUBLE_BACKWARD, custom_op, differentiable_grads, double_backward_unsupported,
                           grads_in_forward, loss_with_grads)
-from ..reference import swav as _reference
-
-_DTYPES = V.FLOAT_DTYPES + (torch.float64,)
+from ._family import Family
 
 
-def _impl(*tensors):
-    if use_triton(*tensors) and all(t.dtype != torch.float64 for t in tensors):
-        from ..kernels import swav as _kernels
+class SwavImpl(Protocol):
+    """What `kernels.swav` and `ops._torch.swav` both define: scores [V·B, K] crop-major, codes [G·B, K],
+    G = num_global."""
 
-        return _kernels
-    return _reference
+    def swav_loss_forward(self, scores, codes, temperature, num_global):
+        """(loss [], row statistics [2, V·B]: natural lse(scores/τ) per row, then the target sums c per row)."""
+
+    def swav_loss_backward(self, grad, scores, codes, stats, temperature, num_global):
+        """∂loss/∂scores in the scores' dtype for the 0-d upstream gradient `grad`; `stats` from the forward."""
+
+
+FAMILY = Family("swav", SwavImpl,
+                accepts=lambda scores, codes: scores.dtype != torch.float64 and codes.dtype != torch.float64)
+_impl = FAMILY.impl
 
 
 def _fake_forward(scores, codes, temperature, num_global):
@@ -84,10 +91,10 @@ def _backward(ctx, g_loss, g_stats):
 
 
 def _differentiable_loss(cfg, scores, codes) -> torch.Tensor:
-    """The loss in plain autograd (the reference path's forward), for a create_graph=True backward."""
-    if _impl(scores, codes) is not _reference:
+    """The loss in plain autograd (the PyTorch path's forward), for a create_graph=True backward."""
+    if _impl(scores, codes) is not FAMILY.torch:
         raise double_backward_unsupported("swav_loss", TRITON_DOUBLE_BACKWARD)
-    return _reference.swav_loss_forward(scores, codes, *cfg)[0]
+    return FAMILY.torch.swav_loss_forward(scores, codes, *cfg)[0]
 
 
 def _double_backward(ctx, g_loss, g_stats):
@@ -111,39 +118,64 @@ def _loss_and_grad(cfg, needs, scores, codes):
     return loss, (_run_backward(torch.ones_like(loss), scores, codes, stats, *cfg), None)
 
 
-def _crops(name: str, value, hint: str) -> tuple[torch.Tensor, int | None]:
-    """One [N, K] tensor from a tensor or a list/tuple of [B, K] crops (concatenated crop-major), and the number
-    of crops when a list was given."""
-    if isinstance(value, (list, tuple)):
-        if not value:
-            raise ValueError(f"{name} must not be an empty list")
-        parts = [V.tensor(f"{name}[{i}]", x, ndim=2, shape_hint="[B, K]", dtypes=_DTYPES) for i, x in enumerate(value)]
-        if any(p.shape != parts[0].shape for p in parts):
-            raise ValueError(f"the crops of {name} must share one shape [B, K], got "
-                             f"{[tuple(p.shape) for p in parts]}")
-        V.same_dtype(**{f"{name}[{i}]": p for i, p in enumerate(parts)})
-        V.same_device(**{f"{name}[{i}]": p for i, p in enumerate(parts)})
-        return (torch.cat(parts) if len(parts) > 1 else parts[0]), len(parts)
-    return V.tensor(name, value, ndim=2, shape_hint=hint, dtypes=_DTYPES), None
+def _joined(name: str, value) -> tuple[object, int | None]:
+    """A list/tuple of [B, K] crops checked and concatenated crop-major into one [V·B, K] tensor, with the number
+    of crops; anything else as it is (checked by the caller), with None."""
+    if not isinstance(value, (list, tuple)):
+        return value, None
+    if not value:
+        raise ValueError(f"{name} must not be an empty list")
+    parts = {f"{name}[{i}]": V.tensor(f"{name}[{i}]", x, ndim=2, shape_hint="[B, K]", dtypes=V.ALL_FLOAT_DTYPES)
+             for i, x in enumerate(value)}
+    shapes = [tuple(p.shape) for p in parts.values()]
+    if shapes.count(shapes[0]) != len(shapes):
+        raise ValueError(f"the crops of {name} must share one shape [B, K], got {shapes}")
+    V.same_dtype(**parts)
+    V.same_device(**parts)
+    return (torch.cat(list(parts.values())) if len(parts) > 1 else parts[f"{name}[0]"]), len(parts)
 
 
 def swav_loss(scores, codes, *, temperature: float = 0.1, num_global_crops: int = 2) -> torch.Tensor:
-    """SwAV swapped-prediction loss (see the module docstring); gradients to `scores` only."""
+    """SwAV's swapped-prediction loss over every (global crop's codes, other crop's scores) pair (see the module
+    docstring).
+
+    Args:
+        scores: the prototype scores of all V crops of B images: one [V·B, K] tensor crop-major with the G
+            global crops first, or a list/tuple of V tensors [B, K]; fp32, bf16, fp16 or fp64 (fp64 runs the
+            PyTorch path), one dtype and device. Gets the gradient.
+        codes: the Sinkhorn codes of the G global crops (e.g. `sf.sinkhorn_knopp` of their detached scores):
+            one [G·B, K] tensor or a list/tuple of G tensors [B, K], any floating dtype, on the scores'
+            device. Gets no gradient; rows need not sum to 1.
+        temperature: τ > 0, the scores' softmax temperature.
+        num_global_crops: G >= 1, the crops that have codes; V >= max(G, 2).
+
+    Returns:
+        The loss, a 0-d fp32 tensor (fp64 for fp64 scores).
+
+    Raises:
+        TypeError: scores or codes (or one of their crops) is not a floating tensor, crops differ in dtype,
+            temperature is not a real number or num_global_crops not an int.
+        ValueError: a shape does not fit [V·B, K] / [G·B, K] (crops of unequal shape, K or B disagreeing,
+            V < max(G, 2), G codes expected), an empty list, tensors on different devices, temperature not
+            finite and > 0, or num_global_crops < 1.
+    """
     if isinstance(num_global_crops, bool) or not isinstance(num_global_crops, int):
         raise TypeError(f"num_global_crops must be an int, got {type(num_global_crops).__name__}")
     if num_global_crops < 1:
         raise ValueError(f"num_global_crops must be >= 1, got {num_global_crops}")
     G = num_global_crops
-    s, n_crops = _crops("scores", scores, "[V·B, K]")
-    q, n_codes = _crops("codes", codes, "[G·B, K]")
+    s, n_crops = _joined("scores", scores)
+    s = V.tensor("scores", s, ndim=2, shape_hint="[V·B, K]", dtypes=V.ALL_FLOAT_DTYPES)
+    q, n_codes = _joined("codes", codes)
     if n_codes is not None and n_codes != G:
         raise ValueError(f"codes must hold num_global_crops = {G} crops, got a list of {n_codes}")
+    q = V.soft_targets("codes", q, shape=(None, s.shape[1]), shape_hint="[G·B, K]", like={"scores": s})
     if q.shape[0] == 0 or q.shape[1] == 0 or q.shape[0] % G:
         raise ValueError(f"codes must be a non-empty [G·B, K] tensor with G = num_global_crops = {G}, got shape "
                          f"{tuple(q.shape)}")
-    B, K = q.shape[0] // G, q.shape[1]
-    if s.shape[1] != K or s.shape[0] % B:
-        raise ValueError(f"scores must be [V·B, K] with B = {B}, K = {K} (from codes), got shape {tuple(s.shape)}")
+    B = q.shape[0] // G
+    if s.shape[0] % B:
+        raise ValueError(f"scores must be [V·B, K] with B = {B} (from codes), got shape {tuple(s.shape)}")
     if n_crops is not None and s.shape[0] != n_crops * B:
         raise ValueError(f"the crops of scores must be [B, K] with B = {B} (from codes), got "
                          f"{tuple(scores[0].shape)}")
@@ -151,13 +183,11 @@ def swav_loss(scores, codes, *, temperature: float = 0.1, num_global_crops: int 
     if n_crops < max(G, 2):
         raise ValueError(f"scores must hold V >= max(num_global_crops, 2) = {max(G, 2)} crops of B = {B}, got "
                          f"{n_crops}")
-    V.same_device(scores=s, codes=q)
     tau = V.positive("temperature", temperature)
-    q = q.detach()
     cfg = (tau, G)
     if grads_in_forward(s):
-        # a create_graph backward recomputes the loss in plain autograd (reference path only)
-        differentiable = functools.partial(_differentiable_loss, cfg) if _impl(s, q) is _reference else None
+        # a create_graph backward recomputes the loss in plain autograd (PyTorch path only)
+        differentiable = functools.partial(_differentiable_loss, cfg) if _impl(s, q) is FAMILY.torch else None
         return loss_with_grads(functools.partial(_loss_and_grad, cfg), s, q, op="swav_loss",
                                differentiable=differentiable, hint=TRITON_DOUBLE_BACKWARD)
     return _swav_loss(s, q, tau, G)[0]

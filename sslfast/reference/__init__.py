@@ -1,2 +1,2 @@
-"""Plain-PyTorch implementations: the papers' math (float64 test oracle, benchmark baseline) and the
-memory-safe CPU paths the ops dispatch to."""
+"""The papers' math written literally, in plain PyTorch: the float64 test oracle and the benchmarks' baseline.
+Nothing at run time imports it; the ops' PyTorch implementations are in `sslfast.ops._torch`."""

@@ -1,33 +1,26 @@
-"""Prototype-head cross-entropy (DINO / DINOv2 / SwAV heads) in plain PyTorch.
+"""Prototype-head cross-entropy (DINO / DINOv2 / SwAV heads) written literally: the float64 test oracle and the
+benchmark baseline. Nothing at run time calls it (the CPU path is `sslfast.ops._torch.prototype_ce`).
 
-With student features x [B, D], prototypes W [K, D] (the head's effective last-layer weight), teacher
-probabilities p [B, K] (no gradient; rows need not sum to 1), s = x Wᵀ/τ and r_i = Σ_k p_ik:
+Student side. With student features x [B, D], prototypes W [K, D] (the head's effective last-layer weight),
+teacher probabilities p [B, K] (no gradient; rows need not sum to 1), s = x Wᵀ/τ_s and r_i = Σ_k p_ik:
 
     loss   = mean_i Σ_k p_ik · −log softmax(s_i)_k = mean_i (r_i·lse_i − Σ_k p_ik s_ik)
-    dS_ik  = g·(r_i·softmax(s_i)_k − p_ik)/B,   dX = dS W/τ,   dW = dSᵀ X/τ    (upstream gradient g)
+    dS_ik  = g·(r_i·softmax(s_i)_k − p_ik)/B,   dX = dS W/τ_s,   dW = dSᵀ X/τ_s    (upstream gradient g)
 
-Two layers:
+Teacher side. With teacher features f [B, D], the teacher's prototypes W [K, D] and z = f Wᵀ:
 
-* `prototype_cross_entropy_literal`: the formula with the B×K logits, their log-softmax and (under autograd)
-  their gradient materialized, as the heads compute it today: the float64 test oracle and the benchmark
-  baseline;
-* `prototype_ce_forward` / `prototype_ce_backward`: the CPU path, the same functions as
-  `sslfast.kernels.prototype_ce` over blocks of at most `CHUNK_ELEMS` logits (`ROW_BLOCK` rows by
-  CHUNK_ELEMS / ROW_BLOCK prototypes), so memory beyond the inputs and outputs stays O(CHUNK_ELEMS + B + K·D).
-  The backward recomputes each block's logits from the saved lse and adds that block's share of both dX and
-  dW before moving on: no block outlives its iteration.
+    centering (DINO):            p_i = softmax((z_i − c)/τ_t),   then c ← m·c + (1 − m)·mean_i z_i
+    sinkhorn (DINOv2, SwAV):     p = SinkhornKnopp(z, τ_t, n_iters)   (`sslfast.reference.sinkhorn`)
+
+The batch mean of z is linear in f: mean_i z_i = (mean_i f_i) Wᵀ, which is how the runtime updates the center
+without the B×K logits (the mean all-reduced over ranks, as DINO's `update_center`).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-CHUNK_ELEMS = 1 << 22  # logits per block: 16 MiB in fp32 (a block has a few temporaries of this size)
-ROW_BLOCK = 512
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
+from .sinkhorn import sinkhorn_knopp_literal
 
 
 def prototype_cross_entropy_literal(x: torch.Tensor, w: torch.Tensor, p: torch.Tensor,
@@ -37,50 +30,20 @@ def prototype_cross_entropy_literal(x: torch.Tensor, w: torch.Tensor, p: torch.T
     return torch.sum(-p * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-def _blocks(B: int, K: int):
-    """(row slice, prototype slice) pairs covering [B, K] in blocks of at most CHUNK_ELEMS logits."""
-    rb = max(1, min(B, ROW_BLOCK))
-    cb = max(1, CHUNK_ELEMS // rb)
-    for r0 in range(0, B, rb):
-        for c0 in range(0, K, cb):
-            yield slice(r0, min(B, r0 + rb)), slice(c0, min(K, c0 + cb))
+def prototype_teacher_probs_literal(f: torch.Tensor, w: torch.Tensor, teacher_temp: float, *,
+                                    center: torch.Tensor | None = None, mode: str = "centering",
+                                    sinkhorn_iters: int = 3) -> torch.Tensor:
+    """The teacher targets from the materialized logits z = f Wᵀ: DINO's softmax((z − center)/τ_t) (center
+    None: 0), or DINOv2's `sinkhorn_knopp_teacher(z, τ_t, sinkhorn_iters)`."""
+    logits = f @ w.T
+    if mode == "sinkhorn":
+        return sinkhorn_knopp_literal(logits, teacher_temp, sinkhorn_iters)
+    return F.softmax((logits - (0.0 if center is None else center)) / teacher_temp, dim=-1)
 
 
-def _logits(x, w, rows, cols, student_temp, ct):
-    return (x[rows].to(ct) @ w[cols].to(ct).T).div_(student_temp)
-
-
-def prototype_ce_forward(x: torch.Tensor, w: torch.Tensor, p: torch.Tensor, student_temp: float):
-    """(loss, lse [B], r [B]) in fp32 (fp64 for fp64 inputs), over blocks of logits."""
-    ct = _compute_dtype(x)
-    B, K = x.shape[0], w.shape[0]
-    lse = torch.full((B,), float("-inf"), dtype=ct, device=x.device)
-    rsum = torch.zeros(B, dtype=ct, device=x.device)
-    ps = torch.zeros(B, dtype=ct, device=x.device)
-    for rows, cols in _blocks(B, K):
-        s = _logits(x, w, rows, cols, student_temp, ct)
-        pb = p[rows, cols].to(ct)
-        rsum[rows] += pb.sum(1)
-        ps[rows] += (pb * s).sum(1)
-        lse[rows] = torch.logaddexp(lse[rows], torch.logsumexp(s, dim=1))
-    return (rsum * lse - ps).mean(), lse, rsum
-
-
-def prototype_ce_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, p: torch.Tensor, lse: torch.Tensor,
-                          rsum: torch.Tensor, student_temp: float, *, want_x: bool = True, want_w: bool = True):
-    """(dL/dx in x's dtype or an empty tensor, dL/dW in W's dtype or an empty tensor) for the upstream gradient
-    `grad` of the mean loss: each block of logits recomputed once and used for both."""
-    ct = lse.dtype
-    B, K = x.shape[0], w.shape[0]
-    dx = torch.zeros(x.shape if want_x else (0,), dtype=ct, device=x.device)
-    dw = torch.zeros(w.shape if want_w else (0,), dtype=ct, device=w.device)
-    if want_x or want_w:
-        for rows, cols in _blocks(B, K):
-            s = _logits(x, w, rows, cols, student_temp, ct)
-            ds = s.sub_(lse[rows, None]).exp_().mul_(rsum[rows, None]).sub_(p[rows, cols].to(ct))
-            if want_x:
-                dx[rows] += ds @ w[cols].to(ct)
-            if want_w:
-                dw[cols] += ds.T @ x[rows].to(ct)
-    coef = grad.to(ct) / (B * student_temp)
-    return dx.mul_(coef).to(x.dtype), dw.mul_(coef).to(w.dtype)
+def updated_center_literal(center: torch.Tensor, f: torch.Tensor, w: torch.Tensor, momentum: float,
+                           world_feats: torch.Tensor | None = None) -> torch.Tensor:
+    """DINO's `update_center` on the materialized logits, out of place: m·center + (1 − m)·mean over the
+    global batch of f Wᵀ (`world_feats`: every rank's features concatenated; default `f`)."""
+    logits = (f if world_feats is None else world_feats) @ w.T
+    return center * momentum + logits.mean(dim=0).reshape(center.shape) * (1 - momentum)

@@ -21,9 +21,8 @@ fp32 once s > 88, e.g. logits of 5 at τ = 0.05), the log-domain form never over
 whose logits all lie far below the global maximum (their exp underflows to 0 and the literal row division is
 0/0). The result is mathematically the literal one.
 
-`sinkhorn_knopp_literal` is DINOv2's code (float64 test oracle, benchmark baseline); `column_potential`,
-`row_lse` and `softmax_rows` are the CPU path's passes (`sslfast.ops.sinkhorn` runs the loop and the
-collectives). Work is in fp32 (fp64 for fp64 logits).
+`sinkhorn_knopp_literal` is DINOv2's code (float64 test oracle, benchmark baseline). The op's PyTorch
+implementation of the log-domain passes is `sslfast.ops._torch.sinkhorn`.
 """
 from __future__ import annotations
 
@@ -45,22 +44,3 @@ def sinkhorn_knopp_literal(teacher_output: torch.Tensor, teacher_temp: float, n_
         Q /= B
     Q *= B
     return Q.t()
-
-
-def _scores(x: torch.Tensor, inv_temp: float) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32)) * inv_temp
-
-
-def column_potential(x: torch.Tensor, v: torch.Tensor, inv_temp: float) -> torch.Tensor:
-    """LSE_b(x_bk·inv_temp + v_b) [K] (this rank's samples only)."""
-    return torch.logsumexp(_scores(x, inv_temp) + v[:, None], dim=0)
-
-
-def row_lse(x: torch.Tensor, u: torch.Tensor, inv_temp: float) -> torch.Tensor:
-    """LSE_k(x_bk·inv_temp + u_k) [B]."""
-    return torch.logsumexp(_scores(x, inv_temp) + u[None, :], dim=1)
-
-
-def softmax_rows(x: torch.Tensor, u: torch.Tensor, inv_temp: float) -> torch.Tensor:
-    """softmax_k(x_bk·inv_temp + u_k) [B, K]."""
-    return torch.softmax(_scores(x, inv_temp) + u[None, :], dim=1)
