@@ -2,10 +2,11 @@
 `SSLFAST_BACKEND=reference` (issue 7's "largest batch that fits").
 
 A batch fits when two full training steps (forward, backward, optimizer + teacher EMA, bf16 autocast, the
-configs of `sslfast.bench.methods`) run without torch.OutOfMemoryError; the second step is the one that
-holds the optimizer state. Search per method and path: double from `--start` until a batch fails (or
-`--max` is reached), then bisect down to a multiple of `--step`, so ~log2(max/start) + log2(start/step)
-probes. Each probe builds the model afresh and frees everything before the next.
+configs of `sslfast.bench.methods`: each registered method's `bench_step`) run without torch.OutOfMemoryError;
+the second step is the one that holds the optimizer state. Search per method and path: double from `--start`
+until a batch fails (or `--max` is reached), then bisect down to a multiple of `--step`, so
+~log2(max/start) + log2(start/step) probes. Each probe builds the model afresh and frees everything before the
+next.
 
     python benchmarks/max_batch.py [--methods simclr mae ...] [--start 256] [--step 64] [--max 8192] [--json F]
 """
@@ -19,7 +20,7 @@ import json
 import torch
 
 from sslfast.bench import reference_backend
-from sslfast.bench.methods import CASES, step_setup
+from sslfast.bench.methods import cases, step_setup
 
 
 def largest(fits, start: int, step: int, most: int) -> int:
@@ -75,7 +76,8 @@ def step_fits(method, backbone, size, device, reference: bool):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", nargs="+", default=[c[0] for c in CASES])
+    found = cases()
+    ap.add_argument("--methods", nargs="+", default=[c[0] for c in found])
     ap.add_argument("--start", type=int, default=256)
     ap.add_argument("--step", type=int, default=64)
     ap.add_argument("--max", type=int, default=8192)
@@ -84,9 +86,12 @@ def main(argv=None):
     ap.add_argument("--size", type=int, help="override the image size")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    unknown = sorted(set(args.methods) - {c[0] for c in found})
+    if unknown:
+        ap.error(f"--methods: no step case for {unknown}; choose from {[c[0] for c in found]}")
     device = torch.device(args.device)
     rows = []
-    for method, backbone, _, size in CASES:
+    for method, backbone, _, size in found:
         if method not in args.methods:
             continue
         backbone, size = args.backbone or backbone, args.size or size

@@ -1,12 +1,15 @@
-"""Adding a method is one class and one registry line: the trainer reads everything else from its traits."""
+"""Adding a method is one class and one registry line: the trainer, the CLI and the step benchmark read
+everything else from its traits."""
 import json
 
 import pytest
+import torch
 from torch import nn
 
 import sslfast as sf
-from sslfast import cli
-from sslfast.methods import METHODS, Method, register_method
+from sslfast import bench, cli
+from sslfast.bench import methods as bench_methods
+from sslfast.methods import METHODS, BenchStep, Method, register_method
 from sslfast.train import ConfigError, PretrainConfig, resolve
 
 
@@ -19,6 +22,7 @@ class Toy(Method):
     needs_vit = True
     default_backbone = {"small": "vit_micro", "paper": "vit_tiny"}
     min_batch_per_rank = 3
+    bench_step = BenchStep(batch=48, image_size=32)  # on default_backbone["paper"]
 
     def __init__(self, backbone, *, gather_distributed=False):
         super().__init__(backbone, gather_distributed=gather_distributed)
@@ -60,3 +64,50 @@ def test_register_rejects_a_clash_and_a_non_method(toy):
         register_method(clash)
     with pytest.raises(TypeError, match="Method subclass"):
         register_method(object)
+
+
+def test_bench_step_case_derives_from_the_traits(toy, monkeypatch):
+    assert ("toy", "vit_tiny", 48, 32) in bench_methods.cases()
+    monkeypatch.setattr(bench, "REGISTRY", [])
+    bench_methods.register_cases()
+    names = [c.name for c in bench.REGISTRY if c.op == "step"]
+    assert "toy vit_tiny B=48 32px" in names
+    # the case's setup runs the toy's training step (here at a CPU size)
+    st = bench_methods.step_setup("toy", "vit_micro", 6, 16, torch.device("cpu"), torch.float32)
+    st.fused()
+    st.reference()
+    assert st.items == 6
+
+
+def test_a_method_without_bench_step_has_no_case(toy, monkeypatch):
+    monkeypatch.setattr(Toy, "bench_step", None)
+    assert Toy.bench_case() is None
+    assert "toy" not in [c[0] for c in bench_methods.cases()]
+
+
+def test_bench_step_backbone_overrides_the_paper_default(toy, monkeypatch):
+    monkeypatch.setattr(Toy, "bench_step", BenchStep(backbone="vit_small", batch=7))
+    assert Toy.bench_case() == ("vit_small", 7, 224)
+
+
+@pytest.mark.parametrize("attrs, exc, match", [
+    (dict(name="Toy2"), ValueError, "lower-case"),
+    (dict(name=""), ValueError, "lower-case"),
+    (dict(name="toy2", default_backbone={"small": "vit_micro"}), ValueError, "'paper'"),
+    (dict(name="toy2", bench_step=(256, 224)), TypeError, "bench_step"),
+])
+def test_register_rejects_bad_traits(attrs, exc, match):
+    cls = type("Bad", (Method,), attrs)
+    with pytest.raises(exc, match=match):
+        register_method(cls)
+    assert attrs["name"] not in METHODS
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(batch=0), ValueError, "batch"), (dict(image_size=-3), ValueError, "image_size"),
+    (dict(batch=2.0), TypeError, "batch"), (dict(batch=True), TypeError, "batch"),
+    (dict(backbone=50), TypeError, "backbone"),
+])
+def test_bench_step_rejects_bad_values(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        BenchStep(**kw)

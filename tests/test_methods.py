@@ -109,16 +109,16 @@ def test_paper_heads():
     assert len(mae.decoder_blocks) == 8 and mae.decoder_embed.out_features == 512
 
 
-def test_mae_needs_vit():
+@pytest.mark.parametrize("name", sorted(n for n, cls in METHODS.items() if cls.needs_vit))
+def test_vit_only_methods_refuse_a_resnet(name):
     with pytest.raises(ValueError, match="ViT"):
-        build_method("mae", build_backbone("resnet_tiny", image_size=16))
+        build_method(name, build_backbone("resnet_tiny", image_size=16), profile="small")
 
 
-# Steps and per-method settings of the learning check: a small queue so MoCo v2's fills within two steps
-# (its loss first rises from the easy random initial queue), the windows compared skip those two steps.
+# Steps of the learning check, each method with its `short_run` overrides (e.g. a queue that fills within the
+# first steps); the windows compared skip the first two steps.
 LEARN_STEPS = 30
 LEARN_BATCH = 128
-LEARN_OVERRIDES = {"mocov2": dict(queue_size=128)}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -128,7 +128,7 @@ def test_loss_goes_down_on_digits(name):
     train, _ = data_sources(cfg)
     loader = SSLLoader(train, preset_for(cfg, METHODS[name]), LEARN_BATCH, device="cpu", seed=0, num_workers=1,
                        shard_id=0, num_shards=1)
-    run = setup(cfg, steps_per_epoch=len(loader), device="cpu", **LEARN_OVERRIDES.get(name, {}))
+    run = setup(cfg, steps_per_epoch=len(loader), device="cpu", **METHODS[name].short_run)
     losses = []
     for epoch in range(3):
         loader.set_epoch(epoch)
@@ -143,7 +143,8 @@ def test_loss_goes_down_on_digits(name):
 
 
 # --------------------------------------------------------------------------------------------- distributed
-DIST_METHODS = ("simclr", "byol", "barlowtwins", "mocov3")
+# every method that declares a step on R ranks equal to one process on the whole batch (`exact_across_ranks`)
+DIST_METHODS = sorted(name for name, cls in METHODS.items() if cls.exact_across_ranks)
 
 
 def _one_step(name, world, views):
@@ -164,9 +165,10 @@ def _rank_fn(rank, world, batches):
 @pytest.mark.slow
 def test_gloo_two_ranks_equal_one_process_on_whole_batch():
     """DDP + gather_distributed losses + global BN: one step on 2 ranks (4 images each) gives the weights of
-    one process stepping on all 8 images."""
+    one process stepping on all 8 images, for every method declaring `exact_across_ranks`."""
+    assert len(DIST_METHODS) >= 4, DIST_METHODS  # the trait cannot silently empty the check
     batches = {name: _views(name, 8, seed=3) for name in DIST_METHODS}
-    ranks = run_ranks(2, _rank_fn, batches, timeout=150)
+    ranks = run_ranks(2, _rank_fn, batches, timeout=300)
     for name in DIST_METHODS:
         single = _one_step(name, 1, batches[name])
         for rank_state in ranks:

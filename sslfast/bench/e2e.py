@@ -43,10 +43,11 @@ ROWS = (
 
 @dataclasses.dataclass
 class Settings:
-    """What the rows run: the method, backbone, global batch and training resolution; the generated image set
+    """What the rows run: the method, backbone (None: the method's `default_backbone` for the device's profile,
+    "paper" on CUDA, "small" on the CPU), global batch and training resolution; the generated image set
     (`images` files of `jpeg_size` (width, height)) unless `data` names a folder; steps timed per pass."""
     method: str
-    backbone: str
+    backbone: str | None
     batch: int
     image_size: int
     images: int
@@ -58,9 +59,22 @@ class Settings:
 
 
 def default_settings(device: torch.device) -> Settings:
+    """SimCLR on its default backbone (ResNet-50 B=256 224px on CUDA; a CPU-sized smoke run otherwise).
+
+    Args:
+        device: the device the rows run on.
+
+    Returns:
+        The `Settings` (backbone None: resolved by `run` from the method's traits).
+    """
     if device.type == "cuda":
-        return Settings("simclr", "resnet50", 256, 224, 2000, (500, 375), steps=20, warmup=5, workers=8)
-    return Settings("simclr", "resnet_tiny", 16, 16, 64, (64, 48), steps=4, warmup=1, workers=2)
+        return Settings("simclr", None, 256, 224, 2000, (500, 375), steps=20, warmup=5, workers=8)
+    return Settings("simclr", None, 16, 16, 64, (64, 48), steps=4, warmup=1, workers=2)
+
+
+def _profile(device: torch.device) -> str:
+    """The method profile of the rows: the paper's heads on CUDA, the CPU-sized ones elsewhere."""
+    return "paper" if device.type == "cuda" else "small"
 
 
 def parse_images(spec: str) -> tuple[int, tuple[int, int] | None]:
@@ -173,7 +187,7 @@ def _measure(settings: Settings, device: torch.device, loader_name: str, compile
     cfg = resolve(PretrainConfig(
         method=settings.method, data=settings.data, backbone=settings.backbone, batch_size=settings.batch,
         image_size=settings.image_size, epochs=1, loader=loader_name, workers=settings.workers, device=str(device),
-        compile=compiled, profile="paper" if device.type == "cuda" else "small",
+        compile=compiled, profile=_profile(device),
         precision="bf16" if device.type == "cuda" else "fp32", out="unused", knn=False, progress=False))
     loader = _data_loader(cfg, 0, 1, device) if from_files else None
     run = setup(cfg, steps_per_epoch=len(loader) if loader else 1000, device=device)
@@ -219,8 +233,29 @@ def _measure(settings: Settings, device: torch.device, loader_name: str, compile
 
 
 def run(device: torch.device, settings: Settings | None = None, log=print) -> list[dict]:
-    """The `ROWS` on `device` (every row, unavailable ones with the reason) as dicts."""
+    """Runs the `ROWS`.
+
+    Args:
+        device: the device the steps run on.
+        settings: what to run (default: `default_settings(device)`).
+        log: called with one line per row.
+
+    Returns:
+        One dict per row, unavailable ones with the reason (`unavailable`).
+
+    Raises:
+        ConfigError: `settings.method` is not a registered method (a ValueError; before any row runs).
+    """
+    from ..methods import get_method
+    from ..train.config import ConfigError
+
     settings = settings or default_settings(device)
+    if settings.backbone is None:
+        try:
+            cls = get_method(settings.method)
+        except ValueError as err:
+            raise ConfigError(f"--e2e-method: {err}") from None
+        settings = dataclasses.replace(settings, backbone=cls.default_backbone[_profile(device)])
     if settings.data is None:
         settings = dataclasses.replace(settings, data=jpeg_set(settings.images, settings.jpeg_size))
     rows = []

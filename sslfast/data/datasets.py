@@ -32,7 +32,11 @@ _MAGIC = (
 
 
 def image_format(data: bytes) -> str | None:
-    """'jpeg', 'png', 'bmp', 'tiff', 'pnm', 'webp' from the magic bytes, or None."""
+    """The format of encoded bytes `data` (12 leading bytes suffice) from their magic bytes.
+
+    Returns:
+        'jpeg', 'png', 'bmp', 'tiff', 'pnm' or 'webp'; None for anything else.
+    """
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
     for magic, name in _MAGIC:
@@ -43,7 +47,11 @@ def image_format(data: bytes) -> str | None:
 
 def looks_like_image(data: bytes) -> bool:
     """Cheap validity check before bytes reach a decoder: known magic bytes, and for JPEG the EOI marker
-    (FF D9) within the last bytes (cameras pad after it), for PNG the IEND chunk."""
+    (FF D9) within the last bytes (cameras pad after it), for PNG the IEND chunk.
+
+    Returns:
+        False for unknown or truncated `data` (a whole encoded file); a decoder may still reject what passes.
+    """
     fmt = image_format(data)
     if fmt is None:
         return False
@@ -55,11 +63,18 @@ def looks_like_image(data: bytes) -> bool:
 
 
 def is_jpeg(data: bytes) -> bool:
+    """Whether `data` starts with the JPEG magic bytes (FF D8 FF)."""
     return data[:3] == b"\xff\xd8\xff"
 
 
 class FileSource:
-    """Image files: `paths` (str) with optional integer `labels` and class names."""
+    """Image files, read as encoded bytes.
+
+    Args:
+        paths: the files (any path-like; kept as str).
+        labels: an integer label per file (default: all 0).
+        classes: class names, indexed by label.
+    """
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int] | None = None, classes: Sequence[str] = ()):
         self.paths = [str(p) for p in paths]
@@ -70,6 +85,7 @@ class FileSource:
         return len(self.paths)
 
     def read(self, i: int) -> bytes:
+        """The encoded bytes of file `i` (OSError when it cannot be read)."""
         with open(self.paths[i], "rb") as f:
             return f.read()
 
@@ -78,8 +94,16 @@ class FileSource:
 
 
 class ArraySource:
-    """Decoded uint8 images in memory: a [N, H, W, 3] (or [N, H, W] grayscale) array / tensor, or a list of
-    [H, W, 3] / [H, W] arrays of any sizes."""
+    """Decoded uint8 images in memory (grayscale repeated to 3 channels).
+
+    Args:
+        images: a uint8 [N, H, W, 3] or [N, H, W] array / tensor, or a list of [H, W, 3] / [H, W] arrays or
+            tensors of any sizes.
+        labels: an integer label per image (default: all 0).
+
+    Raises:
+        ValueError: an image of another dtype or shape, or a label count other than the image count.
+    """
 
     def __init__(self, images, labels: Sequence[int] | None = None):
         import torch
@@ -112,10 +136,12 @@ class ArraySource:
         return len(self.batch) if self.batch is not None else len(self.images)
 
     def get(self, i: int) -> np.ndarray:
+        """Image `i`, uint8 [H, W, 3] (a view, not a copy)."""
         return self.batch[i] if self.batch is not None else self.images[i]
 
     @property
     def uniform_size(self) -> bool:
+        """Whether every image has one size (the images came as one array)."""
         return self.batch is not None
 
     def __repr__(self) -> str:
@@ -184,7 +210,19 @@ def find_images(root: str | os.PathLike) -> FileSource:
     listed once (by its real path; the first path in sorted order wins, so a file linked from two classes is
     one sample, of the first class) and every real folder is entered once (by (st_dev, st_ino)), so a link
     cycle such as `a/self -> ..` neither loops nor multiplies the data set; the root and the class folders are
-    never re-entered through a link inside a class."""
+    never re-entered through a link inside a class.
+
+    Args:
+        root: the folder.
+
+    Returns:
+        A `FileSource` with labels and class names (none for a flat folder).
+
+    Raises:
+        FileNotFoundError: `root` does not exist.
+        NotADirectoryError: `root` is not a folder.
+        ValueError: no image file was found.
+    """
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"source folder {str(root)!r} does not exist")
@@ -215,7 +253,19 @@ def find_images(root: str | os.PathLike) -> FileSource:
 
 def file_list(paths: Sequence[str | os.PathLike], labels: Sequence[int] | None = None) -> FileSource:
     """An explicit list of image files (any names; a missing file is an error here, a corrupt one a counted
-    skip at read time). A single str/Path ending in .txt is read as one path per line."""
+    skip at read time).
+
+    Args:
+        paths: the files.
+        labels: an integer label per file (default: all 0).
+
+    Returns:
+        A `FileSource`.
+
+    Raises:
+        ValueError: an empty list, or a label count other than the file count.
+        FileNotFoundError: a listed file does not exist.
+    """
     paths = [str(p) for p in paths]
     if not paths:
         raise ValueError("the file list is empty")
@@ -229,8 +279,21 @@ def file_list(paths: Sequence[str | os.PathLike], labels: Sequence[int] | None =
 
 
 def resolve_source(source):
-    """FileSource / ArraySource from: a folder path; a .txt file listing paths; a list of paths; a uint8 array
-    or tensor [N, H, W, 3]; a list of uint8 arrays; or a FileSource / ArraySource."""
+    """The source `SSLLoader` reads, from what the user passed.
+
+    Args:
+        source: a folder (`find_images`); a .txt file listing one path per line (relative to the file's
+            folder; blank lines and lines starting with '#' skipped); a list of paths (`file_list`); a uint8
+            array or tensor [N, H, W, 3], or a list of uint8 arrays (`ArraySource`); a FileSource / ArraySource.
+
+    Returns:
+        A non-empty `FileSource` or `ArraySource`.
+
+    Raises:
+        TypeError: any other type.
+        ValueError: an empty source (or the errors of `find_images`, `file_list`, `ArraySource`).
+        FileNotFoundError: a missing folder or listed file.
+    """
     import torch
 
     if isinstance(source, (FileSource, ArraySource)):
@@ -259,7 +322,11 @@ def resolve_source(source):
 def load_digits(image_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled handwritten digits (1797 images, 8×8, 0..16, shipped inside the package: no
     download), as uint8 RGB [1797, image_size, image_size, 3] (bilinearly upscaled, gray → 3 channels) and
-    int64 labels [1797]. The project's embedded default data set."""
+    int64 labels [1797]. The project's embedded default data set.
+
+    Raises:
+        ImportError: scikit-learn is not installed.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -276,7 +343,8 @@ def load_digits(image_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
 
 
 def digits(image_size: int = 32) -> ArraySource:
-    """The embedded default data set as an `ArraySource` (labels attached), ready for `SSLLoader`."""
+    """The embedded default data set (`load_digits(image_size)`) as an `ArraySource` with its labels, ready for
+    `SSLLoader`."""
     images, labels = load_digits(image_size)
     return ArraySource(images, labels.tolist())
 
@@ -284,7 +352,12 @@ def digits(image_size: int = 32) -> ArraySource:
 # ------------------------------------------------------------------------------------- synthetic JPEGs
 def synthetic_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """A photo-like uint8 [H, W, 3] image: smooth colour gradients, a few shapes and mild noise (JPEG sizes
-    and decode costs close to natural images)."""
+    and decode costs close to natural images).
+
+    Args:
+        rng: the random generator (the image is a function of its state).
+        height, width: the image's size.
+    """
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     img = np.empty((height, width, 3), np.float32)
     for c in range(3):
@@ -304,7 +377,20 @@ def write_jpeg_folder(root: str | os.PathLike, n: int, size: tuple[int, int] = (
                       quality: int = 90, seed: int = 0, distinct: int | None = None) -> list[str]:
     """Writes `n` synthetic JPEGs of `size` (W, H) in ImageFolder layout (root/class_k/img_i.jpg) and returns
     their paths (tests and `sslfast bench`). With `distinct`, only that many different images are encoded and
-    the files cycle through them (same decode cost, much faster to write)."""
+    the files cycle through them (same decode cost, much faster to write).
+
+    Args:
+        root: the folder (created with its class folders as needed).
+        n: the number of files.
+        size: (width, height) of each image.
+        classes: class folders; file i goes to class_{i % classes}.
+        quality: the JPEG quality.
+        seed: the images' random seed.
+        distinct: encode only this many images and cycle through them (None: every file distinct).
+
+    Returns:
+        The paths written, in order.
+    """
     rng = np.random.default_rng(seed)
     root = Path(root)
     encoded: list[bytes] = []
@@ -321,6 +407,7 @@ def write_jpeg_folder(root: str | os.PathLike, n: int, size: tuple[int, int] = (
 
 
 def encode_jpeg(img: np.ndarray, quality: int = 90) -> bytes:
+    """`img` (uint8 [H, W, 3]) encoded as a JPEG of `quality` by Pillow."""
     from PIL import Image
 
     buf = io.BytesIO()

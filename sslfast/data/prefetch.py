@@ -142,12 +142,24 @@ class _Pass:
 class Prefetcher:
     """Iterable over `loader`'s batches, read ahead by a background thread into a queue of `depth` batches.
 
-    loader: any iterable of batches (tensors, or lists / tuples / dicts of tensors), e.g. an `SSLLoader`;
-        `len()` and `set_epoch()` are passed through.
-    depth: batches held ready (>= 1).
-    device: None keeps batches where the loader puts them; a CUDA device copies host tensors there on a side
-        stream (pinned memory) with stream-ordered hand-over (see the module doc); "cpu" is accepted (no copy).
-    join_timeout: seconds `close()` waits for the thread (None: as long as the loader's current batch takes).
+    Each `iter()` starts a pass (closing the one before); an exception of the loader is raised in the consumer
+    at the batch where it occurred. `wait_s` / `epoch_wait_s` / `total_wait_s` and `step_waits`: the seconds the
+    consumer waited for the last batch / this pass / all passes, and per batch of this pass.
+
+    Args:
+        loader: any iterable of batches (tensors, or lists / tuples / dicts of tensors), e.g. an `SSLLoader`;
+            `len()` and `set_epoch()` are passed through.
+        depth: batches held ready (>= 1).
+        device: None keeps batches where the loader puts them; a CUDA device copies host tensors there on a
+            side stream (pinned memory) with stream-ordered hand-over (see the module doc); "cpu" is accepted
+            (no copy).
+        join_timeout: seconds `close()` waits for the thread (None: as long as the loader's current batch
+            takes).
+
+    Raises:
+        TypeError: `depth` is not an int, or `loader` is not iterable.
+        ValueError: `depth` < 1, or a device other than None, CPU or CUDA.
+        RuntimeError: a CUDA device without CUDA.
     """
 
     def __init__(self, loader, depth: int = 2, device=None, *, join_timeout: float | None = None):

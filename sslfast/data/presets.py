@@ -40,7 +40,8 @@ PIL_SOLARIZE_THRESHOLD = 128 / 255  # PIL ImageOps.solarize(img, threshold=128) 
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """One view's random augmentation (all probabilities per sample, all ranges uniform)."""
+    """One view's random augmentation (all probabilities per sample, all ranges uniform); the fields, commented
+    below, are the torchvision / paper parameters of the module's table."""
     size: int = 224                                  # output side (square)
     scale: tuple[float, float] = (0.08, 1.0)          # RandomResizedCrop area fraction
     ratio: tuple[float, float] = (3 / 4, 4 / 3)       # RandomResizedCrop aspect ratio (log-uniform)
@@ -60,11 +61,22 @@ class ViewSpec:
 
     @property
     def has_jitter(self) -> bool:
+        """Whether colour jitter can change anything (p > 0 and a non-zero strength)."""
         return self.jitter_p > 0 and any((self.brightness, self.contrast, self.saturation, self.hue))
 
 
 @dataclass(frozen=True)
 class Preset:
+    """A method's view distribution.
+
+    Args:
+        name: the preset's name (a key of `PRESETS` for the built-in ones).
+        views: one `ViewSpec` per kind of view, in output order (`count` views each).
+        mean: the per-channel normalization mean (RGB, [0, 1] scale).
+        std: the per-channel normalization std.
+        sources: where each number comes from (papers, code), for the record; not compared.
+    """
+
     name: str
     views: tuple[ViewSpec, ...]
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -73,6 +85,7 @@ class Preset:
 
     @property
     def num_views(self) -> int:
+        """Views per image (the specs' counts summed)."""
         return sum(v.count for v in self.views)
 
     def expanded(self) -> list[ViewSpec]:
@@ -80,10 +93,22 @@ class Preset:
         return [dataclasses.replace(v, count=1) for v in self.views for _ in range(v.count)]
 
     def sizes(self) -> list[int]:
+        """The side of each output view, in output order."""
         return [v.size for v in self.expanded()]
 
     def with_image_size(self, image_size: int | None) -> "Preset":
-        """The first view gets `image_size`; every other view keeps its size ratio to it (DINO's 96/224)."""
+        """The same preset at another resolution.
+
+        Args:
+            image_size: the first view's new side; every other view keeps its size ratio to it (DINO's 96/224,
+                rounded, at least 1); None: unchanged.
+
+        Returns:
+            A new `Preset` (or this one for None).
+
+        Raises:
+            ValueError: `image_size` below 1.
+        """
         if image_size is None:
             return self
         image_size = int(image_size)
@@ -103,6 +128,14 @@ _BYOL_VIEW = ViewSpec()
 
 
 def simclr(image_size: int | None = None) -> Preset:
+    """SimCLR's 2 views (the module's table).
+
+    Args:
+        image_size: the first view's side (None: 224); the other views keep their ratio to it.
+
+    Returns:
+        The `Preset`.
+    """
     s = 1.0  # colour distortion strength (ImageNet)
     v = ViewSpec(scale=(0.08, 1.0), brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s,
                  jitter_p=0.8, gray_p=0.2, blur_p=0.5)
@@ -118,6 +151,14 @@ def simclr(image_size: int | None = None) -> Preset:
 
 
 def moco_v2(image_size: int | None = None) -> Preset:
+    """MoCo v2's 2 views ("aug-plus"; also SimSiam's).
+
+    Args:
+        image_size: the first view's side (None: 224); the other views keep their ratio to it.
+
+    Returns:
+        The `Preset`.
+    """
     v = ViewSpec(scale=(0.2, 1.0), brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, blur_p=0.5, count=2)
     return Preset("moco_v2", (v,), sources={
         "paper": "Chen, Fan, Girshick, He 2020, Improved Baselines with Momentum Contrastive Learning",
@@ -128,6 +169,14 @@ def moco_v2(image_size: int | None = None) -> Preset:
 
 
 def byol(image_size: int | None = None) -> Preset:
+    """BYOL's asymmetric views T and T' (also MoCo v3's).
+
+    Args:
+        image_size: the first view's side (None: 224); the other views keep their ratio to it.
+
+    Returns:
+        The `Preset`.
+    """
     v1 = dataclasses.replace(_BYOL_VIEW, blur_p=1.0, solarize_p=0.0, solarize_threshold=0.5)
     v2 = dataclasses.replace(_BYOL_VIEW, blur_p=0.1, solarize_p=0.2, solarize_threshold=0.5)
     return Preset("byol", (v1, v2), sources={
@@ -148,6 +197,14 @@ def _barlow_like(name: str, sources: dict, image_size) -> Preset:
 
 
 def barlow(image_size: int | None = None) -> Preset:
+    """Barlow Twins' 2 views (BYOL's, PIL solarize threshold).
+
+    Args:
+        image_size: the first view's side (None: 224); the other views keep their ratio to it.
+
+    Returns:
+        The `Preset`.
+    """
     return _barlow_like("barlow", {
         "paper": "Zbontar et al. 2021, Barlow Twins, Section 3 (augmentations follow BYOL)",
         "code": "facebookresearch/barlowtwins main.py Transform: RandomResizedCrop(224, BICUBIC), flip 0.5, "
@@ -158,6 +215,14 @@ def barlow(image_size: int | None = None) -> Preset:
 
 
 def vicreg(image_size: int | None = None) -> Preset:
+    """VICReg's 2 views (BYOL's, PIL solarize threshold).
+
+    Args:
+        image_size: the first view's side (None: 224); the other views keep their ratio to it.
+
+    Returns:
+        The `Preset`.
+    """
     return _barlow_like("vicreg", {
         "paper": "Bardes, Ponce, LeCun 2022, VICReg, Appendix (augmentations follow BYOL / Barlow Twins)",
         "code": "facebookresearch/vicreg augmentations.py TrainTransform: RandomResizedCrop(224, BICUBIC), "
@@ -167,6 +232,16 @@ def vicreg(image_size: int | None = None) -> Preset:
 
 
 def dino(image_size: int | None = None, local_crops: int = 8, local_size: int = 96) -> Preset:
+    """DINO's multi-crop: 2 global views, then `local_crops` local ones (also DINOv2's).
+
+    Args:
+        image_size: the first view's side (None: 224); the other views keep their ratio to it.
+        local_crops: local views (0: none).
+        local_size: the local views' side at image_size 224.
+
+    Returns:
+        The `Preset`.
+    """
     t = PIL_SOLARIZE_THRESHOLD
     g1 = dataclasses.replace(_BYOL_VIEW, scale=(0.4, 1.0), blur_p=1.0)
     g2 = dataclasses.replace(_BYOL_VIEW, scale=(0.4, 1.0), blur_p=0.1, solarize_p=0.2, solarize_threshold=t)
@@ -184,6 +259,14 @@ def dino(image_size: int | None = None, local_crops: int = 8, local_size: int = 
 
 
 def mae(image_size: int | None = None) -> Preset:
+    """MAE's single view: crop and flip only.
+
+    Args:
+        image_size: the first view's side (None: 224); the other views keep their ratio to it.
+
+    Returns:
+        The `Preset`.
+    """
     v = ViewSpec(scale=(0.2, 1.0), jitter_p=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0,
                  gray_p=0.0)
     return Preset("mae", (v,), sources={
@@ -194,6 +277,16 @@ def mae(image_size: int | None = None) -> Preset:
 
 
 def swav(image_size: int | None = None, local_crops: int = 6, local_size: int = 96) -> Preset:
+    """SwAV's multi-crop: 2 × 224, then `local_crops` local views.
+
+    Args:
+        image_size: the first view's side (None: 224); the other views keep their ratio to it.
+        local_crops: local views (0: none).
+        local_size: the local views' side at image_size 224.
+
+    Returns:
+        The `Preset`.
+    """
     s = 1.0  # colour distortion strength, get_color_distortion(s=1.0)
     g = ViewSpec(scale=(0.14, 1.0), brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s,
                  jitter_p=0.8, gray_p=0.2, blur_p=0.5, count=2)
@@ -217,7 +310,19 @@ PRESETS = {"simclr": simclr, "moco_v2": moco_v2, "byol": byol, "barlow": barlow,
 
 
 def get_preset(preset, image_size: int | None = None) -> Preset:
-    """A `Preset` from a name in PRESETS or a Preset (optionally resized, see `Preset.with_image_size`)."""
+    """A preset by name, or a given one, optionally resized.
+
+    Args:
+        preset: a name in PRESETS (any case, '-' or '_') or a `Preset`.
+        image_size: see `Preset.with_image_size` (None: the preset's sizes).
+
+    Returns:
+        The `Preset`.
+
+    Raises:
+        TypeError: `preset` is neither a str nor a Preset.
+        ValueError: an unknown name, or `image_size` below 1.
+    """
     if isinstance(preset, Preset):
         return preset.with_image_size(image_size)
     if not isinstance(preset, str):

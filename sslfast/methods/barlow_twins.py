@@ -16,6 +16,16 @@ from .base import Method, check_views, loss_region
 
 
 class BarlowTwins(Method):
+    """Barlow Twins: the cross-correlation of the standardized projections of two views driven to identity.
+
+    Args:
+        backbone: the trunk (`num_features` wide).
+        hidden_dim: the projector's hidden width.
+        out_dim: the projection width.
+        lambd: the weight λ of the off-diagonal terms.
+        gather_distributed: the cross-correlation over the global batch (all ranks).
+    """
+
     name = "barlowtwins"
     preset = "barlow"
     min_batch_per_rank = 2
@@ -29,6 +39,7 @@ class BarlowTwins(Method):
         self.projector = mlp(self.feature_dim, hidden_dim, out_dim, 3, bias=False)
 
     def param_groups(self):
+        """`Method.param_groups` with the biases / BN group at lr_scale 0.0048 / 0.2 (the paper's two lrs)."""
         groups = super().param_groups()
         for g in groups:
             if g.get("weight_decay_scale") == 0.0:

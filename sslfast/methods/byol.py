@@ -17,6 +17,16 @@ from .base import Method, check_views, negative_cosine
 
 
 class BYOL(Method):
+    """BYOL: the online network's predictions regress the EMA target's projections of the other view.
+
+    Args:
+        backbone: the trunk (`num_features` wide).
+        hidden_dim: the projector's and predictor's hidden width.
+        out_dim: the projection width.
+        momentum: the target's initial EMA momentum (→ 1 on a cosine).
+        gather_distributed: unused (the loss is per sample; the heads' BN spans all ranks by itself).
+    """
+
     name = "byol"
     preset = "byol"
     min_batch_per_rank = 2

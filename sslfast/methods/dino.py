@@ -24,7 +24,7 @@ from torch import nn
 from ..models.layers import SyncBatchNorm
 from ..nn.dino import DINOLoss
 from ..nn.ema import EMA
-from .base import Method, check_views, loss_region
+from .base import BenchStep, Method, check_views, loss_region
 
 
 class NormedLinear(nn.Module):
@@ -40,6 +40,17 @@ class NormedLinear(nn.Module):
 
 
 class DINOHead(nn.Module):
+    """DINO's projection head: a 3-layer MLP (GELU, optional BN) to an L2-normalized bottleneck, then a
+    `NormedLinear` to the prototypes.
+
+    Args:
+        in_dim: the input (feature) width.
+        out_dim: the number of prototypes K.
+        hidden_dim: the MLP's hidden width.
+        bottleneck_dim: the bottleneck width.
+        use_bn: `SyncBatchNorm` after the two hidden layers (DINO's `use_bn_in_head`).
+    """
+
     def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  use_bn: bool = False):
         super().__init__()
@@ -69,9 +80,33 @@ def _multicrop(backbone: nn.Module, crops) -> torch.Tensor:
 
 
 class DINO(Method):
+    """DINO: the student's multi-crop outputs match the centered, sharpened outputs of the EMA teacher on the
+    global crops.
+
+    Args:
+        backbone: the trunk (`num_features` wide).
+        out_dim: the number of prototypes K.
+        hidden_dim: the head MLP's hidden width.
+        bottleneck_dim: the head's bottleneck width.
+        momentum: the teacher's initial EMA momentum (→ 1 on a cosine).
+        student_temp: τ_s.
+        teacher_temp: τ_t after its warm-up.
+        warmup_teacher_temp: τ_t at the start of its warm-up.
+        warmup_teacher_temp_epochs: epochs of the linear τ_t warm-up (0: none).
+        center_momentum: the center's EMA momentum.
+        num_global_crops: the leading views the teacher sees.
+        freeze_last_layer: epochs during which the prototypes get no update.
+        use_bn_in_head: BN in the head MLP.
+        gather_distributed: the center over the global batch (all ranks).
+    """
+
     name = "dino"
     preset = "dino"
     default_backbone = {"small": "resnet_tiny", "paper": "vit_small"}  # the paper is ViT-first
+    bench_step = BenchStep(batch=64)  # the per-GPU batch of main_dino.py's ViT-S runs, 2 × 224 + 8 × 96 crops
+    # SMALL's BN in the head follows biased linears: their gradients are rounding noise around an exact zero,
+    # which AdamW scales to full lr-sized steps, different on 2 ranks and on 1 process
+    exact_across_ranks = False
     RECIPE = dict(optimizer="adamw", lr=5e-4, weight_decay=0.04, warmup_epochs=10, betas=(0.9, 0.999))
     SMALL = dict(out_dim=1024, hidden_dim=256, bottleneck_dim=64, use_bn_in_head=True, momentum=0.99, lr=2e-3,
                  warmup_epochs=1)

@@ -160,11 +160,48 @@ def _tokens(backbone: VisionTransformer, imgs: torch.Tensor, masks: torch.Tensor
 
 
 class DINOv2(Method):
+    """DINOv2: DINO's class-token loss, iBOT's masked-patch loss and KoLeo on a ViT with a mask token.
+
+    Args:
+        backbone: a `VisionTransformer` (its mask token is initialized here).
+        out_dim: the DINO head's prototypes K.
+        hidden_dim: the DINO head's hidden width.
+        bottleneck_dim: the DINO head's bottleneck width.
+        ibot_separate_head: a separate iBOT head (else the DINO head serves both losses).
+        ibot_out_dim: the iBOT head's prototypes.
+        ibot_hidden_dim: the iBOT head's hidden width.
+        ibot_bottleneck_dim: the iBOT head's bottleneck width.
+        momentum: the teacher's initial EMA momentum (→ 1 on a cosine).
+        student_temp: τ_s.
+        teacher_temp: τ_t after its warm-up.
+        warmup_teacher_temp: τ_t at the start of its warm-up.
+        warmup_teacher_temp_epochs: epochs of the linear τ_t warm-up.
+        centering: the teacher's targets, "sinkhorn_knopp" or "centering" (softmax of centered logits).
+        sinkhorn_iters: Sinkhorn-Knopp iterations.
+        center_momentum: the centers' EMA momentum ("centering").
+        dino_loss_weight: the weight of the DINO term.
+        ibot_loss_weight: the weight of the iBOT term.
+        koleo_loss_weight: the weight of the KoLeo term.
+        mask_ratio_min_max: the range of the masked fraction of a masked crop.
+        mask_sample_probability: the fraction of global crops that are masked.
+        layerwise_decay: the lr decay per block from the top (`lr_scale`).
+        patch_embed_lr_mult: the extra lr factor of the patch embedding.
+        freeze_last_layer_epochs: epochs during which the prototypes get no update.
+        gather_distributed: Sinkhorn-Knopp and the centers over the global batch (all ranks).
+
+    Raises:
+        ValueError: `backbone` is not a `VisionTransformer`, `centering` is unknown, a loss weight or epoch
+            count is negative or not finite, `layerwise_decay` is outside (0, 1], `patch_embed_lr_mult` is not
+            > 0, or the mask arguments are out of range.
+    """
+
     name = "dinov2"
     preset = "dino"
     needs_vit = True
     default_backbone = {"small": "vit_micro", "paper": "vit_small"}
     min_batch_per_rank = 2  # KoLeo: each class token's nearest other one in its crop
+    bench_step = None  # no `sslfast bench --ops step` case; `BenchStep(batch=64)` would add ViT-S B=64 224px
+    exact_across_ranks = False  # each rank draws its own iBOT masks
     RECIPE = dict(optimizer="adamw", lr=1e-3, weight_decay=0.04, warmup_epochs=10, betas=(0.9, 0.999))
     SMALL = dict(out_dim=1024, hidden_dim=256, bottleneck_dim=64, ibot_out_dim=1024, ibot_hidden_dim=256,
                  ibot_bottleneck_dim=64, warmup_teacher_temp_epochs=4, lr=2e-3, warmup_epochs=1)

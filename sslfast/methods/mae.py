@@ -20,15 +20,32 @@ from torch import nn
 from .. import mae as _mae
 from ..models.mae import sincos_pos_embed_2d
 from ..models.vit import Block, VisionTransformer, init_transformer_
-from .base import Method, check_views, loss_region
+from .base import BenchStep, Method, check_views, loss_region
 
 
 class MAE(Method):
+    """MAE: a ViT encoder on the visible patches, a light decoder predicting the pixels of the masked ones.
+
+    Args:
+        backbone: a `VisionTransformer`.
+        mask_ratio: the fraction of patches masked per image.
+        decoder_dim: the decoder's width.
+        decoder_depth: the decoder's transformer blocks.
+        decoder_heads: the decoder's attention heads.
+        norm_pix_loss: regress each patch's pixels normalized by their own mean and variance.
+        gather_distributed: unused (the loss is per image).
+
+    Raises:
+        ValueError: `backbone` is not a `VisionTransformer`.
+    """
+
     name = "mae"
     preset = "mae"
     needs_vit = True
     default_backbone = {"small": "vit_micro", "paper": "vit_small"}
     pictures = ("reconstructions.png",)
+    bench_step = BenchStep(backbone="vit_base")  # the paper's smallest model
+    exact_across_ranks = False  # each rank draws its own masks
     RECIPE = dict(optimizer="adamw", lr=1.5e-4, weight_decay=0.05, warmup_epochs=40, betas=(0.9, 0.95))
     SMALL = dict(decoder_dim=64, decoder_depth=2, decoder_heads=4, lr=1e-3, warmup_epochs=1)
 
@@ -54,7 +71,15 @@ class MAE(Method):
         nn.init.normal_(self.mask_token, std=0.02)
 
     def predict(self, imgs: torch.Tensor, generator=None):
-        """(pixel predictions [B, L, p·p·C] in MAE patch order, MaskInfo)."""
+        """The decoder's pixel predictions for every patch.
+
+        Args:
+            imgs: images [B, C, H, W] at the backbone's training resolution.
+            generator: draws the mask (None: the default generator).
+
+        Returns:
+            (predictions [B, L, p·p·C] in MAE patch order, the `MaskInfo` of the mask drawn).
+        """
         latent, info = self.backbone.forward_masked(imgs, self.mask_ratio, generator=generator)
         x = self.decoder_embed(latent)
         cls, vis = x[:, :1], x[:, 1:]

@@ -25,14 +25,30 @@ from ..models.layers import mlp
 from ..nn.infonce import InfoNCELoss
 from ..nn.ema import EMA
 from ..ops.infonce import info_nce_loss
-from .base import Method, check_views, loss_region
+from .base import BenchStep, Method, check_views, loss_region
 
 
 class MoCoV2(Method):
+    """MoCo v2: InfoNCE of the query against its key (EMA encoder) and a queue of past keys.
+
+    Args:
+        backbone: the trunk (`num_features` wide).
+        hidden_dim: the projector's hidden width.
+        out_dim: the projection (key) width.
+        temperature: InfoNCE's τ.
+        queue_size: keys kept in the queue.
+        momentum: the key encoder's EMA momentum (constant).
+        batch_norm: BN after both projector layers (SMALL's setting).
+        gather_distributed: enqueue the keys of all ranks.
+    """
+
     name = "mocov2"
     preset = "moco_v2"
     RECIPE = dict(optimizer="sgd", lr=0.03, weight_decay=1e-4, warmup_epochs=0, momentum=0.9)
     SMALL = dict(hidden_dim=256, out_dim=64, queue_size=1024, momentum=0.99, batch_norm=True, lr=0.3)
+    # a queue filled within one step of a short run: the 1024 keys of SMALL take queue_size / batch steps to
+    # replace the random initial queue, whose easy negatives make the loss rise first
+    short_run = dict(queue_size=128)
 
     def __init__(self, backbone, *, hidden_dim: int = 2048, out_dim: int = 128, temperature: float = 0.2,
                  queue_size: int = 65536, momentum: float = 0.999, batch_norm: bool = False,
@@ -54,12 +70,24 @@ class MoCoV2(Method):
 
 
 class MoCoV3(Method):
+    """MoCo v3: symmetric InfoNCE between predicted queries and the EMA encoder's keys, in-batch negatives.
+
+    Args:
+        backbone: the trunk (`num_features` wide); a `VisionTransformer` gets the ViT heads and τ.
+        hidden_dim: the projector's and predictor's hidden width.
+        out_dim: the projection width.
+        temperature: InfoNCE's τ; None: 0.2 on a ViT, 1.0 otherwise.
+        momentum: the key encoder's initial EMA momentum (→ 1 on a cosine).
+        gather_distributed: negatives from the global batch (all ranks).
+    """
+
     name = "mocov3"
     preset = "byol"  # MoCo v3 uses BYOL's augmentations (§4)
     min_batch_per_rank = 2
     RECIPE = dict(optimizer="lars", lr=0.6, weight_decay=1e-6, warmup_epochs=10, momentum=0.9)
     RECIPE_VIT = dict(optimizer="adamw", lr=1.5e-4, weight_decay=0.1, warmup_epochs=40, betas=(0.9, 0.999))
     SMALL = dict(hidden_dim=256, out_dim=64, temperature=0.2, warmup_epochs=1)
+    bench_step = BenchStep(backbone="vit_small")  # the paper's ViT study
 
     def __init__(self, backbone, *, hidden_dim: int = 4096, out_dim: int = 256, temperature: float | None = None,
                  momentum: float = 0.99, gather_distributed: bool = False):
@@ -74,6 +102,7 @@ class MoCoV3(Method):
 
     @classmethod
     def recipe(cls, profile: str = "paper", *, vit: bool = False) -> dict:
+        """`Method.recipe`, with the ViT recipe (RECIPE_VIT; SMALL's warm-up for "small") when `vit`."""
         out = super().recipe(profile)
         if vit:
             out.update(cls.RECIPE_VIT)

@@ -18,6 +18,16 @@ from .base import Method, check_views, loss_region
 
 
 class SimCLR(Method):
+    """SimCLR: NT-Xent between the projections of two views.
+
+    Args:
+        backbone: the trunk (`num_features` wide).
+        hidden_dim: the projector's hidden width.
+        out_dim: the projection width.
+        temperature: NT-Xent's τ.
+        gather_distributed: negatives from the global batch (all ranks).
+    """
+
     name = "simclr"
     preset = "simclr"
     min_batch_per_rank = 2

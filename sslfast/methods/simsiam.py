@@ -15,6 +15,15 @@ from .base import Method, check_views, negative_cosine
 
 
 class SimSiam(Method):
+    """SimSiam: symmetric negative cosine between predictions and the stop-gradient projections.
+
+    Args:
+        backbone: the trunk (`num_features` wide).
+        dim: the projector's width (hidden and output).
+        pred_dim: the predictor's bottleneck width.
+        gather_distributed: unused (the loss is per sample; the heads' BN spans all ranks by itself).
+    """
+
     name = "simsiam"
     preset = "moco_v2"  # "the same as MoCo v2" (§4)
     min_batch_per_rank = 2
@@ -27,6 +36,7 @@ class SimSiam(Method):
         self.predictor = mlp(dim, pred_dim, dim, 2)
 
     def param_groups(self):
+        """`Method.param_groups`, each split in the rest and the predictor, the latter with `fixed_lr`."""
         pred = {id(p) for p in self.predictor.parameters()}
         groups = []
         for g in super().param_groups():

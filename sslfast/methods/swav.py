@@ -59,10 +59,33 @@ def _non_negative(name: str, value) -> float:
 
 
 class SwAV(Method):
+    """SwAV: each crop predicts the Sinkhorn codes of the other global crops over learned prototypes.
+
+    Args:
+        backbone: the trunk (`num_features` wide).
+        hidden_dim: the projector's hidden width.
+        out_dim: the projection width.
+        num_prototypes: the number of prototypes K.
+        temperature: the softmax temperature of the predictions.
+        epsilon: the Sinkhorn entropy regularization ε.
+        sinkhorn_iterations: Sinkhorn-Knopp iterations.
+        num_global_crops: the leading views whose codes are computed.
+        freeze_prototypes_epochs: epochs during which the prototypes get no update.
+        queue_length: embeddings kept per global crop over all ranks (0: no queue).
+        epoch_queue_starts: the epoch from which the queue is used.
+        gather_distributed: the Sinkhorn normalization over the global batch (all ranks).
+
+    Raises:
+        TypeError: a size or count is not an int, or a temperature / epoch is not a number.
+        ValueError: a size or count is below 1 (`queue_length` below 0, or below the world size when not 0),
+            `temperature` or `epsilon` is not > 0, or an epoch count is negative or not finite.
+    """
+
     name = "swav"
     preset = "swav"
     default_backbone = {"small": "resnet_tiny", "paper": "resnet50"}
     min_batch_per_rank = 2  # BN in the projection head
+    bench_step = None  # no `sslfast bench --ops step` case; `BenchStep()` would add ResNet-50 B=256 224px
     RECIPE = dict(optimizer="lars", lr=0.3, weight_decay=1e-6, warmup_epochs=10, momentum=0.9)
     SMALL = dict(hidden_dim=256, out_dim=64, num_prototypes=100, queue_length=0, lr=0.1, warmup_epochs=1)
 

@@ -14,6 +14,18 @@ from .base import Method, check_views, loss_region
 
 
 class VICReg(Method):
+    """VICReg: invariance, variance and covariance terms on the expanded embeddings of two views.
+
+    Args:
+        backbone: the trunk (`num_features` wide).
+        hidden_dim: the expander's hidden width.
+        out_dim: the embedding width.
+        sim_coeff: the invariance weight.
+        std_coeff: the variance weight.
+        cov_coeff: the covariance weight.
+        gather_distributed: variance and covariance over the global batch (all ranks).
+    """
+
     name = "vicreg"
     preset = "vicreg"
     min_batch_per_rank = 2

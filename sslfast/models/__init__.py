@@ -23,10 +23,23 @@ __all__ = ["ResNet", "SyncBatchNorm", "VisionTransformer", "build_backbone", "ch
 
 
 def list_backbones() -> list[str]:
+    """The built-in backbone names (ResNets, then ViTs; timm models are not listed).
+
+    Returns:
+        A new list of names `build_backbone` accepts.
+    """
     return [*_RESNETS, *VIT_NAMES]
 
 
 def is_vit(name: str) -> bool:
+    """Whether a backbone name is a built-in ViT (`vit_small`, `vit_small/8`, ...).
+
+    Args:
+        name: a backbone name.
+
+    Returns:
+        True for the names of `VIT_NAMES`, with or without a "/patch" suffix.
+    """
     return name.split("/")[0] in VIT_NAMES
 
 
@@ -39,7 +52,14 @@ def _timm():
 
 
 def check_backbone(name: str) -> None:
-    """Raises ValueError (naming the choices) unless `name` is a backbone `build_backbone` can make."""
+    """Checks that `build_backbone` can make `name`.
+
+    Args:
+        name: a built-in name (optionally "vit_*/<patch>") or a timm model name ("timm:<name>" or bare).
+
+    Raises:
+        ValueError: an unknown name (the message lists the built-in ones), or a non-integer ViT patch size.
+    """
     base, _, patch = name.partition("/")
     if name in _RESNETS or (base in VIT_NAMES and (not patch or patch.isdigit())):
         return
@@ -53,7 +73,20 @@ def check_backbone(name: str) -> None:
 
 
 def build_backbone(name: str, *, image_size: int = 224, in_chans: int = 3, **kw) -> nn.Module:
-    """A backbone whose forward returns pooled features [B, num_features]; `num_features` is set."""
+    """A backbone whose forward returns pooled features [B, num_features].
+
+    Args:
+        name: a name `check_backbone` accepts.
+        image_size: the training resolution (ResNets pick their stem from it, ViTs their patch grid).
+        in_chans: input channels.
+        **kw: further constructor arguments (`ResNet`, `VisionTransformer` or the timm model's).
+
+    Returns:
+        The module, with its feature width in `num_features`.
+
+    Raises:
+        ValueError: an unknown name (`check_backbone`).
+    """
     check_backbone(name)
     if name in _RESNETS:
         return _RESNETS[name](image_size=image_size, in_chans=in_chans, **kw)

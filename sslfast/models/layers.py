@@ -52,7 +52,14 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """Replaces every BatchNorm{1,2,3}d of `module` (in place, recursively) by `SyncBatchNorm`, keeping its
-    parameters and statistics. Returns the module."""
+    parameters, statistics, device and mode.
+
+    Args:
+        module: the module to convert.
+
+    Returns:
+        `module` itself.
+    """
     for name, child in list(module.named_children()):
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, SyncBatchNorm):
             new = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
@@ -71,7 +78,24 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, *, batc
     [→ BN]. Hidden linears drop their bias when followed by BN (it would be cancelled); `last_batch_norm` adds
     a BN after the output layer (SimSiam, MoCo v3; `last_affine=False`: their affine-free last BN). The BNs
     are `SyncBatchNorm`: plain BatchNorm in one process, global-batch statistics under torch.distributed
-    (SimCLR's global BN)."""
+    (SimCLR's global BN).
+
+    Args:
+        in_dim: the input width.
+        hidden_dim: the hidden layers' width.
+        out_dim: the output width.
+        num_layers: linear layers, >= 1.
+        batch_norm: BN + ReLU after each hidden linear (else ReLU only).
+        last_batch_norm: a BN after the output linear.
+        last_affine: whether that last BN has a learned scale and shift.
+        bias: force the linears' bias on or off (None: off before a BN, on otherwise).
+
+    Returns:
+        The `nn.Sequential`.
+
+    Raises:
+        ValueError: `num_layers` < 1.
+    """
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     layers: list[nn.Module] = []

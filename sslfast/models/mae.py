@@ -50,6 +50,9 @@ class MaskedPatchEmbed(nn.Module):
     forward(imgs, mask_ratio=0.75, *, masking=None, generator=None) -> (tokens [B, (1+)K, D], MaskInfo)
     `masking` reuses a given MaskInfo (e.g. the same mask for two views); otherwise one is drawn with
     `sslfast.mae.random_masking` from `generator`.
+
+    Raises:
+        ValueError: `img_size` not divisible by `patch_size`, or an unknown `pos_embed`.
     """
 
     def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, *,

@@ -59,7 +59,16 @@ def _downsample(inplanes, planes, stride, expansion):
 
 
 class ResNet(nn.Module):
-    """ResNet trunk: stem, four stages, global average pool. `widths` are the stages' base planes."""
+    """ResNet trunk: stem, four stages, global average pool; `num_features` is the pooled width.
+
+    Args:
+        block: `BasicBlock` (expansion 1) or `Bottleneck` (expansion 4).
+        layers: blocks per stage (four ints).
+        widths: the stages' base planes.
+        in_chans: input channels.
+        small_stem: one 3×3/1 conv instead of the 7×7/2 conv + max-pool (images of 64 px and less).
+        zero_init_residual: zero the last BN's scale of every block (each starts as the identity).
+    """
 
     def __init__(self, block, layers, *, widths=(64, 128, 256, 512), in_chans: int = 3, small_stem: bool = False,
                  zero_init_residual: bool = True):
@@ -109,15 +118,47 @@ def _small(image_size, small_stem):
 
 
 def resnet18(*, image_size: int | None = None, small_stem: bool | None = None, in_chans: int = 3, **kw) -> ResNet:
+    """ResNet-18 (basic blocks 2-2-2-2, 512 features).
+
+    Args:
+        image_size: the training resolution; picks `small_stem` (64 px and less) when that is None.
+        small_stem: force the small (True) or the ImageNet (False) stem.
+        in_chans: input channels.
+        **kw: further `ResNet` arguments (`zero_init_residual`).
+
+    Returns:
+        The `ResNet`.
+    """
     return ResNet(BasicBlock, (2, 2, 2, 2), in_chans=in_chans, small_stem=_small(image_size, small_stem), **kw)
 
 
 def resnet50(*, image_size: int | None = None, small_stem: bool | None = None, in_chans: int = 3, **kw) -> ResNet:
+    """ResNet-50 (bottlenecks 3-4-6-3, 2048 features).
+
+    Args:
+        image_size: the training resolution; picks `small_stem` (64 px and less) when that is None.
+        small_stem: force the small (True) or the ImageNet (False) stem.
+        in_chans: input channels.
+        **kw: further `ResNet` arguments (`zero_init_residual`).
+
+    Returns:
+        The `ResNet`.
+    """
     return ResNet(Bottleneck, (3, 4, 6, 3), in_chans=in_chans, small_stem=_small(image_size, small_stem), **kw)
 
 
 def resnet_tiny(*, image_size: int | None = None, small_stem: bool | None = None, in_chans: int = 3, **kw) -> ResNet:
     """A ResNet-10 of width 16 (stages 16-32-64-128, one basic block each, 128 features): the CPU
-    backbone of the embedded-data demo; ~0.3 M parameters."""
+    backbone of the embedded-data demo; ~0.3 M parameters.
+
+    Args:
+        image_size: the training resolution; picks `small_stem` (64 px and less) when that is None.
+        small_stem: force the small (True) or the ImageNet (False) stem.
+        in_chans: input channels.
+        **kw: further `ResNet` arguments (`zero_init_residual`).
+
+    Returns:
+        The `ResNet`.
+    """
     return ResNet(BasicBlock, (1, 1, 1, 1), widths=(16, 32, 64, 128), in_chans=in_chans,
                   small_stem=_small(image_size, small_stem), **kw)

@@ -77,8 +77,23 @@ def init_transformer_(module: nn.Module) -> None:
 
 
 class VisionTransformer(nn.Module):
-    """ViT trunk with a cls token; `num_features` = embed_dim. `pos_embed`: "sincos" (fixed; MAE, MoCo v3) or
-    "learned" (DINO, timm)."""
+    """ViT trunk with a cls token; `num_features` = embed_dim; `forward` returns the normed cls token
+    (`global_pool="token"`) or the mean of the normed patch tokens ("avg"), [B, embed_dim].
+
+    Args:
+        img_size: the training resolution (the position embedding's grid; other sizes interpolate it).
+        patch_size: the patch side in pixels.
+        in_chans: input channels.
+        embed_dim: the token width.
+        depth: transformer blocks.
+        num_heads: attention heads per block.
+        mlp_ratio: the blocks' MLP width / embed_dim.
+        pos_embed: "sincos" (fixed; MAE, MoCo v3) or "learned" (DINO, timm).
+        global_pool: "token" or "avg".
+
+    Raises:
+        ValueError: an unknown `global_pool` or `pos_embed`, or `img_size` not divisible by `patch_size`.
+    """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, *, pos_embed: str = "sincos",
@@ -107,6 +122,7 @@ class VisionTransformer(nn.Module):
 
     @property
     def num_patches(self) -> int:
+        """Patches per image at the training resolution."""
         return self.patch_embed.num_patches
 
     def _pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
@@ -152,6 +168,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"masks must be on the images' device {device}, got {masks.device}")
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks and the final norm on embedded tokens [B, T, D] -> [B, T, D]."""
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
@@ -179,7 +196,23 @@ def default_patch_size(image_size: int) -> int:
     return 16 if image_size >= 128 else max(1, image_size // 8)
 
 
-def vit(name: str, *, image_size: int = 224, patch_size: int | None = None, in_chans: int = 3, **kw):
+def vit(name: str, *, image_size: int = 224, patch_size: int | None = None, in_chans: int = 3,
+        **kw) -> VisionTransformer:
+    """A built-in ViT by name.
+
+    Args:
+        name: "vit_micro" (96 wide, 4 blocks: the CPU demo), "vit_tiny", "vit_small" or "vit_base".
+        image_size: the training resolution.
+        patch_size: the patch side; None: `default_patch_size(image_size)`.
+        in_chans: input channels.
+        **kw: further `VisionTransformer` arguments (`pos_embed`, `global_pool`).
+
+    Returns:
+        The `VisionTransformer`.
+
+    Raises:
+        KeyError: an unknown name (`sslfast.models.build_backbone` checks names first).
+    """
     dim, depth, heads = _VIT[name]
     return VisionTransformer(image_size, patch_size or default_patch_size(image_size), in_chans, dim, depth, heads,
                              **kw)
