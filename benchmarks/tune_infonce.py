@@ -13,7 +13,7 @@ import triton
 
 from sslfast.bench import time_ms
 from sslfast.kernels import infonce as K
-from sslfast.ops.infonce import _maps
+from sslfast.ops.infonce import IndexMaps
 
 CANDIDATES = [
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
@@ -48,7 +48,7 @@ def problems(dtype):
     img, txt = torch.randn(32768, 128, device=dev, dtype=dtype), torch.randn(32768, 128, device=dev, dtype=dtype)
     q, queue = torch.randn(4096, 128, device=dev, dtype=dtype), torch.randn(65536, 128, device=dev, dtype=dtype)
     s10, s14 = torch.tensor(10.0, device=dev), torch.tensor(14.0, device=dev)
-    nt_maps = _maps(pos_shift=16384, pos_period=32768)
+    nt_maps = IndexMaps(pos_shift=16384, pos_period=32768)
     g = torch.full((32768,), 1 / 32768, device=dev)
     lse = torch.full((32768,), 8.0, device=dev)
     rn_z, rn_i, rn_t, rn_q, rn_k = (K.row_rnorm(x) for x in (z, img, txt, q, queue))
@@ -64,17 +64,17 @@ def problems(dtype):
         ("fwd", "nt_xent 2x16384 (symmetric)", True): nt_fwd,
         ("fwd", "nt_xent 2x16384 (full square)", True): _deterministic(nt_fwd),
         ("fwd", "clip 32768 col-stats", False): lambda: K.similarity_lse(
-            img, txt, rn_i, rn_t, s14, _maps(), exclude_self=False, want_pos=True, col_stats=True, bounded=False),
+            img, txt, rn_i, rn_t, s14, IndexMaps(), exclude_self=False, want_pos=True, col_stats=True, bounded=False),
         ("fwd", "moco 4096x65536", True): lambda: K.similarity_lse(
-            q, queue, rn_q, rn_k, s10, _maps(), exclude_self=False, want_pos=False, col_stats=False, bounded=True),
+            q, queue, rn_q, rn_k, s10, IndexMaps(), exclude_self=False, want_pos=False, col_stats=False, bounded=True),
         ("bwd", "nt_xent 2x16384", True): lambda: K.similarity_lse_rows_grad(
             z, z, rn_z, rn_z, s10, nt_maps, exclude_self=True, bounded=True, lse_r=lse, g_r=g, lse_c=lse, g_c=g,
             g_pr=-g, g_pc=-g),
         ("bwd", "clip 32768 rows", False): lambda: K.similarity_lse_rows_grad(
-            img, txt, rn_i, rn_t, s14, _maps(), exclude_self=False, bounded=False, lse_r=lse, g_r=g, lse_c=lse,
+            img, txt, rn_i, rn_t, s14, IndexMaps(), exclude_self=False, bounded=False, lse_r=lse, g_r=g, lse_c=lse,
             g_c=g, g_pr=-g, want_dscale=True),
         ("bwd", "moco 4096x65536", True): lambda: K.similarity_lse_rows_grad(
-            q, queue, rn_q, rn_k, s10, _maps(), exclude_self=False, bounded=True, lse_r=lse[:4096] + 3,
+            q, queue, rn_q, rn_k, s10, IndexMaps(), exclude_self=False, bounded=True, lse_r=lse[:4096] + 3,
             g_r=g[:4096]),
     }
 

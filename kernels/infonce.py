@@ -541,7 +541,7 @@ def _lse_bwd_kernel(
 
 # --------------------------------------------------------------------------------------------- launchers
 # Tile shapes on a GPU per (pass, row block resident (D <= 256), plain-sum statistics), from the sweeps of
-# benchmarks/tune_infonce.py (benchmarks/RESULTS.md: H100 run 2, H200 run 6): the forward prefers 4 warps
+# benchmarks/tune_infonce.py on an H100 and an H200 (benchmarks/runs/): the forward prefers 4 warps
 # with 3 stages; the backward with both exp terms folded into one (bounded) prefers narrow 32-column tiles,
 # the others 128x64, except at D <= 128 (NARROW_TILES).
 GPU_TILES = {
@@ -556,7 +556,7 @@ GPU_TILES = {
 }
 # (pass, bounded) -> tiles for rows of at most 128 features. The unbounded backward (CLIP's learned scale)
 # runs 64x64 tiles on 4 warps there: CLIP B=32768 D=128 7.24 -> 6.28 ms on the H200, where at D=256 the same
-# tiles take 12.9 ms against 10.4 (run 6).
+# tiles take 12.9 ms against 10.4.
 NARROW_TILES = {
     ("bwd", False): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
 }
@@ -689,15 +689,16 @@ def _triangle_span(n_rb: int, device: torch.device) -> int:
 
 def _symmetric(r, c, rn_r, rn_c, maps) -> bool:
     """Rows and columns are one matrix with one index map, and the pairing π is an involution (NT-Xent)."""
-    return r is c and rn_r is rn_c and maps[0:3] == maps[3:6] and (2 * maps[6]) % maps[7] == 0
+    return (r is c and rn_r is rn_c and maps.row_off == maps.col_off and maps.row_split == maps.col_split
+            and maps.row_shift == maps.col_shift and (2 * maps.pos_shift) % maps.pos_period == 0)
 
 
 def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col_stats, bounded):
     """Forward statistics (lse_r [M], lse_c [Nb] or empty, pos [M] or empty), all fp32, of rows r against
-    columns c with their inverse norms. `maps` is (r_off, r_split, r_shift, c_off, c_split, c_shift, p_shift,
-    p_period); `bounded`: |scale| <= 64 is known (plain-sum statistics). A symmetric, bounded problem
-    computes only the tiles on and right of the diagonal (half the FLOPs) with atomic sums, unless
-    torch.use_deterministic_algorithms is on. r, c, rn_r, rn_c come from `tile_operands`."""
+    columns c with their inverse norms. `maps`: the `sslfast.ops.infonce.IndexMaps` (passed to the kernels as
+    its eight ints, in field order); `bounded`: |scale| <= 64 is known (plain-sum statistics). A symmetric,
+    bounded problem computes only the tiles on and right of the diagonal (half the FLOPs) with atomic sums,
+    unless torch.use_deterministic_algorithms is on. r, c, rn_r, rn_c come from `tile_operands`."""
     m, d = r.shape
     nb = c.shape[0]
     cfg = _tiles(d, "fwd", bounded)
@@ -738,9 +739,8 @@ def _recompute_underflowed_columns(r, c, rn_r, rn_c, scale, maps, col_acc, lse_c
     assumes). A row block without such a column skips its sweep, so the fast path pays one near-empty launch."""
     nb, d = c.shape
     m = r.shape[0]
-    swapped = list(maps[3:6]) + list(maps[0:3]) + list(maps[6:8])
     _lse_redo_kernel[(cdiv(nb, cfg["BLOCK_M"]),)](
-        c, r, rn_c, rn_r, scale, lse_c, col_acc, nb, m, d, c.stride(0), r.stride(0), *swapped,
+        c, r, rn_c, rn_r, scale, lse_c, col_acc, nb, m, d, c.stride(0), r.stride(0), *maps.swapped(),
         EXCLUDE_SELF=exclude_self, WANT_POS=want_pos, UPCAST=upcast_dots(), **cfg)
 
 
@@ -765,7 +765,7 @@ def merge_splits(row_m, row_l, pos, col_l, col_acc, scale, nb: int, *, want_pos,
 
 
 def loss_epilogue(lse_r, lse_c, pos):
-    """(loss, ∂loss/∂lse_r, ∂loss/∂lse_c or None, ∂loss/∂pos) of `reference.infonce.contrastive_loss` for an
+    """(loss, ∂loss/∂lse_r, ∂loss/∂lse_c or None, ∂loss/∂pos) of `ops._torch.infonce.contrastive_loss` for an
     upstream 1, in one launch instead of a dozen elementwise ops and reductions (all fp32 [M]; with column
     statistics M = Nb: CLIP is square)."""
     m, cols = lse_r.shape[0], lse_c.numel() > 0

@@ -83,6 +83,29 @@ def _dots(X, W, rows, row_ok, cols, col_ok, D, stride_x, stride_w,
 
 
 @triton.jit
+def _row_block(X, pid_m, B, D, stride_x, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
+               UPCAST: tl.constexpr):
+    # Rows of block pid_m, their mask and, when ONE_CHUNK, the block itself (resident for the whole K sweep).
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    x_res = 0.0
+    if ONE_CHUNK:
+        x_res = _load(X, rows, row_ok, tl.arange(0, BLOCK_D), D, stride_x, UPCAST)
+    return rows, row_ok, x_res
+
+
+@triton.jit
+def _logit_tile(X, W, x_res, rows, row_ok, cols, col_ok, D, stride_x, stride_w, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr, UPCAST: tl.constexpr):
+    # x Wᵀ on one [BLOCK_M, BLOCK_N] tile, fp32: from the resident row block, or walking D in BLOCK_D chunks.
+    if ONE_CHUNK:
+        s = tl.dot(x_res, _load_t(W, cols, col_ok, tl.arange(0, BLOCK_D), D, stride_w, UPCAST))
+    else:
+        s = _dots(X, W, rows, row_ok, cols, col_ok, D, stride_x, stride_w, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST)
+    return s
+
+
+@triton.jit
 def _probs_tile(P, rows, row_ok, cols, col_ok, stride_p):
     ok = row_ok[:, None] & col_ok[None, :]
     return tl.load(P + rows[:, None].to(tl.int64) * stride_p + cols[None, :], mask=ok, other=0.0).to(tl.float32), ok
@@ -102,11 +125,7 @@ def _fwd_kernel(X, W, P, M_OUT, L_OUT, PS_OUT, R_OUT, B, K, D, stride_x, stride_
     # Grid (row blocks, splits): rows [BLOCK_M] against prototypes [pid_s·per, (pid_s + 1)·per) in BLOCK_N tiles;
     # writes the split's base-2 (max, sum of 2^(s − max)), Σ p·s and Σ p per row to [splits, B].
     pid_m, pid_s = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < B
-    x_res = 0.0
-    if ONE_CHUNK:  # the row block stays resident for the whole sweep
-        x_res = _load(X, rows, row_ok, tl.arange(0, BLOCK_D), D, stride_x, UPCAST)
+    rows, row_ok, x_res = _row_block(X, pid_m, B, D, stride_x, BLOCK_M, BLOCK_D, ONE_CHUNK, UPCAST)
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BLOCK_M,), dtype=tl.float32)
     ps = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -116,10 +135,8 @@ def _fwd_kernel(X, W, P, M_OUT, L_OUT, PS_OUT, R_OUT, B, K, D, stride_x, stride_
     for c0 in range(k_lo, k_hi, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         col_ok = cols < k_hi
-        if ONE_CHUNK:
-            s = tl.dot(x_res, _load_t(W, cols, col_ok, tl.arange(0, BLOCK_D), D, stride_w, UPCAST))
-        else:
-            s = _dots(X, W, rows, row_ok, cols, col_ok, D, stride_x, stride_w, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST)
+        s = _logit_tile(X, W, x_res, rows, row_ok, cols, col_ok, D, stride_x, stride_w, BLOCK_M, BLOCK_N, BLOCK_D,
+                        ONE_CHUNK, UPCAST)
         s = s * inv_temp
         p, _ = _probs_tile(P, rows, row_ok, cols, col_ok, stride_p)
         ps += tl.sum(p * s, axis=1)
@@ -162,12 +179,8 @@ def _dx_kernel(X, W, P, LSE, RSUM, G, DXP, B, K, D, stride_x, stride_w, stride_p
     # and BLOCK_DO output features (all D when ONE_CHUNK, which then reuses each W tile for both dots), times
     # g/(B·τ), stored to the split's fp32 slice DXP[pid_s].
     pid_m, pid_s, pid_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < B
+    rows, row_ok, x_res = _row_block(X, pid_m, B, D, stride_x, BLOCK_M, BLOCK_D, ONE_CHUNK, UPCAST)
     do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    x_res = 0.0
-    if ONE_CHUNK:  # the row block stays resident for the whole sweep
-        x_res = _load(X, rows, row_ok, tl.arange(0, BLOCK_D), D, stride_x, UPCAST)
     lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * TL_LOG2E
     r = tl.load(RSUM + rows, mask=row_ok, other=0.0)
     scale2 = inv_temp * TL_LOG2E
@@ -233,11 +246,7 @@ def _teacher_lse_kernel(X, W, C, M_OUT, L_OUT, B, K, D, stride_x, stride_w, per,
     # Grid (row blocks, splits): the split's base-2 (max, sum of 2^(t − max)) per row of t = (x Wᵀ − c)/τ over
     # prototypes [pid_s·per, (pid_s + 1)·per), to [splits, B]; scale2 = log2(e)/τ.
     pid_m, pid_s = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < B
-    x_res = 0.0
-    if ONE_CHUNK:
-        x_res = _load(X, rows, row_ok, tl.arange(0, BLOCK_D), D, stride_x, UPCAST)
+    rows, row_ok, x_res = _row_block(X, pid_m, B, D, stride_x, BLOCK_M, BLOCK_D, ONE_CHUNK, UPCAST)
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BLOCK_M,), dtype=tl.float32)
     k_lo = pid_s * per
@@ -245,10 +254,8 @@ def _teacher_lse_kernel(X, W, C, M_OUT, L_OUT, B, K, D, stride_x, stride_w, per,
     for c0 in range(k_lo, k_hi, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         col_ok = cols < k_hi
-        if ONE_CHUNK:
-            s = tl.dot(x_res, _load_t(W, cols, col_ok, tl.arange(0, BLOCK_D), D, stride_w, UPCAST))
-        else:
-            s = _dots(X, W, rows, row_ok, cols, col_ok, D, stride_x, stride_w, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST)
+        s = _logit_tile(X, W, x_res, rows, row_ok, cols, col_ok, D, stride_x, stride_w, BLOCK_M, BLOCK_N, BLOCK_D,
+                        ONE_CHUNK, UPCAST)
         c = tl.load(C + cols, mask=col_ok, other=0.0)
         t2 = tl.where(col_ok[None, :], (s - c[None, :]) * scale2, float("-inf"))
         m_new = tl.maximum(m, tl.max(t2, axis=1))
@@ -266,15 +273,11 @@ def _teacher_out_kernel(X, W, C, M_IN, L_IN, OUT, B, K, D, stride_x, stride_w, s
     # Grid (row blocks, prototype blocks): one [BLOCK_M, BLOCK_N] tile of the result. SOFTMAX: 2^(t2 − lse2)
     # with t2 = (x Wᵀ − c)·scale2 and lse2 merged from pass 1's [splits, B] partials; else x Wᵀ.
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < B
+    rows, row_ok, x_res = _row_block(X, pid_m, B, D, stride_x, BLOCK_M, BLOCK_D, ONE_CHUNK, UPCAST)
     cols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < K
-    if ONE_CHUNK:
-        s = tl.dot(_load(X, rows, row_ok, tl.arange(0, BLOCK_D), D, stride_x, UPCAST),
-                   _load_t(W, cols, col_ok, tl.arange(0, BLOCK_D), D, stride_w, UPCAST))
-    else:
-        s = _dots(X, W, rows, row_ok, cols, col_ok, D, stride_x, stride_w, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST)
+    s = _logit_tile(X, W, x_res, rows, row_ok, cols, col_ok, D, stride_x, stride_w, BLOCK_M, BLOCK_N, BLOCK_D,
+                    ONE_CHUNK, UPCAST)
     if SOFTMAX:
         sp = tl.arange(0, BLOCK_S)
         ok = (sp[:, None] < splits) & row_ok[None, :]

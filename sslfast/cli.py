@@ -4,6 +4,7 @@ pretrained backbone) and `sslfast bench` (the fused ops against their PyTorch re
     sslfast pretrain                              # SimCLR on the embedded digits, then kNN vs random init
     sslfast pretrain --method dino --data /imagenet/train --epochs 100 --precision bf16 --out runs/dino
     torchrun --nproc-per-node 8 -m sslfast.cli pretrain --method byol --data /imagenet/train
+    torchrun --nproc-per-node 8 -m sslfast.cli pretrain --method dino --data /imagenet/train --strategy fsdp
     sslfast eval --checkpoint runs/simclr/checkpoint.pt
 """
 from __future__ import annotations
@@ -157,6 +158,11 @@ def _add_pretrain(sub) -> None:
                    help="native: decode + the fused augmentation kernel on the device (default); dali: NVIDIA DALI; "
                         "torch: a torch DataLoader of --workers processes, PIL decode and per-sample CPU transforms "
                         "(the usual pipeline, for comparison)")
+    p.add_argument("--strategy",
+                   help="how several torchrun processes share the model: ddp (a whole replica per process, "
+                        "gradients all-reduced; the default) or fsdp (torch's FSDP2: parameters, gradients and "
+                        "optimizer state of the student and its EMA teacher sharded over the processes, gathered "
+                        "per block; the checkpoint still holds the whole model). Not swav")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the method's forward (CUDA only; the first steps compile)")
     p.add_argument("--cuda-graph", action="store_true",

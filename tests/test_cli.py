@@ -103,7 +103,7 @@ def test_mae_reconstructions_and_eval(tmp_path, capsys):
 
 
 def test_image_folder(tmp_path):
-    from sslfast.data.datasets import write_jpeg_folder
+    from sslfast.data.synthetic import write_jpeg_folder
 
     data = tmp_path / "images"
     write_jpeg_folder(data, 48, size=(40, 30), classes=3)

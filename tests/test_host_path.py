@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import sslfast as sf
 from sslfast import mae
+from sslfast.ops import _ema_plan
 from sslfast.ops import ema as ema_ops
 
 from tests.helpers import assert_close, leaf, tol
@@ -145,8 +146,8 @@ def _ema_lists():
 def plan_check(request, monkeypatch):
     """The plan's check with torch's C++ tensor guard, and with the fallback that compares `_layout_key`."""
     if request.param == "layout key":
-        monkeypatch.setattr(ema_ops, "_TensorGuards", None)
-    elif ema_ops._TensorGuards is None:
+        monkeypatch.setattr(_ema_plan, "_TensorGuards", None)
+    elif _ema_plan._TensorGuards is None:
         pytest.skip("this torch has no TensorGuards")
     ema_ops._EMA_PLANS.clear()
     yield request.param

@@ -23,6 +23,7 @@ import torch
 from sslfast.data import SSLLoader
 from sslfast.data import datasets as D
 from sslfast.data import presets as P
+from sslfast.data import synthetic as S
 from sslfast.data import torch_loader as T
 from sslfast.ops import augment as aug
 
@@ -103,7 +104,7 @@ def test_same_draws_same_views(name, digits, seed, backend):
     batch = 4 if backend == "triton" else 40
     idx = torch.randint(0, len(digits), (batch - 3,), generator=gen).tolist()
     rng = np.random.default_rng(seed)
-    images = [digits.get(i) for i in idx] + [D.synthetic_image(rng, h, w) for h, w in ((41, 29), (23, 17), (37, 53))]
+    images = [digits.get(i) for i in idx] + [S.synthetic_image(rng, h, w) for h, w in ((41, 29), (23, 17), (37, 53))]
     params = [[_forced(T.sample_params(s, gen, im.shape[0], im.shape[1]), k + g) for g, s in enumerate(specs)]
               for k, im in enumerate(images)]
     mean, std = _norm(preset)

@@ -373,7 +373,7 @@ def test_unusable_data_folder(content, tmp_path, capsys):
 
 
 def test_skipped_images_are_counted(tmp_path, capsys):
-    from sslfast.data.datasets import write_jpeg_folder
+    from sslfast.data.synthetic import write_jpeg_folder
 
     data = tmp_path / "images"  # train/ + val/: pretraining reads every training image (no split)
     write_jpeg_folder(data / "train", 45, size=(20, 18), classes=3, distinct=5)

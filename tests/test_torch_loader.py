@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import sslfast as sf
-from sslfast.data import datasets as D
 from sslfast.data import presets as P
+from sslfast.data import synthetic as S
 from sslfast.data import torch_loader as T
 from sslfast.ops._torch import augment as pt
 from sslfast.reference import augment as ref
@@ -29,7 +29,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def jpeg_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("jpegs")
-    D.write_jpeg_folder(root, 11, size=(27, 19), classes=2, seed=8)
+    S.write_jpeg_folder(root, 11, size=(27, 19), classes=2, seed=8)
     return root
 
 
@@ -286,7 +286,7 @@ def test_digits_through_worker_processes():
 
 
 def test_bad_files_skipped_counted_and_remembered(tmp_path):
-    paths = D.write_jpeg_folder(tmp_path, 6, size=(20, 18), classes=1, seed=4)
+    paths = S.write_jpeg_folder(tmp_path, 6, size=(20, 18), classes=1, seed=4)
     good = open(paths[0], "rb").read()
     (tmp_path / "class_0" / "a_text.jpg").write_bytes(b"not an image")
     (tmp_path / "class_0" / "b_truncated.jpg").write_bytes(good[: len(good) // 2])

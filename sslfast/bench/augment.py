@@ -40,7 +40,7 @@ MINI = 16
 
 @functools.lru_cache(maxsize=None)
 def _jpeg_folder(n: int, size: tuple[int, int]) -> str:
-    from ..data.datasets import write_jpeg_folder
+    from ..data.synthetic import write_jpeg_folder
 
     root = tempfile.mkdtemp(prefix="sslfast-bench-jpeg-")
     atexit.register(shutil.rmtree, root, True)

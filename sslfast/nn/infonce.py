@@ -129,6 +129,18 @@ class NTXentLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.5, memory_bank_size: int | tuple[int, int] = 0,
                  gather_distributed: bool = False):
+        """
+        Args:
+            temperature: τ > 0.
+            memory_bank_size: 0 (no bank: NT-Xent), K, or (K, D) (a bank of K keys of width D; with an int
+                K, D is taken from the first batch).
+            gather_distributed: all-gather over ranks (NT-Xent's rows, or the keys entering the bank).
+
+        Raises:
+            ValueError: τ not a finite number > 0, or a negative K or non-positive D.
+            TypeError: τ not a real number, `memory_bank_size` not an int or a pair of ints, or
+                `gather_distributed` not a bool.
+        """
         super().__init__()
         V.positive("temperature", temperature)
         if not isinstance(gather_distributed, bool):
@@ -139,6 +151,17 @@ class NTXentLoss(nn.Module):
         self.memory_bank = _KeyQueue(size, dim, gather_distributed, drop_overflow=True) if size else None
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            out0, out1: [N, D] projections of the two views (or queries and keys, with a bank).
+
+        Returns:
+            The loss, a 0-d fp32 tensor (fp64 for fp64 inputs).
+
+        Raises:
+            ValueError, TypeError: as `sslfast.nt_xent_loss` (`sslfast.info_nce_loss` with a bank), naming
+                out0 / out1.
+        """
         if self.memory_bank is None:
             return _ops.nt_xent_loss(out0, out1, self.temperature, gather_distributed=self.gather_distributed)
         out0, out1 = V.view_pair("out0", out0, "out1", out1)
@@ -159,11 +182,32 @@ class InfoNCELoss(_KeyQueue):
 
     def __init__(self, temperature: float = 0.2, queue_size: int = 65536, embedding_dim: int | None = None,
                  gather_distributed: bool = False):
+        """
+        Args:
+            temperature: τ > 0.
+            queue_size: K >= 0 keys in the queue; 0 uses the batch's other keys as negatives (MoCo v3).
+            embedding_dim: D, to create the queue now; None creates it at the first call.
+            gather_distributed: gather the enqueued keys (and, without a queue, the negatives) over ranks.
+
+        Raises:
+            ValueError: K not an int >= 0, or τ not a finite number > 0.
+            TypeError: τ not a real number.
+        """
         super().__init__(queue_size, embedding_dim, gather_distributed, drop_overflow=False)
         V.positive("temperature", temperature)
         self.temperature = temperature
 
     def forward(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            query, key: [N, D] (the key usually from the momentum encoder, without gradient).
+
+        Returns:
+            The loss, a 0-d fp32 tensor (fp64 for fp64 inputs).
+
+        Raises:
+            ValueError, TypeError: as `sslfast.info_nce_loss`.
+        """
         if self.queue_size == 0:
             return _ops.info_nce_loss(query, key, None, self.temperature, gather_distributed=self.gather_distributed)
         query, key = V.view_pair("query", query, "key", key)
@@ -177,9 +221,24 @@ class CLIPLoss(nn.Module):
     """Symmetric CLIP loss; `logit_scale` is passed per call (a learnable tensor, usually `scale.exp()`)."""
 
     def __init__(self, gather_distributed: bool = False):
+        """
+        Args:
+            gather_distributed: open_clip's local loss over ranks (see `sslfast.clip_loss`).
+        """
         super().__init__()
         self.gather_distributed = gather_distributed
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            image_features, text_features: [B, D].
+            logit_scale: one-element floating tensor, already exponentiated.
+
+        Returns:
+            The loss, a 0-d fp32 tensor (fp64 for fp64 inputs).
+
+        Raises:
+            ValueError, TypeError: as `sslfast.clip_loss`.
+        """
         return _ops.clip_loss(image_features, text_features, logit_scale, gather_distributed=self.gather_distributed)

@@ -36,6 +36,18 @@ class SigLIPLoss(nn.Module):
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1, dist_impl: str | None = None,
                  bidir: bool = True, *, init_logit_scale: float = math.log(10.0), init_logit_bias: float = -10.0):
+        """
+        Args:
+            cache_labels: accepted for open_clip's signature; no effect.
+            rank, world_size: this process's rank and the world size (world_size > 1: the distributed loss).
+            dist_impl: one of None, "bidir", "shift", "reduce", "gather" (all give the same loss here).
+            bidir: accepted for open_clip's signature; no effect.
+            init_logit_scale: the initial log t.
+            init_logit_bias: the initial b.
+
+        Raises:
+            ValueError: an unknown `dist_impl`, world_size not an int >= 1, or rank not in [0, world_size).
+        """
         super().__init__()
         if dist_impl not in _DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {_DIST_IMPLS}, got {dist_impl!r}")
@@ -52,6 +64,20 @@ class SigLIPLoss(nn.Module):
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor | None = None, logit_bias: torch.Tensor | None = None,
                 output_dict: bool = False):
+        """
+        Args:
+            image_features, text_features: [N, D].
+            logit_scale: t, already exponentiated (a model's own); None uses exp(self.logit_scale).
+            logit_bias: b (a model's own); None uses self.logit_bias.
+            output_dict: return {"contrastive_loss": loss}, as open_clip.
+
+        Returns:
+            The loss, a 0-d fp32 tensor (fp64 for fp64 inputs), or the dict.
+
+        Raises:
+            ValueError: rank and world_size differ from torch.distributed's; otherwise as `sslfast.siglip_loss`.
+            TypeError: as `sslfast.siglip_loss`.
+        """
         gather = self.world_size > 1
         if gather and rank_and_world() != (self.rank, self.world_size):
             raise ValueError(f"rank={self.rank} and world_size={self.world_size} do not match torch.distributed's "

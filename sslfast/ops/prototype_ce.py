@@ -118,6 +118,20 @@ def _prototype_ce(x: torch.Tensor, w: torch.Tensor, p: torch.Tensor, student_tem
     return loss, lse, rsum
 
 
+
+def _feats_and_weight(name: str, feats, weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features [B, D] named `name` and prototypes `weight` [K, D], non-empty, with one D, on one device."""
+    x = V.tensor(name, feats, ndim=2, shape_hint="[B, D]", dtypes=_DTYPES)
+    w = V.tensor("weight", weight, ndim=2, shape_hint="[K, D]", dtypes=_DTYPES)
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty [B, D] tensor, got shape {tuple(x.shape)}")
+    if w.shape[0] == 0 or w.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must be a non-empty [K, D] tensor with D = {x.shape[1]} (from {name}), got shape "
+                         f"{tuple(w.shape)}")
+    V.same_device(**{name: x, "weight": w})
+    return x, w
+
+
 def prototype_cross_entropy(student_feats: torch.Tensor, weight: torch.Tensor, teacher_probs: torch.Tensor, *,
                             student_temp: float) -> torch.Tensor:
     """Mean over rows of the cross-entropy between `teacher_probs` and softmax(student_feats · weightᵀ /
@@ -139,15 +153,8 @@ def prototype_cross_entropy(student_feats: torch.Tensor, weight: torch.Tensor, t
         ValueError: shapes that are not [B, D], [K, D] and [B, K] with B, D, K >= 1, inputs on different devices,
             or student_temp not finite and > 0.
     """
-    x = V.tensor("student_feats", student_feats, ndim=2, shape_hint="[B, D]", dtypes=_DTYPES)
-    w = V.tensor("weight", weight, ndim=2, shape_hint="[K, D]", dtypes=_DTYPES)
-    (B, D), K = x.shape, w.shape[0]
-    if B == 0 or D == 0:
-        raise ValueError(f"student_feats must be a non-empty [B, D] tensor, got shape {tuple(x.shape)}")
-    if K == 0 or w.shape[1] != D:
-        raise ValueError(f"weight must be a non-empty [K, D] tensor with D = {D} (from student_feats), got shape "
-                         f"{tuple(w.shape)}")
-    V.same_device(student_feats=x, weight=w)
+    x, w = _feats_and_weight("student_feats", student_feats, weight)
+    B, K = x.shape[0], w.shape[0]
     p = V.soft_targets("teacher_probs", teacher_probs, shape=(B, K), shape_hint="[B, K]",
                        like={"student_feats": x, "weight": w})
     if x.dtype != w.dtype:
@@ -245,15 +252,8 @@ def prototype_teacher_probs(teacher_feats: torch.Tensor, weight: torch.Tensor, *
             devices, an unknown mode, teacher_temp not finite and > 0, center_momentum outside [0, 1] or without
             a center, a center or center_momentum in sinkhorn mode, or sinkhorn_iters < 1.
     """
-    x = V.tensor("teacher_feats", teacher_feats, ndim=2, shape_hint="[B, D]", dtypes=_DTYPES)
-    w = V.tensor("weight", weight, ndim=2, shape_hint="[K, D]", dtypes=_DTYPES)
-    (B, D), K = x.shape, w.shape[0]
-    if B == 0 or D == 0:
-        raise ValueError(f"teacher_feats must be a non-empty [B, D] tensor, got shape {tuple(x.shape)}")
-    if K == 0 or w.shape[1] != D:
-        raise ValueError(f"weight must be a non-empty [K, D] tensor with D = {D} (from teacher_feats), got shape "
-                         f"{tuple(w.shape)}")
-    V.same_device(teacher_feats=x, weight=w)
+    x, w = _feats_and_weight("teacher_feats", teacher_feats, weight)
+    K = w.shape[0]
     if x.dtype != w.dtype:
         raise TypeError(f"teacher_feats and weight must share a dtype, got {x.dtype} and {w.dtype}")
     tau = V.positive("teacher_temp", teacher_temp)

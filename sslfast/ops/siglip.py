@@ -7,33 +7,44 @@ b = logit_bias. The op `sslfast::siglip_loss` returns the loss and the inverse r
 backward, no gradient); its backward `sslfast::siglip_backward` recomputes the tiles (math in
 `sslfast.kernels.siglip`). An eager call that will be differentiated computes its gradients in the forward
 (`_custom_op.loss_with_grads`): one row pass (loss, ∂L/∂x̂, ∂L/∂t, ∂L/∂b) and one column pass (∂L/∂ŷ), since
-∂ℓ_ij/∂s_ij depends on s_ij only. CUDA tensors run the Triton kernels, CPU tensors the chunked PyTorch
-reference (`sslfast._backend`).
+∂ℓ_ij/∂s_ij depends on s_ij only. The family (`SigLIPImpl`) runs the Triton kernels on CUDA tensors and the
+chunked PyTorch path (`sslfast.ops._torch.siglip`) elsewhere, float64 included.
 """
 from __future__ import annotations
 
 import functools
+from typing import Protocol
 
 import torch
 
 from .. import _validate as V
-from .._backend import use_triton, without_autocast
+from .._backend import without_autocast
 from .._custom_op import (TRITON_DOUBLE_BACKWARD, custom_op, differentiable_grads, double_backward_unsupported,
                           grads_in_forward, loss_with_grads, scalar_constant)
 from ..distributed import all_gather, rank_and_world
-from ..reference import siglip as _reference
+from ._family import Family
 
 
-def _impl(*tensors):
-    if use_triton(*tensors):
-        from ..kernels import siglip as _kernels
+class SigLIPImpl(Protocol):
+    """What `kernels.siglip` and `ops._torch.siglip` both define (math in `sslfast.kernels.siglip`)."""
 
-        return _kernels
-    return _reference
+    def row_rnorm(self, x, partner=None, scale=None):
+        """1/max(‖x_i‖, 1e-12) [M] (InfoNCE's; SigLIP passes no partner)."""
+
+    def row_normalize_backward(self, x, rn, dxh=None, partner=None, rn_p=None, coef=None):
+        """∂L/∂x in x's dtype from ∂L/∂x̂ (InfoNCE's)."""
+
+    def siglip_rows(self, r, c, rn_r, rn_c, scale, bias, weight, pos_off, *, want_loss, want_grad, want_scalars):
+        """(Σ_ij ℓ_ij or None, ∂L/∂r̂ or None, ∂L/∂t or None, ∂L/∂b or None) of the rows of r against the
+        columns c, row i's positive at column i + pos_off; the gradients carry the weight."""
+
+
+FAMILY = Family("siglip", SigLIPImpl)
+_impl = FAMILY.impl
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
-    """The loss', statistics' and scalars' dtype: fp32, fp64 for fp64 inputs (reference path only)."""
+    """The loss', statistics' and scalars' dtype: fp32, fp64 for fp64 inputs (PyTorch path only)."""
     return torch.promote_types(x.dtype, torch.float32)
 
 
@@ -50,8 +61,8 @@ def _forward(img, txt, scale, bias, pos_off):
 
 
 @without_autocast
-def _backward(img, txt, scale, bias, rn_i, rn_t, weight, pos_off, want_img, want_txt, want_scalars,
-              want_loss=False):
+def _backward(img, txt, scale, bias, rn_i, rn_t, weight, pos_off, *, want_img: bool, want_txt: bool,
+              want_scalars: bool, want_loss: bool = False):
     """(Σ ℓ or None, d_img or [0], d_txt or [0], d_scale or [0], d_bias or [0]) for gradients weighted by
     `weight` (upstream / rows): a row pass (images against texts) and, for d_txt, the column pass (texts
     against images, positives at −pos_off)."""
@@ -85,7 +96,8 @@ def siglip_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, b
                     want_txt: bool, want_scalars: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_img or [0], d_txt or [0], d_scale or [0], d_bias or [0]) of L·(weight·M) (weight = upstream / M)."""
-    return _backward(img, txt, scale, bias, rn_i, rn_t, weight, pos_off, want_img, want_txt, want_scalars)[1:]
+    return _backward(img, txt, scale, bias, rn_i, rn_t, weight, pos_off, want_img=want_img, want_txt=want_txt,
+                     want_scalars=want_scalars)[1:]
 
 
 def _save(ctx, inputs, output):
@@ -108,11 +120,11 @@ def _op_backward(ctx, g, *_):
 
 
 def _differentiable_loss(pos_off, img, txt, scale, bias) -> torch.Tensor:
-    """The loss in plain autograd (the materialized reference), for create_graph backwards on the reference
+    """The loss in plain autograd (the PyTorch path's chunked row pass), for create_graph backwards on that
     path; the kernels' gradients are not differentiable again."""
-    if _impl(img, txt, scale, bias) is not _reference:
+    if _impl(img, txt, scale, bias) is not FAMILY.torch:
         raise double_backward_unsupported("siglip_loss", TRITON_DOUBLE_BACKWARD)
-    return _reference.siglip_loss(img, txt, scale, bias, pos_off=pos_off)
+    return _forward(img, txt, scale, bias, pos_off)[0]
 
 
 def _op_double_backward(ctx, g, *_):
@@ -142,8 +154,8 @@ def _loss_and_input_grads(pos_off, needs, img, txt, scale, bias):
     rn_i, rn_t = impl.row_rnorm(img), impl.row_rnorm(txt)
     st = _stat_dtype(img)
     weight = scalar_constant(1.0 / img.shape[0], img, st)
-    total, *grads = _backward(img, txt, scale, bias, rn_i.to(st), rn_t.to(st), weight, pos_off, needs[0], needs[1],
-                              needs[2] or needs[3], want_loss=True)
+    total, *grads = _backward(img, txt, scale, bias, rn_i.to(st), rn_t.to(st), weight, pos_off, want_img=needs[0],
+                              want_txt=needs[1], want_scalars=needs[2] or needs[3], want_loss=True)
     return (total / img.shape[0]).to(st), _input_grads(needs, *grads)[:4]
 
 
@@ -180,17 +192,28 @@ def _check_finite(scale: torch.Tensor, bias: torch.Tensor) -> None:
 # ------------------------------------------------------------------------------------------- public API
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: torch.Tensor, *, gather_distributed: bool = False) -> torch.Tensor:
-    """SigLIP's pairwise sigmoid loss (Zhai et al., 2023), fp32 (fp64 for fp64 inputs on the reference path):
+    """SigLIP's pairwise sigmoid loss (Zhai et al., 2023):
 
         L = −(1/N) Σ_i Σ_j log σ(z_ij (t · x̂_i·ŷ_j + b)),   z_ii = +1, z_ij = −1 (i ≠ j)
 
-    image_features, text_features: [N, D] (fp32 / bf16 / fp16; fp64 on the reference path), rows normalized
-    inside. logit_scale t (already exponentiated, e.g. `model.logit_scale.exp()`) and logit_bias b: one-element
-    floating tensors, finite (checked with one host sync), both receive gradients. With
-    `gather_distributed`, each rank scores its N images against all ranks' texts (all-gathered; the gather's
-    backward sums over ranks) and divides by its own N, as open_clip's `SigLipLoss` does: the ranks' losses
-    average to the loss of the whole batch, and after DDP averages the gradients they equal the
-    single-process gradients on the whole batch.
+    Args:
+        image_features, text_features: [N, D], same dtype (fp32 / bf16 / fp16; fp64 on the PyTorch path) and
+            device; rows are normalized inside.
+        logit_scale: t, already exponentiated (e.g. `model.logit_scale.exp()`), a one-element floating tensor;
+            receives a gradient.
+        logit_bias: b, a one-element floating tensor; receives a gradient.
+        gather_distributed: each rank scores its N images against all ranks' texts (all-gathered; the
+            gather's backward sums over ranks) and divides by its own N, as open_clip's `SigLipLoss` does: the
+            ranks' losses average to the loss of the whole batch, and after DDP averages the gradients they
+            equal the single-process gradients on the whole batch.
+
+    Returns:
+        The loss, a 0-d fp32 tensor (fp64 for fp64 inputs).
+
+    Raises:
+        ValueError: a feature tensor not a non-empty [N, D] tensor, shapes or devices differ, t or b without
+            exactly one element, or not finite (checked with one host sync, skipped while tracing).
+        TypeError: a non-tensor or non-floating input (float64 on the Triton path), or dtypes differ.
     """
     img, txt = V.view_pair("image_features", image_features, "text_features", text_features)
     scale = _scalar("logit_scale", logit_scale, img, "image_features")
@@ -202,7 +225,7 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     pos_off = rank * img.shape[0]
     if grads_in_forward(img, txt, scale, bias):
         differentiable = (functools.partial(_differentiable_loss, pos_off)
-                          if _impl(img, txt, scale, bias) is _reference else None)
+                          if _impl(img, txt, scale, bias) is FAMILY.torch else None)
         return loss_with_grads(functools.partial(_loss_and_input_grads, pos_off), img, txt, scale, bias,
                                op="siglip_loss", differentiable=differentiable, hint=TRITON_DOUBLE_BACKWARD)
     return siglip_forward(img, txt, scale, bias, pos_off)[0]

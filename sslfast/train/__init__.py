@@ -1,9 +1,9 @@
 """`sslfast pretrain` and `sslfast eval`: data, method, optimizer and schedule, checkpoints, resume, NaN stop,
-metrics and pictures, kNN evaluation; multi-GPU through torchrun (DDP).
+metrics and pictures, kNN evaluation; multi-GPU through torchrun (DDP, or FSDP2 with `strategy="fsdp"`).
 
 Modules: `config` (the flags and their checks), `step` (model, optimizer, one training step), `loop` (epochs,
 checkpoints, resume), `checkpoint` (the files), `data` (the run's images), `evaluation` (kNN, linear probe,
-fine-tune).
+fine-tune), `fsdp` (sharding, the EMA on shards, whole-state gathering).
 
     from sslfast.train import PretrainConfig, pretrain
     result = pretrain(PretrainConfig(method="byol", epochs=10))      # -> dict written to <out>/metrics.json

@@ -57,6 +57,7 @@ class PretrainConfig:
     knn: bool = True                   # evaluate kNN (pretrained vs random init) at the end
     stop_after: int | None = None      # stop after this many epochs of the run (resume later)
     progress: bool = True
+    strategy: str = "ddp"              # ddp | fsdp (torch's FSDP2 shards student and teacher; several ranks only)
 
     @property
     def embedded(self) -> bool:
@@ -65,6 +66,12 @@ class PretrainConfig:
 
 # Defaults of the embedded digits demo, measured to finish on 2 CPU cores in well under 3 minutes.
 LOADERS = ("native", "dali", "torch")
+STRATEGIES = ("ddp", "fsdp")
+# Methods refused under --strategy fsdp, with the reason (ConfigError text).
+FSDP_REFUSED = {
+    "swav": "swav rescales its prototypes in place at the start of every forward, on the gathered copy that "
+            "FSDP2 frees afterwards (the sharded prototypes would never be normalized); use --strategy ddp",
+}
 DIGITS_DEFAULTS = dict(epochs=40, batch_size=256, image_size=16)
 IMAGENET_DEFAULTS = dict(epochs=100, batch_size=256, image_size=224)
 
@@ -75,7 +82,18 @@ def _recipe(cfg: PretrainConfig) -> dict:
 
 
 def resolve(cfg: PretrainConfig, world: int = 1) -> PretrainConfig:
-    """Fills the defaults and checks every argument (ConfigError names the flag)."""
+    """Fills the defaults and checks every argument.
+
+    Args:
+        cfg: the flags given (None: the default).
+        world: the number of ranks the run will have (the batch is split over them).
+
+    Returns:
+        A new config with every default filled in.
+
+    Raises:
+        ConfigError: a bad argument, naming its flag (one line).
+    """
     cfg = dataclasses.replace(cfg)
     try:
         cls = get_method(cfg.method)
@@ -117,6 +135,10 @@ def resolve(cfg: PretrainConfig, world: int = 1) -> PretrainConfig:
         raise ConfigError(f"--warmup-epochs must be a finite number >= 0, got {cfg.warmup_epochs}")
     if cfg.loader not in LOADERS:
         raise ConfigError(f"--loader must be one of {', '.join(LOADERS)}, got {cfg.loader!r}")
+    if cfg.strategy not in STRATEGIES:
+        raise ConfigError(f"--strategy must be ddp or fsdp, got {cfg.strategy!r}")
+    if cfg.strategy == "fsdp" and cls.name in FSDP_REFUSED:
+        raise ConfigError(f"--strategy fsdp: {FSDP_REFUSED[cls.name]}")
     if cfg.precision not in ("fp32", "bf16"):
         raise ConfigError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
     for key in ("epochs", "batch_size", "image_size", "workers", "stop_after"):

@@ -180,7 +180,25 @@ def evaluate(checkpoint: str, protocols=PROTOCOLS, *, data: str | None = None,
              out: str | None = None, log: Callable[[str], None] = print) -> dict:
     """`sslfast eval`: rebuilds the method of a `sslfast pretrain` checkpoint and reports the accuracy of its
     evaluated backbone (and optionally of its random initialization) under each protocol. `epochs`: of the
-    linear probe and of the fine-tune (default: 100 and `FINETUNE_EPOCHS`)."""
+    linear probe and of the fine-tune (default: 100 and `FINETUNE_EPOCHS`). A checkpoint of a `--strategy fsdp`
+    run holds the whole model and loads the same way.
+
+    Args:
+        checkpoint: a checkpoint.pt, or its run directory.
+        protocols: some of "knn", "linear", "finetune".
+        data: labeled data (default: the pretraining data).
+        epochs: of the linear probe / fine-tune.
+        device: default cuda when available.
+        random_init: also evaluate the randomly initialized backbone.
+        out: write the accuracies to this JSON file.
+        log: where the result lines go.
+
+    Returns:
+        {"pretrained": {protocol: accuracy}, ["random_init": {...}]}.
+
+    Raises:
+        ConfigError: a bad argument, an unreadable checkpoint or one of another model.
+    """
     protocols = _check_eval_args(protocols, epochs)
     path = os.path.join(checkpoint, CHECKPOINT) if os.path.isdir(checkpoint) else checkpoint
     state = load_checkpoint(path, what="--checkpoint")

@@ -22,7 +22,8 @@ from .config import (CHECKPOINT, ConfigError, NonFiniteLossError, PretrainConfig
                      merge_resume, resolve)
 from .data import _data_loader, denormalize, labeled_sets
 from .evaluation import knn_compare
-from .step import init_distributed, setup, train_step
+from .fsdp import any_rank, full_state, load_full_state, local_state
+from .step import build_model, init_distributed, setup, train_step
 
 
 class _Progress:
@@ -54,7 +55,22 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print, *, explici
     A new run refuses an `out` that holds one (checkpoint or metrics) unless `cfg.overwrite`; `cfg.resume`
     continues it with the saved config, where `explicit` (the fields the caller set; default: those that differ
     from `PretrainConfig()`) may change only `config.RESUMABLE` (see `merge_resume`). The run holds an exclusive
-    lock on `out` throughout. Ctrl-C raises `RunInterrupted` naming the checkpoint kept and the resume command."""
+    lock on `out` throughout. Under torchrun (WORLD_SIZE > 1) every process calls it; `cfg.strategy` picks DDP or
+    FSDP2.
+
+    Args:
+        cfg: the run's flags (unresolved; `resolve` fills the defaults).
+        log: where progress lines go (rank 0 only).
+        explicit: the fields the caller set (the CLI passes the flags given).
+
+    Returns:
+        The metrics: config, per-epoch records, train seconds, finished, skipped images, kNN accuracies.
+
+    Raises:
+        ConfigError: a bad flag, an `out` holding another run, or a checkpoint that does not fit.
+        NonFiniteLossError: the loss or the state became NaN / inf (the last good checkpoint is kept).
+        RunInterrupted: Ctrl-C.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     explicit = explicit_fields(cfg) if explicit is None else set(explicit)
     given = resolve(cfg, world)  # every argument checked before any setup
@@ -121,8 +137,9 @@ def _train(cfg: PretrainConfig, state, loader, progress: dict, rank: int, world:
             break
         _train_epoch(run, loader, epoch, history, ckpt_path, progress["saved_epoch"], rank, say)
         _check_finite_state(run, epoch, ckpt_path, progress["saved_epoch"])
+        method_state, optimizer_state = _states(run)
         if rank == 0:
-            save_atomic({"method": run.method.state_dict(), "optimizer": run.optimizer.state_dict(),
+            save_atomic({"method": method_state, "optimizer": optimizer_state,
                          "scheduler": run.scheduler.state_dict(), "rng": rng_state(), "epoch": epoch + 1,
                          "history": history, "config": dataclasses.asdict(cfg)},
                         ckpt_path, keep_previous=os.path.join(out, PREVIOUS))
@@ -132,16 +149,38 @@ def _train(cfg: PretrainConfig, state, loader, progress: dict, rank: int, world:
               "train_seconds": sum(e["seconds"] for e in history["epochs"]), "finished": finished,
               "skipped_images": len(history["bad_files"]), "bad_files": dict(list(history["bad_files"].items())[:100]),
               "world_size": world, "device": str(device)}
+    method = run.method
+    if run.sharded and ((finished and cfg.knn) or run.method.pictures):
+        method = _whole_method(run)
     if rank == 0:
         if finished and cfg.knn:
-            result["knn"] = knn_compare(cfg, run.method, device, say)
-        _write_outputs(cfg, run.method, history, result, device)
+            result["knn"] = knn_compare(cfg, method, device, say)
+        _write_outputs(cfg, method, history, result, device)
         written = ([CHECKPOINT] if os.path.isfile(ckpt_path) else []) + [METRICS, "loss_curve.png",
                                                                          *run.method.pictures]
         say(f"wrote {out}/{{{', '.join(written)}}}")
     if is_distributed():
         dist.barrier()
     return result
+
+
+def _states(run) -> tuple[dict, dict]:
+    """(method, optimizer) state dicts of the checkpoint: whole tensors (gathered on rank 0 under FSDP, a
+    collective then)."""
+    if run.sharded:
+        return full_state(run.method, run.optimizer)
+    return run.method.state_dict(), run.optimizer.state_dict()
+
+
+def _whole_method(run):
+    """An unsharded copy of a sharded run's method on rank 0 (None elsewhere), for the evaluation and pictures
+    that rank 0 computes alone. A collective."""
+    state, _ = full_state(run.method, run.optimizer)
+    if dist.get_rank() != 0:
+        return None
+    method = build_model(run.cfg).to(run.device)
+    method.load_state_dict(state)
+    return method
 
 
 def _open_loader(cfg: PretrainConfig, rank: int, world: int, device):
@@ -160,8 +199,11 @@ def _restore(run, state: dict, *, lr_changed: bool) -> dict:
     factor continues from the step reached). A checkpoint that does not fit is a `ConfigError`."""
     fresh = [g["initial_lr"] for g in run.optimizer.param_groups]
     try:
-        run.method.load_state_dict(state["method"])
-        run.optimizer.load_state_dict(state["optimizer"])
+        if run.sharded:
+            load_full_state(run.method, run.optimizer, state["method"], state["optimizer"])
+        else:
+            run.method.load_state_dict(state["method"])
+            run.optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         history = state["history"]
@@ -248,7 +290,13 @@ def _kept(ckpt_path: str, saved_epoch) -> str:
 
 def _check_finite_state(run, epoch: int, ckpt_path: str, saved_epoch) -> None:
     """Parameters, buffers and optimizer state are all finite (one fused reduction), else `NonFiniteLossError`:
-    a checkpoint never holds NaN / inf."""
+    a checkpoint never holds NaN / inf. Under FSDP each rank checks its shards and all stop together."""
+    if run.sharded:
+        named = local_state(run.method, run.optimizer)
+        if not any_rank(not all_finite([v for _, v in named]), run.device):
+            return
+        names = nonfinite_names(named) or ["the shards of another rank"]
+        _raise_nonfinite(names, epoch, ckpt_path, saved_epoch)
     method_state = run.method.state_dict()
     opt_tensors = [(f"optimizer state {pid}.{name}", v) for pid, s in run.optimizer.state_dict()["state"].items()
                    for name, v in s.items() if isinstance(v, torch.Tensor)]
@@ -256,6 +304,10 @@ def _check_finite_state(run, epoch: int, ckpt_path: str, saved_epoch) -> None:
     if all_finite(tensors):
         return
     names = nonfinite_names([(k, v) for k, v in method_state.items() if isinstance(v, torch.Tensor)] + opt_tensors)
+    _raise_nonfinite(names, epoch, ckpt_path, saved_epoch)
+
+
+def _raise_nonfinite(names: list[str], epoch: int, ckpt_path: str, saved_epoch) -> None:
     raise NonFiniteLossError(f"non-finite values in {', '.join(names)} after epoch {epoch + 1} (the loss was "
                              f"finite): stopping without saving ({_kept(ckpt_path, saved_epoch)}). Try a lower "
                              f"--lr, or --precision fp32.")

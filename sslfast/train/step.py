@@ -17,6 +17,8 @@ from ..methods import Method, build_method
 from ..models import build_backbone, convert_sync_batchnorm, is_vit
 from ..optim import AdamWEMA, LARSEMA
 from .config import PretrainConfig, _recipe
+from .fsdp import ema_update_local, shard_method
+
 
 def init_distributed(device: str | None) -> tuple[int, int, torch.device]:
     """torchrun: one process per GPU (WORLD_SIZE > 1 → a process group, NCCL on CUDA, gloo on CPU)."""
@@ -34,9 +36,18 @@ def init_distributed(device: str | None) -> tuple[int, int, torch.device]:
     return rank, world, dev
 
 
-def build_optimizer(method: Method, cfg: PretrainConfig):
-    """The optimizer of the recipe, fused with the teacher EMA (`sslfast.optim`) for lars / adamw, and the
-    per-group schedule factors (warm-up + cosine, or constant for `fixed_lr` groups)."""
+def build_optimizer(method: Method, cfg: PretrainConfig, *, fuse_teacher: bool = True):
+    """The optimizer of the recipe over the method's parameter groups.
+
+    Args:
+        method: the method (sharded already under FSDP: the optimizer holds the parameters it is given).
+        cfg: a resolved config (optimizer, lr for a batch of 256, weight decay, batch size).
+        fuse_teacher: lars / adamw also step the teacher EMA (`sslfast.optim`). False (FSDP): the teacher is
+            stepped apart, and adamw is `torch.optim.AdamW` (the same math) over the sharded parameters.
+
+    Returns:
+        The optimizer; each group keeps the method's extra keys (`fixed_lr`) for the schedule.
+    """
     recipe = _recipe(cfg)
     lr = cfg.lr * cfg.batch_size / 256
     groups = []
@@ -46,11 +57,13 @@ def build_optimizer(method: Method, cfg: PretrainConfig):
         g["weight_decay"] = cfg.weight_decay * g.pop("weight_decay_scale", 1.0)
         groups.append(g)
     momentum = recipe.get("momentum", 0.9)
+    teacher = method.ema if fuse_teacher else None
     if cfg.optimizer == "lars":
-        opt = LARSEMA(groups, teacher=method.ema, lr=lr, momentum=momentum, weight_decay=cfg.weight_decay)
+        opt = LARSEMA(groups, teacher=teacher, lr=lr, momentum=momentum, weight_decay=cfg.weight_decay)
     elif cfg.optimizer == "adamw":
-        opt = AdamWEMA(groups, teacher=method.ema, lr=lr, betas=tuple(recipe.get("betas", (0.9, 0.999))),
-                       weight_decay=cfg.weight_decay)
+        adamw = AdamWEMA if fuse_teacher else torch.optim.AdamW
+        opt = adamw(groups, **({"teacher": teacher} if fuse_teacher else {}), lr=lr,
+                    betas=tuple(recipe.get("betas", (0.9, 0.999))), weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=cfg.weight_decay)
     return opt
@@ -90,29 +103,44 @@ class Run:
     """Everything a training step touches (built by `setup`)."""
     cfg: PretrainConfig
     method: Method
-    model: nn.Module              # the method, wrapped in DistributedDataParallel when world > 1
+    model: nn.Module              # the method, wrapped in DistributedDataParallel when world > 1 (not under FSDP)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
     world: int = 1
+    sharded: bool = False         # --strategy fsdp on several ranks: the method is sharded with FSDP2
 
     @property
     def fused_ema(self) -> bool:
-        return self.method.ema is not None and isinstance(self.optimizer, (AdamWEMA, LARSEMA))
+        return self.method.ema is not None and not self.sharded and isinstance(self.optimizer, (AdamWEMA, LARSEMA))
 
 
 def setup(cfg: PretrainConfig, steps_per_epoch: int, device, world: int = 1, **overrides) -> Run:
-    """Model, optimizer and schedule of a resolved config (DDP-wrapped when world > 1); `overrides` go to the
-    method's constructor."""
+    """Model, optimizer and schedule of a resolved config.
+
+    Args:
+        cfg: a resolved `PretrainConfig`.
+        steps_per_epoch: optimizer steps per epoch (the schedules' length).
+        device: the rank's device.
+        world: the number of ranks; above 1 the method is DDP-wrapped (`cfg.strategy == "ddp"`) or sharded
+            with FSDP2 (`"fsdp"`, `sslfast.train.fsdp`), and a process group must exist.
+        **overrides: keyword arguments of the method's constructor.
+
+    Returns:
+        The `Run` a training step takes.
+    """
     device = torch.device(device)
     method = build_model(cfg, world, **overrides).to(device)
     if device.type == "cuda" and not is_vit(cfg.backbone):
         method.to(memory_format=torch.channels_last)  # NHWC convolutions (tensor cores)
     method.configure(steps_per_epoch * cfg.epochs, steps_per_epoch)
-    opt = build_optimizer(method, cfg)
+    sharded = world > 1 and cfg.strategy == "fsdp"
+    if sharded:
+        shard_method(method, device, world)
+    opt = build_optimizer(method, cfg, fuse_teacher=not sharded)
     sched = build_scheduler(opt, steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch))
     model = method
-    if world > 1:
+    if world > 1 and not sharded:
         # buffers (global-BN statistics, queue, center) stay equal on every rank by construction: no per-step
         # broadcast (torch >= 2.13 names the switch forward_sync_buffers)
         ddp = nn.parallel.DistributedDataParallel
@@ -123,7 +151,7 @@ def setup(cfg: PretrainConfig, steps_per_epoch: int, device, world: int = 1, **o
         # the method's forward (backbone, heads, the sslfast custom ops) traced and compiled; the parameters,
         # buffers and the state dict stay the method's own (`run.method`)
         model = torch.compile(model)
-    return Run(cfg, method, model, opt, sched, device, world)
+    return Run(cfg, method, model, opt, sched, device, world, sharded)
 
 
 def forward_backward(run: Run, views) -> torch.Tensor:
@@ -142,12 +170,23 @@ def optimizer_step(run: Run) -> None:
     run.optimizer.step()          # lars / adamw: the teacher EMA is fused into this step
     run.scheduler.step()
     if run.method.ema is not None and not run.fused_ema:
-        run.method.ema.update()
+        if run.sharded:
+            ema_update_local(run.method.ema)   # the EMA on each rank's shards
+        else:
+            run.method.ema.update()
     run.method.after_step()
 
 
 def train_step(run: Run, views) -> torch.Tensor:
-    """One optimizer step on a batch of views; returns the (detached) loss of this rank."""
+    """One optimizer step on a batch of views.
+
+    Args:
+        run: what `setup` built.
+        views: this rank's augmented views (a list of [B, C, H, W] tensors).
+
+    Returns:
+        The (detached) loss of this rank.
+    """
     loss = forward_backward(run, views)
     optimizer_step(run)
     return loss.detach()

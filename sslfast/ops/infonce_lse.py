@@ -1,0 +1,285 @@
+"""The InfoNCE family's op, `sslfast::similarity_lse`: per-row (and optionally per-column) log-sum-exps of
+S = scale · norm(a) norm(b)ᵀ over the negatives plus the positives' logits, without storing S (math in
+`sslfast.kernels.infonce`), and its backward `sslfast::similarity_lse_backward` (tiles recomputed, never
+stored). The family (`InfoNCEImpl`) runs the Triton kernels on CUDA tensors and the chunked PyTorch path
+(`sslfast.ops._torch.infonce`) elsewhere, which also takes float64 and is differentiable twice (the kernels
+raise `DoubleBackwardError`).
+
+A problem travels as an `LseSpec` (its `IndexMaps` and flags); it is flattened to ints and bools only as the
+custom ops' arguments (`*spec`, its fields in schema order) and rebuilt by `_spec`. The losses over it are in
+`sslfast.ops.infonce`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Protocol
+
+import torch
+
+from .._backend import without_autocast
+from .._custom_op import TRITON_DOUBLE_BACKWARD, custom_op, differentiable_grads, double_backward_unsupported
+from ._family import Family
+
+NO_SPLIT = 1 << 30  # "never": an index map with no second segment, or an identity pairing
+BOUNDED_SCALE = 64.0  # plain-sum statistics hold for |logits| <= 64 (sslfast.kernels.infonce)
+
+
+class IndexMaps(NamedTuple):
+    """Global indices of local rows and columns, and each row's positive column.
+
+    Local row i is global row i + row_off + [i >= row_split]·row_shift (columns likewise with col_*), so a
+    rank's rows can be scored against an all-gathered batch; the positive of global row g is global column
+    π(g) = (g + pos_shift) mod pos_period. The defaults: identity maps, π(g) = g (CLIP, MoCo v3)."""
+
+    row_off: int = 0
+    row_split: int = NO_SPLIT
+    row_shift: int = 0
+    col_off: int = 0
+    col_split: int = NO_SPLIT
+    col_shift: int = 0
+    pos_shift: int = 0
+    pos_period: int = NO_SPLIT
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019  (a handful of maps, immutable; a hit costs no Python call)
+    def swapped(self) -> IndexMaps:
+        """The maps of Sᵀ (columns as rows); the pairing is kept, which is Sᵀ's when π is an involution."""
+        return IndexMaps(self.col_off, self.col_split, self.col_shift, self.row_off, self.row_split,
+                         self.row_shift, self.pos_shift, self.pos_period)
+
+
+class LseSpec(NamedTuple):
+    """One `similarity_lse` problem: `maps`; `symmetric`, b is a (NT-Xent on one device); `exclude_self`,
+    j = i leaves row i's negatives; `want_pos`, the positives are columns of b (left out of the sums);
+    `col_stats`, column log-sum-exps too (CLIP); `bounded`, |scale| <= 64 is known (plain-sum kernels)."""
+
+    maps: IndexMaps
+    symmetric: bool = False
+    exclude_self: bool = False
+    want_pos: bool = True
+    col_stats: bool = False
+    bounded: bool = False
+
+
+class InfoNCEImpl(Protocol):
+    """What `kernels.infonce` and `ops._torch.infonce` both define (math in `sslfast.kernels.infonce`)."""
+
+    def row_rnorm(self, x, partner=None, scale=None):
+        """1/max(‖x_i‖, 1e-12) [M]; with a partner, (that, its inverse norms, scale · x̂_i·p̂_i)."""
+
+    def tile_operands(self, r, c, rn_r, rn_c):
+        """(r, c, rn_r, rn_c) as the two functions below take them, made once per pass; one matrix stays one."""
+
+    def similarity_lse(self, r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col_stats, bounded):
+        """(lse_r [M], lse_c [Nc] or empty, pos [M] or empty) of rows r against columns c; maps: `IndexMaps`."""
+
+    def similarity_lse_rows_grad(self, r, c, rn_r, rn_c, scale, maps, *, exclude_self, bounded, lse_r=None,
+                                 g_r=None, lse_c=None, g_c=None, g_pr=None, g_pc=None, want_dscale=False):
+        """(∂L/∂r̂ [M, D], ∂L/∂scale or None) for the upstream gradients given (None: term left out)."""
+
+    def row_normalize_backward(self, x, rn, dxh=None, partner=None, rn_p=None, coef=None):
+        """∂L/∂x in x's dtype from ∂L/∂x̂ (optional) plus the gradient of coef_i · x̂_i·p̂_i."""
+
+    def loss_epilogue(self, lse_r, lse_c, pos):
+        """(`contrastive_loss`, ∂/∂lse_r, ∂/∂lse_c or None, ∂/∂pos) for an upstream 1."""
+
+
+FAMILY = Family("infonce", InfoNCEImpl)
+_impl = FAMILY.impl
+_IDENTITY = IndexMaps()
+
+
+@functools.lru_cache(maxsize=256)
+def _spec(maps: tuple, symmetric, exclude_self, want_pos, col_stats, bounded) -> LseSpec:
+    """The `LseSpec` of a custom op's flat arguments, `maps` as a tuple (it arrives as a list when traced);
+    cached, as are the specs the losses pose (a hit costs no Python call)."""
+    return LseSpec(IndexMaps(*maps), symmetric, exclude_self, want_pos, col_stats, bounded)
+
+
+@functools.lru_cache(maxsize=256)
+def _pair_spec(n: int, bounded: bool) -> LseSpec:
+    """Single-device NT-Xent: [z1; z2] (2n rows) against itself, row i's positive i ± n, itself excluded."""
+    return LseSpec(IndexMaps(pos_shift=n, pos_period=2 * n), symmetric=True, exclude_self=True, bounded=bounded)
+
+
+@functools.lru_cache(maxsize=256)
+def _rows_spec(row_off: int, bounded: bool) -> LseSpec:
+    """Rows (global offset `row_off`) against all columns, row i's positive column i (MoCo v3, CLIP gathered)."""
+    return LseSpec(IndexMaps(row_off=row_off), bounded=bounded)
+
+
+_QUEUE_SPECS = {bounded: LseSpec(_IDENTITY, want_pos=False, bounded=bounded) for bounded in (False, True)}
+_CLIP_SPEC = LseSpec(_IDENTITY, col_stats=True)
+
+
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    """The statistics' and scale's dtype: fp32, fp64 for fp64 inputs (promote_types without a dispatch)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`: x itself when it already is (`Tensor.to` costs a dispatcher call even then)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+# ------------------------------------------------------------------------------------------- the op
+@without_autocast
+def _forward(a, b, partner, scale, spec: LseSpec):
+    """similarity_lse's outputs, then the partner's inverse norms (or None) for a backward in the same call."""
+    *out, rn_p = _stats(_impl(a, b, scale), a, b, partner, scale, spec)
+    if spec.symmetric:
+        out[4] = out[3].new_empty(0)  # a fresh placeholder: outputs may not alias each other
+    return (*out, rn_p)
+
+
+def _stats(impl, a, b, partner, scale, spec: LseSpec):
+    """`_forward` on `impl`, except that rn_b is None when symmetric."""
+    rn_p = None
+    if partner is None:
+        rn_a = impl.row_rnorm(a)
+    else:
+        rn_a, rn_p, pos = impl.row_rnorm(a, partner, scale)
+    rn_b = rn_a if spec.symmetric else impl.row_rnorm(b)
+    lse_r, lse_c, tile_pos = impl.similarity_lse(*impl.tile_operands(a, b, rn_a, rn_b), scale, spec.maps,
+                                                 exclude_self=spec.exclude_self, want_pos=spec.want_pos,
+                                                 col_stats=spec.col_stats, bounded=spec.bounded)
+    if partner is None:
+        pos = tile_pos
+    st = _stat_dtype(a)
+    sym = spec.symmetric
+    return _as(lse_r, st), _as(lse_c, st), _as(pos, st), _as(rn_a, st), None if sym else _as(rn_b, st), rn_p
+
+
+@without_autocast
+def _backward(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p, spec: LseSpec, *, want_b: bool,
+              want_scale: bool):
+    """similarity_lse_backward's outputs: a fresh empty tensor for each gradient not computed (outputs may not
+    alias each other)."""
+    da, db, dpartner, dscale = _grads(_impl(a, b, scale), a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r,
+                                      g_c, g_p, spec, want_b=want_b, want_scale=want_scale)
+    return (da, a.new_empty(0) if db is None else db, a.new_empty(0) if dpartner is None else dpartner,
+            scale.new_empty(0) if dscale is None else dscale)
+
+
+def _grads(impl, a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p, spec: LseSpec, *, want_b,
+           want_scale, rn_p=None):
+    """`_backward` on `impl`, with None for the gradients it does not compute."""
+    maps, symmetric, exclude_self, bounded = spec.maps, spec.symmetric, spec.exclude_self, spec.bounded
+    if symmetric:
+        lse_c, g_c, rn_b = lse_r, g_r, rn_a
+    with_c = g_c is not None
+    tile_pos = g_p if partner is None else None
+    ta, tb, trn_a, trn_b = impl.tile_operands(a, b, rn_a, rn_b)  # once for both roles
+    dah, dscale = impl.similarity_lse_rows_grad(
+        ta, tb, trn_a, trn_b, scale, maps, exclude_self=exclude_self, bounded=bounded, lse_r=lse_r, g_r=g_r,
+        lse_c=lse_c if with_c else None, g_c=g_c, g_pr=tile_pos, g_pc=tile_pos if symmetric else None,
+        want_dscale=want_scale)
+    db = dpartner = None
+    if partner is None:
+        da = impl.row_normalize_backward(a, rn_a, dah)
+    else:
+        rn_p = impl.row_rnorm(partner) if rn_p is None else rn_p
+        coef = g_p * scale
+        da = impl.row_normalize_backward(a, rn_a, dah, partner, rn_p, coef)
+        dpartner = impl.row_normalize_backward(partner, rn_p, None, a, rn_a, coef)
+        if want_scale:
+            dscale = dscale + (g_p * pos).sum() / scale
+    if want_b and not symmetric:
+        dbh, _ = impl.similarity_lse_rows_grad(
+            tb, ta, trn_b, trn_a, scale, maps.swapped(), exclude_self=exclude_self, bounded=bounded,
+            lse_r=lse_c if with_c else None, g_r=g_c, lse_c=lse_r, g_c=g_r, g_pc=tile_pos)
+        db = impl.row_normalize_backward(b, rn_b, dbh)
+    return da, db, dpartner, _as(dscale, scale.dtype).reshape(()) if want_scale else None
+
+
+def _backward_inputs(ctx, g_r, g_c, g_p):
+    """Arguments of `similarity_lse_backward` from an autograd context (custom op or autograd.Function). The
+    upstream gradients are made contiguous: autograd may hand on an expanded one (that of a sum, say), whose
+    stride 0 the kernels' row indexing would read past."""
+    a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b = ctx.saved_tensors
+    spec = ctx.spec
+    st = lse_r.dtype
+    g_c = _as(g_c, st).contiguous() if spec.col_stats else None
+    g_p = _as(g_p, st).contiguous() if spec.want_pos or partner is not None else None
+    return (a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, _as(g_r, st).contiguous(), g_c, g_p, *spec,
+            ctx.needs_input_grad[1] and not spec.symmetric, ctx.needs_input_grad[3])
+
+
+def _input_grads(ctx, da, db, dp, dscale):
+    """similarity_lse's input gradients: a, b, partner, scale, then None for the six flat `LseSpec` fields."""
+    needs = ctx.needs_input_grad
+    return (da, db if needs[1] and not ctx.spec.symmetric else None, dp if ctx.saved_tensors[2] is not None else None,
+            dscale if needs[3] else None, None, None, None, None, None, None)
+
+
+def _save(ctx, inputs, output):
+    a, b, partner, scale, maps, *flags = inputs
+    ctx.save_for_backward(a, b, partner, scale, *output)
+    ctx.spec = _spec(tuple(maps), *flags)
+
+
+def _fake_lse(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col_stats, bounded):
+    m, nb = a.shape[0], b.shape[0]
+    f32 = dict(dtype=_stat_dtype(a), device=a.device)
+    has_pos = want_pos or partner is not None
+    return (a.new_empty(m, **f32), a.new_empty(nb if col_stats else 0, **f32),
+            a.new_empty(m if has_pos else 0, **f32), a.new_empty(m, **f32), a.new_empty(0 if symmetric else nb, **f32))
+
+
+def _fake_lse_backward(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p, maps, symmetric,
+                       exclude_self, want_pos, col_stats, bounded, want_b, want_scale):
+    db = torch.empty_like(b) if want_b and not symmetric else a.new_empty(0)
+    dp = a.new_empty(0) if partner is None else torch.empty_like(partner)
+    return torch.empty_like(a), db, dp, scale.new_empty(() if want_scale else (0,))
+
+
+@custom_op("similarity_lse_backward", fake=_fake_lse_backward)
+def similarity_lse_backward(a: torch.Tensor, b: torch.Tensor, partner: torch.Tensor | None, scale: torch.Tensor,
+                            lse_r: torch.Tensor, lse_c: torch.Tensor, pos: torch.Tensor, rn_a: torch.Tensor,
+                            rn_b: torch.Tensor, g_r: torch.Tensor, g_c: torch.Tensor | None,
+                            g_p: torch.Tensor | None, maps: list[int], symmetric: bool, exclude_self: bool,
+                            want_pos: bool, col_stats: bool, bounded: bool, want_b: bool, want_scale: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(da, db or [0], dpartner or [0], dscale or [0]) for upstream gradients g_r (of lse_r), g_c (of lse_c),
+    g_p (of pos); `maps` … `bounded` are the flat `LseSpec`.
+
+    Rows of a see G directly; rows of b see Gᵀ, i.e. the same kernel with the roles swapped. In the
+    symmetric case both roles land on a and a single launch computes G + Gᵀ. A partner's positive
+    s_i = scale·â_i·p̂_i adds g_p[i]·scale·p̂_i to ∂L/∂â_i (and the mirror term to p) in the row-norm backward."""
+    return _backward(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p,
+                     _spec(tuple(maps), symmetric, exclude_self, want_pos, col_stats, bounded), want_b=want_b,
+                     want_scale=want_scale)
+
+
+def _op_backward(ctx, g_r, g_c, g_p, *_):
+    return _input_grads(ctx, *similarity_lse_backward(*_backward_inputs(ctx, g_r, g_c, g_p)))
+
+
+def _differentiable_stats(spec: LseSpec):
+    """(a, b, partner, scale) -> (lse_r, lse_c, pos) in plain autograd: the PyTorch path's forward."""
+    def stats(a, b, partner, scale):
+        if _impl(a, b, scale) is not FAMILY.torch:
+            raise double_backward_unsupported("similarity_lse", TRITON_DOUBLE_BACKWARD)
+        return _forward(a, b, partner, scale, spec)[:3]
+    return stats
+
+
+def _op_double_backward(ctx, g_r, g_c, g_p, *_):
+    """create_graph=True: the statistics recomputed in plain autograd (PyTorch path), so the input gradients
+    are differentiable in the inputs and in g_r, g_c, g_p."""
+    grads = differentiable_grads(_differentiable_stats(ctx.spec), ctx.saved_tensors[:4], ctx.needs_input_grad[:4],
+                                 (g_r, g_c, g_p))
+    return _input_grads(ctx, *grads)
+
+
+@custom_op("similarity_lse", fake=_fake_lse, backward=_op_backward, setup_context=_save, non_differentiable=(3, 4),
+           double_backward=_op_double_backward)
+def similarity_lse_op(a: torch.Tensor, b: torch.Tensor, partner: torch.Tensor | None, scale: torch.Tensor,
+                      maps: list[int], symmetric: bool, exclude_self: bool, want_pos: bool, col_stats: bool,
+                      bounded: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sslfast::similarity_lse`: (lse_r [M], lse_c [Nb] or [0], pos [M] or [0], rn_a, rn_b or [0] if
+    symmetric), fp32 (fp64 for fp64 inputs); `maps` … `bounded` are the flat `LseSpec`.
+
+    `partner` (MoCo's queue mode): the positive of row i is partner[i] instead of a column of b, scored in the
+    row-norm pass. The inverse row norms are returned for the backward; they get no gradient."""
+    return _forward(a, b, partner, scale, _spec(tuple(maps), symmetric, exclude_self, want_pos, col_stats,
+                                                bounded))[:5]
