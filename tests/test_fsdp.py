@@ -40,44 +40,41 @@ def _steps(method, world, views, strategy, steps, kw):
     return {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def _rank_fn(rank, world, method, views, steps, kw):
-    n = views[0].shape[0] // world
-    return _steps(method, world, [v[rank * n:(rank + 1) * n] for v in views], "fsdp", steps, kw)
+# (method, optimizer steps, seed, config overrides):
+# * BYOL on resnet_tiny: stages sharded, LARS trust ratios over shards, global BN, EMA teacher; two steps.
+# * SimCLR: no teacher, gathered negatives; two steps.
+# * DINO on vit_micro: blocks of student and teacher sharded, center buffer; one step with SGD, because AdamW's
+#   first steps divide by the gradient's own magnitude, which turns last-bit summation-order differences of
+#   near-zero gradients into visible ones (DDP differs from one process by the same amount there).
+PARITY_CASES = [("byol", 2, 11, {}), ("simclr", 2, 12, {}),
+                ("dino", 1, 13, dict(backbone="vit_micro", optimizer="sgd"))]
 
 
-def _check_parity(method, steps, seed, **kw):
-    views = _views(method, 8, seed, **kw)
-    ranks = run_ranks(2, _rank_fn, method, views, steps, kw, timeout=150)
-    single = _steps(method, 1, views, "ddp", steps, kw)
-    assert set(ranks[0]) == set(single)
-    assert any(k.startswith("ema.teacher.") for k in single) == (method != "simclr")  # the teacher is compared
-    for rank_state in ranks:
-        for key, want in single.items():
-            if key.endswith("num_batches_tracked"):
-                assert torch.equal(rank_state[key], want), key
-                continue
-            torch.testing.assert_close(rank_state[key], want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{key}: {m}")
-
-
-@pytest.mark.slow
-def test_fsdp_byol_two_steps_equal_one_process():
-    """BYOL on resnet_tiny (stages sharded, LARS trust ratios over shards, global BN): student and EMA teacher
-    after 2 steps on 2 ranks × 4 images equal one process on the 8 images."""
-    _check_parity("byol", steps=2, seed=11)
+def _rank_fn(rank, world, cases):
+    out = []
+    for method, steps, views, kw in cases:
+        n = views[0].shape[0] // world
+        out.append(_steps(method, world, [v[rank * n:(rank + 1) * n] for v in views], "fsdp", steps, kw))
+    return out
 
 
 @pytest.mark.slow
-def test_fsdp_simclr_step_equals_one_process():
-    """SimCLR (no teacher; gathered negatives) after 2 steps."""
-    _check_parity("simclr", steps=2, seed=12)
-
-
-@pytest.mark.slow
-def test_fsdp_dino_vit_step_equals_one_process():
-    """DINO on vit_micro (blocks of student and teacher sharded, center buffer), one step with SGD: AdamW's first steps
-    divide by the gradient's own magnitude, which turns last-bit summation-order differences of near-zero
-    gradients into visible ones (DDP differs from one process by the same amount there)."""
-    _check_parity("dino", steps=1, seed=13, backbone="vit_micro", optimizer="sgd")
+def test_fsdp_steps_equal_one_process():
+    """Student and EMA teacher after the steps on 2 ranks × 4 images equal one process on the 8 images, for each
+    of `PARITY_CASES` (one pair of worker processes runs them all)."""
+    cases = [(method, steps, _views(method, 8, seed, **kw), kw) for method, steps, seed, kw in PARITY_CASES]
+    ranks = run_ranks(2, _rank_fn, cases, timeout=300)
+    for i, (method, steps, views, kw) in enumerate(cases):
+        single = _steps(method, 1, views, "ddp", steps, kw)
+        assert set(ranks[0][i]) == set(single), method
+        assert any(k.startswith("ema.teacher.") for k in single) == (method != "simclr")  # the teacher is compared
+        for rank_states in ranks:
+            for key, want in single.items():
+                got = rank_states[i][key]
+                if key.endswith("num_batches_tracked"):
+                    assert torch.equal(got, want), f"{method} {key}"
+                    continue
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{method} {key}: {m}")
 
 
 def _pretrain_fn(rank, world, out):
