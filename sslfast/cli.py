@@ -164,7 +164,8 @@ def _add_pretrain(sub) -> None:
                         "optimizer state of the student and its EMA teacher sharded over the processes, gathered "
                         "per block; the checkpoint still holds the whole model). Not swav")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the method's forward (CUDA only; the first steps compile)")
+                   help="torch.compile the method's forward (the first steps compile: seconds on CUDA, about a minute "
+                        "on a CPU)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture the whole step in a CUDA graph (not implemented yet: refused with the reason)")
     p.add_argument("--stop-after", type=int, metavar="EPOCHS",

@@ -123,7 +123,7 @@ class _EMAOptimizer(torch.optim.Optimizer):
             if teachers:
                 _ops.ema_update_(teachers, students, momentum)
         if self._ema is not None:
-            self._ema._finish()
+            self._ema.finish_step()
         return loss
 
 

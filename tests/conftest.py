@@ -64,3 +64,25 @@ def seed():
     s = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(s)
     return s
+
+
+# ------------------------------------------------------------------------------------- a finished pretraining run
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """A finished one-epoch SimCLR run on the digits (shared; tests work on copies: `run_copy`)."""
+    from sslfast import cli
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert cli.main(["pretrain", "--epochs", "1", "--batch-size", "128", "--no-knn", "--no-progress", "--out",
+                     str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    """A copy of `finished_run` the test may change."""
+    import shutil
+
+    dst = tmp_path / "run"
+    shutil.copytree(finished_run, dst)
+    return dst

@@ -155,10 +155,12 @@ class EMA(nn.Module):
         """
         student, teacher = self._params()
         _ops.ema_update_(teacher, student, self.momentum if momentum is None else momentum)
-        self._finish()
+        self.finish_step()
 
-    def _finish(self) -> None:
-        """Buffers copied and the step counted (after the parameters were EMA'd, here or by a fused step)."""
+    def finish_step(self) -> None:
+        """Completes an update whose parameters were already averaged elsewhere (a fused optimizer step, or the
+        EMA over FSDP shards): copies the buffers (when `copy_buffers`) and counts the step, as `update` does
+        after its own average."""
         if self.copy_buffers:
             with torch.no_grad():  # BatchNorm statistics, counters: one multi-tensor copy per dtype
                 for s_slots, t_slots in self._buffer_groups:

@@ -25,9 +25,9 @@ from .._backend import without_autocast
 from .._custom_op import TRITON_DOUBLE_BACKWARD, grads_in_forward, loss_with_grads, scalar_constant
 from ..distributed import all_gather, rank_and_world
 from ._torch.infonce import contrastive_loss
-from .infonce_lse import (_CLIP_SPEC, _QUEUE_SPECS, BOUNDED_SCALE, FAMILY, IndexMaps, LseSpec, _differentiable_stats,
-                          _grads, _impl, _pair_spec, _rows_spec, _stat_dtype, _stats, similarity_lse_op)
+from .infonce_lse import FAMILY, _differentiable_stats, _grads, _impl, _stat_dtype, _stats, similarity_lse_op
 from .infonce_lse import InfoNCEImpl, similarity_lse_backward  # noqa: F401  (the family's contract and ops, here too)
+from .infonce_spec import _CLIP_SPEC, _QUEUE_SPECS, BOUNDED_SCALE, IndexMaps, LseSpec, _pair_spec, _rows_spec
 
 
 # ------------------------------------------------------------------------------------------- the losses

@@ -86,7 +86,7 @@ def ema_update_local(ema: EMA) -> None:
         ema: the method's `EMA`, its student and teacher sharded alike by `shard_method`.
     """
     ema_update_(_locals(ema.teacher), _locals(ema.student), ema.momentum)
-    ema._finish()
+    ema.finish_step()
 
 
 def _options(**kw):
