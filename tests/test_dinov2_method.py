@@ -146,12 +146,13 @@ def _views(B, locals_=3, seed=0, dtype=torch.float32):
             + [torch.randn(B, 3, 6, 6, generator=g, dtype=dtype) for _ in range(locals_)])
 
 
+@pytest.mark.parametrize("fused_head", [True, False])
 @pytest.mark.parametrize("centering", ["sinkhorn_knopp", "centering"])
-def test_loss_is_the_weighted_sum_of_direct_terms(centering):
+def test_loss_is_the_weighted_sum_of_direct_terms(centering, fused_head):
     """Every term recomputed in float64 from the student / teacher networks: the DINO term over the 2(V − 1)
     cross-view pairs, iBOT over the masked tokens, KoLeo per global crop; total = 1·dino + 1·ibot + 0.1·koleo;
-    the teacher temperature follows DINOv2's per-step warm-up."""
-    m = _small(centering=centering, warmup_teacher_temp_epochs=3).double()
+    the teacher temperature follows DINOv2's per-step warm-up; on the fused and the materialized head."""
+    m = _small(centering=centering, warmup_teacher_temp_epochs=3, fused_head=fused_head).double()
     m.configure(total_steps=40, steps_per_epoch=10)
     m.global_step = 17
     temp = 0.04 + 17 * (0.07 - 0.04) / 29
@@ -199,7 +200,10 @@ def test_loss_is_the_weighted_sum_of_direct_terms(centering):
     assert len(pairs) == 2 * (2 + N - 1)
     dino = torch.stack(pairs).mean()
     s_patch_logits = F.linear(F.normalize(head.mlp(s_tok[:, 1:][masks]), dim=-1), W)
-    torch.testing.assert_close(out.ibot_logits, s_patch_logits)
+    torch.testing.assert_close(out.ibot_feats @ out.ibot_prototypes.t(), s_patch_logits)
+    assert (out.ibot_logits is None) == fused_head
+    if not fused_head:
+        torch.testing.assert_close(out.ibot_logits, s_patch_logits)
     ce_tok = _ce(q_ibot, s_patch_logits)
     image_of_token = masks.nonzero()[:, 0]
     per_image = torch.zeros(2 * B, dtype=torch.float64).index_add_(0, image_of_token, ce_tok)
@@ -222,13 +226,62 @@ def test_loss_weights_and_separate_ibot_head():
     m = _small(ibot_separate_head=True, dino_loss_weight=0.5, ibot_loss_weight=2.0, koleo_loss_weight=0.0)
     assert m.ibot_head is not None and len(m.ema.teacher) == 3
     out = m.compute(_views(4))
-    assert set(out.terms) == {"dino", "ibot"} and out.ibot_logits.shape[1] == m.ibot_head.last_layer.weight.shape[0]
+    assert set(out.terms) == {"dino", "ibot"} and out.ibot_prototypes.shape == m.ibot_head.last_layer.weight.shape
     torch.testing.assert_close(out.loss, 0.5 * out.terms["dino"] + 2.0 * out.terms["ibot"])
     out.loss.backward()
     assert m.ibot_head.mlp[0].weight.grad.abs().sum() > 0 and m.backbone.mask_token.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("centering", ["sinkhorn_knopp", "centering"])
+@pytest.mark.parametrize("separate", [False, True])
+def test_fused_head_equals_materialized(centering, separate, seed):
+    """float64, two copies of one model (fused_head True / False), 3 steps with fresh masks: the same terms,
+    centers, and gradients of every parameter; no differentiable [M, K] or [V·B, K] tensor saved when fused;
+    the same state_dict keys."""
+    import copy
+
+    fused = _small(centering=centering, ibot_separate_head=separate).double()
+    plain = copy.deepcopy(fused)
+    plain.fused_head = False
+    assert fused.fused_head and fused.state_dict().keys() == plain.state_dict().keys()
+    if centering == "centering":
+        with torch.no_grad():
+            for c in (fused.dino_center, fused.ibot_center, plain.dino_center, plain.ibot_center):
+                c.copy_(torch.arange(c.shape[1], dtype=torch.float64).sin())
+    B, K = 5, fused.dino_head.last_layer.weight.shape[0]
+    for step in range(3):
+        views = _views(B, 2, seed=seed + step, dtype=torch.float64)
+        masks = ibot_masks(2 * B, (8, 8), generator=torch.Generator().manual_seed(seed + step))
+        outs, grads = [], []
+        for m in (fused, plain):
+            m.zero_grad(set_to_none=True)
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                out = m.compute(views, masks=masks)
+            big = [t.shape for t in saved if t.shape[-1:] == (K,) and t.requires_grad and t.dim() == 2]
+            assert (big == []) == m.fused_head, big
+            out.loss.backward()
+            outs.append(out)
+            grads.append({n: p.grad for n, p in m.named_parameters()})
+        what = f"step {step}, {centering}, separate {separate}, seed {seed}"
+        assert outs[0].terms.keys() == outs[1].terms.keys() == {"dino", "ibot", "koleo"}, what
+        for k in outs[1].terms:
+            torch.testing.assert_close(outs[0].terms[k], outs[1].terms[k], rtol=1e-12, atol=1e-12, msg=what)
+        torch.testing.assert_close(outs[0].teacher_ibot, outs[1].teacher_ibot, rtol=1e-10, atol=1e-12, msg=what)
+        if centering == "centering":
+            torch.testing.assert_close(fused.dino_center, plain.dino_center, rtol=1e-12, atol=1e-12, msg=what)
+            torch.testing.assert_close(fused.ibot_center, plain.ibot_center, rtol=1e-12, atol=1e-12, msg=what)
+        for name, g in grads[1].items():
+            assert (grads[0][name] is None) == (g is None), name
+            if g is not None:
+                torch.testing.assert_close(grads[0][name], g, rtol=1e-9, atol=1e-13,
+                                           msg=lambda msg, name=name: f"d {name}, {what}: {msg}")
+        assert grads[0][("ibot_head" if separate else "dino_head") + ".last_layer.weight"].abs().sum() > 0
+
+
 def test_bad_arguments():
+    with pytest.raises(TypeError, match="fused_head"):
+        _small(fused_head="yes")
     with pytest.raises(ValueError, match="ViT"):
         build_method("dinov2", build_backbone("resnet_tiny", image_size=16), profile="small")
     with pytest.raises(ValueError, match="centering"):

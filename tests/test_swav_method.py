@@ -1,5 +1,6 @@
 """The `swav` method: main_swav.py's loss, codes and queue (float64 re-implementation of its training loop),
 prototype normalization and freezing, its preset, and a short `sslfast pretrain --method swav` run."""
+import copy
 import json
 import math
 import os
@@ -35,13 +36,16 @@ def _method(dtype=torch.float64, **kw):
 
 
 def _capture(method):
-    """Records the (normalized embedding, scores, prototype weight) of every prototypes forward."""
+    """Records the (normalized embedding, scores, prototype weight) of every forward (from the projector's
+    output, the prototypes already normalized: the same on the fused and materialized paths)."""
     seen = []
 
     def hook(mod, args, out):
-        seen.append((args[0].detach().clone(), out.detach().clone(), mod.weight.detach().clone()))
+        z = F.normalize(out.detach(), dim=1)
+        w = method.prototypes.weight.detach().clone()
+        seen.append((z, z @ w.t(), w))
 
-    method.prototypes.register_forward_hook(hook)
+    method.projector.register_forward_hook(hook)
     return seen
 
 
@@ -79,8 +83,9 @@ def _main_swav_loss(embedding, output, weight, queue, bs, nmb_crops, *, temperat
 
 
 # --------------------------------------------------------------------------------------------- loss and codes
-def test_loss_is_main_swav_loss(seed):
-    method = _method()
+@pytest.mark.parametrize("fused_head", [True, False])
+def test_loss_is_main_swav_loss(seed, fused_head):
+    method = _method(fused_head=fused_head)
     seen = _capture(method)
     views = _views(7, seed, torch.float64)
     loss = method(views)
@@ -92,11 +97,12 @@ def test_loss_is_main_swav_loss(seed):
     torch.testing.assert_close(loss.detach(), want, rtol=1e-10, atol=1e-10)
 
 
-def test_queue_is_main_swav_queue(seed):
+@pytest.mark.parametrize("fused_head", [True, False])
+def test_queue_is_main_swav_queue(seed, fused_head):
     """queue_length 2·B from epoch 0: two batches fill it (codes from the batch alone), the third batch's codes
     come from Sinkhorn over [queue; batch]; the queue holds the newest embeddings first."""
     B = 5
-    method = _method(queue_length=2 * B, epoch_queue_starts=0)
+    method = _method(queue_length=2 * B, epoch_queue_starts=0, fused_head=fused_head)
     method.configure(total_steps=10, steps_per_epoch=5)
     seen = _capture(method)
     queue = torch.zeros(2, 2 * B, 64, dtype=torch.float64)
@@ -106,10 +112,73 @@ def test_queue_is_main_swav_queue(seed):
         z, scores, weight = seen[-1]
         want = _main_swav_loss(z, scores, weight, queue, B, 8)
         torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(method.queue, queue, rtol=0, atol=0)
+        torch.testing.assert_close(method.queue, queue, rtol=0, atol=0 if not fused_head else 1e-15)
         if step == 2:  # the queue changes the codes: not the loss without it
             assert not torch.allclose(loss, _main_swav_loss(z, scores, weight, None, B, 8), rtol=1e-6, atol=0)
     assert int(method.queue_count) == 3 * B
+
+
+def _step(method, views):
+    method.zero_grad(set_to_none=True)
+    loss = method(views)
+    loss.backward()
+    method.before_optimizer_step()
+    return loss.detach(), {n: p.grad for n, p in method.named_parameters()}
+
+
+@pytest.mark.parametrize("queue", [False, True])
+def test_fused_head_equals_materialized(seed, queue):
+    """float64, 4 steps of two copies (fused_head True / False) of one SwAV with un-normalized prototypes: the
+    same loss and gradients of every parameter, prototypes dropped during epoch 0 and normalized in place by
+    both, and (queue) the same queue, full from the third step on; the same state_dict keys."""
+    kw = dict(queue_length=8, epoch_queue_starts=0) if queue else {}
+    fused = _method(**kw)
+    plain = copy.deepcopy(fused)
+    plain.fused_head = False
+    assert fused.fused_head and fused.state_dict().keys() == plain.state_dict().keys()
+    B = 4
+    for step in range(4):
+        for m in (fused, plain):
+            m.configure(total_steps=4, steps_per_epoch=2)
+            m.global_step = step
+        views = _views(B, seed + step, torch.float64)
+        (lf, gf), (lp, gp) = _step(fused, views), _step(plain, views)
+        what = f"step {step}, queue {queue}, seed {seed}"
+        torch.testing.assert_close(lf, lp, rtol=1e-12, atol=1e-12, msg=what)
+        for name in gp:  # atol: biases before BN have gradients of pure rounding noise
+            assert (gf[name] is None) == (gp[name] is None) == (name == "prototypes.weight" and step < 2), name
+            if gp[name] is not None:
+                torch.testing.assert_close(gf[name], gp[name], rtol=1e-9, atol=1e-13,
+                                           msg=lambda m, name=name: f"d {name}, {what}: {m}")
+        torch.testing.assert_close(fused.prototypes.weight, plain.prototypes.weight, rtol=0, atol=1e-15)
+        torch.testing.assert_close(fused.prototypes.weight.norm(dim=1), torch.ones(100, dtype=torch.float64))
+        if queue:
+            torch.testing.assert_close(fused.queue, plain.queue, rtol=0, atol=1e-15)
+        with torch.no_grad():  # the next step's prototypes: moved, off the sphere until the next forward
+            for m in (fused, plain):
+                m.prototypes.weight.add_(0.1 * m.prototypes.weight.flip(0))
+    if queue:
+        assert int(fused.queue_count) == 4 * B
+
+
+def test_fused_head_saves_no_scores_backends(backend, seed):
+    """fp32 on the reference and Triton (interpreted) paths: the fused head agrees with the materialized one
+    and its graph saves no differentiable [V·B, K] tensor."""
+    fused = _method(torch.float32)
+    plain = copy.deepcopy(fused)
+    plain.fused_head = False
+    views = _views(4, seed, torch.float32)
+    for m in (fused, plain):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss = m(views)
+        big = [t for t in saved if t.shape[-1:] == (100,) and t.numel() >= 8 * 4 * 100 and t.requires_grad]
+        assert (big == []) == m.fused_head
+        m.grads = torch.autograd.grad(loss, [m.prototypes.weight, m.projector[0].weight])
+        m.loss = loss.detach()
+    torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused.grads, plain.grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_queue_waits_for_its_epoch(seed):
@@ -190,6 +259,7 @@ def test_swav_preset():
     (dict(queue_length=-1), ValueError, "queue_length"),
     (dict(sinkhorn_iterations=True), TypeError, "sinkhorn_iterations"),
     (dict(freeze_prototypes_epochs=float("nan")), ValueError, "freeze_prototypes_epochs"),
+    (dict(fused_head=None), TypeError, "fused_head"),
 ])
 def test_bad_arguments(kw, exc, match):
     with pytest.raises(exc, match=match):

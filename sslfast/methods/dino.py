@@ -5,8 +5,19 @@ Student: backbone → head (3-layer MLP 2048 wide with GELU, no BN, to a 256-d b
 weight-normalized bias-free linear layer to K = 65536 prototypes whose norm is fixed, "norm_last_layer").
 Teacher: an EMA of backbone + head (`sslfast.EMA`, 0.996 → 1 on a cosine). Multi-crop: the student sees every
 crop (2 global + the local ones, each resolution batched through the backbone once), the teacher the 2 global
-ones. Loss: `sslfast.nn.DINOLoss` — the centered, sharpened cross-entropy over all (global, other crop) pairs
-in one op (`sslfast.dino_loss`) with the center EMA (momentum 0.9), τ_s = 0.1, τ_t = 0.04.
+ones. Loss: the centered, sharpened cross-entropy over all (global, other crop) pairs with the center EMA
+(momentum 0.9, the `center` buffer of `sslfast.nn.DINOLoss`, which also holds the τ_t warm-up), τ_s = 0.1,
+τ_t = 0.04:
+
+* `fused_head=True` (the default): the head's last layer and the loss in one op. The teacher's targets come
+  from its normalized bottleneck features and prototypes (`sf.prototype_teacher_probs`, which also updates the
+  center), the student's cross-entropy from its features and prototypes (`sf.prototype_cross_entropy`, through
+  `sslfast.nn.heads.multicrop_prototype_loss`): the [V·B, K] student logits, their softmax and their gradient
+  are never stored (only per-row statistics; the backward recomputes the logits tile by tile). The teacher's
+  [G·B, K] targets remain. Same loss, center update and gradients as the materialized path (up to rounding).
+* `fused_head=False`: the materialized path, `head(x)` → [V·B, K] logits → `sslfast.dino_loss`.
+
+Both keep the parameters and buffers (`head.last_layer.weight`, `criterion.center`): checkpoints load either way.
 
 RECIPE (main_dino.py defaults): AdamW lr 5e-4 · B/256, weight decay 0.04 (DINO raises it to 0.4 on a cosine;
 kept constant here), 10 warm-up epochs, cosine; the last layer frozen during the first epoch. Gradient
@@ -24,6 +35,8 @@ from torch import nn
 from ..models.layers import SyncBatchNorm
 from ..nn.dino import DINOLoss
 from ..nn.ema import EMA
+from ..nn.heads import multicrop_prototype_loss, multicrop_rows
+from ..ops.prototype_ce import prototype_teacher_probs
 from .base import BenchStep, Method, check_views, loss_region
 
 
@@ -64,7 +77,18 @@ class DINOHead(nn.Module):
         self.last_layer = NormedLinear(bottleneck_dim, out_dim)
 
     def forward(self, x):
+        """The materialized logits [N, K] of inputs x [N, in_dim]."""
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The L2-normalized bottleneck features [N, bottleneck_dim] of x [N, in_dim] (`forward`'s last layer input).
+        """
+        return F.normalize(self.mlp(x), dim=-1)
+
+    def prototypes(self) -> torch.Tensor:
+        """The last layer's effective weight [K, bottleneck_dim]: its rows scaled to unit norm, so that
+        `forward(x)` = features(x) · prototypes()ᵀ."""
+        return F.normalize(self.last_layer.weight, dim=1)
 
 
 def _multicrop(backbone: nn.Module, crops) -> torch.Tensor:
@@ -98,6 +122,8 @@ class DINO(Method):
         freeze_last_layer: epochs during which the prototypes get no update.
         use_bn_in_head: BN in the head MLP.
         gather_distributed: the center over the global batch (all ranks).
+        fused_head: the last layer and the loss fused, without the student logits (module docstring); False:
+            the materialized logits and `sslfast.dino_loss`.
     """
 
     name = "dino"
@@ -115,8 +141,11 @@ class DINO(Method):
                  momentum: float = 0.996, student_temp: float = 0.1, teacher_temp: float = 0.04,
                  warmup_teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 0, center_momentum: float = 0.9,
                  num_global_crops: int = 2, freeze_last_layer: int = 1, use_bn_in_head: bool = False,
-                 gather_distributed: bool = False):
+                 gather_distributed: bool = False, fused_head: bool = True):
+        if not isinstance(fused_head, bool):
+            raise TypeError(f"fused_head must be a bool, got {type(fused_head).__name__}")
         super().__init__(backbone, gather_distributed=gather_distributed)
+        self.fused_head = fused_head
         self.head = DINOHead(self.feature_dim, out_dim, hidden_dim, bottleneck_dim, use_bn_in_head)
         # the teacher follows backbone + head (a Sequential kept unregistered: no duplicate state-dict keys)
         self.ema = EMA(nn.Sequential(self.backbone, self.head), momentum=momentum, final_momentum=1.0)
@@ -130,11 +159,29 @@ class DINO(Method):
     def forward(self, views):
         G = self.num_global_crops
         check_views(self.name, views, G + (1 if G == 1 else 0))
+        if self.fused_head:
+            return self._fused_loss(views)
         student = self.head(_multicrop(self.backbone, views))
         with torch.no_grad():
             teacher = self.ema.teacher[1](_multicrop(self.ema.teacher[0], views[:G]))
         with loss_region(student):
             return self.criterion(teacher, student, epoch=self.epoch_float)
+
+    def _fused_loss(self, views) -> torch.Tensor:
+        """The loss from the heads' features and prototypes (module docstring), the center updated in training."""
+        G, crit = self.num_global_crops, self.criterion
+        student = self.head.features(_multicrop(self.backbone, views))
+        t_head = self.ema.teacher[1]
+        with torch.no_grad():
+            teacher = t_head.features(_multicrop(self.ema.teacher[0], views[:G]))
+            t_weight = t_head.prototypes()
+        multicrop_rows(student.shape[0], teacher.shape[0], num_global_crops=G)  # before the center update
+        with loss_region(student):
+            q = prototype_teacher_probs(teacher, t_weight.to(teacher.dtype),
+                                        teacher_temp=crit.teacher_temperature(self.epoch_float), center=crit.center,
+                                        center_momentum=crit.center_momentum if crit.training else None)
+            return multicrop_prototype_loss(student, self.head.prototypes().to(student.dtype), q,
+                                            num_global_crops=G, student_temp=crit.student_temp)
 
     def before_optimizer_step(self):
         if self.steps_per_epoch and self.epoch_float < self.freeze_last_layer:

@@ -28,9 +28,16 @@ Loss (weights from ssl_default_config.yaml):
   by 2 + max(2N, 1): equal for N ≥ 1 local crops). It runs through `sf.prototype_cross_entropy` on the head's
   normalized bottleneck features and the last layer's effective (row-normalized) weight, with each student
   crop's targets summed over its teacher crops: the [V·B, K] student logits are never stored.
-* L_ibot: `sf.ibot_patch_loss_masked` on the M masked tokens of the global crops: each token weighted by
-  1/(masked tokens of its image), the sum divided by 2B (crops without a mask count in the denominator), as
-  DINOv2's `forward_masked`. Its [M, K] student logits are materialized (M ≤ B·L).
+* L_ibot: on the M masked tokens of the global crops: each token's cross-entropy weighted by w_m = 1/(masked
+  tokens of its image), the sum divided by 2B (crops without a mask count in the denominator), as DINOv2's
+  `forward_masked`. `fused_head=True` (the default): `sf.prototype_cross_entropy` on the tokens' bottleneck
+  features and the iBOT head's prototypes against the targets scaled by w_m·M/(2B), so neither the [M, K]
+  student logits (M ≤ B·L) nor their softmax or gradient is stored; and both heads' teacher targets come from
+  the teacher's features and prototypes (`sf.prototype_teacher_probs`: Sinkhorn-Knopp, or the centered softmax
+  with the center update). `fused_head=False`: the materialized [M, K] logits into
+  `sf.ibot_patch_loss_masked` and the teacher's materialized logits into `sf.sinkhorn_knopp` / the centered
+  softmax (`update_center_`). Both paths give the same terms, center updates and gradients up to rounding, and
+  have the same parameters and buffers.
 * KoLeo (`sf.koleo_loss`): on the student's backbone class tokens, per global crop, per rank.
 
 RECIPE (ssl_default_config.yaml): AdamW, betas (0.9, 0.999), base_lr 0.004 for a batch of 1024 with DINOv2's
@@ -64,6 +71,7 @@ from torch import nn
 from .. import ops as _ops
 from ..models.vit import VisionTransformer
 from ..nn.ema import EMA
+from ..ops.prototype_ce import prototype_teacher_probs
 from .base import Method, check_views, loss_region
 from .dino import DINOHead, _multicrop
 
@@ -143,16 +151,10 @@ class DINOv2Outputs:
     dino_feats: torch.Tensor          # [V·B, d] normalized head bottleneck features, globals then locals
     dino_prototypes: torch.Tensor     # [K, d] the DINO head's effective last-layer weight
     teacher_dino: torch.Tensor        # [2B, K] teacher targets of the global crops (crop 0, then crop 1)
-    ibot_logits: torch.Tensor | None  # [M, K'] student logits of the masked tokens (image-major order)
+    ibot_logits: torch.Tensor | None  # [M, K'] student logits of the masked tokens (image-major); None if fused
     teacher_ibot: torch.Tensor | None  # [M, K'] teacher targets of the same tokens
-
-
-def _bottleneck(head: DINOHead, x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(head.mlp(x), dim=-1)
-
-
-def _prototypes(head: DINOHead) -> torch.Tensor:
-    return F.normalize(head.last_layer.weight, dim=1)
+    ibot_feats: torch.Tensor | None = None  # [M, d'] normalized iBOT bottleneck features of the masked tokens
+    ibot_prototypes: torch.Tensor | None = None  # [K', d'] the iBOT head's effective last-layer weight
 
 
 def _tokens(backbone: VisionTransformer, imgs: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
@@ -188,6 +190,7 @@ class DINOv2(Method):
         patch_embed_lr_mult: the extra lr factor of the patch embedding.
         freeze_last_layer_epochs: epochs during which the prototypes get no update.
         gather_distributed: Sinkhorn-Knopp and the centers over the global batch (all ranks).
+        fused_head: the iBOT student loss and both teachers' targets without [N, K] logits (module docstring).
 
     Raises:
         ValueError: `backbone` is not a `VisionTransformer`, `centering` is unknown, a loss weight or epoch
@@ -214,7 +217,9 @@ class DINOv2(Method):
                  dino_loss_weight: float = 1.0, ibot_loss_weight: float = 1.0, koleo_loss_weight: float = 0.1,
                  mask_ratio_min_max: tuple[float, float] = (0.1, 0.5), mask_sample_probability: float = 0.5,
                  layerwise_decay: float = 0.9, patch_embed_lr_mult: float = 0.2, freeze_last_layer_epochs: float = 1,
-                 gather_distributed: bool = False):
+                 gather_distributed: bool = False, fused_head: bool = True):
+        if not isinstance(fused_head, bool):
+            raise TypeError(f"fused_head must be a bool, got {type(fused_head).__name__}")
         if not isinstance(backbone, VisionTransformer):
             raise ValueError(f"dinov2 needs a ViT backbone (sslfast VisionTransformer: vit_micro, vit_tiny, "
                              f"vit_small, vit_base), got {type(backbone).__name__}")
@@ -244,7 +249,7 @@ class DINOv2(Method):
         self.loss_weights = dict(dino=dino_loss_weight, ibot=ibot_loss_weight, koleo=koleo_loss_weight)
         self.mask_ratio_min_max, self.mask_sample_probability = tuple(mask_ratio_min_max), mask_sample_probability
         self.layerwise_decay, self.patch_embed_lr_mult = layerwise_decay, patch_embed_lr_mult
-        self.freeze_last_layer_epochs = freeze_last_layer_epochs
+        self.freeze_last_layer_epochs, self.fused_head = freeze_last_layer_epochs, fused_head
         if centering == "centering":
             self.register_buffer("dino_center", torch.zeros(1, out_dim))
             self.register_buffer("ibot_center", torch.zeros(1, ibot_out_dim if ibot_separate_head else out_dim))
@@ -266,11 +271,24 @@ class DINOv2(Method):
         step = (self.teacher_temp - self.warmup_teacher_temp) / (warmup - 1)
         return self.warmup_teacher_temp + self.global_step * step
 
-    def _teacher_probs(self, logits: torch.Tensor, center: str, temp: float) -> torch.Tensor:
-        """Targets [N, K] fp32 of the teacher's head outputs: Sinkhorn-Knopp, or centered softmax (then the
-        center EMA, in training mode, from the logits of this call); fp64 logits stay fp64."""
+    def _teacher_probs(self, head: DINOHead, tokens: torch.Tensor, center: str, temp: float) -> torch.Tensor:
+        """Targets [N, K] of the teacher's head on tokens [N, D]: Sinkhorn-Knopp, or centered softmax (then the
+        center EMA, in training mode, from the logits of this call). fused_head: from the head's features and
+        prototypes (`prototype_teacher_probs`), without the logits; else from the materialized logits, in fp32
+        (fp64 logits stay fp64)."""
+        sinkhorn = self.centering == "sinkhorn_knopp"
+        if self.fused_head:
+            x = head.features(tokens)
+            w = head.prototypes().to(x.dtype)
+            if sinkhorn:
+                return prototype_teacher_probs(x, w, teacher_temp=temp, mode="sinkhorn",
+                                               sinkhorn_iters=self.sinkhorn_iters,
+                                               gather_distributed=self.gather_distributed)
+            return prototype_teacher_probs(x, w, teacher_temp=temp, center=getattr(self, center),
+                                           center_momentum=self.center_momentum if self.training else None)
+        logits = head(tokens)
         logits = logits if logits.dtype == torch.float64 else logits.float()
-        if self.centering == "sinkhorn_knopp":
+        if sinkhorn:
             return _ops.sinkhorn_knopp(logits, temp, self.sinkhorn_iters, gather_distributed=self.gather_distributed)
         c = getattr(self, center)
         probs = F.softmax((logits - c) / temp, dim=-1)
@@ -303,9 +321,9 @@ class DINOv2(Method):
         temp = self.teacher_temperature()
         with torch.no_grad():
             t_tokens = _tokens(teacher[0], glob)
-            teacher_dino = self._teacher_probs(t_dino_head(t_tokens[:, 0]), "dino_center", temp)
             t_masked = t_tokens[:, 1:][masks]
-            teacher_ibot = self._teacher_probs(t_ibot_head(t_masked), "ibot_center", temp) if len(t_masked) else None
+            teacher_dino = self._teacher_probs(t_dino_head, t_tokens[:, 0], "dino_center", temp)
+            teacher_ibot = self._teacher_probs(t_ibot_head, t_masked, "ibot_center", temp) if len(t_masked) else None
 
         s_tokens = _tokens(bb, glob, masks)
         s_cls = s_tokens[:, 0]
@@ -315,14 +333,14 @@ class DINOv2(Method):
             cls_all = torch.cat([s_cls, local_cls])
         s_masked = s_tokens[:, 1:][masks]
         if ibot_head is self.dino_head:  # one pass of the shared head's MLP over class and masked tokens
-            z = _bottleneck(self.dino_head, torch.cat([cls_all, s_masked]))
+            z = self.dino_head.features(torch.cat([cls_all, s_masked]))
             z_dino, z_ibot = z[:len(cls_all)], z[len(cls_all):]
         else:
-            z_dino, z_ibot = _bottleneck(self.dino_head, cls_all), _bottleneck(ibot_head, s_masked)
+            z_dino, z_ibot = self.dino_head.features(cls_all), ibot_head.features(s_masked)
 
-        terms, ibot_logits = {}, None
+        terms, ibot_logits, w_ibot = {}, None, None
         with loss_region(z_dino):
-            w_dino = _prototypes(self.dino_head).to(z_dino.dtype)
+            w_dino = self.dino_head.prototypes().to(z_dino.dtype)
             if self.loss_weights["dino"]:
                 q0, q1 = teacher_dino[:B], teacher_dino[B:]
                 # each student crop's targets summed over its teacher crops: g0 ← q1, g1 ← q0, local ← q0 + q1
@@ -330,18 +348,24 @@ class DINOv2(Method):
                 ce = _ops.prototype_cross_entropy(z_dino, w_dino, targets, student_temp=self.student_temp)
                 terms["dino"] = ce * V / (G * (V - 1))  # mean over rows → mean over the G·V − G pairs
             if teacher_ibot is not None and self.loss_weights["ibot"]:
-                w_ibot = w_dino if ibot_head is self.dino_head else _prototypes(ibot_head).to(z_ibot.dtype)
-                ibot_logits = F.linear(z_ibot, w_ibot)
+                w_ibot = w_dino if ibot_head is self.dino_head else ibot_head.prototypes().to(z_ibot.dtype)
                 m = masks.to(torch.float32)
                 masks_weight = (1.0 / m.sum(-1, keepdim=True).clamp(min=1.0)).expand_as(m)[masks]
-                terms["ibot"] = _ops.ibot_patch_loss_masked(ibot_logits, teacher_ibot, masks_weight=masks_weight,
-                                                            n_images=G * B, student_temp=self.student_temp)
+                if self.fused_head:  # mean over the M rows of (w_m·M/(2B))·CE_m = Σ_m w_m·CE_m / (2B)
+                    scaled = teacher_ibot * (masks_weight.to(teacher_ibot.dtype) * (len(z_ibot) / (G * B)))[:, None]
+                    terms["ibot"] = _ops.prototype_cross_entropy(z_ibot, w_ibot, scaled,
+                                                                 student_temp=self.student_temp)
+                else:
+                    ibot_logits = F.linear(z_ibot, w_ibot)
+                    terms["ibot"] = _ops.ibot_patch_loss_masked(ibot_logits, teacher_ibot, masks_weight=masks_weight,
+                                                                n_images=G * B, student_temp=self.student_temp)
             if self.loss_weights["koleo"]:
                 terms["koleo"] = sum(_ops.koleo_loss(c) for c in s_cls.chunk(G))
             loss = sum(self.loss_weights[k] * v for k, v in terms.items())
             if not terms:
                 loss = z_dino.sum() * 0.0
-        return DINOv2Outputs(loss, terms, masks, s_cls, z_dino, w_dino, teacher_dino, ibot_logits, teacher_ibot)
+        return DINOv2Outputs(loss, terms, masks, s_cls, z_dino, w_dino, teacher_dino, ibot_logits, teacher_ibot,
+                             z_ibot, w_ibot)
 
     # -------------------------------------------------------------------------------------- trainer hooks
     def before_optimizer_step(self):

@@ -11,12 +11,19 @@ over the global batch with `gather_distributed`, as `distributed_sinkhorn`). Los
 
     L = 1/2 Σ_{i < 2} 1/(V − 1) Σ_{v ≠ i} mean_b −Σ_k q_i[b, k] log softmax(s_v[b] / τ)_k,   τ = 0.1
 
-in one op (`sf.swav_loss`). The prototypes get no gradient during the first epoch ("freeze_prototypes_niters",
-one epoch in every published script). Queue (for small batches, main_swav.py's `queue_length` /
-`epoch_queue_starts`; off by default, as in main_swav.py and the batch-4096 scripts): from epoch
+with `fused_head=True` (the default) fused with the prototypes layer: the codes from the detached embeddings
+and prototypes (`sf.prototype_teacher_probs`, mode="sinkhorn", per global crop) and the cross-entropy from z and
+C (`sf.prototype_cross_entropy`, through `sslfast.nn.heads.multicrop_prototype_loss`), so the [V·B, K] scores,
+their softmax and their gradient are never stored (the [G·B, K] codes remain). `fused_head=False`: the
+materialized scores `prototypes(z)` into `sf.swav_loss`. Both give the same loss and gradients up to rounding,
+and keep the parameters (`prototypes.weight`). The prototypes get no gradient during the first epoch
+("freeze_prototypes_niters", one epoch in every published script). Queue (for small batches, main_swav.py's
+`queue_length` / `epoch_queue_starts`; off by default, as in main_swav.py and the batch-4096 scripts): from epoch
 `epoch_queue_starts` on, the embeddings of the global crops of past batches are kept (`queue_length` in all,
 split evenly over the ranks, per global crop); once the queue is full, their scores against the current
-prototypes are stacked above the batch's scores before Sinkhorn and only the batch's codes are used.
+prototypes are stacked above the batch's scores before Sinkhorn and only the batch's codes are used (fused:
+the queue's embeddings are stacked above the batch's before `sf.prototype_teacher_probs`, whose scores are the
+same rows, so the queue runs fused too).
 
 RECIPE (scripts/swav_800ep_pretrain.sh, the paper's batch-4096 setting): LARS (main_swav.py: SGD wrapped in
 LARC, trust coefficient 0.001), lr 4.8 at batch 4096, i.e. 0.3 · B/256, momentum 0.9, weight decay 1e-6, 10
@@ -36,6 +43,8 @@ from torch import nn
 
 from ..distributed import rank_and_world
 from ..models.layers import mlp
+from ..nn.heads import multicrop_prototype_loss
+from ..ops.prototype_ce import prototype_teacher_probs
 from ..ops.sinkhorn import sinkhorn_knopp
 from ..ops.swav import swav_loss
 from .base import Method, check_views, loss_region
@@ -74,9 +83,12 @@ class SwAV(Method):
         queue_length: embeddings kept per global crop over all ranks (0: no queue).
         epoch_queue_starts: the epoch from which the queue is used.
         gather_distributed: the Sinkhorn normalization over the global batch (all ranks).
+        fused_head: the prototypes layer fused with the codes and the loss, without the [V·B, K] scores (module
+            docstring); False: the materialized scores and `sf.swav_loss`.
 
     Raises:
-        TypeError: a size or count is not an int, or a temperature / epoch is not a number.
+        TypeError: a size or count is not an int, a temperature / epoch is not a number, or fused_head is not a
+            bool.
         ValueError: a size or count is below 1 (`queue_length` below 0, or below the world size when not 0),
             `temperature` or `epsilon` is not > 0, or an epoch count is negative or not finite.
     """
@@ -92,7 +104,7 @@ class SwAV(Method):
     def __init__(self, backbone, *, hidden_dim: int = 2048, out_dim: int = 128, num_prototypes: int = 3000,
                  temperature: float = 0.1, epsilon: float = 0.05, sinkhorn_iterations: int = 3,
                  num_global_crops: int = 2, freeze_prototypes_epochs: float = 1.0, queue_length: int = 0,
-                 epoch_queue_starts: float = 15, gather_distributed: bool = False):
+                 epoch_queue_starts: float = 15, gather_distributed: bool = False, fused_head: bool = True):
         for key, value in (("hidden_dim", hidden_dim), ("out_dim", out_dim), ("num_prototypes", num_prototypes),
                            ("sinkhorn_iterations", sinkhorn_iterations), ("num_global_crops", num_global_crops)):
             _positive_int(key, value)
@@ -100,7 +112,10 @@ class SwAV(Method):
         for key, value in (("temperature", temperature), ("epsilon", epsilon)):
             if not _non_negative(key, value) > 0:
                 raise ValueError(f"{key} must be > 0, got {value}")
+        if not isinstance(fused_head, bool):
+            raise TypeError(f"fused_head must be a bool, got {type(fused_head).__name__}")
         super().__init__(backbone, gather_distributed=gather_distributed)
+        self.fused_head = fused_head
         self.temperature, self.epsilon = float(temperature), float(epsilon)
         self.sinkhorn_iterations, self.num_global_crops = sinkhorn_iterations, num_global_crops
         self.freeze_prototypes_epochs = _non_negative("freeze_prototypes_epochs", freeze_prototypes_epochs)
@@ -129,22 +144,40 @@ class SwAV(Method):
             raise ValueError(f"swav needs views of one batch size, got {[v.shape[0] for v in views]}")
         self.normalize_prototypes()
         z = F.normalize(self.projector(_multicrop(self.backbone, views)), dim=1)
+        if self.fused_head:
+            w = self.prototypes.weight
+            with loss_region(z):
+                codes = self._codes(z[:G * B].detach(), B, weight=w.detach())
+                return multicrop_prototype_loss(z, w.to(z.dtype), codes, num_global_crops=G,
+                                                student_temp=self.temperature)
         scores = self.prototypes(z)                     # [V·B, K] cosines, crop-major
         with loss_region(scores):
-            codes = self._codes(scores[:G * B].detach(), z[:G * B].detach(), B)
+            codes = self._codes(z[:G * B].detach(), B, scores=scores[:G * B].detach())
             return swav_loss(scores, codes, temperature=self.temperature, num_global_crops=G)
 
     @torch.no_grad()
-    def _codes(self, scores: torch.Tensor, z: torch.Tensor, batch: int) -> torch.Tensor:
-        """Sinkhorn codes [G·B, K] of the global crops' scores (with the queue's stacked above once it is full),
-        then the queue update (main_swav.py's order: scores of the queue before this batch enters it)."""
+    def _codes(self, z: torch.Tensor, batch: int, *, scores: torch.Tensor | None = None,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Sinkhorn codes [G·B, K] of the global crops (their queue's stacked above once it is full), then the
+        queue update (main_swav.py's order: scores of the queue before this batch enters it). From the scores
+        [G·B, K] (`sinkhorn_knopp`), or, without them, from the embeddings z [G·B, D] and the prototypes
+        `weight` (`prototype_teacher_probs`: the same scores, not stored)."""
         use_queue = self.queue is not None and self.training and self.epoch_float >= self.epoch_queue_starts
         full = use_queue and int(self.queue_count) >= self.queue.shape[1]
         codes = []
-        for i, s in enumerate(scores.split(batch)):
-            if full:
-                s = torch.cat([(self.queue[i] @ self.prototypes.weight.t().to(self.queue.dtype)).to(s.dtype), s])
-            q = sinkhorn_knopp(s, self.epsilon, self.sinkhorn_iterations, gather_distributed=self.gather_distributed)
+        for i, f in enumerate(z.split(batch)):
+            if scores is None:
+                if full:  # in the queue's dtype, as the materialized queue scores
+                    f = torch.cat([self.queue[i], f.to(self.queue.dtype)])
+                q = prototype_teacher_probs(f, weight.to(f.dtype), teacher_temp=self.epsilon, mode="sinkhorn",
+                                            sinkhorn_iters=self.sinkhorn_iterations,
+                                            gather_distributed=self.gather_distributed)
+            else:
+                s = scores[i * batch:(i + 1) * batch]
+                if full:
+                    s = torch.cat([(self.queue[i] @ self.prototypes.weight.t().to(self.queue.dtype)).to(s.dtype), s])
+                q = sinkhorn_knopp(s, self.epsilon, self.sinkhorn_iterations,
+                                   gather_distributed=self.gather_distributed)
             codes.append(q[-batch:])
         if use_queue:
             rows = self.queue.shape[1]

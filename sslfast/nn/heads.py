@@ -221,19 +221,74 @@ class PrototypeLoss(nn.Module):
         """
         if not isinstance(student_feats, torch.Tensor) or student_feats.dim() == 0:
             raise TypeError(f"student_feats must be a torch.Tensor [V·B, D], got {type(student_feats).__name__}")
-        G, B = self.num_global_crops, self._crop_rows(teacher_feats)
-        V, n_s = student_feats.shape[0] // B, student_feats.shape[0]
-        if n_s % B or V < max(G, 2):  # before the teacher's pass updates the center
-            raise ValueError(f"student_feats must have V·B rows with B = {B} and V >= {max(G, 2)} crops, got {n_s}")
-        q = self.teacher_probs(teacher_feats, teacher_weight, teacher_temp).view(G, B, -1)
-        if G == 1:  # the only global crop has no other teacher crop: zero targets
-            own = torch.zeros_like(q)
-        elif G == 2:  # each global crop against the other's targets
-            own = torch.stack([q[1], q[0]])
-        else:
-            own = torch.stack([sum(q[g] for g in range(G) if g != v) for v in range(G)])
-        targets = own.reshape(G * B, -1)
-        if V > G:
-            targets = torch.cat([targets, q.sum(0).repeat(V - G, 1)])
-        ce = prototype_cross_entropy(student_feats, student_weight, targets, student_temp=self.student_temp)
-        return ce * (V / (G * (V - 1)))
+        G = self.num_global_crops
+        self._crop_rows(teacher_feats)
+        multicrop_rows(student_feats.shape[0], teacher_feats.shape[0], num_global_crops=G)
+        q = self.teacher_probs(teacher_feats, teacher_weight, teacher_temp)  # after the checks: it updates the center
+        return multicrop_prototype_loss(student_feats, student_weight, q, num_global_crops=G,
+                                        student_temp=self.student_temp)
+
+
+def multicrop_rows(student_rows: int, teacher_rows: int, *, num_global_crops: int) -> tuple[int, int]:
+    """(B, V): the rows per crop and the number of student crops of a multi-crop loss.
+
+    Args:
+        student_rows: V·B, the student's rows (every crop, globals first).
+        teacher_rows: G·B, the teacher's rows (the global crops).
+        num_global_crops: G.
+
+    Returns:
+        (B, V).
+
+    Raises:
+        ValueError: teacher_rows not a positive multiple of G, or student_rows not V·B with V >= max(G, 2).
+    """
+    G = num_global_crops
+    if teacher_rows == 0 or teacher_rows % G:
+        raise ValueError(f"the teacher's rows must be G·B with G = num_global_crops = {G}, got {teacher_rows}")
+    B = teacher_rows // G
+    if student_rows % B or student_rows // B < max(G, 2):
+        raise ValueError(f"student_feats must have V·B rows with B = {B} and V >= {max(G, 2)} crops, got "
+                         f"{student_rows}")
+    return B, student_rows // B
+
+
+def multicrop_prototype_loss(student_feats: torch.Tensor, student_weight: torch.Tensor, teacher_probs: torch.Tensor,
+                             *, num_global_crops: int, student_temp: float) -> torch.Tensor:
+    """DINO's / SwAV's multi-crop cross-entropy from the teacher targets q_g of the G global crops, without the
+    student logits:
+
+        loss = 1/(G·(V − 1)) Σ_g Σ_{v≠g} mean_b CE(q_g,b, softmax(x_v,b Wᵀ/τ_s))
+
+    as one `sf.prototype_cross_entropy` over the V·B student rows against t_v = Σ_{g≠v} q_g (t_v = Σ_g q_g for
+    a local crop v >= G), times V/(G·(V − 1)). It equals `sf.dino_loss` / `sf.swav_loss` on the materialized
+    logits x Wᵀ with the same targets.
+
+    Args:
+        student_feats: [V·B, D] the student's features of every crop, crop-major, globals first.
+        student_weight: [K, D] the student's prototypes, in student_feats' dtype.
+        teacher_probs: [G·B, K] the targets of the G global crops (no gradient).
+        num_global_crops: G.
+        student_temp: τ_s.
+
+    Returns:
+        The scalar loss, fp32 (fp64 for fp64 inputs).
+
+    Raises:
+        TypeError: as `sf.prototype_cross_entropy`.
+        ValueError: row counts as `multicrop_rows`, or as `sf.prototype_cross_entropy`.
+    """
+    G = num_global_crops
+    B, V = multicrop_rows(student_feats.shape[0], teacher_probs.shape[0], num_global_crops=G)
+    q = teacher_probs.reshape(G, B, -1)
+    if G == 1:  # the only global crop has no other teacher crop: zero targets
+        own = torch.zeros_like(q)
+    elif G == 2:  # each global crop against the other's targets
+        own = torch.stack([q[1], q[0]])
+    else:
+        own = torch.stack([sum(q[g] for g in range(G) if g != v) for v in range(G)])
+    targets = own.reshape(G * B, -1)
+    if V > G:
+        targets = torch.cat([targets, q.sum(0).repeat(V - G, 1)])
+    ce = prototype_cross_entropy(student_feats, student_weight, targets, student_temp=student_temp)
+    return ce * V / (G * (V - 1))
