@@ -4,6 +4,7 @@
 pybind11 module, `sslfast._C`, when nvcc is found; without nvcc (or with SSLFAST_NO_CUDA_BUILD=1) the
 step is skipped and the package falls back to its Triton / PyTorch paths.
 """
+
 import os
 import shutil
 import subprocess
@@ -53,10 +54,21 @@ class NvccBuildExt(build_ext):
         out = Path(self.get_ext_fullpath(ext.name))
         out.parent.mkdir(parents=True, exist_ok=True)
         cmd = [
-            nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
+            nvcc,
+            "-O3",
+            "-std=c++17",
+            "-shared",
+            "-Xcompiler",
+            "-fPIC",
+            "--expt-relaxed-constexpr",
             *CUDA_ARCH_FLAGS,
-            f"-I{pybind11.get_include()}", f"-I{self._python_include()}", f"-I{ROOT / 'csrc'}",
-            *ext.sources, "-o", str(out), "-lcudart",
+            f"-I{pybind11.get_include()}",
+            f"-I{self._python_include()}",
+            f"-I{ROOT / 'csrc'}",
+            *ext.sources,
+            "-o",
+            str(out),
+            "-lcudart",
         ]
         print(" ".join(cmd), file=sys.stderr)
         try:
@@ -75,8 +87,15 @@ class NvccBuildExt(build_ext):
 
 setup(
     packages=[
-        "sslfast", "sslfast.kernels", "sslfast.ops", "sslfast.reference", "sslfast.nn", "sslfast.data",
-        "sslfast.methods", "sslfast.models", "sslfast.bench",
+        "sslfast",
+        "sslfast.kernels",
+        "sslfast.ops",
+        "sslfast.reference",
+        "sslfast.nn",
+        "sslfast.data",
+        "sslfast.methods",
+        "sslfast.models",
+        "sslfast.bench",
     ],
     package_dir={"sslfast.kernels": "kernels"},
     ext_modules=[Extension("sslfast._C", sources=CUDA_SOURCES)] if CUDA_SOURCES else [],

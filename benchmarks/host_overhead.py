@@ -20,6 +20,7 @@ stubbed and counted like a launch: its row is the validation and the cached plan
 
 `--compare` takes the --json of an earlier run (e.g. of the code before a change) and prints both.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,10 +86,12 @@ def cases():
     queue = torch.randn(64, 32)
     scale = torch.tensor(14.0, requires_grad=True)
     student, teacher, center = _leaves((10 * 2, 64))[0], torch.randn(2 * 2, 64), torch.zeros(1, 64)
-    terminal = {"nt_xent fwd+bwd": (lambda: sf.nt_xent_loss(q, k, 0.1), q, k),
-                "info_nce (queue) fwd+bwd": (lambda: sf.info_nce_loss(q, k, queue, 0.2), q, k),
-                "clip fwd+bwd": (lambda: sf.clip_loss(q, k, scale), q, k, scale),
-                "dino fwd+bwd": (lambda: sf.dino_loss(student, teacher, center), student)}
+    terminal = {
+        "nt_xent fwd+bwd": (lambda: sf.nt_xent_loss(q, k, 0.1), q, k),
+        "info_nce (queue) fwd+bwd": (lambda: sf.info_nce_loss(q, k, queue, 0.2), q, k),
+        "clip fwd+bwd": (lambda: sf.clip_loss(q, k, scale), q, k, scale),
+        "dino fwd+bwd": (lambda: sf.dino_loss(student, teacher, center), student),
+    }
     for name, args in terminal.items():  # gradients computed in the forward (default), then the other way
         yield name, fwd_bwd(*args)
         yield f"{name} (separate backward)", fwd_bwd(*args, separate=True)
@@ -96,14 +99,14 @@ def cases():
     yield "vicreg (gram) fwd+bwd", fwd_bwd(lambda: sf.vicreg_loss(z1, z2), z1, z2)
 
     b, L, d, p, c = 2, 16, 32, 4, 3
-    x, = _leaves((b, L, d))
+    (x,) = _leaves((b, L, d))
     xv, mt = _leaves((b, L // 4, d), (1, 1, d))
     pos = torch.randn(1, L, d)
     imgs = torch.randn(b, c, 16, 16)
-    pred, = _leaves((b, L, p * p * c))
+    (pred,) = _leaves((b, L, p * p * c))
     shuffle = torch.argsort(torch.rand(b, L), dim=1)  # a valid mask, built without the (counted) kernel
     restore = torch.argsort(shuffle, dim=1)
-    m = mae.MaskInfo(shuffle[:, :L // 4], restore, (restore >= L // 4).float())
+    m = mae.MaskInfo(shuffle[:, : L // 4], restore, (restore >= L // 4).float())
 
     yield "mae random_masking", lambda: mae.random_masking(b, L, 0.75)
     yield "mae gather_tokens fwd", lambda: mae.gather_tokens(x, m.ids_keep)
@@ -144,9 +147,14 @@ def measure(call, repeat: int) -> dict:
         t1 = time.perf_counter()
         cpu.append(time.thread_time() - c0)
         times.append(t1 - t0)
-    return {"us": statistics.median(times) * 1e6, "cpu_us": statistics.median(cpu) * 1e6,
-            "launches": sum(launches.values()), "kernels": launches, "aten_ops": sum(mode.ops.values()),
-            "aten": dict(mode.ops)}
+    return {
+        "us": statistics.median(times) * 1e6,
+        "cpu_us": statistics.median(cpu) * 1e6,
+        "launches": sum(launches.values()),
+        "kernels": launches,
+        "aten_ops": sum(mode.ops.values()),
+        "aten": dict(mode.ops),
+    }
 
 
 def main(argv=None):
@@ -154,8 +162,13 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--cases", nargs="*", help="regular expressions on the case names")
     ap.add_argument("--json", help="write the rows here")
-    ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="also print each case's N most expensive functions (cProfile, own time)")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also print each case's N most expensive functions (cProfile, own time)",
+    )
     ap.add_argument("--compare", metavar="BEFORE.json", help="an earlier --json: print its numbers next to these")
     args = ap.parse_args(argv)
     before = {}
@@ -174,8 +187,7 @@ def main(argv=None):
         line = f"{name:46s} {row['us']:9.1f} {row['cpu_us']:8.1f} {row['launches']:9d} {row['aten_ops']:9d}"
         if name in before:
             b = before[name]
-            line += (f"   | {b['us']:16.1f} {b.get('cpu_us', float('nan')):8.1f} {b['launches']:8d} "
-                     f"{b['aten_ops']:8d}")
+            line += f"   | {b['us']:16.1f} {b.get('cpu_us', float('nan')):8.1f} {b['launches']:8d} {b['aten_ops']:8d}"
         print(line)
         if args.profile:
             prof = cProfile.Profile()

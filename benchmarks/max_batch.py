@@ -10,6 +10,7 @@ next.
 
     python benchmarks/max_batch.py [--methods simclr mae ...] [--start 256] [--step 64] [--max 8192] [--json F]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,6 +57,7 @@ def _free():
 
 def step_fits(method, backbone, size, device, reference: bool):
     """fits(batch) for one method and path."""
+
     def fits(batch: int) -> bool:
         st = None
         try:
@@ -71,6 +73,7 @@ def step_fits(method, backbone, size, device, reference: bool):
         finally:
             del st
             _free()
+
     return fits
 
 
@@ -95,11 +98,16 @@ def main(argv=None):
         if method not in args.methods:
             continue
         backbone, size = args.backbone or backbone, args.size or size
-        row = {"method": method, "backbone": backbone, "image_size": size,
-               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+        row = {
+            "method": method,
+            "backbone": backbone,
+            "image_size": size,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        }
         for path in ("fused", "reference"):
-            row[path] = largest(step_fits(method, backbone, size, device, path == "reference"),
-                                args.start, args.step, args.max)
+            row[path] = largest(
+                step_fits(method, backbone, size, device, path == "reference"), args.start, args.step, args.max
+            )
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.json:

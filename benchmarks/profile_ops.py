@@ -19,6 +19,7 @@ kernels are, and the per-kernel table says which one.
 
     python benchmarks/profile_ops.py --cases "barlow_twins N=256" "mae " --json out.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,8 +95,15 @@ def python_top(fn, device, calls: int, top: int = 15) -> list[dict]:
     bench.sync(device)
     stats = pstats.Stats(prof).stats
     rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
-    return [{"fn": f"{k[0].rsplit('/', 2)[-1]}:{k[1]}:{k[2]}", "ncalls": v[1] / calls,
-             "own_us": v[2] * 1e6 / calls, "cum_us": v[3] * 1e6 / calls} for k, v in rows]
+    return [
+        {
+            "fn": f"{k[0].rsplit('/', 2)[-1]}:{k[1]}:{k[2]}",
+            "ncalls": v[1] / calls,
+            "own_us": v[2] * 1e6 / calls,
+            "cum_us": v[3] * 1e6 / calls,
+        }
+        for k, v in rows
+    ]
 
 
 def _kernel_table(prof) -> list[tuple[str, float, int]]:
@@ -125,12 +133,18 @@ def profile_case(case, dtype, device, calls: int, python_calls: int = 0) -> dict
         bench.sync(device)
     kernels = _kernel_table(prof)
     python = python_top(fn, device, python_calls) if python_calls else []
-    return {"op": case.op, "case": case.name, "dtype": str(dtype).replace("torch.", ""), "wall_ms": wall,
-            "pipelined_ms": pipe, "host_ms": sorted(host)[len(host) // 2],
-            "kernel_ms": sum(k[1] for k in kernels) / calls,
-            "launches": sum(k[2] for k in kernels) / calls,
-            "kernels": [{"name": k[0][:120], "ms": k[1] / calls, "count": k[2] / calls} for k in kernels[:12]],
-            "python": python}
+    return {
+        "op": case.op,
+        "case": case.name,
+        "dtype": str(dtype).replace("torch.", ""),
+        "wall_ms": wall,
+        "pipelined_ms": pipe,
+        "host_ms": sorted(host)[len(host) // 2],
+        "kernel_ms": sum(k[1] for k in kernels) / calls,
+        "launches": sum(k[2] for k in kernels) / calls,
+        "kernels": [{"name": k[0][:120], "ms": k[1] / calls, "count": k[2] / calls} for k in kernels[:12]],
+        "python": python,
+    }
 
 
 def main(argv=None):
@@ -156,8 +170,10 @@ def main(argv=None):
             row = profile_case(case, dtype, device, args.calls, args.python)
             rows.append(row)
             pipe = "-" if row["pipelined_ms"] is None else f"{row['pipelined_ms']:.3f}"
-            print(f"\n{row['op']} {row['case']} {row['dtype']}: wall {row['wall_ms']:.3f} ms, pipelined {pipe} ms, "
-                  f"host {row['host_ms']:.3f} ms, kernels {row['kernel_ms']:.3f} ms in {row['launches']:.0f} launches")
+            print(
+                f"\n{row['op']} {row['case']} {row['dtype']}: wall {row['wall_ms']:.3f} ms, pipelined {pipe} ms, "
+                f"host {row['host_ms']:.3f} ms, kernels {row['kernel_ms']:.3f} ms in {row['launches']:.0f} launches"
+            )
             for k in row["kernels"]:
                 print(f"    {k['ms']:8.3f} ms  x{k['count']:<4.0f} {k['name']}")
             for p in row["python"]:

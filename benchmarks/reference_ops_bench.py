@@ -33,6 +33,7 @@ Groups (`--only`), with the formulas the references compute (τ: temperature; ev
             in fp32 against the diagonal. B ∈ {8192, 32768, 65536}, D ∈ {128, 256}, bf16 and fp32.
 A case that runs out of memory is recorded as {"oom": true}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,11 +99,12 @@ def _tag(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _timed_loss(loss: Callable[[], torch.Tensor], *, warmup: int = 3, repeat: int = 10,
-                flops: float = 0.0) -> dict:
+def _timed_loss(loss: Callable[[], torch.Tensor], *, warmup: int = 3, repeat: int = 10, flops: float = 0.0) -> dict:
     """ms and peak MiB of `loss().backward()`; with `flops`, also the FLOP rate as `gemm_tflops`."""
+
     def step():
         loss().backward()
+
     ms = event_ms(step, warmup=warmup, repeat=repeat)
     row = {"ms": ms, "peak_mib": extra_peak_mib(step)}
     if flops:
@@ -131,6 +133,7 @@ def moco_reference(q, k, queue, temperature: float = 0.2):
 
 def barlow_reference(z1, z2, lambd: float = 0.0051):
     """Barlow Twins on the D x D cross-correlation of per-feature standardized embeddings."""
+
     def standardize(z):
         return (z - z.mean(dim=0)) / z.std(dim=0, unbiased=False).add(1e-5)
 
@@ -177,8 +180,20 @@ def mae_norm_pix_loss(imgs, pred, mask, patch: int):
 
 def vit_b16_parameter_shapes() -> list[tuple[int, ...]]:
     """ViT-B/16 parameters in model order: patch embedding, cls token, positions, 12 blocks, final norm."""
-    block = [(768,), (768,), (2304, 768), (2304,), (768, 768), (768,), (768,), (768,), (3072, 768), (3072,),
-             (768, 3072), (768,)]
+    block = [
+        (768,),
+        (768,),
+        (2304, 768),
+        (2304,),
+        (768, 768),
+        (768,),
+        (768,),
+        (768,),
+        (3072, 768),
+        (3072,),
+        (768, 3072),
+        (768,),
+    ]
     return [(768, 3, 16, 16), (768,), (1, 1, 768), (1, 197, 768)] + block * 12 + [(768,), (768,)]
 
 
@@ -259,8 +274,10 @@ def bench_mae(rec: Recorder, batch: int = 256, image: int = 224, patch: int = 16
     mask_token = torch.zeros(1, 1, width, **bf16)
     rec(f"mae_ref_unshuffle_B{batch}", ms=event_ms(lambda: mae_unshuffle(visible, ids_restore, mask_token)))
     pred = torch.randn(batch, length, patch * patch * 3, **bf16, requires_grad=True)
-    rec(f"mae_ref_normpix_loss_fwdbwd_B{batch}",
-        ms=event_ms(lambda: mae_norm_pix_loss(imgs, pred, mask, patch).float().backward()))
+    rec(
+        f"mae_ref_normpix_loss_fwdbwd_B{batch}",
+        ms=event_ms(lambda: mae_norm_pix_loss(imgs, pred, mask, patch).float().backward()),
+    )
 
 
 def bench_ema(rec: Recorder, momentum: float = 0.996):
@@ -278,9 +295,12 @@ def bench_ema(rec: Recorder, momentum: float = 0.996):
         torch._foreach_mul_(teacher, momentum)
         torch._foreach_add_(teacher, student, alpha=1 - momentum)
 
-    ways = {"loop_mul_add": loop_mul_add, "foreach_mul_add": foreach_mul_add,
-            "foreach_lerp": lambda: torch._foreach_lerp_(teacher, student, 1 - momentum),
-            "flat_lerp": lambda: flat_teacher.lerp_(flat_student, 1 - momentum)}
+    ways = {
+        "loop_mul_add": loop_mul_add,
+        "foreach_mul_add": foreach_mul_add,
+        "foreach_lerp": lambda: torch._foreach_lerp_(teacher, student, 1 - momentum),
+        "flat_lerp": lambda: flat_teacher.lerp_(flat_student, 1 - momentum),
+    }
     for name, fn in ways.items():
         ms = event_ms(fn, warmup=5, repeat=20)
         rec(f"ema_vitb_{name}", ms=ms, params_M=count / 1e6, tensors=len(shapes), gbps=12 * count / ms / 1e6)
@@ -293,18 +313,36 @@ def bench_clip(rec: Recorder):
                 rec.guarded(f"clip_ref_{_tag(dtype)}_B{b}_D{dim}", _clip_case, b=b, dim=dim, dtype=dtype)
 
 
-BENCHES = {"ceilings": bench_ceilings, "ntxent": bench_ntxent, "moco": bench_moco, "barlow": bench_barlow,
-           "mae": bench_mae, "ema": bench_ema, "clip": bench_clip}
+BENCHES = {
+    "ceilings": bench_ceilings,
+    "ntxent": bench_ntxent,
+    "moco": bench_moco,
+    "barlow": bench_barlow,
+    "mae": bench_mae,
+    "ema": bench_ema,
+    "clip": bench_clip,
+}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="See the module docstring for the formulas and shapes of each group.")
-    parser.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS), metavar="GROUP",
-                        help=f"groups to run (default: all of {', '.join(GROUPS)})")
-    parser.add_argument("--out", default=os.environ.get("OUT", "."),
-                        help="directory for baselines.json (default: $OUT or the current directory)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="See the module docstring for the formulas and shapes of each group.",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=GROUPS,
+        default=list(GROUPS),
+        metavar="GROUP",
+        help=f"groups to run (default: all of {', '.join(GROUPS)})",
+    )
+    parser.add_argument(
+        "--out",
+        default=os.environ.get("OUT", "."),
+        help="directory for baselines.json (default: $OUT or the current directory)",
+    )
     args = parser.parse_args(argv)
     import triton
 
@@ -313,10 +351,14 @@ def main(argv: list[str] | None = None) -> dict:
     rec = Recorder()
     for group in args.only:
         BENCHES[group](rec)
-    about = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-             "timing": "median of CUDA-event timings after warm-up; ms per call; "
-                       "peak_mib = peak allocated minus allocated before",
-             "groups": args.only}
+    about = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "timing": "median of CUDA-event timings after warm-up; ms per call; "
+        "peak_mib = peak allocated minus allocated before",
+        "groups": args.only,
+    }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "baselines.json"), "w") as fh:
         json.dump({"about": about, "results": rec.results}, fh, indent=1)

@@ -6,6 +6,7 @@ fused and reference side by side.
 On a machine without CUDA only the CPU smoke cases run. Timings are pytest-benchmark's (host clock; CUDA
 is synchronized inside each round); `sslfast bench` gives CUDA-event timings and peak memory instead.
 """
+
 import pytest
 import torch
 
@@ -20,6 +21,7 @@ def _synced(fn):
         fn()
         if DEVICE.type == "cuda":
             torch.cuda.synchronize(DEVICE)
+
     return run
 
 

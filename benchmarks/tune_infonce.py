@@ -5,6 +5,7 @@ shapes that matter (NT-Xent 2x16384 D=128, its forward both symmetric and as the
 with column statistics; MoCo N=4096 K=65536), and prints the best per pass. The winners are copied into
 `GPU_TILES` (or, when they hold for D <= 128 only, `NARROW_TILES`) in kernels/infonce.py.
 """
+
 import argparse
 import json
 
@@ -32,12 +33,14 @@ CANDIDATES = [
 
 def _deterministic(fn):
     """`fn` under torch.use_deterministic_algorithms: the symmetric forward takes its full-square schedule."""
+
     def run():
         torch.use_deterministic_algorithms(True)
         try:
             return fn()
         finally:
             torch.use_deterministic_algorithms(False)
+
     return run
 
 
@@ -57,25 +60,54 @@ def problems(dtype):
     q, queue, rn_q, rn_k = K.tile_operands(q, queue, rn_q, rn_k)
 
     def nt_fwd():
-        return K.similarity_lse(z, z, rn_z, rn_z, s10, nt_maps, exclude_self=True, want_pos=True, col_stats=False,
-                                bounded=True)
+        return K.similarity_lse(
+            z, z, rn_z, rn_z, s10, nt_maps, exclude_self=True, want_pos=True, col_stats=False, bounded=True
+        )
 
     return {
         ("fwd", "nt_xent 2x16384 (symmetric)", True): nt_fwd,
         ("fwd", "nt_xent 2x16384 (full square)", True): _deterministic(nt_fwd),
         ("fwd", "clip 32768 col-stats", False): lambda: K.similarity_lse(
-            img, txt, rn_i, rn_t, s14, IndexMaps(), exclude_self=False, want_pos=True, col_stats=True, bounded=False),
+            img, txt, rn_i, rn_t, s14, IndexMaps(), exclude_self=False, want_pos=True, col_stats=True, bounded=False
+        ),
         ("fwd", "moco 4096x65536", True): lambda: K.similarity_lse(
-            q, queue, rn_q, rn_k, s10, IndexMaps(), exclude_self=False, want_pos=False, col_stats=False, bounded=True),
+            q, queue, rn_q, rn_k, s10, IndexMaps(), exclude_self=False, want_pos=False, col_stats=False, bounded=True
+        ),
         ("bwd", "nt_xent 2x16384", True): lambda: K.similarity_lse_rows_grad(
-            z, z, rn_z, rn_z, s10, nt_maps, exclude_self=True, bounded=True, lse_r=lse, g_r=g, lse_c=lse, g_c=g,
-            g_pr=-g, g_pc=-g),
+            z,
+            z,
+            rn_z,
+            rn_z,
+            s10,
+            nt_maps,
+            exclude_self=True,
+            bounded=True,
+            lse_r=lse,
+            g_r=g,
+            lse_c=lse,
+            g_c=g,
+            g_pr=-g,
+            g_pc=-g,
+        ),
         ("bwd", "clip 32768 rows", False): lambda: K.similarity_lse_rows_grad(
-            img, txt, rn_i, rn_t, s14, IndexMaps(), exclude_self=False, bounded=False, lse_r=lse, g_r=g, lse_c=lse,
-            g_c=g, g_pr=-g, want_dscale=True),
+            img,
+            txt,
+            rn_i,
+            rn_t,
+            s14,
+            IndexMaps(),
+            exclude_self=False,
+            bounded=False,
+            lse_r=lse,
+            g_r=g,
+            lse_c=lse,
+            g_c=g,
+            g_pr=-g,
+            want_dscale=True,
+        ),
         ("bwd", "moco 4096x65536", True): lambda: K.similarity_lse_rows_grad(
-            q, queue, rn_q, rn_k, s10, IndexMaps(), exclude_self=False, bounded=True, lse_r=lse[:4096] + 3,
-            g_r=g[:4096]),
+            q, queue, rn_q, rn_k, s10, IndexMaps(), exclude_self=False, bounded=True, lse_r=lse[:4096] + 3, g_r=g[:4096]
+        ),
     }
 
 
@@ -93,7 +125,7 @@ def main():
                 continue
             table, key = K.tile_entry(kind, True, bounded, 128)  # the entry these D = 128 problems read
             saved = dict(table[key])
-            for cfg in CANDIDATES[:args.candidates]:
+            for cfg in CANDIDATES[: args.candidates]:
                 table[key] = cfg
                 try:
                     ms = time_ms(fn, torch.device("cuda"), warmup=2, repeat=5)

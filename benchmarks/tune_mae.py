@@ -10,6 +10,7 @@ of both and writes dpred, (2·0.75 + 1)·B·L·E·2 B; gather_patches reads the 
     python benchmarks/tune_mae.py [--only 4:4 8:8] [--json out.json]
     TRITON_INTERPRET=1 python benchmarks/tune_mae.py --device cpu      (checks the configs on tiny shapes)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,11 @@ def problems(device, batch):
     return {
         "masked_mse fwd (norm-pix)": (lambda: K.masked_mse(pred, imgs, mask, p, True)[0], 2 * n),
         "masked_mse fwd+grad (norm-pix)": (lambda: K.masked_mse(pred, imgs, mask, p, True, True)[2], 3 * n),
-        "masked_mse bwd (norm-pix)": (lambda: K.masked_mse_backward(one, pred, imgs, mask, wsum, p, True),
-                                      (2 * (L - keep) / L + 1) * n),
-        "gather_patches (kept 25 %)": (lambda: K.gather_patches(imgs, ids[:, :keep].contiguous(), p),
-                                       2 * n * keep / L),
+        "masked_mse bwd (norm-pix)": (
+            lambda: K.masked_mse_backward(one, pred, imgs, mask, wsum, p, True),
+            (2 * (L - keep) / L + 1) * n,
+        ),
+        "gather_patches (kept 25 %)": (lambda: K.gather_patches(imgs, ids[:, :keep].contiguous(), p), 2 * n * keep / L),
     }
 
 
@@ -60,8 +62,11 @@ def main(argv=None):
         for name, (call, nbytes) in problems(device, batch).items():
             expect = call()
             for br, warps in candidates:
-                K._patch_cfg = lambda p, C, lanes, br=br, warps=warps: {**default_cfg(p, C, lanes), "BLOCK_R": br,
-                                                                         "num_warps": warps}
+                K._patch_cfg = lambda p, C, lanes, br=br, warps=warps: {
+                    **default_cfg(p, C, lanes),
+                    "BLOCK_R": br,
+                    "num_warps": warps,
+                }
                 out = call()
                 tol = 1e-5 if out.dtype == torch.float32 else 8e-3  # a bf16 output may round the other way
                 ok = bool(torch.allclose(out.float(), expect.float(), rtol=tol, atol=tol))
@@ -75,8 +80,11 @@ def main(argv=None):
                 print(json.dumps(row), flush=True)
             if device.type == "cuda":
                 best = min((r for r in rows if r["pass"] == name and r["matches_default"]), key=lambda r: r["ms"])
-                print(f"BEST {name}: BLOCK_R={best['BLOCK_R']} num_warps={best['num_warps']} {best['ms']:.4f} ms "
-                      f"({best['TB/s']:.2f} TB/s)", flush=True)
+                print(
+                    f"BEST {name}: BLOCK_R={best['BLOCK_R']} num_warps={best['num_warps']} {best['ms']:.4f} ms "
+                    f"({best['TB/s']:.2f} TB/s)",
+                    flush=True,
+                )
     finally:
         K._patch_cfg = default_cfg
     if args.json:

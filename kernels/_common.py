@@ -1,4 +1,5 @@
 """Helpers shared by every kernel launcher."""
+
 from __future__ import annotations
 
 import functools

@@ -25,6 +25,7 @@ owns its rows, loads every tap, then a barrier, then stores.
 _blur_cols_kernel, grid (cdiv(C·H, ROWS), B, G): vertical pass from SCRATCH to OUT, fused with the epilogue
 (solarize, normalize, cast). Samples whose blur flag is 0 exit at once.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,26 @@ from .._backend import interpreting
 from ._common import cdiv, empty, next_pow2
 
 FIELDS = (
-    "top", "left", "height", "width", "flip", "jitter", "brightness", "contrast", "saturation", "hue",
-    "order0", "order1", "order2", "order3", "contrast_pos", "gray", "blur", "sigma", "solarize", "threshold",
+    "top",
+    "left",
+    "height",
+    "width",
+    "flip",
+    "jitter",
+    "brightness",
+    "contrast",
+    "saturation",
+    "hue",
+    "order0",
+    "order1",
+    "order2",
+    "order3",
+    "contrast_pos",
+    "gray",
+    "blur",
+    "sigma",
+    "solarize",
+    "threshold",
 )
 NF = tl.constexpr(len(FIELDS))
 F_TOP = tl.constexpr(FIELDS.index("top"))
@@ -85,9 +104,9 @@ def _adjust_hue(r, g, b, shift):
     hg = tl.where((maxc == g) & (maxc != r), 2.0 + rc - bc, 0.0)
     hb = tl.where((maxc != g) & (maxc != r), 4.0 + gc - rc, 0.0)
     h = (hr + hg + hb) / 6.0 + 1.0
-    h = h - tl.floor(h)                      # fmod(h, 1) for h > 0
+    h = h - tl.floor(h)  # fmod(h, 1) for h > 0
     h = h + shift
-    h = h - tl.floor(h)                      # remainder(h, 1)
+    h = h - tl.floor(h)  # remainder(h, 1)
     h6 = h * 6.0
     fi = tl.floor(h6)
     f = h6 - fi
@@ -131,8 +150,9 @@ def _jitter(r, g, b, P, n_ops, mean):
 
 
 @triton.jit
-def _sample(IMG, base, H, W, pix, out_w, flip, top, left, ch, cw, scale_y, scale_x,
-            CHW: tl.constexpr, ANTIALIAS: tl.constexpr):
+def _sample(
+    IMG, base, H, W, pix, out_w, flip, top, left, ch, cw, scale_y, scale_x, CHW: tl.constexpr, ANTIALIAS: tl.constexpr
+):
     """RGB in [0, 1] (fp32) at output pixels `pix` of the crop box resized to the view (flip folded in)."""
     oy = pix // out_w
     ox = pix % out_w
@@ -230,12 +250,15 @@ def _resize_bilinear(src, W, cs, step, oy, ox, top, left, ch, cw, scale_y, scale
     p11 = (y1 * W + x1) * step
     hy = 1.0 - ly
     hx = 1.0 - lx
-    r = hy * (hx * tl.load(src + p00).to(tl.float32) + lx * tl.load(src + p01).to(tl.float32)) \
-        + ly * (hx * tl.load(src + p10).to(tl.float32) + lx * tl.load(src + p11).to(tl.float32))
-    g = hy * (hx * tl.load(src + cs + p00).to(tl.float32) + lx * tl.load(src + cs + p01).to(tl.float32)) \
-        + ly * (hx * tl.load(src + cs + p10).to(tl.float32) + lx * tl.load(src + cs + p11).to(tl.float32))
-    b = hy * (hx * tl.load(src + 2 * cs + p00).to(tl.float32) + lx * tl.load(src + 2 * cs + p01).to(tl.float32)) \
-        + ly * (hx * tl.load(src + 2 * cs + p10).to(tl.float32) + lx * tl.load(src + 2 * cs + p11).to(tl.float32))
+    r = hy * (hx * tl.load(src + p00).to(tl.float32) + lx * tl.load(src + p01).to(tl.float32)) + ly * (
+        hx * tl.load(src + p10).to(tl.float32) + lx * tl.load(src + p11).to(tl.float32)
+    )
+    g = hy * (hx * tl.load(src + cs + p00).to(tl.float32) + lx * tl.load(src + cs + p01).to(tl.float32)) + ly * (
+        hx * tl.load(src + cs + p10).to(tl.float32) + lx * tl.load(src + cs + p11).to(tl.float32)
+    )
+    b = hy * (
+        hx * tl.load(src + 2 * cs + p00).to(tl.float32) + lx * tl.load(src + 2 * cs + p01).to(tl.float32)
+    ) + ly * (hx * tl.load(src + 2 * cs + p10).to(tl.float32) + lx * tl.load(src + 2 * cs + p11).to(tl.float32))
     return r, g, b
 
 
@@ -258,9 +281,26 @@ def _gauss_sum(sigma, KSIZE: tl.constexpr):
 
 # --------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _augment_kernel(IMG, OFFS, SIZES, PARAMS, OUT, SCRATCH, out_h, out_w,
-                    m0, m1, m2, is0, is1, is2,
-                    CHW: tl.constexpr, HAS_SCRATCH: tl.constexpr, ANTIALIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _augment_kernel(
+    IMG,
+    OFFS,
+    SIZES,
+    PARAMS,
+    OUT,
+    SCRATCH,
+    out_h,
+    out_w,
+    m0,
+    m1,
+    m2,
+    is0,
+    is1,
+    is2,
+    CHW: tl.constexpr,
+    HAS_SCRATCH: tl.constexpr,
+    ANTIALIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # Grid (B, G): program (b, g) writes view g of sample b, [3, out_h, out_w], BLOCK pixels per step.
     pid_b = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -327,8 +367,20 @@ def _augment_kernel(IMG, OFFS, SIZES, PARAMS, OUT, SCRATCH, out_h, out_w,
 
 
 @triton.jit
-def _blur_rows_kernel(SRC, DST, PARAMS, pstride, flag_col, sigma_col, n_rows, w,
-                      KSIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr, SYNC: tl.constexpr):
+def _blur_rows_kernel(
+    SRC,
+    DST,
+    PARAMS,
+    pstride,
+    flag_col,
+    sigma_col,
+    n_rows,
+    w,
+    KSIZE: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    SYNC: tl.constexpr,
+):
     # Grid (cdiv(n_rows, ROWS), B, G), n_rows = C·H: ROWS rows of image (g, b), BLOCK_W columns per step.
     # SYNC (in place): one column step covers the row, and a barrier separates the loads from the stores.
     pid_r = tl.program_id(0)
@@ -356,9 +408,29 @@ def _blur_rows_kernel(SRC, DST, PARAMS, pstride, flag_col, sigma_col, n_rows, w,
 
 
 @triton.jit
-def _blur_cols_kernel(SRC, OUT, PARAMS, pstride, flag_col, sigma_col, solar_col, thresh_col, C, h, w,
-                      m0, m1, m2, is0, is1, is2,
-                      KSIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr, EPILOGUE: tl.constexpr):
+def _blur_cols_kernel(
+    SRC,
+    OUT,
+    PARAMS,
+    pstride,
+    flag_col,
+    sigma_col,
+    solar_col,
+    thresh_col,
+    C,
+    h,
+    w,
+    m0,
+    m1,
+    m2,
+    is0,
+    is1,
+    is2,
+    KSIZE: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+):
     # Grid (cdiv(C·h, ROWS), B, G): ROWS output rows (c, y) of image (g, b), rows of all channels stacked.
     # EPILOGUE: solarize and normalize (3 channels) before the cast; otherwise a plain cast.
     rs = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -415,8 +487,9 @@ def _norm_args(mean, std) -> list[float]:
     return [float(m) for m in mean] + [1.0 / float(s) for s in std]
 
 
-def augment_views(images, offsets, sizes, params, out_h, out_w, chw, out_dtype, mean, std, blur_kernel, *,
-                  antialias=True):
+def augment_views(
+    images, offsets, sizes, params, out_h, out_w, chw, out_dtype, mean, std, blur_kernel, *, antialias=True
+):
     """[G, B, 3, out_h, out_w] in `out_dtype` (see the module doc). `blur_kernel` (odd, or 0 for no blur
     pass): samples with the blur flag are blurred with that many taps before solarize and normalization.
     `antialias`: the antialiased resize, else plain bilinear."""
@@ -426,29 +499,74 @@ def augment_views(images, offsets, sizes, params, out_h, out_w, chw, out_dtype, 
     if batch == 0 or g_views == 0:
         return out
     blur = blur_kernel > 0
-    scratch = (empty(out.shape, dtype=torch.float32, device=dev) if blur
-               else torch.zeros(1, dtype=torch.float32, device=dev))
+    scratch = (
+        empty(out.shape, dtype=torch.float32, device=dev) if blur else torch.zeros(1, dtype=torch.float32, device=dev)
+    )
     norm = _norm_args(mean, std)
-    _augment_kernel[(batch, g_views)](images, offsets, sizes, params, out, scratch, out_h, out_w, *norm,
-                                      CHW=bool(chw), HAS_SCRATCH=int(blur), ANTIALIAS=bool(antialias),
-                                      **_augment_cfg(out_h * out_w))
+    _augment_kernel[(batch, g_views)](
+        images,
+        offsets,
+        sizes,
+        params,
+        out,
+        scratch,
+        out_h,
+        out_w,
+        *norm,
+        CHW=bool(chw),
+        HAS_SCRATCH=int(blur),
+        ANTIALIAS=bool(antialias),
+        **_augment_cfg(out_h * out_w),
+    )
     if blur:
-        _blur(scratch, scratch, out, params, COL_BLUR, COL_SIGMA, COL_SOLAR, COL_THRESH, 3, out_h, out_w, batch,
-              g_views, blur_kernel, norm, epilogue=True)
+        _blur(
+            scratch,
+            scratch,
+            out,
+            params,
+            COL_BLUR,
+            COL_SIGMA,
+            COL_SOLAR,
+            COL_THRESH,
+            3,
+            out_h,
+            out_w,
+            batch,
+            g_views,
+            blur_kernel,
+            norm,
+            epilogue=True,
+        )
     return out
 
 
-def _blur(src, tmp, out, params, flag_col, sigma_col, solar_col, thresh_col, c, h, w, batch, g_views, ksize, norm,
-          epilogue):
+def _blur(
+    src, tmp, out, params, flag_col, sigma_col, solar_col, thresh_col, c, h, w, batch, g_views, ksize, norm, epilogue
+):
     pstride = params.shape[-1]
     in_place = src.data_ptr() == tmp.data_ptr()
     cfg = _blur_cfg(c * h, w, in_place)
     _blur_rows_kernel[(cdiv(c * h, cfg["ROWS"]), batch, g_views)](
-        src, tmp, params, pstride, flag_col, sigma_col, c * h, w, KSIZE=ksize, SYNC=in_place, **cfg)
+        src, tmp, params, pstride, flag_col, sigma_col, c * h, w, KSIZE=ksize, SYNC=in_place, **cfg
+    )
     cfg = _blur_cfg(c * h, w, False)
     _blur_cols_kernel[(cdiv(c * h, cfg["ROWS"]), batch, g_views)](
-        tmp, out, params, pstride, flag_col, sigma_col, solar_col, thresh_col, c, h, w, *norm,
-        KSIZE=ksize, EPILOGUE=epilogue, **cfg)
+        tmp,
+        out,
+        params,
+        pstride,
+        flag_col,
+        sigma_col,
+        solar_col,
+        thresh_col,
+        c,
+        h,
+        w,
+        *norm,
+        KSIZE=ksize,
+        EPILOGUE=epilogue,
+        **cfg,
+    )
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -457,7 +575,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     out = empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return out
-    params = torch.stack([torch.ones_like(sigma), sigma], dim=1).contiguous()   # (flag, sigma) per sample
+    params = torch.stack([torch.ones_like(sigma), sigma], dim=1).contiguous()  # (flag, sigma) per sample
     tmp = empty(x.shape, dtype=torch.float32, device=x.device)
     _blur(x, tmp, out, params, 0, 1, 0, 0, c, h, w, b, 1, kernel_size, [0.0] * 3 + [1.0] * 3, epilogue=False)
     return out

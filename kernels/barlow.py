@@ -63,6 +63,7 @@ gradients). The fused kernels move about 44 bytes per (row, feature) position fo
 The tiled path costs 2·N·D² FLOPs forward and 8·N·D² backward (each C slab is computed twice, once per
 branch, instead of being stored).
 """
+
 from __future__ import annotations
 
 import functools
@@ -111,8 +112,10 @@ def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return mm(a, b, out_dtype=torch.float32)  # cuBLAS, fp32 accumulation and output
         except (TypeError, RuntimeError, NotImplementedError) as err:  # older torch: exact but slow fallback
             _OUT_DTYPE_MM[0] = False
-            warnings.warn(f"sslfast: torch.{mm.__name__}(out_dtype=float32) unavailable ({err}); "
-                          "Barlow/VICReg GEMMs fall back to fp32 operands")
+            warnings.warn(
+                f"sslfast: torch.{mm.__name__}(out_dtype=float32) unavailable ({err}); "
+                "Barlow/VICReg GEMMs fall back to fp32 operands"
+            )
     if a.dtype != torch.float32 or b.dtype != torch.float32:
         a, b = a.float(), b.float()
     return torch.mm(a, b) if a.dim() == 2 else torch.bmm(a, b)  # not matmul: its batched views cost host calls
@@ -157,9 +160,26 @@ def _chan_merge(mean, m2, cnt, y, mask, nb):
 
 
 @triton.jit
-def _columns_kernel(Z1, Z2, COL, SCAL, OPS, M, D, stride1, stride2, r0, n_rows, eps,
-                    KIND: tl.constexpr, STATS: tl.constexpr, OPERANDS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+def _columns_kernel(
+    Z1,
+    Z2,
+    COL,
+    SCAL,
+    OPS,
+    M,
+    D,
+    stride1,
+    stride2,
+    r0,
+    n_rows,
+    eps,
+    KIND: tl.constexpr,
+    STATS: tl.constexpr,
+    OPERANDS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # Grid: one program per BLOCK_D-wide column strip, walking all M rows in BLOCK_M chunks: pass 1 the
     # statistics (STATS), pass 2 the operands and the column dots (OPERANDS). Barlow runs both in one
     # launch; VICReg splits them because its operand scale needs every column's variance first.
@@ -268,8 +288,24 @@ def _columns_kernel(Z1, Z2, COL, SCAL, OPS, M, D, stride1, stride2, r0, n_rows, 
 
 
 @triton.jit
-def _loss_epilogue(s_a, s_b, COL, SCAL, LOSS, U, M, D, n_rows, W, c0, c1, c2,
-                   KIND: tl.constexpr, GRAM: tl.constexpr, BLOCK_K: tl.constexpr):
+def _loss_epilogue(
+    s_a,
+    s_b,
+    COL,
+    SCAL,
+    LOSS,
+    U,
+    M,
+    D,
+    n_rows,
+    W,
+    c0,
+    c1,
+    c2,
+    KIND: tl.constexpr,
+    GRAM: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Stores L_r and u_r from the reduced Gram / tile sums s_a, s_b (operand units) and the rows of COL."""
     fM = M * 1.0
     fD = D * 1.0
@@ -321,10 +357,33 @@ def _loss_epilogue(s_a, s_b, COL, SCAL, LOSS, U, M, D, n_rows, W, c0, c1, c2,
 
 
 @triton.jit
-def _gram_epilogue_kernel(G, P, PD, PART, COL, SCAL, LOSS, U, n_rows, M, D, r0, inv_d, W, c0, c1, c2,
-                          n_tiles, tiles_c, nprog,
-                          KIND: tl.constexpr, FINALIZE: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gram_epilogue_kernel(
+    G,
+    P,
+    PD,
+    PART,
+    COL,
+    SCAL,
+    LOSS,
+    U,
+    n_rows,
+    M,
+    D,
+    r0,
+    inv_d,
+    W,
+    c0,
+    c1,
+    c2,
+    n_tiles,
+    tiles_c,
+    nprog,
+    KIND: tl.constexpr,
+    FINALIZE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # Programs stride over the [BLOCK_R, BLOCK_C] tiles of this rank's Gram rows G [2, n, M] (fp32): partial
     # ⟨G0, G1⟩ (Barlow) or ‖G0‖², ‖G1‖² (VICReg); the partner Gram for each branch's backward, scaled by 1/D
     # with its diagonal (column r0 + i of row i) zeroed, into P [2, n, M]; the diagonal itself into PD.
@@ -368,8 +427,20 @@ def _gram_epilogue_kernel(G, P, PD, PART, COL, SCAL, LOSS, U, n_rows, M, D, r0, 
 
 
 @triton.jit
-def _sym_gram_kernel(OPS, P, PD, PART, M, D, inv_d, T, KIND: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+def _sym_gram_kernel(
+    OPS,
+    P,
+    PD,
+    PART,
+    M,
+    D,
+    inv_d,
+    T,
+    KIND: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     # Grid (T, T), one process only: tile (i, j) of both Gram matrices A = Ẑ1Ẑ1ᵀ, B = Ẑ2Ẑ2ᵀ at once (two
     # accumulators, reduction over D on tensor cores). Only tiles with i <= j run their loop (A, B are
     # symmetric: half the forward FLOPs of two full GEMMs); the epilogue reduces ⟨A, B⟩ (or ‖A‖², ‖B‖²),
@@ -434,8 +505,25 @@ def _sym_gram_kernel(OPS, P, PD, PART, M, D, inv_d, T, KIND: tl.constexpr,
 
 
 @triton.jit
-def _finalize_kernel(PART, n_part, COL, SCAL, LOSS, U, M, D, n_rows, W, c0, c1, c2,
-                     KIND: tl.constexpr, GRAM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+def _finalize_kernel(
+    PART,
+    n_part,
+    COL,
+    SCAL,
+    LOSS,
+    U,
+    M,
+    D,
+    n_rows,
+    W,
+    c0,
+    c1,
+    c2,
+    KIND: tl.constexpr,
+    GRAM: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # One program: sums the partials PART [n_part, 2] in a fixed order (deterministic) and writes the loss.
     a = tl.zeros((BLOCK_P,), dtype=tl.float32)
     b = tl.zeros((BLOCK_P,), dtype=tl.float32)
@@ -443,13 +531,15 @@ def _finalize_kernel(PART, n_part, COL, SCAL, LOSS, U, M, D, n_rows, W, c0, c1, 
         idx = p0 + tl.arange(0, BLOCK_P)
         a += tl.load(PART + 2 * idx, mask=idx < n_part, other=0.0)
         b += tl.load(PART + 2 * idx + 1, mask=idx < n_part, other=0.0)
-    _loss_epilogue(tl.sum(a, axis=0), tl.sum(b, axis=0), COL, SCAL, LOSS, U, M, D, n_rows, W, c0, c1, c2,
-                   KIND, GRAM, BLOCK_K)
+    _loss_epilogue(
+        tl.sum(a, axis=0), tl.sum(b, axis=0), COL, SCAL, LOSS, U, M, D, n_rows, W, c0, c1, c2, KIND, GRAM, BLOCK_K
+    )
 
 
 @triton.jit
-def _tiles_kernel(OPS, PART, M, D, T, SYM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                  UPCAST: tl.constexpr):
+def _tiles_kernel(
+    OPS, PART, M, D, T, SYM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr
+):
     # Grid (T, T, jobs): tile (i, j) of the D x D matrix a[:, I]ᵀ b[:, J], reduced over the M rows in BLOCK_K
     # chunks on tensor cores; the epilogue keeps only Σ of the squared off-diagonal entries. Barlow: one job,
     # a = Ẑ1, b = Ẑ2, every tile. VICReg: job x is branch x, a = b = X̃x, upper tiles only (the lower ones are
@@ -490,8 +580,33 @@ def _tiles_kernel(OPS, PART, M, D, T, SYM: tl.constexpr, BLOCK_T: tl.constexpr, 
 
 
 @triton.jit
-def _grad_chunk(Z1, Z2, H, PD, rows, cols, cmask, M, D, stride1, stride2, r0, n_rows,
-                mean1, mean2, sc1, sc2, hs1, hs2, ps1, ps2, v1, v2, KIND: tl.constexpr, GRAM: tl.constexpr):
+def _grad_chunk(
+    Z1,
+    Z2,
+    H,
+    PD,
+    rows,
+    cols,
+    cmask,
+    M,
+    D,
+    stride1,
+    stride2,
+    r0,
+    n_rows,
+    mean1,
+    mean2,
+    sc1,
+    sc2,
+    hs1,
+    hs2,
+    ps1,
+    ps2,
+    v1,
+    v2,
+    KIND: tl.constexpr,
+    GRAM: tl.constexpr,
+):
     """g = ∂L_r/∂(ẑ or x̃) on a [BLOCK_M, BLOCK_D] chunk of both branches, from the backward product H, the
     diagonal term (Gram path) and the per-column term v (Barlow: cross term on the other branch's ẑ;
     VICReg: own-branch term)."""
@@ -521,9 +636,32 @@ def _grad_chunk(Z1, Z2, H, PD, rows, cols, cmask, M, D, stride1, stride2, r0, n_
 
 
 @triton.jit
-def _combine_kernel(Z1, Z2, H, PD, COL, SCAL, GRAD, DZ1, DZ2, M, D, stride1, stride2, r0, n_rows, W,
-                    c0, c1, c2, hfac, KIND: tl.constexpr, GRAM: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _combine_kernel(
+    Z1,
+    Z2,
+    H,
+    PD,
+    COL,
+    SCAL,
+    GRAD,
+    DZ1,
+    DZ2,
+    M,
+    D,
+    stride1,
+    stride2,
+    r0,
+    n_rows,
+    W,
+    c0,
+    c1,
+    c2,
+    hfac,
+    KIND: tl.constexpr,
+    GRAM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # Grid: one program per column strip, both branches. Pass 1 reduces the column sums the standardization
     # (Barlow) or centering (VICReg) backward needs; pass 2 (rows in reverse, to reuse what pass 1 left in
     # L2) recomputes g and writes dz. Coefficients: see the module doc (H is in operand units).
@@ -583,8 +721,32 @@ def _combine_kernel(Z1, Z2, H, PD, COL, SCAL, GRAD, DZ1, DZ2, M, D, stride1, str
     sx2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         g1, g2, xh1, xh2, x1, x2, mask = _grad_chunk(
-            Z1, Z2, H, PD, m0 + rr, cols, cmask, M, D, stride1, stride2, r0, n_rows,
-            mean1, mean2, sc1, sc2, hs1, hs2, ps1, ps2, v1, v2, KIND, GRAM)
+            Z1,
+            Z2,
+            H,
+            PD,
+            m0 + rr,
+            cols,
+            cmask,
+            M,
+            D,
+            stride1,
+            stride2,
+            r0,
+            n_rows,
+            mean1,
+            mean2,
+            sc1,
+            sc2,
+            hs1,
+            hs2,
+            ps1,
+            ps2,
+            v1,
+            v2,
+            KIND,
+            GRAM,
+        )
         sg1 += tl.sum(g1, axis=0)
         sg2 += tl.sum(g2, axis=0)
         if KIND == 0:
@@ -599,8 +761,32 @@ def _combine_kernel(Z1, Z2, H, PD, COL, SCAL, GRAD, DZ1, DZ2, M, D, stride1, str
     for i in range(0, n_chunks):
         rows = (n_chunks - 1 - i) * BLOCK_M + rr
         g1, g2, xh1, xh2, x1, x2, mask = _grad_chunk(
-            Z1, Z2, H, PD, rows, cols, cmask, M, D, stride1, stride2, r0, n_rows,
-            mean1, mean2, sc1, sc2, hs1, hs2, ps1, ps2, v1, v2, KIND, GRAM)
+            Z1,
+            Z2,
+            H,
+            PD,
+            rows,
+            cols,
+            cmask,
+            M,
+            D,
+            stride1,
+            stride2,
+            r0,
+            n_rows,
+            mean1,
+            mean2,
+            sc1,
+            sc2,
+            hs1,
+            hs2,
+            ps1,
+            ps2,
+            v1,
+            v2,
+            KIND,
+            GRAM,
+        )
         if KIND == 0:
             dz1 = go * sc1[None, :] * (g1 - sg1[None, :] - xh1 * sx1[None, :])
             dz2 = go * sc2[None, :] * (g2 - sg2[None, :] - xh2 * sx2[None, :])
@@ -626,15 +812,22 @@ def _configs(interpreted: bool) -> dict:
     8 warps, 3 stages (two accumulators: 234 registers, 192 KB shared memory, no spills on sm_90). Under the
     interpreter every block is tiny so that odd sizes cross many tile edges."""
     if interpreted:
-        return dict(col=dict(BLOCK_M=8, BLOCK_D=16, BLOCK_K=16, num_warps=1),
-                    gram=dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K=16, num_warps=1), small_tiles=4,
-                    tiles=dict(BLOCK_T=16, BLOCK_K=16, num_warps=1), sym=dict(BLOCK_T=16, BLOCK_K=16, num_warps=1),
-                    fin=dict(BLOCK_P=16, BLOCK_K=16))
-    return dict(col=dict(BLOCK_M=64, BLOCK_D=32, BLOCK_K=1024, num_warps=4),
-                gram=dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=1024, num_warps=4), small_tiles=16,
-                tiles=dict(BLOCK_T=128, BLOCK_K=64, num_warps=8, num_stages=3),
-                sym=dict(BLOCK_T=128, BLOCK_K=64, num_warps=8, num_stages=3),
-                fin=dict(BLOCK_P=1024, BLOCK_K=1024))
+        return dict(
+            col=dict(BLOCK_M=8, BLOCK_D=16, BLOCK_K=16, num_warps=1),
+            gram=dict(BLOCK_R=16, BLOCK_C=16, BLOCK_K=16, num_warps=1),
+            small_tiles=4,
+            tiles=dict(BLOCK_T=16, BLOCK_K=16, num_warps=1),
+            sym=dict(BLOCK_T=16, BLOCK_K=16, num_warps=1),
+            fin=dict(BLOCK_P=16, BLOCK_K=16),
+        )
+    return dict(
+        col=dict(BLOCK_M=64, BLOCK_D=32, BLOCK_K=1024, num_warps=4),
+        gram=dict(BLOCK_R=64, BLOCK_C=64, BLOCK_K=1024, num_warps=4),
+        small_tiles=16,
+        tiles=dict(BLOCK_T=128, BLOCK_K=64, num_warps=8, num_stages=3),
+        sym=dict(BLOCK_T=128, BLOCK_K=64, num_warps=8, num_stages=3),
+        fin=dict(BLOCK_P=1024, BLOCK_K=1024),
+    )
 
 
 def _coefs(coef) -> tuple[float, float, float]:
@@ -695,29 +888,51 @@ def forward(z1, z2, kind, coef, eps, rows, world, algorithm):
         t = cdiv(m, sc["BLOCK_T"])
         if n == m and symmetric_gram_forward(m, dev):
             part = empty((t * t, 2), dtype=f32, device=dev)
-            _sym_gram_kernel[(t, t)](ops, grams, pdiag, part, m, d, 1.0 / d, t, KIND=kind, UPCAST=upcast_dots(),
-                                     **sc)
+            _sym_gram_kernel[(t, t)](ops, grams, pdiag, part, m, d, 1.0 / d, t, KIND=kind, UPCAST=upcast_dots(), **sc)
             _finalize_kernel[(1,)](part, t * t, col, scal, loss, u, *tail, KIND=kind, GRAM=True, **cfg["fin"])
             return loss, u, col, scal, ops, grams, pdiag
-        mine = ops if n == m else ops[:, r0:r0 + n]
-        g = _bmm_f32(mine, ops.transpose(1, 2))     # [2, n, M]: this rank's Gram rows
+        mine = ops if n == m else ops[:, r0 : r0 + n]
+        g = _bmm_f32(mine, ops.transpose(1, 2))  # [2, n, M]: this rank's Gram rows
         gc = cfg["gram"]
         tiles_c = cdiv(m, gc["BLOCK_C"])
         n_tiles = cdiv(n, gc["BLOCK_R"]) * tiles_c
         finalize = n_tiles <= cfg["small_tiles"]
         nprog = 1 if finalize else n_tiles
         part = loss if finalize else empty((nprog, 2), dtype=f32, device=dev)
-        _gram_epilogue_kernel[(nprog,)](g, grams, pdiag, part, col, scal, loss, u, n, m, d, r0, 1.0 / d,
-                                        float(world), c0, c1, c2, n_tiles, tiles_c, nprog,
-                                        KIND=kind, FINALIZE=finalize, **gc)
+        _gram_epilogue_kernel[(nprog,)](
+            g,
+            grams,
+            pdiag,
+            part,
+            col,
+            scal,
+            loss,
+            u,
+            n,
+            m,
+            d,
+            r0,
+            1.0 / d,
+            float(world),
+            c0,
+            c1,
+            c2,
+            n_tiles,
+            tiles_c,
+            nprog,
+            KIND=kind,
+            FINALIZE=finalize,
+            **gc,
+        )
         if not finalize:
             _finalize_kernel[(1,)](part, nprog, col, scal, loss, u, *tail, KIND=kind, GRAM=True, **cfg["fin"])
         return loss, u, col, scal, ops, grams, pdiag
     tc = cfg["tiles"]
     t = cdiv(d, tc["BLOCK_T"])
     part = empty((t * t, 2), dtype=f32, device=dev)
-    _tiles_kernel[(t, t, 1 if kind == BARLOW else 2)](ops, part, m, d, t, SYM=kind == VICREG,
-                                                       UPCAST=upcast_dots(), **tc)
+    _tiles_kernel[(t, t, 1 if kind == BARLOW else 2)](
+        ops, part, m, d, t, SYM=kind == VICREG, UPCAST=upcast_dots(), **tc
+    )
     _finalize_kernel[(1,)](part, t * t, col, scal, loss, u, *tail, KIND=kind, GRAM=False, **cfg["fin"])
     return loss, u, col, scal, ops, ops.new_empty((2, 0, 0)), col.new_empty((2, 0))
 
@@ -731,8 +946,8 @@ def _backward_product(kind, ops, grams, rows, algorithm):
             if ops.is_cuda and ops.dtype == torch.bfloat16:
                 return torch.bmm(grams, ops), 2.0  # bf16 product: halves the traffic of the combine pass
             return _bmm_f32(grams, ops), 2.0
-        h = _bmm_f32(grams.transpose(1, 2), ops[:, r0:r0 + n])
-        h[:, r0:r0 + n] += _bmm_f32(grams, ops)
+        h = _bmm_f32(grams.transpose(1, 2), ops[:, r0 : r0 + n])
+        h[:, r0 : r0 + n] += _bmm_f32(grams, ops)
         return h, 1.0
     h = empty((2, m, d), dtype=torch.float32, device=ops.device)
     norm = m if kind == BARLOW else m - 1
@@ -740,9 +955,9 @@ def _backward_product(kind, ops, grams, rows, algorithm):
         a = ops[x]
         b = ops[1 - x] if kind == BARLOW else ops[x]
         for p0, p1 in slabs(d):
-            s = _bmm_f32(a[:, p0:p1].T, b)                   # P x D slab of aᵀb
+            s = _bmm_f32(a[:, p0:p1].T, b)  # P x D slab of aᵀb
             s[:, p0:p1].diagonal().zero_()
-            s = (s * (1.0 / norm)).to(ops.dtype)             # |C| <= 1 (Barlow), |Cov_ops| <= D (VICReg)
+            s = (s * (1.0 / norm)).to(ops.dtype)  # |C| <= 1 (Barlow), |Cov_ops| <= D (VICReg)
             h[x, :, p0:p1] = _bmm_f32(b, s.T)
     return h, 1.0
 
@@ -758,7 +973,30 @@ def backward(grad, z1, z2, col, scal, ops, grams, pdiag, kind, coef, eps, rows, 
     cc = _cfg()["col"]
     pd = pdiag if algorithm == "gram" else col
     _combine_kernel[(cdiv(d, cc["BLOCK_D"]),)](
-        z1, z2, h, pd, col, scal, grad, dz1, dz2, m, d, z1.stride(0), z2.stride(0), r0, n, float(world),
-        c0, c1, c2, hfac, KIND=kind, GRAM=algorithm == "gram",
-        BLOCK_M=cc["BLOCK_M"], BLOCK_D=cc["BLOCK_D"], num_warps=cc["num_warps"])
+        z1,
+        z2,
+        h,
+        pd,
+        col,
+        scal,
+        grad,
+        dz1,
+        dz2,
+        m,
+        d,
+        z1.stride(0),
+        z2.stride(0),
+        r0,
+        n,
+        float(world),
+        c0,
+        c1,
+        c2,
+        hfac,
+        KIND=kind,
+        GRAM=algorithm == "gram",
+        BLOCK_M=cc["BLOCK_M"],
+        BLOCK_D=cc["BLOCK_D"],
+        num_warps=cc["num_warps"],
+    )
     return dz1, dz2

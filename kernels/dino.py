@@ -17,6 +17,7 @@ teacher pass of its own. Traffic: the forward reads the teacher twice (statistic
 once; the backward reads both once more and writes the gradient. All arithmetic is fp32 whatever the input
 dtypes; the loss is a deterministic sum of per-(split, crop, image) partials.
 """
+
 from __future__ import annotations
 
 import torch
@@ -80,8 +81,27 @@ def _teacher_stats_kernel(T, C, PART_T, n_rows, K, stride_t, k_per_split, t2, BL
 
 
 @triton.jit
-def _forward_kernel(S, T, C, PART_T, LSE_T, PART, B, V, G, K, stride_s, stride_t, k_per_split, s2, t2,
-                    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SP: tl.constexpr):
+def _forward_kernel(
+    S,
+    T,
+    C,
+    PART_T,
+    LSE_T,
+    PART,
+    B,
+    V,
+    G,
+    K,
+    stride_s,
+    stride_t,
+    k_per_split,
+    s2,
+    t2,
+    BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_SP: tl.constexpr,
+):
     # Grid (B, K splits), the teacher statistics' splits too: image b's columns [k_lo, k_hi) as [BLOCK_V,
     # BLOCK_K] tiles of all its crops at once (one 2-D load, one reduction per statistic for every crop).
     # First the G teacher LSEs of image b, merged from the splits' partials; split 0 also stores them (natural
@@ -123,8 +143,9 @@ def _forward_kernel(S, T, C, PART_T, LSE_T, PART, B, V, G, K, stride_s, stride_t
 
 
 @triton.jit
-def _merge_loss(PART, STATS, LOSS, n_sp, n, B, G, inv_pairs, SUMS: tl.constexpr, BLOCK_SP: tl.constexpr,
-                BLOCK: tl.constexpr):
+def _merge_loss(
+    PART, STATS, LOSS, n_sp, n, B, G, inv_pairs, SUMS: tl.constexpr, BLOCK_SP: tl.constexpr, BLOCK: tl.constexpr
+):
     """The multi-crop cross-entropy's last step, shared by DINO's and SwAV's `_loss_kernel` (one program): the
     K splits' partials of every student row (n = V·B, crop-major) merged into its natural LSE (STATS[:n]), and
     loss = Σ (c·lse − dot) / (B·n_pairs) summed in a fixed order. PART [3 + SUMS, splits, n] holds the (max,
@@ -159,8 +180,28 @@ def _loss_kernel(PART, LSE_S, LOSS, n_sp, n, B, G, inv_pairs, BLOCK_SP: tl.const
 
 
 @triton.jit
-def _backward_kernel(S, T, C, LSE_T, LSE_S, GRAD, DS, B, V, G, K, stride_s, stride_t, stride_ds, s2, t2, coef,
-                     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_G: tl.constexpr):
+def _backward_kernel(
+    S,
+    T,
+    C,
+    LSE_T,
+    LSE_S,
+    GRAD,
+    DS,
+    B,
+    V,
+    G,
+    K,
+    stride_s,
+    stride_t,
+    stride_ds,
+    s2,
+    t2,
+    coef,
+    BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
     # Grid (B, cdiv(K, BLOCK_K)): one [BLOCK_V, BLOCK_K] tile, every crop of image b at one chunk of columns;
     # the teacher and student LSEs are the forward's (natural log, saved).
     b = tl.program_id(0)
@@ -213,17 +254,53 @@ def dino_loss_forward(student, teacher, center, student_temp, teacher_temp, num_
     cfg = _blocks(student, V, G)
     splits, per = _splits(B, K, cfg["BLOCK_K"], student.device)
     part_t = empty((2, splits, G * B), dtype=torch.float32, device=student.device)
-    _teacher_stats_kernel[(G * B, splits)](teacher, center, part_t, G * B, K, teacher.stride(0), per,
-                                           LOG2E / teacher_temp, BLOCK_K=min(next_pow2(per), 4 * cfg["BLOCK_K"]),
-                                           num_warps=cfg["num_warps"])
+    _teacher_stats_kernel[(G * B, splits)](
+        teacher,
+        center,
+        part_t,
+        G * B,
+        K,
+        teacher.stride(0),
+        per,
+        LOG2E / teacher_temp,
+        BLOCK_K=min(next_pow2(per), 4 * cfg["BLOCK_K"]),
+        num_warps=cfg["num_warps"],
+    )
     lse = empty(((V + G) * B,), dtype=torch.float32, device=student.device)
     part = empty((3, splits, V, B), dtype=torch.float32, device=student.device)
-    _forward_kernel[(B, splits)](student, teacher, center, part_t, lse[V * B:], part, B, V, G, K, student.stride(0),
-                                 teacher.stride(0), per, LOG2E / student_temp, LOG2E / teacher_temp,
-                                 BLOCK_SP=next_pow2(splits), **cfg)
+    _forward_kernel[(B, splits)](
+        student,
+        teacher,
+        center,
+        part_t,
+        lse[V * B :],
+        part,
+        B,
+        V,
+        G,
+        K,
+        student.stride(0),
+        teacher.stride(0),
+        per,
+        LOG2E / student_temp,
+        LOG2E / teacher_temp,
+        BLOCK_SP=next_pow2(splits),
+        **cfg,
+    )
     loss = empty((), dtype=torch.float32, device=student.device)
-    _loss_kernel[(1,)](part, lse, loss, splits, V * B, B, G, 1.0 / (B * (G * V - G)), BLOCK_SP=next_pow2(splits),
-                       BLOCK=64 if interpreting() else 256, num_warps=_warps())
+    _loss_kernel[(1,)](
+        part,
+        lse,
+        loss,
+        splits,
+        V * B,
+        B,
+        G,
+        1.0 / (B * (G * V - G)),
+        BLOCK_SP=next_pow2(splits),
+        BLOCK=64 if interpreting() else 256,
+        num_warps=_warps(),
+    )
     return loss, lse
 
 
@@ -234,7 +311,23 @@ def dino_loss_backward(grad, student, teacher, center, lse, student_temp, teache
     cfg = _blocks(student, V, G)
     ds = empty(tuple(student.shape), dtype=student.dtype, device=student.device)
     _backward_kernel[(B, cdiv(K, cfg["BLOCK_K"]))](
-        student, teacher, center.reshape(-1), lse[V * B:], lse, grad, ds, B, V, G, K, student.stride(0),
-        teacher.stride(0), ds.stride(0), LOG2E / student_temp, LOG2E / teacher_temp,
-        1.0 / (student_temp * B * (G * V - G)), **cfg)
+        student,
+        teacher,
+        center.reshape(-1),
+        lse[V * B :],
+        lse,
+        grad,
+        ds,
+        B,
+        V,
+        G,
+        K,
+        student.stride(0),
+        teacher.stride(0),
+        ds.stride(0),
+        LOG2E / student_temp,
+        LOG2E / teacher_temp,
+        1.0 / (student_temp * B * (G * V - G)),
+        **cfg,
+    )
     return ds

@@ -13,6 +13,7 @@ Rows with w_r = 0 are never read (their sweep has no iterations, their gradient 
 Traffic: each weighted row of s and t is read once by the forward and once by the backward, which writes the
 gradient; the statistics are [2, R] floats. All arithmetic is fp32 whatever the input dtypes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -59,8 +60,9 @@ def _forward_kernel(S, T, W, STATS, PART, R, K, stride_s, stride_t, s2, BLOCK_K:
 
 
 @triton.jit
-def _backward_kernel(S, T, W, STATS, GRAD, DS, R, K, stride_s, stride_t, stride_ds, s2, inv_temp,
-                     BLOCK_K: tl.constexpr):
+def _backward_kernel(
+    S, T, W, STATS, GRAD, DS, R, K, stride_s, stride_t, stride_ds, s2, inv_temp, BLOCK_K: tl.constexpr
+):
     # Grid (R, cdiv(K, BLOCK_K)): one chunk of one token row; an unweighted row's loads are masked off and its
     # gradient chunk stored as zeros.
     r = tl.program_id(0)
@@ -89,8 +91,19 @@ def ibot_forward(student, teacher, weights, student_temp):
     R, K = student.shape
     stats = empty((2, R), dtype=torch.float32, device=student.device)
     part = empty((R,), dtype=torch.float32, device=student.device)
-    _forward_kernel[(R,)](student, teacher, weights, stats, part, R, K, student.stride(0), teacher.stride(0),
-                          LOG2E / student_temp, **_config(K))
+    _forward_kernel[(R,)](
+        student,
+        teacher,
+        weights,
+        stats,
+        part,
+        R,
+        K,
+        student.stride(0),
+        teacher.stride(0),
+        LOG2E / student_temp,
+        **_config(K),
+    )
     return part.sum(), stats
 
 
@@ -100,7 +113,20 @@ def ibot_backward(grad, student, teacher, weights, stats, student_temp):
     R, K = student.shape
     cfg = _config(K)
     ds = empty((R, K), dtype=student.dtype, device=student.device)
-    _backward_kernel[(R, cdiv(K, cfg["BLOCK_K"]))](student, teacher, weights, stats, grad, ds, R, K,
-                                                   student.stride(0), teacher.stride(0), ds.stride(0),
-                                                   LOG2E / student_temp, 1.0 / student_temp, **cfg)
+    _backward_kernel[(R, cdiv(K, cfg["BLOCK_K"]))](
+        student,
+        teacher,
+        weights,
+        stats,
+        grad,
+        ds,
+        R,
+        K,
+        student.stride(0),
+        teacher.stride(0),
+        ds.stride(0),
+        LOG2E / student_temp,
+        1.0 / student_temp,
+        **cfg,
+    )
     return ds

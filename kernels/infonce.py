@@ -58,6 +58,7 @@ Epilogue. An eager training call turns the statistics into the loss and the upst
 backward in one launch (`loss_epilogue`): loss = mean softplus(lse − pos) (rows and, for CLIP, columns
 averaged), ∂/∂lse = sigmoid(lse − pos)/M, ∂/∂pos = −(the row's and column's terms).
 """
+
 from __future__ import annotations
 
 import torch
@@ -69,7 +70,7 @@ from ._common import TL_LN2, TL_LOG2E, cdiv, empty, merged_lse2, next_pow2, num_
 
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize
 MAX_ATOMIC_SPLITS = 4  # backward column splits that add into one output atomically (more: per-split slices)
-TRIANGLE_WAVES = 16    # the symmetric forward's work, in waves of the machine
+TRIANGLE_WAVES = 16  # the symmetric forward's work, in waves of the machine
 # The column sums of the online-max forward are fp64 sums of 2^(s − |scale|·log2 e): terms under 2^-1022 lose
 # bits or vanish. A column whose sum is under 2^-MIN_COL_ACC_EXP (its largest logit > ~665 below |scale|) is
 # recomputed; above it, the at most 2^31 lost terms (each < 2^-1022) weigh < 2^-31 of the sum.
@@ -118,9 +119,23 @@ def _load_cols_t(X, cols, col_ok, dk, D, stride, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _tile_dots(r_res, R, C, rows, row_ok, cols, col_ok, D, stride_r, stride_c,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               ONE_CHUNK: tl.constexpr, UPCAST: tl.constexpr):
+def _tile_dots(
+    r_res,
+    R,
+    C,
+    rows,
+    row_ok,
+    cols,
+    col_ok,
+    D,
+    stride_r,
+    stride_c,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """Raw dot products r_i·c_j of one [BLOCK_M, BLOCK_N] tile (fp32). With ONE_CHUNK the row block `r_res`
     stays resident for the whole sweep; otherwise D is walked in BLOCK_D chunks and the rows are re-read."""
     if ONE_CHUNK:
@@ -129,15 +144,35 @@ def _tile_dots(r_res, R, C, rows, row_ok, cols, col_ok, D, stride_r, stride_c,
         s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_D):
             dk = k0 + tl.arange(0, BLOCK_D)
-            s = tl.dot(_load_rows(R, rows, row_ok, dk, D, stride_r, UPCAST),
-                       _load_cols_t(C, cols, col_ok, dk, D, stride_c, UPCAST), s)
+            s = tl.dot(
+                _load_rows(R, rows, row_ok, dk, D, stride_r, UPCAST),
+                _load_cols_t(C, cols, col_ok, dk, D, stride_c, UPCAST),
+                s,
+            )
     return s
 
 
 @triton.jit
-def _logit_tile(r_res, R, C, RN_C, rows, row_ok, row_fac, c0, col_hi, D, stride_r, stride_c,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                ONE_CHUNK: tl.constexpr, C_ROWS: tl.constexpr, UPCAST: tl.constexpr):
+def _logit_tile(
+    r_res,
+    R,
+    C,
+    RN_C,
+    rows,
+    row_ok,
+    row_fac,
+    c0,
+    col_hi,
+    D,
+    stride_r,
+    stride_c,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    C_ROWS: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """Base-2 logits of the tile at column c0, its columns and their inverse norms (1 past the end, where the
     logits are masked by the caller), and with C_ROWS (ONE_CHUNK only) the tile's rows of C [BLOCK_N, BLOCK_D]
     as loaded for the dot, for the caller to use again (the backward's G·C)."""
@@ -149,8 +184,9 @@ def _logit_tile(r_res, R, C, RN_C, rows, row_ok, row_fac, c0, col_hi, D, stride_
         c_rows = _load_rows(C, cols, col_ok, tl.arange(0, BLOCK_D), D, stride_c, UPCAST)
         s = tl.dot(r_res, tl.trans(c_rows))
     else:
-        s = _tile_dots(r_res, R, C, rows, row_ok, cols, col_ok, D, stride_r, stride_c,
-                       BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST)
+        s = _tile_dots(
+            r_res, R, C, rows, row_ok, cols, col_ok, D, stride_r, stride_c, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST
+        )
     return s * row_fac[:, None] * col_fac[None, :], cols, col_ok, col_fac, c_rows
 
 
@@ -167,8 +203,20 @@ def _index_ranges(rows, row_ok, r_off, r_split, r_shift, p_shift, p_period):
 
 
 @triton.jit
-def _needs_mask(c0, col_hi, g_lo, g_hi, p_lo, p_hi, c_off, c_split, c_shift,
-                EXCLUDE_SELF: tl.constexpr, POS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _needs_mask(
+    c0,
+    col_hi,
+    g_lo,
+    g_hi,
+    p_lo,
+    p_hi,
+    c_off,
+    c_split,
+    c_shift,
+    EXCLUDE_SELF: tl.constexpr,
+    POS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Whether the tile at column c0 holds anything to mask: columns past the end, a row's own index, or a
     row's positive. Column maps are monotonic, so the tile's global columns lie in [map(c0), map(last)]."""
     last = tl.minimum(c0 + BLOCK_N, col_hi) - 1
@@ -194,8 +242,22 @@ def _tile_masks(g_row, g_pos, cols, col_ok, c_off, c_split, c_shift, EXCLUDE_SEL
 
 # --------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _rownorm_kernel(X, RN, P, RN_P, POS, SCALE, M, D, stride_x, stride_p, eps,
-                    HAS_PARTNER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rownorm_kernel(
+    X,
+    RN,
+    P,
+    RN_P,
+    POS,
+    SCALE,
+    M,
+    D,
+    stride_x,
+    stride_p,
+    eps,
+    HAS_PARTNER: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """RN[i] = 1/max(‖x_i‖, eps) in fp32. With a partner matrix P (MoCo's keys) also RN_P and the positive
     logits POS[i] = scale · x̂_i·p̂_i, in the same pass."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -228,14 +290,31 @@ def _unit_rows_kernel(X, RN, XH, M, D, stride_x, BLOCK_M: tl.constexpr, BLOCK_D:
     for k0 in range(0, D, BLOCK_D):
         dk = k0 + tl.arange(0, BLOCK_D)
         x = _load_rows(X, rows, row_ok, dk, D, stride_x, True) * rn[:, None]
-        tl.store(XH + rows[:, None] * D + dk[None, :], x.to(XH.dtype.element_ty),
-                 mask=row_ok[:, None] & (dk[None, :] < D))
+        tl.store(
+            XH + rows[:, None] * D + dk[None, :], x.to(XH.dtype.element_ty), mask=row_ok[:, None] & (dk[None, :] < D)
+        )
 
 
 @triton.jit
-def _normalize_bwd_kernel(X, RN, DXH, P, RN_P, COEF, DX, M, D, stride_x, stride_dxh, stride_p, stride_dx,
-                          HAS_DXH: tl.constexpr, HAS_PARTNER: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _normalize_bwd_kernel(
+    X,
+    RN,
+    DXH,
+    P,
+    RN_P,
+    COEF,
+    DX,
+    M,
+    D,
+    stride_x,
+    stride_dxh,
+    stride_p,
+    stride_dx,
+    HAS_DXH: tl.constexpr,
+    HAS_PARTNER: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """DX = (g − x̂ (x̂·g)) · rn with g = DXH + COEF·p̂: the backward of x ↦ x/‖x‖ for the gradient of the
     tiles (DXH) plus that of a positive logit c·x̂·p̂ (MoCo's queue mode); whole rows in registers."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -264,8 +343,7 @@ def _softplus(x):
 
 
 @triton.jit
-def _loss_epilogue_kernel(LSE_R, LSE_C, POS, LOSS, G_R, G_C, G_P, m, w_over_m, COLS: tl.constexpr,
-                          BLOCK: tl.constexpr):
+def _loss_epilogue_kernel(LSE_R, LSE_C, POS, LOSS, G_R, G_C, G_P, m, w_over_m, COLS: tl.constexpr, BLOCK: tl.constexpr):
     # Grid (1,): one program walks the M rows in BLOCK chunks (a few µs at M ≤ 10⁶), so the loss is summed in
     # a fixed order. Per row: x = lse − pos, loss += w·softplus(x)/M, ∂/∂lse = w·sigmoid(x)/M, ∂/∂pos = −Σ.
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -288,9 +366,25 @@ def _loss_epilogue_kernel(LSE_R, LSE_C, POS, LOSS, G_R, G_C, G_P, m, w_over_m, C
 
 
 @triton.jit
-def _merge_splits_kernel(ROW_M, ROW_L, POS_S, COL_L, COL_ACC, SCALE, LSE_R, POS, LSE_C, m, nb, splits,
-                         WANT_POS: tl.constexpr, COL_STATS: tl.constexpr, BOUNDED: tl.constexpr,
-                         BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
+def _merge_splits_kernel(
+    ROW_M,
+    ROW_L,
+    POS_S,
+    COL_L,
+    COL_ACC,
+    SCALE,
+    LSE_R,
+    POS,
+    LSE_C,
+    m,
+    nb,
+    splits,
+    WANT_POS: tl.constexpr,
+    COL_STATS: tl.constexpr,
+    BOUNDED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     # Grid (cdiv(max(M, Nb), BLOCK),): BLOCK rows' [BLOCK_S ≥ splits, BLOCK] partials, reduced over the splits
     # (plain sums: ln Σ l; otherwise the base-2 (max, sum) merge), the positives' split sums, and BLOCK columns.
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -317,39 +411,187 @@ def _merge_splits_kernel(ROW_M, ROW_L, POS_S, COL_L, COL_ACC, SCALE, LSE_R, POS,
 
 @triton.jit
 def _lse_fwd_kernel(
-    R, C, RN_R, RN_C, SCALE, ROW_M, ROW_L, POS, COL_L, COL_ACC,
-    M, NB, D, stride_r, stride_c, cols_per_split,
-    r_off, r_split, r_shift, c_off, c_split, c_shift, p_shift, p_period,
-    EXCLUDE_SELF: tl.constexpr, WANT_POS: tl.constexpr, COL_STATS: tl.constexpr, BOUNDED: tl.constexpr,
-    TRIANGLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ONE_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+    R,
+    C,
+    RN_R,
+    RN_C,
+    SCALE,
+    ROW_M,
+    ROW_L,
+    POS,
+    COL_L,
+    COL_ACC,
+    M,
+    NB,
+    D,
+    stride_r,
+    stride_c,
+    cols_per_split,
+    r_off,
+    r_split,
+    r_shift,
+    c_off,
+    c_split,
+    c_shift,
+    p_shift,
+    p_period,
+    EXCLUDE_SELF: tl.constexpr,
+    WANT_POS: tl.constexpr,
+    COL_STATS: tl.constexpr,
+    BOUNDED: tl.constexpr,
+    TRIANGLE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
-    _lse_fwd(R, C, RN_R, RN_C, SCALE, ROW_M, ROW_L, POS, COL_L, COL_ACC, M, NB, D, stride_r, stride_c, cols_per_split,
-             r_off, r_split, r_shift, c_off, c_split, c_shift, p_shift, p_period, EXCLUDE_SELF, WANT_POS, COL_STATS,
-             BOUNDED, TRIANGLE, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST, False)
+    _lse_fwd(
+        R,
+        C,
+        RN_R,
+        RN_C,
+        SCALE,
+        ROW_M,
+        ROW_L,
+        POS,
+        COL_L,
+        COL_ACC,
+        M,
+        NB,
+        D,
+        stride_r,
+        stride_c,
+        cols_per_split,
+        r_off,
+        r_split,
+        r_shift,
+        c_off,
+        c_split,
+        c_shift,
+        p_shift,
+        p_period,
+        EXCLUDE_SELF,
+        WANT_POS,
+        COL_STATS,
+        BOUNDED,
+        TRIANGLE,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_D,
+        ONE_CHUNK,
+        UPCAST,
+        False,
+    )
 
 
 @triton.jit
 def _lse_redo_kernel(
-    R, C, RN_R, RN_C, SCALE, LSE, COL_ACC, M, NB, D, stride_r, stride_c,
-    r_off, r_split, r_shift, c_off, c_split, c_shift, p_shift, p_period,
-    EXCLUDE_SELF: tl.constexpr, WANT_POS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+    R,
+    C,
+    RN_R,
+    RN_C,
+    SCALE,
+    LSE,
+    COL_ACC,
+    M,
+    NB,
+    D,
+    stride_r,
+    stride_c,
+    r_off,
+    r_split,
+    r_shift,
+    c_off,
+    c_split,
+    c_shift,
+    p_shift,
+    p_period,
+    EXCLUDE_SELF: tl.constexpr,
+    WANT_POS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     # Grid (row block,): `_lse_fwd`'s REDO mode, LSE[i] for the rows i whose COL_ACC[i] underflowed.
-    _lse_fwd(R, C, RN_R, RN_C, SCALE, LSE, LSE, LSE, LSE, COL_ACC, M, NB, D, stride_r, stride_c, NB,
-             r_off, r_split, r_shift, c_off, c_split, c_shift, p_shift, p_period, EXCLUDE_SELF, WANT_POS, False,
-             False, False, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST, True)
+    _lse_fwd(
+        R,
+        C,
+        RN_R,
+        RN_C,
+        SCALE,
+        LSE,
+        LSE,
+        LSE,
+        LSE,
+        COL_ACC,
+        M,
+        NB,
+        D,
+        stride_r,
+        stride_c,
+        NB,
+        r_off,
+        r_split,
+        r_shift,
+        c_off,
+        c_split,
+        c_shift,
+        p_shift,
+        p_period,
+        EXCLUDE_SELF,
+        WANT_POS,
+        False,
+        False,
+        False,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_D,
+        ONE_CHUNK,
+        UPCAST,
+        True,
+    )
 
 
 @triton.jit
 def _lse_fwd(
-    R, C, RN_R, RN_C, SCALE, ROW_M, ROW_L, POS, COL_L, COL_ACC,
-    M, NB, D, stride_r, stride_c, cols_per_split,
-    r_off, r_split, r_shift, c_off, c_split, c_shift, p_shift, p_period,
-    EXCLUDE_SELF: tl.constexpr, WANT_POS: tl.constexpr, COL_STATS: tl.constexpr, BOUNDED: tl.constexpr,
-    TRIANGLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ONE_CHUNK: tl.constexpr, UPCAST: tl.constexpr, REDO: tl.constexpr,
+    R,
+    C,
+    RN_R,
+    RN_C,
+    SCALE,
+    ROW_M,
+    ROW_L,
+    POS,
+    COL_L,
+    COL_ACC,
+    M,
+    NB,
+    D,
+    stride_r,
+    stride_c,
+    cols_per_split,
+    r_off,
+    r_split,
+    r_shift,
+    c_off,
+    c_split,
+    c_shift,
+    p_shift,
+    p_period,
+    EXCLUDE_SELF: tl.constexpr,
+    WANT_POS: tl.constexpr,
+    COL_STATS: tl.constexpr,
+    BOUNDED: tl.constexpr,
+    TRIANGLE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    REDO: tl.constexpr,
 ):
     # Grid (row block, column split). A program keeps BLOCK_M rows resident and sweeps its split's columns
     # BLOCK_N at a time; partial row statistics go to ROW_M/ROW_L[split], merged by the launcher. Only the
@@ -390,12 +632,28 @@ def _lse_fwd(
     if REDO:
         col_hi = tl.where(live, col_hi, col_lo)
     for c0 in range(col_lo, col_hi, BLOCK_N):
-        s, cols, col_ok, col_fac, _ = _logit_tile(r_res, R, C, RN_C, rows, row_ok, row_fac, c0, col_hi, D,
-                                                  stride_r, stride_c, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, False,
-                                                  UPCAST)
+        s, cols, col_ok, col_fac, _ = _logit_tile(
+            r_res,
+            R,
+            C,
+            RN_C,
+            rows,
+            row_ok,
+            row_fac,
+            c0,
+            col_hi,
+            D,
+            stride_r,
+            stride_c,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            ONE_CHUNK,
+            False,
+            UPCAST,
+        )
         mirror = TRIANGLE and c0 >= (pid_m + 1) * BLOCK_M  # right of the diagonal block: columns count too
-        if _needs_mask(c0, col_hi, g_lo, g_hi, p_lo, p_hi, c_off, c_split, c_shift, EXCLUDE_SELF, WANT_POS,
-                       BLOCK_N):
+        if _needs_mask(c0, col_hi, g_lo, g_hi, p_lo, p_hi, c_off, c_split, c_shift, EXCLUDE_SELF, WANT_POS, BLOCK_N):
             valid, match = _tile_masks(g_row, g_pos, cols, col_ok, c_off, c_split, c_shift, EXCLUDE_SELF)
             if WANT_POS:
                 s_pos = tl.where(match, s, 0.0)
@@ -441,13 +699,50 @@ def _lse_fwd(
 
 @triton.jit
 def _lse_bwd_kernel(
-    R, C, RN_R, RN_C, SCALE, LSE_R, G_R, LSE_C, G_C, G_PR, G_PC, DR, DSCALE,
-    M, NB, D, stride_r, stride_c, stride_dr, stride_ds, cols_per_split, g_norm,
-    r_off, r_split, r_shift, c_off, c_split, c_shift, p_shift, p_period,
-    EXCLUDE_SELF: tl.constexpr, ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr,
-    POS_ROW: tl.constexpr, POS_COL: tl.constexpr, WANT_DSCALE: tl.constexpr, ATOMIC: tl.constexpr,
-    BOUNDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ONE_CHUNK: tl.constexpr, BLOCK_DO: tl.constexpr, UPCAST: tl.constexpr,
+    R,
+    C,
+    RN_R,
+    RN_C,
+    SCALE,
+    LSE_R,
+    G_R,
+    LSE_C,
+    G_C,
+    G_PR,
+    G_PC,
+    DR,
+    DSCALE,
+    M,
+    NB,
+    D,
+    stride_r,
+    stride_c,
+    stride_dr,
+    stride_ds,
+    cols_per_split,
+    g_norm,
+    r_off,
+    r_split,
+    r_shift,
+    c_off,
+    c_split,
+    c_shift,
+    p_shift,
+    p_period,
+    EXCLUDE_SELF: tl.constexpr,
+    ROW_TERM: tl.constexpr,
+    COL_TERM: tl.constexpr,
+    POS_ROW: tl.constexpr,
+    POS_COL: tl.constexpr,
+    WANT_DSCALE: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    BOUNDED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     # Grid (row block, column split, output-feature chunk). Each program recomputes its tiles, forms
     # W = G·rn_c and accumulates W·C = G·Ĉ for BLOCK_DO output features in fp32. A few splits add into DR
@@ -482,9 +777,26 @@ def _lse_bwd_kernel(
     col_lo = pid_s * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, NB)
     for c0 in range(col_lo, col_hi, BLOCK_N):
-        s, cols, col_ok, col_fac, c_rows = _logit_tile(r_res, R, C, RN_C, rows, row_ok, row_fac, c0, col_hi, D,
-                                                       stride_r, stride_c, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK,
-                                                       SHARE_C, UPCAST)
+        s, cols, col_ok, col_fac, c_rows = _logit_tile(
+            r_res,
+            R,
+            C,
+            RN_C,
+            rows,
+            row_ok,
+            row_fac,
+            c0,
+            col_hi,
+            D,
+            stride_r,
+            stride_c,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            ONE_CHUNK,
+            SHARE_C,
+            UPCAST,
+        )
         if COL_TERM:
             lse_c = tl.load(LSE_C + cols, mask=col_ok, other=0.0) * TL_LOG2E
             g_c = tl.load(G_C + cols, mask=col_ok, other=0.0) * g_norm
@@ -602,8 +914,9 @@ def _table_entry(D: int, kind: str, bounded: bool) -> dict:
 def _make_tiles(D: int, kind: str, bounded: bool) -> dict:
     if interpreting():
         one = D <= 64
-        tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=next_pow2(D) if one else 32, ONE_CHUNK=one,
-                     num_warps=1, num_stages=1)
+        tiles = dict(
+            BLOCK_M=16, BLOCK_N=16, BLOCK_D=next_pow2(D) if one else 32, ONE_CHUNK=one, num_warps=1, num_stages=1
+        )
         return dict(tiles, BLOCK_DO=min(next_pow2(D), 64)) if kind == "bwd" else tiles
     one = D <= 256
     bd = max(16, next_pow2(D)) if one else 64
@@ -627,13 +940,27 @@ def row_rnorm(x: torch.Tensor, partner: torch.Tensor | None = None, scale: torch
     """fp32 [M] 1/max(‖x_i‖, 1e-12); with a partner, also (its inverse norms, scale · x̂_i·p̂_i)."""
     m, d = x.shape
     rn = empty((m,), dtype=torch.float32, device=x.device)
-    rn_p, pos = (empty((m,), dtype=torch.float32, device=x.device) for _ in range(2)) if partner is not None \
-        else (rn, rn)
+    rn_p, pos = (
+        (empty((m,), dtype=torch.float32, device=x.device) for _ in range(2)) if partner is not None else (rn, rn)
+    )
     bm = 16 if interpreting() else 32
     _rownorm_kernel[(cdiv(m, bm),)](
-        x, rn, x if partner is None else partner, rn_p, pos, rn if scale is None else scale, m, d, x.stride(0),
-        x.stride(0) if partner is None else partner.stride(0), NORM_EPS, HAS_PARTNER=partner is not None,
-        BLOCK_M=bm, BLOCK_D=min(next_pow2(d), 128), num_warps=4)
+        x,
+        rn,
+        x if partner is None else partner,
+        rn_p,
+        pos,
+        rn if scale is None else scale,
+        m,
+        d,
+        x.stride(0),
+        x.stride(0) if partner is None else partner.stride(0),
+        NORM_EPS,
+        HAS_PARTNER=partner is not None,
+        BLOCK_M=bm,
+        BLOCK_D=min(next_pow2(d), 128),
+        num_warps=4,
+    )
     return rn if partner is None else (rn, rn_p, pos)
 
 
@@ -644,11 +971,25 @@ def row_normalize_backward(x, rn, dxh=None, partner=None, rn_p=None, coef=None) 
     bd = next_pow2(d)
     bm = 16 if interpreting() else max(1, min(32, 4096 // bd))
     _normalize_bwd_kernel[(cdiv(m, bm),)](
-        x, rn, dx if dxh is None else dxh, x if partner is None else partner, rn if rn_p is None else rn_p,
-        rn if coef is None else coef, dx, m, d, x.stride(0), 0 if dxh is None else dxh.stride(0),
-        x.stride(0) if partner is None else partner.stride(0), dx.stride(0),
-        HAS_DXH=dxh is not None, HAS_PARTNER=partner is not None, BLOCK_M=bm, BLOCK_D=bd,
-        num_warps=4 if bd <= 256 else 8)
+        x,
+        rn,
+        dx if dxh is None else dxh,
+        x if partner is None else partner,
+        rn if rn_p is None else rn_p,
+        rn if coef is None else coef,
+        dx,
+        m,
+        d,
+        x.stride(0),
+        0 if dxh is None else dxh.stride(0),
+        x.stride(0) if partner is None else partner.stride(0),
+        dx.stride(0),
+        HAS_DXH=dxh is not None,
+        HAS_PARTNER=partner is not None,
+        BLOCK_M=bm,
+        BLOCK_D=bd,
+        num_warps=4 if bd <= 256 else 8,
+    )
     return dx
 
 
@@ -663,8 +1004,9 @@ def _unit_rows(x: torch.Tensor, rn: torch.Tensor) -> torch.Tensor:
     """x̂ = x / ‖x‖ in the fp32 operand dtype, [M, D] contiguous."""
     m, d = x.shape
     xh = empty((m, d), dtype=fp32_operand_dtype(), device=x.device)
-    _unit_rows_kernel[(cdiv(m, 32),)](x, rn, xh, m, d, x.stride(0), BLOCK_M=32, BLOCK_D=min(next_pow2(d), 128),
-                                      num_warps=1 if interpreting() else 4)
+    _unit_rows_kernel[(cdiv(m, 32),)](
+        x, rn, xh, m, d, x.stride(0), BLOCK_M=32, BLOCK_D=min(next_pow2(d), 128), num_warps=1 if interpreting() else 4
+    )
     return xh
 
 
@@ -689,8 +1031,14 @@ def _triangle_span(n_rb: int, device: torch.device) -> int:
 
 def _symmetric(r, c, rn_r, rn_c, maps) -> bool:
     """Rows and columns are one matrix with one index map, and the pairing π is an involution (NT-Xent)."""
-    return (r is c and rn_r is rn_c and maps.row_off == maps.col_off and maps.row_split == maps.col_split
-            and maps.row_shift == maps.col_shift and (2 * maps.pos_shift) % maps.pos_period == 0)
+    return (
+        r is c
+        and rn_r is rn_c
+        and maps.row_off == maps.col_off
+        and maps.row_split == maps.col_split
+        and maps.row_shift == maps.col_shift
+        and (2 * maps.pos_shift) % maps.pos_period == 0
+    )
 
 
 def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col_stats, bounded):
@@ -703,8 +1051,12 @@ def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col
     nb = c.shape[0]
     cfg = _tiles(d, "fwd", bounded)
     n_rb = cdiv(m, cfg["BLOCK_M"])
-    if (bounded and not col_stats and _symmetric(r, c, rn_r, rn_c, maps)
-            and not torch.are_deterministic_algorithms_enabled()):
+    if (
+        bounded
+        and not col_stats
+        and _symmetric(r, c, rn_r, rn_c, maps)
+        and not torch.are_deterministic_algorithms_enabled()
+    ):
         q = _triangle_span(n_rb, r.device)
         triangle, grid, per = True, (n_rb, cdiv(n_rb, q)), q * cfg["BLOCK_M"]
         row_l, pos = torch.zeros((2, m), dtype=torch.float32, device=r.device).unbind()  # one "split" of each
@@ -718,17 +1070,40 @@ def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col
     col_l = torch.zeros((nb,), dtype=torch.float32, device=r.device) if col_stats and bounded else row_m
     col_acc = torch.zeros((nb,), dtype=torch.float64, device=r.device) if col_stats and not bounded else row_m
     _lse_fwd_kernel[grid](
-        r, c, rn_r, rn_c, scale, row_m, row_l, pos, col_l, col_acc,
-        m, nb, d, r.stride(0), c.stride(0), per, *maps,
-        EXCLUDE_SELF=exclude_self, WANT_POS=want_pos, COL_STATS=col_stats, BOUNDED=bounded,
-        TRIANGLE=triangle, UPCAST=upcast_dots(), **cfg)
+        r,
+        c,
+        rn_r,
+        rn_c,
+        scale,
+        row_m,
+        row_l,
+        pos,
+        col_l,
+        col_acc,
+        m,
+        nb,
+        d,
+        r.stride(0),
+        c.stride(0),
+        per,
+        *maps,
+        EXCLUDE_SELF=exclude_self,
+        WANT_POS=want_pos,
+        COL_STATS=col_stats,
+        BOUNDED=bounded,
+        TRIANGLE=triangle,
+        UPCAST=upcast_dots(),
+        **cfg,
+    )
     if triangle:  # one split of plain sums, nothing to merge: one log, no launch
         return torch.log(row_l), row_l.new_empty(0), pos if want_pos else row_l.new_empty(0)
-    lse_r, lse_c, pos = merge_splits(row_m, row_l, pos, col_l, col_acc, scale, nb, want_pos=want_pos,
-                                     col_stats=col_stats, bounded=bounded)
+    lse_r, lse_c, pos = merge_splits(
+        row_m, row_l, pos, col_l, col_acc, scale, nb, want_pos=want_pos, col_stats=col_stats, bounded=bounded
+    )
     if col_stats and not bounded:
-        _recompute_underflowed_columns(r, c, rn_r, rn_c, scale, maps, col_acc, lse_c, cfg=cfg,
-                                       exclude_self=exclude_self, want_pos=want_pos)
+        _recompute_underflowed_columns(
+            r, c, rn_r, rn_c, scale, maps, col_acc, lse_c, cfg=cfg, exclude_self=exclude_self, want_pos=want_pos
+        )
     return lse_r, lse_c, pos
 
 
@@ -740,8 +1115,24 @@ def _recompute_underflowed_columns(r, c, rn_r, rn_c, scale, maps, col_acc, lse_c
     nb, d = c.shape
     m = r.shape[0]
     _lse_redo_kernel[(cdiv(nb, cfg["BLOCK_M"]),)](
-        c, r, rn_c, rn_r, scale, lse_c, col_acc, nb, m, d, c.stride(0), r.stride(0), *maps.swapped(),
-        EXCLUDE_SELF=exclude_self, WANT_POS=want_pos, UPCAST=upcast_dots(), **cfg)
+        c,
+        r,
+        rn_c,
+        rn_r,
+        scale,
+        lse_c,
+        col_acc,
+        nb,
+        m,
+        d,
+        c.stride(0),
+        r.stride(0),
+        *maps.swapped(),
+        EXCLUDE_SELF=exclude_self,
+        WANT_POS=want_pos,
+        UPCAST=upcast_dots(),
+        **cfg,
+    )
 
 
 def merge_splits(row_m, row_l, pos, col_l, col_acc, scale, nb: int, *, want_pos, col_stats, bounded):
@@ -758,9 +1149,25 @@ def merge_splits(row_m, row_l, pos, col_l, col_acc, scale, nb: int, *, want_pos,
     block_s = next_pow2(splits)
     block = max(1, (256 if interpreting() else 1024) // block_s)  # ≤ 1024 partials a program (8 per thread)
     _merge_splits_kernel[(cdiv(max(m, lse_c.numel()), block),)](
-        row_m, row_l, pos, col_l, col_acc, scale, lse_r, pos_out if want_pos else lse_r,
-        lse_c if col_stats else lse_r, m, nb, splits, WANT_POS=want_pos, COL_STATS=col_stats, BOUNDED=bounded,
-        BLOCK=block, BLOCK_S=block_s, num_warps=4)
+        row_m,
+        row_l,
+        pos,
+        col_l,
+        col_acc,
+        scale,
+        lse_r,
+        pos_out if want_pos else lse_r,
+        lse_c if col_stats else lse_r,
+        m,
+        nb,
+        splits,
+        WANT_POS=want_pos,
+        COL_STATS=col_stats,
+        BOUNDED=bounded,
+        BLOCK=block,
+        BLOCK_S=block_s,
+        num_warps=4,
+    )
     return lse_r, lse_c, pos_out
 
 
@@ -773,14 +1180,41 @@ def loss_epilogue(lse_r, lse_c, pos):
     loss = empty((), **f32)
     g_r, g_p, *g_c = empty(((3 if cols else 2) * m,), **f32).split_with_sizes([m] * (3 if cols else 2))
     g_c = g_c[0] if cols else None
-    _loss_epilogue_kernel[(1,)](lse_r, lse_c if cols else lse_r, pos, loss, g_r, g_r if g_c is None else g_c, g_p, m,
-                                (0.5 if cols else 1.0) / m, COLS=cols, BLOCK=64 if interpreting() else 1024,
-                                num_warps=4)
+    _loss_epilogue_kernel[(1,)](
+        lse_r,
+        lse_c if cols else lse_r,
+        pos,
+        loss,
+        g_r,
+        g_r if g_c is None else g_c,
+        g_p,
+        m,
+        (0.5 if cols else 1.0) / m,
+        COLS=cols,
+        BLOCK=64 if interpreting() else 1024,
+        num_warps=4,
+    )
     return loss, g_r, g_c, g_p
 
 
-def similarity_lse_rows_grad(r, c, rn_r, rn_c, scale, maps, *, exclude_self, bounded, lse_r=None, g_r=None,
-                             lse_c=None, g_c=None, g_pr=None, g_pc=None, want_dscale=False):
+def similarity_lse_rows_grad(
+    r,
+    c,
+    rn_r,
+    rn_c,
+    scale,
+    maps,
+    *,
+    exclude_self,
+    bounded,
+    lse_r=None,
+    g_r=None,
+    lse_c=None,
+    g_c=None,
+    g_pr=None,
+    g_pc=None,
+    want_dscale=False,
+):
     """dL/dr̂ (fp32 [M, D], w.r.t. the unit rows r/‖r‖) and dL/dscale (fp32 scalar or None). Terms whose
     tensors are None are left out of G (see the module doc). r, c, rn_r, rn_c come from `tile_operands`."""
     m, d = r.shape
@@ -796,14 +1230,40 @@ def similarity_lse_rows_grad(r, c, rn_r, rn_c, scale, maps, *, exclude_self, bou
     dscale = torch.zeros((), dtype=torch.float32, device=r.device) if want_dscale else dr
     dummy = dr
     _lse_bwd_kernel[(n_rb, splits, cdiv(d, cfg["BLOCK_DO"]))](
-        r, c, rn_r, rn_c, scale,
-        dummy if lse_r is None else lse_r, dummy if g_r is None else g_r,
-        dummy if lse_c is None else lse_c, dummy if g_c is None else g_c,
-        dummy if g_pr is None else g_pr, dummy if g_pc is None else g_pc, dr, dscale,
-        m, nb, d, r.stride(0), c.stride(0), d, m * d if dr.dim() == 3 else 0, per, float(max(m, nb)), *maps,
-        EXCLUDE_SELF=exclude_self, ROW_TERM=g_r is not None, COL_TERM=g_c is not None,
-        POS_ROW=g_pr is not None, POS_COL=g_pc is not None, WANT_DSCALE=want_dscale, ATOMIC=atomic,
-        BOUNDED=bounded, UPCAST=upcast_dots(), **cfg)
+        r,
+        c,
+        rn_r,
+        rn_c,
+        scale,
+        dummy if lse_r is None else lse_r,
+        dummy if g_r is None else g_r,
+        dummy if lse_c is None else lse_c,
+        dummy if g_c is None else g_c,
+        dummy if g_pr is None else g_pr,
+        dummy if g_pc is None else g_pc,
+        dr,
+        dscale,
+        m,
+        nb,
+        d,
+        r.stride(0),
+        c.stride(0),
+        d,
+        m * d if dr.dim() == 3 else 0,
+        per,
+        float(max(m, nb)),
+        *maps,
+        EXCLUDE_SELF=exclude_self,
+        ROW_TERM=g_r is not None,
+        COL_TERM=g_c is not None,
+        POS_ROW=g_pr is not None,
+        POS_COL=g_pc is not None,
+        WANT_DSCALE=want_dscale,
+        ATOMIC=atomic,
+        BOUNDED=bounded,
+        UPCAST=upcast_dots(),
+        **cfg,
+    )
     if dr.dim() == 3:
         dr = dr.sum(0)
     return dr, (dscale if want_dscale else None)

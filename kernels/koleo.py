@@ -17,6 +17,7 @@ Memory: O(N·D) (the inputs and the gradient) plus a few N-vectors. The similari
 (fp32 ones in IEEE precision, not TF32, so the argmax agrees with float64 up to real near-ties), accumulated in
 fp32; everything else is fp32 arithmetic.
 """
+
 from __future__ import annotations
 
 import torch
@@ -51,8 +52,21 @@ def _unit(X, R, row, dd, ok, stride_x):
 
 
 @triton.jit
-def _neighbour_kernel(X, R, NN, DIST, N, D, stride_x, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+def _neighbour_kernel(
+    X,
+    R,
+    NN,
+    DIST,
+    N,
+    D,
+    stride_x,
+    p,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     # Grid (cdiv(N, BLOCK_M),): rows i of one block against every block of rows j, [BLOCK_M, BLOCK_N] tiles of
     # dots over D chunks; only the running best (value, index) per row i is kept.
     ii = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -125,8 +139,9 @@ def _unit_grad(X, R, NN, DIST, ORDER, START, j, dd, ok, stride_x, coef, p, eps):
 
 
 @triton.jit
-def _grad_kernel(X, R, NN, DIST, ORDER, START, GRAD, DX, D, stride_x, stride_dx, inv_n, p, eps, inv_eps,
-                 BLOCK_D: tl.constexpr):
+def _grad_kernel(
+    X, R, NN, DIST, ORDER, START, GRAD, DX, D, stride_x, stride_dx, inv_n, p, eps, inv_eps, BLOCK_D: tl.constexpr
+):
     # Grid (N,): row j, two sweeps over D chunks: x̂_j·ĝ_j, then the gradient (ĝ_j recomputed: it reads the
     # few rows i with n(i) = j, cheaper than keeping an [N, D] fp32 buffer).
     j = tl.program_id(0)
@@ -160,15 +175,29 @@ def koleo_forward(x: torch.Tensor, eps: float):
     N, D = x.shape
     r = empty((N,), dtype=torch.float32, device=x.device)
     bm = 16 if interpreting() else 64
-    _rnorm_kernel[(cdiv(N, bm),)](x, r, N, D, x.stride(0), eps, BLOCK_M=bm, BLOCK_D=_block_d(D, 128),
-                                  num_warps=_warps())
+    _rnorm_kernel[(cdiv(N, bm),)](
+        x, r, N, D, x.stride(0), eps, BLOCK_M=bm, BLOCK_D=_block_d(D, 128), num_warps=_warps()
+    )
     nn = empty((N,), dtype=torch.int64, device=x.device)
     dist = empty((N,), dtype=torch.float32, device=x.device)
     # [64, 64] similarity tiles over 64-column chunks: 16 KB of operands per chunk in fp32, 8 KB in 16-bit
     bt = 16 if interpreting() else 64
-    _neighbour_kernel[(cdiv(N, bt),)](x, r, nn, dist, N, D, x.stride(0), PDIST_EPS, BLOCK_M=bt, BLOCK_N=bt,
-                                      BLOCK_D=max(16, _block_d(D, 64)), UPCAST=upcast_dots(),
-                                      IEEE=x.dtype == torch.float32, num_warps=_warps())
+    _neighbour_kernel[(cdiv(N, bt),)](
+        x,
+        r,
+        nn,
+        dist,
+        N,
+        D,
+        x.stride(0),
+        PDIST_EPS,
+        BLOCK_M=bt,
+        BLOCK_N=bt,
+        BLOCK_D=max(16, _block_d(D, 64)),
+        UPCAST=upcast_dots(),
+        IEEE=x.dtype == torch.float32,
+        num_warps=_warps(),
+    )
     loss = empty((), dtype=torch.float32, device=x.device)
     _loss_kernel[(1,)](dist, loss, N, eps, BLOCK=64 if interpreting() else 1024, num_warps=_warps())
     return loss, nn, dist, r
@@ -181,6 +210,23 @@ def koleo_backward(grad, x, nn, dist, rnorm, eps):
     start = torch.zeros(N + 1, dtype=torch.int64, device=x.device)
     torch.cumsum(torch.bincount(nn, minlength=N), 0, out=start[1:])
     dx = empty((N, D), dtype=x.dtype, device=x.device)
-    _grad_kernel[(N,)](x, rnorm, nn, dist, order, start, grad, dx, D, x.stride(0), dx.stride(0), 1.0 / N,
-                       PDIST_EPS, eps, 1.0 / eps, BLOCK_D=_block_d(D, 1024), num_warps=_warps())
+    _grad_kernel[(N,)](
+        x,
+        rnorm,
+        nn,
+        dist,
+        order,
+        start,
+        grad,
+        dx,
+        D,
+        x.stride(0),
+        dx.stride(0),
+        1.0 / N,
+        PDIST_EPS,
+        eps,
+        1.0 / eps,
+        BLOCK_D=_block_d(D, 1024),
+        num_warps=_warps(),
+    )
     return dx

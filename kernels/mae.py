@@ -56,6 +56,7 @@ reduction of the mask before it. A forward that will be differentiated also writ
 from the same registers (the loss is terminal: autograd's backward then only scales it); the separate
 backward kernel recomputes only the rows with w != 0 and writes zeros without reading the others.
 """
+
 from __future__ import annotations
 
 import torch
@@ -71,8 +72,21 @@ _PAD_KEY = tl.constexpr(9223372036854775807)  # int64 max: padding lanes sort la
 
 # --------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _random_masking_kernel(SEED, seed_val, IDS_KEEP, IDS_RESTORE, MASK, L, keep, grid_w, block, coarse_w,
-                           n_coarse, SEED_IN_MEMORY: tl.constexpr, BLOCK_L: tl.constexpr):
+def _random_masking_kernel(
+    SEED,
+    seed_val,
+    IDS_KEEP,
+    IDS_RESTORE,
+    MASK,
+    L,
+    keep,
+    grid_w,
+    block,
+    coarse_w,
+    n_coarse,
+    SEED_IN_MEMORY: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
     # Grid (B,): one sample per program, its L keys sorted in registers (bitonic sort of packed int64).
     b = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK_L)
@@ -95,8 +109,20 @@ def _random_masking_kernel(SEED, seed_val, IDS_KEEP, IDS_RESTORE, MASK, L, keep,
 
 
 @triton.jit
-def _patches(IMG, b, l, load_ok, L, grid_w, P: tl.constexpr, C: tl.constexpr, BLOCK_R: tl.constexpr,
-             BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr):
+def _patches(
+    IMG,
+    b,
+    l,
+    load_ok,
+    L,
+    grid_w,
+    P: tl.constexpr,
+    C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     """Patches l of samples b: [BLOCK_R, BLOCK_E] rows in MAE order, IMG's dtype, 0 where not load_ok and at e >= E.
     Segments in, one gather to MAE order (see the module docstring)."""
     # W = w·p and H·W = L·p·p: strides the compiler knows are multiples of p (aligned vectors without the JIT's
@@ -106,8 +132,11 @@ def _patches(IMG, b, l, load_ok, L, grid_w, P: tl.constexpr, C: tl.constexpr, BL
     s = tl.arange(0, BLOCK_S)
     j = tl.arange(0, BLOCK_P)
     seg = (s // P).to(tl.int64) * (L * (P * P)) + (s % P) * W
-    x = tl.load(IMG + base[:, None, None] + seg[None, :, None] + j[None, None, :],
-                mask=load_ok[:, None, None] & (s < C * P)[None, :, None] & (j < P)[None, None, :], other=0.0)
+    x = tl.load(
+        IMG + base[:, None, None] + seg[None, :, None] + j[None, None, :],
+        mask=load_ok[:, None, None] & (s < C * P)[None, :, None] & (j < P)[None, None, :],
+        other=0.0,
+    )
     if C > 1 or BLOCK_P > P:  # otherwise segment order is MAE order
         e = tl.arange(0, BLOCK_E)
         src = ((e % C) * P + e // (C * P)) * BLOCK_P + (e // C) % P
@@ -121,9 +150,22 @@ def _patches(IMG, b, l, load_ok, L, grid_w, P: tl.constexpr, C: tl.constexpr, BL
 
 
 @triton.jit
-def _gather_patches_kernel(IMG, IDS, OUT, n_rows, K, L, grid_w, P: tl.constexpr, C: tl.constexpr,
-                           ALL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
-                           BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr):
+def _gather_patches_kernel(
+    IMG,
+    IDS,
+    OUT,
+    n_rows,
+    K,
+    L,
+    grid_w,
+    P: tl.constexpr,
+    C: tl.constexpr,
+    ALL: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     # Grid (cdiv(B·K, BLOCK_R),): BLOCK_R whole output patches per program, contiguous rows out.
     # ALL: patchify (patch index = row).
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -134,17 +176,36 @@ def _gather_patches_kernel(IMG, IDS, OUT, n_rows, K, L, grid_w, P: tl.constexpr,
         l = tl.load(IDS + rows, mask=row_ok, other=0)
     good = (l >= 0) & (l < L)
     E = P * P * C
-    x = _patches(IMG, rows // K, tl.where(good, l, 0), row_ok & good, L, grid_w, P, C, BLOCK_R, BLOCK_E, BLOCK_S,
-                 BLOCK_P)
+    x = _patches(
+        IMG, rows // K, tl.where(good, l, 0), row_ok & good, L, grid_w, P, C, BLOCK_R, BLOCK_E, BLOCK_S, BLOCK_P
+    )
     x = tl.where(good[:, None], x.to(tl.float32), float("nan"))
     e = tl.arange(0, BLOCK_E)
-    tl.store(OUT + rows.to(tl.int64)[:, None] * E + e[None, :], x.to(OUT.dtype.element_ty),
-             mask=row_ok[:, None] & (e < E)[None, :])
+    tl.store(
+        OUT + rows.to(tl.int64)[:, None] * E + e[None, :],
+        x.to(OUT.dtype.element_ty),
+        mask=row_ok[:, None] & (e < E)[None, :],
+    )
 
 
 @triton.jit
-def _gather_rows_kernel(X, IDX, OUT, MT, POS, n_rows, n_idx, n_src, valid_hi, D, stride_xb,
-                        HAS_MT: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gather_rows_kernel(
+    X,
+    IDX,
+    OUT,
+    MT,
+    POS,
+    n_rows,
+    n_idx,
+    n_src,
+    valid_hi,
+    D,
+    stride_xb,
+    HAS_MT: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # Grid (cdiv(B·n_idx, BLOCK_R),): BLOCK_R output rows per program, D walked BLOCK_D at a time. Masked rows
     # (unshuffle) read only the mask token (one [BLOCK_D] vector, broadcast), never a materialized repeat.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -169,16 +230,30 @@ def _gather_rows_kernel(X, IDX, OUT, MT, POS, n_rows, n_idx, n_src, valid_hi, D,
             mt = tl.load(MT + d, mask=d_ok, other=0.0).to(tl.float32)
             x = tl.where(fill[:, None], mt[None, :], x)
         if HAS_POS:
-            x += tl.load(POS + i.to(tl.int64)[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                         other=0.0).to(tl.float32)
+            x += tl.load(
+                POS + i.to(tl.int64)[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0
+            ).to(tl.float32)
         x = tl.where(bad[:, None], float("nan"), x)
         tl.store(OUT + dst[:, None] + d[None, :], x.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def _index_sum_kernel(G, IDX, OUT, REST, n_out, n_src, rest_hi, D,
-                      WANT_REST: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                      BLOCK_O: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _index_sum_kernel(
+    G,
+    IDX,
+    OUT,
+    REST,
+    n_out,
+    n_src,
+    rest_hi,
+    D,
+    WANT_REST: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # Grid (B, cdiv(n_out (+1 with WANT_REST), BLOCK_O), cdiv(D, BLOCK_D)): a program owns BLOCK_O output rows ×
     # BLOCK_D features of one sample and sweeps its n_src gradient rows BLOCK_S at a time: acc += onehot @ g
     # (fp32). With WANT_REST, one-hot row n_out (a padding row) marks the indices in [n_out, rest_hi), so the
@@ -203,8 +278,11 @@ def _index_sum_kernel(G, IDX, OUT, REST, n_out, n_src, rest_hi, D,
             acc = tl.dot(oh, g, acc, input_precision="ieee")
         else:
             acc = tl.dot(oh, g, acc)
-    tl.store(OUT + (b * n_out + o)[:, None] * D + d[None, :], acc.to(OUT.dtype.element_ty),
-             mask=(o < n_out)[:, None] & d_ok[None, :])
+    tl.store(
+        OUT + (b * n_out + o)[:, None] * D + d[None, :],
+        acc.to(OUT.dtype.element_ty),
+        mask=(o < n_out)[:, None] & d_ok[None, :],
+    )
     if WANT_REST:
         if (n_out >= pid_o * BLOCK_O) & (n_out < pid_o * BLOCK_O + BLOCK_O):
             rest = tl.sum(tl.where((o == n_out)[:, None], acc, 0.0), axis=0)
@@ -212,9 +290,22 @@ def _index_sum_kernel(G, IDX, OUT, REST, n_out, n_src, rest_hi, D,
 
 
 @triton.jit
-def _patch_targets(IMG, rows, load_ok, L, grid_w, e_ok, eps, P: tl.constexpr, C: tl.constexpr,
-                   NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
-                   BLOCK_P: tl.constexpr):
+def _patch_targets(
+    IMG,
+    rows,
+    load_ok,
+    L,
+    grid_w,
+    e_ok,
+    eps,
+    P: tl.constexpr,
+    C: tl.constexpr,
+    NORM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     """Target rows [BLOCK_R, BLOCK_E] (fp32) read straight from the images; normalized per patch when NORM."""
     t = _patches(IMG, rows // L, rows % L, load_ok, L, grid_w, P, C, BLOCK_R, BLOCK_E, BLOCK_S, BLOCK_P)
     t = t.to(tl.float32)
@@ -228,9 +319,23 @@ def _patch_targets(IMG, rows, load_ok, L, grid_w, e_ok, eps, P: tl.constexpr, C:
 
 
 @triton.jit
-def _residual(PRED, IMG, rows, load_ok, L, grid_w, stride_pb, eps, P: tl.constexpr, C: tl.constexpr,
-              NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
-              BLOCK_P: tl.constexpr):
+def _residual(
+    PRED,
+    IMG,
+    rows,
+    load_ok,
+    L,
+    grid_w,
+    stride_pb,
+    eps,
+    P: tl.constexpr,
+    C: tl.constexpr,
+    NORM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     """(pred − target) of patch rows `rows` [BLOCK_R, BLOCK_E] in fp32 (0 at e >= E and where not load_ok, whose
     pred and image values are not read), the lane indices e and e < E."""
     E = P * P * C
@@ -246,22 +351,43 @@ def _residual(PRED, IMG, rows, load_ok, L, grid_w, stride_pb, eps, P: tl.constex
 def _store_dpred(DPRED, rows, row_ok, act, dif, w, scale, e, e_ok, E):
     """dpred rows = scale · w · dif where act, zeros elsewhere (rows < n_rows)."""
     dp = tl.where(act[:, None], dif * (w * scale)[:, None], 0.0)
-    tl.store(DPRED + rows.to(tl.int64)[:, None] * E + e[None, :], dp.to(DPRED.dtype.element_ty),
-             mask=row_ok[:, None] & e_ok[None, :])
+    tl.store(
+        DPRED + rows.to(tl.int64)[:, None] * E + e[None, :],
+        dp.to(DPRED.dtype.element_ty),
+        mask=row_ok[:, None] & e_ok[None, :],
+    )
 
 
 @triton.jit
-def _masked_mse_fwd_kernel(PRED, IMG, MASK, WSUM, PART, DPRED, n_rows, L, grid_w, stride_pb, eps,
-                           P: tl.constexpr, C: tl.constexpr, NORM: tl.constexpr, WANT_GRAD: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
-                           BLOCK_P: tl.constexpr):
+def _masked_mse_fwd_kernel(
+    PRED,
+    IMG,
+    MASK,
+    WSUM,
+    PART,
+    DPRED,
+    n_rows,
+    L,
+    grid_w,
+    stride_pb,
+    eps,
+    P: tl.constexpr,
+    C: tl.constexpr,
+    NORM: tl.constexpr,
+    WANT_GRAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     # Grid (cdiv(B·L, BLOCK_R),): BLOCK_R whole patch rows per program; writes Σ w·ℓ of its rows and, with
     # WANT_GRAD, their gradient for an upstream 1 from the same registers (pred and the images read once).
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
-    dif, e, e_ok = _residual(PRED, IMG, rows, row_ok, L, grid_w, stride_pb, eps, P, C, NORM, BLOCK_R, BLOCK_E,
-                             BLOCK_S, BLOCK_P)
+    dif, e, e_ok = _residual(
+        PRED, IMG, rows, row_ok, L, grid_w, stride_pb, eps, P, C, NORM, BLOCK_R, BLOCK_E, BLOCK_S, BLOCK_P
+    )
     E = P * P * C
     w = tl.load(MASK + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(PART + pid, tl.sum(tl.where(row_ok, w * tl.sum(dif * dif, axis=1) / E, 0.0), axis=0))
@@ -270,27 +396,59 @@ def _masked_mse_fwd_kernel(PRED, IMG, MASK, WSUM, PART, DPRED, n_rows, L, grid_w
 
 
 @triton.jit
-def _masked_mse_bwd_kernel(G, WSUM, PRED, IMG, MASK, DPRED, n_rows, L, grid_w, stride_pb, eps,
-                           P: tl.constexpr, C: tl.constexpr, NORM: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
-                           BLOCK_P: tl.constexpr):
+def _masked_mse_bwd_kernel(
+    G,
+    WSUM,
+    PRED,
+    IMG,
+    MASK,
+    DPRED,
+    n_rows,
+    L,
+    grid_w,
+    stride_pb,
+    eps,
+    P: tl.constexpr,
+    C: tl.constexpr,
+    NORM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     # Grid (cdiv(B·L, BLOCK_R),): recomputes the targets of rows with w != 0 and writes their gradient;
     # rows with w = 0 are written as zeros without reading pred or the images.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     w = tl.load(MASK + rows, mask=row_ok, other=0.0).to(tl.float32)
     act = row_ok & (w != 0.0)
-    dif, e, e_ok = _residual(PRED, IMG, rows, act, L, grid_w, stride_pb, eps, P, C, NORM, BLOCK_R, BLOCK_E,
-                             BLOCK_S, BLOCK_P)
+    dif, e, e_ok = _residual(
+        PRED, IMG, rows, act, L, grid_w, stride_pb, eps, P, C, NORM, BLOCK_R, BLOCK_E, BLOCK_S, BLOCK_P
+    )
     E = P * P * C
     scale = tl.load(G).to(tl.float32) * 2.0 / (E * tl.load(WSUM).to(tl.float32))
     _store_dpred(DPRED, rows, row_ok, act, dif, w, scale, e, e_ok, E)
 
 
 @triton.jit
-def _bert_masking_kernel(SEED, seed_val, IDS, SPECIAL, OUT, LABELS, n, prob, replace_prob, random_prob,
-                         mask_token_id, vocab_size, ignore_index, SEED_IN_MEMORY: tl.constexpr,
-                         HAS_SPECIAL: tl.constexpr, BLOCK: tl.constexpr):
+def _bert_masking_kernel(
+    SEED,
+    seed_val,
+    IDS,
+    SPECIAL,
+    OUT,
+    LABELS,
+    n,
+    prob,
+    replace_prob,
+    random_prob,
+    mask_token_id,
+    vocab_size,
+    ignore_index,
+    SEED_IN_MEMORY: tl.constexpr,
+    HAS_SPECIAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # Grid (cdiv(n, BLOCK),): elementwise; one Philox call gives the three uniforms and the random token.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
@@ -323,8 +481,9 @@ def _seed_args(seed: torch.Tensor, placeholder: torch.Tensor):
     return placeholder, int(seed.reshape(-1)[0]), False
 
 
-def random_masking(seed: torch.Tensor, batch: int, num_patches: int, keep: int, block: int, grid_w: int,
-                   device: torch.device):
+def random_masking(
+    seed: torch.Tensor, batch: int, num_patches: int, keep: int, block: int, grid_w: int, device: torch.device
+):
     """(ids_keep int64 [B, keep], ids_restore int64 [B, L], mask fp32 [B, L]) in one launch."""
     L = num_patches
     ids_keep = empty((batch, keep), dtype=torch.int64, device=device)
@@ -333,8 +492,21 @@ def random_masking(seed: torch.Tensor, batch: int, num_patches: int, keep: int, 
     ptr, val, in_mem = _seed_args(seed, ids_restore)
     bl = next_pow2(L)
     _random_masking_kernel[(batch,)](
-        ptr, val, ids_keep, ids_restore, mask, L, keep, grid_w, block, grid_w // block, L // (block * block),
-        SEED_IN_MEMORY=in_mem, BLOCK_L=bl, num_warps=1 if interpreting() else max(1, min(8, bl // 128)))
+        ptr,
+        val,
+        ids_keep,
+        ids_restore,
+        mask,
+        L,
+        keep,
+        grid_w,
+        block,
+        grid_w // block,
+        L // (block * block),
+        SEED_IN_MEMORY=in_mem,
+        BLOCK_L=bl,
+        num_warps=1 if interpreting() else max(1, min(8, bl // 128)),
+    )
     return ids_keep, ids_restore, mask
 
 
@@ -367,7 +539,8 @@ def gather_patches(imgs: torch.Tensor, ids: torch.Tensor | None, p: int) -> torc
     n_rows = B * K
     cfg = _patch_cfg(p, C, GATHER_LANES_PER_THREAD)
     _gather_patches_kernel[(cdiv(n_rows, cfg["BLOCK_R"]),)](
-        imgs, imgs if ids is None else ids, out, n_rows, K, L, grid_w, P=p, C=C, ALL=ids is None, **cfg)
+        imgs, imgs if ids is None else ids, out, n_rows, K, L, grid_w, P=p, C=C, ALL=ids is None, **cfg
+    )
     return out
 
 
@@ -381,9 +554,23 @@ def _gather_rows(x, idx, n_src, valid_hi, out_dtype, mask_token=None, pos=None):
     else:
         br, bd = 4, min(256, max(16, next_pow2(D)))  # 32 registers (sm_90): full occupancy, 16 CTAs/SM
     _gather_rows_kernel[(cdiv(n_rows, br),)](
-        x, idx, out, x if mask_token is None else mask_token, x if pos is None else pos,
-        n_rows, n_idx, n_src, valid_hi, D, x.stride(0), HAS_MT=mask_token is not None, HAS_POS=pos is not None,
-        BLOCK_R=br, BLOCK_D=bd, num_warps=1 if interpreting() else 4)
+        x,
+        idx,
+        out,
+        x if mask_token is None else mask_token,
+        x if pos is None else pos,
+        n_rows,
+        n_idx,
+        n_src,
+        valid_hi,
+        D,
+        x.stride(0),
+        HAS_MT=mask_token is not None,
+        HAS_POS=pos is not None,
+        BLOCK_R=br,
+        BLOCK_D=bd,
+        num_warps=1 if interpreting() else 4,
+    )
     return out
 
 
@@ -399,8 +586,22 @@ def _index_sum(g, idx, n_out, out_dtype, want_rest=False, rest_hi=0):
         bs, bd, nw = (64 if bo <= 64 else 32), 64, 8
     grid = (B, cdiv(n_out + int(want_rest), bo), cdiv(D, bd))
     _index_sum_kernel[grid](
-        g, idx, out, rest, n_out, n_src, rest_hi, D, WANT_REST=want_rest, IEEE=g.dtype == torch.float32,
-        UPCAST=upcast_dots(), BLOCK_O=bo, BLOCK_S=bs, BLOCK_D=bd, num_warps=nw)
+        g,
+        idx,
+        out,
+        rest,
+        n_out,
+        n_src,
+        rest_hi,
+        D,
+        WANT_REST=want_rest,
+        IEEE=g.dtype == torch.float32,
+        UPCAST=upcast_dots(),
+        BLOCK_O=bo,
+        BLOCK_S=bs,
+        BLOCK_D=bd,
+        num_warps=nw,
+    )
     return out, (rest.sum(0) if want_rest else None)
 
 
@@ -441,9 +642,24 @@ def masked_mse(pred, imgs, mask, p: int, norm_pix: bool, want_grad: bool = False
     wsum = mask.sum(dtype=torch.float32)
     part = empty((n_prog,), dtype=torch.float32, device=pred.device)
     dpred = empty(tuple(pred.shape), dtype=pred.dtype, device=pred.device) if want_grad else None
-    _masked_mse_fwd_kernel[(n_prog,)](pred, imgs, mask, wsum, part, pred if dpred is None else dpred, n_rows, L,
-                                      grid_w, pred.stride(0), NORM_PIX_EPS, P=p, C=C, NORM=norm_pix,
-                                      WANT_GRAD=want_grad, **cfg)
+    _masked_mse_fwd_kernel[(n_prog,)](
+        pred,
+        imgs,
+        mask,
+        wsum,
+        part,
+        pred if dpred is None else dpred,
+        n_rows,
+        L,
+        grid_w,
+        pred.stride(0),
+        NORM_PIX_EPS,
+        P=p,
+        C=C,
+        NORM=norm_pix,
+        WANT_GRAD=want_grad,
+        **cfg,
+    )
     return part.sum() / wsum, wsum, dpred
 
 
@@ -454,13 +670,26 @@ def masked_mse_backward(g, pred, imgs, mask, wsum, p: int, norm_pix: bool):
     n_rows = B * L
     dpred = empty(tuple(pred.shape), dtype=pred.dtype, device=pred.device)
     _masked_mse_bwd_kernel[(cdiv(n_rows, cfg["BLOCK_R"]),)](
-        g, wsum, pred, imgs, mask, dpred, n_rows, L, grid_w, pred.stride(0), NORM_PIX_EPS, P=p, C=C,
-        NORM=norm_pix, **cfg)
+        g,
+        wsum,
+        pred,
+        imgs,
+        mask,
+        dpred,
+        n_rows,
+        L,
+        grid_w,
+        pred.stride(0),
+        NORM_PIX_EPS,
+        P=p,
+        C=C,
+        NORM=norm_pix,
+        **cfg,
+    )
     return dpred
 
 
-def bert_masking(seed, input_ids, special, mask_token_id, vocab_size, prob, replace_prob, random_prob,
-                 ignore_index):
+def bert_masking(seed, input_ids, special, mask_token_id, vocab_size, prob, replace_prob, random_prob, ignore_index):
     """(masked input ids, labels) in input_ids' dtype and shape; see `sslfast.ops._torch.mae.bert_masking`."""
     n = input_ids.numel()
     out = empty(input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
@@ -468,7 +697,22 @@ def bert_masking(seed, input_ids, special, mask_token_id, vocab_size, prob, repl
     ptr, val, in_mem = _seed_args(seed, labels)
     block = 128 if interpreting() else 1024
     _bert_masking_kernel[(cdiv(n, block),)](
-        ptr, val, input_ids, input_ids if special is None else special, out, labels, n, prob, replace_prob,
-        random_prob, mask_token_id, vocab_size, ignore_index, SEED_IN_MEMORY=in_mem,
-        HAS_SPECIAL=special is not None, BLOCK=block, num_warps=1 if interpreting() else 4)
+        ptr,
+        val,
+        input_ids,
+        input_ids if special is None else special,
+        out,
+        labels,
+        n,
+        prob,
+        replace_prob,
+        random_prob,
+        mask_token_id,
+        vocab_size,
+        ignore_index,
+        SEED_IN_MEMORY=in_mem,
+        HAS_SPECIAL=special is not None,
+        BLOCK=block,
+        num_warps=1 if interpreting() else 4,
+    )
     return out, labels

@@ -36,6 +36,7 @@ Tiles multiply the inputs in their dtype (fp32 accumulate; bf16 products are exa
 up to 256 features stays resident (ONE_CHUNK), wider ones are walked in BLOCK_D chunks and the backward's
 outputs split over the grid's last axis in BLOCK_DO columns.
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,15 +47,16 @@ from .._backend import interpreting
 from ._common import LOG2E, TL_LN2, TL_LOG2E, cdiv, empty, merged_lse2, next_pow2, num_sms, upcast_dots
 
 FWD_WAVES = 4  # forward splits over K: row blocks × splits fill about this many waves of the machine
-DX_WAVES = 2   # dX splits: fewer, each writes an fp32 [B, D] slice
+DX_WAVES = 2  # dX splits: fewer, each writes an fp32 [B, D] slice
 
 
 # --------------------------------------------------------------------------------------------- helpers
 @triton.jit
 def _load(X, rows, row_ok, dk, D, stride, UPCAST: tl.constexpr):
     """Rows `rows` of X [*, D], columns dk: [len(rows), len(dk)]."""
-    x = tl.load(X + rows[:, None].to(tl.int64) * stride + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < D),
-                other=0.0)
+    x = tl.load(
+        X + rows[:, None].to(tl.int64) * stride + dk[None, :], mask=row_ok[:, None] & (dk[None, :] < D), other=0.0
+    )
     if UPCAST:
         x = x.to(tl.float32)
     return x
@@ -63,28 +65,52 @@ def _load(X, rows, row_ok, dk, D, stride, UPCAST: tl.constexpr):
 @triton.jit
 def _load_t(X, rows, row_ok, dk, D, stride, UPCAST: tl.constexpr):
     """The same rows transposed, [len(dk), len(rows)]: the right operand of a dot."""
-    x = tl.load(X + rows[None, :].to(tl.int64) * stride + dk[:, None], mask=row_ok[None, :] & (dk[:, None] < D),
-                other=0.0)
+    x = tl.load(
+        X + rows[None, :].to(tl.int64) * stride + dk[:, None], mask=row_ok[None, :] & (dk[:, None] < D), other=0.0
+    )
     if UPCAST:
         x = x.to(tl.float32)
     return x
 
 
 @triton.jit
-def _dots(X, W, rows, row_ok, cols, col_ok, D, stride_x, stride_w,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+def _dots(
+    X,
+    W,
+    rows,
+    row_ok,
+    cols,
+    col_ok,
+    D,
+    stride_x,
+    stride_w,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """x_i·w_k of a [BLOCK_M, BLOCK_N] tile (fp32), D walked in BLOCK_D chunks."""
     s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dk = d0 + tl.arange(0, BLOCK_D)
-        s = tl.dot(_load(X, rows, row_ok, dk, D, stride_x, UPCAST), _load_t(W, cols, col_ok, dk, D, stride_w, UPCAST),
-                   s)
+        s = tl.dot(
+            _load(X, rows, row_ok, dk, D, stride_x, UPCAST), _load_t(W, cols, col_ok, dk, D, stride_w, UPCAST), s
+        )
     return s
 
 
 @triton.jit
-def _row_block(X, pid_m, B, D, stride_x, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
-               UPCAST: tl.constexpr):
+def _row_block(
+    X,
+    pid_m,
+    B,
+    D,
+    stride_x,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     # Rows of block pid_m, their mask and, when ONE_CHUNK, the block itself (resident for the whole K sweep).
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
@@ -95,8 +121,23 @@ def _row_block(X, pid_m, B, D, stride_x, BLOCK_M: tl.constexpr, BLOCK_D: tl.cons
 
 
 @triton.jit
-def _logit_tile(X, W, x_res, rows, row_ok, cols, col_ok, D, stride_x, stride_w, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr, UPCAST: tl.constexpr):
+def _logit_tile(
+    X,
+    W,
+    x_res,
+    rows,
+    row_ok,
+    cols,
+    col_ok,
+    D,
+    stride_x,
+    stride_w,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     # x Wᵀ on one [BLOCK_M, BLOCK_N] tile, fp32: from the resident row block, or walking D in BLOCK_D chunks.
     if ONE_CHUNK:
         s = tl.dot(x_res, _load_t(W, cols, col_ok, tl.arange(0, BLOCK_D), D, stride_w, UPCAST))
@@ -119,9 +160,28 @@ def _grad_logits(s2, lse2, r, p, ok):
 
 # --------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _fwd_kernel(X, W, P, M_OUT, L_OUT, PS_OUT, R_OUT, B, K, D, stride_x, stride_w, stride_p, per, inv_temp,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
-                UPCAST: tl.constexpr):
+def _fwd_kernel(
+    X,
+    W,
+    P,
+    M_OUT,
+    L_OUT,
+    PS_OUT,
+    R_OUT,
+    B,
+    K,
+    D,
+    stride_x,
+    stride_w,
+    stride_p,
+    per,
+    inv_temp,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     # Grid (row blocks, splits): rows [BLOCK_M] against prototypes [pid_s·per, (pid_s + 1)·per) in BLOCK_N tiles;
     # writes the split's base-2 (max, sum of 2^(s − max)), Σ p·s and Σ p per row to [splits, B].
     pid_m, pid_s = tl.program_id(0), tl.program_id(1)
@@ -135,8 +195,9 @@ def _fwd_kernel(X, W, P, M_OUT, L_OUT, PS_OUT, R_OUT, B, K, D, stride_x, stride_
     for c0 in range(k_lo, k_hi, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         col_ok = cols < k_hi
-        s = _logit_tile(X, W, x_res, rows, row_ok, cols, col_ok, D, stride_x, stride_w, BLOCK_M, BLOCK_N, BLOCK_D,
-                        ONE_CHUNK, UPCAST)
+        s = _logit_tile(
+            X, W, x_res, rows, row_ok, cols, col_ok, D, stride_x, stride_w, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST
+        )
         s = s * inv_temp
         p, _ = _probs_tile(P, rows, row_ok, cols, col_ok, stride_p)
         ps += tl.sum(p * s, axis=1)
@@ -153,8 +214,7 @@ def _fwd_kernel(X, W, P, M_OUT, L_OUT, PS_OUT, R_OUT, B, K, D, stride_x, stride_
 
 
 @triton.jit
-def _merge_kernel(M_IN, L_IN, PS_IN, R_IN, LSE, RSUM, ROW_LOSS, B, splits, BLOCK: tl.constexpr,
-                  BLOCK_S: tl.constexpr):
+def _merge_kernel(M_IN, L_IN, PS_IN, R_IN, LSE, RSUM, ROW_LOSS, B, splits, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
     # Grid (cdiv(B, BLOCK),): the splits' partials of BLOCK rows -> lse (natural log), r, loss_i = r·lse − Σ p·s.
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     sp = tl.arange(0, BLOCK_S)
@@ -172,9 +232,31 @@ def _merge_kernel(M_IN, L_IN, PS_IN, R_IN, LSE, RSUM, ROW_LOSS, B, splits, BLOCK
 
 
 @triton.jit
-def _dx_kernel(X, W, P, LSE, RSUM, G, DXP, B, K, D, stride_x, stride_w, stride_p, stride_part, per, inv_temp,
-               grad_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DO: tl.constexpr, ONE_CHUNK: tl.constexpr, UPCAST: tl.constexpr):
+def _dx_kernel(
+    X,
+    W,
+    P,
+    LSE,
+    RSUM,
+    G,
+    DXP,
+    B,
+    K,
+    D,
+    stride_x,
+    stride_w,
+    stride_p,
+    stride_part,
+    per,
+    inv_temp,
+    grad_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     # Grid (row blocks, splits, output column blocks): Σ_k dS_ik w_k over the split's prototypes for BLOCK_M rows
     # and BLOCK_DO output features (all D when ONE_CHUNK, which then reuses each W tile for both dots), times
     # g/(B·τ), stored to the split's fp32 slice DXP[pid_s].
@@ -205,9 +287,29 @@ def _dx_kernel(X, W, P, LSE, RSUM, G, DXP, B, K, D, stride_x, stride_w, stride_p
 
 
 @triton.jit
-def _dw_kernel(X, W, P, LSE, RSUM, G, DW, B, K, D, stride_x, stride_w, stride_p, inv_temp, grad_scale,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-               ONE_CHUNK: tl.constexpr, UPCAST: tl.constexpr):
+def _dw_kernel(
+    X,
+    W,
+    P,
+    LSE,
+    RSUM,
+    G,
+    DW,
+    B,
+    K,
+    D,
+    stride_x,
+    stride_w,
+    stride_p,
+    inv_temp,
+    grad_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     # Grid (prototype blocks, output column blocks): Σ_i dS_ik x_i over every row tile for BLOCK_N prototypes
     # and BLOCK_DO output features (ONE_CHUNK: all of them, each X tile serving both dots), times g/(B·τ),
     # stored in W's dtype.
@@ -240,9 +342,25 @@ def _dw_kernel(X, W, P, LSE, RSUM, G, DW, B, K, D, stride_x, stride_w, stride_p,
 
 
 @triton.jit
-def _teacher_lse_kernel(X, W, C, M_OUT, L_OUT, B, K, D, stride_x, stride_w, per, scale2,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr,
-                        UPCAST: tl.constexpr):
+def _teacher_lse_kernel(
+    X,
+    W,
+    C,
+    M_OUT,
+    L_OUT,
+    B,
+    K,
+    D,
+    stride_x,
+    stride_w,
+    per,
+    scale2,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     # Grid (row blocks, splits): the split's base-2 (max, sum of 2^(t − max)) per row of t = (x Wᵀ − c)/τ over
     # prototypes [pid_s·per, (pid_s + 1)·per), to [splits, B]; scale2 = log2(e)/τ.
     pid_m, pid_s = tl.program_id(0), tl.program_id(1)
@@ -254,8 +372,9 @@ def _teacher_lse_kernel(X, W, C, M_OUT, L_OUT, B, K, D, stride_x, stride_w, per,
     for c0 in range(k_lo, k_hi, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         col_ok = cols < k_hi
-        s = _logit_tile(X, W, x_res, rows, row_ok, cols, col_ok, D, stride_x, stride_w, BLOCK_M, BLOCK_N, BLOCK_D,
-                        ONE_CHUNK, UPCAST)
+        s = _logit_tile(
+            X, W, x_res, rows, row_ok, cols, col_ok, D, stride_x, stride_w, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST
+        )
         c = tl.load(C + cols, mask=col_ok, other=0.0)
         t2 = tl.where(col_ok[None, :], (s - c[None, :]) * scale2, float("-inf"))
         m_new = tl.maximum(m, tl.max(t2, axis=1))
@@ -267,23 +386,42 @@ def _teacher_lse_kernel(X, W, C, M_OUT, L_OUT, B, K, D, stride_x, stride_w, per,
 
 
 @triton.jit
-def _teacher_out_kernel(X, W, C, M_IN, L_IN, OUT, B, K, D, stride_x, stride_w, splits, scale2,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                        ONE_CHUNK: tl.constexpr, UPCAST: tl.constexpr, SOFTMAX: tl.constexpr):
+def _teacher_out_kernel(
+    X,
+    W,
+    C,
+    M_IN,
+    L_IN,
+    OUT,
+    B,
+    K,
+    D,
+    stride_x,
+    stride_w,
+    splits,
+    scale2,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+):
     # Grid (row blocks, prototype blocks): one [BLOCK_M, BLOCK_N] tile of the result. SOFTMAX: 2^(t2 − lse2)
     # with t2 = (x Wᵀ − c)·scale2 and lse2 merged from pass 1's [splits, B] partials; else x Wᵀ.
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     rows, row_ok, x_res = _row_block(X, pid_m, B, D, stride_x, BLOCK_M, BLOCK_D, ONE_CHUNK, UPCAST)
     cols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < K
-    s = _logit_tile(X, W, x_res, rows, row_ok, cols, col_ok, D, stride_x, stride_w, BLOCK_M, BLOCK_N, BLOCK_D,
-                    ONE_CHUNK, UPCAST)
+    s = _logit_tile(
+        X, W, x_res, rows, row_ok, cols, col_ok, D, stride_x, stride_w, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST
+    )
     if SOFTMAX:
         sp = tl.arange(0, BLOCK_S)
         ok = (sp[:, None] < splits) & row_ok[None, :]
         at = sp[:, None] * B + rows[None, :]
-        lse2 = merged_lse2(tl.load(M_IN + at, mask=ok, other=float("-inf")), tl.load(L_IN + at, mask=ok, other=0.0),
-                           0)
+        lse2 = merged_lse2(tl.load(M_IN + at, mask=ok, other=float("-inf")), tl.load(L_IN + at, mask=ok, other=0.0), 0)
         c = tl.load(C + cols, mask=col_ok, other=0.0)
         s = tl.exp2((s - c[None, :]) * scale2 - lse2[:, None])
     out = OUT + rows[:, None].to(tl.int64) * K + cols[None, :]
@@ -337,18 +475,57 @@ def prototype_ce_forward(x: torch.Tensor, w: torch.Tensor, p: torch.Tensor, stud
     splits, per = _k_splits(n_rb, K, cfg["BLOCK_N"], x.device, FWD_WAVES)
     f32 = dict(dtype=torch.float32, device=x.device)
     parts = empty((4, splits, B), **f32)
-    _fwd_kernel[(n_rb, splits)](x, w, p, parts[0], parts[1], parts[2], parts[3], B, K, D, x.stride(0), w.stride(0),
-                                p.stride(0), per, 1.0 / student_temp, UPCAST=upcast_dots(), **cfg)
+    _fwd_kernel[(n_rb, splits)](
+        x,
+        w,
+        p,
+        parts[0],
+        parts[1],
+        parts[2],
+        parts[3],
+        B,
+        K,
+        D,
+        x.stride(0),
+        w.stride(0),
+        p.stride(0),
+        per,
+        1.0 / student_temp,
+        UPCAST=upcast_dots(),
+        **cfg,
+    )
     lse, rsum, row_loss = (empty((B,), **f32) for _ in range(3))  # separate: op outputs may not alias
     block_s = next_pow2(splits)
     block = max(1, (256 if interpreting() else 2048) // block_s)
-    _merge_kernel[(cdiv(B, block),)](parts[0], parts[1], parts[2], parts[3], lse, rsum, row_loss, B, splits,
-                                     BLOCK=block, BLOCK_S=block_s, num_warps=4)
+    _merge_kernel[(cdiv(B, block),)](
+        parts[0],
+        parts[1],
+        parts[2],
+        parts[3],
+        lse,
+        rsum,
+        row_loss,
+        B,
+        splits,
+        BLOCK=block,
+        BLOCK_S=block_s,
+        num_warps=4,
+    )
     return row_loss.sum() / B, lse, rsum
 
 
-def prototype_ce_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, p: torch.Tensor, lse: torch.Tensor,
-                          rsum: torch.Tensor, student_temp: float, *, want_x: bool = True, want_w: bool = True):
+def prototype_ce_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    p: torch.Tensor,
+    lse: torch.Tensor,
+    rsum: torch.Tensor,
+    student_temp: float,
+    *,
+    want_x: bool = True,
+    want_w: bool = True,
+):
     """(dL/dx in x's dtype or an empty tensor, dL/dW in W's dtype or an empty tensor) for the upstream
     gradient `grad` (a scalar tensor) of the mean loss, from the forward's lse and r."""
     B, D = x.shape
@@ -364,13 +541,15 @@ def prototype_ce_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, 
         splits, per = _k_splits(n_rb, K, cfg["BLOCK_N"], x.device, DX_WAVES)
         part = empty((splits, B, D), dtype=torch.float32, device=x.device)
         _dx_kernel[(n_rb, splits, cdiv(D, cfg["BLOCK_DO"]))](
-            x, w, p, lse, rsum, g, part, *common, B * D, per, inv_temp, grad_scale, UPCAST=upcast_dots(), **cfg)
+            x, w, p, lse, rsum, g, part, *common, B * D, per, inv_temp, grad_scale, UPCAST=upcast_dots(), **cfg
+        )
         dx = (part[0] if splits == 1 else part.sum(0)).to(x.dtype)
     if want_w:
         cfg = _tiles(D, "dw")
         dw = empty((K, D), dtype=w.dtype, device=w.device)
         _dw_kernel[(cdiv(K, cfg["BLOCK_N"]), cdiv(D, cfg["BLOCK_DO"]))](
-            x, w, p, lse, rsum, g, dw, *common, inv_temp, grad_scale, UPCAST=upcast_dots(), **cfg)
+            x, w, p, lse, rsum, g, dw, *common, inv_temp, grad_scale, UPCAST=upcast_dots(), **cfg
+        )
     return dx, dw
 
 
@@ -380,8 +559,24 @@ def _teacher_out(x, w, center, m, l, splits, scale2, softmax: bool) -> torch.Ten
     cfg = _tiles(D, "teacher")
     out = empty((B, K), dtype=torch.float32, device=x.device)
     _teacher_out_kernel[(cdiv(B, cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_N"]))](
-        x, w, center, m, l, out, B, K, D, x.stride(0), w.stride(0), splits, scale2, BLOCK_S=next_pow2(splits),
-        UPCAST=upcast_dots(), SOFTMAX=softmax, **cfg)
+        x,
+        w,
+        center,
+        m,
+        l,
+        out,
+        B,
+        K,
+        D,
+        x.stride(0),
+        w.stride(0),
+        splits,
+        scale2,
+        BLOCK_S=next_pow2(splits),
+        UPCAST=upcast_dots(),
+        SOFTMAX=softmax,
+        **cfg,
+    )
     return out
 
 
@@ -395,8 +590,9 @@ def prototype_teacher_softmax(x: torch.Tensor, w: torch.Tensor, center: torch.Te
     splits, per = _k_splits(n_rb, K, cfg["BLOCK_N"], x.device, FWD_WAVES)
     parts = empty((2, splits, B), dtype=torch.float32, device=x.device)
     scale2 = LOG2E / teacher_temp
-    _teacher_lse_kernel[(n_rb, splits)](x, w, center, parts[0], parts[1], B, K, D, x.stride(0), w.stride(0), per,
-                                        scale2, UPCAST=upcast_dots(), **cfg)
+    _teacher_lse_kernel[(n_rb, splits)](
+        x, w, center, parts[0], parts[1], B, K, D, x.stride(0), w.stride(0), per, scale2, UPCAST=upcast_dots(), **cfg
+    )
     return _teacher_out(x, w, center, parts[0], parts[1], splits, scale2, True)
 
 

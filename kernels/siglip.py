@@ -26,6 +26,7 @@ kernels do. The second product Σ_j g_ij ŷ_j runs with g_ij·rn_j (|σ| <= 1) a
 σ(u) < 6e-8 to zero); w·t multiplies the fp32 accumulator once at the end. The interpreter upcasts every dot
 operand to fp32 (`UPCAST`: its bf16 dots are wrong).
 """
+
 from __future__ import annotations
 
 import torch
@@ -58,12 +59,36 @@ def _load_tile(X, rows, row_ok, dk, D, stride, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _siglip_rows_kernel(R, C, RN_R, RN_C, SCALE, BIAS, WEIGHT, LOSS, DR, DSCALE, DBIAS,
-                        M, NC, D, stride_r, stride_c, stride_dr, pos_off,
-                        WANT_LOSS: tl.constexpr, WANT_GRAD: tl.constexpr, WANT_SCALARS: tl.constexpr,
-                        G_FP32: tl.constexpr, ONE_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_DO: tl.constexpr):
+def _siglip_rows_kernel(
+    R,
+    C,
+    RN_R,
+    RN_C,
+    SCALE,
+    BIAS,
+    WEIGHT,
+    LOSS,
+    DR,
+    DSCALE,
+    DBIAS,
+    M,
+    NC,
+    D,
+    stride_r,
+    stride_c,
+    stride_dr,
+    pos_off,
+    WANT_LOSS: tl.constexpr,
+    WANT_GRAD: tl.constexpr,
+    WANT_SCALARS: tl.constexpr,
+    G_FP32: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+):
     # Grid (cdiv(M, BLOCK_M), cdiv(D, BLOCK_DO) with WANT_GRAD else 1): a row block sweeps every column tile
     # (BLOCK_N wide), the logits of a tile from BLOCK_D-wide chunks of D (one resident chunk with ONE_CHUNK).
     # Program (i, o) accumulates output columns [o·BLOCK_DO, (o+1)·BLOCK_DO) of ∂L/∂r̂; programs with o = 0
@@ -94,8 +119,11 @@ def _siglip_rows_kernel(R, C, RN_R, RN_C, SCALE, BIAS, WEIGHT, LOSS, DR, DSCALE,
             dots = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, D, BLOCK_D):
                 dk = k0 + tl.arange(0, BLOCK_D)
-                dots = tl.dot(_load_tile(R, rows64, row_ok, dk, D, stride_r, UPCAST),
-                              tl.trans(_load_tile(C, cols64, col_ok, dk, D, stride_c, UPCAST)), dots)
+                dots = tl.dot(
+                    _load_tile(R, rows64, row_ok, dk, D, stride_r, UPCAST),
+                    tl.trans(_load_tile(C, cols64, col_ok, dk, D, stride_c, UPCAST)),
+                    dots,
+                )
         cos = dots * rn_r[:, None] * rn_c[None, :]
         s = t * cos + b
         pos = cols[None, :] == rows[:, None] + pos_off
@@ -123,16 +151,19 @@ def _siglip_rows_kernel(R, C, RN_R, RN_C, SCALE, BIAS, WEIGHT, LOSS, DR, DSCALE,
         tl.store(DBIAS + rows, g_sum * w, mask=first)
         tl.store(DSCALE + rows, gc_sum * w, mask=first)
     if WANT_GRAD:
-        tl.store(DR + rows64[:, None] * stride_dr + do[None, :], acc * (w * t),
-                 mask=row_ok[:, None] & (do[None, :] < D))
+        tl.store(
+            DR + rows64[:, None] * stride_dr + do[None, :], acc * (w * t), mask=row_ok[:, None] & (do[None, :] < D)
+        )
 
 
 # Tiles on a GPU (not tuned yet). A row block of up to 256 features stays resident (ONE_CHUNK); wider rows are
 # walked in 64-wide chunks. The backward's output columns are split over the grid's second axis in BLOCK_DO
 # chunks, each recomputing the logits of its tiles: wide rows take 64-row blocks and 256-wide output chunks
 # (a 64 x 256 fp32 accumulator), so D = 768 recomputes them three times.
-GPU_TILES = {True: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_DO=128, num_warps=8, num_stages=2),
-             False: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_DO=256, num_warps=8, num_stages=2)}
+GPU_TILES = {
+    True: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_DO=128, num_warps=8, num_stages=2),
+    False: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_DO=256, num_warps=8, num_stages=2),
+}
 MAX_RESIDENT_D = 256
 
 
@@ -150,8 +181,9 @@ def _tiles(d: int) -> dict:
     return tiles
 
 
-def siglip_rows(r, c, rn_r, rn_c, scale, bias, weight, pos_off: int, *, want_loss: bool, want_grad: bool,
-                want_scalars: bool):
+def siglip_rows(
+    r, c, rn_r, rn_c, scale, bias, weight, pos_off: int, *, want_loss: bool, want_grad: bool, want_scalars: bool
+):
     """One sweep of the rows of r against the columns c (see the module doc): (Σ_ij ℓ_ij or None,
     ∂L/∂r̂ [M, D] fp32 or None, ∂L/∂t or None, ∂L/∂b or None), all fp32; the gradients carry the weight w
     (a device scalar). r, c are [M, D], [NC, D] with unit stride along D; rn_r, rn_c their fp32 inverse norms."""
@@ -165,9 +197,34 @@ def siglip_rows(r, c, rn_r, rn_c, scale, bias, weight, pos_off: int, *, want_los
     dummy = rn_r
     grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(d, cfg["BLOCK_DO"]) if want_grad else 1)
     _siglip_rows_kernel[grid](
-        r, c, rn_r, rn_c, scale, bias, weight, dummy if loss is None else loss, dummy if dr is None else dr,
-        dummy if ds is None else ds, dummy if db is None else db, m, nc, d, r.stride(0), c.stride(0),
-        d if want_grad else 0, pos_off, WANT_LOSS=want_loss, WANT_GRAD=want_grad, WANT_SCALARS=want_scalars,
-        G_FP32=r.dtype != torch.bfloat16, UPCAST=upcast_dots(), **cfg)
-    return (None if loss is None else loss.sum(), dr, None if ds is None else ds.sum(),
-            None if db is None else db.sum())
+        r,
+        c,
+        rn_r,
+        rn_c,
+        scale,
+        bias,
+        weight,
+        dummy if loss is None else loss,
+        dummy if dr is None else dr,
+        dummy if ds is None else ds,
+        dummy if db is None else db,
+        m,
+        nc,
+        d,
+        r.stride(0),
+        c.stride(0),
+        d if want_grad else 0,
+        pos_off,
+        WANT_LOSS=want_loss,
+        WANT_GRAD=want_grad,
+        WANT_SCALARS=want_scalars,
+        G_FP32=r.dtype != torch.bfloat16,
+        UPCAST=upcast_dots(),
+        **cfg,
+    )
+    return (
+        None if loss is None else loss.sum(),
+        dr,
+        None if ds is None else ds.sum(),
+        None if db is None else db.sum(),
+    )

@@ -12,6 +12,7 @@ No [B, K] buffer besides Q itself. Inside the kernels the scores are in base 2 (
 exponential is one `exp2`; potentials and LSEs cross the launchers in natural log, fp32. Online (max, sum)
 log-sum-exps keep every exponent ≤ 0, so nothing overflows whatever the temperature.
 """
+
 from __future__ import annotations
 
 import torch
@@ -107,8 +108,9 @@ def column_potential(x: torch.Tensor, v: torch.Tensor, inv_temp: float) -> torch
     out = empty((K,), dtype=torch.float32, device=x.device)
     bk = _block_k(K, 128)
     bb = 16 if interpreting() else 32
-    _column_kernel[(cdiv(K, bk),)](x, v, out, B, K, x.stride(0), inv_temp * LOG2E, BLOCK_B=bb, BLOCK_K=bk,
-                                   num_warps=_warps())
+    _column_kernel[(cdiv(K, bk),)](
+        x, v, out, B, K, x.stride(0), inv_temp * LOG2E, BLOCK_B=bb, BLOCK_K=bk, num_warps=_warps()
+    )
     return out
 
 
@@ -124,6 +126,7 @@ def softmax_rows(x: torch.Tensor, u: torch.Tensor, inv_temp: float) -> torch.Ten
     """softmax_k(x_bk·inv_temp + u_k) [B, K] fp32."""
     B, K = x.shape
     q = empty((B, K), dtype=torch.float32, device=x.device)
-    _softmax_kernel[(B,)](x, u, q, K, x.stride(0), q.stride(0), inv_temp * LOG2E, BLOCK_K=_block_k(K, 1024),
-                          num_warps=_warps())
+    _softmax_kernel[(B,)](
+        x, u, q, K, x.stride(0), q.stride(0), inv_temp * LOG2E, BLOCK_K=_block_k(K, 1024), num_warps=_warps()
+    )
     return q

@@ -17,6 +17,7 @@ Traffic: the forward reads the scores and the codes once, the backward once more
 the saved statistics are [2, V·B] floats. All arithmetic is fp32 whatever the input dtypes; the loss is a
 deterministic sum of per-(split, crop, image) partials.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,8 +42,9 @@ def _targets(Q, b, B, G, vv, kk, ok, stride_q):
 
 
 @triton.jit
-def _forward_kernel(S, Q, PART, B, V, G, K, stride_s, stride_q, k_per_split, s2, BLOCK_K: tl.constexpr,
-                    BLOCK_V: tl.constexpr):
+def _forward_kernel(
+    S, Q, PART, B, V, G, K, stride_s, stride_q, k_per_split, s2, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr
+):
     # Grid (B, K splits): image b's columns [k_lo, k_hi) as [BLOCK_V, BLOCK_K] tiles of all its crops at once.
     # PART [4, splits, V, B]: per crop the (max, sum) of s/τ (base 2), the dot w·s/τ and the target sum c.
     b = tl.program_id(0)
@@ -82,8 +84,24 @@ def _loss_kernel(PART, STATS, LOSS, n_sp, n, inv_pairs, BLOCK_SP: tl.constexpr, 
 
 
 @triton.jit
-def _backward_kernel(S, Q, STATS, GRAD, DS, B, V, G, K, stride_s, stride_q, stride_ds, s2, coef,
-                     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+def _backward_kernel(
+    S,
+    Q,
+    STATS,
+    GRAD,
+    DS,
+    B,
+    V,
+    G,
+    K,
+    stride_s,
+    stride_q,
+    stride_ds,
+    s2,
+    coef,
+    BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     # Grid (B, cdiv(K, BLOCK_K)): one [BLOCK_V, BLOCK_K] tile, every crop of image b at one chunk of columns;
     # lse and c are the forward's (saved).
     b = tl.program_id(0)
@@ -118,12 +136,22 @@ def swav_loss_forward(scores, codes, temperature, num_global):
     cfg = _config(scores, V, G)
     splits, per = _splits(B, K, cfg["BLOCK_K"], scores.device)
     part = empty((4, splits, V, B), dtype=torch.float32, device=scores.device)
-    _forward_kernel[(B, splits)](scores, codes, part, B, V, G, K, scores.stride(0), codes.stride(0), per,
-                                 LOG2E / temperature, **cfg)
+    _forward_kernel[(B, splits)](
+        scores, codes, part, B, V, G, K, scores.stride(0), codes.stride(0), per, LOG2E / temperature, **cfg
+    )
     stats = empty((2, V * B), dtype=torch.float32, device=scores.device)
     loss = empty((), dtype=torch.float32, device=scores.device)
-    _loss_kernel[(1,)](part, stats, loss, splits, V * B, 1.0 / (B * G * (V - 1)), BLOCK_SP=next_pow2(splits),
-                       BLOCK=64 if interpreting() else 256, num_warps=_warps())
+    _loss_kernel[(1,)](
+        part,
+        stats,
+        loss,
+        splits,
+        V * B,
+        1.0 / (B * G * (V - 1)),
+        BLOCK_SP=next_pow2(splits),
+        BLOCK=64 if interpreting() else 256,
+        num_warps=_warps(),
+    )
     return loss, stats
 
 
@@ -134,6 +162,20 @@ def swav_loss_backward(grad, scores, codes, stats, temperature, num_global):
     cfg = _config(scores, V, G)
     ds = empty(tuple(scores.shape), dtype=scores.dtype, device=scores.device)
     _backward_kernel[(B, cdiv(K, cfg["BLOCK_K"]))](
-        scores, codes, stats, grad, ds, B, V, G, K, scores.stride(0), codes.stride(0), ds.stride(0),
-        LOG2E / temperature, 1.0 / (temperature * B * G * (V - 1)), **cfg)
+        scores,
+        codes,
+        stats,
+        grad,
+        ds,
+        B,
+        V,
+        G,
+        K,
+        scores.stride(0),
+        codes.stride(0),
+        ds.stride(0),
+        LOG2E / temperature,
+        1.0 / (temperature * B * G * (V - 1)),
+        **cfg,
+    )
     return ds

@@ -11,6 +11,7 @@ In eager training the contrastive and MAE losses compute their input gradients i
 them out in the backward; `separate_backward()` makes them wait for the backward pass instead (needed to run
 backward through such a loss twice, e.g. with retain_graph=True).
 """
+
 from . import data, mae, methods, models, nn, ops
 from ._custom_op import separate_backward
 from .nn.ema import EMA
@@ -27,7 +28,29 @@ from .ops.swav import swav_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["barlow_twins_loss", "clip_loss", "data", "dino_loss", "EMA", "ema_update_", "ibot_patch_loss",
-           "ibot_patch_loss_masked", "info_nce_loss", "koleo_loss", "mae", "methods", "models", "nn", "nt_xent_loss",
-           "ops", "prototype_cross_entropy", "prototype_teacher_probs", "separate_backward", "siglip_loss",
-           "sinkhorn_knopp", "swav_loss", "vicreg_loss", "__version__"]
+__all__ = [
+    "barlow_twins_loss",
+    "clip_loss",
+    "data",
+    "dino_loss",
+    "EMA",
+    "ema_update_",
+    "ibot_patch_loss",
+    "ibot_patch_loss_masked",
+    "info_nce_loss",
+    "koleo_loss",
+    "mae",
+    "methods",
+    "models",
+    "nn",
+    "nt_xent_loss",
+    "ops",
+    "prototype_cross_entropy",
+    "prototype_teacher_probs",
+    "separate_backward",
+    "siglip_loss",
+    "sinkhorn_knopp",
+    "swav_loss",
+    "vicreg_loss",
+    "__version__",
+]

@@ -1,4 +1,5 @@
 """`python -m sslfast ...` is the `sslfast` command."""
+
 import sys
 
 from .cli import main

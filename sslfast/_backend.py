@@ -10,6 +10,7 @@ CUDA tensors take the fast path (Triton kernels or csrc); CPU tensors take the P
 
 The variable is read at every call so tests and benchmarks can switch it without re-importing.
 """
+
 from __future__ import annotations
 
 import functools
@@ -90,6 +91,7 @@ def use_csrc(*tensors: torch.Tensor | None) -> bool:
 def without_autocast(fn):
     """Runs an op's implementation with autocast off on its tensors' device: the ops choose their own
     precision (dots in the input dtype, fp32 accumulation) and must not see autocast's casts."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
@@ -97,4 +99,5 @@ def without_autocast(fn):
             return fn(*args, **kwargs)
         with torch.autocast(device_type=device, enabled=False):
             return fn(*args, **kwargs)
+
     return wrapper

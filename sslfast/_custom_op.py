@@ -34,6 +34,7 @@ instead: it recomputes its outputs from the saved inputs in plain autograd and r
 ∂⟨outputs, grads⟩/∂inputs with create_graph=True (`differentiable_grads`), a graph that autograd can
 differentiate again.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,16 +54,21 @@ class DoubleBackwardError(NotImplementedError):
 
 def double_backward_unsupported(op: str, hint: str = "") -> DoubleBackwardError:
     """The error for `op` (raise it): names the op and says what to do instead."""
-    return DoubleBackwardError(f"sslfast: {op} does not support double backward (create_graph=True); "
-                               f"{hint or 'its gradient formula is not differentiable again'}")
+    return DoubleBackwardError(
+        f"sslfast: {op} does not support double backward (create_graph=True); "
+        f"{hint or 'its gradient formula is not differentiable again'}"
+    )
 
 
-TRITON_DOUBLE_BACKWARD = ("the Triton kernels' gradients are not differentiable again; the reference backend "
-                          "supports it (CPU tensors, or SSLFAST_BACKEND=reference)")
+TRITON_DOUBLE_BACKWARD = (
+    "the Triton kernels' gradients are not differentiable again; the reference backend "
+    "supports it (CPU tensors, or SSLFAST_BACKEND=reference)"
+)
 
 
-def differentiable_grads(fn: Callable, inputs: Sequence[torch.Tensor | None], needs: Sequence[bool],
-                         grads: Sequence[torch.Tensor | None]) -> tuple:
+def differentiable_grads(
+    fn: Callable, inputs: Sequence[torch.Tensor | None], needs: Sequence[bool], grads: Sequence[torch.Tensor | None]
+) -> tuple:
     """The input gradients Σ_k ∂⟨fn(*inputs)_k, grads_k⟩/∂inputs (None where `needs` is False) as a graph that
     can be differentiated again: `fn` recomputed in plain autograd, then `torch.autograd.grad` with
     create_graph=True. The double-backward route of an op whose path is plain PyTorch; `inputs` are the saved
@@ -79,8 +85,13 @@ def differentiable_grads(fn: Callable, inputs: Sequence[torch.Tensor | None], ne
         outs = outs if isinstance(outs, tuple) else (outs,)
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
         if wanted and pairs:
-            got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
-                                      create_graph=True, allow_unused=True)
+            got = torch.autograd.grad(
+                [o for o, _ in pairs],
+                [inputs[i] for i in wanted],
+                [g for _, g in pairs],
+                create_graph=True,
+                allow_unused=True,
+            )
             for i, g in zip(wanted, got):
                 out[i] = g
     return tuple(out)
@@ -89,27 +100,38 @@ def differentiable_grads(fn: Callable, inputs: Sequence[torch.Tensor | None], ne
 def backward_on_reference(name: str, backward: Callable) -> Callable:
     """A `double_backward` for an op whose `backward` is plain PyTorch on the reference path (so autograd
     records it as it runs, e.g. a gather's scatter-add) and launches kernels on the Triton path, which raises."""
+
     def run(ctx, *grads):
         if use_triton(*ctx.saved_tensors, *grads):
             raise double_backward_unsupported(name, TRITON_DOUBLE_BACKWARD)
         return backward(ctx, *grads)
+
     return run
 
 
 def _guarded(name: str, backward: Callable, double_backward: Callable | None) -> Callable:
     """`backward`, or `double_backward` when the engine builds a graph (grad mode is on in a backward exactly
     when create_graph=True); without a double-backward route, the clear error."""
+
     def run(ctx, *grads):
         if torch.is_grad_enabled():
             if double_backward is None:
                 raise double_backward_unsupported(name)
             return double_backward(ctx, *grads)
         return backward(ctx, *grads)
+
     return run
 
 
-def custom_op(name: str, *, fake: Callable, backward: Callable | None = None, setup_context: Callable | None = None,
-              non_differentiable: Sequence[int] = (), double_backward: Callable | None = None):
+def custom_op(
+    name: str,
+    *,
+    fake: Callable,
+    backward: Callable | None = None,
+    setup_context: Callable | None = None,
+    non_differentiable: Sequence[int] = (),
+    double_backward: Callable | None = None,
+):
     """Decorator: registers `fn` as `sslfast::<name>` and returns a callable (positional arguments, as the
     schema) that runs the custom op while compiling and `fn` (wrapped for autograd) otherwise. The custom op
     itself is the callable's `.custom_op` (for `torch.library.opcheck`).
@@ -117,10 +139,12 @@ def custom_op(name: str, *, fake: Callable, backward: Callable | None = None, se
     `double_backward(ctx, *grads)`, same contract as `backward`, runs instead of it when autograd builds a
     graph of the backward (create_graph=True) and must return differentiable gradients (or raise
     `DoubleBackwardError`); without it such a backward raises `DoubleBackwardError`."""
+
     def wrap(fn):
         op = torch.library.custom_op(f"sslfast::{name}", mutates_args=())(fn)
         op.register_fake(fake)
         if backward is None:
+
             @functools.wraps(fn)
             def call(*args):
                 return op(*args) if _tracing(args) else fn(*args)
@@ -139,6 +163,7 @@ def custom_op(name: str, *, fake: Callable, backward: Callable | None = None, se
 
         call.custom_op = op
         return call
+
     return wrap
 
 
@@ -183,8 +208,12 @@ def grads_in_forward(*tensors: torch.Tensor | None) -> bool:
     """Whether a terminal loss on `tensors` computes its gradients in the forward (`loss_with_grads`): an
     eager call (not traced, plain tensors) that autograd will differentiate, outside `separate_backward`."""
     present = [t for t in tensors if t is not None]
-    return (torch.is_grad_enabled() and not getattr(_MODE, "separate", 0) and any(t.requires_grad for t in present)
-            and not _tracing(present))
+    return (
+        torch.is_grad_enabled()
+        and not getattr(_MODE, "separate", 0)
+        and any(t.requires_grad for t in present)
+        and not _tracing(present)
+    )
 
 
 class _LossWithGrads(torch.autograd.Function):
@@ -201,13 +230,19 @@ class _LossWithGrads(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the stored gradients are constants, recompute instead
             if ctx.differentiable is None:
                 raise double_backward_unsupported(*ctx.why_not)
-            return (None, None, None, *differentiable_grads(ctx.differentiable, ctx.saved_tensors,
-                                                            ctx.needs_input_grad[3:], (g,)))
+            return (
+                None,
+                None,
+                None,
+                *differentiable_grads(ctx.differentiable, ctx.saved_tensors, ctx.needs_input_grad[3:], (g,)),
+            )
         grads, ctx.grads = ctx.grads, None  # handed on, not copied: the next node may own them
         if grads is None:
-            raise RuntimeError("this sslfast loss computed its input gradients in the forward pass and the first "
-                               "backward handed them on; to backpropagate through it twice (retain_graph=True), "
-                               "compute it inside `with sslfast.separate_backward():`")
+            raise RuntimeError(
+                "this sslfast loss computed its input gradients in the forward pass and the first "
+                "backward handed them on; to backpropagate through it twice (retain_graph=True), "
+                "compute it inside `with sslfast.separate_backward():`"
+            )
         return (None, None, None, *_scale_all_(grads, g))
 
 
@@ -235,8 +270,13 @@ def _scale_all_(grads: tuple, g: torch.Tensor) -> tuple:
     return grads
 
 
-def loss_with_grads(fn: Callable, *inputs: torch.Tensor | None, op: str | None = None,
-                    differentiable: Callable | None = None, hint: str = "") -> torch.Tensor:
+def loss_with_grads(
+    fn: Callable,
+    *inputs: torch.Tensor | None,
+    op: str | None = None,
+    differentiable: Callable | None = None,
+    hint: str = "",
+) -> torch.Tensor:
     """A scalar loss whose input gradients `fn` computes in the same forward (see the module docstring).
 
     `fn(needs_grad, *inputs) -> (loss, grads)`: needs_grad[i] says whether inputs[i] wants a gradient;
@@ -261,15 +301,25 @@ def _eager_function(name, fn, backward, setup_context, non_differentiable):
         ctx.set_materialize_grads(False)
         if non_differentiable:
             ctx.mark_non_differentiable(*(outs[i] for i in non_differentiable))
-        ctx.zero_like = {i: (o.shape, o.dtype, o.device) for i, o in enumerate(outs)
-                         if i not in non_differentiable and o.is_floating_point()}
+        ctx.zero_like = {
+            i: (o.shape, o.dtype, o.device)
+            for i, o in enumerate(outs)
+            if i not in non_differentiable and o.is_floating_point()
+        }
         return out
 
     def backward_(ctx, *grads):  # `backward` is guarded (see `custom_op`)
         if any(g is None for g in grads):
-            grads = [torch.zeros(ctx.zero_like[i][0], dtype=ctx.zero_like[i][1], device=ctx.zero_like[i][2])
-                     if g is None and i in ctx.zero_like else g for i, g in enumerate(grads)]
+            grads = [
+                torch.zeros(ctx.zero_like[i][0], dtype=ctx.zero_like[i][1], device=ctx.zero_like[i][2])
+                if g is None and i in ctx.zero_like
+                else g
+                for i, g in enumerate(grads)
+            ]
         return backward(ctx, *grads)
 
-    return type(f"{name}_eager", (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(backward_)})
+    return type(
+        f"{name}_eager",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(backward_)},
+    )

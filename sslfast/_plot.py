@@ -1,4 +1,5 @@
 """PNG output of a run: the loss curve (matplotlib) and image grids (Pillow)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -45,5 +46,5 @@ def save_image_grid(rows: list[torch.Tensor], path: str, scale: int = 4, gap: in
             x = x.expand(3, -1, -1) if x.shape[0] == 1 else x[:3]
             x = x.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
             top, left = gap + i * (H + gap), gap + j * (W + gap)
-            grid[top:top + H, left:left + W] = (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            grid[top : top + H, left : left + W] = (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     Image.fromarray(grid).save(path)

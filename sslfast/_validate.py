@@ -1,5 +1,6 @@
 """Argument checks shared by the ops: every failure names the argument and what was expected, and is raised
 before any kernel launches."""
+
 from __future__ import annotations
 
 import math
@@ -16,21 +17,47 @@ REFERENCE_DTYPES = (torch.float64,)  # what the reference path runs (gradcheck's
 ALL_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 
-def tensor(name: str, value, *, ndim: int | None = None, shape_hint: str = "", floating: bool = True,
-           dtypes=FLOAT_DTYPES, reference_dtypes=()) -> torch.Tensor:
+def tensor(
+    name: str,
+    value,
+    *,
+    ndim: int | None = None,
+    shape_hint: str = "",
+    floating: bool = True,
+    dtypes=FLOAT_DTYPES,
+    reference_dtypes=(),
+) -> torch.Tensor:
     """Checks that `value` is a tensor of the expected rank and (floating) dtype; returns it contiguous.
 
     `reference_dtypes` are accepted too where the op will run its reference path (CPU tensors, or
     SSLFAST_BACKEND=reference); on the Triton path they raise a TypeError that says so."""
-    return check(name, value, ndim=ndim, shape_hint=shape_hint, floating=floating, dtypes=dtypes,
-                 reference_dtypes=reference_dtypes).contiguous()
+    return check(
+        name,
+        value,
+        ndim=ndim,
+        shape_hint=shape_hint,
+        floating=floating,
+        dtypes=dtypes,
+        reference_dtypes=reference_dtypes,
+    ).contiguous()
 
 
-def check(name: str, value, *, ndim: int | None = None, shape_hint: str = "", floating: bool = True,
-          dtypes=FLOAT_DTYPES, reference_dtypes=()) -> torch.Tensor:
+def check(
+    name: str,
+    value,
+    *,
+    ndim: int | None = None,
+    shape_hint: str = "",
+    floating: bool = True,
+    dtypes=FLOAT_DTYPES,
+    reference_dtypes=(),
+) -> torch.Tensor:
     """`tensor`'s checks, returning `value` itself (any layout)."""
-    if isinstance(value, torch.Tensor) and (ndim is None or value.dim() == ndim) and (
-            not floating or value.dtype in dtypes):
+    if (
+        isinstance(value, torch.Tensor)
+        and (ndim is None or value.dim() == ndim)
+        and (not floating or value.dtype in dtypes)
+    ):
         return value  # the common case, decided in three tests
     hint = f" {shape_hint}" if shape_hint else ""
     if not isinstance(value, torch.Tensor):
@@ -42,8 +69,10 @@ def check(name: str, value, *, ndim: int | None = None, shape_hint: str = "", fl
         if value.dtype not in reference_dtypes:
             raise TypeError(f"{name} must have a floating dtype ({names}), got {value.dtype}")
         if use_triton(value):
-            raise TypeError(f"{name} has dtype {value.dtype}, which only the reference backend runs (the Triton "
-                            f"kernels take {names}): set SSLFAST_BACKEND=reference or use CPU tensors")
+            raise TypeError(
+                f"{name} has dtype {value.dtype}, which only the reference backend runs (the Triton "
+                f"kernels take {names}): set SSLFAST_BACKEND=reference or use CPU tensors"
+            )
     return value
 
 
@@ -102,8 +131,9 @@ def view_pair(name1: str, x1, name2: str, x2) -> tuple[torch.Tensor, torch.Tenso
     """Two embeddings of the same batch (two views, query/key, image/text): same shape, device and dtype."""
     x1, x2 = features(name1, x1), features(name2, x2)
     if x1.shape != x2.shape:
-        raise ValueError(f"{name1} and {name2} must have the same shape [N, D], got {tuple(x1.shape)} and "
-                         f"{tuple(x2.shape)}")
+        raise ValueError(
+            f"{name1} and {name2} must have the same shape [N, D], got {tuple(x1.shape)} and {tuple(x2.shape)}"
+        )
     if x1.device != x2.device:
         same_device(**{name1: x1, name2: x2})  # raises, naming both
     if x1.dtype != x2.dtype:
@@ -111,8 +141,9 @@ def view_pair(name1: str, x1, name2: str, x2) -> tuple[torch.Tensor, torch.Tenso
     return x1, x2
 
 
-def soft_targets(name: str, value, *, shape: tuple[int | None, ...], shape_hint: str,
-                 like: dict[str, torch.Tensor]) -> torch.Tensor:
+def soft_targets(
+    name: str, value, *, shape: tuple[int | None, ...], shape_hint: str, like: dict[str, torch.Tensor]
+) -> torch.Tensor:
     """The targets of a soft cross-entropy over K prototypes (teacher probabilities, Sinkhorn codes), checked
     against the tensors `like` (name → tensor) that they are scored with.
 
@@ -134,8 +165,9 @@ def soft_targets(name: str, value, *, shape: tuple[int | None, ...], shape_hint:
     t = tensor(name, value, ndim=len(shape), shape_hint=shape_hint, dtypes=ALL_FLOAT_DTYPES)
     if t.shape != shape and any(want is not None and want != got for want, got in zip(shape, t.shape)):
         want = ", ".join("·" if w is None else str(w) for w in shape)
-        raise ValueError(f"{name} must be {shape_hint} = [{want}] (from {' and '.join(like)}), got shape "
-                         f"{tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must be {shape_hint} = [{want}] (from {' and '.join(like)}), got shape {tuple(t.shape)}"
+        )
     if any(x.device != t.device for x in like.values()):
         same_device(**like, **{name: t})  # raises, naming every argument
     return t.detach()

@@ -6,6 +6,7 @@ gather, so rank s must receive Σ_r ∂L_r/∂x_s. After DDP averages parameter 
 gets exactly the gradient of the single-process loss on the concatenated batch. (Returning only the local
 slice of the gradient, without the sum, is the classic bug that leaves gradients off by world_size.)
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,7 +45,7 @@ class _AllGather(torch.autograd.Function):
             return out
         grad = grad.clone()  # gloo has no reduce-scatter: all-reduce, keep our slice
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[rank * n:(rank + 1) * n]
+        return grad[rank * n : (rank + 1) * n]
 
 
 def all_gather(x: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,25 @@
 
 The mask-first encoder front (embed only the visible patches) is `sslfast.models.mae.MaskedPatchEmbed`.
 """
-from .ops.mae import (MaskInfo, bert_masking, gather_patches, gather_tokens, masked_mse_loss, patchify,
-                      random_masking, unshuffle)
 
-__all__ = ["MaskInfo", "bert_masking", "gather_patches", "gather_tokens", "masked_mse_loss", "patchify",
-           "random_masking", "unshuffle"]
+from .ops.mae import (
+    MaskInfo,
+    bert_masking,
+    gather_patches,
+    gather_tokens,
+    masked_mse_loss,
+    patchify,
+    random_masking,
+    unshuffle,
+)
+
+__all__ = [
+    "MaskInfo",
+    "bert_masking",
+    "gather_patches",
+    "gather_tokens",
+    "masked_mse_loss",
+    "patchify",
+    "random_masking",
+    "unshuffle",
+]

@@ -15,6 +15,7 @@ optimizer step, its buffers are copied), a sequence of teacher tensors parallel 
 or None (a plain fused AdamW / LARS). Parameters without a gradient are not stepped, but their teachers still
 follow them, as `optimizer.step(); ema.update()` would do.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -68,8 +69,11 @@ class _EMAOptimizer(torch.optim.Optimizer):
             return self._mapping
         students, teachers = self._ema._params()
         old = self._mapping
-        if old is None or len(students) != len(old[0]) or not (all(map(operator.is_, students, old[0])) and
-                                                               all(map(operator.is_, teachers, old[1]))):
+        if (
+            old is None
+            or len(students) != len(old[0])
+            or not (all(map(operator.is_, students, old[0])) and all(map(operator.is_, teachers, old[1])))
+        ):
             version = 0 if old is None else old[3] + 1
             self._mapping = (students, teachers, dict(zip(map(id, students), teachers)), version)
         return self._mapping
@@ -136,14 +140,28 @@ class AdamWEMA(_EMAOptimizer):
     AdamW(fused=True) + _foreach_lerp_.
     """
 
-    def __init__(self, params, teacher=None, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, ema_momentum=0.996):
-        for name, value, low, high in (("lr", lr, 0.0, None), ("betas[0]", betas[0], 0.0, 1.0),
-                                       ("betas[1]", betas[1], 0.0, 1.0), ("eps", eps, 0.0, None),
-                                       ("weight_decay", weight_decay, 0.0, None)):
+    def __init__(
+        self,
+        params,
+        teacher=None,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        ema_momentum=0.996,
+    ):
+        for name, value, low, high in (
+            ("lr", lr, 0.0, None),
+            ("betas[0]", betas[0], 0.0, 1.0),
+            ("betas[1]", betas[1], 0.0, 1.0),
+            ("eps", eps, 0.0, None),
+            ("weight_decay", weight_decay, 0.0, None),
+        ):
             _args.real(name, value, low, high)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), teacher,
-                         ema_momentum)
+        super().__init__(
+            params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), teacher, ema_momentum
+        )
 
     def _build_plan(self, group, params, teachers):
         exp_avgs, exp_avg_sqs, steps = [], [], []
@@ -168,8 +186,20 @@ class AdamWEMA(_EMAOptimizer):
     def _step_group(self, plan, lists, group, grads, momentum):
         params, exp_avgs, exp_avg_sqs, steps, teachers = lists
         beta1, beta2 = group["betas"]
-        plan.step_(params, grads, exp_avgs, exp_avg_sqs, steps, teachers, lr=group["lr"], beta1=beta1, beta2=beta2,
-                   eps=group["eps"], weight_decay=group["weight_decay"], momentum=momentum)
+        plan.step_(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            steps,
+            teachers,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            momentum=momentum,
+        )
 
 
 class LARSEMA(_EMAOptimizer):
@@ -187,15 +217,32 @@ class LARSEMA(_EMAOptimizer):
     only in an optimizer built with that same callable (a loaded state dict never brings code).
     """
 
-    def __init__(self, params, teacher=None, lr: float = 0.2, momentum: float = 0.9, weight_decay: float = 1.5e-6,
-                 eta: float = 1e-3, *, exclude: str | Callable[[torch.Tensor], bool] | None = "bias_and_norm",
-                 ema_momentum=0.996):
-        for name, value, low, high in (("lr", lr, 0.0, None), ("momentum", momentum, 0.0, 1.0),
-                                       ("weight_decay", weight_decay, 0.0, None), ("eta", eta, 0.0, None)):
+    def __init__(
+        self,
+        params,
+        teacher=None,
+        lr: float = 0.2,
+        momentum: float = 0.9,
+        weight_decay: float = 1.5e-6,
+        eta: float = 1e-3,
+        *,
+        exclude: str | Callable[[torch.Tensor], bool] | None = "bias_and_norm",
+        ema_momentum=0.996,
+    ):
+        for name, value, low, high in (
+            ("lr", lr, 0.0, None),
+            ("momentum", momentum, 0.0, 1.0),
+            ("weight_decay", weight_decay, 0.0, None),
+            ("eta", eta, 0.0, None),
+        ):
             _args.real(name, value, low, high)
         self._exclude_callables: dict[str, Callable[[torch.Tensor], bool]] = {}
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                                      exclude=self._exclude_name(exclude)), teacher, ema_momentum)
+        super().__init__(
+            params,
+            dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, exclude=self._exclude_name(exclude)),
+            teacher,
+            ema_momentum,
+        )
 
     def _exclude_name(self, exclude) -> str | None:
         """The stored form of an `exclude` argument (a rule name or None); a user callable is remembered."""
@@ -203,12 +250,15 @@ class LARSEMA(_EMAOptimizer):
             return None
         if isinstance(exclude, str):
             if exclude not in EXCLUDE_RULES and exclude not in self._exclude_callables:
-                raise ValueError(f"exclude: unknown rule {exclude!r} (known: {', '.join(sorted(EXCLUDE_RULES))}, "
-                                 f"or pass a callable param -> bool, or None)")
+                raise ValueError(
+                    f"exclude: unknown rule {exclude!r} (known: {', '.join(sorted(EXCLUDE_RULES))}, "
+                    f"or pass a callable param -> bool, or None)"
+                )
             return exclude
         if not callable(exclude):
-            raise TypeError(f"exclude must be a rule name, a callable (param -> bool) or None, got "
-                            f"{type(exclude).__name__}")
+            raise TypeError(
+                f"exclude must be a rule name, a callable (param -> bool) or None, got {type(exclude).__name__}"
+            )
         for name, rule in EXCLUDE_RULES.items():
             if exclude is rule:
                 return name
@@ -233,9 +283,11 @@ class LARSEMA(_EMAOptimizer):
             return None
         rule = EXCLUDE_RULES.get(name) or self._exclude_callables.get(name)
         if rule is None:
-            raise ValueError(f"exclude: the param group names the rule {name!r}, which this optimizer does not "
-                             f"know (a loaded state dict names a callable: build the optimizer with exclude= that "
-                             f"callable)")
+            raise ValueError(
+                f"exclude: the param group names the rule {name!r}, which this optimizer does not "
+                f"know (a loaded state dict names a callable: build the optimizer with exclude= that "
+                f"callable)"
+            )
         return rule
 
     def _build_plan(self, group, params, teachers):
@@ -252,5 +304,14 @@ class LARSEMA(_EMAOptimizer):
 
     def _step_group(self, plan, lists, group, grads, momentum):
         params, bufs, teachers = lists
-        plan.step_(params, grads, bufs, teachers, lr=group["lr"], momentum=group["momentum"],
-                   weight_decay=group["weight_decay"], eta=group["eta"], ema_momentum=momentum)
+        plan.step_(
+            params,
+            grads,
+            bufs,
+            teachers,
+            lr=group["lr"],
+            momentum=group["momentum"],
+            weight_decay=group["weight_decay"],
+            eta=group["eta"],
+            ema_momentum=momentum,
+        )

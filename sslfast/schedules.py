@@ -1,4 +1,5 @@
 """Training schedules computed at run time: the teacher momentum of BYOL / DINO (`cosine_momentum`)."""
+
 from __future__ import annotations
 
 import math

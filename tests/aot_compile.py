@@ -13,6 +13,7 @@ TRITON_INTERPRET:
 and every name in `consts` as a constexpr, and prints the register count and spilled bytes of the result
 (cuobjdump) as a JSON line.
 """
+
 import os
 import subprocess
 import sys

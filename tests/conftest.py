@@ -6,6 +6,7 @@
 * `backend` fixture: runs a test once on the reference (PyTorch) path and once on the Triton path.
 * `gpu` marker: skipped without CUDA.
 """
+
 import os
 
 import torch
@@ -73,8 +74,10 @@ def finished_run(tmp_path_factory):
     from sslfast import cli
 
     out = tmp_path_factory.mktemp("finished") / "run"
-    assert cli.main(["pretrain", "--epochs", "1", "--batch-size", "128", "--no-knn", "--no-progress", "--out",
-                     str(out)]) == 0
+    assert (
+        cli.main(["pretrain", "--epochs", "1", "--batch-size", "128", "--no-knn", "--no-progress", "--out", str(out)])
+        == 0
+    )
     return out
 
 
@@ -86,3 +89,25 @@ def run_copy(finished_run, tmp_path):
     dst = tmp_path / "run"
     shutil.copytree(finished_run, dst)
     return dst
+
+
+# ------------------------------------------------------------------------------------- data
+@pytest.fixture(params=["native", "dali"])
+def loader_backend(request):
+    """Each SSLLoader backend that runs on a CPU (DALI's CPU graph where nvidia-dali imports)."""
+    from data_helpers import dali_or_skip
+
+    if request.param == "dali":
+        dali_or_skip()
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def jpeg_root(tmp_path_factory):
+    """10 small JPEGs in two classes plus a non-image file that ImageFolder scanning must ignore."""
+    from sslfast.data.synthetic import write_jpeg_folder
+
+    root = tmp_path_factory.mktemp("jpegs")
+    write_jpeg_folder(root, 10, size=(26, 20), classes=2, seed=3)
+    (root / "class_0" / "notes.txt").write_text("not an image")
+    return root

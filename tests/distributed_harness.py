@@ -5,6 +5,7 @@
 `fn` must be a module-level function (it is pickled into the workers). The environment (SSLFAST_BACKEND,
 TRITON_INTERPRET, ...) is inherited, so the same test covers the reference path and the interpreted kernels.
 """
+
 import datetime
 import os
 import pickle
@@ -20,8 +21,9 @@ import torch.multiprocessing as mp
 def _worker(rank, world, init_file, fn, args, queue):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+    )
     code = 1
     try:
         # Pickled by value: tensors sent through a multiprocessing queue would otherwise be shared-memory
@@ -49,8 +51,10 @@ def run_ranks(world: int, fn, *args, timeout: float = 300.0):
         try:
             results = dict(queue.get(timeout=timeout) for _ in range(world))
         except queue_module.Empty:
-            raise AssertionError(f"ranks did not all report within {timeout}s; exit codes "
-                                 f"{[p.exitcode for p in procs]} (tracebacks above)") from None
+            raise AssertionError(
+                f"ranks did not all report within {timeout}s; exit codes "
+                f"{[p.exitcode for p in procs]} (tracebacks above)"
+            ) from None
         finally:
             for p in procs:
                 p.join(timeout)

@@ -1,4 +1,5 @@
 """Inputs and oracles shared by the EMA family's tests (tests/test_ema*.py)."""
+
 import torch
 from torch import nn
 
@@ -44,5 +45,6 @@ class Net(nn.Module):
 
 def mlp():
     """Conv (4-D weight + bias), BatchNorm (1-D weight + bias), two Linears: 7 parameter tensors."""
-    return nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Flatten(), nn.Linear(6 * 4 * 4, 9),
-                         nn.Linear(9, 5, bias=False))
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Flatten(), nn.Linear(6 * 4 * 4, 9), nn.Linear(9, 5, bias=False)
+    )

@@ -1,4 +1,5 @@
 """Comparison helpers: relative error against a float64 oracle, with the tolerances of CONTRIBUTING.md."""
+
 import torch
 
 # ‖out − ref‖ / ‖ref‖ bounds (CONTRIBUTING.md, "Numerics"). On a GPU fp32 dots run in TF32.

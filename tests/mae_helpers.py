@@ -1,4 +1,5 @@
 """Shared pieces of the MAE op tests (tests/test_mae_*.py): patch grids, dtypes and the exact-match check."""
+
 import torch
 
 GRIDS = {49: (7, 7), 50: (5, 10), 196: (14, 14)}

@@ -1,5 +1,6 @@
 """Shared pieces of the run-safety tests: the small pretraining flags and the CLI expected to fail with one line
 (the fixtures `finished_run` and `run_copy` are in conftest.py)."""
+
 import os
 
 import pytest

@@ -2,6 +2,7 @@
 float64 weights-matrix oracle against torch's interpolate, the kernel (interpreter) and the CPU path against the
 oracle for downscales, upscales, mixed and integer scales, per-sample crop sizes in one launch; the plain
 bilinear mode kept behind antialias=False; the flag's plumbing and validation."""
+
 import dataclasses
 import types
 
@@ -15,11 +16,20 @@ from sslfast.ops import augment as aug
 from sslfast.ops._torch import augment as pt
 from sslfast.reference import augment as ref
 
-UNIT = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))   # outputs are the resized values in [0, 1]
+UNIT = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # outputs are the resized values in [0, 1]
 
 # (crop H, crop W) -> (out H, out W)
-RESIZES = [((37, 29), (8, 8)), ((50, 41), (13, 11)), ((7, 5), (16, 16)), ((5, 31), (12, 7)), ((29, 4), (13, 11)),
-           ((39, 33), (13, 11)), ((13, 11), (13, 11)), ((1, 1), (4, 3)), ((61, 9), (3, 5))]
+RESIZES = [
+    ((37, 29), (8, 8)),
+    ((50, 41), (13, 11)),
+    ((7, 5), (16, 16)),
+    ((5, 31), (12, 7)),
+    ((29, 4), (13, 11)),
+    ((39, 33), (13, 11)),
+    ((13, 11), (13, 11)),
+    ((1, 1), (4, 3)),
+    ((61, 9), (3, 5)),
+]
 
 
 @pytest.mark.parametrize("crop,out", RESIZES)
@@ -59,7 +69,7 @@ def _crops(crop_sizes, seed, chw):
 
 def _oracle(img, box, out_hw, flip):
     top, left, h, w = box
-    x = ref.resize_antialias_literal(img[:, top: top + h, left: left + w].double() / 255.0, *out_hw)
+    x = ref.resize_antialias_literal(img[:, top : top + h, left : left + w].double() / 255.0, *out_hw)
     return x.flip(-1) if flip else x
 
 
@@ -70,14 +80,20 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case,chw,out_dtype", [("down_up_mixed_8x8", False, torch.float32),
-                                                ("odd_13x11", True, torch.float32),
-                                                ("odd_13x11", False, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "case,chw,out_dtype",
+    [
+        ("down_up_mixed_8x8", False, torch.float32),
+        ("odd_13x11", True, torch.float32),
+        ("odd_13x11", False, torch.bfloat16),
+    ],
+)
 def test_antialiased_views_match_oracle(backend, seed, case, chw, out_dtype):
     crop_sizes, out_hw = CASES[case]
     imgs, boxes, flat, offs, sizes, params = _crops(crop_sizes, seed, chw)
-    out = aug.augment_views(flat, offs, sizes, params, out_hw, chw=chw, dtype=out_dtype, blur_kernel=0,
-                            antialias=True, **UNIT)
+    out = aug.augment_views(
+        flat, offs, sizes, params, out_hw, chw=chw, dtype=out_dtype, blur_kernel=0, antialias=True, **UNIT
+    )
     assert out.shape == (2, len(imgs), 3, *out_hw) and out.dtype == out_dtype
     for g in range(2):
         for b, (img, box) in enumerate(zip(imgs, boxes)):
@@ -93,12 +109,12 @@ def test_plain_bilinear_kept_behind_flag(backend, seed):
     smooth = aug.augment_views(flat, offs, sizes, params, (8, 7), blur_kernel=0, antialias=True, **UNIT)
     for g in range(2):
         for b, (img, (top, left, h, w)) in enumerate(zip(imgs, boxes)):
-            crop = img[None, :, top: top + h, left: left + w].double() / 255.0
+            crop = img[None, :, top : top + h, left : left + w].double() / 255.0
             want = F.interpolate(crop, size=(8, 7), mode="bilinear", align_corners=False, antialias=False)[0]
             want = want.flip(-1) if g else want
             assert_close(plain[g, b], want, 1e-5, f"seed={seed} {backend} plain crop {h}x{w} view {g}")
-    assert rel_err(plain[:, 0], smooth[:, 0]) > 1e-2        # 37x29 -> 8x7: the filters differ
-    assert_close(plain[:, 1], smooth[:, 1], 1e-5, "upscale")   # 5x4 -> 8x7: both are bilinear
+    assert rel_err(plain[:, 0], smooth[:, 0]) > 1e-2  # 37x29 -> 8x7: the filters differ
+    assert_close(plain[:, 1], smooth[:, 1], 1e-5, "upscale")  # 5x4 -> 8x7: both are bilinear
 
 
 def test_full_pipeline_with_and_without_antialias(backend, seed):
@@ -108,8 +124,9 @@ def test_full_pipeline_with_and_without_antialias(backend, seed):
     params = aug.sample_view_params(spec, sizes, count=2, generator=torch.Generator().manual_seed(seed))
     for aa in (True, False):
         out = aug.augment_views(flat, offs, sizes, params, (9, 7), chw=True, blur_kernel=5, antialias=aa)
-        want = ref.augment_views_literal(flat, offs, sizes, params, 9, 7, True, torch.float64, P.IMAGENET_MEAN,
-                                         P.IMAGENET_STD, 5, antialias=aa)
+        want = ref.augment_views_literal(
+            flat, offs, sizes, params, 9, 7, True, torch.float64, P.IMAGENET_MEAN, P.IMAGENET_STD, 5, antialias=aa
+        )
         assert_close(out, want, 1e-5, f"seed={seed} {backend} antialias={aa}")
 
 
@@ -128,8 +145,9 @@ def test_augment_batch_passes_the_flag(seed):
         return aug.augment_views(flat, offs, sizes, p, 6, blur_kernel=0, antialias=aa)[0]
 
     for flag in (True, False):
-        got = aug.augment_batch(flat, offs, sizes, [spec], generator=torch.Generator().manual_seed(seed),
-                                antialias=flag)
+        got = aug.augment_batch(
+            flat, offs, sizes, [spec], generator=torch.Generator().manual_seed(seed), antialias=flag
+        )
         assert torch.equal(got[0], views_of(params_of([spec])[0], flag)), flag
     got = aug.augment_batch(flat, offs, sizes, [spec, plain_spec], generator=torch.Generator().manual_seed(seed))
     p0, p1 = params_of([spec, plain_spec])
@@ -155,8 +173,17 @@ def test_gpu_large_downscales_match_oracle(seed, chw):
     dev = torch.device("cuda")
     for crop_sizes, out_hw in (([(375, 500), (500, 333), (60, 50)], (224, 224)), ([(375, 500), (200, 40)], (32, 32))):
         imgs, boxes, flat, offs, sizes, params = _crops(crop_sizes, seed, chw)
-        out = aug.augment_views(flat.to(dev), offs.to(dev), sizes.to(dev), params.to(dev), out_hw, chw=chw,
-                                blur_kernel=0, antialias=True, **UNIT).cpu()
+        out = aug.augment_views(
+            flat.to(dev),
+            offs.to(dev),
+            sizes.to(dev),
+            params.to(dev),
+            out_hw,
+            chw=chw,
+            blur_kernel=0,
+            antialias=True,
+            **UNIT,
+        ).cpu()
         for g in range(2):
             for b, (img, box) in enumerate(zip(imgs, boxes)):
                 assert_close(out[g, b], _oracle(img, box, out_hw, g == 1), 1e-5, f"seed={seed} {box} -> {out_hw}")

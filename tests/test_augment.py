@@ -1,5 +1,6 @@
 """Fused multi-view augmentation and Gaussian blur: kernel (interpreter) and CPU path against the float64
 reference of the same per-sample parameters; parameter distributions; bad input; GPU compile and runs."""
+
 import dataclasses
 import math
 
@@ -15,14 +16,23 @@ from sslfast.reference import augment as ref
 
 MEAN, STD = P.IMAGENET_MEAN, P.IMAGENET_STD
 # Every branch likely within a few samples: jitter always, the rest often.
-BUSY = P.ViewSpec(jitter_p=1.0, brightness=0.6, contrast=0.6, saturation=0.6, hue=0.3, gray_p=0.3, blur_p=0.5,
-                  solarize_p=0.5, flip_p=0.5, scale=(0.1, 1.0))
+BUSY = P.ViewSpec(
+    jitter_p=1.0,
+    brightness=0.6,
+    contrast=0.6,
+    saturation=0.6,
+    hue=0.3,
+    gray_p=0.3,
+    blur_p=0.5,
+    solarize_p=0.5,
+    flip_p=0.5,
+    scale=(0.1, 1.0),
+)
 
 
 def _images(shapes, seed, chw):
     g = torch.Generator().manual_seed(seed)
-    imgs = [torch.randint(0, 256, (3, h, w) if chw else (h, w, 3), generator=g, dtype=torch.uint8)
-            for h, w in shapes]
+    imgs = [torch.randint(0, 256, (3, h, w) if chw else (h, w, 3), generator=g, dtype=torch.uint8) for h, w in shapes]
     return aug.pack_images(imgs, chw=chw)
 
 
@@ -63,8 +73,9 @@ def test_kernel_fields_match_reference():
     assert K.FIELDS == aug.FIELDS == pt.FIELDS
 
 
-@pytest.mark.parametrize("chw,out_dtype,blur", [(False, torch.float32, 23), (True, torch.float32, 7),
-                                                (False, torch.bfloat16, 0)])
+@pytest.mark.parametrize(
+    "chw,out_dtype,blur", [(False, torch.float32, 23), (True, torch.float32, 7), (False, torch.bfloat16, 0)]
+)
 def test_augment_views_matches_reference(backend, seed, chw, out_dtype, blur):
     # Odd image sizes (one smaller than the view), non-square view, crossing a 256-pixel tile under the kernel.
     flat, offs, sizes = _images([(21, 17), (9, 30), (33, 26)], seed, chw)
@@ -82,7 +93,7 @@ def test_cpu_path_in_chunks(monkeypatch, seed, antialias):
     give the one-chunk result exactly, and the oracle's."""
     monkeypatch.setenv("SSLFAST_BACKEND", "reference")
     flat, offs, sizes = _images([(21, 17), (9, 30), (33, 26)], seed, False)
-    params = _params(BUSY, sizes, 3, seed)                       # 9 rows
+    params = _params(BUSY, sizes, 3, seed)  # 9 rows
 
     def run():
         return aug.augment_views(flat, offs, sizes, params, (9, 7), blur_kernel=5, antialias=antialias)
@@ -91,8 +102,9 @@ def test_cpu_path_in_chunks(monkeypatch, seed, antialias):
     monkeypatch.setattr(pt, "CHUNK_ELEMS", 2 * 3 * 9 * 7)
     chunked = run()
     assert torch.equal(chunked, whole), f"seed={seed}: chunked rows differ from one chunk"
-    want = ref.augment_views_literal(flat, offs, sizes, params, 9, 7, False, torch.float64, MEAN, STD, 5,
-                                     antialias=antialias)
+    want = ref.augment_views_literal(
+        flat, offs, sizes, params, 9, 7, False, torch.float64, MEAN, STD, 5, antialias=antialias
+    )
     _compare(chunked, want, params, torch.float32, what=f"seed={seed} chunks antialias={antialias}")
 
 
@@ -130,8 +142,8 @@ def test_contrast_uses_mean_after_preceding_ops(backend, seed):
     p[..., pt.F_HUE] = 0.0
     for f in (pt.F_GRAY, pt.F_BLUR, pt.F_SOLAR, pt.F_FLIP):
         p[..., f] = 0.0
-    p[0, :, pt.F_ORDER:pt.F_ORDER + 4] = torch.tensor([0.0, 1.0, 2.0, 3.0])   # brightness, then contrast
-    p[1, :, pt.F_ORDER:pt.F_ORDER + 4] = torch.tensor([1.0, 0.0, 2.0, 3.0])   # contrast first
+    p[0, :, pt.F_ORDER : pt.F_ORDER + 4] = torch.tensor([0.0, 1.0, 2.0, 3.0])  # brightness, then contrast
+    p[1, :, pt.F_ORDER : pt.F_ORDER + 4] = torch.tensor([1.0, 0.0, 2.0, 3.0])  # contrast first
     p[0, :, pt.F_CPOS] = 1.0
     p[1, :, pt.F_CPOS] = 0.0
     out = aug.augment_views(flat, offs, sizes, p, 10, blur_kernel=0)
@@ -151,7 +163,7 @@ def test_gaussian_blur_matches_torchvision_formula(backend, seed, kernel_size, s
     want = []
     for b in range(shape[0]):
         k = pt.gaussian_kernel1d(kernel_size, float(sigma[b]))
-        xb = F.pad(x[b:b + 1].double(), (r, r, r, r), mode="reflect")
+        xb = F.pad(x[b : b + 1].double(), (r, r, r, r), mode="reflect")
         c = shape[1]
         xb = F.conv2d(xb, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
         xb = F.conv2d(xb, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
@@ -205,8 +217,13 @@ def test_sample_view_params_distribution(name):
     sizes = torch.tensor([[375, 500], [500, 375], [64, 64], [30, 300]] * (n // 4), dtype=torch.int32)
     for spec in P.get_preset(name).views:
         p = aug.sample_view_params(spec, sizes, count=1, generator=gen)[0].double()
-        checks = [(pt.F_FLIP, spec.flip_p), (pt.F_JITTER, spec.jitter_p if spec.has_jitter else 0.0),
-                  (pt.F_GRAY, spec.gray_p), (pt.F_BLUR, spec.blur_p), (pt.F_SOLAR, spec.solarize_p)]
+        checks = [
+            (pt.F_FLIP, spec.flip_p),
+            (pt.F_JITTER, spec.jitter_p if spec.has_jitter else 0.0),
+            (pt.F_GRAY, spec.gray_p),
+            (pt.F_BLUR, spec.blur_p),
+            (pt.F_SOLAR, spec.solarize_p),
+        ]
         for col, prob in checks:
             rate = p[:, col].mean().item()
             sd = math.sqrt(prob * (1 - prob) / n)
@@ -221,11 +238,10 @@ def test_sample_view_params_distribution(name):
         assert area.min() > spec.scale[0] * 0.8 and area.max() <= 1.0
         assert ratio.min() > spec.ratio[0] * 0.9 and ratio.max() < spec.ratio[1] * 1.1
         if spec.has_jitter:
-            for col, x in ((pt.F_BRIGHT, spec.brightness), (pt.F_CONTRAST, spec.contrast),
-                           (pt.F_SAT, spec.saturation)):
+            for col, x in ((pt.F_BRIGHT, spec.brightness), (pt.F_CONTRAST, spec.contrast), (pt.F_SAT, spec.saturation)):
                 assert p[:, col].min() >= max(0, 1 - x) - 1e-6 and p[:, col].max() <= 1 + x + 1e-6
             assert p[:, pt.F_HUE].abs().max() <= spec.hue + 1e-6
-        order = p[:, pt.F_ORDER:pt.F_ORDER + 4]
+        order = p[:, pt.F_ORDER : pt.F_ORDER + 4]
         assert (order.sort(dim=1).values == torch.arange(4.0, dtype=torch.float64)).all()
         cpos = p[:, pt.F_CPOS].long()
         assert (order.gather(1, cpos[:, None])[:, 0] == 1).all()
@@ -329,8 +345,7 @@ def test_gpu_augment_views_realistic(seed, chw, out_dtype):
     shapes = [(375, 500), (500, 333), (375, 500), (256, 256)]
     flat, offs, sizes = _images(shapes, seed, chw)
     params = _params(BUSY, sizes, 2, seed)
-    out = aug.augment_views(flat.to(dev), offs.to(dev), sizes.to(dev), params.to(dev), 224, chw=chw,
-                            dtype=out_dtype)
+    out = aug.augment_views(flat.to(dev), offs.to(dev), sizes.to(dev), params.to(dev), 224, chw=chw, dtype=out_dtype)
     torch.cuda.synchronize()
     want = ref.augment_views_literal(flat, offs, sizes, params, 224, 224, chw, torch.float64, MEAN, STD, 23)
     _compare(out, want, params, out_dtype, "cuda", f"seed={seed} chw={chw} {out_dtype}")
@@ -345,8 +360,9 @@ def test_gpu_gaussian_blur_and_params_on_device(seed):
     want = ref.gaussian_blur_batch(x.double().cpu(), sigma.cpu(), 23)
     assert_close(out, want, 1e-5, "blur")
     sizes = torch.tensor([[375, 500]] * 1024, dtype=torch.int32, device=dev)
-    p = aug.sample_view_params(P.byol().views[1], sizes, count=2,
-                               generator=torch.Generator(device=dev).manual_seed(seed))
+    p = aug.sample_view_params(
+        P.byol().views[1], sizes, count=2, generator=torch.Generator(device=dev).manual_seed(seed)
+    )
     assert p.is_cuda and p.shape == (2, 1024, aug.NUM_FIELDS)
     assert abs(p[..., pt.F_SOLAR].mean().item() - 0.2) < 0.05
 
@@ -368,8 +384,16 @@ def test_reference_matches_torchvision(seed, antialias):
         for g in range(3):
             p = params[g, b].double().tolist()
             top, left, ch, cw = (int(p[i]) for i in (pt.F_TOP, pt.F_LEFT, pt.F_HEIGHT, pt.F_WIDTH))
-            x = TF.resized_crop(img.double() / 255, top, left, ch, cw, [40, 40],
-                                interpolation=InterpolationMode.BILINEAR, antialias=antialias)
+            x = TF.resized_crop(
+                img.double() / 255,
+                top,
+                left,
+                ch,
+                cw,
+                [40, 40],
+                interpolation=InterpolationMode.BILINEAR,
+                antialias=antialias,
+            )
             if p[pt.F_FLIP]:
                 x = TF.horizontal_flip(x)
             if p[pt.F_JITTER]:

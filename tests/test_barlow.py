@@ -1,6 +1,7 @@
 """Barlow Twins and VICReg: loss and both gradients against the float64 literal losses (official semantics,
 D x D matrices materialized), on both algorithms (forced), on the reference path and on the Triton kernels
 (interpreted on CPU, real with `-m gpu`)."""
+
 import itertools
 import os
 import subprocess
@@ -193,37 +194,43 @@ def test_non_finite_input_gives_non_finite_loss(backend, loss_name, algorithm, b
         assert not torch.isfinite(fused(z[0], z[1], algorithm=algorithm))
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda f: f(torch.randn(1, 8), torch.randn(1, 8)), "N >= 2"),
-    (lambda f: f(torch.randn(0, 8), torch.randn(0, 8)), "non-empty"),
-    (lambda f: f(torch.randn(4, 0), torch.randn(4, 0)), "non-empty"),
-    (lambda f: f(torch.randn(4, 8), torch.randn(5, 8)), "z1 and z2"),
-    (lambda f: f(torch.randn(4, 8), torch.randn(4, 9)), "z1 and z2"),
-    (lambda f: f(torch.randn(8), torch.randn(8)), r"z1 must be a 2-D tensor \[N, D\]"),
-    (lambda f: f(torch.randn(4, 8), torch.randn(2, 4, 8)), r"z2 must be a 2-D tensor \[N, D\]"),
-    (lambda f: f(torch.randint(0, 5, (4, 8)), torch.randn(4, 8)), "z1 must have a floating dtype"),
-    (lambda f: f(torch.randn(4, 8), [[0.0] * 8] * 4), "z2 must be a torch.Tensor"),
-    (lambda f: f(torch.randn(4, 8), torch.randn(4, 8, device="meta")), "one device"),
-    (lambda f: f(torch.randn(4, 8), torch.randn(4, 8, dtype=torch.float16)), "one dtype"),
-    (lambda f: f(torch.randn(4, 8), torch.randn(4, 8), eps=0.0), "eps"),
-    (lambda f: f(torch.randn(4, 8), torch.randn(4, 8), eps=float("nan")), "eps"),
-    (lambda f: f(torch.randn(4, 8), torch.randn(4, 8), algorithm="fast"), "algorithm"),
-    (lambda f: f(torch.randn(4, 8), torch.randn(4, 8), gather_distributed=1), "gather_distributed"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda f: f(torch.randn(1, 8), torch.randn(1, 8)), "N >= 2"),
+        (lambda f: f(torch.randn(0, 8), torch.randn(0, 8)), "non-empty"),
+        (lambda f: f(torch.randn(4, 0), torch.randn(4, 0)), "non-empty"),
+        (lambda f: f(torch.randn(4, 8), torch.randn(5, 8)), "z1 and z2"),
+        (lambda f: f(torch.randn(4, 8), torch.randn(4, 9)), "z1 and z2"),
+        (lambda f: f(torch.randn(8), torch.randn(8)), r"z1 must be a 2-D tensor \[N, D\]"),
+        (lambda f: f(torch.randn(4, 8), torch.randn(2, 4, 8)), r"z2 must be a 2-D tensor \[N, D\]"),
+        (lambda f: f(torch.randint(0, 5, (4, 8)), torch.randn(4, 8)), "z1 must have a floating dtype"),
+        (lambda f: f(torch.randn(4, 8), [[0.0] * 8] * 4), "z2 must be a torch.Tensor"),
+        (lambda f: f(torch.randn(4, 8), torch.randn(4, 8, device="meta")), "one device"),
+        (lambda f: f(torch.randn(4, 8), torch.randn(4, 8, dtype=torch.float16)), "one dtype"),
+        (lambda f: f(torch.randn(4, 8), torch.randn(4, 8), eps=0.0), "eps"),
+        (lambda f: f(torch.randn(4, 8), torch.randn(4, 8), eps=float("nan")), "eps"),
+        (lambda f: f(torch.randn(4, 8), torch.randn(4, 8), algorithm="fast"), "algorithm"),
+        (lambda f: f(torch.randn(4, 8), torch.randn(4, 8), gather_distributed=1), "gather_distributed"),
+    ],
+)
 @pytest.mark.parametrize("loss_name", list(LOSSES))
 def test_bad_input(loss_name, call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call(LOSSES[loss_name][0])
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: sf.barlow_twins_loss(torch.randn(4, 8), torch.randn(4, 8), -0.1), "lambd"),
-    (lambda: sf.barlow_twins_loss(torch.randn(4, 8), torch.randn(4, 8), float("inf")), "lambd"),
-    (lambda: sf.barlow_twins_loss(torch.randn(4, 8), torch.randn(4, 8), "0.1"), "lambd"),
-    (lambda: sf.vicreg_loss(torch.randn(4, 8), torch.randn(4, 8), sim_coeff=-1.0), "sim_coeff"),
-    (lambda: sf.vicreg_loss(torch.randn(4, 8), torch.randn(4, 8), std_coeff=float("nan")), "std_coeff"),
-    (lambda: sf.vicreg_loss(torch.randn(4, 8), torch.randn(4, 8), cov_coeff=True), "cov_coeff"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: sf.barlow_twins_loss(torch.randn(4, 8), torch.randn(4, 8), -0.1), "lambd"),
+        (lambda: sf.barlow_twins_loss(torch.randn(4, 8), torch.randn(4, 8), float("inf")), "lambd"),
+        (lambda: sf.barlow_twins_loss(torch.randn(4, 8), torch.randn(4, 8), "0.1"), "lambd"),
+        (lambda: sf.vicreg_loss(torch.randn(4, 8), torch.randn(4, 8), sim_coeff=-1.0), "sim_coeff"),
+        (lambda: sf.vicreg_loss(torch.randn(4, 8), torch.randn(4, 8), std_coeff=float("nan")), "std_coeff"),
+        (lambda: sf.vicreg_loss(torch.randn(4, 8), torch.randn(4, 8), cov_coeff=True), "cov_coeff"),
+    ],
+)
 def test_bad_coefficients(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
@@ -242,8 +249,12 @@ def test_modules(backend, seed):
 # ------------------------------------------------------------------------------------------ compile
 def test_torch_compile_fullgraph(backend, seed):
     def step(z1, z2):
-        return (sf.barlow_twins_loss(z1, z2, 0.01) + sf.barlow_twins_loss(z1, z2, algorithm="tiled")
-                + sf.vicreg_loss(z1, z2) + sf.vicreg_loss(z1, z2, algorithm="tiled"))
+        return (
+            sf.barlow_twins_loss(z1, z2, 0.01)
+            + sf.barlow_twins_loss(z1, z2, algorithm="tiled")
+            + sf.vicreg_loss(z1, z2)
+            + sf.vicreg_loss(z1, z2, algorithm="tiled")
+        )
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     z1, z2 = _features(6, 10, torch.float32)
@@ -288,8 +299,13 @@ _RSS_SCRIPT = textwrap.dedent("""
 def test_cpu_memory_never_dxd(loss):
     """N=256, D=8192, fp32, forward+backward on the CPU path: one D x D fp32 matrix is 256 MiB; the Gram path
     must raise peak RSS by less than that (it holds N x N Gram matrices and a few N x D buffers)."""
-    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT.format(loss=loss)], capture_output=True, text=True,
-                         env={**os.environ, "SSLFAST_BACKEND": "reference", "OMP_NUM_THREADS": "2"}, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT.format(loss=loss)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SSLFAST_BACKEND": "reference", "OMP_NUM_THREADS": "2"},
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     extra_mib = float(out.stdout.strip().splitlines()[-1])
     assert extra_mib < 256, f"peak RSS grew by {extra_mib:.0f} MiB"
@@ -302,7 +318,7 @@ def _rank_losses(rank, world, n, d, seed):
     out = {}
     for name, (fused, _, _) in LOSSES.items():
         for algorithm in ALGORITHMS:
-            a, b = leaf(x1[rank * n:(rank + 1) * n]), leaf(x2[rank * n:(rank + 1) * n])
+            a, b = leaf(x1[rank * n : (rank + 1) * n]), leaf(x2[rank * n : (rank + 1) * n])
             loss = fused(a, b, gather_distributed=True, algorithm=algorithm)
             loss.backward()
             out[name, algorithm] = (loss.item(), a.grad, b.grad)
@@ -336,8 +352,12 @@ def test_gather_distributed_matches_single_process(backend, seed, world):
 # (N, D, dtypes): N=256 runs the cuBLAS Gram forward with the one-program epilogue, 2048 the symmetric
 # dual-Gram kernel, 1000 x 3000 the cuBLAS forward with the multi-program epilogue, 3001 x 777 the tiled path
 # (and, forced, the symmetric kernel on an odd batch). Each dtype reaches every kernel at least once.
-GPU_CASES = [(256, 8192, DTYPES), (2048, 8192, [torch.bfloat16, torch.float32]),
-             (1000, 3000, [torch.float16, torch.float32]), (3001, 777, [torch.bfloat16, torch.float16])]
+GPU_CASES = [
+    (256, 8192, DTYPES),
+    (2048, 8192, [torch.bfloat16, torch.float32]),
+    (1000, 3000, [torch.float16, torch.float32]),
+    (3001, 777, [torch.bfloat16, torch.float16]),
+]
 
 
 @pytest.mark.gpu
@@ -348,16 +368,19 @@ def test_gpu_sweep(seed, n, d, dtype):
     dev = "cuda"
     base = torch.randn(n, d, device=dev)
     offset = torch.randn(d, device=dev)
-    views = {"independent": (base + offset, torch.randn(n, d, device=dev)),
-             "correlated": (base + offset, base + 0.3 * torch.randn(n, d, device=dev) - offset)}
+    views = {
+        "independent": (base + offset, torch.randn(n, d, device=dev)),
+        "correlated": (base + offset, base + 0.3 * torch.randn(n, d, device=dev) - offset),
+    }
     auto = ops_barlow.choose_algorithm("auto", n, d)
     other = "tiled" if auto == "gram" else "gram"
     for (name, (fused, literal, _)), (view, (x1, x2)) in itertools.product(LOSSES.items(), views.items()):
         z1, z2 = x1.to(dtype), x2.to(dtype)
         algorithms = ["auto"] + ([other] if n * d <= 4 * 2**20 or other == "gram" else [])
         for algorithm in algorithms:
-            _check(f"{name}/{view}/{algorithm}", fused, literal, z1, z2, {}, dtype, seed, device=dev,
-                   algorithm=algorithm)
+            _check(
+                f"{name}/{view}/{algorithm}", fused, literal, z1, z2, {}, dtype, seed, device=dev, algorithm=algorithm
+            )
 
 
 @pytest.mark.gpu

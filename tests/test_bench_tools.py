@@ -1,5 +1,6 @@
 """The measurement scripts in benchmarks/ run (each in its own process: host_overhead.py stubs Triton's
 interpreter for the whole process)."""
+
 import json
 import os
 import subprocess
@@ -14,8 +15,13 @@ def _run(script, *args, interpret=False):
     env = {k: v for k, v in os.environ.items() if k not in ("SSLFAST_BACKEND", "TRITON_INTERPRET")}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], capture_output=True,
-                          text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -34,8 +40,19 @@ def test_host_overhead_counts_launches_and_aten_ops(tmp_path):
 
 def test_profile_ops_runs_the_cpu_smoke_cases(tmp_path):
     out = tmp_path / "profile.json"
-    _run("profile_ops.py", "--device", "cpu", "--cases", "nt_xent 2x64", "--calls", "2", "--python", "3",
-         "--json", str(out))
+    _run(
+        "profile_ops.py",
+        "--device",
+        "cpu",
+        "--cases",
+        "nt_xent 2x64",
+        "--calls",
+        "2",
+        "--python",
+        "3",
+        "--json",
+        str(out),
+    )
     (row,) = json.loads(out.read_text())
     assert row["op"] == "nt_xent" and row["wall_ms"] > 0 and row["host_ms"] > 0 and row["pipelined_ms"] is None
     own = [p["own_us"] for p in row["python"]]
@@ -116,6 +133,7 @@ def test_largest_batch_search_finds_the_boundary_without_repeating_a_probe():
             assert b % step == 0 and step <= b <= most
             probes.append(b)
             return b <= limit
+
         assert largest(fits, start, step, most) == min(limit, most) // step * step
         assert len(probes) == len(set(probes))
 
@@ -123,8 +141,25 @@ def test_largest_batch_search_finds_the_boundary_without_repeating_a_probe():
 def test_max_batch_runs_the_cpu_smoke(tmp_path):
     """The probe loop on the CPU (nothing runs out of memory there, so every path reaches --max)."""
     out = tmp_path / "max.json"
-    _run("max_batch.py", "--device", "cpu", "--backbone", "resnet_tiny", "--size", "16", "--methods", "simclr",
-         "--start", "8", "--step", "8", "--max", "16", "--json", str(out))
+    _run(
+        "max_batch.py",
+        "--device",
+        "cpu",
+        "--backbone",
+        "resnet_tiny",
+        "--size",
+        "16",
+        "--methods",
+        "simclr",
+        "--start",
+        "8",
+        "--step",
+        "8",
+        "--max",
+        "16",
+        "--json",
+        str(out),
+    )
     (row,) = json.loads(out.read_text())
     assert (row["method"], row["fused"], row["reference"]) == ("simclr", 16, 16)
 

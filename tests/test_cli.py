@@ -1,4 +1,5 @@
 """`sslfast pretrain` / `sslfast eval`: the default job, exact resume, NaN stop, image folders, bad arguments."""
+
 import json
 import os
 
@@ -79,20 +80,39 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch, capsys):
     assert "loss became nan at epoch 2, step 4" in err and "last good checkpoint" in err
     ckpt = _load(tmp_path / "checkpoint.pt")
     assert ckpt["epoch"] == 1
-    assert all(torch.isfinite(v).all() for v in ckpt["method"].values()
-               if isinstance(v, torch.Tensor) and v.is_floating_point())
+    assert all(
+        torch.isfinite(v).all()
+        for v in ckpt["method"].values()
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+    )
     assert not (tmp_path / "checkpoint.pt.tmp").exists()
     assert not (tmp_path / "metrics.json").exists()
 
 
 def test_mae_reconstructions_and_eval(tmp_path, capsys):
-    assert cli.main(["pretrain", "--method", "mae", "--epochs", "1", "--batch-size", "128", "--no-progress",
-                     "--out", str(tmp_path)]) == 0
+    assert (
+        cli.main(
+            [
+                "pretrain",
+                "--method",
+                "mae",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "128",
+                "--no-progress",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert _is_png(tmp_path / "reconstructions.png")
     capsys.readouterr()
     report = tmp_path / "eval.json"
-    assert cli.main(["eval", "--checkpoint", str(tmp_path), "--epochs", "1", "--random-init",
-                     "--json", str(report)]) == 0
+    assert (
+        cli.main(["eval", "--checkpoint", str(tmp_path), "--epochs", "1", "--random-init", "--json", str(report)]) == 0
+    )
     out = capsys.readouterr().out
     assert "knn" in out and "linear" in out and "finetune" in out
     acc = json.loads(report.read_text())["accuracy"]
@@ -108,26 +128,48 @@ def test_image_folder(tmp_path):
     data = tmp_path / "images"
     write_jpeg_folder(data, 48, size=(40, 30), classes=3)
     out = tmp_path / "run"
-    assert cli.main(["pretrain", "--data", str(data), "--backbone", "resnet_tiny", "--image-size", "16",
-                     "--epochs", "1", "--batch-size", "16", "--no-progress", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "pretrain",
+                "--data",
+                str(data),
+                "--backbone",
+                "resnet_tiny",
+                "--image-size",
+                "16",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["profile"] == "paper" and metrics["knn"]["test_images"] == 9
     assert cli.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--protocol", "knn", "linear"]) == 0
 
 
-@pytest.mark.parametrize("argv,env,match", [
-    (["pretrain", "--method", "simclrr"], {}, "invalid choice: 'simclrr'"),
-    (["pretrain", "--data", "/no/such/folder"], {}, "--data: '/no/such/folder' is not a folder"),
-    (["pretrain", "--batch-size", "2"], {"WORLD_SIZE": "4"}, "smaller than the world size 4"),
-    (["pretrain", "--batch-size", "6"], {"WORLD_SIZE": "4"}, "divisible by the world size 4"),
-    (["pretrain", "--method", "mae", "--backbone", "resnet18"], {}, "mae needs a ViT backbone"),
-    (["pretrain", "--backbone", "resnet7", "--epochs", "1"], {}, "unknown backbone 'resnet7'"),
-    (["pretrain", "--epochs", "0"], {}, "--epochs must be a positive integer"),
-    (["pretrain", "--lr", "-1"], {}, "--lr must be a finite number > 0"),
-    (["pretrain", "--batch-size", "4096", "--epochs", "1"], {}, "--batch-size 4096"),
-    (["pretrain", "--resume"], {}, "--resume: no checkpoint"),
-    (["eval", "--checkpoint", "/no/such/checkpoint.pt"], {}, "--checkpoint: no checkpoint"),
-])
+@pytest.mark.parametrize(
+    "argv,env,match",
+    [
+        (["pretrain", "--method", "simclrr"], {}, "invalid choice: 'simclrr'"),
+        (["pretrain", "--data", "/no/such/folder"], {}, "--data: '/no/such/folder' is not a folder"),
+        (["pretrain", "--batch-size", "2"], {"WORLD_SIZE": "4"}, "smaller than the world size 4"),
+        (["pretrain", "--batch-size", "6"], {"WORLD_SIZE": "4"}, "divisible by the world size 4"),
+        (["pretrain", "--method", "mae", "--backbone", "resnet18"], {}, "mae needs a ViT backbone"),
+        (["pretrain", "--backbone", "resnet7", "--epochs", "1"], {}, "unknown backbone 'resnet7'"),
+        (["pretrain", "--epochs", "0"], {}, "--epochs must be a positive integer"),
+        (["pretrain", "--lr", "-1"], {}, "--lr must be a finite number > 0"),
+        (["pretrain", "--batch-size", "4096", "--epochs", "1"], {}, "--batch-size 4096"),
+        (["pretrain", "--resume"], {}, "--resume: no checkpoint"),
+        (["eval", "--checkpoint", "/no/such/checkpoint.pt"], {}, "--checkpoint: no checkpoint"),
+    ],
+)
 def test_bad_arguments(argv, env, match, tmp_path, monkeypatch, capsys):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -159,5 +201,5 @@ def test_plots_are_pngs_of_the_values(tmp_path):
     assert _is_png(tmp_path / "curve.png") and _is_png(tmp_path / "grid.png")
     grid = torch.from_numpy(np.array(Image.open(tmp_path / "grid.png").convert("RGB"))).float() / 255
     assert grid.shape == (2 * (8 + 1) + 1, 3 * (8 + 1) + 1, 3)
-    second = grid[1 + 9:1 + 9 + 8:2, 1 + 9:1 + 9 + 8:2]      # row 1, image 1, every other (upscaled) pixel
+    second = grid[1 + 9 : 1 + 9 + 8 : 2, 1 + 9 : 1 + 9 + 8 : 2]  # row 1, image 1, every other (upscaled) pixel
     torch.testing.assert_close(second, rows[1][1].permute(1, 2, 0), atol=1 / 255, rtol=0)

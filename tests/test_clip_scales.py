@@ -7,6 +7,7 @@ underflow; those columns must be recomputed rather than reported as −inf (half
 Tolerances: an fp32 logit s carries an absolute error of a few ulps, ~|s|·2⁻²³, and exp() turns it into that
 relative error of each softmax weight, so gradients are compared at max(dtype tolerance, 8·|scale|·2⁻²⁴).
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ SCALES = [1.0, 1e2, 1e3, 1e4, 1e5]
 
 
 def _bound(dtype, scale: float) -> float:
-    return max(tol(dtype), 8 * abs(scale) * 2.0 ** -24)
+    return max(tol(dtype), 8 * abs(scale) * 2.0**-24)
 
 
 def _cross_entropy64(logits: torch.Tensor, target: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
@@ -114,8 +115,8 @@ def test_column_statistics_core_with_index_maps(seed):
     n, world, rank, d = 5, 3, 1, 20
     big = n * world
     a, b = torch.randn(2 * n, d), torch.randn(2 * big, d)
-    b[rank * n:(rank + 1) * n] = a[:n]
-    b[big + rank * n: big + (rank + 1) * n] = a[n:]
+    b[rank * n : (rank + 1) * n] = a[:n]
+    b[big + rank * n : big + (rank + 1) * n] = a[n:]
     scale = torch.tensor(2000.0)
     maps = IndexMaps(row_off=rank * n, row_split=n, row_shift=big - n, pos_shift=big, pos_period=2 * big)
     kw = dict(exclude_self=True, want_pos=True, col_stats=True, bounded=False)
@@ -178,7 +179,7 @@ def test_recompute_kernel_compiles_for_sm90():
     without register spills."""
     from aot_compile import check_compiles
 
-    out = check_compiles('''
+    out = check_compiles("""
     import sslfast.kernels.infonce as K
 
     ALIGNED = ("D", "stride_r", "stride_c", "M", "NB")
@@ -191,7 +192,7 @@ def test_recompute_kernel_compiles_for_sm90():
             warps, stages = t.pop("num_warps"), t.pop("num_stages")
             build(K._lse_redo_kernel, ptrs, dict(t, EXCLUDE_SELF=False, WANT_POS=True), warps, stages,
                   aligned=ALIGNED)
-    ''')
+    """)
     built = [line for line in out.splitlines() if line.startswith('{"kernel"')]
     assert len(built) == 4, out
     spills = [line for line in built if '"spills": 0,' not in line]

@@ -1,4 +1,5 @@
 """Kernels shared by several ops (`sslfast.kernels._common`), on the interpreter (real on `-m gpu`)."""
+
 import pytest
 import torch
 

@@ -3,6 +3,7 @@ device data, no allocation that escapes the graph's pool. This is what closes th
 small ops (`benchmarks/RESULTS.md`, "graphed" column) under torch.compile(mode="reduce-overhead") or a
 hand-captured training step. Each case captures a call once, writes fresh values into its inputs in place,
 replays, and compares with an eager call on those values, so a replay that reused stale results would fail."""
+
 import pytest
 import torch
 
@@ -19,12 +20,14 @@ def _leaves(*shapes, dtype=torch.bfloat16):
 
 def _with_grads(loss_fn, leaves):
     """A call returning [loss, grad of each leaf] (fresh copies) of one forward + backward."""
+
     def call():
         for t in leaves:
             t.grad = None
         loss = loss_fn()
         loss.backward()
         return [loss.detach().clone()] + [t.grad.clone() for t in leaves]
+
     return call
 
 
@@ -37,6 +40,7 @@ def _case(name):
     def wrap(fn):
         CASES[name] = fn
         return fn
+
     return wrap
 
 
@@ -81,8 +85,10 @@ def _dino():
 
 def _mae_inputs():
     """Images [16, 3, 224, 224] bf16 and a mask of 196 patches (75 % masked)."""
-    return (torch.randn(16, 3, 224, 224, device=DEV, dtype=torch.bfloat16),
-            mae.random_masking(16, 196, 0.75, device=DEV))
+    return (
+        torch.randn(16, 3, 224, 224, device=DEV, dtype=torch.bfloat16),
+        mae.random_masking(16, 196, 0.75, device=DEV),
+    )
 
 
 @_case("mae norm-pix loss")
@@ -113,6 +119,7 @@ def test_op_replays_from_a_cuda_graph(name):
 
     def body():
         captured["out"] = call()  # the capture's outputs live in the graph's pool: every replay rewrites them
+
     graph = bench.capture(body, torch.device(DEV))
     assert graph is not None, f"{name} could not be captured"
     with torch.no_grad():
@@ -132,6 +139,7 @@ def test_random_masking_replays_draw_new_masks():
 
     def call():
         holder["m"] = mae.random_masking(8, 196, 0.75, device=DEV)
+
     graph = bench.capture(call, torch.device(DEV))
     assert graph is not None
     graph.replay()

@@ -1,4 +1,5 @@
 """`sslfast._custom_op`: one registration, the custom op when traced, a plain autograd.Function in eager mode."""
+
 import torch
 
 from sslfast._custom_op import custom_op

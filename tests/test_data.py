@@ -1,66 +1,47 @@
-"""sslfast.data: presets, sources, SSLLoader on both backends (native: the CPU path and the fused kernel under
-the interpreter; DALI: its real CPU graph), view statistics, determinism, sharding, bad files."""
+"""sslfast.data: presets, SSLLoader on both backends (native: the CPU path and the fused kernel under the
+interpreter; DALI: its real CPU graph), view statistics, determinism, sharding. Sources and bad files:
+tests/test_data_sources.py."""
+
 import dataclasses
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 
 import sslfast as sf
-from sslfast.data import datasets as D
 from sslfast.data import presets as P
-from sslfast.reference import augment as ref
-
-
-def _dali_or_skip():
-    from sslfast.data.dali import dali_available
-
-    if not dali_available():
-        pytest.skip("nvidia-dali is not importable (install the extra: pip install 'sslfast[dali]')")
-
-
-@pytest.fixture(params=["native", "dali"])
-def loader_backend(request):
-    if request.param == "dali":
-        _dali_or_skip()
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def jpeg_root(tmp_path_factory):
-    """10 small JPEGs in two classes plus a non-image file that ImageFolder scanning must ignore."""
-    root = tmp_path_factory.mktemp("jpegs")
-    D.write_jpeg_folder(root, 10, size=(26, 20), classes=2, seed=3)
-    (root / "class_0" / "notes.txt").write_text("not an image")
-    return root
-
-
-def _check_views(views, preset, batch, dtype, device="cpu"):
-    assert isinstance(views, list) and len(views) == preset.num_views
-    lo, hi = ref.output_range(preset.mean, preset.std)
-    slack = 1e-5 if dtype == torch.float32 else 2e-2
-    for v, size in zip(views, preset.sizes()):
-        assert v.shape == (batch, 3, size, size) and v.dtype == dtype and v.device.type == device
-        x = v.double().cpu()
-        assert torch.isfinite(x).all()
-        for c in range(3):
-            assert x[:, c].min() >= lo[c] - slack and x[:, c].max() <= hi[c] + slack
+from sslfast.data import synthetic as S
+from data_helpers import check_views, dali_or_skip
 
 
 # ------------------------------------------------------------------------------------------- presets
 def test_presets_match_the_papers():
-    want = {"simclr": [224] * 2, "moco_v2": [224] * 2, "byol": [224] * 2, "barlow": [224] * 2,
-            "vicreg": [224] * 2, "dino": [224] * 2 + [96] * 8, "mae": [224], "swav": [224] * 2 + [96] * 6}
+    want = {
+        "simclr": [224] * 2,
+        "moco_v2": [224] * 2,
+        "byol": [224] * 2,
+        "barlow": [224] * 2,
+        "vicreg": [224] * 2,
+        "dino": [224] * 2 + [96] * 8,
+        "mae": [224],
+        "swav": [224] * 2 + [96] * 6,
+    }
     for name, sizes in want.items():
         p = P.get_preset(name)
         assert p.sizes() == sizes and p.sources, name
     byol = P.byol()
     assert [v.blur_p for v in byol.views] == [1.0, 0.1] and [v.solarize_p for v in byol.views] == [0.0, 0.2]
     s = P.simclr().views[0]
-    assert (s.brightness, s.contrast, s.saturation, s.hue, s.jitter_p, s.gray_p, s.blur_p) == \
-        (0.8, 0.8, 0.8, 0.2, 0.8, 0.2, 0.5)
+    assert (s.brightness, s.contrast, s.saturation, s.hue, s.jitter_p, s.gray_p, s.blur_p) == (
+        0.8,
+        0.8,
+        0.8,
+        0.2,
+        0.8,
+        0.2,
+        0.5,
+    )
     assert P.moco_v2().views[0].scale == (0.2, 1.0) and P.moco_v2().views[0].saturation == 0.4
     d = P.dino()
     assert [v.scale for v in d.views] == [(0.4, 1.0), (0.4, 1.0), (0.05, 0.4)]
@@ -76,43 +57,66 @@ def test_presets_match_the_papers():
 # ------------------------------------------------------------------------------------------- loader: shapes
 @pytest.mark.parametrize("name", sorted(P.PRESETS))
 def test_views_shapes_dtypes_ranges(loader_backend, jpeg_root, name):
-    ld = sf.data.SSLLoader(jpeg_root, preset=name, batch_size=4, backend=loader_backend, device="cpu",
-                           image_size=16, num_workers=2)
+    ld = sf.data.SSLLoader(
+        jpeg_root, preset=name, batch_size=4, backend=loader_backend, device="cpu", image_size=16, num_workers=2
+    )
     batches = list(ld)
     assert len(batches) == len(ld) == 2  # 10 images, drop_last
     for views in batches:
-        _check_views(views, ld.preset, 4, torch.float32)
+        check_views(views, ld.preset, 4, torch.float32)
     assert ld.skipped == 0  # notes.txt is not an image file: never listed
 
 
 @pytest.mark.parametrize("name", ["byol", "dino"])
 def test_views_through_the_fused_kernel(backend, jpeg_root, name):
     """The native loader on the Triton kernels under the interpreter (backend fixture), bf16 views."""
-    ld = sf.data.SSLLoader(jpeg_root, preset=name, batch_size=2, backend="native", device="cpu", image_size=12,
-                           dtype=torch.bfloat16, num_workers=1)
+    ld = sf.data.SSLLoader(
+        jpeg_root,
+        preset=name,
+        batch_size=2,
+        backend="native",
+        device="cpu",
+        image_size=12,
+        dtype=torch.bfloat16,
+        num_workers=1,
+    )
     views = next(iter(ld))
-    _check_views(views, ld.preset, 2, torch.bfloat16)
+    check_views(views, ld.preset, 2, torch.bfloat16)
 
 
 def test_dali_bf16_and_partial_last_batch(jpeg_root):
-    _dali_or_skip()
-    ld = sf.data.SSLLoader(jpeg_root, preset="simclr", batch_size=4, backend="dali", device="cpu", image_size=8,
-                           drop_last=False, dtype=torch.bfloat16)
+    dali_or_skip()
+    ld = sf.data.SSLLoader(
+        jpeg_root,
+        preset="simclr",
+        batch_size=4,
+        backend="dali",
+        device="cpu",
+        image_size=8,
+        drop_last=False,
+        dtype=torch.bfloat16,
+    )
     batches = list(ld)
     assert [b[0].shape[0] for b in batches] == [4, 4, 2] and len(ld) == 3
-    _check_views(batches[-1], ld.preset, 2, torch.bfloat16)
+    check_views(batches[-1], ld.preset, 2, torch.bfloat16)
 
 
 def test_native_partial_last_batch_and_shards(jpeg_root):
     ld = sf.data.SSLLoader(jpeg_root, preset="mae", batch_size=4, device="cpu", image_size=8, drop_last=False)
     assert [b[0].shape[0] for b in ld] == [4, 4, 2]
-    shards = [sf.data.SSLLoader(jpeg_root, preset="mae", batch_size=2, device="cpu", image_size=8,
-                                shard_id=r, num_shards=3) for r in range(3)]
+    shards = [
+        sf.data.SSLLoader(jpeg_root, preset="mae", batch_size=2, device="cpu", image_size=8, shard_id=r, num_shards=3)
+        for r in range(3)
+    ]
     idx = [s.shard_indices(5) for s in shards]
-    assert all(len(i) == 3 for i in idx) and len(set(sum(idx, []))) == 9   # 10 // 3 each, disjoint
+    assert all(len(i) == 3 for i in idx) and len(set(sum(idx, []))) == 9  # 10 // 3 each, disjoint
     assert all(len(s) == 1 for s in shards)
-    padded = [sf.data.SSLLoader(jpeg_root, preset="mae", batch_size=2, device="cpu", image_size=8, shard_id=r,
-                                num_shards=3, drop_last=False).shard_indices(5) for r in range(3)]
+    padded = [
+        sf.data.SSLLoader(
+            jpeg_root, preset="mae", batch_size=2, device="cpu", image_size=8, shard_id=r, num_shards=3, drop_last=False
+        ).shard_indices(5)
+        for r in range(3)
+    ]
     assert all(len(i) == 4 for i in padded) and set(sum(padded, [])) == set(range(10))
 
 
@@ -145,20 +149,24 @@ def test_flip_gray_solarize_rates(loader_backend, name):
     n = 240
     base = P.get_preset(name, 16)
     probe = base.replace_views(scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter_p=0.0, blur_p=0.0)
-    ld = sf.data.SSLLoader(_probe_source(n), preset=probe, batch_size=n, backend=loader_backend, device="cpu",
-                           seed=11, shuffle=False)
+    ld = sf.data.SSLLoader(
+        _probe_source(n), preset=probe, batch_size=n, backend=loader_backend, device="cpu", seed=11, shuffle=False
+    )
     views = next(iter(ld))
     m = torch.tensor(probe.mean).view(1, 3, 1, 1)
     s = torch.tensor(probe.std).view(1, 3, 1, 1)
     for k, (v, spec) in enumerate(zip(views, probe.expanded())):
-        x = v.float() * s + m                                      # back to [0, 1]
+        x = v.float() * s + m  # back to [0, 1]
         gray = (x[:, 0] - x[:, 1]).abs().amax((1, 2)) < 2e-3
         lum = x[:, 0] * 0.2989 + x[:, 1] * 0.587 + x[:, 2] * 0.114
         top = lum[:, 2:6]
         flipped = top[:, :, :4].mean((1, 2)) > top[:, :, -4:].mean((1, 2))
         solarized = lum[:, 10:14].mean((1, 2)) < 0.5
-        for what, hits, p in (("flip", flipped, spec.flip_p), ("gray", gray, spec.gray_p),
-                              ("solarize", solarized, spec.solarize_p)):
+        for what, hits, p in (
+            ("flip", flipped, spec.flip_p),
+            ("gray", gray, spec.gray_p),
+            ("solarize", solarized, spec.solarize_p),
+        ):
             rate = hits.float().mean().item()
             band = 4.5 * math.sqrt(p * (1 - p) / n) + 1e-9
             assert abs(rate - p) <= band, f"{name} view {k} {what}: rate {rate:.3f}, p {p}"
@@ -167,8 +175,16 @@ def test_flip_gray_solarize_rates(loader_backend, name):
 # ------------------------------------------------------------------------------------------- determinism
 def test_same_seed_same_views(loader_backend, jpeg_root):
     def run(seed, epoch=None):
-        ld = sf.data.SSLLoader(jpeg_root, preset="byol", batch_size=4, backend=loader_backend, device="cpu",
-                               image_size=12, seed=seed, num_workers=2)
+        ld = sf.data.SSLLoader(
+            jpeg_root,
+            preset="byol",
+            batch_size=4,
+            backend=loader_backend,
+            device="cpu",
+            image_size=12,
+            seed=seed,
+            num_workers=2,
+        )
         if epoch is not None:
             ld.set_epoch(epoch)
         return [torch.cat(v) for v in ld], ld
@@ -186,171 +202,13 @@ def test_same_seed_same_views(loader_backend, jpeg_root):
         assert all(torch.equal(x, torch.cat(y)) for x, y in zip(e1, ld))
 
 
-# ------------------------------------------------------------------------------------------- bad input
-def test_missing_and_empty_folders(tmp_path, loader_backend):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        sf.data.SSLLoader(tmp_path / "nope", backend=loader_backend, device="cpu")
-    (tmp_path / "empty" / "class_a").mkdir(parents=True)
-    with pytest.raises(ValueError, match="no images found"):
-        sf.data.SSLLoader(tmp_path / "empty", backend=loader_backend, device="cpu")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        sf.data.SSLLoader([str(tmp_path / "missing.jpg")], backend=loader_backend, device="cpu")
-
-
-def test_bad_files_are_skipped_and_counted(tmp_path, loader_backend):
-    """A text file named .jpg, a truncated JPEG and a JPEG whose header is garbage (passes the cheap check,
-    fails in the decoder: DALI invalidates its pipeline, the loader rebuilds it) are each skipped and counted;
-    every batch keeps its size; later epochs do not read them again."""
-    paths = D.write_jpeg_folder(tmp_path, 8, size=(20, 18), classes=1, seed=4)
-    good = open(paths[0], "rb").read()
-    bad = {tmp_path / "class_0" / "a_text.jpg": b"this is not an image",
-           tmp_path / "class_0" / "b_truncated.jpg": good[: len(good) // 2],
-           tmp_path / "class_0" / "c_garbage.jpg": good[:4] + bytes(range(256)) * 2 + b"\xff\xd9"}
-    for p, data in bad.items():
-        p.write_bytes(data)
-    ld = sf.data.SSLLoader(tmp_path, preset="simclr", batch_size=11, backend=loader_backend, device="cpu",
-                           image_size=8, num_workers=2)
-    views = next(iter(ld))
-    _check_views(views, ld.preset, 11, torch.float32)
-    assert ld.skipped == 3, ld.bad_files
-    assert {os.path.basename(p) for p, _ in ld.bad_files} == {p.name for p in bad}
-    if loader_backend == "dali":
-        assert ld._backend._builds == 2  # the garbage JPEG reached DALI, which was rebuilt once
-    list(ld)
-    assert ld.skipped == 3
-
-
-def test_dali_isolates_a_file_only_it_cannot_decode(tmp_path, monkeypatch):
-    """If PIL decodes every file of a failing batch, the culprit is found by single-image DALI runs."""
-    _dali_or_skip()
-    from sslfast.data import dali
-
-    paths = D.write_jpeg_folder(tmp_path, 5, size=(16, 16), classes=1, seed=7)
-    good = open(paths[0], "rb").read()
-    (tmp_path / "class_0" / "zz.jpg").write_bytes(good[:4] + bytes(300) + b"\xff\xd9")
-    monkeypatch.setattr(dali, "_pil_ok", lambda data: True)
-    ld = sf.data.SSLLoader(tmp_path, preset="mae", batch_size=6, backend="dali", device="cpu", image_size=8)
-    (views,) = next(iter(ld))
-    assert views.shape[0] == 6 and ld.skipped == 1 and ld.bad_files[0][0].endswith("zz.jpg")
-
-
-def test_non_image_in_file_list_is_counted(tmp_path, loader_backend):
-    paths = D.write_jpeg_folder(tmp_path, 4, size=(16, 16), classes=1, seed=5)
-    txt = tmp_path / "readme.txt"
-    txt.write_text("hello")
-    ld = sf.data.SSLLoader(paths + [str(txt)], preset="mae", batch_size=5, backend=loader_backend, device="cpu",
-                           image_size=8, shuffle=False)
-    (views,) = next(iter(ld))
-    assert views.shape[0] == 5 and ld.skipped == 1 and ld.bad_files[0][0] == str(txt)
-
-
-def test_native_device_decode_path(tmp_path, monkeypatch):
-    """The CUDA decode branch (batched JPEG decode into [3, H, W], PIL fallback, skip) with a stand-in for
-    nvJPEG so that it runs on the CPU: decodes in PIL, and refuses one file as nvJPEG would."""
-    from sslfast.data import native
-
-    paths = D.write_jpeg_folder(tmp_path, 6, size=(21, 17), classes=1, seed=6)
-    (tmp_path / "class_0" / "zz_bad.jpg").write_bytes(b"\xff\xd8\xff" + bytes(64) + b"\xff\xd9")
-    refused = open(paths[1], "rb").read()
-
-    def fake_decode_gpu(datas, device):
-        out = []
-        for d in datas:
-            try:
-                assert d != refused
-                out.append(torch.from_numpy(native.decode_pil(d)).permute(2, 0, 1).contiguous())
-            except (AssertionError, native.BadSample):
-                out.append(None)
-        return out
-
-    monkeypatch.setattr(native, "decode_gpu", fake_decode_gpu)
-    ld = sf.data.SSLLoader(tmp_path, preset="byol", batch_size=7, device="cpu", image_size=10, shuffle=False)
-    ld._backend.gpu_decode = True
-    views = next(iter(ld))
-    _check_views(views, ld.preset, 7, torch.float32)
-    assert ld.skipped == 1 and ld.bad_files[0][0].endswith("zz_bad.jpg")  # paths[1] went to PIL and decoded
-
-
-def test_all_bad_source_is_an_error(tmp_path):
-    for i in range(3):
-        (tmp_path / f"x{i}.jpg").write_bytes(b"garbage")
-    ld = sf.data.SSLLoader(tmp_path, preset="mae", batch_size=2, device="cpu", image_size=8)
-    with pytest.raises(RuntimeError, match="could be read and decoded"):
-        next(iter(ld))
-
-
-def test_loader_argument_errors(jpeg_root):
-    with pytest.raises(ValueError, match="backend"):
-        sf.data.SSLLoader(jpeg_root, backend="ffcv", device="cpu")
-    with pytest.raises(ValueError, match="batch_size"):
-        sf.data.SSLLoader(jpeg_root, batch_size=64, device="cpu")
-    with pytest.raises(ValueError, match="batch_size"):
-        sf.data.SSLLoader(jpeg_root, batch_size=0, device="cpu")
-    with pytest.raises(ValueError, match="shard_id"):
-        sf.data.SSLLoader(jpeg_root, batch_size=2, device="cpu", shard_id=2, num_shards=2)
-    with pytest.raises(TypeError, match="dtype"):
-        sf.data.SSLLoader(jpeg_root, batch_size=2, device="cpu", dtype=torch.int8)
-    with pytest.raises(TypeError, match="source"):
-        sf.data.SSLLoader(12345, device="cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA"):
-            sf.data.SSLLoader(jpeg_root, batch_size=2, device="cuda")
-
-
-# ------------------------------------------------------------------------------------------- sources
-def test_array_sources(loader_backend):
-    rng = np.random.default_rng(0)
-    same = rng.integers(0, 256, (6, 14, 18, 3), dtype=np.uint8)
-    mixed = [rng.integers(0, 256, s, dtype=np.uint8) for s in [(10, 12, 3), (20, 9, 3), (15, 15)]]
-    for src, b in ((same, 3), (torch.from_numpy(same), 2), (mixed, 3)):
-        ld = sf.data.SSLLoader(src, preset="dino", batch_size=b, backend=loader_backend, device="cpu",
-                               image_size=10, num_workers=1)
-        _check_views(next(iter(ld)), ld.preset, b, torch.float32)
-
-
-def test_embedded_digits():
-    images, labels = sf.data.load_digits(image_size=24)
-    assert images.shape == (1797, 24, 24, 3) and images.dtype == np.uint8 and labels.shape == (1797,)
-    assert set(labels.tolist()) == set(range(10)) and images.max() > 200
-    src = sf.data.digits(16)
-    assert len(src) == 1797 and src.labels[:3] == labels[:3].tolist()
-    ld = sf.data.SSLLoader(src, preset="simclr", batch_size=4, device="cpu", image_size=12)
-    _check_views(next(iter(ld)), ld.preset, 4, torch.float32)
-
-
-def test_folder_layouts_and_file_list(tmp_path):
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    paths = D.write_jpeg_folder(tmp_path / "tmp", 3, size=(10, 10), classes=1)
-    for p in paths:
-        os.replace(p, flat / os.path.basename(p))
-    src = D.resolve_source(flat)
-    assert len(src) == 3 and src.classes == []
-    lst = tmp_path / "list.txt"
-    lst.write_text("\n".join(str(flat / os.path.basename(p)) for p in paths) + "\n")
-    assert len(D.resolve_source(lst)) == 3
-    tree = tmp_path / "tree"
-    D.write_jpeg_folder(tree, 6, size=(10, 10), classes=3)
-    src = D.resolve_source(tree)
-    assert src.classes == ["class_0", "class_1", "class_2"] and sorted(set(src.labels)) == [0, 1, 2]
-
-
-def test_bench_cases_registered():
-    import sslfast.bench.augment  # noqa: F401  (registers its cases)
-    from sslfast import bench
-
-    cases = [c for c in bench.REGISTRY if c.op == "augment"]
-    assert {"cuda", "cpu"} <= {d for c in cases for d in c.device_types}
-    assert any("dino" in c.name for c in cases) and any("simclr" in c.name for c in cases)
-
-
 # ------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["simclr", "dino"])
 def test_gpu_native_loader_from_jpegs(tmp_path, name):
     """The native GPU path: nvJPEG decode (torchvision) or PIL, the fused kernel, views on the GPU; a corrupt
     file is skipped; same seed, same views."""
-    D.write_jpeg_folder(tmp_path, 40, size=(500, 375), classes=2, seed=1)
+    S.write_jpeg_folder(tmp_path, 40, size=(500, 375), classes=2, seed=1)
     (tmp_path / "class_0" / "zz_bad.jpg").write_bytes(b"\xff\xd8\xff" + bytes(100) + b"\xff\xd9")
 
     def run():
@@ -361,18 +219,18 @@ def test_gpu_native_loader_from_jpegs(tmp_path, name):
     b, _ = run()
     assert len(a) == 2 * ld.preset.num_views
     for views in (a[: ld.preset.num_views],):
-        _check_views(views, ld.preset, 16, torch.bfloat16, "cuda")
+        check_views(views, ld.preset, 16, torch.bfloat16, "cuda")
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert ld.skipped <= 1  # the bad file is counted when its epoch position falls in the 32 used
 
 
 @pytest.mark.gpu
 def test_gpu_dali_loader():
-    _dali_or_skip()
+    dali_or_skip()
     images = np.random.default_rng(0).integers(0, 256, (32, 64, 48, 3), dtype=np.uint8)
     ld = sf.data.SSLLoader(images, preset="byol", batch_size=8, backend="dali", device="cuda", image_size=32)
     for views in ld:
-        _check_views(views, ld.preset, 8, torch.float32, "cuda")
+        check_views(views, ld.preset, 8, torch.float32, "cuda")
 
 
 def test_dataclass_specs_are_hashable():

@@ -1,4 +1,5 @@
 """DINO loss: the one-op multi-crop loss against the literal facebookresearch/dino code (float64 oracle)."""
+
 import contextlib
 
 import pytest
@@ -60,8 +61,15 @@ def test_center_update_matches_dino(seed):
     assert_close(center, want, 1e-6, "center")
 
 
-@pytest.mark.parametrize("center_dtype,out_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
-                                                    (torch.bfloat16, torch.float32), (torch.float64, torch.float64)])
+@pytest.mark.parametrize(
+    "center_dtype,out_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+        (torch.float64, torch.float64),
+    ],
+)
 def test_update_center_is_dino(seed, center_dtype, out_dtype):
     """DINOLoss.update_center: c ← m·c + (1 − m)·batch mean, against float64, for [1, K] and [K] centers."""
     K = 11
@@ -74,16 +82,19 @@ def test_update_center_is_dino(seed, center_dtype, out_dtype):
         assert_close(center, want, 1e-12 if center_dtype == torch.float64 else tol(center_dtype), "center")
 
 
-@pytest.mark.parametrize("args,exc,match", [
-    ((torch.zeros(1, 10), torch.randn(9, 11)), ValueError, "center"),
-    ((torch.zeros(1, 11), torch.randn(11)), ValueError, "teacher_output"),
-    ((torch.zeros(1, 11), torch.randn(0, 11)), ValueError, "teacher_output"),
-    ((torch.zeros(1, 11), torch.randn(9, 11), 1.5), ValueError, "momentum"),
-    ((torch.zeros(1, 11), torch.randn(9, 11), float("nan")), ValueError, "momentum"),
-    ((torch.zeros(1, 11), torch.randn(9, 11), "0.9"), TypeError, "momentum"),
-    (([0.0] * 11, torch.randn(9, 11)), TypeError, "center"),
-    ((torch.zeros(1, 11, dtype=torch.long), torch.randn(9, 11)), TypeError, "center"),
-])
+@pytest.mark.parametrize(
+    "args,exc,match",
+    [
+        ((torch.zeros(1, 10), torch.randn(9, 11)), ValueError, "center"),
+        ((torch.zeros(1, 11), torch.randn(11)), ValueError, "teacher_output"),
+        ((torch.zeros(1, 11), torch.randn(0, 11)), ValueError, "teacher_output"),
+        ((torch.zeros(1, 11), torch.randn(9, 11), 1.5), ValueError, "momentum"),
+        ((torch.zeros(1, 11), torch.randn(9, 11), float("nan")), ValueError, "momentum"),
+        ((torch.zeros(1, 11), torch.randn(9, 11), "0.9"), TypeError, "momentum"),
+        (([0.0] * 11, torch.randn(9, 11)), TypeError, "center"),
+        ((torch.zeros(1, 11, dtype=torch.long), torch.randn(9, 11)), TypeError, "center"),
+    ],
+)
 def test_update_center_bad_input(args, exc, match):
     center = args[0]
     before = center.clone() if isinstance(center, torch.Tensor) else None
@@ -116,11 +127,11 @@ def test_module_schedule_and_lists(seed):
     out = crit(list(t.chunk(G)), list(s.chunk(V)), epoch=5)
     ref, _ = _literal(s, t, c, 0.1, warm, G)
     assert_loss_close(out, ref, tol(torch.float32), f"loss, seed {seed}")
-    assert not torch.equal(crit.center, c.float())            # training mode: center moved
+    assert not torch.equal(crit.center, c.float())  # training mode: center moved
     crit.eval()
     before = crit.center.clone()
     crit(t, s)
-    assert torch.equal(crit.center, before)                   # eval mode: untouched
+    assert torch.equal(crit.center, before)  # eval mode: untouched
 
 
 @pytest.mark.parametrize("where", ["student", "teacher", "center"])
@@ -130,17 +141,22 @@ def test_non_finite_propagates(backend, where):
     assert torch.isnan(sf.dino_loss(s, t, c))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(student_output=torch.randn(12, 8), teacher_output=torch.randn(5, 8)), "teacher_output"),
-    (dict(student_output=torch.randn(12, 7), teacher_output=torch.randn(6, 8)), "student_output"),
-    (dict(student_output=torch.randn(3, 8), teacher_output=torch.randn(6, 8)), "student_output"),
-    (dict(student_output=torch.randn(12, 8), teacher_output=torch.randn(6, 8), center=torch.zeros(2, 8)), "center"),
-    (dict(student_output=torch.randn(12, 8), teacher_output=torch.randn(6, 8), student_temp=0.0), "student_temp"),
-    (dict(student_output=torch.randn(12, 8), teacher_output=torch.randn(6, 8), teacher_temp=-1.0), "teacher_temp"),
-    (dict(student_output=torch.randn(12, 8), teacher_output=torch.randn(6, 8), num_global_crops=0),
-     "num_global_crops"),
-    (dict(student_output=torch.randn(12), teacher_output=torch.randn(6, 8)), "student_output"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(student_output=torch.randn(12, 8), teacher_output=torch.randn(5, 8)), "teacher_output"),
+        (dict(student_output=torch.randn(12, 7), teacher_output=torch.randn(6, 8)), "student_output"),
+        (dict(student_output=torch.randn(3, 8), teacher_output=torch.randn(6, 8)), "student_output"),
+        (dict(student_output=torch.randn(12, 8), teacher_output=torch.randn(6, 8), center=torch.zeros(2, 8)), "center"),
+        (dict(student_output=torch.randn(12, 8), teacher_output=torch.randn(6, 8), student_temp=0.0), "student_temp"),
+        (dict(student_output=torch.randn(12, 8), teacher_output=torch.randn(6, 8), teacher_temp=-1.0), "teacher_temp"),
+        (
+            dict(student_output=torch.randn(12, 8), teacher_output=torch.randn(6, 8), num_global_crops=0),
+            "num_global_crops",
+        ),
+        (dict(student_output=torch.randn(12), teacher_output=torch.randn(6, 8)), "student_output"),
+    ],
+)
 def test_bad_input(kwargs, match):
     kwargs.setdefault("center", torch.zeros(1, 8))
     with pytest.raises(ValueError, match=match):
@@ -159,8 +175,7 @@ def test_memory_frugal_backward_saves_no_softmax(backend):
     s, t, c = _inputs(G, V, B, K)
     x = leaf(s)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda z: saved.append(z) or z, lambda z: z), \
-            sf.separate_backward():
+    with torch.autograd.graph.saved_tensors_hooks(lambda z: saved.append(z) or z, lambda z: z), sf.separate_backward():
         sf.dino_loss(x, t, c)
     extra = sum(z.numel() for z in saved if z.data_ptr() not in (x.data_ptr(), t.data_ptr()))
     assert extra <= K + (V + G) * B, f"saved {extra} extra elements"

@@ -2,6 +2,7 @@
 `sf.prototype_cross_entropy`) against its materialized path (`fused_head=False`: logits into `sf.dino_loss`):
 the same loss, center update and gradients on every parameter, step after step, no [V·B, K] student tensor
 saved for backward, the same state_dict keys."""
+
 import copy
 
 import pytest
@@ -16,9 +17,18 @@ K = 37  # odd prototype count
 
 def _pair(dtype, G=2, **kw):
     """Two copies of one small DINO (BN in the head, τ_t warm-up), fused and materialized."""
-    fused = build_method("dino", build_backbone("resnet_tiny", image_size=16), profile="small", out_dim=K,
-                         hidden_dim=24, bottleneck_dim=12, num_global_crops=G, warmup_teacher_temp=0.02,
-                         warmup_teacher_temp_epochs=2, **kw).to(dtype)
+    fused = build_method(
+        "dino",
+        build_backbone("resnet_tiny", image_size=16),
+        profile="small",
+        out_dim=K,
+        hidden_dim=24,
+        bottleneck_dim=12,
+        num_global_crops=G,
+        warmup_teacher_temp=0.02,
+        warmup_teacher_temp_epochs=2,
+        **kw,
+    ).to(dtype)
     with torch.no_grad():  # a teacher away from the student and a non-zero center
         for p in fused.ema.teacher.parameters():
             p.mul_(1 + 0.3 * torch.rand_like(p))
@@ -32,8 +42,9 @@ def _pair(dtype, G=2, **kw):
 
 
 def _views(B, G, n_local, dtype):
-    return [torch.randn(B, 3, 16, 16, dtype=dtype) for _ in range(G)] + \
-           [torch.randn(B, 3, 8, 8, dtype=dtype) for _ in range(n_local)]
+    return [torch.randn(B, 3, 16, 16, dtype=dtype) for _ in range(G)] + [
+        torch.randn(B, 3, 8, 8, dtype=dtype) for _ in range(n_local)
+    ]
 
 
 def _step(method, views):
@@ -58,8 +69,9 @@ def test_fused_equals_materialized_float64(seed, G, n_local):
         for name in gp:
             assert (gf[name] is None) == (gp[name] is None), name
             if gp[name] is not None:  # (atol: biases before BN have gradients of pure rounding noise)
-                torch.testing.assert_close(gf[name], gp[name], rtol=1e-9, atol=1e-13,
-                                           msg=lambda m, name=name: f"d {name}, {what}: {m}")
+                torch.testing.assert_close(
+                    gf[name], gp[name], rtol=1e-9, atol=1e-13, msg=lambda m, name=name: f"d {name}, {what}: {m}"
+                )
         assert gf["head.last_layer.weight"].abs().sum() > 0
         assert_close(fused.criterion.center, plain.criterion.center, 1e-12, f"center, {what}")
         for m in (fused, plain):

@@ -1,5 +1,6 @@
 """DINOv2: iBOT block masks, the ViT mask-token path, the loss terms against direct float64 computations, the
 layer-wise lr groups, training steps and a short `sslfast pretrain` run."""
+
 import json
 import math
 
@@ -9,7 +10,8 @@ import torch.nn.functional as F
 
 from sslfast import cli
 from sslfast.methods import METHODS, build_method
-from sslfast.methods.dinov2 import DINOv2, block_mask, ibot_masks
+from sslfast.data.ibot_masks import block_mask, ibot_masks
+from sslfast.methods.dinov2 import DINOv2
 from sslfast.models import build_backbone
 from sslfast.train import PretrainConfig, resolve, setup, train_step
 
@@ -40,8 +42,10 @@ def test_ibot_masks_ratios_blocks_and_half_unmasked(grid, seed):
     scattered = torch.stack([m.flatten()[torch.randperm(L, generator=g)].view(grid) for m in grids])
     assert _in_blocks(grids) > 0.97 and _in_blocks(scattered) < 0.85
     # the same generator state gives the same masks; other probabilities
-    assert torch.equal(ibot_masks(n, grid, generator=torch.Generator().manual_seed(seed)),
-                       ibot_masks(n, grid, generator=torch.Generator().manual_seed(seed)))
+    assert torch.equal(
+        ibot_masks(n, grid, generator=torch.Generator().manual_seed(seed)),
+        ibot_masks(n, grid, generator=torch.Generator().manual_seed(seed)),
+    )
     assert (ibot_masks(n, grid, mask_sample_probability=0.3, generator=g).sum(1) > 0).sum() == int(n * 0.3)
     assert not ibot_masks(n, grid, mask_sample_probability=0.0, generator=g).any()
 
@@ -58,7 +62,7 @@ def test_block_mask_reaches_its_target_with_rectangles():
     assert reached >= 25
     one = block_mask((8, 8), 4, random.Random(1), max_num_patches=4)  # a single rectangle: its bounding box
     rows, cols = one.any(1).nonzero().flatten(), one.any(0).nonzero().flatten()
-    assert one[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+    assert one[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
 
 
 def test_ibot_masks_bad_arguments():
@@ -142,8 +146,9 @@ def _small(**kw):
 
 def _views(B, locals_=3, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return ([torch.randn(B, 3, 16, 16, generator=g, dtype=dtype) for _ in range(2)]
-            + [torch.randn(B, 3, 6, 6, generator=g, dtype=dtype) for _ in range(locals_)])
+    return [torch.randn(B, 3, 16, 16, generator=g, dtype=dtype) for _ in range(2)] + [
+        torch.randn(B, 3, 6, 6, generator=g, dtype=dtype) for _ in range(locals_)
+    ]
 
 
 @pytest.mark.parametrize("fused_head", [True, False])
@@ -191,7 +196,7 @@ def test_loss_is_the_weighted_sum_of_direct_terms(centering, fused_head):
     torch.testing.assert_close(out.student_cls, s_tok[:, 0], rtol=0, atol=0)
     crops_cls = torch.cat([s_tok[:, 0]] + [bb.forward_tokens(bb.embed(v))[:, 0] for v in views[2:]])
     head = m.dino_head
-    student_logits = head(crops_cls).view(2 + N, B, -1)             # the materialized head output
+    student_logits = head(crops_cls).view(2 + N, B, -1)  # the materialized head output
     W = F.normalize(head.last_layer.weight, dim=1)
     torch.testing.assert_close(out.dino_feats @ out.dino_prototypes.t(), student_logits.flatten(0, 1))
 
@@ -274,8 +279,9 @@ def test_fused_head_equals_materialized(centering, separate, seed):
         for name, g in grads[1].items():
             assert (grads[0][name] is None) == (g is None), name
             if g is not None:
-                torch.testing.assert_close(grads[0][name], g, rtol=1e-9, atol=1e-13,
-                                           msg=lambda msg, name=name: f"d {name}, {what}: {msg}")
+                torch.testing.assert_close(
+                    grads[0][name], g, rtol=1e-9, atol=1e-13, msg=lambda msg, name=name: f"d {name}, {what}: {msg}"
+                )
         assert grads[0][("ibot_head" if separate else "dino_head") + ".last_layer.weight"].abs().sum() > 0
 
 
@@ -338,9 +344,11 @@ def test_steps_move_weights_and_teacher_last_layer_frozen_first_epoch():
     lr_of = {id(p): g["lr"] for g in run.optimizer.param_groups for p in g["params"]}
     ratio = lr_of[id(m.backbone.patch_embed.proj.weight)] / lr_of[id(m.dino_head.last_layer.weight)]
     assert ratio == pytest.approx(0.9 ** (len(m.backbone.blocks) + 1) * 0.2)  # the trainer applies lr_scale
+
     def state():
-        return {k: v.clone() for k, v in m.state_dict().items()
-                if isinstance(v, torch.Tensor) and v.is_floating_point()}
+        return {
+            k: v.clone() for k, v in m.state_dict().items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+        }
 
     before = state()
     for i in range(2):
@@ -357,8 +365,24 @@ def test_steps_move_weights_and_teacher_last_layer_frozen_first_epoch():
 
 def test_pretrain_cli_runs(tmp_path):
     out = tmp_path / "run"
-    assert cli.main(["pretrain", "--method", "dinov2", "--epochs", "1", "--batch-size", "256", "--no-knn",
-                     "--no-progress", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "pretrain",
+                "--method",
+                "dinov2",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "256",
+                "--no-knn",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["finished"] and metrics["config"]["method"] == "dinov2"
     assert metrics["config"]["backbone"] == "vit_micro"

@@ -11,24 +11,27 @@ What each op promises across ranks (their docstrings; DINOv2 / SwAV do the same)
     loss and gradient are those of the single-process loss on that rank's rows — not of the whole batch.
 The ranks compute in fp32, the single process in fp64 on the same numbers.
 """
+
 import pytest
 import torch
 from distributed_harness import run_ranks
 
 import sslfast as sf
 
-B, K, D, L, V, G, WORLD = 5, 7, 9, 6, 4, 2, 2   # B images per rank, V crops of which G global
+B, K, D, L, V, G, WORLD = 5, 7, 9, 6, 4, 2, 2  # B images per rank, V crops of which G global
 
 
 def _inputs(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     n = B * WORLD
-    return {"logits": torch.randn(n, K, generator=g) * 3,
-            "scores": torch.randn(V, n, K, generator=g),           # crop-major, every image of the batch
-            "student": torch.randn(n, L, K, generator=g),
-            "teacher": torch.softmax(torch.randn(n, L, K, generator=g), -1),
-            "mask": torch.rand(n, L, generator=g) < 0.4,
-            "feats": torch.randn(n, D, generator=g)}
+    return {
+        "logits": torch.randn(n, K, generator=g) * 3,
+        "scores": torch.randn(V, n, K, generator=g),  # crop-major, every image of the batch
+        "student": torch.randn(n, L, K, generator=g),
+        "teacher": torch.softmax(torch.randn(n, L, K, generator=g), -1),
+        "mask": torch.rand(n, L, generator=g) < 0.4,
+        "feats": torch.randn(n, D, generator=g),
+    }
 
 
 def _ops(x: dict, *, gather: bool) -> dict:
@@ -44,8 +47,14 @@ def _ops(x: dict, *, gather: bool) -> dict:
     feats = x["feats"].clone().requires_grad_(True)
     koleo = sf.koleo_loss(feats)
     koleo.backward()
-    out.update(swav=swav.detach(), swav_grad=scores.grad, ibot=ibot.detach(), ibot_grad=student.grad,
-               koleo=koleo.detach(), koleo_grad=feats.grad)
+    out.update(
+        swav=swav.detach(),
+        swav_grad=scores.grad,
+        ibot=ibot.detach(),
+        ibot_grad=student.grad,
+        koleo=koleo.detach(),
+        koleo_grad=feats.grad,
+    )
     return out
 
 

@@ -1,5 +1,6 @@
 """`sslfast bench --ops e2e` (whole steps from JPEG files, per loader and step mode) and the step modes of
 `sslfast pretrain` (`--compile`, `--cuda-graph`)."""
+
 import dataclasses
 import json
 import os
@@ -24,8 +25,29 @@ def _exit(capsys, argv) -> tuple[int, str]:
 def test_bench_e2e_cpu_prints_every_row_and_writes_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     out = tmp_path / "e2e.json"
-    assert cli.main(["bench", "--ops", "e2e", "--device", "cpu", "--e2e-images", "7:33x27", "--e2e-batch", "3",
-                     "--e2e-image-size", "16", "--e2e-steps", "1", "--quiet", "--json", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--ops",
+                "e2e",
+                "--device",
+                "cpu",
+                "--e2e-images",
+                "7:33x27",
+                "--e2e-batch",
+                "3",
+                "--e2e-image-size",
+                "16",
+                "--e2e-steps",
+                "1",
+                "--quiet",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     data = json.load(open(out))
     rows = {r["case"]: r for r in data["rows"]}

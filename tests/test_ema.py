@@ -5,6 +5,7 @@ behaviour, bad input. GPU (`-m gpu`): the csrc kernels against the same oracles,
 CUDA-graph capture with a device-scalar momentum. The fused optimizer steps: tests/test_ema_optim.py; the
 pointer tables and plans: tests/test_ema_plan.py.
 """
+
 import math
 
 import pytest
@@ -41,9 +42,16 @@ def test_ema_equals_lerp_exactly_fp32(seed, momentum):
             assert_close(t, w, 1e-6, "fp32 EMA vs float64 formula")
 
 
-@pytest.mark.parametrize("t_dtype,s_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
-                                             (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
-                                             (torch.float16, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "t_dtype,s_dtype",
+    [
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16),
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.bfloat16),
+    ],
+)
 def test_ema_low_precision_within_rounding(seed, t_dtype, s_dtype):
     teacher, student = lists(SHAPES, t_dtype, s_dtype)
     want = lerp_oracle(teacher, student, M)
@@ -78,18 +86,24 @@ def test_ema_teacher_that_requires_grad():
         assert torch.equal(t.detach(), w)
 
 
-@pytest.mark.parametrize("call,exc,match", [
-    (lambda t, s: sf.ema_update_(t[:2], s, M), ValueError, "teacher_tensors and student_tensors"),
-    (lambda t, s: sf.ema_update_(t, s[:1] + [torch.randn(5)] + s[2:], M), ValueError, r"student_tensors\[1\]"),
-    (lambda t, s: sf.ema_update_([torch.zeros(37, 3, 3, 3, dtype=torch.long)] + t[1:], s, M), TypeError,
-     r"teacher_tensors\[0\]"),
-    (lambda t, s: sf.ema_update_(t, s[:2] + [s[2].to("meta")] + s[3:], M), ValueError, "one device"),
-    (lambda t, s: sf.ema_update_(t, s, 1.5), ValueError, "momentum"),
-    (lambda t, s: sf.ema_update_(t, s, "0.9"), TypeError, "momentum"),
-    (lambda t, s: sf.ema_update_(t, s, torch.tensor([0.9, 0.9])), TypeError, "momentum"),
-    (lambda t, s: sf.ema_update_(t[0], s[0], M), TypeError, "teacher_tensors"),
-    (lambda t, s: sf.ema_update_(t, 3, M), TypeError, "student_tensors"),
-])
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda t, s: sf.ema_update_(t[:2], s, M), ValueError, "teacher_tensors and student_tensors"),
+        (lambda t, s: sf.ema_update_(t, s[:1] + [torch.randn(5)] + s[2:], M), ValueError, r"student_tensors\[1\]"),
+        (
+            lambda t, s: sf.ema_update_([torch.zeros(37, 3, 3, 3, dtype=torch.long)] + t[1:], s, M),
+            TypeError,
+            r"teacher_tensors\[0\]",
+        ),
+        (lambda t, s: sf.ema_update_(t, s[:2] + [s[2].to("meta")] + s[3:], M), ValueError, "one device"),
+        (lambda t, s: sf.ema_update_(t, s, 1.5), ValueError, "momentum"),
+        (lambda t, s: sf.ema_update_(t, s, "0.9"), TypeError, "momentum"),
+        (lambda t, s: sf.ema_update_(t, s, torch.tensor([0.9, 0.9])), TypeError, "momentum"),
+        (lambda t, s: sf.ema_update_(t[0], s[0], M), TypeError, "teacher_tensors"),
+        (lambda t, s: sf.ema_update_(t, 3, M), TypeError, "student_tensors"),
+    ],
+)
 def test_ema_bad_input(call, exc, match):
     teacher, student = lists(SHAPES)
     before = [t.clone() for t in teacher]
@@ -102,7 +116,7 @@ def test_ema_bad_input(call, exc, match):
 def test_cosine_momentum_is_byol_and_dino():
     base, K = 0.99, 1000
     for k in (0, 1, 250, 500, 999):
-        byol = 1 - (1 - base) * (math.cos(math.pi * k / K) + 1) / 2   # BYOL §3.2
+        byol = 1 - (1 - base) * (math.cos(math.pi * k / K) + 1) / 2  # BYOL §3.2
         assert cosine_momentum(k, K, base, 1.0) == pytest.approx(byol, abs=1e-15)
         dino = 0.9 + 0.5 * (base - 0.9) * (1 + math.cos(math.pi * k / K))  # DINO cosine_scheduler, final 0.9
         assert cosine_momentum(k, K, base, 0.9) == pytest.approx(dino, abs=1e-15)
@@ -110,9 +124,9 @@ def test_cosine_momentum_is_byol_and_dino():
     assert cosine_momentum(123, None, base) == base
     steps = torch.tensor([0.0, 250.0, 1000.0, 2000.0])
     got = cosine_momentum(steps, K, base)
-    assert torch.allclose(got.double(), torch.tensor([cosine_momentum(int(k), K, base) for k in steps],
-                                                     dtype=torch.float64), atol=1e-7)
-
+    assert torch.allclose(
+        got.double(), torch.tensor([cosine_momentum(int(k), K, base) for k in steps], dtype=torch.float64), atol=1e-7
+    )
 
 
 def test_ema_module_schedule_params_and_buffers(seed):
@@ -162,8 +176,9 @@ def test_ema_module_passed_teacher_and_mismatch():
     teacher = Net().to(torch.bfloat16)
     ema = sf.EMA(student, teacher, momentum=0.5)
     assert ema.teacher is teacher and not any(p.requires_grad for p in teacher.parameters())
-    want = [t.float().lerp(s.detach(), 0.5).to(torch.bfloat16) for t, s in zip(teacher.parameters(),
-                                                                               student.parameters())]
+    want = [
+        t.float().lerp(s.detach(), 0.5).to(torch.bfloat16) for t, s in zip(teacher.parameters(), student.parameters())
+    ]
     ema.update()
     for t, w in zip(teacher.parameters(), want):
         ulp_close(t.detach(), w)
@@ -205,8 +220,12 @@ def _ddp_rank(rank, world, seed):
     torch.manual_seed(seed + 1 + rank)
     center, outputs = torch.zeros(1, 4), torch.randn(3, 4)
     sf.ops.update_center_(center, outputs, 0.9)
-    return [p.detach() for p in ema.teacher.parameters()], [p.detach() for p in student.module.parameters()], \
-        outputs, center
+    return (
+        [p.detach() for p in ema.teacher.parameters()],
+        [p.detach() for p in student.module.parameters()],
+        outputs,
+        center,
+    )
 
 
 @pytest.mark.slow
@@ -228,7 +247,6 @@ def test_ema_module_unwraps_data_parallel():
     assert ema.student is student
 
 
-
 # ------------------------------------------------------------------------------------------ bench cases
 def test_bench_cases_run_on_cpu():
     assert len(bench_ema.vit_b16_shapes()) == 150 and bench_ema._numel(bench_ema.vit_b16_shapes()) == 85_798_656
@@ -245,8 +263,17 @@ def test_bench_cases_run_on_cpu():
 
 
 # ------------------------------------------------------------------------------------------ GPU
-GPU_SHAPES = bench_ema.vit_b16_shapes()[:30] + [(1,), (7,), (8,), (9,), (8191,), (8193,), (3, 8192 + 5), (0, 5),
-                                                (64, 32, 3, 3)]
+GPU_SHAPES = bench_ema.vit_b16_shapes()[:30] + [
+    (1,),
+    (7,),
+    (8,),
+    (9,),
+    (8191,),
+    (8193,),
+    (3, 8192 + 5),
+    (0, 5),
+    (64, 32, 3, 3),
+]
 
 
 def _gpu_lists(t_dtype, s_dtype):
@@ -264,9 +291,17 @@ def _gpu_lists(t_dtype, s_dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t_dtype,s_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                             (torch.float16, torch.float16), (torch.float32, torch.bfloat16),
-                                             (torch.bfloat16, torch.float32), (torch.float32, torch.float16)])
+@pytest.mark.parametrize(
+    "t_dtype,s_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16),
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float16),
+    ],
+)
 def test_gpu_ema_equals_lerp(seed, t_dtype, s_dtype):
     assert _backend.csrc_available(), "sslfast._C must be built wherever CUDA is available (nvcc is needed)"
     teacher, student = _gpu_lists(t_dtype, s_dtype)

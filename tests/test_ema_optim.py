@@ -5,6 +5,7 @@ CPU: the PyTorch path equals torch.optim.AdamW + lerp and the official Barlow Tw
 steps, the plans' rows, bad input. GPU (`-m gpu`): the csrc kernels and the fallback without `_C` against the
 same oracles, and a step captured in a CUDA graph with a device-scalar momentum.
 """
+
 import pytest
 import torch
 from torch import nn
@@ -97,8 +98,9 @@ def test_torch_fused_fallback_is_torch_adamw(seed):
     steps = [torch.zeros(()) for _ in params]
     teachers = [torch.randn_like(p) for p in params]
     ref_t = [t.clone() for t in teachers]
-    T.adamw_fused_step_(params, grads, m, v, steps, teachers, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
-                         weight_decay=0.1, momentum=0.7)
+    T.adamw_fused_step_(
+        params, grads, m, v, steps, teachers, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, momentum=0.7
+    )
     torch.optim.AdamW(ref, lr=0.1, betas=(0.9, 0.99), weight_decay=0.1).step()
     for p, r, t, rt in zip(params, ref, teachers, ref_t):
         assert_close(p, r, 1e-6, "param")
@@ -108,7 +110,7 @@ def test_torch_fused_fallback_is_torch_adamw(seed):
 
 def test_fused_plan_fallback_rows():
     params = [torch.randn(6, 4), torch.randn(4, 12)[:, ::3], torch.randn(3)]  # the second is not dense
-    teachers = [torch.randn(4, 6).t(), torch.randn(4, 4), torch.randn(3)]     # the first has another layout
+    teachers = [torch.randn(4, 6).t(), torch.randn(4, 4), torch.randn(3)]  # the first has another layout
     plan = LARSEMAPlan(params, [torch.zeros_like(p) for p in params], teachers, [True] * 3, [True] * 3)
     assert plan.slow == [1] and plan.teacher_fallback == [0] and plan.fast == [0, 2]
     (tbl,) = plan.tables
@@ -205,15 +207,13 @@ def test_lars_trust_ratio_edge_cases():
     mus, ref_mus = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
     sf.ops.lars_ema_step_(params, grads, mus, lr=0.5, weight_decay=0.0, eta=1e-3)
     keep = [True, True, False]
-    R.lars_step_literal_(ref, grads, ref_mus, lr=0.5, momentum=0.9, weight_decay=0.0, eta=1e-3, decay=keep,
-                         adapt=keep)
+    R.lars_step_literal_(ref, grads, ref_mus, lr=0.5, momentum=0.9, weight_decay=0.0, eta=1e-3, decay=keep, adapt=keep)
     for p, rp in zip(params, ref):
         assert torch.allclose(p, rp, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match=r"momentum_buffers\[0\]"):
         sf.ops.lars_ema_step_(params, grads, [torch.zeros(3)] + mus[1:], lr=0.1)
     with pytest.raises(ValueError, match="momentum"):
         sf.ops.lars_ema_step_(params, grads, mus, lr=0.1, momentum=2.0)
-
 
 
 def _cuda_models(dtype):
@@ -225,8 +225,10 @@ def _cuda_models(dtype):
     big, ref_big = nn.Linear(1000, 999).cuda().to(dtype), nn.Linear(1000, 999).cuda().to(dtype)
     ref_big.load_state_dict(big.state_dict())
     empty = [nn.Parameter(torch.empty(0, 4, device="cuda", dtype=dtype)) for _ in range(2)]
-    return (list(model.parameters()) + list(big.parameters()) + empty[:1],
-            list(ref.parameters()) + list(ref_big.parameters()) + empty[1:])
+    return (
+        list(model.parameters()) + list(big.parameters()) + empty[:1],
+        list(ref.parameters()) + list(ref_big.parameters()) + empty[1:],
+    )
 
 
 @pytest.mark.gpu
@@ -257,7 +259,7 @@ def test_gpu_adamw_ema_equals_torch(seed, dtype, csrc, monkeypatch):
         if t.numel():
             assert_close(t, rt, bound, f"teacher {dtype}")
     if csrc:
-        (plan, _, _), = opt._plans.values()
+        ((plan, _, _),) = opt._plans.values()
         assert plan.teacher_fallback == [7] and plan.slow == []
 
 

@@ -2,6 +2,7 @@
 the pointer tables mirror csrc/multi_tensor_apply.cuh and are packed correctly, plans are cached and rebuilt,
 and the csrc implementation (`sslfast.ops._csrc.ema`) launches one table each and leaves the right rows to the
 PyTorch path (checked with a stand-in for `sslfast._C` that records the launches)."""
+
 import os
 import shutil
 import types
@@ -24,8 +25,11 @@ def _nvcc_present() -> bool:
     if os.environ.get("SSLFAST_NO_CUDA_BUILD") == "1":
         return False
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    return bool(shutil.which("nvcc") or (home and os.path.isfile(os.path.join(home, "bin", "nvcc")))
-                or os.path.isfile("/usr/local/cuda/bin/nvcc"))
+    return bool(
+        shutil.which("nvcc")
+        or (home and os.path.isfile(os.path.join(home, "bin", "nvcc")))
+        or os.path.isfile("/usr/local/cuda/bin/nvcc")
+    )
 
 
 needs_csrc = pytest.mark.skipif(not _backend.csrc_available(), reason="sslfast._C was not built (no nvcc)")
@@ -37,6 +41,7 @@ def test_csrc_built_when_nvcc_present():
     if not _nvcc_present():
         pytest.skip("nvcc not found: the extension is optional")
     from sslfast import _C  # noqa: F401  (ImportError here = the csrc build failed or was skipped)
+
     assert _backend.csrc_available()
 
 
@@ -48,11 +53,21 @@ def test_python_tables_match_csrc_layout():
         assert P.table_layout(depth) == dict(_C.table_layout(depth)), f"depth {depth}"
         assert P.table_layout(depth)["size"] <= 32764 - 64, "kernel parameters must fit CUDA's 32 KB limit"
     assert (_C.MAX_TENSORS, _C.VEC, _C.EMA_DEPTH, _C.LARS_DEPTH, _C.ADAMW_DEPTH) == (
-        P.MAX_TENSORS, P.VEC, P.EMA_DEPTH, P.LARS_DEPTH, P.ADAMW_DEPTH)
+        P.MAX_TENSORS,
+        P.VEC,
+        P.EMA_DEPTH,
+        P.LARS_DEPTH,
+        P.ADAMW_DEPTH,
+    )
     assert (_C.FLAG_VECTOR, _C.FLAG_TEACHER, _C.FLAG_ADAPT, _C.FLAG_DECAY) == (
-        P.FLAG_VECTOR, P.FLAG_TEACHER, P.FLAG_ADAPT, P.FLAG_DECAY)
-    assert {k: v for k, v in _C.DTYPE_CODES.items()} == {str(k).replace("torch.", ""): v
-                                                          for k, v in P.DTYPE_CODES.items()}
+        P.FLAG_VECTOR,
+        P.FLAG_TEACHER,
+        P.FLAG_ADAPT,
+        P.FLAG_DECAY,
+    )
+    assert {k: v for k, v in _C.DTYPE_CODES.items()} == {
+        str(k).replace("torch.", ""): v for k, v in P.DTYPE_CODES.items()
+    }
     with pytest.raises(ValueError, match="uint8 buffer"):  # a wrong-sized table is refused before any launch
         _C.ema_apply(np.zeros(8, np.uint8), 0, 0, 0.1, 0, 0, 0)
 
@@ -67,12 +82,12 @@ def test_tables_chunking_prefix_and_skips_empty():
     assert list(tbl.rows) == kept
     assert tbl.field("n_tensors")[0] == len(kept) and tbl.n_chunks == tbl.field("n_chunks")[0] == sum(chunks)
     assert tbl.field("chunk_elems")[0] == 8192
-    assert list(tbl.field("chunk_start")[:len(kept) + 1]) == [0, 1, 2, 4, 7, 8]
-    assert list(tbl.field("numel")[:len(kept)]) == [numels[i] for i in kept]
+    assert list(tbl.field("chunk_start")[: len(kept) + 1]) == [0, 1, 2, 4, 7, 8]
+    assert list(tbl.field("numel")[: len(kept)]) == [numels[i] for i in kept]
     ptr = tbl.field("ptr")
     for j, i in enumerate(kept):
         assert (ptr[0, j], ptr[1, j]) == (rows[i][0].data_ptr(), rows[i][1].data_ptr())
-    assert not ptr[:, len(kept):].any() and not tbl.field("flags")[len(kept):].any()
+    assert not ptr[:, len(kept) :].any() and not tbl.field("flags")[len(kept) :].any()
     assert tbl.data.nbytes == P.table_layout(2)["size"]
     with pytest.raises(ValueError, match="multiple of 8"):
         P.build_tables(rows, [(0, 0)] * len(rows), depth=2, chunk_elems=100)
@@ -81,17 +96,19 @@ def test_tables_chunking_prefix_and_skips_empty():
 def test_tables_group_by_dtype_and_split_at_capacity():
     f32, bf16 = P.dtype_code(torch.float32), P.dtype_code(torch.bfloat16)
     assert (f32, bf16, P.dtype_code(torch.float16)) == (0, 1, 2)
-    rows = [(torch.empty(4), torch.empty(4, dtype=d)) for d in
-            [torch.float32, torch.bfloat16, torch.float32, torch.float32, torch.bfloat16]]
+    rows = [
+        (torch.empty(4), torch.empty(4, dtype=d))
+        for d in [torch.float32, torch.bfloat16, torch.float32, torch.float32, torch.bfloat16]
+    ]
     keys = [(f32, P.dtype_code(s.dtype)) for _, s in rows]
     tables = P.build_tables(rows, keys, depth=2, max_tensors=2)
     assert [(t.dtypes, list(t.rows)) for t in tables] == [((0, 0), [0, 2]), ((0, 0), [3]), ((0, 1), [1, 4])]
     for t in tables:
-        assert list(t.field("chunk_start")[:len(t.rows) + 1]) == list(range(len(t.rows) + 1))
+        assert list(t.field("chunk_start")[: len(t.rows) + 1]) == list(range(len(t.rows) + 1))
 
 
 def test_tables_vector_flag_needs_every_pointer_aligned():
-    base = torch.empty(64)                  # caching/CPU allocators align storage far beyond 16 bytes
+    base = torch.empty(64)  # caching/CPU allocators align storage far beyond 16 bytes
     aligned, shifted = base[8:24], base[1:17]  # 32 bytes in / 4 bytes in
     assert aligned.data_ptr() % 16 == 0 and shifted.data_ptr() % 16 == 4
     rows = [(aligned, aligned), (aligned, shifted), (shifted, aligned)]
@@ -116,7 +133,7 @@ def test_fused_plan_rows_and_gradient_refresh():
     flags = tbl.field("flags")[:3]
     assert [bool(f & P.FLAG_TEACHER) for f in flags] == [True, False, True]
     base = torch.empty(64 * 1024)
-    grads = [base[:231].view(33, 7), base[1024:1088], torch.empty(0), base[4097:4097 + 90].view(5, 2, 3, 3)]
+    grads = [base[:231].view(33, 7), base[1024:1088], torch.empty(0), base[4097 : 4097 + 90].view(5, 2, 3, 3)]
     plan.set_grads(tbl, grads)
     assert list(ptr[1, :3]) == [grads[i].data_ptr() for i in (0, 1, 3)]
     assert [bool(f & P.FLAG_VECTOR) for f in tbl.field("flags")[:3]] == [True, True, False]  # grad 3 misaligned
@@ -148,10 +165,12 @@ def test_plans_expire_with_their_tensors():
 
 def test_layouts_the_kernels_take():
     cl = [torch.randn(4, 6, 5, 3).to(memory_format=torch.channels_last) for _ in range(2)]
-    pairs = [(torch.randn(6, 4).t(), torch.randn(4, 6)),          # strides differ: reference path
-             (cl[0], cl[1]),                                      # channels_last both: one flat array
-             (torch.randn(4, 6)[:, ::2], torch.randn(4, 3)),      # not dense: reference path
-             (torch.randn(3, 5), torch.randn(3, 5))]
+    pairs = [
+        (torch.randn(6, 4).t(), torch.randn(4, 6)),  # strides differ: reference path
+        (cl[0], cl[1]),  # channels_last both: one flat array
+        (torch.randn(4, 6)[:, ::2], torch.randn(4, 3)),  # not dense: reference path
+        (torch.randn(3, 5), torch.randn(3, 5)),
+    ]
     plan = P.EMAPlan([t for t, _ in pairs], [s for _, s in pairs], torch.device("cpu"))
     assert plan.fallback == [0, 2]
     assert [int(n) for n in plan.tables[0].field("numel")[:2]] == [360, 15]
@@ -166,8 +185,12 @@ def test_layouts_the_kernels_take():
 def fake_ext(monkeypatch):
     """`sslfast._C` replaced by a recorder of its launches, the CUDA stream by 0 (the tables are real)."""
     calls = []
-    ext = types.SimpleNamespace(**{name: (lambda *args, name=name: calls.append((name, args))) for name in
-                                   ("ema_apply", "adamw_ema_apply", "lars_ema_apply")})
+    ext = types.SimpleNamespace(
+        **{
+            name: (lambda *args, name=name: calls.append((name, args)))
+            for name in ("ema_apply", "adamw_ema_apply", "lars_ema_apply")
+        }
+    )
     monkeypatch.setattr(C, "extension", lambda: ext)
     monkeypatch.setattr(C, "stream", lambda device: 0)
     return calls
@@ -185,15 +208,18 @@ def test_family_dispatch_and_lazy_extension():
 
 
 def test_csrc_ema_launches_each_table_and_lerps_the_fallback(fake_ext):
-    pairs = [(torch.randn(6, 4).t(), torch.randn(4, 6)),          # strides differ: PyTorch path
-             (torch.randn(5, 3), torch.randn(5, 3)),
-             (torch.randn(7).to(torch.bfloat16), torch.randn(7))]  # another dtype group: another table
+    pairs = [
+        (torch.randn(6, 4).t(), torch.randn(4, 6)),  # strides differ: PyTorch path
+        (torch.randn(5, 3), torch.randn(5, 3)),
+        (torch.randn(7).to(torch.bfloat16), torch.randn(7)),
+    ]  # another dtype group: another table
     teacher, student = [t for t, _ in pairs], [s for _, s in pairs]
     plan = P.EMAPlan(teacher, student, torch.device("cpu"))
     before = [t.clone() for t in teacher]
     C.ema_update_(plan, teacher, student, weight=1 - M, m_tensor=None)
-    assert [(name, args[1:4]) for name, args in fake_ext] == [("ema_apply", (t.dtypes[0], t.dtypes[1], 1 - M))
-                                                              for t in plan.tables]
+    assert [(name, args[1:4]) for name, args in fake_ext] == [
+        ("ema_apply", (t.dtypes[0], t.dtypes[1], 1 - M)) for t in plan.tables
+    ]
     assert len(plan.tables) == 2 and plan.fallback == [0]
     assert torch.equal(teacher[0], before[0].lerp(student[0], 1 - M))
     assert torch.equal(teacher[1], before[1]) and torch.equal(teacher[2], before[2]), "the kernels' rows"
@@ -212,8 +238,21 @@ def test_csrc_adamw_steps_the_slow_rows(fake_ext, monkeypatch, slow_rows):
     for name in ("adamw_fused_step_", "adamw_foreach_step_"):
         monkeypatch.setattr(C._torch, name, lambda *a, name=name, **k: used.append((name, len(a[0]))))
     plan = AdamWEMAPlan(params, *states, steps, teachers)
-    C.adamw_ema_step_(plan, params, grads, *states, steps, teachers, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
-                      weight_decay=0.0, weight=0.5, m_tensor=None)
+    C.adamw_ema_step_(
+        plan,
+        params,
+        grads,
+        *states,
+        steps,
+        teachers,
+        lr=0.1,
+        beta1=0.9,
+        beta2=0.99,
+        eps=1e-8,
+        weight_decay=0.0,
+        weight=0.5,
+        m_tensor=None,
+    )
     assert [name for name, _ in fake_ext] == ["adamw_ema_apply"] * len(plan.tables)
     want = {"none": [], "some": [("adamw_foreach_step_", 1)], "all": [("adamw_fused_step_", 2)]}[slow_rows]
     assert used == want
@@ -226,8 +265,19 @@ def test_csrc_lars_writes_grads_then_lerps_fallback_teachers(fake_ext):
     plan = LARSEMAPlan(params, [torch.zeros_like(p) for p in params], teachers, [True, False], [True, False])
     plan.tables[0].partials = torch.zeros(2 * plan.tables[0].n_chunks)  # allocated on CUDA only
     t0 = teachers[0].clone()
-    C.lars_ema_step_(plan, params, grads, [torch.zeros_like(p) for p in params], teachers, lr=0.1, momentum=0.9,
-                     weight_decay=0.0, eta=1e-3, weight=0.25, m_tensor=None)
+    C.lars_ema_step_(
+        plan,
+        params,
+        grads,
+        [torch.zeros_like(p) for p in params],
+        teachers,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=0.0,
+        eta=1e-3,
+        weight=0.25,
+        m_tensor=None,
+    )
     assert [name for name, _ in fake_ext] == ["lars_ema_apply"]
     assert list(plan.tables[0].field("ptr")[1, :2]) == [g.data_ptr() for g in grads]
     assert torch.equal(teachers[0], t0.lerp(params[0], 0.25)), "the teacher of another layout, after the step"

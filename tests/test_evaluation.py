@@ -1,5 +1,6 @@
 """`sslfast eval`'s pieces: labeled batches that skip corrupt files without shifting a label, the fine-tune recipe
 against the linear probe, and the checks of `evaluate`'s arguments."""
+
 import copy
 
 import numpy as np
@@ -45,8 +46,9 @@ def _colour_class(x, preset):
 def test_corrupt_images_never_shift_labels(tmp_path, seed):
     good = _colour_folder(tmp_path, seed)
     lines = []
-    images = LabeledImages(D.find_images(tmp_path), image_size=7, device="cpu", batch_size=5, workers=2,
-                           log=lines.append)
+    images = LabeledImages(
+        D.find_images(tmp_path), image_size=7, device="cpu", batch_size=5, workers=2, log=lines.append
+    )
     assert len(images) == good + 2
     for shuffle, drop_last, epoch in ((False, False, 0), (True, False, seed % 97), (True, True, 3), (False, True, 1)):
         delivered = 0
@@ -56,8 +58,7 @@ def test_corrupt_images_never_shift_labels(tmp_path, seed):
             delivered += len(y)
         # every good image once (drop_last: the last partial batch of positions is dropped, bad rows removed)
         assert delivered == good if not drop_last else good - 5 <= delivered <= good
-    assert images.skipped == 2 and sorted(p.rsplit("/", 2)[-2] for p, _ in images.bad_files) == ["class_1",
-                                                                                                 "class_2"]
+    assert images.skipped == 2 and sorted(p.rsplit("/", 2)[-2] for p, _ in images.bad_files) == ["class_1", "class_2"]
     assert len(lines) == 1 and "skipped 2 unreadable image(s)" in lines[0], lines  # reported once
     feats, labels = extract_features(torch.nn.Flatten(), images)
     assert feats.shape[0] == labels.shape[0] == good
@@ -84,15 +85,18 @@ def test_fine_tune_not_below_linear_probe(tmp_path):
     assert tuned >= linear - 0.05, f"fine-tune {tuned:.3f} vs linear probe {linear:.3f}"
 
 
-@pytest.mark.parametrize("kwargs,flag", [
-    (dict(epochs=0), "--epochs must be a positive integer, got 0"),
-    (dict(epochs=-1), "--epochs must be a positive integer, got -1"),
-    (dict(epochs=2.5), "--epochs must be a positive integer"),
-    (dict(epochs=True), "--epochs must be a positive integer"),
-    (dict(protocols=("knn", "lineer")), "--protocol must be one or more of knn, linear, finetune, got 'lineer'"),
-    (dict(protocols=()), "--protocol must be one or more of knn, linear, finetune, got none"),
-    (dict(protocols=None), "--protocol must be one or more"),
-])
+@pytest.mark.parametrize(
+    "kwargs,flag",
+    [
+        (dict(epochs=0), "--epochs must be a positive integer, got 0"),
+        (dict(epochs=-1), "--epochs must be a positive integer, got -1"),
+        (dict(epochs=2.5), "--epochs must be a positive integer"),
+        (dict(epochs=True), "--epochs must be a positive integer"),
+        (dict(protocols=("knn", "lineer")), "--protocol must be one or more of knn, linear, finetune, got 'lineer'"),
+        (dict(protocols=()), "--protocol must be one or more of knn, linear, finetune, got none"),
+        (dict(protocols=None), "--protocol must be one or more"),
+    ],
+)
 def test_evaluate_bad_arguments(kwargs, flag, tmp_path):
     # checked before the checkpoint is read: the missing file would be the error otherwise
     with pytest.raises(ConfigError) as exc:

@@ -1,6 +1,7 @@
 """Every op family's two implementations honour its contract (`sslfast.ops._family`): the kernels module and the
 PyTorch module define each contract function with the contract's parameter names, in its order; the four
 layers share the family's name; and no ops module keeps a dispatch function of its own."""
+
 from __future__ import annotations
 
 import importlib
@@ -40,7 +41,8 @@ def test_implementation_matches_contract(family, layer):
         impl = getattr(module, name, None)
         assert callable(impl), f"{module.__name__} lacks {name}, which {family.contract.__name__} declares"
         assert _params(inspect.signature(impl)) == _params(sig), (
-            f"{module.__name__}.{name}{inspect.signature(impl)} differs from the contract's {name}{sig}")
+            f"{module.__name__}.{name}{inspect.signature(impl)} differs from the contract's {name}{sig}"
+        )
 
 
 def test_one_name_across_layers(family):
@@ -52,8 +54,9 @@ def test_one_name_across_layers(family):
 
 def test_no_private_dispatchers():
     """Dispatch goes through `Family.impl`; no ops module defines its own `_impl` function."""
-    offenders = [p.name for p in (ROOT / "sslfast" / "ops").glob("*.py")
-                 if re.search(r"^def _impl\b", p.read_text(), flags=re.M)]
+    offenders = [
+        p.name for p in (ROOT / "sslfast" / "ops").glob("*.py") if re.search(r"^def _impl\b", p.read_text(), flags=re.M)
+    ]
     assert not offenders, f"ops modules with their own dispatch function: {offenders}"
 
 
@@ -63,9 +66,11 @@ def test_reference_is_never_imported_at_run_time():
     packages = ("ops", "nn", "methods", "train", "data", "models")
     runtime = [p for sub in packages for p in (ROOT / "sslfast" / sub).rglob("*.py")]
     runtime += [ROOT / "sslfast" / f for f in ("optim.py", "distributed.py", "mae.py", "cli.py")]
-    offenders = [str(p.relative_to(ROOT)) for p in runtime
-                 if re.search(r"^\s*from (\.+|sslfast\.)reference\b|^\s*from \.+ import reference\b",
-                              p.read_text(), flags=re.M)]
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in runtime
+        if re.search(r"^\s*from (\.+|sslfast\.)reference\b|^\s*from \.+ import reference\b", p.read_text(), flags=re.M)
+    ]
     assert not offenders, f"runtime modules importing the oracle: {offenders}"
 
 

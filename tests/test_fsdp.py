@@ -1,6 +1,7 @@
 """`sslfast pretrain --strategy fsdp` (torch's FSDP2): 2 gloo ranks sharding student and EMA teacher step to the
 weights of one process stepping on the whole batch; the checkpoint holds the whole model (resume, eval); the
 flag's refusals are one line."""
+
 import os
 
 import pytest
@@ -20,8 +21,10 @@ def _cfg(method, strategy="ddp", world=1, **kw):
 
 def _views(method, batch, seed, **kw):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, 3, v.size, v.size, generator=g)
-            for v in preset_for(_cfg(method, **kw), METHODS[method]).expanded()]
+    return [
+        torch.randn(batch, 3, v.size, v.size, generator=g)
+        for v in preset_for(_cfg(method, **kw), METHODS[method]).expanded()
+    ]
 
 
 def _steps(method, world, views, strategy, steps, kw):
@@ -46,15 +49,18 @@ def _steps(method, world, views, strategy, steps, kw):
 # * DINO on vit_micro: blocks of student and teacher sharded, center buffer; one step with SGD, because AdamW's
 #   first steps divide by the gradient's own magnitude, which turns last-bit summation-order differences of
 #   near-zero gradients into visible ones (DDP differs from one process by the same amount there).
-PARITY_CASES = [("byol", 2, 11, {}), ("simclr", 2, 12, {}),
-                ("dino", 1, 13, dict(backbone="vit_micro", optimizer="sgd"))]
+PARITY_CASES = [
+    ("byol", 2, 11, {}),
+    ("simclr", 2, 12, {}),
+    ("dino", 1, 13, dict(backbone="vit_micro", optimizer="sgd")),
+]
 
 
 def _rank_fn(rank, world, cases):
     out = []
     for method, steps, views, kw in cases:
         n = views[0].shape[0] // world
-        out.append(_steps(method, world, [v[rank * n:(rank + 1) * n] for v in views], "fsdp", steps, kw))
+        out.append(_steps(method, world, [v[rank * n : (rank + 1) * n] for v in views], "fsdp", steps, kw))
     return out
 
 
@@ -79,11 +85,21 @@ def test_fsdp_steps_equal_one_process():
 
 def _pretrain_fn(rank, world, out):
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
-    base = dict(method="byol", out=out, batch_size=64, image_size=8, workers=1, device="cpu", strategy="fsdp",
-                knn=False, progress=False)
+    base = dict(
+        method="byol",
+        out=out,
+        batch_size=64,
+        image_size=8,
+        workers=1,
+        device="cpu",
+        strategy="fsdp",
+        knn=False,
+        progress=False,
+    )
     first = pretrain(PretrainConfig(epochs=2, stop_after=1, **base), log=lambda s: None)
-    second = pretrain(PretrainConfig(epochs=2, resume=True, **{k: v for k, v in base.items() if k != "strategy"}),
-                      log=lambda s: None)
+    second = pretrain(
+        PretrainConfig(epochs=2, resume=True, **{k: v for k, v in base.items() if k != "strategy"}), log=lambda s: None
+    )
     return first["finished"], second["finished"], second["config"]["strategy"]
 
 
@@ -117,10 +133,13 @@ def test_fsdp_world_one_is_the_plain_step():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--strategy", "zero3"], "--strategy must be ddp or fsdp, got 'zero3'"),
-    (["--strategy", "fsdp", "--method", "swav"], "--strategy fsdp: swav rescales its prototypes"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--strategy", "zero3"], "--strategy must be ddp or fsdp, got 'zero3'"),
+        (["--strategy", "fsdp", "--method", "swav"], "--strategy fsdp: swav rescales its prototypes"),
+    ],
+)
 def test_cli_strategy_refusals_are_one_line(argv, needle, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["pretrain", "--out", str(tmp_path / "r"), *argv])

@@ -1,5 +1,6 @@
 """The eager host path: what an op call issues besides its kernels (ATen ops, autograd nodes), the folded
 epilogues, and the EMA plan cache's check, with the numerics of every shortcut against float64 references."""
+
 import collections
 
 import pytest
@@ -51,6 +52,7 @@ def _stub_launches(monkeypatch) -> collections.Counter:
 
     launches = collections.Counter()
     monkeypatch.setenv("SSLFAST_BACKEND", "triton")
+
     def count(self, *args, grid, warmup, **kwargs):
         launches[self.fn.__name__] += 1
 
@@ -97,13 +99,17 @@ def test_contrastive_losses_issue_fewer_aten_ops(seed, monkeypatch):
     _stub_launches(monkeypatch)
     q, k = leaf(torch.randn(16, 32)), leaf(torch.randn(16, 32))
     queue, scale = torch.randn(64, 32), leaf(torch.tensor(14.0))
-    budget = {"nt_xent": (lambda: sf.nt_xent_loss(q, k, 0.1), 17),  # 26 before
-              "info_nce": (lambda: sf.info_nce_loss(q, k, queue, 0.2), 21),  # 26 before
-              "clip": (lambda: sf.clip_loss(q, k, scale), 25)}  # 32 before
+    budget = {
+        "nt_xent": (lambda: sf.nt_xent_loss(q, k, 0.1), 17),  # 26 before
+        "info_nce": (lambda: sf.info_nce_loss(q, k, queue, 0.2), 21),  # 26 before
+        "clip": (lambda: sf.clip_loss(q, k, scale), 25),
+    }  # 32 before
     for name, (loss, most) in budget.items():
+
         def call():
             q.grad = k.grad = scale.grad = None
             loss().backward()
+
         call()  # a first call makes the cached scalars
         ops = _aten_ops(call)
         assert ops["promote_types"] == 0 and ops["select"] == 0, (name, dict(ops))
@@ -154,8 +160,18 @@ def plan_check(request, monkeypatch):
     ema_ops._EMA_PLANS.clear()
 
 
-@pytest.mark.parametrize("change", ["resize_", "t_ (square)", "unsqueeze_", "as_strided_", ".data = transpose",
-                                    ".data = other dtype", ".data = other storage"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        "resize_",
+        "t_ (square)",
+        "unsqueeze_",
+        "as_strided_",
+        ".data = transpose",
+        ".data = other dtype",
+        ".data = other storage",
+    ],
+)
 def test_ema_plan_detects_in_place_metadata_changes(plan_check, change, seed):
     """A cached plan is reused only for unchanged tensors: any in-place change of a tensor's sizes, strides,
     dtype or storage (identity kept) is seen at the next call, which rebuilds and re-validates."""
@@ -187,8 +203,9 @@ def test_ema_plan_detects_in_place_metadata_changes(plan_check, change, seed):
         before = [x.clone() for x in teacher]
         sf.ema_update_(teacher, student, 0.9)
         for x, x0, s in zip(teacher, before, student):
-            assert_close(x, torch.lerp(x0.double(), s.double(), 0.1), tol(x.dtype) if x.dtype != torch.float32
-                         else 1e-6, change)
+            assert_close(
+                x, torch.lerp(x0.double(), s.double(), 0.1), tol(x.dtype) if x.dtype != torch.float32 else 1e-6, change
+            )
 
 
 def test_ema_plan_hit_keeps_results(plan_check, seed):

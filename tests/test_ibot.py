@@ -1,4 +1,5 @@
 """iBOT masked-patch loss against DINOv2's literal `iBOTPatchLoss.forward` / `forward_masked` (float64 oracles)."""
+
 import contextlib
 
 import pytest
@@ -67,8 +68,9 @@ def test_masked_variant_matches_forward_masked(backend, seed, dtype, padding):
     full = R.ibot_patch_loss_literal(s.double(), t.double(), mask, 0.1)
     assert_loss_close(ref, full, 1e-6, "forward_masked vs forward")  # DINOv2's default weights are fp32
     x = leaf(sm)
-    out, g = _grad_of(sf.ibot_patch_loss_masked(x, tm, masks_weight=weights, n_images=B,
-                                                n_masked_patches=n if padding else None), x)
+    out, g = _grad_of(
+        sf.ibot_patch_loss_masked(x, tm, masks_weight=weights, n_images=B, n_masked_patches=n if padding else None), x
+    )
     assert_loss_close(out, ref, tol(dtype), f"loss, seed {seed}")
     assert_close(g, gref, tol(dtype), f"grad, seed {seed}")
     assert not g[n:].any()
@@ -82,8 +84,9 @@ def test_masked_variant_explicit_weights(backend, seed):
     w = torch.rand(M)
     w[3] = 0.0
     s64 = leaf(s, torch.float64)
-    ref, gref = _grad_of(R.ibot_patch_loss_masked_literal(s64, t.double(), torch.zeros(5, 2), 0.07,
-                                                          masks_weight=w.double()), s64)
+    ref, gref = _grad_of(
+        R.ibot_patch_loss_masked_literal(s64, t.double(), torch.zeros(5, 2), 0.07, masks_weight=w.double()), s64
+    )
     x = leaf(s)
     out, g = _grad_of(sf.ibot_patch_loss_masked(x, t, masks_weight=w, n_images=5, student_temp=0.07), x)
     assert_loss_close(out, ref, tol(torch.float32), f"loss, seed {seed}")
@@ -130,51 +133,70 @@ def test_non_finite_masked_token_propagates(backend):
 
 
 def _bad(**kwargs):
-    base = dict(student_patch_logits=torch.randn(2, 3, 8), teacher_patch_probs=torch.rand(2, 3, 8),
-                mask=torch.ones(2, 3, dtype=torch.bool))
+    base = dict(
+        student_patch_logits=torch.randn(2, 3, 8),
+        teacher_patch_probs=torch.rand(2, 3, 8),
+        mask=torch.ones(2, 3, dtype=torch.bool),
+    )
     return dict(base, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (_bad(student_patch_logits=torch.randn(6, 8)), ValueError, "student_patch_logits"),
-    (_bad(student_patch_logits=torch.randn(2, 3, 0), teacher_patch_probs=torch.rand(2, 3, 0)), ValueError,
-     "student_patch_logits"),
-    (_bad(student_patch_logits=torch.ones(2, 3, 8, dtype=torch.long)), TypeError, "student_patch_logits"),
-    (_bad(teacher_patch_probs=torch.rand(2, 3, 7)), ValueError, "teacher_patch_probs"),
-    (_bad(teacher_patch_probs=[0.5]), TypeError, "teacher_patch_probs"),
-    (_bad(teacher_patch_probs=torch.rand(2, 3, 8, device="meta")), ValueError, "teacher_patch_probs"),
-    (_bad(teacher_patch_probs=torch.ones(2, 3, 8, dtype=torch.int32)), TypeError, "teacher_patch_probs"),
-    (_bad(mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "mask"),
-    (_bad(mask=torch.ones(2, 3)), TypeError, "mask"),
-    (_bad(mask=None), TypeError, "mask"),
-    (_bad(student_temp=0.0), ValueError, "student_temp"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (_bad(student_patch_logits=torch.randn(6, 8)), ValueError, "student_patch_logits"),
+        (
+            _bad(student_patch_logits=torch.randn(2, 3, 0), teacher_patch_probs=torch.rand(2, 3, 0)),
+            ValueError,
+            "student_patch_logits",
+        ),
+        (_bad(student_patch_logits=torch.ones(2, 3, 8, dtype=torch.long)), TypeError, "student_patch_logits"),
+        (_bad(teacher_patch_probs=torch.rand(2, 3, 7)), ValueError, "teacher_patch_probs"),
+        (_bad(teacher_patch_probs=[0.5]), TypeError, "teacher_patch_probs"),
+        (_bad(teacher_patch_probs=torch.rand(2, 3, 8, device="meta")), ValueError, "teacher_patch_probs"),
+        (_bad(teacher_patch_probs=torch.ones(2, 3, 8, dtype=torch.int32)), TypeError, "teacher_patch_probs"),
+        (_bad(mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "mask"),
+        (_bad(mask=torch.ones(2, 3)), TypeError, "mask"),
+        (_bad(mask=None), TypeError, "mask"),
+        (_bad(student_temp=0.0), ValueError, "student_temp"),
+    ],
+)
 def test_bad_input(kwargs, error, match):
     with pytest.raises(error, match=match):
         sf.ibot_patch_loss(**kwargs)
 
 
 def _bad_masked(**kwargs):
-    base = dict(student_logits_masked=torch.randn(5, 8), teacher_probs_masked=torch.rand(5, 8),
-                masks_weight=torch.rand(5), n_images=2)
+    base = dict(
+        student_logits_masked=torch.randn(5, 8),
+        teacher_probs_masked=torch.rand(5, 8),
+        masks_weight=torch.rand(5),
+        n_images=2,
+    )
     return dict(base, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (_bad_masked(student_logits_masked=torch.randn(5, 2, 8)), ValueError, "student_logits_masked"),
-    (_bad_masked(student_logits_masked=torch.randn(0, 8), teacher_probs_masked=torch.rand(0, 8)), ValueError,
-     "student_logits_masked"),
-    (_bad_masked(teacher_probs_masked=torch.rand(4, 8)), ValueError, "teacher_probs_masked"),
-    (_bad_masked(teacher_probs_masked=torch.rand(5, 8, device="meta")), ValueError, "teacher_probs_masked"),
-    (_bad_masked(masks_weight=torch.rand(4)), ValueError, "masks_weight"),
-    (_bad_masked(masks_weight=torch.rand(5), n_masked_patches=3), ValueError, "masks_weight"),
-    (_bad_masked(masks_weight=torch.rand(5, 1)), ValueError, "masks_weight"),
-    (_bad_masked(n_masked_patches=6), ValueError, "n_masked_patches"),
-    (_bad_masked(n_masked_patches=2.0), TypeError, "n_masked_patches"),
-    (_bad_masked(n_images=0), ValueError, "n_images"),
-    (_bad_masked(n_images=None), TypeError, "n_images"),
-    (_bad_masked(student_temp=-1.0), ValueError, "student_temp"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (_bad_masked(student_logits_masked=torch.randn(5, 2, 8)), ValueError, "student_logits_masked"),
+        (
+            _bad_masked(student_logits_masked=torch.randn(0, 8), teacher_probs_masked=torch.rand(0, 8)),
+            ValueError,
+            "student_logits_masked",
+        ),
+        (_bad_masked(teacher_probs_masked=torch.rand(4, 8)), ValueError, "teacher_probs_masked"),
+        (_bad_masked(teacher_probs_masked=torch.rand(5, 8, device="meta")), ValueError, "teacher_probs_masked"),
+        (_bad_masked(masks_weight=torch.rand(4)), ValueError, "masks_weight"),
+        (_bad_masked(masks_weight=torch.rand(5), n_masked_patches=3), ValueError, "masks_weight"),
+        (_bad_masked(masks_weight=torch.rand(5, 1)), ValueError, "masks_weight"),
+        (_bad_masked(n_masked_patches=6), ValueError, "n_masked_patches"),
+        (_bad_masked(n_masked_patches=2.0), TypeError, "n_masked_patches"),
+        (_bad_masked(n_images=0), ValueError, "n_images"),
+        (_bad_masked(n_images=None), TypeError, "n_images"),
+        (_bad_masked(student_temp=-1.0), ValueError, "student_temp"),
+    ],
+)
 def test_bad_input_masked(kwargs, error, match):
     with pytest.raises(error, match=match):
         sf.ibot_patch_loss_masked(**kwargs)
@@ -186,8 +208,7 @@ def test_memory_frugal_backward_saves_no_softmax(backend):
     s, t, mask = _inputs(B, L, K)
     x = leaf(s)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda z: saved.append(z) or z, lambda z: z), \
-            sf.separate_backward():
+    with torch.autograd.graph.saved_tensors_hooks(lambda z: saved.append(z) or z, lambda z: z), sf.separate_backward():
         sf.ibot_patch_loss(x, t, mask)
     extra = sum(z.numel() for z in saved if z.data_ptr() not in (x.data_ptr(), t.data_ptr()))
     assert extra <= 3 * B * L, f"saved {extra} extra elements"

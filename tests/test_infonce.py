@@ -2,6 +2,7 @@
 the PyTorch path and on the Triton kernels (interpreted on CPU, real on `-m gpu`); the modules, bad input,
 gradients in the forward, memory and the distributed losses. The core op's kernels are in
 test_infonce_kernels.py, torch.compile in test_infonce_compile.py."""
+
 import itertools
 import subprocess
 import sys
@@ -90,7 +91,7 @@ def test_clip(backend, seed, n, d, dtype, temperature, logit_scale):
     ((ref._cross_entropy(logits, target) + ref._cross_entropy(logits.T, target)) / 2).backward()
     terms = (logits.grad * cos).abs().sum().item()
     err = abs(s.grad.item() - s64.grad.item())
-    bound = max(max(tol(dtype), 2 * logit_scale * 2.0 ** -24) * terms, torch.finfo(torch.float32).tiny)
+    bound = max(max(tol(dtype), 2 * logit_scale * 2.0**-24) * terms, torch.finfo(torch.float32).tiny)
     assert err <= bound, f"logit_scale grad (seed {seed}): error {err:.3g} > {bound:.3g} (Σ|G∘cos| = {terms:.3g})"
 
 
@@ -164,37 +165,43 @@ def test_infonce_module_queue(backend, seed):
 
 def test_clip_module(backend, seed):
     img, txt, s = torch.randn(7, 10), torch.randn(7, 10), torch.tensor(5.0)
-    assert_loss_close(sf.nn.CLIPLoss()(img, txt, s), ref.clip_loss(img.double(), txt.double(), s.double()), 1e-5,
-                 f"seed {seed}")
+    assert_loss_close(
+        sf.nn.CLIPLoss()(img, txt, s), ref.clip_loss(img.double(), txt.double(), s.double()), 1e-5, f"seed {seed}"
+    )
 
 
 # ------------------------------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("call,match", [
-    (lambda: sf.nt_xent_loss(torch.randn(4, 8), torch.randn(5, 8)), "z1 and z2"),
-    (lambda: sf.nt_xent_loss(torch.randn(4, 8), torch.randn(4, 8), temperature=0.0), "temperature"),
-    (lambda: sf.nt_xent_loss(torch.randn(4, 8), torch.randn(4, 8), temperature=-1), "temperature"),
-    (lambda: sf.nt_xent_loss(torch.randn(4, 8), torch.randn(4, 8), temperature=float("nan")), "temperature"),
-    (lambda: sf.nt_xent_loss(torch.randn(1, 8), torch.randn(1, 8)), "N >= 2"),
-    (lambda: sf.nt_xent_loss(torch.randn(0, 8), torch.randn(0, 8)), "non-empty"),
-    (lambda: sf.nt_xent_loss(torch.randn(8), torch.randn(8)), r"z1 must be a 2-D tensor \[N, D\]"),
-    (lambda: sf.nt_xent_loss(torch.randint(0, 5, (4, 8)), torch.randn(4, 8)), "z1 must have a floating dtype"),
-    (lambda: sf.nt_xent_loss(torch.randn(4, 8), torch.randn(4, 8, device="meta")), "one device"),
-    (lambda: sf.nt_xent_loss(torch.randn(4, 8), torch.randn(4, 8, dtype=torch.float16)), "one dtype"),
-    (lambda: sf.info_nce_loss(torch.randn(4, 8), torch.randn(4, 8), torch.randn(9, 7)), "queue must be"),
-    (lambda: sf.info_nce_loss(torch.randn(1, 8), torch.randn(1, 8)), "at least 2 rows"),
-    (lambda: sf.info_nce_loss(torch.randn(4, 8), torch.randn(4, 8), torch.randn(9)), "queue must be a 2-D"),
-    (lambda: sf.clip_loss(torch.randn(4, 8), torch.randn(4, 8), 2.0), "logit_scale"),
-    (lambda: sf.clip_loss(torch.randn(4, 8), torch.randn(4, 8), torch.ones(2)), "logit_scale"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: sf.nt_xent_loss(torch.randn(4, 8), torch.randn(5, 8)), "z1 and z2"),
+        (lambda: sf.nt_xent_loss(torch.randn(4, 8), torch.randn(4, 8), temperature=0.0), "temperature"),
+        (lambda: sf.nt_xent_loss(torch.randn(4, 8), torch.randn(4, 8), temperature=-1), "temperature"),
+        (lambda: sf.nt_xent_loss(torch.randn(4, 8), torch.randn(4, 8), temperature=float("nan")), "temperature"),
+        (lambda: sf.nt_xent_loss(torch.randn(1, 8), torch.randn(1, 8)), "N >= 2"),
+        (lambda: sf.nt_xent_loss(torch.randn(0, 8), torch.randn(0, 8)), "non-empty"),
+        (lambda: sf.nt_xent_loss(torch.randn(8), torch.randn(8)), r"z1 must be a 2-D tensor \[N, D\]"),
+        (lambda: sf.nt_xent_loss(torch.randint(0, 5, (4, 8)), torch.randn(4, 8)), "z1 must have a floating dtype"),
+        (lambda: sf.nt_xent_loss(torch.randn(4, 8), torch.randn(4, 8, device="meta")), "one device"),
+        (lambda: sf.nt_xent_loss(torch.randn(4, 8), torch.randn(4, 8, dtype=torch.float16)), "one dtype"),
+        (lambda: sf.info_nce_loss(torch.randn(4, 8), torch.randn(4, 8), torch.randn(9, 7)), "queue must be"),
+        (lambda: sf.info_nce_loss(torch.randn(1, 8), torch.randn(1, 8)), "at least 2 rows"),
+        (lambda: sf.info_nce_loss(torch.randn(4, 8), torch.randn(4, 8), torch.randn(9)), "queue must be a 2-D"),
+        (lambda: sf.clip_loss(torch.randn(4, 8), torch.randn(4, 8), 2.0), "logit_scale"),
+        (lambda: sf.clip_loss(torch.randn(4, 8), torch.randn(4, 8), torch.ones(2)), "logit_scale"),
+    ],
+)
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
 
 
-_LOSSES = {"nt_xent": lambda a, b, s: sf.nt_xent_loss(a, b, 0.3),
-           "moco_v3": lambda a, b, s: sf.info_nce_loss(a, b, None, 0.2),
-           "moco_queue": lambda a, b, s: sf.info_nce_loss(a, b, _QUEUE, 0.2),
-           "clip": lambda a, b, s: sf.clip_loss(a, b, s)}
+_LOSSES = {
+    "nt_xent": lambda a, b, s: sf.nt_xent_loss(a, b, 0.3),
+    "moco_v3": lambda a, b, s: sf.info_nce_loss(a, b, None, 0.2),
+    "moco_queue": lambda a, b, s: sf.info_nce_loss(a, b, _QUEUE, 0.2),
+    "clip": lambda a, b, s: sf.clip_loss(a, b, s),
+}
 _QUEUE = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))  # D = 8 below
 
 
@@ -280,8 +287,13 @@ _RSS_SCRIPT = textwrap.dedent("""
 def test_cpu_memory_stays_linear():
     """NT-Xent at 12000 rows per view, D=128, fp32, forward+backward on the CPU path: the 2N x 2N logits
     alone would be 2.3 GB; the chunked path must raise peak RSS by at most 512 MiB."""
-    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT.format(n=12000)], capture_output=True, text=True,
-                         env={**__import__("os").environ, "SSLFAST_BACKEND": "reference"}, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT.format(n=12000)],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "SSLFAST_BACKEND": "reference"},
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     extra_mib = float(out.stdout.strip().splitlines()[-1])
     assert extra_mib <= 512, f"peak RSS grew by {extra_mib:.0f} MiB"
@@ -292,10 +304,12 @@ def _rank_losses(rank, world, loss_name, n, d, seed):
     torch.manual_seed(seed)
     x1, x2 = torch.randn(world * n, d), torch.randn(world * n, d)
     s = torch.tensor(3.0, requires_grad=True)
-    a, b = leaf(x1[rank * n:(rank + 1) * n]), leaf(x2[rank * n:(rank + 1) * n])
-    loss = {"nt_xent": lambda: sf.nt_xent_loss(a, b, 0.3, gather_distributed=True),
-            "info_nce": lambda: sf.info_nce_loss(a, b, None, 0.3, gather_distributed=True),
-            "clip": lambda: sf.clip_loss(a, b, s, gather_distributed=True)}[loss_name]()
+    a, b = leaf(x1[rank * n : (rank + 1) * n]), leaf(x2[rank * n : (rank + 1) * n])
+    loss = {
+        "nt_xent": lambda: sf.nt_xent_loss(a, b, 0.3, gather_distributed=True),
+        "info_nce": lambda: sf.info_nce_loss(a, b, None, 0.3, gather_distributed=True),
+        "clip": lambda: sf.clip_loss(a, b, s, gather_distributed=True),
+    }[loss_name]()
     loss.backward()
     return loss.item(), a.grad, b.grad, s.grad
 
@@ -310,10 +324,16 @@ def test_gather_distributed_matches_single_process(backend, seed, world, loss_na
     ranks = run_ranks(world, _rank_losses, loss_name, n, d, seed)
     torch.manual_seed(seed)
     x1, x2 = torch.randn(world * n, d), torch.randn(world * n, d)
-    a, b, s = leaf(x1, torch.float64), leaf(x2, torch.float64), torch.tensor(3.0, dtype=torch.float64,
-                                                                           requires_grad=True)
-    want = {"nt_xent": lambda: ref.nt_xent_loss(a, b, 0.3), "info_nce": lambda: ref.info_nce_loss(a, b, None, 0.3),
-            "clip": lambda: ref.clip_loss(a, b, s)}[loss_name]()
+    a, b, s = (
+        leaf(x1, torch.float64),
+        leaf(x2, torch.float64),
+        torch.tensor(3.0, dtype=torch.float64, requires_grad=True),
+    )
+    want = {
+        "nt_xent": lambda: ref.nt_xent_loss(a, b, 0.3),
+        "info_nce": lambda: ref.info_nce_loss(a, b, None, 0.3),
+        "clip": lambda: ref.clip_loss(a, b, s),
+    }[loss_name]()
     want.backward()
     assert sum(r[0] for r in ranks) / world == pytest.approx(want.item(), rel=1e-5)
     for rank, (_, ga, gb, gs) in enumerate(ranks):
@@ -326,9 +346,17 @@ def test_gather_distributed_matches_single_process(backend, seed, world, loss_na
 
 # ------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,d,dtype", [(4096, 128, torch.float32), (4096, 128, torch.bfloat16),
-                                       (4096, 128, torch.float16), (4097, 96, torch.bfloat16),
-                                       (16384, 128, torch.bfloat16), (1000, 384, torch.float32)])
+@pytest.mark.parametrize(
+    "n,d,dtype",
+    [
+        (4096, 128, torch.float32),
+        (4096, 128, torch.bfloat16),
+        (4096, 128, torch.float16),
+        (4097, 96, torch.bfloat16),
+        (16384, 128, torch.bfloat16),
+        (1000, 384, torch.float32),
+    ],
+)
 def test_gpu_sweep(seed, dtype, n, d):
     """The real kernels at realistic sizes against the float64 reference (on the GPU)."""
     dev = "cuda"
@@ -337,10 +365,14 @@ def test_gpu_sweep(seed, dtype, n, d):
     queue = F.normalize(torch.randn(4099, d, device=dev), dim=1).to(dtype)
     checks = {
         "nt_xent": (lambda x, y, sc: sf.nt_xent_loss(x, y, 0.1), lambda x, y, sc: ref.nt_xent_loss(x, y, 0.1)),
-        "moco_v3": (lambda x, y, sc: sf.info_nce_loss(x, y, None, 0.2),
-                    lambda x, y, sc: ref.info_nce_loss(x, y, None, 0.2)),
-        "moco_queue": (lambda x, y, sc: sf.info_nce_loss(x, y, queue, 0.2),
-                       lambda x, y, sc: ref.info_nce_loss(x, y, queue.double(), 0.2)),
+        "moco_v3": (
+            lambda x, y, sc: sf.info_nce_loss(x, y, None, 0.2),
+            lambda x, y, sc: ref.info_nce_loss(x, y, None, 0.2),
+        ),
+        "moco_queue": (
+            lambda x, y, sc: sf.info_nce_loss(x, y, queue, 0.2),
+            lambda x, y, sc: ref.info_nce_loss(x, y, queue.double(), 0.2),
+        ),
         "clip": (lambda x, y, sc: sf.clip_loss(x, y, sc), lambda x, y, sc: ref.clip_loss(x, y, sc)),
     }
     for name, (fused, literal) in checks.items():
@@ -365,9 +397,11 @@ def test_autocast_does_not_change_the_op(backend, seed, loss):
     """Inside a bf16 autocast region the losses still compute in their inputs' dtype (same value and
     gradients as outside it): the ops pick their own precision."""
     z1, z2, queue = torch.randn(9, 16), torch.randn(9, 16), torch.randn(13, 16)
-    call = {"nt_xent": lambda a, b: sf.nt_xent_loss(a, b, 0.3),
-            "info_nce": lambda a, b: sf.info_nce_loss(a, b, queue, 0.3),
-            "clip": lambda a, b: sf.clip_loss(a, b, torch.tensor(4.0))}[loss]
+    call = {
+        "nt_xent": lambda a, b: sf.nt_xent_loss(a, b, 0.3),
+        "info_nce": lambda a, b: sf.info_nce_loss(a, b, queue, 0.3),
+        "clip": lambda a, b: sf.clip_loss(a, b, torch.tensor(4.0)),
+    }[loss]
     got, (a, _), want, (a0, _) = with_and_without_autocast(call, z1, z2)
     assert got.dtype == torch.float32
     assert_loss_close(got, want, 1e-6, f"loss (seed {seed})")

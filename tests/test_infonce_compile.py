@@ -1,6 +1,7 @@
 """torch.compile of the contrastive losses: a model using them compiles (aot_eager, with and without graph
 breaks allowed) on the CPU, with torch's custom-op aliasing check turned into an error, and matches eager
 forward and backward."""
+
 import pytest
 import torch
 
@@ -66,8 +67,12 @@ def test_torch_compile_fullgraph(seed, monkeypatch):
     monkeypatch.setenv("SSLFAST_BACKEND", "reference")
 
     def step(z1, z2, queue, scale):
-        return (sf.nt_xent_loss(z1, z2, 0.3) + sf.info_nce_loss(z1, z2, queue, 0.2)
-                + sf.info_nce_loss(z1, z2, None, 0.2) + sf.clip_loss(z1, z2, scale))
+        return (
+            sf.nt_xent_loss(z1, z2, 0.3)
+            + sf.info_nce_loss(z1, z2, queue, 0.2)
+            + sf.info_nce_loss(z1, z2, None, 0.2)
+            + sf.clip_loss(z1, z2, scale)
+        )
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     z1, z2, queue, s = torch.randn(6, 8), torch.randn(6, 8), torch.randn(11, 8), torch.tensor(2.0)

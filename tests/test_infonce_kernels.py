@@ -1,6 +1,7 @@
 """The InfoNCE core op's pieces: each kernel (epilogue, split merge, index maps, fp16 unit operands, the
 symmetric forward) against the chunked PyTorch path in float64, that path's chunking against the literal
 losses, the custom ops under `torch.library.opcheck`, and the kernels' sm_90 builds."""
+
 import math
 
 import pytest
@@ -60,8 +61,18 @@ def test_merge_splits_kernel_against_reference(seed, splits, bounded):
         want_r = torch.logsumexp((row_m.double() + row_l.double().log2()) * math.log(2), dim=0)
         want_c = col_acc.log() + scale
     for want_pos, col_stats in ((True, True), (False, False)):
-        lse_r, lse_c, got_p = kern.merge_splits(row_m, row_l, pos, col_l, col_acc, torch.tensor(scale), nb,
-                                                want_pos=want_pos, col_stats=col_stats, bounded=bounded)
+        lse_r, lse_c, got_p = kern.merge_splits(
+            row_m,
+            row_l,
+            pos,
+            col_l,
+            col_acc,
+            torch.tensor(scale),
+            nb,
+            want_pos=want_pos,
+            col_stats=col_stats,
+            bounded=bounded,
+        )
         assert lse_r.dtype == lse_c.dtype == got_p.dtype == torch.float32
         assert torch.equal(lse_r.isinf(), want_r.isinf()) and (lse_r[want_r.isinf()] < 0).all()
         finite = want_r.isfinite()
@@ -72,8 +83,9 @@ def test_merge_splits_kernel_against_reference(seed, splits, bounded):
         if col_stats:
             assert_close(lse_c, want_c, 1e-6, f"lse_c (seed {seed})")
     row_l[-1, 7] = float("nan")
-    lse_r, _, _ = kern.merge_splits(row_m, row_l, pos, col_l, col_acc, torch.tensor(scale), nb, want_pos=False,
-                                    col_stats=False, bounded=bounded)
+    lse_r, _, _ = kern.merge_splits(
+        row_m, row_l, pos, col_l, col_acc, torch.tensor(scale), nb, want_pos=False, col_stats=False, bounded=bounded
+    )
     assert lse_r[7].isnan() and lse_r[8].isfinite()
 
 
@@ -91,8 +103,8 @@ def test_core_index_maps_against_reference(seed, bounded):
     big = n * world
     a = torch.randn(2 * n, d)
     b = torch.randn(2 * big, d)
-    b[rank * n:(rank + 1) * n] = a[:n]
-    b[big + rank * n: big + (rank + 1) * n] = a[n:]
+    b[rank * n : (rank + 1) * n] = a[:n]
+    b[big + rank * n : big + (rank + 1) * n] = a[n:]
     scale = torch.tensor(2.5)
     maps = IndexMaps(row_off=rank * n, row_split=n, row_shift=big - n, pos_shift=big, pos_period=2 * big)
     kw = dict(exclude_self=True, want_pos=True, col_stats=True, bounded=bounded)
@@ -105,10 +117,12 @@ def test_core_index_maps_against_reference(seed, bounded):
     g_r, g_c, g_p = torch.rand(2 * n), torch.rand(2 * big), torch.randn(2 * n)
     terms = dict(lse_r=want[0], g_r=g_r, lse_c=want[1], g_c=g_c, g_pr=g_p)
     kw = dict(exclude_self=True, bounded=bounded, want_dscale=True)
-    dw, sw = T.similarity_lse_rows_grad(a64, b64, *rn, scale.double(), maps, **kw,
-                                          **{k: v.double() for k, v in terms.items()})
-    dg, sg = kern.similarity_lse_rows_grad(a, b, kern.row_rnorm(a), kern.row_rnorm(b), scale, maps, **kw,
-                                           **{k: v.float() for k, v in terms.items()})
+    dw, sw = T.similarity_lse_rows_grad(
+        a64, b64, *rn, scale.double(), maps, **kw, **{k: v.double() for k, v in terms.items()}
+    )
+    dg, sg = kern.similarity_lse_rows_grad(
+        a, b, kern.row_rnorm(a), kern.row_rnorm(b), scale, maps, **kw, **{k: v.float() for k, v in terms.items()}
+    )
     assert_close(dg, dw, 1e-5, f"rows grad (seed {seed})")
     assert_close(sg, sw, 1e-5, f"scale grad (seed {seed})")
 
@@ -131,12 +145,16 @@ def test_fp32_inputs_with_fp16_unit_operands(seed, loss, monkeypatch):
     x, y = torch.randn(n, d) * 30, torch.randn(n, d) * 1e-3  # far from unit norm: the rows are normalized first
     queue = F.normalize(torch.randn(77, d), dim=1)
     scale = torch.tensor(14.3)
-    fused = {"nt_xent": lambda a, b, s: sf.nt_xent_loss(a, b, 0.1),
-             "info_nce": lambda a, b, s: sf.info_nce_loss(a, b, queue.to(a.dtype), 0.2),
-             "clip": lambda a, b, s: sf.clip_loss(a, b, s)}[loss]
-    literal = {"nt_xent": lambda a, b, s: ref.nt_xent_loss(a, b, 0.1),
-               "info_nce": lambda a, b, s: ref.info_nce_loss(a, b, queue.double(), 0.2),
-               "clip": lambda a, b, s: ref.clip_loss(a, b, s)}[loss]
+    fused = {
+        "nt_xent": lambda a, b, s: sf.nt_xent_loss(a, b, 0.1),
+        "info_nce": lambda a, b, s: sf.info_nce_loss(a, b, queue.to(a.dtype), 0.2),
+        "clip": lambda a, b, s: sf.clip_loss(a, b, s),
+    }[loss]
+    literal = {
+        "nt_xent": lambda a, b, s: ref.nt_xent_loss(a, b, 0.1),
+        "info_nce": lambda a, b, s: ref.info_nce_loss(a, b, queue.double(), 0.2),
+        "clip": lambda a, b, s: ref.clip_loss(a, b, s),
+    }[loss]
     a, b, s = leaf(x), leaf(y), leaf(scale)
     got = fused(a, b, s)
     got.backward()
@@ -189,14 +207,25 @@ def test_symmetric_forward_computes_half_the_tiles(seed, n, d, monkeypatch):
 # COL_TERM, POS_ROW, POS_COL, EXCLUDE_SELF, WANT_DSCALE, BOUNDED) for NT-Xent (one device and gathered),
 # paired InfoNCE (rows, swapped), the queue, and CLIP (rows, swapped).
 # (EXCLUDE_SELF, WANT_POS, COL_STATS, BOUNDED, TRIANGLE): NT-Xent symmetric / gathered / unbounded, MoCo, CLIP
-_FWD_VARIANTS = [(True, True, False, True, True), (True, True, False, True, False), (True, True, False, False, False),
-                 (False, True, False, True, False), (False, False, False, True, False),
-                 (False, True, True, False, False)]
-_BWD_VARIANTS = [(True, True, True, True, True, False, True), (True, False, True, False, True, False, True),
-                 (False, True, False, True, True, False, True), (True, False, True, False, False, False, True),
-                 (False, True, False, True, False, False, True), (True, False, False, False, False, False, True),
-                 (True, True, True, False, False, True, False), (True, True, False, True, False, False, False),
-                 (True, True, True, True, True, False, False)]
+_FWD_VARIANTS = [
+    (True, True, False, True, True),
+    (True, True, False, True, False),
+    (True, True, False, False, False),
+    (False, True, False, True, False),
+    (False, False, False, True, False),
+    (False, True, True, False, False),
+]
+_BWD_VARIANTS = [
+    (True, True, True, True, True, False, True),
+    (True, False, True, False, True, False, True),
+    (False, True, False, True, True, False, True),
+    (True, False, True, False, False, False, True),
+    (False, True, False, True, False, False, True),
+    (True, False, False, False, False, False, True),
+    (True, True, True, False, False, True, False),
+    (True, True, False, True, False, False, False),
+    (True, True, True, True, True, False, False),
+]
 
 
 def test_kernels_compile_for_sm90():
@@ -266,19 +295,26 @@ def test_torch_path_chunks_against_literal(seed, loss, monkeypatch):
     monkeypatch.setenv("SSLFAST_BACKEND", "reference")
     n, d = 13, 7
     monkeypatch.setattr(T, "CHUNK_ELEMS", 3 * 2 * n)  # 3 rows of NT-Xent's 2N columns a chunk
-    x, y, queue = torch.randn(n, d, dtype=torch.float64), torch.randn(n, d, dtype=torch.float64), torch.randn(
-        11, d, dtype=torch.float64)
+    x, y, queue = (
+        torch.randn(n, d, dtype=torch.float64),
+        torch.randn(n, d, dtype=torch.float64),
+        torch.randn(11, d, dtype=torch.float64),
+    )
     chunks = []
     tiles = T._tiles
     monkeypatch.setattr(T, "_tiles", lambda *a: (chunks.append(1) or t for t in tiles(*a)))
-    fused = {"nt_xent": lambda a, b, s: sf.nt_xent_loss(a, b, 0.3),
-             "info_nce": lambda a, b, s: sf.info_nce_loss(a, b, queue, 0.3),
-             "moco_v3": lambda a, b, s: sf.info_nce_loss(a, b, None, 0.3),
-             "clip": lambda a, b, s: sf.clip_loss(a, b, s)}[loss]
-    literal = {"nt_xent": lambda a, b, s: ref.nt_xent_loss(a, b, 0.3),
-               "info_nce": lambda a, b, s: ref.info_nce_loss(a, b, queue, 0.3),
-               "moco_v3": lambda a, b, s: ref.info_nce_loss(a, b, None, 0.3),
-               "clip": lambda a, b, s: ref.clip_loss(a, b, s)}[loss]
+    fused = {
+        "nt_xent": lambda a, b, s: sf.nt_xent_loss(a, b, 0.3),
+        "info_nce": lambda a, b, s: sf.info_nce_loss(a, b, queue, 0.3),
+        "moco_v3": lambda a, b, s: sf.info_nce_loss(a, b, None, 0.3),
+        "clip": lambda a, b, s: sf.clip_loss(a, b, s),
+    }[loss]
+    literal = {
+        "nt_xent": lambda a, b, s: ref.nt_xent_loss(a, b, 0.3),
+        "info_nce": lambda a, b, s: ref.info_nce_loss(a, b, queue, 0.3),
+        "moco_v3": lambda a, b, s: ref.info_nce_loss(a, b, None, 0.3),
+        "clip": lambda a, b, s: ref.clip_loss(a, b, s),
+    }[loss]
     s = torch.tensor(3.7, dtype=torch.float64)
     a, b, sc = leaf(x), leaf(y), leaf(s)
     got = fused(a, b, sc)
@@ -308,15 +344,38 @@ def _opcheck_cases():
     leaf_ = lambda *s: torch.randn(*s, requires_grad=True)  # noqa: E731
     z = leaf_(2 * n, d)
     return {
-        "nt_xent": (z, z, None, torch.tensor(2.0), LseSpec(IndexMaps(pos_shift=n, pos_period=2 * n), symmetric=True,
-                                                           exclude_self=True, bounded=True)),
-        "nt_xent_gathered": (leaf_(2 * n, d), leaf_(4 * n, d), None, torch.tensor(2.0),
-                             LseSpec(IndexMaps(row_off=n, row_split=n, row_shift=n, pos_shift=2 * n,
-                                               pos_period=4 * n), exclude_self=True, bounded=True)),
-        "moco_queue": (leaf_(n, d), torch.randn(7, d), leaf_(n, d), torch.tensor(2.0),
-                       LseSpec(IndexMaps(), want_pos=False, bounded=True)),
-        "clip": (leaf_(n, d), leaf_(n, d), None, torch.tensor(2.0, requires_grad=True),
-                 LseSpec(IndexMaps(), col_stats=True)),
+        "nt_xent": (
+            z,
+            z,
+            None,
+            torch.tensor(2.0),
+            LseSpec(IndexMaps(pos_shift=n, pos_period=2 * n), symmetric=True, exclude_self=True, bounded=True),
+        ),
+        "nt_xent_gathered": (
+            leaf_(2 * n, d),
+            leaf_(4 * n, d),
+            None,
+            torch.tensor(2.0),
+            LseSpec(
+                IndexMaps(row_off=n, row_split=n, row_shift=n, pos_shift=2 * n, pos_period=4 * n),
+                exclude_self=True,
+                bounded=True,
+            ),
+        ),
+        "moco_queue": (
+            leaf_(n, d),
+            torch.randn(7, d),
+            leaf_(n, d),
+            torch.tensor(2.0),
+            LseSpec(IndexMaps(), want_pos=False, bounded=True),
+        ),
+        "clip": (
+            leaf_(n, d),
+            leaf_(n, d),
+            None,
+            torch.tensor(2.0, requires_grad=True),
+            LseSpec(IndexMaps(), col_stats=True),
+        ),
     }
 
 

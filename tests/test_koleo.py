@@ -1,4 +1,5 @@
 """KoLeo: loss and gradient against DINOv2's literal `KoLeoLoss.forward` differentiated in float64."""
+
 import pytest
 import torch
 
@@ -105,19 +106,22 @@ def test_opcheck(seed):
     torch.library.opcheck(ops_koleo._koleo.custom_op, (torch.randn(7, 5, requires_grad=True), 1e-8))
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(x=torch.randn(8)), ValueError, "x"),
-    (dict(x=torch.randn(2, 3, 4)), ValueError, "x"),
-    (dict(x=torch.randn(1, 4)), ValueError, "x needs at least 2 rows"),
-    (dict(x=torch.randn(0, 4)), ValueError, "x"),
-    (dict(x=torch.randn(3, 0)), ValueError, "x"),
-    (dict(x=torch.ones(3, 4, dtype=torch.long)), TypeError, "x"),
-    (dict(x=[[1.0, 2.0], [3.0, 4.0]]), TypeError, "x"),
-    (dict(eps=0.0), ValueError, "eps"),
-    (dict(eps=-1e-8), ValueError, "eps"),
-    (dict(eps=float("nan")), ValueError, "eps"),
-    (dict(eps="1e-8"), TypeError, "eps"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(x=torch.randn(8)), ValueError, "x"),
+        (dict(x=torch.randn(2, 3, 4)), ValueError, "x"),
+        (dict(x=torch.randn(1, 4)), ValueError, "x needs at least 2 rows"),
+        (dict(x=torch.randn(0, 4)), ValueError, "x"),
+        (dict(x=torch.randn(3, 0)), ValueError, "x"),
+        (dict(x=torch.ones(3, 4, dtype=torch.long)), TypeError, "x"),
+        (dict(x=[[1.0, 2.0], [3.0, 4.0]]), TypeError, "x"),
+        (dict(eps=0.0), ValueError, "eps"),
+        (dict(eps=-1e-8), ValueError, "eps"),
+        (dict(eps=float("nan")), ValueError, "eps"),
+        (dict(eps="1e-8"), TypeError, "eps"),
+    ],
+)
 def test_bad_input(kwargs, error, match):
     kwargs = dict(dict(x=torch.randn(3, 4)), **kwargs)
     with pytest.raises(error, match=match):

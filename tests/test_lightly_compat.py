@@ -1,5 +1,6 @@
 """`sf.nn` as a drop-in for lightly's losses: lightly's argument order and meanings, its memory bank, DINO's
 teacher-temperature schedule, and the rules for when a queue or memory bank takes a step's keys."""
+
 import numpy as np
 import pytest
 import torch
@@ -24,9 +25,9 @@ def _lightly_enqueue(bank, ptr, keys):
     rest is dropped and the pointer returns to 0."""
     size = bank.shape[0]
     if ptr + keys.shape[0] >= size:
-        bank[ptr:] = keys[:size - ptr]
+        bank[ptr:] = keys[: size - ptr]
         return 0
-    bank[ptr:ptr + keys.shape[0]] = keys
+    bank[ptr : ptr + keys.shape[0]] = keys
     return ptr + keys.shape[0]
 
 
@@ -37,7 +38,7 @@ def test_ntxent_memory_bank_matches_lightly(backend, seed):
     torch.manual_seed(seed)
     module = sf.nn.NTXentLoss(tau, (k_size, d))
     torch.manual_seed(seed)
-    bank, ptr = F.normalize(torch.randn(k_size, d), dim=1).double(), 0   # lightly's initialization
+    bank, ptr = F.normalize(torch.randn(k_size, d), dim=1).double(), 0  # lightly's initialization
     assert_close(module.memory_bank.queue, bank, 1e-6, f"initial bank (seed {seed})")
     for step in range(5):
         out0, out1 = torch.randn(n, d), torch.randn(n, d)
@@ -78,15 +79,18 @@ def test_ntxent_without_bank_has_no_state():
     assert sf.nn.NTXentLoss(0.5, (0, 8)).memory_bank is None
 
 
-@pytest.mark.parametrize("args,error,match", [
-    ((0.5, True), TypeError, "memory_bank_size"),           # sslfast's old second argument, gather_distributed
-    ((0.5, (8,)), TypeError, "memory_bank_size"),
-    ((0.5, 8.0), TypeError, "memory_bank_size"),
-    ((0.5, -1), ValueError, "memory_bank_size"),
-    ((0.5, (8, 0)), ValueError, "memory_bank_size"),
-    ((-0.5,), ValueError, "temperature"),                   # lightly allows a negative τ
-    ((0.5, 0, 1), TypeError, "gather_distributed"),
-])
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        ((0.5, True), TypeError, "memory_bank_size"),  # sslfast's old second argument, gather_distributed
+        ((0.5, (8,)), TypeError, "memory_bank_size"),
+        ((0.5, 8.0), TypeError, "memory_bank_size"),
+        ((0.5, -1), ValueError, "memory_bank_size"),
+        ((0.5, (8, 0)), ValueError, "memory_bank_size"),
+        ((-0.5,), ValueError, "temperature"),  # lightly allows a negative τ
+        ((0.5, 0, 1), TypeError, "gather_distributed"),
+    ],
+)
 def test_ntxent_bad_arguments(args, error, match):
     with pytest.raises(error, match=match):
         sf.nn.NTXentLoss(*args)
@@ -182,7 +186,7 @@ def test_dino_third_argument_is_teacher_temp(seed):
     assert_loss_close(crit(teacher, student, teacher_temp=0.06), _want(teacher, student, 0.06), 1e-5)
     assert_loss_close(crit(teacher, student, epoch=0), _want(teacher, student, 0.04), 1e-5)
     with pytest.raises(TypeError, match="teacher_temp"):
-        crit(teacher, student, 5)                        # older lightly: the epoch
+        crit(teacher, student, 5)  # older lightly: the epoch
     with pytest.raises(ValueError, match="teacher_temp or epoch"):
         crit(teacher, student, 0.07, epoch=3)
     with pytest.raises(ValueError, match="epoch"):
@@ -196,4 +200,3 @@ def test_dino_constructor_order_is_lightlys(seed):
     assert_loss_close(crit(torch.cat(teacher), torch.cat(student)), _want(teacher, student, 0.04), 1e-5)
     with pytest.raises(ValueError, match="center_mode"):
         sf.nn.DINOLoss(16, 0.04, 0.04, 0, 0.1, 0.9, 2)
-

@@ -13,6 +13,7 @@ Three layers, each able to fail on its own:
   views have the same statistics (two-sample KS per view statistic). A deliberate change of one distribution
   is detected by the same statistics (each test checks its own power).
 """
+
 import dataclasses
 import math
 
@@ -27,8 +28,8 @@ from sslfast.data import synthetic as S
 from sslfast.data import torch_loader as T
 from sslfast.ops import augment as aug
 
-SIZE = 16                       # the digits run's default --image-size
-KS_C = 2.3                      # two-sample KS critical value, α ≈ 1e-4 per statistic
+SIZE = 16  # the digits run's default --image-size
+KS_C = 2.3  # two-sample KS critical value, α ≈ 1e-4 per statistic
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +69,9 @@ def _chi2_two_sample(a, b) -> tuple[float, int]:
     """Pearson's χ² of the 2 × k table of two samples of a discrete variable (categories seen ≥ 5 times in
     all pooled; the rest pooled into one); returns (statistic, degrees of freedom)."""
     cats, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
-    counts = np.stack([np.bincount(inv[:len(a)], minlength=len(cats)), np.bincount(inv[len(a):], minlength=len(cats))])
+    counts = np.stack(
+        [np.bincount(inv[: len(a)], minlength=len(cats)), np.bincount(inv[len(a) :], minlength=len(cats))]
+    )
     big = counts.sum(0) >= 5
     table = np.concatenate([counts[:, big], counts[:, ~big].sum(1, keepdims=True)], axis=1)
     table = table[:, table.sum(0) > 0]
@@ -105,17 +108,27 @@ def test_same_draws_same_views(name, digits, seed, backend):
     idx = torch.randint(0, len(digits), (batch - 3,), generator=gen).tolist()
     rng = np.random.default_rng(seed)
     images = [digits.get(i) for i in idx] + [S.synthetic_image(rng, h, w) for h, w in ((41, 29), (23, 17), (37, 53))]
-    params = [[_forced(T.sample_params(s, gen, im.shape[0], im.shape[1]), k + g) for g, s in enumerate(specs)]
-              for k, im in enumerate(images)]
+    params = [
+        [_forced(T.sample_params(s, gen, im.shape[0], im.shape[1]), k + g) for g, s in enumerate(specs)]
+        for k, im in enumerate(images)
+    ]
     mean, std = _norm(preset)
     flat, offsets, sizes = _pack(images)
     for g, spec in enumerate(specs):
         rows = torch.tensor([[params[b][g].as_row() for b in range(batch)]], dtype=torch.float32)
-        native = aug.augment_views(flat, offsets, sizes, rows, spec.size, mean=preset.mean, std=preset.std,
-                                   blur_kernel=spec.blur_kernel)[0].double()
-        torch_views = torch.stack([(T.augment_sample(torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1),
-                                                     params[b][g], spec) - mean) / std
-                                   for b, im in enumerate(images)]).double()
+        native = aug.augment_views(
+            flat, offsets, sizes, rows, spec.size, mean=preset.mean, std=preset.std, blur_kernel=spec.blur_kernel
+        )[0].double()
+        torch_views = torch.stack(
+            [
+                (
+                    T.augment_sample(torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1), params[b][g], spec)
+                    - mean
+                )
+                / std
+                for b, im in enumerate(images)
+            ]
+        ).double()
         diff = native - torch_views
         assert diff.abs().max() < 1e-4, f"view {g}: max |Δ| {diff.abs().max():.3g} (seed {seed})"
         assert abs(float(diff.mean())) < 1e-6, f"view {g}: mean Δ {float(diff.mean()):.3g} (seed {seed})"
@@ -135,8 +148,9 @@ def test_native_views_equal_the_torch_loader_views_for_its_draws(digits, seed):
         rows.append([T.sample_params(s, gen, SIZE, SIZE).as_row() for s in data.specs])
     params = torch.tensor(rows, dtype=torch.float32).transpose(0, 1).contiguous()
     flat, offsets, sizes = _pack([digits.get(i) for i in idx])
-    native = aug.augment_views(flat, offsets, sizes, params, SIZE, mean=preset.mean, std=preset.std,
-                               blur_kernel=data.specs[0].blur_kernel)
+    native = aug.augment_views(
+        flat, offsets, sizes, params, SIZE, mean=preset.mean, std=preset.std, blur_kernel=data.specs[0].blur_kernel
+    )
     expected = [torch.stack(v) for v in zip(*(data.views(data.image(i), epoch, i) for i in idx))]
     for g, view in enumerate(expected):
         assert (native[g] - view).abs().max() < 1e-4, f"view {g} (seed {seed})"
@@ -148,21 +162,23 @@ def test_loaders_yield_the_same_images(digits, seed):
     normalized source images, in the same batches (the loader's shuffle), two identical views each: no other
     split, label order, orientation, channel order or intensity."""
     sub = D.ArraySource(digits.batch[:150], digits.labels[:150])
-    preset = P.get_preset("simclr", SIZE).replace_views(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0,
-                                                        jitter_p=0.0, gray_p=0.0, blur_p=0.0)
+    preset = P.get_preset("simclr", SIZE).replace_views(
+        scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0
+    )
     epoch = seed % 5
     mean, std = _norm(preset)
     out = {}
     for backend in ("native", "torch"):
-        loader = SSLLoader(sub, preset, 32, backend=backend, device="cpu", seed=seed % 1000,
-                           num_workers=0 if backend == "torch" else 1)
+        loader = SSLLoader(
+            sub, preset, 32, backend=backend, device="cpu", seed=seed % 1000, num_workers=0 if backend == "torch" else 1
+        )
         loader.set_epoch(epoch)
         order = loader.shard_indices(epoch)
         out[backend] = list(loader)
         loader.close()
     assert len(out["native"]) == len(out["torch"]) == 150 // 32
     for k, (nat, tor) in enumerate(zip(out["native"], out["torch"])):
-        src = torch.from_numpy(sub.batch[order[k * 32:(k + 1) * 32]]).permute(0, 3, 1, 2).double() / 255.0
+        src = torch.from_numpy(sub.batch[order[k * 32 : (k + 1) * 32]]).permute(0, 3, 1, 2).double() / 255.0
         expected = (src - mean.double()) / std.double()
         for v in (0, 1):
             assert (nat[v].double() - expected).abs().max() < 1e-5, f"native batch {k} view {v}"
@@ -211,7 +227,7 @@ def test_native_and_torch_draws_match_at_16px(seed):
     """Every field of `sample_view_params` against `sample_params` for 16 × 16 images (where the crop box is
     small integers: rounding and the scale/ratio fallback matter), two-sample tests at α ≈ 1e-4 each; the
     same tests detect a native draw with another crop scale, flip rate or blur range."""
-    spec = P.get_preset("byol", SIZE).views[1]            # every op drawn, solarize included
+    spec = P.get_preset("byol", SIZE).views[1]  # every op drawn, solarize included
     n = 4000
     a, b = _native_draws(spec, n, seed), _torch_draws(spec, n, seed + 1)
     assert _draw_mismatches(a, b) == [], f"seed {seed}"
@@ -227,13 +243,19 @@ def _view_stats(views: list[torch.Tensor], preset) -> dict[str, np.ndarray]:
     u = (torch.cat(views).double() * std + mean).mean(1)
     xs = torch.arange(u.shape[-1], dtype=torch.float64)
     grad = (u[:, 1:] - u[:, :-1]).abs().mean((1, 2)) + (u[:, :, 1:] - u[:, :, :-1]).abs().mean((1, 2))
-    return {"mean": u.mean((1, 2)), "std": u.std((1, 2)), "dark": (u < 0.05).double().mean((1, 2)), "grad": grad,
-            "cx": (u.sum(1) * xs).sum(1) / (u.sum((1, 2)) + 1e-9)}
+    return {
+        "mean": u.mean((1, 2)),
+        "std": u.std((1, 2)),
+        "dark": (u < 0.05).double().mean((1, 2)),
+        "grad": grad,
+        "cx": (u.sum(1) * xs).sum(1) / (u.sum((1, 2)) + 1e-9),
+    }
 
 
 def _loader_views(source, preset, backend: str, seed: int, epochs: int) -> list[torch.Tensor]:
-    loader = SSLLoader(source, preset, 100, backend=backend, device="cpu", seed=seed,
-                       num_workers=0 if backend == "torch" else 1)
+    loader = SSLLoader(
+        source, preset, 100, backend=backend, device="cpu", seed=seed, num_workers=0 if backend == "torch" else 1
+    )
     views = []
     for epoch in range(epochs):
         loader.set_epoch(epoch)

@@ -184,8 +184,9 @@ def test_gpu_vitb_ops(dtype):
     B, C, p, L, D = 256, 3, 16, 196, 768
     g = torch.Generator(device=dev).manual_seed(1)
     m = mae.random_masking(B, L, 0.75, device=dev, generator=g)
-    s = torch.randint(0, 1 << 62, (1,), dtype=torch.int64, device=dev,
-                      generator=torch.Generator(device=dev).manual_seed(1))
+    s = torch.randint(
+        0, 1 << 62, (1,), dtype=torch.int64, device=dev, generator=torch.Generator(device=dev).manual_seed(1)
+    )
     ref_m = pt.random_masking(s, B, L, 49, 1, L, dev)
     for a, b in zip(m, ref_m):
         assert torch.equal(a, b), "kernel and PyTorch Philox permutations differ"
@@ -199,8 +200,11 @@ def test_gpu_vitb_ops(dtype):
     gk = torch.randn_like(out)
     out.backward(gk)
     assert torch.equal(a.grad, torch.zeros_like(x).scatter(1, m.ids_keep[:, :, None].expand(-1, -1, D), gk))
-    xv, mt, pos = (torch.randn(B, 49, D, device=dev, dtype=dtype), torch.randn(1, 1, D, device=dev, dtype=dtype),
-                   torch.randn(1, L, D, device=dev, dtype=dtype))
+    xv, mt, pos = (
+        torch.randn(B, 49, D, device=dev, dtype=dtype),
+        torch.randn(1, 1, D, device=dev, dtype=dtype),
+        torch.randn(1, L, D, device=dev, dtype=dtype),
+    )
     xa, mta, posa = leaf(xv), leaf(mt), leaf(pos)
     xb, mtb, posb = leaf(xv, torch.float64), leaf(mt, torch.float64), leaf(pos, torch.float64)
     out = mae.unshuffle(xa, m.ids_restore, mta, posa)

@@ -39,9 +39,9 @@ def test_masked_mse_loss(backend, seed, L, p, C, dtype):
 
 def test_masked_mse_loss_weights_mixed_dtypes_and_nonfinite(backend, seed):
     B, C, L, p = 2, 3, 50, 4
-    imgs = make_images(B, C, L, p)                                      # fp32 images, bf16 predictions (AMP)
+    imgs = make_images(B, C, L, p)  # fp32 images, bf16 predictions (AMP)
     pred = torch.randn(B, L, p * p * C, dtype=torch.bfloat16)
-    w = torch.rand(B, L) * (torch.rand(B, L) < 0.7)                  # a weighted mask with zeros
+    w = torch.rand(B, L) * (torch.rand(B, L) < 0.7)  # a weighted mask with zeros
     a, b = leaf(pred), leaf(pred, torch.float64)
     loss = mae.masked_mse_loss(a, imgs, w, p)
     ref = R.forward_loss_official(imgs.double(), b, w.double(), p)
@@ -50,8 +50,12 @@ def test_masked_mse_loss_weights_mixed_dtypes_and_nonfinite(backend, seed):
     ref.backward()
     assert_close(a.grad, b.grad, 1e-2, "weighted d pred")
     boolmask = w > 0
-    assert_close(mae.masked_mse_loss(pred, imgs, boolmask, p),
-                 R.forward_loss_official(imgs.double(), pred.double(), boolmask.double(), p), 1e-2, "bool mask")
+    assert_close(
+        mae.masked_mse_loss(pred, imgs, boolmask, p),
+        R.forward_loss_official(imgs.double(), pred.double(), boolmask.double(), p),
+        1e-2,
+        "bool mask",
+    )
     # a NaN in a visible (unweighted) row still poisons the loss, as in the official code
     bad = pred.clone()
     bad[0, int(torch.nonzero(w[0] == 0)[0])] = float("nan")

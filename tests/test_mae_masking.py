@@ -1,6 +1,7 @@
 """MAE random masking and BERT masking (`sslfast.mae`): the official masking logic on Philox noise, identical
 permutations on the PyTorch path and the Triton kernels (`backend` fixture: the interpreter on CPU), statistics,
 seeding, SimMIM block masking and torch.compile."""
+
 import os
 
 import pytest
@@ -88,8 +89,8 @@ def test_block_masking(backend, seed, grid, block, ratio):
     h, w = grid
     L, B = h * w, 4
     m = mae.random_masking(B, L, ratio, generator=seeded(seed), block_size=block, grid_size=grid)
-    cells = L // block ** 2
-    keep = int(cells * (1 - ratio)) * block ** 2
+    cells = L // block**2
+    keep = int(cells * (1 - ratio)) * block**2
     assert m.ids_keep.shape == (B, keep)
     assert torch.equal(m.mask.sum(1), torch.full((B,), float(L - keep)))
     cellmask = m.mask.reshape(B, h // block, block, w // block, block)
@@ -141,7 +142,8 @@ def test_kernel_host_seed_path(backend, seed):
     B, L, keep = 3, 50, 12
     expect = pt.random_masking(s, B, L, keep, 1, L, "cpu")
     outs = [torch.full((B, keep), -1), torch.full((B, L), -1), torch.full((B, L), float("nan"))]
-    K._random_masking_kernel[(B,)](outs[0], int(s), *outs, L, keep, L, 1, L, L, SEED_IN_MEMORY=False,
-                                   BLOCK_L=64, num_warps=1)
+    K._random_masking_kernel[(B,)](
+        outs[0], int(s), *outs, L, keep, L, 1, L, L, SEED_IN_MEMORY=False, BLOCK_L=64, num_warps=1
+    )
     for a, b in zip(outs, expect):
         exact(a, b)

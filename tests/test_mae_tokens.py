@@ -164,7 +164,7 @@ def test_front_sincos_pos_embed_is_official():
 
     def one_d(d, pos):  # the official get_1d_sincos_pos_embed_from_grid
         omega = np.arange(d // 2, dtype=np.float64) / (d / 2.0)
-        omega = 1.0 / 10000 ** omega
+        omega = 1.0 / 10000**omega
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 

@@ -1,5 +1,6 @@
 """Adding a method is one class and one registry line: the trainer, the CLI and the step benchmark read
 everything else from its traits."""
+
 import json
 
 import pytest
@@ -51,8 +52,24 @@ def test_traits_drive_the_config(toy):
 
 def test_toy_method_pretrains_from_the_cli(toy, tmp_path):
     out = tmp_path / "run"
-    assert cli.main(["pretrain", "--method", "toy", "--epochs", "1", "--batch-size", "64", "--no-knn",
-                     "--no-progress", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "pretrain",
+                "--method",
+                "toy",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "64",
+                "--no-knn",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["finished"] and metrics["config"]["method"] == "toy"
     assert metrics["config"]["backbone"] == "vit_micro"
@@ -90,12 +107,15 @@ def test_bench_step_backbone_overrides_the_paper_default(toy, monkeypatch):
     assert Toy.bench_case() == ("vit_small", 7, 224)
 
 
-@pytest.mark.parametrize("attrs, exc, match", [
-    (dict(name="Toy2"), ValueError, "lower-case"),
-    (dict(name=""), ValueError, "lower-case"),
-    (dict(name="toy2", default_backbone={"small": "vit_micro"}), ValueError, "'paper'"),
-    (dict(name="toy2", bench_step=(256, 224)), TypeError, "bench_step"),
-])
+@pytest.mark.parametrize(
+    "attrs, exc, match",
+    [
+        (dict(name="Toy2"), ValueError, "lower-case"),
+        (dict(name=""), ValueError, "lower-case"),
+        (dict(name="toy2", default_backbone={"small": "vit_micro"}), ValueError, "'paper'"),
+        (dict(name="toy2", bench_step=(256, 224)), TypeError, "bench_step"),
+    ],
+)
 def test_register_rejects_bad_traits(attrs, exc, match):
     cls = type("Bad", (Method,), attrs)
     with pytest.raises(exc, match=match):
@@ -103,11 +123,16 @@ def test_register_rejects_bad_traits(attrs, exc, match):
     assert attrs["name"] not in METHODS
 
 
-@pytest.mark.parametrize("kw, exc, match", [
-    (dict(batch=0), ValueError, "batch"), (dict(image_size=-3), ValueError, "image_size"),
-    (dict(batch=2.0), TypeError, "batch"), (dict(batch=True), TypeError, "batch"),
-    (dict(backbone=50), TypeError, "backbone"),
-])
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        (dict(batch=0), ValueError, "batch"),
+        (dict(image_size=-3), ValueError, "image_size"),
+        (dict(batch=2.0), TypeError, "batch"),
+        (dict(batch=True), TypeError, "batch"),
+        (dict(backbone=50), TypeError, "backbone"),
+    ],
+)
 def test_bench_step_rejects_bad_values(kw, exc, match):
     with pytest.raises(exc, match=match):
         BenchStep(**kw)

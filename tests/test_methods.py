@@ -1,5 +1,6 @@
 """Backbones and SSL methods: every method steps, learns on the digits, and a 2-process gloo step equals one
 process on the whole batch."""
+
 import pytest
 import torch
 
@@ -10,6 +11,7 @@ from sslfast.models.resnet import resnet18
 from sslfast.train import PretrainConfig, data_sources, preset_for, resolve, setup, train_step
 
 from distributed_harness import run_ranks
+
 
 def _cfg(method, **kw):
     kw.setdefault("batch_size", 16)
@@ -26,8 +28,12 @@ def _views(method, batch, seed=0):
 
 # --------------------------------------------------------------------------------------------- backbones
 def test_backbones_shapes():
-    for name, size, dim in (("resnet_tiny", 16, 128), ("resnet18", 32, 512), ("vit_micro", 16, 96),
-                            ("vit_tiny/4", 16, 192)):
+    for name, size, dim in (
+        ("resnet_tiny", 16, 128),
+        ("resnet18", 32, 512),
+        ("vit_micro", 16, 96),
+        ("vit_tiny/4", 16, 192),
+    ):
         net = build_backbone(name, image_size=size)
         assert net.num_features == dim
         assert net(torch.randn(2, 3, size, size)).shape == (2, dim)
@@ -35,8 +41,13 @@ def test_backbones_shapes():
 
 def test_resnet_names_follow_torchvision():
     keys = set(resnet18(image_size=224).state_dict())
-    assert {"conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer4.1.bn2.weight",
-            "layer2.0.downsample.0.weight"} <= keys
+    assert {
+        "conv1.weight",
+        "bn1.running_mean",
+        "layer1.0.conv1.weight",
+        "layer4.1.bn2.weight",
+        "layer2.0.downsample.0.weight",
+    } <= keys
     assert not any(k.startswith("fc.") for k in keys)
 
 
@@ -50,7 +61,7 @@ def test_vit_masked_encoder_matches_full_forward(seed):
     want = torch.gather(full[:, 1:], 1, info.ids_keep[..., None].expand(-1, -1, full.shape[-1]))
     torch.testing.assert_close(tokens[:, 1:], want, rtol=1e-5, atol=1e-5)
     assert net.patch_size == default_patch_size(16) == 2
-    assert net(torch.randn(2, 3, 8, 8)).shape == (2, 96)          # a DINO local crop
+    assert net(torch.randn(2, 3, 8, 8)).shape == (2, 96)  # a DINO local crop
     with pytest.raises(ValueError, match="patch_size"):
         net(torch.randn(2, 3, 9, 9))
 
@@ -74,8 +85,11 @@ def test_two_steps(name, precision):
     """Two optimizer steps with the method's recipe: finite losses, weights and teacher move."""
     cfg = _cfg(name, precision=precision)
     run = setup(cfg, steps_per_epoch=2, device="cpu")
-    before = {k: v.clone() for k, v in run.method.state_dict().items()
-              if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    before = {
+        k: v.clone()
+        for k, v in run.method.state_dict().items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+    }
     losses = [train_step(run, _views(name, 16, seed=i)).item() for i in range(2)]
     assert all(torch.isfinite(torch.tensor(losses))), losses
     after = run.method.state_dict()
@@ -126,8 +140,16 @@ def test_loss_goes_down_on_digits(name):
     torch.manual_seed(0)
     cfg = _cfg(name, batch_size=LEARN_BATCH, epochs=3, warmup_epochs=0.0)
     train, _ = data_sources(cfg)
-    loader = SSLLoader(train, preset_for(cfg, METHODS[name]), LEARN_BATCH, device="cpu", seed=0, num_workers=1,
-                       shard_id=0, num_shards=1)
+    loader = SSLLoader(
+        train,
+        preset_for(cfg, METHODS[name]),
+        LEARN_BATCH,
+        device="cpu",
+        seed=0,
+        num_workers=1,
+        shard_id=0,
+        num_shards=1,
+    )
     run = setup(cfg, steps_per_epoch=len(loader), device="cpu", **METHODS[name].short_run)
     losses = []
     for epoch in range(3):
@@ -158,7 +180,7 @@ def _rank_fn(rank, world, batches):
     out = {}
     for name, views in batches.items():
         n = views[0].shape[0] // world
-        out[name] = _one_step(name, world, [v[rank * n:(rank + 1) * n] for v in views])
+        out[name] = _one_step(name, world, [v[rank * n : (rank + 1) * n] for v in views])
     return out
 
 
@@ -175,6 +197,6 @@ def test_gloo_two_ranks_equal_one_process_on_whole_batch():
             for key, want in single.items():
                 if key.endswith("num_batches_tracked"):
                     continue
-                torch.testing.assert_close(rank_state[name][key], want, rtol=2e-4, atol=2e-5,
-                                           msg=lambda m: f"{name} {key}: {m}")
-
+                torch.testing.assert_close(
+                    rank_state[name][key], want, rtol=2e-4, atol=2e-5, msg=lambda m: f"{name} {key}: {m}"
+                )

@@ -1,6 +1,7 @@
 """sf.data.Prefetcher: read-ahead on a background thread — the measured data wait with a loader faster and slower
 than the step (sleep-based fakes: they release the GIL, so the timings hold on a loaded machine; medians and
 generous bounds), order and content unchanged, errors re-raised in the consumer, clean shutdown."""
+
 import threading
 import time
 
@@ -17,8 +18,9 @@ class FakeLoader:
     def __init__(self, n, load_s=0.0, fail_at=None, seed=0):
         self.n, self.load_s, self.fail_at = n, load_s, fail_at
         g = torch.Generator().manual_seed(seed)
-        self.data = [[torch.randn(3, 5, generator=g), {"k": torch.tensor(k), "x": torch.randn(7, generator=g)}]
-                     for k in range(n)]
+        self.data = [
+            [torch.randn(3, 5, generator=g), {"k": torch.tensor(k), "x": torch.randn(7, generator=g)}] for k in range(n)
+        ]
         self.epoch = None
         self.open_iterators = 0
         self.thread_names = set()
@@ -43,8 +45,7 @@ class FakeLoader:
 
 
 def _same(a, b):
-    return (torch.equal(a[0], b[0]) and a[1].keys() == b[1].keys()
-            and all(torch.equal(a[1][k], b[1][k]) for k in a[1]))
+    return torch.equal(a[0], b[0]) and a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
 
 
 def _run(pf, step_s, steps=None):
@@ -89,7 +90,7 @@ def test_order_and_content_unchanged(seed, depth):
         got = list(pf)
         assert len(got) == len(want) and all(_same(a, b) for a, b in zip(got, want))
         assert len(pf.step_waits) == 9
-    assert ld.thread_names == {"sslfast-prefetch"}    # produced on the background thread
+    assert ld.thread_names == {"sslfast-prefetch"}  # produced on the background thread
     assert len(pf) == 9 and not pf.alive and ld.open_iterators == 0
     pf.set_epoch(4)
     assert ld.epoch == 4
@@ -125,7 +126,7 @@ def test_break_and_consumer_error_stop_the_thread():
     ld = FakeLoader(1000, load_s=0.001)
     pf = sf.data.Prefetcher(ld, depth=2)
     assert len(_run(pf, 0.0, steps=3)) == 3
-    assert not pf.alive and ld.open_iterators == 0      # the break closed the pass: thread joined, loader closed
+    assert not pf.alive and ld.open_iterators == 0  # the break closed the pass: thread joined, loader closed
     with pytest.raises(KeyError):
         for k, _ in enumerate(pf):
             if k == 2:

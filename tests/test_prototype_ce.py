@@ -1,5 +1,6 @@
 """Prototype-head cross-entropy: loss and gradients (features and prototypes) against the materialized formula in
 float64, on both CPU paths; the op's memory against the materialized version's."""
+
 import json
 import os
 import subprocess
@@ -120,8 +121,9 @@ def test_no_bxk_saved(backend):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         loss = prototype_cross_entropy(leaf(x), leaf(w), p, student_temp=0.1)
-    assert saved and all(t.numel() < B * K or t.data_ptr() == p.data_ptr() for t in saved), \
-        [tuple(t.shape) for t in saved]
+    assert saved and all(t.numel() < B * K or t.data_ptr() == p.data_ptr() for t in saved), [
+        tuple(t.shape) for t in saved
+    ]
     loss.backward()
 
 
@@ -129,8 +131,7 @@ def test_float64_gradcheck(seed, monkeypatch):
     monkeypatch.setattr(T, "CHUNK_ELEMS", 8)
     monkeypatch.setattr(T, "ROW_BLOCK", 2)
     x, w, p = _inputs(5, 7, 4, torch.float64)
-    assert torch.autograd.gradcheck(lambda a, b: prototype_cross_entropy(a, b, p, student_temp=0.3),
-                                    (leaf(x), leaf(w)))
+    assert torch.autograd.gradcheck(lambda a, b: prototype_cross_entropy(a, b, p, student_temp=0.3), (leaf(x), leaf(w)))
 
 
 def test_double_backward_raises(backend):
@@ -146,8 +147,9 @@ def test_opcheck(seed):
     x, w, p = _inputs(6, 11, 5, torch.float32)
     torch.library.opcheck(ops_pce._prototype_ce.custom_op, (leaf(x), leaf(w), p, 0.1))
     _, lse, rsum = ops_pce._prototype_ce(x, w, p, 0.1)
-    torch.library.opcheck(ops_pce._prototype_ce_backward.custom_op,
-                          (torch.tensor(1.0), x, w, p, lse, rsum, 0.1, True, False))
+    torch.library.opcheck(
+        ops_pce._prototype_ce_backward.custom_op, (torch.tensor(1.0), x, w, p, lse, rsum, 0.1, True, False)
+    )
 
 
 def test_torch_compile_fullgraph(backend, seed):
@@ -172,26 +174,29 @@ def _good():
     return dict(student_feats=x, weight=w, teacher_probs=p, student_temp=0.1)
 
 
-@pytest.mark.parametrize("change,error,match", [
-    (dict(student_feats=torch.randn(4, 3, 1)), ValueError, "student_feats"),
-    (dict(student_feats=torch.randn(0, 3), teacher_probs=torch.rand(0, 6)), ValueError, "student_feats"),
-    (dict(weight=torch.randn(6)), ValueError, "weight"),
-    (dict(weight=torch.randn(6, 4)), ValueError, "weight"),
-    (dict(weight=torch.randn(0, 3), teacher_probs=torch.rand(4, 0)), ValueError, "weight"),
-    (dict(teacher_probs=torch.rand(4, 7)), ValueError, "teacher_probs"),
-    (dict(teacher_probs=torch.rand(5, 6)), ValueError, "teacher_probs"),
-    (dict(teacher_probs=torch.rand(24)), ValueError, "teacher_probs"),
-    (dict(student_feats=torch.ones(4, 3, dtype=torch.int64)), TypeError, "student_feats"),
-    (dict(teacher_probs=torch.ones(4, 6, dtype=torch.int32)), TypeError, "teacher_probs"),
-    (dict(weight=torch.randn(6, 3, dtype=torch.bfloat16)), TypeError, "weight"),
-    (dict(teacher_probs=[[0.5]]), TypeError, "teacher_probs"),
-    (dict(weight=torch.randn(6, 3, device="meta")), ValueError, "weight"),
-    (dict(student_temp=0.0), ValueError, "student_temp"),
-    (dict(student_temp=-0.1), ValueError, "student_temp"),
-    (dict(student_temp=float("nan")), ValueError, "student_temp"),
-    (dict(student_temp=float("inf")), ValueError, "student_temp"),
-    (dict(student_temp="0.1"), TypeError, "student_temp"),
-])
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(student_feats=torch.randn(4, 3, 1)), ValueError, "student_feats"),
+        (dict(student_feats=torch.randn(0, 3), teacher_probs=torch.rand(0, 6)), ValueError, "student_feats"),
+        (dict(weight=torch.randn(6)), ValueError, "weight"),
+        (dict(weight=torch.randn(6, 4)), ValueError, "weight"),
+        (dict(weight=torch.randn(0, 3), teacher_probs=torch.rand(4, 0)), ValueError, "weight"),
+        (dict(teacher_probs=torch.rand(4, 7)), ValueError, "teacher_probs"),
+        (dict(teacher_probs=torch.rand(5, 6)), ValueError, "teacher_probs"),
+        (dict(teacher_probs=torch.rand(24)), ValueError, "teacher_probs"),
+        (dict(student_feats=torch.ones(4, 3, dtype=torch.int64)), TypeError, "student_feats"),
+        (dict(teacher_probs=torch.ones(4, 6, dtype=torch.int32)), TypeError, "teacher_probs"),
+        (dict(weight=torch.randn(6, 3, dtype=torch.bfloat16)), TypeError, "weight"),
+        (dict(teacher_probs=[[0.5]]), TypeError, "teacher_probs"),
+        (dict(weight=torch.randn(6, 3, device="meta")), ValueError, "weight"),
+        (dict(student_temp=0.0), ValueError, "student_temp"),
+        (dict(student_temp=-0.1), ValueError, "student_temp"),
+        (dict(student_temp=float("nan")), ValueError, "student_temp"),
+        (dict(student_temp=float("inf")), ValueError, "student_temp"),
+        (dict(student_temp="0.1"), TypeError, "student_temp"),
+    ],
+)
 def test_bad_input(backend, change, error, match):
     with pytest.raises(error, match=match):
         prototype_cross_entropy(**{**_good(), **change})
@@ -242,8 +247,14 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 def _peak_extra_bytes(mode: str, B: int, K: int, D: int) -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(B), str(K), str(D), mode], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=root)
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, str(B), str(K), str(D), mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -259,8 +270,10 @@ def test_cpu_peak_memory_vs_materialized():
     B, K, D = 4096, 65536, 256
     fused = _peak_extra_bytes("fused", B, K, D)
     literal = _peak_extra_bytes("literal", B, K, D)
-    print(f"peak extra memory: fused {fused['peak_extra'] / 2**20:.0f} MiB in {fused['seconds']:.1f} s, "
-          f"materialized {literal['peak_extra'] / 2**20:.0f} MiB in {literal['seconds']:.1f} s")
+    print(
+        f"peak extra memory: fused {fused['peak_extra'] / 2**20:.0f} MiB in {fused['seconds']:.1f} s, "
+        f"materialized {literal['peak_extra'] / 2**20:.0f} MiB in {literal['seconds']:.1f} s"
+    )
     assert literal["peak_extra"] > 3 * B * K * 4 * 0.9, literal  # the measurement sees the B×K buffers
     assert fused["peak_extra"] < literal["peak_extra"] / 20, (fused, literal)
 

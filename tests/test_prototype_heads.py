@@ -1,6 +1,7 @@
 """`sf.nn.PrototypeHead` + `sf.nn.PrototypeLoss` against the materialized formulas in float64: logits = f Wᵀ, then
 DINO's loss with its center update (`dino_loss_literal`), or SwAV's swapped prediction on Sinkhorn codes
 (`swav_loss_literal`), in value and in the gradients of the student's input features and head parameters."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,8 +46,9 @@ def test_dino_head_matches_materialized(backend, seed, V, learn_norm):
         xt = torch.randn(G * B, D)
         # the op
         xs_l = xs.clone().requires_grad_()
-        loss = loss_fn(student.features(xs_l), student.prototypes(), teacher.features(xt), teacher.prototypes(),
-                       teacher_temp=tau_t)
+        loss = loss_fn(
+            student.features(xs_l), student.prototypes(), teacher.features(xt), teacher.prototypes(), teacher_temp=tau_t
+        )
         grads = torch.autograd.grad(loss, [xs_l, *student.parameters()])
         # the materialized formula in float64
         ps = {n: p.detach().double().requires_grad_() for n, p in student.named_parameters()}
@@ -76,14 +78,17 @@ def test_swav_head_matches_materialized(backend, seed, per_crop):
     w = head.prototypes()
     assert_close(w.norm(dim=1), torch.ones(K), 1e-6, "unit prototypes after the in-place normalization")
     z = head.features(x)
-    loss = loss_fn(z, w, z[:G * B].detach(), w.detach())
+    loss = loss_fn(z, w, z[: G * B].detach(), w.detach())
     gx, gw = torch.autograd.grad(loss, (x, head.weight))
 
     x64, w64 = x.detach().double().requires_grad_(), head.weight.detach().double().requires_grad_()
     scores = F.normalize(x64, dim=1) @ w64.T
-    t = scores[:G * B].detach()
-    codes = (torch.cat([R_sinkhorn.sinkhorn_knopp_literal(c, 0.05, 3) for c in t.chunk(G)]) if per_crop else
-             R_sinkhorn.sinkhorn_knopp_literal(t, 0.05, 3))
+    t = scores[: G * B].detach()
+    codes = (
+        torch.cat([R_sinkhorn.sinkhorn_knopp_literal(c, 0.05, 3) for c in t.chunk(G)])
+        if per_crop
+        else R_sinkhorn.sinkhorn_knopp_literal(t, 0.05, 3)
+    )
     want = R_swav.swav_loss_literal(scores, codes, 0.1, G)
     want_gx, want_gw = torch.autograd.grad(want, (x64, w64))
     assert_loss_close(loss, want, 1e-5, f"loss, seed {seed}")
@@ -110,8 +115,12 @@ def test_no_student_logits_saved(backend):
     loss_fn = sf.nn.PrototypeLoss(K)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss = loss_fn(student.features(torch.randn(V * B, D)), student.prototypes(),
-                       teacher.features(torch.randn(2 * B, D)), teacher.prototypes())
+        loss = loss_fn(
+            student.features(torch.randn(V * B, D)),
+            student.prototypes(),
+            teacher.features(torch.randn(2 * B, D)),
+            teacher.prototypes(),
+        )
     big = [tuple(t.shape) for t in saved if t.shape[-1:] == (K,) and t.numel() >= V * B * K]
     assert len(big) == 1, big
     loss.backward()
@@ -136,37 +145,43 @@ def test_head_forward_and_freeze(seed):
     assert torch.equal(swav.weight, before)  # eval(): not renormalized
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(in_dim=0), ValueError, "in_dim"),
-    (dict(num_prototypes=2.0), ValueError, "num_prototypes"),
-    (dict(norm="batch"), ValueError, "norm"),
-    (dict(norm="l2", learn_norm=True), ValueError, "learn_norm"),
-    (dict(freeze_epochs=-1), ValueError, "freeze_epochs"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(in_dim=0), ValueError, "in_dim"),
+        (dict(num_prototypes=2.0), ValueError, "num_prototypes"),
+        (dict(norm="batch"), ValueError, "norm"),
+        (dict(norm="l2", learn_norm=True), ValueError, "learn_norm"),
+        (dict(freeze_epochs=-1), ValueError, "freeze_epochs"),
+    ],
+)
 def test_head_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         sf.nn.PrototypeHead(**{"in_dim": D, "num_prototypes": K, **kwargs})
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(mode="swav"), ValueError, "mode"),
-    (dict(student_temp=0.0), ValueError, "student_temp"),
-    (dict(teacher_temp=float("nan")), ValueError, "teacher_temp"),
-    (dict(center_momentum=1.5), ValueError, "center_momentum"),
-    (dict(num_global_crops=0), ValueError, "num_global_crops"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(mode="swav"), ValueError, "mode"),
+        (dict(student_temp=0.0), ValueError, "student_temp"),
+        (dict(teacher_temp=float("nan")), ValueError, "teacher_temp"),
+        (dict(center_momentum=1.5), ValueError, "center_momentum"),
+        (dict(num_global_crops=0), ValueError, "num_global_crops"),
+    ],
+)
 def test_loss_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         sf.nn.PrototypeLoss(K, **kwargs)
 
 
-@pytest.mark.parametrize("n_student,n_teacher,match", [(3 * B + 1, 2 * B, "student_feats"),
-                                                       (B, 2 * B, "student_feats"),
-                                                       (4 * B, 2 * B + 1, "teacher_feats")])
+@pytest.mark.parametrize(
+    "n_student,n_teacher,match",
+    [(3 * B + 1, 2 * B, "student_feats"), (B, 2 * B, "student_feats"), (4 * B, 2 * B + 1, "teacher_feats")],
+)
 def test_loss_bad_crops_leave_center(n_student, n_teacher, match):
     student, teacher = _heads(False)
     loss_fn = sf.nn.PrototypeLoss(K)
     with pytest.raises(ValueError, match=match):
         loss_fn(torch.randn(n_student, D), student.prototypes(), torch.randn(n_teacher, D), teacher.prototypes())
     assert torch.equal(loss_fn.center, torch.zeros(1, K))
-

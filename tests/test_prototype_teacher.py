@@ -1,6 +1,7 @@
 """The teacher side of the prototype head, `prototype_teacher_probs`: DINO's centered softmax (and its center EMA)
 and the Sinkhorn-Knopp targets, from features and prototypes, against the materialized logits' formulas in
 float64 on both CPU paths, with tiny temperatures; the center's all-reduce over 2 gloo ranks."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,8 +51,9 @@ def test_centering_matches_float64(backend, seed, monkeypatch, B, K, D, dtype, t
     assert_close(got.sum(1), torch.ones(B), _bound(dtype, temp), "row sums")
 
 
-@pytest.mark.parametrize("center_shape,center_dtype", [((1, 53), torch.float32), ((53,), torch.bfloat16),
-                                                       ((53,), torch.float64)])
+@pytest.mark.parametrize(
+    "center_shape,center_dtype", [((1, 53), torch.float32), ((53,), torch.bfloat16), ((53,), torch.float64)]
+)
 def test_center_update(backend, seed, center_shape, center_dtype):
     """c ← m·c + (1 − m)·mean_i f_i Wᵀ in place, in the center's dtype and shape; the targets use the old c."""
     f, w, _ = _inputs(37, 53, 48, torch.float32)
@@ -139,31 +141,34 @@ def _good():
     return dict(teacher_feats=f, weight=w, teacher_temp=0.04, center=c)
 
 
-@pytest.mark.parametrize("change,error,match", [
-    (dict(teacher_feats=torch.randn(4, 3, 1)), ValueError, "teacher_feats"),
-    (dict(teacher_feats=torch.randn(0, 3)), ValueError, "teacher_feats"),
-    (dict(teacher_feats=torch.ones(4, 3, dtype=torch.int64)), TypeError, "teacher_feats"),
-    (dict(weight=torch.randn(6, 4)), ValueError, "weight"),
-    (dict(weight=torch.randn(0, 3), center=None), ValueError, "weight"),
-    (dict(weight=torch.randn(6, 3, dtype=torch.bfloat16)), TypeError, "weight"),
-    (dict(weight=torch.randn(6, 3, device="meta")), ValueError, "weight"),
-    (dict(center=torch.zeros(2, 6)), ValueError, "center"),
-    (dict(center=torch.zeros(7)), ValueError, "center"),
-    (dict(center=torch.zeros(6, dtype=torch.int32)), TypeError, "center"),
-    (dict(center=[0.0] * 6), TypeError, "center"),
-    (dict(center=torch.zeros(6, device="meta")), ValueError, "center"),
-    (dict(center=None, center_momentum=0.9), ValueError, "center_momentum"),
-    (dict(center_momentum=1.5), ValueError, "center_momentum"),
-    (dict(center_momentum=float("nan")), ValueError, "center_momentum"),
-    (dict(center_momentum="0.9"), TypeError, "center_momentum"),
-    (dict(teacher_temp=0.0), ValueError, "teacher_temp"),
-    (dict(teacher_temp=float("inf")), ValueError, "teacher_temp"),
-    (dict(mode="softmax"), ValueError, "mode"),
-    (dict(mode="sinkhorn"), ValueError, "center"),
-    (dict(mode="sinkhorn", center=None, sinkhorn_iters=0), ValueError, "sinkhorn_iters"),
-    (dict(mode="sinkhorn", center=None, sinkhorn_iters=2.0), TypeError, "sinkhorn_iters"),
-    (dict(mode="sinkhorn", center=None, gather_distributed=1), TypeError, "gather_distributed"),
-])
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(teacher_feats=torch.randn(4, 3, 1)), ValueError, "teacher_feats"),
+        (dict(teacher_feats=torch.randn(0, 3)), ValueError, "teacher_feats"),
+        (dict(teacher_feats=torch.ones(4, 3, dtype=torch.int64)), TypeError, "teacher_feats"),
+        (dict(weight=torch.randn(6, 4)), ValueError, "weight"),
+        (dict(weight=torch.randn(0, 3), center=None), ValueError, "weight"),
+        (dict(weight=torch.randn(6, 3, dtype=torch.bfloat16)), TypeError, "weight"),
+        (dict(weight=torch.randn(6, 3, device="meta")), ValueError, "weight"),
+        (dict(center=torch.zeros(2, 6)), ValueError, "center"),
+        (dict(center=torch.zeros(7)), ValueError, "center"),
+        (dict(center=torch.zeros(6, dtype=torch.int32)), TypeError, "center"),
+        (dict(center=[0.0] * 6), TypeError, "center"),
+        (dict(center=torch.zeros(6, device="meta")), ValueError, "center"),
+        (dict(center=None, center_momentum=0.9), ValueError, "center_momentum"),
+        (dict(center_momentum=1.5), ValueError, "center_momentum"),
+        (dict(center_momentum=float("nan")), ValueError, "center_momentum"),
+        (dict(center_momentum="0.9"), TypeError, "center_momentum"),
+        (dict(teacher_temp=0.0), ValueError, "teacher_temp"),
+        (dict(teacher_temp=float("inf")), ValueError, "teacher_temp"),
+        (dict(mode="softmax"), ValueError, "mode"),
+        (dict(mode="sinkhorn"), ValueError, "center"),
+        (dict(mode="sinkhorn", center=None, sinkhorn_iters=0), ValueError, "sinkhorn_iters"),
+        (dict(mode="sinkhorn", center=None, sinkhorn_iters=2.0), TypeError, "sinkhorn_iters"),
+        (dict(mode="sinkhorn", center=None, gather_distributed=1), TypeError, "gather_distributed"),
+    ],
+)
 def test_bad_input(backend, change, error, match):
     args = {**_good(), **change}
     before = args["center"].clone() if isinstance(args["center"], torch.Tensor) else None
@@ -184,8 +189,9 @@ def _rank_teacher(rank, world, feats, w, center):
     rows = slice(rank * feats.shape[0] // world, (rank + 1) * feats.shape[0] // world)
     c = center.clone()
     probs = prototype_teacher_probs(feats[rows], w, teacher_temp=0.03, center=c, center_momentum=0.8)
-    codes = prototype_teacher_probs(feats[rows], w, teacher_temp=0.05, mode="sinkhorn", sinkhorn_iters=3,
-                                    gather_distributed=True)
+    codes = prototype_teacher_probs(
+        feats[rows], w, teacher_temp=0.05, mode="sinkhorn", sinkhorn_iters=3, gather_distributed=True
+    )
     return probs, c, codes
 
 

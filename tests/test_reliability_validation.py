@@ -1,5 +1,6 @@
 """Reliability checks: momentum validation, the EMA plan cache's layout keys, fp64 DINO centers, symlink cycles
 in image folders, an unavailable masking device, and the Triton interpreter's numpy noise."""
+
 import math
 import os
 import warnings
@@ -19,17 +20,25 @@ def _pairs(shapes, dtype=torch.float32):
 
 
 # ------------------------------------------------------------------------------------------ 1. momenta
-@pytest.mark.parametrize("make", [
-    lambda t, s: sf.ema_update_(t, s, NAN),
-    lambda t, s: sf.ema_update_(t, s, torch.tensor(1.5)),                       # would extrapolate
-    lambda t, s: sf.ema_update_(t, s, torch.tensor(NAN, dtype=torch.float64)),
-    lambda t, s: sf.ema_update_(t, s, torch.tensor([-0.25])),
-    lambda t, s: sf.ops.update_center_(t[0], s[1], NAN),
-    lambda t, s: sf.ops.adamw_ema_step_(t, s, [torch.zeros_like(x) for x in t], [torch.zeros_like(x) for x in t],
-                                     [torch.zeros(()) for _ in t], lr=NAN),
-    lambda t, s: sf.dino_loss(torch.randn(6, 5), torch.randn(4, 5), t[0], num_global_crops=2,
-                              center_momentum=NAN),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda t, s: sf.ema_update_(t, s, NAN),
+        lambda t, s: sf.ema_update_(t, s, torch.tensor(1.5)),  # would extrapolate
+        lambda t, s: sf.ema_update_(t, s, torch.tensor(NAN, dtype=torch.float64)),
+        lambda t, s: sf.ema_update_(t, s, torch.tensor([-0.25])),
+        lambda t, s: sf.ops.update_center_(t[0], s[1], NAN),
+        lambda t, s: sf.ops.adamw_ema_step_(
+            t,
+            s,
+            [torch.zeros_like(x) for x in t],
+            [torch.zeros_like(x) for x in t],
+            [torch.zeros(()) for _ in t],
+            lr=NAN,
+        ),
+        lambda t, s: sf.dino_loss(torch.randn(6, 5), torch.randn(4, 5), t[0], num_global_crops=2, center_momentum=NAN),
+    ],
+)
 def test_nan_and_out_of_range_momenta_are_refused(seed, make):
     teacher, student = _pairs([(5,), (4, 5), (3, 2, 3)])
     before = [t.clone() for t in teacher]
@@ -38,9 +47,15 @@ def test_nan_and_out_of_range_momenta_are_refused(seed, make):
     assert all(torch.equal(a, b) for a, b in zip(teacher, before)), f"seed {seed}: updated on bad input"
 
 
-@pytest.mark.parametrize("kwargs,name", [({"momentum": NAN}, "momentum"), ({"final_momentum": NAN}, "final_momentum"),
-                                         ({"momentum": math.inf}, "momentum"),
-                                         ({"final_momentum": 1.5}, "final_momentum")])
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"momentum": NAN}, "momentum"),
+        ({"final_momentum": NAN}, "final_momentum"),
+        ({"momentum": math.inf}, "momentum"),
+        ({"final_momentum": 1.5}, "final_momentum"),
+    ],
+)
 def test_ema_module_refuses_bad_momenta(kwargs, name):
     with pytest.raises(ValueError, match=name):
         sf.EMA(torch.nn.Linear(3, 2), **kwargs)
@@ -131,17 +146,23 @@ def test_find_images_survives_symlink_cycles_and_lists_each_file_once(tmp_path):
     _touch(outside / "sub" / "5.jpg")
     _touch(outside / "6.jpg")
     try:
-        os.symlink("..", root / "a" / "self")                         # a cycle back to the root
-        os.symlink("../b", root / "a" / "to_b")                       # a link into another class
-        os.symlink(outside, root / "b" / "ext")                       # a legit folder outside the tree
-        os.symlink(outside / "6.jpg", root / "a" / "6.jpg")           # a legit file outside the tree
+        os.symlink("..", root / "a" / "self")  # a cycle back to the root
+        os.symlink("../b", root / "a" / "to_b")  # a link into another class
+        os.symlink(outside, root / "b" / "ext")  # a legit folder outside the tree
+        os.symlink(outside / "6.jpg", root / "a" / "6.jpg")  # a legit file outside the tree
         os.symlink(root / "b" / "3.png", root / "b" / "deep" / "3-again.png")  # the same file twice
     except (OSError, NotImplementedError):
         pytest.skip("symbolic links are not available here")
     src = D.find_images(root)
     got = [(os.path.relpath(p, root), label) for p, label in zip(src.paths, src.labels)]
-    assert got == [("a/1.jpg", 0), ("a/2.JPG", 0), ("a/6.jpg", 0), ("b/3.png", 1), ("b/deep/4.jpg", 1),
-                   ("b/ext/sub/5.jpg", 1)]
+    assert got == [
+        ("a/1.jpg", 0),
+        ("a/2.JPG", 0),
+        ("a/6.jpg", 0),
+        ("b/3.png", 1),
+        ("b/deep/4.jpg", 1),
+        ("b/ext/sub/5.jpg", 1),
+    ]
     assert src.classes == ["a", "b"]
     assert len({os.path.realpath(p) for p in src.paths}) == len(src.paths)
 
@@ -168,8 +189,11 @@ def test_interpreted_launches_emit_no_interpreter_warnings(seed, monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = sf.dino_loss(s, t, c, num_global_crops=2)
-    noisy = [f"{w.category.__name__}: {w.message}" for w in caught
-             if os.path.join("triton", "runtime", "interpreter") in w.filename]
+    noisy = [
+        f"{w.category.__name__}: {w.message}"
+        for w in caught
+        if os.path.join("triton", "runtime", "interpreter") in w.filename
+    ]
     assert not noisy, noisy[:3]
     assert abs(float(got) - float(want)) <= 1e-5 * max(1.0, abs(float(want))), f"seed {seed}"
 

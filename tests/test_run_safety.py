@@ -1,6 +1,7 @@
 """Run safety of `sslfast pretrain` / `sslfast eval`: runs are never silently destroyed (refusal, lock, unique
 temporaries, a kept fallback), only finite state is saved, --resume and its flags, fail-fast checks and one-line
 user errors, Ctrl-C, skipped images. Loading safety: tests/test_run_safety_loading.py."""
+
 import json
 import os
 import shutil
@@ -126,16 +127,45 @@ def test_nonfinite_state_stops_before_the_checkpoint(run_copy, monkeypatch, caps
 
 # ------------------------------------------------------------------------------------------------ 4. --resume flags
 def test_resume_refuses_changed_flags(run_copy, capsys):
-    line = _fails(["pretrain", "--resume", "--out", str(run_copy), "--seed", "5", "--batch-size", "64",
-                   "--method", "simclr", "--no-progress"], capsys)
+    line = _fails(
+        [
+            "pretrain",
+            "--resume",
+            "--out",
+            str(run_copy),
+            "--seed",
+            "5",
+            "--batch-size",
+            "64",
+            "--method",
+            "simclr",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert "--seed: saved 0, given 5" in line and "--batch-size: saved 128, given 64" in line
     assert "--method" not in line.split("(only")[0]  # equal to the saved value: not a difference
 
 
 def test_resume_extends_epochs_with_a_new_lr(run_copy, capsys):
     saved = _load(run_copy / "checkpoint.pt")
-    assert cli.main(["pretrain", "--resume", "--out", str(run_copy), "--epochs", "2", "--lr", "0.5",
-                     "--no-progress", "--no-knn"]) == 0
+    assert (
+        cli.main(
+            [
+                "pretrain",
+                "--resume",
+                "--out",
+                str(run_copy),
+                "--epochs",
+                "2",
+                "--lr",
+                "0.5",
+                "--no-progress",
+                "--no-knn",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "--epochs 2 instead of the saved 1" in out and "--lr 0.5 instead of the saved" in out
     state = _load(run_copy / "checkpoint.pt")
@@ -150,20 +180,26 @@ def test_resume_extends_epochs_with_a_new_lr(run_copy, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ 5, 6. user errors
-@pytest.mark.parametrize("argv,match", [
-    (["pretrain", "--workers", "0"], "--workers must be a positive integer, got 0"),
-    (["pretrain", "--workers", "-3"], "--workers must be a positive integer, got -3"),
-    (["pretrain", "--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
-    (["pretrain", "--warmup-epochs", "-1"], "--warmup-epochs must be a finite number >= 0"),
-    (["pretrain", "--stop-after", "0"], "--stop-after must be a positive integer, got 0"),
-    (["pretrain", "--device", "tpu7"], "--device: unknown device 'tpu7'"),
-    pytest.param(["pretrain", "--device", "cuda"], "CUDA is not available",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
-    (["pretrain", "--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
-    (["eval", "--epochs", "0"], "--epochs must be a positive integer, got 0"),
-    (["eval", "--epochs", "-1"], "--epochs must be a positive integer, got -1"),
-    (["eval", "--device", "tpu7"], "--device: unknown device 'tpu7'"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["pretrain", "--workers", "0"], "--workers must be a positive integer, got 0"),
+        (["pretrain", "--workers", "-3"], "--workers must be a positive integer, got -3"),
+        (["pretrain", "--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
+        (["pretrain", "--warmup-epochs", "-1"], "--warmup-epochs must be a finite number >= 0"),
+        (["pretrain", "--stop-after", "0"], "--stop-after must be a positive integer, got 0"),
+        (["pretrain", "--device", "tpu7"], "--device: unknown device 'tpu7'"),
+        pytest.param(
+            ["pretrain", "--device", "cuda"],
+            "CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+        (["pretrain", "--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
+        (["eval", "--epochs", "0"], "--epochs must be a positive integer, got 0"),
+        (["eval", "--epochs", "-1"], "--epochs must be a positive integer, got -1"),
+        (["eval", "--device", "tpu7"], "--device: unknown device 'tpu7'"),
+    ],
+)
 def test_bad_arguments_are_one_line(argv, match, tmp_path, capsys):
     if argv[0] == "pretrain":
         argv = [*argv, "--out", str(tmp_path / "run"), "--no-progress"]
@@ -199,8 +235,7 @@ def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(run_copy, monkeypatc
 
     monkeypatch.setattr(loop, "train_step", interrupted)
     before = (run_copy / "checkpoint.pt").read_bytes()
-    line = _fails(["pretrain", "--resume", "--epochs", "2", "--out", str(run_copy), "--no-progress"], capsys,
-                  code=130)
+    line = _fails(["pretrain", "--resume", "--epochs", "2", "--out", str(run_copy), "--no-progress"], capsys, code=130)
     assert "epoch 1 is kept" in line and f"sslfast pretrain --resume --out {run_copy}" in line
     assert (run_copy / "checkpoint.pt").read_bytes() == before
     assert not [n for n in os.listdir(run_copy) if n.endswith(".tmp")]
@@ -219,8 +254,26 @@ def test_unusable_data_folder(content, tmp_path, capsys):
     data.mkdir()
     if content == "nothing_decodes":
         _garbage(data / "class_0", 20)
-    line = _fails(["pretrain", "--data", str(data), "--backbone", "resnet_tiny", "--image-size", "16", "--epochs",
-                   "1", "--batch-size", "4", "--no-progress", "--no-knn", "--out", str(tmp_path / "run")], capsys)
+    line = _fails(
+        [
+            "pretrain",
+            "--data",
+            str(data),
+            "--backbone",
+            "resnet_tiny",
+            "--image-size",
+            "16",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--no-progress",
+            "--no-knn",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capsys,
+    )
     assert line.startswith("sslfast pretrain: error: --data:")
 
 
@@ -232,9 +285,30 @@ def test_skipped_images_are_counted(tmp_path, capsys):
     write_jpeg_folder(data / "val", 9, size=(20, 18), classes=3, distinct=5)
     _garbage(data / "train" / "class_1", 3)
     out = tmp_path / "run"
-    assert cli.main(["pretrain", "--data", str(data), "--backbone", "resnet_tiny", "--profile", "small",
-                     "--image-size", "16", "--epochs", "1", "--batch-size", "8", "--no-progress", "--no-knn",
-                     "--out", str(out)]) == 0  # 48 training files, 6 full batches: every file is read
+    assert (
+        cli.main(
+            [
+                "pretrain",
+                "--data",
+                str(data),
+                "--backbone",
+                "resnet_tiny",
+                "--profile",
+                "small",
+                "--image-size",
+                "16",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--no-progress",
+                "--no-knn",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )  # 48 training files, 6 full batches: every file is read
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["skipped_images"] == 3 == metrics["epochs"][-1]["skipped_images"]
     assert sorted(os.path.basename(p) for p in metrics["bad_files"]) == ["bad_0.jpg", "bad_1.jpg", "bad_2.jpg"]

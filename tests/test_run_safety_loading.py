@@ -1,5 +1,6 @@
 """Run safety, loading: checkpoints and their RNG and optimizer state load with `weights_only=True` and never run
 code; bad checkpoint files are one-line errors."""
+
 import io
 import os
 import random
@@ -35,8 +36,11 @@ def test_crafted_checkpoint_runs_no_code(command, tmp_path, capsys):
     out.mkdir()
     _crafted(out / "checkpoint.pt", marker)
     _crafted(out / "checkpoint.prev.pt", marker)  # the fallback is read as safely
-    argv = ["eval", "--checkpoint", str(out / "checkpoint.pt")] if command == "eval" else \
-        ["pretrain", "--resume", "--out", str(out), "--no-progress"]
+    argv = (
+        ["eval", "--checkpoint", str(out / "checkpoint.pt")]
+        if command == "eval"
+        else ["pretrain", "--resume", "--out", str(out), "--no-progress"]
+    )
     line = _fails(argv, capsys)
     assert not marker.exists()
     assert "not a readable sslfast checkpoint" in line
@@ -52,13 +56,16 @@ def test_bad_checkpoint_files_are_one_line_errors(kind, command, finished_run, t
         path.write_bytes(b"")
     elif kind == "truncated":
         data = (finished_run / "checkpoint.pt").read_bytes()
-        path.write_bytes(data[:len(data) // 2])
+        path.write_bytes(data[: len(data) // 2])
     elif kind == "garbage":
         path.write_bytes(os.urandom(1000))
     else:
         torch.save({"weights": torch.zeros(3)}, path)
-    argv = ["eval", "--checkpoint", str(out)] if command == "eval" else \
-        ["pretrain", "--resume", "--out", str(out), "--no-progress"]
+    argv = (
+        ["eval", "--checkpoint", str(out)]
+        if command == "eval"
+        else ["pretrain", "--resume", "--out", str(out), "--no-progress"]
+    )
     line = _fails(argv, capsys)
     assert str(path) in line and ("--checkpoint" if command == "eval" else "--resume") in line
 

@@ -6,6 +6,7 @@ raises sslfast's `DoubleBackwardError` naming the op (the Triton kernels' gradie
 detached or silently wrong gradient. Both ways of computing gradients are covered: in the forward (the
 default for an eager loss) and in the backward (`sf.separate_backward()`).
 """
+
 import contextlib
 
 import pytest
@@ -49,33 +50,56 @@ def _cases():
     queue = torch.randn(7, 3, dtype=F64)
     teacher, center = torch.randn(6, 5, dtype=F64), torch.randn(1, 5, dtype=F64)
     return {
-        "nt_xent": (lambda dt: (_x(5, 3, dtype=dt), _x(5, 3, dtype=dt)),
-                    lambda a, b: sf.nt_xent_loss(a, b, 0.7), lambda a, b: ref_infonce.nt_xent_loss(a, b, 0.7)),
-        "info_nce": (lambda dt: (_x(5, 3, dtype=dt), _x(5, 3, dtype=dt)),
-                     lambda a, b: sf.info_nce_loss(a, b, None, 0.3),
-                     lambda a, b: ref_infonce.info_nce_loss(a, b, None, 0.3)),
-        "info_nce_queue": (lambda dt: (_x(5, 3, dtype=dt), _x(5, 3, dtype=dt)),
-                           lambda a, b: sf.info_nce_loss(a, b, queue.to(a.dtype), 0.3),
-                           lambda a, b: ref_infonce.info_nce_loss(a, b, queue.to(a.dtype), 0.3)),
-        "clip": (lambda dt: (_x(5, 3, dtype=dt), _x(5, 3, dtype=dt), (1.5 + torch.rand((), dtype=dt)).requires_grad_()),
-                 sf.clip_loss, ref_infonce.clip_loss),
-        "barlow_gram": (lambda dt: (_x(4, 7, dtype=dt), _x(4, 7, dtype=dt)),
-                        lambda a, b: sf.barlow_twins_loss(a, b, 0.3, algorithm="gram"),
-                        lambda a, b: ref_barlow.barlow_twins_loss(a, b, 0.3)),
-        "barlow_tiled": (lambda dt: (_x(6, 3, dtype=dt), _x(6, 3, dtype=dt)),
-                         lambda a, b: sf.barlow_twins_loss(a, b, 0.3, algorithm="tiled"),
-                         lambda a, b: ref_barlow.barlow_twins_loss(a, b, 0.3)),
-        "barlow_same_tensor": (lambda dt: (_x(5, 4, dtype=dt),), lambda a: sf.barlow_twins_loss(a, a, 0.3),
-                               lambda a: ref_barlow.barlow_twins_loss(a, a, 0.3)),
-        "vicreg_gram": (lambda dt: (_x(4, 7, dtype=dt), _x(4, 7, dtype=dt)),
-                        lambda a, b: sf.vicreg_loss(a, b, 2.0, 3.0, 0.5, algorithm="gram"),
-                        lambda a, b: ref_barlow.vicreg_loss(a, b, 2.0, 3.0, 0.5)),
-        "vicreg_tiled": (lambda dt: (_x(6, 3, dtype=dt), _x(6, 3, dtype=dt)),
-                         lambda a, b: sf.vicreg_loss(a, b, 2.0, 3.0, 0.5, algorithm="tiled"),
-                         lambda a, b: ref_barlow.vicreg_loss(a, b, 2.0, 3.0, 0.5)),
-        "dino": (lambda dt: (_x(9, 5, dtype=dt),),
-                 lambda s: sf.dino_loss(s, teacher.to(s.dtype), center.to(s.dtype), 0.2, 0.1),
-                 lambda s: ref_dino.dino_loss_literal(s, teacher.to(s.dtype), center.to(s.dtype), 0.2, 0.1)),
+        "nt_xent": (
+            lambda dt: (_x(5, 3, dtype=dt), _x(5, 3, dtype=dt)),
+            lambda a, b: sf.nt_xent_loss(a, b, 0.7),
+            lambda a, b: ref_infonce.nt_xent_loss(a, b, 0.7),
+        ),
+        "info_nce": (
+            lambda dt: (_x(5, 3, dtype=dt), _x(5, 3, dtype=dt)),
+            lambda a, b: sf.info_nce_loss(a, b, None, 0.3),
+            lambda a, b: ref_infonce.info_nce_loss(a, b, None, 0.3),
+        ),
+        "info_nce_queue": (
+            lambda dt: (_x(5, 3, dtype=dt), _x(5, 3, dtype=dt)),
+            lambda a, b: sf.info_nce_loss(a, b, queue.to(a.dtype), 0.3),
+            lambda a, b: ref_infonce.info_nce_loss(a, b, queue.to(a.dtype), 0.3),
+        ),
+        "clip": (
+            lambda dt: (_x(5, 3, dtype=dt), _x(5, 3, dtype=dt), (1.5 + torch.rand((), dtype=dt)).requires_grad_()),
+            sf.clip_loss,
+            ref_infonce.clip_loss,
+        ),
+        "barlow_gram": (
+            lambda dt: (_x(4, 7, dtype=dt), _x(4, 7, dtype=dt)),
+            lambda a, b: sf.barlow_twins_loss(a, b, 0.3, algorithm="gram"),
+            lambda a, b: ref_barlow.barlow_twins_loss(a, b, 0.3),
+        ),
+        "barlow_tiled": (
+            lambda dt: (_x(6, 3, dtype=dt), _x(6, 3, dtype=dt)),
+            lambda a, b: sf.barlow_twins_loss(a, b, 0.3, algorithm="tiled"),
+            lambda a, b: ref_barlow.barlow_twins_loss(a, b, 0.3),
+        ),
+        "barlow_same_tensor": (
+            lambda dt: (_x(5, 4, dtype=dt),),
+            lambda a: sf.barlow_twins_loss(a, a, 0.3),
+            lambda a: ref_barlow.barlow_twins_loss(a, a, 0.3),
+        ),
+        "vicreg_gram": (
+            lambda dt: (_x(4, 7, dtype=dt), _x(4, 7, dtype=dt)),
+            lambda a, b: sf.vicreg_loss(a, b, 2.0, 3.0, 0.5, algorithm="gram"),
+            lambda a, b: ref_barlow.vicreg_loss(a, b, 2.0, 3.0, 0.5),
+        ),
+        "vicreg_tiled": (
+            lambda dt: (_x(6, 3, dtype=dt), _x(6, 3, dtype=dt)),
+            lambda a, b: sf.vicreg_loss(a, b, 2.0, 3.0, 0.5, algorithm="tiled"),
+            lambda a, b: ref_barlow.vicreg_loss(a, b, 2.0, 3.0, 0.5),
+        ),
+        "dino": (
+            lambda dt: (_x(9, 5, dtype=dt),),
+            lambda s: sf.dino_loss(s, teacher.to(s.dtype), center.to(s.dtype), 0.2, 0.1),
+            lambda s: ref_dino.dino_loss_literal(s, teacher.to(s.dtype), center.to(s.dtype), 0.2, 0.1),
+        ),
     }
 
 
@@ -172,9 +196,13 @@ def _take_backward(ctx, g):
     return g.new_zeros(ctx.rows, *g.shape[1:]).index_add(0, idx, g), None
 
 
-@custom_op("test_second_order_take", fake=lambda x, idx: x.new_empty(idx.shape[0], *x.shape[1:]),
-           backward=_take_backward, setup_context=_take_setup,
-           double_backward=backward_on_reference("test_second_order_take", _take_backward))
+@custom_op(
+    "test_second_order_take",
+    fake=lambda x, idx: x.new_empty(idx.shape[0], *x.shape[1:]),
+    backward=_take_backward,
+    setup_context=_take_setup,
+    double_backward=backward_on_reference("test_second_order_take", _take_backward),
+)
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, idx)
 
@@ -186,6 +214,7 @@ def test_backward_on_reference_differentiates_a_plain_backward_and_refuses_on_tr
 
     def f(t):
         return _take(t, idx).pow(3).sum()
+
     monkeypatch.setenv("SSLFAST_BACKEND", "reference")
     assert torch.autograd.gradgradcheck(f, (x,)), f"seed {seed}"
     monkeypatch.setenv("SSLFAST_BACKEND", "triton")
@@ -212,12 +241,18 @@ def _mae_case(name):
     weights = torch.randn(B, keep, E)
     ids = info.ids_keep[..., None].expand(-1, -1, E)
     return {
-        "masked_mse_loss": (lambda x: mae.masked_mse_loss(x, imgs, info.mask, P),
-                            lambda x: ref_mae.forward_loss_official(imgs, x, info.mask, P)),
-        "gather_tokens": (lambda x: (mae.gather_tokens(x, info.ids_keep) * weights).square().sum(),
-                          lambda x: (torch.gather(x, 1, ids) * weights).square().sum()),
-        "unshuffle": (lambda x: mae.unshuffle(x[:, :keep], info.ids_restore, token).pow(3).sum(),
-                      lambda x: ref_mae.unshuffle_official(x[:, :keep], info.ids_restore, token).pow(3).sum()),
+        "masked_mse_loss": (
+            lambda x: mae.masked_mse_loss(x, imgs, info.mask, P),
+            lambda x: ref_mae.forward_loss_official(imgs, x, info.mask, P),
+        ),
+        "gather_tokens": (
+            lambda x: (mae.gather_tokens(x, info.ids_keep) * weights).square().sum(),
+            lambda x: (torch.gather(x, 1, ids) * weights).square().sum(),
+        ),
+        "unshuffle": (
+            lambda x: mae.unshuffle(x[:, :keep], info.ids_restore, token).pow(3).sum(),
+            lambda x: ref_mae.unshuffle_official(x[:, :keep], info.ids_restore, token).pow(3).sum(),
+        ),
     }[name]
 
 

@@ -1,6 +1,7 @@
 """SigLIP's pairwise sigmoid loss: forward and every gradient (features, logit_scale, logit_bias) against the
 float64 literal reference, on the reference path and on the Triton kernels (interpreted on CPU, real on
 `-m gpu`); distributed parity, torch.compile, the module and bad input."""
+
 import math
 
 import pytest
@@ -52,7 +53,7 @@ def _oracle(x, y, t, b, pos_off=0):
 def _bound(dtype, t, device="cpu"):
     """Relative bound on the gradients: the dtype's tolerance, or an fp32 logit's own rounding, t·2⁻²⁴ (times a
     few ulps of the dot and the norms), when the scale makes that larger."""
-    return max(tol(dtype, device), 8 * t * 2.0 ** -24)
+    return max(tol(dtype, device), 8 * t * 2.0**-24)
 
 
 def _check(loss, grads, want, dtype, t, seed, device="cpu"):
@@ -80,8 +81,11 @@ def test_siglip(backend, seed, n, d, dtype, t, b):
     _check(loss, [v.grad for v in leaves], _oracle(x, y, ts, bs), dtype, t, seed)
 
 
-@pytest.mark.parametrize("needs", [(True, True, True, True), (False, True, False, False), (True, False, False, True),
-                                   (False, False, True, False)], ids=["all", "text", "image+bias", "scale"])
+@pytest.mark.parametrize(
+    "needs",
+    [(True, True, True, True), (False, True, False, False), (True, False, False, True), (False, False, True, False)],
+    ids=["all", "text", "image+bias", "scale"],
+)
 def test_separate_backward_and_partial_grads(backend, seed, needs):
     """The custom op's own backward (`separate_backward`), with only some inputs requiring gradients (each pass
     and output is then skipped or kept), against the gradients of the fused eager call and the oracle."""
@@ -128,8 +132,8 @@ def test_extreme_scale_and_bias(backend, seed, t, b):
     loss = sf.siglip_loss(*leaves)
     loss.backward()
     want_loss, want_grads, (terms_t, terms_b) = _oracle(x, y, ts, bs)
-    assert_loss_close(loss, want_loss, max(1e-5, 8 * abs(t) * 2.0 ** -24), f"loss (seed {seed})")
-    bound = max(1e-5, 8 * abs(t) * 2.0 ** -24)
+    assert_loss_close(loss, want_loss, max(1e-5, 8 * abs(t) * 2.0**-24), f"loss (seed {seed})")
+    bound = max(1e-5, 8 * abs(t) * 2.0**-24)
     for name, v, w in zip(("img", "txt"), leaves, want_grads):
         assert_close(v.grad, w, bound, f"{name} grad (seed {seed})")
     for name, v, w, terms in zip(("scale", "bias"), leaves[2:], want_grads[2:], (terms_t, terms_b)):
@@ -216,6 +220,7 @@ def test_module(seed):
 # ------------------------------------------------------------------------------------------ compile
 def test_torch_compile(backend, seed):
     """A training step with the loss compiles whole (the custom ops' fake implementations) and matches eager."""
+
     def step(x, y, log_t, b):
         return sf.siglip_loss(x * 2.0, y, log_t.exp(), b)
 
@@ -238,9 +243,10 @@ def test_opcheck(backend, seed):
     x, y, ts, bs = (leaf(v) for v in _inputs(5, 20, torch.float32, 10.0, -10.0))
     torch.library.opcheck(ops_siglip.siglip_forward.custom_op, (x, y, ts, bs, 0))
     rn = torch.rand(5) + 0.5
-    torch.library.opcheck(ops_siglip.siglip_backward.custom_op,
-                          (x.detach(), y.detach(), ts.detach(), bs.detach(), rn, rn, torch.tensor(0.2), 0, True, True,
-                           True))
+    torch.library.opcheck(
+        ops_siglip.siglip_backward.custom_op,
+        (x.detach(), y.detach(), ts.detach(), bs.detach(), rn, rn, torch.tensor(0.2), 0, True, True, True),
+    )
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -315,8 +321,10 @@ def test_gather_distributed_matches_single_process(backend, seed, use_module):
         assert_close(ga / world, gx[rows], 1e-5, f"rank {rank} image grad (seed {seed})")
         assert_close(gb_ / world, gy[rows], 1e-5, f"rank {rank} text grad (seed {seed})")
     # ∂L/∂t and ∂L/∂b are sums of terms that cancel: their error is bounded against the terms' size (as `_check`)
-    for name, got, want, terms in (("logit_scale", sum(r[3] for r in ranks) / world, gt, terms_t),
-                                   ("logit_bias", sum(r[4] for r in ranks) / world, gb, terms_b)):
+    for name, got, want, terms in (
+        ("logit_scale", sum(r[3] for r in ranks) / world, gt, terms_t),
+        ("logit_bias", sum(r[4] for r in ranks) / world, gb, terms_b),
+    ):
         err = abs(float(got) - want.item())
         assert err <= 1e-5 * terms, f"{name} grad (seed {seed}): error {err:.3g} > 1e-5 · {terms:.3g}"
 
@@ -350,9 +358,16 @@ def test_kernel_compiles_for_sm90():
 
 # ------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,d,dtype", [(4096, 768, torch.bfloat16), (4097, 512, torch.bfloat16),
-                                       (2048, 256, torch.float16), (1000, 96, torch.float32),
-                                       (1000, 768, torch.float32)])
+@pytest.mark.parametrize(
+    "n,d,dtype",
+    [
+        (4096, 768, torch.bfloat16),
+        (4097, 512, torch.bfloat16),
+        (2048, 256, torch.float16),
+        (1000, 96, torch.float32),
+        (1000, 768, torch.float32),
+    ],
+)
 def test_gpu_sweep(seed, n, d, dtype):
     """The real kernels at realistic sizes (the paper's t = 10, b = −10) against the float64 reference."""
     dev = "cuda"

@@ -1,4 +1,5 @@
 """Sinkhorn-Knopp teacher targets against DINOv2's literal `sinkhorn_knopp_teacher` run in float64."""
+
 import pytest
 import torch
 
@@ -30,8 +31,12 @@ def test_matches_literal(backend, seed, dtype, temperature, n_iters):
     x = _logits(37, 53, dtype, scale=2.0)
     q = sf.sinkhorn_knopp(x, temperature, n_iters)
     assert q.shape == (37, 53) and q.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert_close(q, _want(x, temperature, n_iters), 1e-12 if dtype == torch.float64 else 3 * tol(torch.float32),
-                 f"Q, seed {seed}")
+    assert_close(
+        q,
+        _want(x, temperature, n_iters),
+        1e-12 if dtype == torch.float64 else 3 * tol(torch.float32),
+        f"Q, seed {seed}",
+    )
 
 
 def test_extreme_scores(backend, seed):
@@ -78,20 +83,23 @@ def test_non_finite_propagates(backend):
     assert not torch.isfinite(sf.sinkhorn_knopp(x, 0.1)).all()
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(teacher_logits=torch.randn(8)), ValueError, "teacher_logits"),
-    (dict(teacher_logits=torch.randn(2, 3, 4)), ValueError, "teacher_logits"),
-    (dict(teacher_logits=torch.randn(0, 4)), ValueError, "teacher_logits"),
-    (dict(teacher_logits=torch.ones(3, 4, dtype=torch.long)), TypeError, "teacher_logits"),
-    (dict(teacher_logits=[[1.0, 2.0]]), TypeError, "teacher_logits"),
-    (dict(temperature=0.0), ValueError, "temperature"),
-    (dict(temperature=-0.1), ValueError, "temperature"),
-    (dict(temperature=float("nan")), ValueError, "temperature"),
-    (dict(n_iters=0), ValueError, "n_iters"),
-    (dict(n_iters=2.0), TypeError, "n_iters"),
-    (dict(n_iters=True), TypeError, "n_iters"),
-    (dict(gather_distributed=1), TypeError, "gather_distributed"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(teacher_logits=torch.randn(8)), ValueError, "teacher_logits"),
+        (dict(teacher_logits=torch.randn(2, 3, 4)), ValueError, "teacher_logits"),
+        (dict(teacher_logits=torch.randn(0, 4)), ValueError, "teacher_logits"),
+        (dict(teacher_logits=torch.ones(3, 4, dtype=torch.long)), TypeError, "teacher_logits"),
+        (dict(teacher_logits=[[1.0, 2.0]]), TypeError, "teacher_logits"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(temperature=-0.1), ValueError, "temperature"),
+        (dict(temperature=float("nan")), ValueError, "temperature"),
+        (dict(n_iters=0), ValueError, "n_iters"),
+        (dict(n_iters=2.0), TypeError, "n_iters"),
+        (dict(n_iters=True), TypeError, "n_iters"),
+        (dict(gather_distributed=1), TypeError, "gather_distributed"),
+    ],
+)
 def test_bad_input(kwargs, error, match):
     kwargs = dict(dict(teacher_logits=torch.randn(3, 4), temperature=0.1), **kwargs)
     with pytest.raises(error, match=match):
@@ -109,7 +117,7 @@ def _logits_of(seed):
 
 def _rank_targets(rank, world, seed):
     lo = sum(SHARDS[:rank])
-    return sf.sinkhorn_knopp(_logits_of(seed)[lo:lo + SHARDS[rank]], 0.05, 3, gather_distributed=True)
+    return sf.sinkhorn_knopp(_logits_of(seed)[lo : lo + SHARDS[rank]], 0.05, 3, gather_distributed=True)
 
 
 @pytest.mark.slow

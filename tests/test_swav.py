@@ -1,4 +1,5 @@
 """SwAV swapped-prediction loss against the literal facebookresearch/swav main_swav.py loop (float64 oracle)."""
+
 import contextlib
 
 import pytest
@@ -70,7 +71,7 @@ def test_sinkhorn_codes_end_to_end(backend, seed):
     """SwAV's step: codes = Sinkhorn of the detached global crops' scores, then the loss."""
     G, V, B, K = 2, 4, 6, 11
     s, _ = _inputs(G, V, B, K)
-    codes = torch.cat([sf.sinkhorn_knopp(c, 0.05, 3) for c in s[:G * B].chunk(G)])
+    codes = torch.cat([sf.sinkhorn_knopp(c, 0.05, 3) for c in s[: G * B].chunk(G)])
     ref, gref = _literal(s, codes, 0.1, G)
     x = leaf(s)
     out = sf.swav_loss(x, codes, num_global_crops=G)
@@ -108,28 +109,31 @@ def _bad(**kwargs):
     return dict(base, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (_bad(codes=torch.rand(5, 8)), ValueError, "codes"),                              # not G·B rows
-    (_bad(codes=[torch.rand(3, 8)] * 3), ValueError, "codes"),                        # 3 codes for G = 2
-    (_bad(codes=[torch.rand(3, 8), torch.rand(4, 8)]), ValueError, "codes"),          # crops of unequal shape
-    (_bad(scores=torch.randn(12, 7)), ValueError, "scores"),                          # K mismatch
-    (_bad(scores=torch.randn(13, 8)), ValueError, "scores"),                          # not V·B rows
-    (_bad(scores=torch.randn(3, 8)), ValueError, "scores"),                           # V = 1 < G
-    (_bad(scores=[torch.randn(6, 8)] * 4), ValueError, "scores"),                     # list crops of 2·B rows
-    (_bad(scores=[torch.randn(3, 8), torch.randn(3, 9)]), ValueError, "scores"),      # list crops of unequal shape
-    (_bad(scores=[]), ValueError, "scores"),
-    (_bad(scores=torch.randn(12)), ValueError, "scores"),
-    (_bad(scores=torch.ones(12, 8, dtype=torch.long)), TypeError, "scores"),
-    (_bad(codes=[[1.0]]), TypeError, "codes"),
-    (_bad(codes=torch.rand(6, 8, device="meta")), ValueError, "codes"),               # another device
-    (_bad(scores=[torch.randn(3, 8), torch.randn(3, 8, dtype=torch.float64)]), TypeError, "scores"),
-    (_bad(temperature=0.0), ValueError, "temperature"),
-    (_bad(temperature=-0.1), ValueError, "temperature"),
-    (_bad(temperature="0.1"), TypeError, "temperature"),
-    (_bad(num_global_crops=0), ValueError, "num_global_crops"),
-    (_bad(num_global_crops=2.0), TypeError, "num_global_crops"),
-    (_bad(scores=torch.randn(3, 8), codes=torch.rand(3, 8), num_global_crops=1), ValueError, "scores"),  # V = 1
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (_bad(codes=torch.rand(5, 8)), ValueError, "codes"),  # not G·B rows
+        (_bad(codes=[torch.rand(3, 8)] * 3), ValueError, "codes"),  # 3 codes for G = 2
+        (_bad(codes=[torch.rand(3, 8), torch.rand(4, 8)]), ValueError, "codes"),  # crops of unequal shape
+        (_bad(scores=torch.randn(12, 7)), ValueError, "scores"),  # K mismatch
+        (_bad(scores=torch.randn(13, 8)), ValueError, "scores"),  # not V·B rows
+        (_bad(scores=torch.randn(3, 8)), ValueError, "scores"),  # V = 1 < G
+        (_bad(scores=[torch.randn(6, 8)] * 4), ValueError, "scores"),  # list crops of 2·B rows
+        (_bad(scores=[torch.randn(3, 8), torch.randn(3, 9)]), ValueError, "scores"),  # list crops of unequal shape
+        (_bad(scores=[]), ValueError, "scores"),
+        (_bad(scores=torch.randn(12)), ValueError, "scores"),
+        (_bad(scores=torch.ones(12, 8, dtype=torch.long)), TypeError, "scores"),
+        (_bad(codes=[[1.0]]), TypeError, "codes"),
+        (_bad(codes=torch.rand(6, 8, device="meta")), ValueError, "codes"),  # another device
+        (_bad(scores=[torch.randn(3, 8), torch.randn(3, 8, dtype=torch.float64)]), TypeError, "scores"),
+        (_bad(temperature=0.0), ValueError, "temperature"),
+        (_bad(temperature=-0.1), ValueError, "temperature"),
+        (_bad(temperature="0.1"), TypeError, "temperature"),
+        (_bad(num_global_crops=0), ValueError, "num_global_crops"),
+        (_bad(num_global_crops=2.0), TypeError, "num_global_crops"),
+        (_bad(scores=torch.randn(3, 8), codes=torch.rand(3, 8), num_global_crops=1), ValueError, "scores"),  # V = 1
+    ],
+)
 def test_bad_input(kwargs, error, match):
     with pytest.raises(error, match=match):
         sf.swav_loss(**kwargs)
@@ -141,8 +145,7 @@ def test_memory_frugal_backward_saves_no_softmax(backend):
     s, q = _inputs(G, V, B, K)
     x = leaf(s)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda z: saved.append(z) or z, lambda z: z), \
-            sf.separate_backward():
+    with torch.autograd.graph.saved_tensors_hooks(lambda z: saved.append(z) or z, lambda z: z), sf.separate_backward():
         sf.swav_loss(x, q)
     extra = sum(z.numel() for z in saved if z.data_ptr() not in (x.data_ptr(), q.data_ptr()))
     assert extra <= 2 * V * B, f"saved {extra} extra elements"

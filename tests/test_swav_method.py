@@ -1,5 +1,6 @@
 """The `swav` method: main_swav.py's loss, codes and queue (float64 re-implementation of its training loop),
 prototype normalization and freezing, its preset, and a short `sslfast pretrain --method swav` run."""
+
 import copy
 import json
 import math
@@ -26,8 +27,10 @@ def _cfg(**kw):
 
 def _views(batch, seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, 3, v.size, v.size, generator=g, dtype=dtype)
-            for v in preset_for(_cfg(), METHODS["swav"]).expanded()]
+    return [
+        torch.randn(batch, 3, v.size, v.size, generator=g, dtype=dtype)
+        for v in preset_for(_cfg(), METHODS["swav"]).expanded()
+    ]
 
 
 def _method(dtype=torch.float64, **kw):
@@ -67,16 +70,16 @@ def _main_swav_loss(embedding, output, weight, queue, bs, nmb_crops, *, temperat
     """The loss loop of main_swav.py's train() for crops_for_assign = [0, 1] (queue updated in place)."""
     loss = 0
     for i, crop_id in enumerate([0, 1]):
-        out = output[bs * crop_id: bs * (crop_id + 1)]
+        out = output[bs * crop_id : bs * (crop_id + 1)]
         if queue is not None:
             if not torch.all(queue[i, -1, :] == 0):
                 out = torch.cat((torch.mm(queue[i], weight.t()), out))
             queue[i, bs:] = queue[i, :-bs].clone()
-            queue[i, :bs] = embedding[crop_id * bs: (crop_id + 1) * bs]
+            queue[i, :bs] = embedding[crop_id * bs : (crop_id + 1) * bs]
         q = _sinkhorn(out, epsilon, iters)[-bs:]
         subloss = 0
         for v in np.delete(np.arange(nmb_crops), crop_id):
-            x = output[bs * v: bs * (v + 1)] / temperature
+            x = output[bs * v : bs * (v + 1)] / temperature
             subloss -= torch.mean(torch.sum(q * F.log_softmax(x, dim=1), dim=1))
         loss += subloss / (nmb_crops - 1)
     return loss / 2
@@ -148,8 +151,9 @@ def test_fused_head_equals_materialized(seed, queue):
         for name in gp:  # atol: biases before BN have gradients of pure rounding noise
             assert (gf[name] is None) == (gp[name] is None) == (name == "prototypes.weight" and step < 2), name
             if gp[name] is not None:
-                torch.testing.assert_close(gf[name], gp[name], rtol=1e-9, atol=1e-13,
-                                           msg=lambda m, name=name: f"d {name}, {what}: {m}")
+                torch.testing.assert_close(
+                    gf[name], gp[name], rtol=1e-9, atol=1e-13, msg=lambda m, name=name: f"d {name}, {what}: {m}"
+                )
         torch.testing.assert_close(fused.prototypes.weight, plain.prototypes.weight, rtol=0, atol=1e-15)
         torch.testing.assert_close(fused.prototypes.weight.norm(dim=1), torch.ones(100, dtype=torch.float64))
         if queue:
@@ -187,7 +191,7 @@ def test_queue_waits_for_its_epoch(seed):
     with torch.no_grad():
         method(_views(4, seed, torch.float64))
         assert int(method.queue_count) == 0 and not method.queue.any()
-        method.global_step = 2                          # epoch 1
+        method.global_step = 2  # epoch 1
         method(_views(4, seed + 1, torch.float64))
     assert int(method.queue_count) == 4 and method.queue[:, :4].any() and not method.queue[:, 4:].any()
 
@@ -200,14 +204,14 @@ def test_two_steps_move_weights_and_normalize_prototypes(seed):
     method = run.method
     seen = _capture(method)
     w0 = method.prototypes.weight.detach().clone()
-    assert not torch.allclose(w0.norm(dim=1), torch.ones(100))      # nn.Linear's init is not normalized
+    assert not torch.allclose(w0.norm(dim=1), torch.ones(100))  # nn.Linear's init is not normalized
     backbone0 = {k: v.clone() for k, v in method.backbone.state_dict().items() if v.is_floating_point()}
     losses = [train_step(run, _views(10, seed + i)).item() for i in range(2)]
     assert all(math.isfinite(v) for v in losses)
     for _, _, weight in seen:
         torch.testing.assert_close(weight.norm(dim=1), torch.ones(100))
-    torch.testing.assert_close(seen[1][2], F.normalize(w0, dim=1))    # frozen during epoch 0: only normalized
-    assert not torch.allclose(method.prototypes.weight, seen[1][2])   # the epoch-1 step moved them
+    torch.testing.assert_close(seen[1][2], F.normalize(w0, dim=1))  # frozen during epoch 0: only normalized
+    assert not torch.allclose(method.prototypes.weight, seen[1][2])  # the epoch-1 step moved them
     assert any(not torch.equal(v, method.backbone.state_dict()[k]) for k, v in backbone0.items())
     assert method.global_step == 2
 
@@ -218,11 +222,11 @@ def test_prototypes_frozen_for_the_first_epoch(seed):
     method.normalize_prototypes()
     w0 = method.prototypes.weight.detach().clone()
     head0 = method.projector[0].weight.detach().clone()
-    for i in range(3):                                                # epoch 0, 1/3, 2/3
+    for i in range(3):  # epoch 0, 1/3, 2/3
         train_step(run, _views(10, seed + i))
         torch.testing.assert_close(method.prototypes.weight, w0, rtol=0, atol=1e-7)
     assert not torch.equal(method.projector[0].weight, head0)
-    train_step(run, _views(10, seed + 3))                             # epoch 1
+    train_step(run, _views(10, seed + 3))  # epoch 1
     assert (method.prototypes.weight - w0).abs().max() > 1e-6  # LARS steps are small: trust ratio 1e-3
 
 
@@ -251,16 +255,19 @@ def test_swav_preset():
     assert P.get_preset("swav", 16).sizes() == [16, 16] + [7] * 6
 
 
-@pytest.mark.parametrize("kw, exc, match", [
-    (dict(num_prototypes=0), ValueError, "num_prototypes"),
-    (dict(out_dim=2.0), TypeError, "out_dim"),
-    (dict(temperature=0.0), ValueError, "temperature"),
-    (dict(epsilon=-1.0), ValueError, "epsilon"),
-    (dict(queue_length=-1), ValueError, "queue_length"),
-    (dict(sinkhorn_iterations=True), TypeError, "sinkhorn_iterations"),
-    (dict(freeze_prototypes_epochs=float("nan")), ValueError, "freeze_prototypes_epochs"),
-    (dict(fused_head=None), TypeError, "fused_head"),
-])
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        (dict(num_prototypes=0), ValueError, "num_prototypes"),
+        (dict(out_dim=2.0), TypeError, "out_dim"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(epsilon=-1.0), ValueError, "epsilon"),
+        (dict(queue_length=-1), ValueError, "queue_length"),
+        (dict(sinkhorn_iterations=True), TypeError, "sinkhorn_iterations"),
+        (dict(freeze_prototypes_epochs=float("nan")), ValueError, "freeze_prototypes_epochs"),
+        (dict(fused_head=None), TypeError, "fused_head"),
+    ],
+)
 def test_bad_arguments(kw, exc, match):
     with pytest.raises(exc, match=match):
         build_method("swav", build_backbone("resnet_tiny", image_size=16), profile="small", **kw)
@@ -278,7 +285,8 @@ def test_bad_views(seed):
 # --------------------------------------------------------------------------------------------- CLI
 def test_pretrain_cli(tmp_path):
     out = str(tmp_path / "run")
-    assert main(["pretrain", "--method", "swav", "--epochs", "2", "--batch-size", "128", "--no-progress",
-                 "--out", out]) in (0, None)
+    assert main(
+        ["pretrain", "--method", "swav", "--epochs", "2", "--batch-size", "128", "--no-progress", "--out", out]
+    ) in (0, None)
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["finished"] and metrics["knn"]["pretrained"] > 0.1

@@ -1,6 +1,7 @@
 """SSLLoader(backend="torch"): the DataLoader baseline — shapes and normalization, the per-sample math against
 the float64 oracle, the statistics of `sample_params` against each preset's distributions, the loader's batch
 order and sharding, determinism across worker counts and shards, bad files."""
+
 import dataclasses
 import math
 import os
@@ -75,8 +76,13 @@ def test_event_rates_match_each_preset(name, seed):
     for k, spec in enumerate(P.get_preset(name).views):
         ps = _draw(spec, n, 375, 500, seed + k)
         jitter_p = spec.jitter_p if spec.has_jitter else 0.0
-        for what, p in (("flip", spec.flip_p), ("jitter", jitter_p), ("gray", spec.gray_p),
-                        ("blur", spec.blur_p), ("solarize", spec.solarize_p)):
+        for what, p in (
+            ("flip", spec.flip_p),
+            ("jitter", jitter_p),
+            ("gray", spec.gray_p),
+            ("blur", spec.blur_p),
+            ("solarize", spec.solarize_p),
+        ):
             _rate_ok([getattr(q, what) for q in ps], p, n, f"{name} view {k} {what} (seed {seed})")
         assert all(q.threshold == spec.solarize_threshold for q in ps)
     g = torch.Generator().manual_seed(seed)
@@ -101,7 +107,7 @@ def test_crop_area_follows_random_resized_crop(seed):
     n, side = 3000, 4096
     spec = P.ViewSpec(scale=(0.08, 1.0))
     ps = _draw(spec, n, side, side, seed)
-    area = np.array([q.height * q.width / side ** 2 for q in ps])
+    area = np.array([q.height * q.width / side**2 for q in ps])
     assert all(0 <= q.top and q.top + q.height <= side and 0 <= q.left and q.left + q.width <= side for q in ps)
     assert area.min() >= 0.08 - 1e-3 and area.max() <= 1.0
     grid = np.linspace(0.08, 1.0, 20001)
@@ -125,9 +131,12 @@ def test_crop_area_aspect_position_uniform_without_rejection(seed):
     log_aspect = [math.log(q.width / q.height) for q in ps]
     top = [(q.top + 0.5) / (h_img - q.height + 1) for q in ps]
     left = [(q.left + 0.5) / (w_img - q.width + 1) for q in ps]
-    for what, x, cdf in (("area", area, _uniform_cdf(0.05, 0.4)),
-                         ("aspect", log_aspect, _uniform_cdf(math.log(3 / 4), math.log(4 / 3))),
-                         ("top", top, _uniform_cdf(0, 1)), ("left", left, _uniform_cdf(0, 1))):
+    for what, x, cdf in (
+        ("area", area, _uniform_cdf(0.05, 0.4)),
+        ("aspect", log_aspect, _uniform_cdf(math.log(3 / 4), math.log(4 / 3))),
+        ("top", top, _uniform_cdf(0, 1)),
+        ("left", left, _uniform_cdf(0, 1)),
+    ):
         d = _ks(x, cdf)
         assert d < _ks_bound(n), f"{what}: KS {d:.4f} (seed {seed})"
 
@@ -139,8 +148,13 @@ def test_jitter_factors_order_and_sigma(seed):
     n = 2500
     spec = P.ViewSpec(brightness=1.5, contrast=0.8, saturation=0.3, hue=0.2, blur_sigma=(0.3, 1.7))
     ps = _draw(spec, n, 40, 30, seed)
-    for what, lo, hi in (("brightness", 0.0, 2.5), ("contrast", 0.2, 1.8), ("saturation", 0.7, 1.3),
-                         ("hue", -0.2, 0.2), ("sigma", 0.3, 1.7)):
+    for what, lo, hi in (
+        ("brightness", 0.0, 2.5),
+        ("contrast", 0.2, 1.8),
+        ("saturation", 0.7, 1.3),
+        ("hue", -0.2, 0.2),
+        ("sigma", 0.3, 1.7),
+    ):
         d = _ks([getattr(q, what) for q in ps], _uniform_cdf(lo, hi))
         assert d < _ks_bound(n), f"{what}: KS {d:.4f} (seed {seed})"
     for pos in range(4):
@@ -153,7 +167,7 @@ def test_fallback_central_crop():
     """An image too elongated for any attempt gets the central crop with the ratio clamped (torchvision)."""
     g = torch.Generator().manual_seed(0)
     spec = P.ViewSpec(scale=(0.9, 1.0))
-    q = T.sample_params(spec, g, 10, 200)      # ratio 20: every box of area ≥ 0.9 is too tall
+    q = T.sample_params(spec, g, 10, 200)  # ratio 20: every box of area ≥ 0.9 is too tall
     assert (q.height, q.width) == (10, round(10 * 4 / 3)) and q.top == 0 and q.left == (200 - 13) // 2
     q = T.sample_params(spec, g, 300, 7)
     assert (q.height, q.width) == (round(7 / 0.75), 7) and q.left == 0 and q.top == (300 - 9) // 2
@@ -176,8 +190,20 @@ def test_augment_sample_matches_the_float64_oracle(seed, kernel):
     same parameter row, every op forced on in turn; a 23-tap blur on an 11-pixel view folds the reflection."""
     g = torch.Generator().manual_seed(seed)
     img = torch.randint(0, 256, (3, 23, 31), generator=g, dtype=torch.uint8)
-    spec = P.ViewSpec(size=11, scale=(0.1, 1.0), jitter_p=1.0, brightness=0.6, contrast=0.5, saturation=0.7,
-                      hue=0.3, gray_p=0.3, blur_p=0.7, blur_kernel=kernel, solarize_p=0.5, solarize_threshold=0.45)
+    spec = P.ViewSpec(
+        size=11,
+        scale=(0.1, 1.0),
+        jitter_p=1.0,
+        brightness=0.6,
+        contrast=0.5,
+        saturation=0.7,
+        hue=0.3,
+        gray_p=0.3,
+        blur_p=0.7,
+        blur_kernel=kernel,
+        solarize_p=0.5,
+        solarize_threshold=0.45,
+    )
     for _ in range(12):
         p = T.sample_params(spec, g, 23, 31)
         got = T.augment_sample(img, p, spec)
@@ -200,8 +226,16 @@ def test_shapes_dtypes_normalization(name, jpeg_root):
     """Every view [B, 3, S, S] in the loader's dtype with values inside the normalized [0, 1] range; on
     constant-colour images with no colour op, every pixel is exactly (c/255 − mean)/std."""
     for dtype in (torch.float32, torch.bfloat16):
-        ld = sf.data.SSLLoader(jpeg_root, preset=name, batch_size=4, backend="torch", device="cpu", image_size=12,
-                               num_workers=0, dtype=dtype)
+        ld = sf.data.SSLLoader(
+            jpeg_root,
+            preset=name,
+            batch_size=4,
+            backend="torch",
+            device="cpu",
+            image_size=12,
+            num_workers=0,
+            dtype=dtype,
+        )
         batches = list(ld)
         assert len(batches) == len(ld) == 2
         for views in batches:
@@ -214,8 +248,9 @@ def test_shapes_dtypes_normalization(name, jpeg_root):
     colours = np.array([[200, 30, 90], [7, 250, 128], [64, 64, 64]], np.uint8)
     images = np.broadcast_to(colours[:, None, None, :], (3, 17, 13, 3)).copy()
     plain = P.get_preset(name, 8).replace_views(jitter_p=0.0, gray_p=0.0, solarize_p=0.0)
-    ld = sf.data.SSLLoader(images, preset=plain, batch_size=3, backend="torch", device="cpu", shuffle=False,
-                           num_workers=0)
+    ld = sf.data.SSLLoader(
+        images, preset=plain, batch_size=3, backend="torch", device="cpu", shuffle=False, num_workers=0
+    )
     want = (torch.from_numpy(colours).double() / 255 - torch.tensor(plain.mean)) / torch.tensor(plain.std)
     for v in next(iter(ld)):
         assert (v.double() - want[:, :, None, None]).abs().max() < 1e-5
@@ -243,7 +278,7 @@ def test_batch_order_and_sharding_match_the_other_backend():
     native_ld = sf.data.SSLLoader(_index_probe(n), backend="native", num_workers=1, **kw)
     for epoch in range(2):
         shard = torch_ld.shard_indices(epoch)
-        want = [shard[k: k + b] for k in range(0, len(shard), b)]
+        want = [shard[k : k + b] for k in range(0, len(shard), b)]
         got = [_decoded_indices(v, preset) for v in torch_ld]
         assert got == want == [_decoded_indices(v, preset) for v in native_ld]
 
@@ -256,7 +291,7 @@ def test_deterministic_across_workers_shards_and_resume(jpeg_root):
     def epoch_views(ld, epoch):
         ld.set_epoch(epoch)
         rows = {}
-        for views, idx in zip(ld, [ld.shard_indices(epoch)[k:k + 3] for k in range(0, 3 * len(ld), 3)]):
+        for views, idx in zip(ld, [ld.shard_indices(epoch)[k : k + 3] for k in range(0, 3 * len(ld), 3)]):
             for r, i in enumerate(idx):
                 rows[i] = torch.cat([v[r].flatten() for v in views])
         return rows
@@ -267,7 +302,7 @@ def test_deterministic_across_workers_shards_and_resume(jpeg_root):
     assert a.keys() == b.keys() and all(torch.equal(a[i], b[i]) for i in a)
     half = epoch_views(sf.data.SSLLoader(jpeg_root, seed=4, num_workers=2, shard_id=1, num_shards=2, **kw), 1)
     assert half and all(torch.equal(half[i], a[i]) for i in half.keys() & a.keys())
-    assert all(torch.equal(x, a[i]) for i, x in epoch_views(base, 1).items())           # resume: exact replay
+    assert all(torch.equal(x, a[i]) for i, x in epoch_views(base, 1).items())  # resume: exact replay
     other_epoch = epoch_views(base, 2)
     other_seed = epoch_views(sf.data.SSLLoader(jpeg_root, seed=5, num_workers=0, **kw), 1)
     for other in (other_epoch, other_seed):
@@ -276,13 +311,14 @@ def test_deterministic_across_workers_shards_and_resume(jpeg_root):
 
 def test_digits_through_worker_processes():
     src = sf.data.digits(16)
-    ld = sf.data.SSLLoader(src, preset="simclr", batch_size=7, backend="torch", device="cpu", num_workers=2,
-                           image_size=12, seed=2)
+    ld = sf.data.SSLLoader(
+        src, preset="simclr", batch_size=7, backend="torch", device="cpu", num_workers=2, image_size=12, seed=2
+    )
     it = iter(ld)
     views = [next(it) for _ in range(3)]
     del it
     assert all(v[0].shape == (7, 3, 12, 12) for v in views) and ld.skipped == 0
-    assert not torch.equal(views[0][0], views[0][1])        # two random views of one batch differ
+    assert not torch.equal(views[0][0], views[0][1])  # two random views of one batch differ
 
 
 def test_bad_files_skipped_counted_and_remembered(tmp_path):
@@ -290,9 +326,10 @@ def test_bad_files_skipped_counted_and_remembered(tmp_path):
     good = open(paths[0], "rb").read()
     (tmp_path / "class_0" / "a_text.jpg").write_bytes(b"not an image")
     (tmp_path / "class_0" / "b_truncated.jpg").write_bytes(good[: len(good) // 2])
-    ld = sf.data.SSLLoader(tmp_path, preset="simclr", batch_size=8, backend="torch", device="cpu", image_size=8,
-                           num_workers=2)
-    (v1, v2), = list(ld)
+    ld = sf.data.SSLLoader(
+        tmp_path, preset="simclr", batch_size=8, backend="torch", device="cpu", image_size=8, num_workers=2
+    )
+    ((v1, v2),) = list(ld)
     assert v1.shape == v2.shape == (8, 3, 8, 8) and torch.isfinite(v1).all()
     assert ld.skipped == 2 and {os.path.basename(p) for p, _ in ld.bad_files} == {"a_text.jpg", "b_truncated.jpg"}
     list(ld)
@@ -303,8 +340,9 @@ def test_all_bad_source_is_an_error(tmp_path):
     for i in range(3):
         (tmp_path / f"x{i}.jpg").write_bytes(b"garbage")
     for workers in (0, 1):
-        ld = sf.data.SSLLoader(tmp_path, preset="mae", batch_size=2, backend="torch", device="cpu", image_size=8,
-                               num_workers=workers)
+        ld = sf.data.SSLLoader(
+            tmp_path, preset="mae", batch_size=2, backend="torch", device="cpu", image_size=8, num_workers=workers
+        )
         with pytest.raises(RuntimeError, match="could be read and decoded"):
             next(iter(ld))
 
@@ -321,9 +359,25 @@ def test_num_workers_validation(jpeg_root):
 
 @pytest.mark.gpu
 def test_gpu_views_on_the_device(jpeg_root):
-    ld = sf.data.SSLLoader(jpeg_root, preset="dino", batch_size=4, backend="torch", device="cuda", image_size=16,
-                           num_workers=2, dtype=torch.bfloat16)
-    cpu = sf.data.SSLLoader(jpeg_root, preset="dino", batch_size=4, backend="torch", device="cpu", image_size=16,
-                            num_workers=0, dtype=torch.bfloat16)
+    ld = sf.data.SSLLoader(
+        jpeg_root,
+        preset="dino",
+        batch_size=4,
+        backend="torch",
+        device="cuda",
+        image_size=16,
+        num_workers=2,
+        dtype=torch.bfloat16,
+    )
+    cpu = sf.data.SSLLoader(
+        jpeg_root,
+        preset="dino",
+        batch_size=4,
+        backend="torch",
+        device="cpu",
+        image_size=16,
+        num_workers=0,
+        dtype=torch.bfloat16,
+    )
     for a, b in zip(ld, cpu):
         assert all(x.is_cuda and torch.equal(x.cpu(), y) for x, y in zip(a, b))

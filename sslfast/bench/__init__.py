@@ -15,6 +15,7 @@ the device time with the host taken out, what `torch.compile(mode="reduce-overhe
 step gets. A call that cannot be captured (a host sync, a CPU-side branch on device data) reports none.
 Memory: peak allocated during one call minus what was allocated before it (CUDA only).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,10 +48,10 @@ def ceilings(device_name: str) -> tuple[float, float]:
 class Setup:
     fused: Callable[[], object]
     reference: Callable[[], object] | None = None
-    flops: float = 0.0           # useful FLOPs of one fused call
-    bytes: float = 0.0           # minimal device-memory traffic of one fused call
+    flops: float = 0.0  # useful FLOPs of one fused call
+    bytes: float = 0.0  # minimal device-memory traffic of one fused call
     others: dict = dataclasses.field(default_factory=dict)  # extra baselines by name (e.g. Inf-CL)
-    items: int = 0               # samples one call processes (training steps: images), for items/s
+    items: int = 0  # samples one call processes (training steps: images), for items/s
 
 
 @dataclasses.dataclass
@@ -59,7 +60,7 @@ class Case:
     name: str
     setup: Callable[[torch.device, torch.dtype], Setup]
     dtypes: tuple = (torch.bfloat16,)
-    device_types: tuple = ("cuda",)   # where the case makes sense ("cpu" for tiny smoke sizes)
+    device_types: tuple = ("cuda",)  # where the case makes sense ("cpu" for tiny smoke sizes)
 
 
 REGISTRY: list[Case] = []
@@ -70,20 +71,25 @@ def fwd_bwd(loss_fn, *leaves, separate: bool = False):
     """A timed call: clear the leaves' gradients, then one forward+backward of `loss_fn()`. `separate`: a
     terminal loss runs its backward kernels in the backward pass (as under torch.compile), not in its forward
     (`sslfast._custom_op.separate_backward`)."""
+
     def run():
         for t in leaves:
             t.grad = None
         with separate_backward() if separate else contextlib.nullcontext():
             loss = loss_fn()
         loss.backward()
+
     return run
 
 
 def terminal_loss(loss_fn, *leaves, others: dict | None = None, **fields) -> Setup:
     """The Setup of a loss timed both ways: `fused` computes the input gradients in the forward (the eager
     default), others["separate_backward"] in the backward pass (what torch.compile traces)."""
-    return Setup(fused=fwd_bwd(loss_fn, *leaves),
-                 others={"separate_backward": fwd_bwd(loss_fn, *leaves, separate=True), **(others or {})}, **fields)
+    return Setup(
+        fused=fwd_bwd(loss_fn, *leaves),
+        others={"separate_backward": fwd_bwd(loss_fn, *leaves, separate=True), **(others or {})},
+        **fields,
+    )
 
 
 @contextlib.contextmanager
@@ -102,9 +108,11 @@ def reference_backend():
 
 def register(op: str, name: str, *, dtypes=(torch.bfloat16,), device_types=("cuda",)):
     """Decorator: `@register("nt_xent", "N=16384 D=128")` over a `setup(device, dtype) -> Setup`."""
+
     def wrap(fn):
         REGISTRY.append(Case(op, name, fn, tuple(dtypes), tuple(device_types)))
         return fn
+
     return wrap
 
 
@@ -145,9 +153,11 @@ PIPELINE_CALLS = 20
 
 def pipelined_ms(fn, device: torch.device, repeat: int = 5) -> float:
     """Median over `repeat` of (time of PIPELINE_CALLS back-to-back calls) / PIPELINE_CALLS (CUDA)."""
+
     def calls():
         for _ in range(PIPELINE_CALLS):
             fn()
+
     return _events_per_call(calls, device, repeat)
 
 
@@ -198,6 +208,7 @@ def graphed_ms(fn, device: torch.device, repeat: int = 5) -> float | None:
     def replays():
         for _ in range(PIPELINE_CALLS):
             graph.replay()
+
     return _events_per_call(replays, device, repeat)
 
 
@@ -224,8 +235,15 @@ def _measure(fn, device, warmup, repeat):
         return {"oom": True}
 
 
-def run(device: torch.device, ops: list[str] | None = None, warmup: int = 3, repeat: int = 10,
-        with_reference: bool = True, log=print, cases: list[str] | None = None) -> list[dict]:
+def run(
+    device: torch.device,
+    ops: list[str] | None = None,
+    warmup: int = 3,
+    repeat: int = 10,
+    with_reference: bool = True,
+    log=print,
+    cases: list[str] | None = None,
+) -> list[dict]:
     """Runs the registered cases for `device`, optionally only the op families `ops` and the cases whose
     "op case-name" matches one of the regular expressions `cases` (re.search)."""
     rows = []
@@ -235,8 +253,12 @@ def run(device: torch.device, ops: list[str] | None = None, warmup: int = 3, rep
         if cases and not any(re.search(c, f"{case.op} {case.name}") for c in cases):
             continue
         for dtype in case.dtypes:
-            row = {"op": case.op, "case": case.name, "dtype": str(dtype).replace("torch.", ""),
-                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+            row = {
+                "op": case.op,
+                "case": case.name,
+                "dtype": str(dtype).replace("torch.", ""),
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            }
             try:
                 st = case.setup(device, dtype)
             except torch.OutOfMemoryError:
@@ -274,26 +296,65 @@ def _fmt(x, spec):
 
 
 def table(rows: list[dict]) -> str:
-    head = ("op", "case", "dtype", "ref ms", "fused ms", "speedup", "ref pipe", "fused pipe", "ref graph",
-            "fused graph", "ref MiB", "fused MiB", "% ceiling", "ref img/s", "fused img/s")
+    head = (
+        "op",
+        "case",
+        "dtype",
+        "ref ms",
+        "fused ms",
+        "speedup",
+        "ref pipe",
+        "fused pipe",
+        "ref graph",
+        "fused graph",
+        "ref MiB",
+        "fused MiB",
+        "% ceiling",
+        "ref img/s",
+        "fused img/s",
+    )
     lines = [head]
     for r in rows:
         f, ref = r.get("fused", {}), r.get("reference", {})
-        lines.append((r["op"], r["case"], r["dtype"],
-                      "oom" if ref.get("oom") else _fmt(ref.get("ms"), ".3f"),
-                      "oom" if f.get("oom") else _fmt(f.get("ms"), ".3f"),
-                      _fmt(r.get("speedup"), ".2f"), _fmt(ref.get("pipelined_ms"), ".3f"),
-                      _fmt(f.get("pipelined_ms"), ".3f"), _fmt(ref.get("graphed_ms"), ".3f"),
-                      _fmt(f.get("graphed_ms"), ".3f"), _fmt(ref.get("peak_mib"), ".1f"),
-                      _fmt(f.get("peak_mib"), ".1f"), _fmt(r.get("pct_ceiling"), ".1f"),
-                      _fmt(ref.get("items_per_s"), ".0f"), _fmt(f.get("items_per_s"), ".0f")))
+        lines.append(
+            (
+                r["op"],
+                r["case"],
+                r["dtype"],
+                "oom" if ref.get("oom") else _fmt(ref.get("ms"), ".3f"),
+                "oom" if f.get("oom") else _fmt(f.get("ms"), ".3f"),
+                _fmt(r.get("speedup"), ".2f"),
+                _fmt(ref.get("pipelined_ms"), ".3f"),
+                _fmt(f.get("pipelined_ms"), ".3f"),
+                _fmt(ref.get("graphed_ms"), ".3f"),
+                _fmt(f.get("graphed_ms"), ".3f"),
+                _fmt(ref.get("peak_mib"), ".1f"),
+                _fmt(f.get("peak_mib"), ".1f"),
+                _fmt(r.get("pct_ceiling"), ".1f"),
+                _fmt(ref.get("items_per_s"), ".0f"),
+                _fmt(f.get("items_per_s"), ".0f"),
+            )
+        )
     out = _columns(lines)
-    others = [(r["op"], r["case"], r["dtype"], name, _fmt(m.get("ms"), ".3f"), _fmt(m.get("pipelined_ms"), ".3f"),
-               _fmt(m.get("graphed_ms"), ".3f"), _fmt(m.get("peak_mib"), ".1f"))
-              for r in rows for name, m in r.items() if name not in _ROW_KEYS and isinstance(m, dict)]
+    others = [
+        (
+            r["op"],
+            r["case"],
+            r["dtype"],
+            name,
+            _fmt(m.get("ms"), ".3f"),
+            _fmt(m.get("pipelined_ms"), ".3f"),
+            _fmt(m.get("graphed_ms"), ".3f"),
+            _fmt(m.get("peak_mib"), ".1f"),
+        )
+        for r in rows
+        for name, m in r.items()
+        if name not in _ROW_KEYS and isinstance(m, dict)
+    ]
     if others:
-        out += "\n\nother ways, same inputs\n" + _columns([("op", "case", "dtype", "way", "ms", "pipe", "graph",
-                                                              "MiB")] + others)
+        out += "\n\nother ways, same inputs\n" + _columns(
+            [("op", "case", "dtype", "way", "ms", "pipe", "graph", "MiB")] + others
+        )
     return out
 
 

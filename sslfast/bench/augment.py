@@ -20,6 +20,7 @@ Byte floor of the fused path per call: decoded pixels written once by the decode
 augmentation (2 · 3 · 500 · 375 per image) plus the views written (3 · ΣS² per image, output dtype).
 No FLOP count: the work is gathers and elementwise math.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -82,11 +83,14 @@ class _CpuViews(torch.utils.data.Dataset):
 def _torchvision_view(spec, mean, std):
     from torchvision.transforms import v2
 
-    t = [v2.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio, antialias=True),
-         v2.RandomHorizontalFlip(spec.flip_p)]
+    t = [
+        v2.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio, antialias=True),
+        v2.RandomHorizontalFlip(spec.flip_p),
+    ]
     if spec.has_jitter:
-        t.append(v2.RandomApply([v2.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)],
-                                p=spec.jitter_p))
+        t.append(
+            v2.RandomApply([v2.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)], p=spec.jitter_p)
+        )
     if spec.gray_p > 0:
         t.append(v2.RandomGrayscale(spec.gray_p))
     if spec.blur_p > 0:
@@ -116,13 +120,20 @@ def _cpu_loader(paths, preset, device, dtype, batch):
     workers = min(16, os.cpu_count() or 1) if device.type == "cuda" else 0
     mini = MINI if workers else batch
     ds = _CpuViews(paths, preset, length=10**9)
-    dl = torch.utils.data.DataLoader(ds, batch_size=mini, num_workers=workers, pin_memory=device.type == "cuda",
-                                     persistent_workers=workers > 0, prefetch_factor=2 if workers else None)
+    dl = torch.utils.data.DataLoader(
+        ds,
+        batch_size=mini,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=2 if workers else None,
+    )
     it = iter(dl)
 
     def step():
         parts = [next(it) for _ in range(batch // mini)]
         return [torch.cat([p[v] for p in parts]).to(device, dtype, non_blocking=True) for v in range(len(parts[0]))]
+
     return step
 
 
@@ -134,8 +145,16 @@ def _case(preset_name: str, batch: int, image_wh: tuple[int, int], n_files: int,
 
         preset = get_preset(preset_name, image_size)
         root = _jpeg_folder(n_files, image_wh)
-        loader = SSLLoader(root, preset=preset, batch_size=batch, backend="native", device=device, dtype=dtype,
-                           seed=0, num_workers=min(16, os.cpu_count() or 1))
+        loader = SSLLoader(
+            root,
+            preset=preset,
+            batch_size=batch,
+            backend="native",
+            device=device,
+            dtype=dtype,
+            seed=0,
+            num_workers=min(16, os.cpu_count() or 1),
+        )
         fused_it = _cycle(loader)
         paths = find_images(root).paths
         others = {}
@@ -149,8 +168,9 @@ def _case(preset_name: str, batch: int, image_wh: tuple[int, int], n_files: int,
                 arrays.append(torch.from_numpy(np.array(im.convert("RGB"))))
         flat, offs, sizes = aug.pack_images(torch.stack(arrays).to(device))
         gen = torch.Generator(device=device).manual_seed(0)
-        others["augment_only"] = lambda: aug.augment_batch(flat, offs, sizes, preset.views, dtype=dtype,
-                                                           mean=preset.mean, std=preset.std, generator=gen)
+        others["augment_only"] = lambda: aug.augment_batch(
+            flat, offs, sizes, preset.views, dtype=dtype, mean=preset.mean, std=preset.std, generator=gen
+        )
         if device.type == "cuda":
             from ..data.dali import dali_available
 
@@ -160,14 +180,23 @@ def _case(preset_name: str, batch: int, image_wh: tuple[int, int], n_files: int,
                 others["dali"] = lambda: next(dali_it)
         w, h = image_wh
         out_bytes = 3 * sum(s * s for s in preset.sizes()) * torch.empty((), dtype=dtype).element_size()
-        return Setup(fused=lambda: next(fused_it), reference=_cpu_loader(paths, preset, device, dtype, batch),
-                     flops=0.0, bytes=batch * (2 * 3 * w * h + out_bytes), others=others)
+        return Setup(
+            fused=lambda: next(fused_it),
+            reference=_cpu_loader(paths, preset, device, dtype, batch),
+            flops=0.0,
+            bytes=batch * (2 * 3 * w * h + out_bytes),
+            others=others,
+        )
+
     return setup
 
 
 register("augment", f"simclr 2x224 from JPEG 500x375, B={BATCH}", dtypes=(torch.bfloat16,))(
-    _case("simclr", BATCH, IMAGE_WH, N_FILES))
+    _case("simclr", BATCH, IMAGE_WH, N_FILES)
+)
 register("augment", f"dino 2x224+8x96 from JPEG 500x375, B={BATCH}", dtypes=(torch.bfloat16,))(
-    _case("dino", BATCH, IMAGE_WH, N_FILES))
+    _case("dino", BATCH, IMAGE_WH, N_FILES)
+)
 register("augment", "simclr 2x32 from JPEG 64x48, B=8 (smoke)", dtypes=(torch.float32,), device_types=("cpu",))(
-    _case("simclr", 8, (64, 48), 16, image_size=32))
+    _case("simclr", 8, (64, 48), 16, image_size=32)
+)

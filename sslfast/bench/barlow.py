@@ -11,6 +11,7 @@ FLOPs counted are the ones the fused path executes (2 per multiply-add):
 The materialized references do 6·N·D² (Barlow; VICReg 12·N·D², two covariances).
 Bytes: the floor of one call, read z1, z2 and write both gradients = 4·N·D·element size.
 """
+
 import torch
 
 from .. import ops
@@ -18,9 +19,9 @@ from ..reference import barlow as ref
 from . import BF16_AND_FP32 as BOTH, Setup, fwd_bwd as _fwd_bwd, register
 
 
-
 def _forced_gram_forward(fn, variant):
     """`fn` with the Gram path's forward forced to one variant (see sslfast.kernels.barlow.GRAM_FORWARD)."""
+
     def run():
         from ..kernels import barlow as kernels
 
@@ -29,12 +30,14 @@ def _forced_gram_forward(fn, variant):
             fn()
         finally:
             kernels.GRAM_FORWARD = saved
+
     return run
 
 
 def _case(fused, literal, n, d, algorithm="auto", variants=False):
     """`variants`: also time both Gram-path forwards (the Triton symmetric dual-Gram kernel and the two cuBLAS
     Gram GEMMs + epilogue kernel) so that one run shows which one the automatic choice should take."""
+
     def setup(device, dtype):
         z1, z2 = (torch.randn(n, d, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
         gram = ops.barlow.choose_algorithm(algorithm, n, d) == "gram"
@@ -48,15 +51,24 @@ def _case(fused, literal, n, d, algorithm="auto", variants=False):
             from ..kernels import barlow as kernels
 
             flops = (6 if device.type == "cuda" and kernels.symmetric_gram_forward(n, device) else 8) * n * n * d
-        return Setup(fused=run, reference=_fwd_bwd(lambda: literal(z1, z2).float(), z1, z2),
-                     flops=flops, bytes=4 * n * d * z1.element_size(), others=others)
+        return Setup(
+            fused=run,
+            reference=_fwd_bwd(lambda: literal(z1, z2).float(), z1, z2),
+            flops=flops,
+            bytes=4 * n * d * z1.element_size(),
+            others=others,
+        )
+
     return setup
 
 
-for _op, _fused, _literal in (("barlow_twins", ops.barlow_twins_loss, ref.barlow_twins_loss),
-                              ("vicreg", ops.vicreg_loss, ref.vicreg_loss)):
+for _op, _fused, _literal in (
+    ("barlow_twins", ops.barlow_twins_loss, ref.barlow_twins_loss),
+    ("vicreg", ops.vicreg_loss, ref.vicreg_loss),
+):
     for _n, _d in ((256, 8192), (2048, 8192), (1024, 16384)):
         register(_op, f"N={_n} D={_d}", dtypes=BOTH)(_case(_fused, _literal, _n, _d, variants=_n >= 1024))
     register(_op, "N=8192 D=2048 (tiled)")(_case(_fused, _literal, 8192, 2048))
     register(_op, "N=64 D=256 (smoke)", dtypes=(torch.float32,), device_types=("cpu",))(
-        _case(_fused, _literal, 64, 256))
+        _case(_fused, _literal, 64, 256)
+    )

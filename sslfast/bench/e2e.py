@@ -18,6 +18,7 @@ the throughput pass (CUDA), model and optimizer state included.
 Inputs: a folder of images (`data`), by default a generated set of smooth random JPEGs in the cache directory
 (`jpeg_set`): 2,000 at 500×375 on CUDA, 64 at 64×48 on the CPU.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,6 +47,7 @@ class Settings:
     """What the rows run: the method, backbone (None: the method's `default_backbone` for the device's profile,
     "paper" on CUDA, "small" on the CPU), global batch and training resolution; the generated image set
     (`images` files of `jpeg_size` (width, height)) unless `data` names a folder; steps timed per pass."""
+
     method: str
     backbone: str | None
     batch: int
@@ -78,7 +80,7 @@ def _profile(device: torch.device) -> str:
 
 
 def parse_images(spec: str) -> tuple[int, tuple[int, int] | None]:
-    """"N" or "N:WxH" (e.g. "2000:500x375") -> (N, (W, H) or None); ValueError naming --e2e-images."""
+    """ "N" or "N:WxH" (e.g. "2000:500x375") -> (N, (W, H) or None); ValueError naming --e2e-images."""
     count, _, size = spec.partition(":")
     try:
         n = int(count)
@@ -86,8 +88,9 @@ def parse_images(spec: str) -> tuple[int, tuple[int, int] | None]:
     except ValueError:
         n, wh = 0, None
     if n < 1 or (size and (len(wh) != 2 or min(wh) < 8)):
-        raise ValueError(f"--e2e-images: expected N or N:WxH with N >= 1 and sides >= 8 (e.g. 2000:500x375), "
-                         f"got {spec!r}")
+        raise ValueError(
+            f"--e2e-images: expected N or N:WxH with N >= 1 and sides >= 8 (e.g. 2000:500x375), got {spec!r}"
+        )
     return n, wh
 
 
@@ -168,6 +171,7 @@ def _batches(settings: Settings, loader, run, device):
             pf.set_epoch(epoch)
             yield from pf
             epoch += 1
+
     return endless(), pf, (lambda: pf.wait_s)
 
 
@@ -184,11 +188,25 @@ def _measure(settings: Settings, device: torch.device, loader_name: str, compile
     from ..train.data import _data_loader
     from ..train.step import forward_backward, optimizer_step, train_step
 
-    cfg = resolve(PretrainConfig(
-        method=settings.method, data=settings.data, backbone=settings.backbone, batch_size=settings.batch,
-        image_size=settings.image_size, epochs=1, loader=loader_name, workers=settings.workers, device=str(device),
-        compile=compiled, profile=_profile(device),
-        precision="bf16" if device.type == "cuda" else "fp32", out="unused", knn=False, progress=False))
+    cfg = resolve(
+        PretrainConfig(
+            method=settings.method,
+            data=settings.data,
+            backbone=settings.backbone,
+            batch_size=settings.batch,
+            image_size=settings.image_size,
+            epochs=1,
+            loader=loader_name,
+            workers=settings.workers,
+            device=str(device),
+            compile=compiled,
+            profile=_profile(device),
+            precision="bf16" if device.type == "cuda" else "fp32",
+            out="unused",
+            knn=False,
+            progress=False,
+        )
+    )
     loader = _data_loader(cfg, 0, 1, device) if from_files else None
     run = setup(cfg, steps_per_epoch=len(loader) if loader else 1000, device=device)
     batches, closer, last_wait = _batches(settings, loader, run, device)
@@ -227,9 +245,13 @@ def _measure(settings: Settings, device: torch.device, loader_name: str, compile
         if loader is not None:
             loader.close()
     ms = split / settings.steps * 1e3
-    return {"images_per_s": settings.batch * settings.steps / seconds, "step_ms": seconds / settings.steps * 1e3,
-            "split_ms": dict(zip(("data_wait", "fwd_bwd", "opt_ema", "other"), ms.tolist())),
-            "split_step_ms": float(ms.sum()), "peak_mib": peak}
+    return {
+        "images_per_s": settings.batch * settings.steps / seconds,
+        "step_ms": seconds / settings.steps * 1e3,
+        "split_ms": dict(zip(("data_wait", "fwd_bwd", "opt_ema", "other"), ms.tolist())),
+        "split_step_ms": float(ms.sum()),
+        "peak_mib": peak,
+    }
 
 
 def run(device: torch.device, settings: Settings | None = None, log=print) -> list[dict]:
@@ -261,10 +283,20 @@ def run(device: torch.device, settings: Settings | None = None, log=print) -> li
     rows = []
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     for name, loader_name, backend, compiled, from_files in ROWS:
-        row = {"op": "e2e", "case": name, "loader": loader_name if from_files else None, "backend": backend,
-               "compile": compiled, "device": dev_name, "method": settings.method, "backbone": settings.backbone,
-               "batch": settings.batch, "image_size": settings.image_size, "data": settings.data,
-               "steps": settings.steps}
+        row = {
+            "op": "e2e",
+            "case": name,
+            "loader": loader_name if from_files else None,
+            "backend": backend,
+            "compile": compiled,
+            "device": dev_name,
+            "method": settings.method,
+            "backbone": settings.backbone,
+            "batch": settings.batch,
+            "image_size": settings.image_size,
+            "data": settings.data,
+            "steps": settings.steps,
+        }
         why = _unavailable(loader_name if from_files else "", compiled, device)
         if why:
             row["unavailable"] = why
@@ -276,16 +308,28 @@ def run(device: torch.device, settings: Settings | None = None, log=print) -> li
                     torch.cuda.empty_cache()
                     row["unavailable"] = "out of memory"
         rows.append(row)
-        log(f"e2e {name}: " + (f"unavailable: {row['unavailable']}" if "unavailable" in row
-                               else f"{row['images_per_s']:.1f} images/s"))
+        log(
+            f"e2e {name}: "
+            + (f"unavailable: {row['unavailable']}" if "unavailable" in row else f"{row['images_per_s']:.1f} images/s")
+        )
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    head = ("case", "images/s", "vs base", "step ms", "data wait", "fwd+bwd", "opt+EMA", "other", "split step",
-            "peak MiB")
+    head = (
+        "case",
+        "images/s",
+        "vs base",
+        "step ms",
+        "data wait",
+        "fwd+bwd",
+        "opt+EMA",
+        "other",
+        "split step",
+        "peak MiB",
+    )
     base = next((r.get("images_per_s") for r in rows if r["case"] == ROWS[0][0]), None)
     lines, notes = [head], []
     for r in rows:
@@ -294,12 +338,21 @@ def table(rows: list[dict]) -> str:
             notes.append(f"* {r['case']}: unavailable: {r['unavailable']}")
             continue
         s = r["split_ms"]
-        lines.append((r["case"], _fmt(r["images_per_s"], ".1f"),
-                      _fmt(r["images_per_s"] / base if base else None, ".2f"), _fmt(r["step_ms"], ".1f"),
-                      *(_fmt(s[k], ".1f") for k in ("data_wait", "fwd_bwd", "opt_ema", "other")),
-                      _fmt(r["split_step_ms"], ".1f"), _fmt(r["peak_mib"], ".0f")))
+        lines.append(
+            (
+                r["case"],
+                _fmt(r["images_per_s"], ".1f"),
+                _fmt(r["images_per_s"] / base if base else None, ".2f"),
+                _fmt(r["step_ms"], ".1f"),
+                *(_fmt(s[k], ".1f") for k in ("data_wait", "fwd_bwd", "opt_ema", "other")),
+                _fmt(r["split_step_ms"], ".1f"),
+                _fmt(r["peak_mib"], ".0f"),
+            )
+        )
     r0 = rows[0] if rows else {}
-    title = (f"end to end: {r0.get('method')} {r0.get('backbone')} B={r0.get('batch')} {r0.get('image_size')}px "
-             f"on {r0.get('device')}, {r0.get('steps')} steps per pass, data {r0.get('data')} (times: ms per step; "
-             f"the split pass synchronizes at phase boundaries)")
+    title = (
+        f"end to end: {r0.get('method')} {r0.get('backbone')} B={r0.get('batch')} {r0.get('image_size')}px "
+        f"on {r0.get('device')}, {r0.get('steps')} steps per pass, data {r0.get('data')} (times: ms per step; "
+        f"the split pass synchronizes at phase boundaries)"
+    )
     return "\n".join([title, _columns(lines), *notes])

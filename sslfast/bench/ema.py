@@ -16,6 +16,7 @@ The unfused baselines move more: AdamW(fused=True) 28 B + _foreach_lerp_ 12 B = 
 the byte ratio alone allows 1.11×; the rest of the gap is launch count and tail effects), reference LARS
 (norms 8 + step 24) + lerp 12 = 44 B.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,8 +40,20 @@ def vit_b16_shapes() -> list[tuple[int, ...]]:
     """ViT-B/16 parameters in model order (`vit_b16_parameter_shapes` of benchmarks/reference_ops_bench.py)."""
     shapes = [(768, 3, 16, 16), (768,), (1, 1, 768), (1, 197, 768)]
     for _ in range(12):
-        shapes += [(768,), (768,), (2304, 768), (2304,), (768, 768), (768,), (768,), (768,), (3072, 768), (3072,),
-                   (768, 3072), (768,)]
+        shapes += [
+            (768,),
+            (768,),
+            (2304, 768),
+            (2304,),
+            (768, 768),
+            (768,),
+            (768,),
+            (768,),
+            (3072, 768),
+            (3072,),
+            (768, 3072),
+            (768,),
+        ]
     return shapes + [(768,), (768,)]
 
 
@@ -50,8 +63,17 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
     c_in = 64
     for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
         for b in range(blocks):
-            shapes += [(width, c_in, 1, 1), (width,), (width,), (width, width, 3, 3), (width,), (width,),
-                       (4 * width, width, 1, 1), (4 * width,), (4 * width,)]
+            shapes += [
+                (width, c_in, 1, 1),
+                (width,),
+                (width,),
+                (width, width, 3, 3),
+                (width,),
+                (width,),
+                (4 * width, width, 1, 1),
+                (4 * width,),
+                (4 * width,),
+            ]
             if b == 0:
                 shapes += [(4 * width, c_in, 1, 1), (4 * width,), (4 * width,)]
             c_in = 4 * width
@@ -81,12 +103,15 @@ def _tensors(shapes, device, dtype):
 
 def _both(op: str, name: str, **kw):
     """Registers `factory(device, dtype, shapes)` for each big list and keeps a tiny variant for the tests."""
+
     def wrap(factory):
         for list_name, shapes in LISTS.items():
             register(op, f"{list_name} {name}", **kw)(
-                lambda device, dtype, shapes=shapes: factory(device, dtype, shapes()))
+                lambda device, dtype, shapes=shapes: factory(device, dtype, shapes())
+            )
         SMALL_CASES.append(lambda device, dtype: factory(device, dtype, small_shapes()))
         return factory
+
     return wrap
 
 
@@ -99,27 +124,34 @@ def _ema(device, dtype, shapes):
     teacher, student = _tensors(shapes, device, dtype), _tensors(shapes, device, dtype)
     n = _numel(shapes)
     flat_t, flat_s = torch.randn(n, device=device, dtype=dtype), torch.randn(n, device=device, dtype=dtype)
-    others = {"loop_mul_add": lambda: R.ema_update_loop_(teacher, student, MOMENTUM),
-              "flat_lerp": lambda: flat_t.lerp_(flat_s, 1 - MOMENTUM)}
+    others = {
+        "loop_mul_add": lambda: R.ema_update_loop_(teacher, student, MOMENTUM),
+        "flat_lerp": lambda: flat_t.lerp_(flat_s, 1 - MOMENTUM),
+    }
     if device.type == "cuda" and _backend.csrc_available():
         others["csrc_launch_only"] = _launch_only(teacher, student, device)
-    return Setup(fused=lambda: _ops.ema_update_(teacher, student, MOMENTUM),
-                 reference=lambda: torch._foreach_lerp_(teacher, student, 1 - MOMENTUM),
-                 bytes=3.0 * n * teacher[0].element_size(), others=others)
+    return Setup(
+        fused=lambda: _ops.ema_update_(teacher, student, MOMENTUM),
+        reference=lambda: torch._foreach_lerp_(teacher, student, 1 - MOMENTUM),
+        bytes=3.0 * n * teacher[0].element_size(),
+        others=others,
+    )
 
 
 def _launch_only(teacher, student, device, chunk_elems: int | None = None):
     """The csrc EMA launches of prebuilt tables, without the per-call checks of `ema_update_`: the kernel time
     plus the bare launch cost (the difference to `fused` is ema_update_'s Python overhead)."""
     keys = [(_plan.dtype_code(t.dtype), _plan.dtype_code(s.dtype)) for t, s in zip(teacher, student)]
-    tables = _plan.build_tables(list(zip(teacher, student)), keys, depth=_plan.EMA_DEPTH,
-                                chunk_elems=chunk_elems or _plan.CHUNK_ELEMS)
+    tables = _plan.build_tables(
+        list(zip(teacher, student)), keys, depth=_plan.EMA_DEPTH, chunk_elems=chunk_elems or _plan.CHUNK_ELEMS
+    )
     ext = _csrc.extension()
 
     def launch():
         stream = _csrc.stream(device)
         for tbl in tables:
             ext.ema_apply(tbl.data, tbl.dtypes[0], tbl.dtypes[1], 1 - MOMENTUM, 0, stream, device.index or 0)
+
     return launch
 
 
@@ -129,9 +161,11 @@ def _ema_mixed(device, dtype, shapes):
     lerp towards an fp32 copy of the student. Floor 10 B/param: ViT-B 0.858 GB → 0.286 ms."""
     teacher, student = _tensors(shapes, device, torch.float32), _tensors(shapes, device, dtype)
     n = _numel(shapes)
-    return Setup(fused=lambda: _ops.ema_update_(teacher, student, MOMENTUM),
-                 reference=lambda: torch._foreach_lerp_(teacher, [s.float() for s in student], 1 - MOMENTUM),
-                 bytes=float(n * (2 * 4 + student[0].element_size())))
+    return Setup(
+        fused=lambda: _ops.ema_update_(teacher, student, MOMENTUM),
+        reference=lambda: torch._foreach_lerp_(teacher, [s.float() for s in student], 1 - MOMENTUM),
+        bytes=float(n * (2 * 4 + student[0].element_size())),
+    )
 
 
 def _ema_chunk_case(chunk_elems: int):
@@ -145,10 +179,11 @@ def _ema_chunk_case(chunk_elems: int):
         n = _numel(shapes)
         reference = lambda: torch._foreach_lerp_(teacher, student, 1 - MOMENTUM)  # noqa: E731
         if not (device.type == "cuda" and _backend.csrc_available()):
-            return Setup(fused=lambda: _ops.ema_update_(teacher, student, MOMENTUM), reference=reference,
-                         bytes=3.0 * n * 4)
-        return Setup(fused=_launch_only(teacher, student, device, chunk_elems), reference=reference,
-                     bytes=3.0 * n * 4)
+            return Setup(
+                fused=lambda: _ops.ema_update_(teacher, student, MOMENTUM), reference=reference, bytes=3.0 * n * 4
+            )
+        return Setup(fused=_launch_only(teacher, student, device, chunk_elems), reference=reference, bytes=3.0 * n * 4)
+
     return setup
 
 
@@ -200,13 +235,18 @@ def _lars_ema(device, dtype, shapes):
     keep = [not exclude_bias_and_norm(p) for p in ref]
 
     def reference():
-        _torch.lars_foreach_step_(ref, [p.grad for p in ref], bufs_ref, t_ref, decay=keep, adapt=keep,
-                                  ema_momentum=MOMENTUM, **kw)
+        _torch.lars_foreach_step_(
+            ref, [p.grad for p in ref], bufs_ref, t_ref, decay=keep, adapt=keep, ema_momentum=MOMENTUM, **kw
+        )
 
     def literal():
         R.lars_step_literal_(lit, [p.grad for p in lit], bufs_lit, decay=keep, adapt=keep, **kw)
         torch._foreach_lerp_(t_lit, lit, 1 - MOMENTUM)
 
     n = _numel(shapes)
-    return Setup(fused=opt.step, reference=reference, bytes=float(n * 9 * mine[0].element_size()),
-                 others={"literal_loop+lerp": literal})
+    return Setup(
+        fused=opt.step,
+        reference=reference,
+        bytes=float(n * 9 * mine[0].element_size()),
+        others={"literal_loop+lerp": literal},
+    )

@@ -11,6 +11,7 @@ The materialized references do 6M²D, 6NKD and 6B²D respectively.
 The fused losses compute their gradients in the forward when autograd will want them; "separate_backward"
 times the same kernels with the backward ones launched from the backward pass (the custom-op path).
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -27,9 +28,15 @@ def _ntxent(n, d=128, reference=True):
     def setup(device, dtype):
         z1, z2 = _views(n, d, device, dtype)
         m = 2 * n
-        return terminal_loss(lambda: ops.nt_xent_loss(z1, z2, 0.1), z1, z2,
-                             reference=_fwd_bwd(lambda: ref.nt_xent_loss(z1, z2, 0.1), z1, z2) if reference else None,
-                             flops=5 * m * m * d, bytes=3 * m * d * z1.element_size())
+        return terminal_loss(
+            lambda: ops.nt_xent_loss(z1, z2, 0.1),
+            z1,
+            z2,
+            reference=_fwd_bwd(lambda: ref.nt_xent_loss(z1, z2, 0.1), z1, z2) if reference else None,
+            flops=5 * m * m * d,
+            bytes=3 * m * d * z1.element_size(),
+        )
+
     return setup
 
 
@@ -43,9 +50,15 @@ def _moco(n, k, d=128):
     def setup(device, dtype):
         q, key = _views(n, d, device, dtype)
         queue = F.normalize(torch.randn(k, d, device=device), dim=1).to(dtype)
-        return terminal_loss(lambda: ops.info_nce_loss(q, key, queue, 0.2), q, key,
-                             reference=_fwd_bwd(lambda: ref.info_nce_loss(q, key, queue, 0.2), q, key),
-                             flops=6 * n * k * d, bytes=k * d * queue.element_size())
+        return terminal_loss(
+            lambda: ops.info_nce_loss(q, key, queue, 0.2),
+            q,
+            key,
+            reference=_fwd_bwd(lambda: ref.info_nce_loss(q, key, queue, 0.2), q, key),
+            flops=6 * n * k * d,
+            bytes=k * d * queue.element_size(),
+        )
+
     return setup
 
 
@@ -58,9 +71,16 @@ def _clip(b, d):
     def setup(device, dtype):
         img, txt = _views(b, d, device, dtype)
         scale = torch.tensor(14.0, device=device, requires_grad=True)
-        return terminal_loss(lambda: ops.clip_loss(img, txt, scale), img, txt, scale,
-                             reference=_fwd_bwd(lambda: ref.clip_loss(img, txt, scale), img, txt, scale),
-                             flops=10 * b * b * d, bytes=4 * b * d * img.element_size())
+        return terminal_loss(
+            lambda: ops.clip_loss(img, txt, scale),
+            img,
+            txt,
+            scale,
+            reference=_fwd_bwd(lambda: ref.clip_loss(img, txt, scale), img, txt, scale),
+            flops=10 * b * b * d,
+            bytes=4 * b * d * img.element_size(),
+        )
+
     return setup
 
 

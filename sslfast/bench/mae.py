@@ -7,6 +7,7 @@ measured 3.0 TB/s copy ceiling of the reference H100 they give the floor time in
 ViT-B/16 at B=256: L=196, K=49 visible, D=768, p·p·C=768; one [B, L, 768] bf16 tensor is 77.07 MB, its visible
 quarter [B, K, 768] 19.27 MB; the images [256, 3, 224, 224] bf16 are 77.07 MB.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,10 +34,12 @@ def _nbytes(*numels_and_sizes) -> float:
 
 def _both(op: str, name: str, small_args: tuple, **kw):
     """Registers `factory(device, dtype, *big_args)` under `name` and keeps a tiny variant for the tests."""
+
     def wrap(factory):
         register(op, name, **kw)(lambda device, dtype: factory(device, dtype, B, IMG, P, C, D))
         SMALL_CASES.append(lambda device, dtype: factory(device, dtype, *small_args))
         return factory
+
     return wrap
 
 
@@ -57,8 +60,11 @@ def _masking_gather(device, dtype, b, img, p, c, d):
         return mae.gather_tokens(x, m.ids_keep), m
 
     e = x.element_size()
-    return Setup(fused=fused, reference=lambda: R.random_masking_official(x, RATIO),
-                 bytes=_nbytes((2 * b * K * d, e), (b * K, 8), (b * L, 8), (b * L, 4)))
+    return Setup(
+        fused=fused,
+        reference=lambda: R.random_masking_official(x, RATIO),
+        bytes=_nbytes((2 * b * K * d, e), (b * K, 8), (b * L, 8), (b * L, 4)),
+    )
 
 
 @_both("mae", "gather_patches ViT-B/16 B=256", SMALL)
@@ -69,17 +75,22 @@ def _gather_patches(device, dtype, b, img, p, c, d):
     imgs = torch.randn(b, c, img, img, device=device, dtype=dtype)
     ids = mae.random_masking(b, L, RATIO, device=device).ids_keep
     ref_ids = ids[:, :, None].expand(-1, -1, p * p * c)
-    return Setup(fused=lambda: mae.gather_patches(imgs, ids, p),
-                 reference=lambda: torch.gather(R.patchify_official(imgs, p), 1, ref_ids),
-                 bytes=_nbytes((2 * b * K * p * p * c, imgs.element_size()), (b * K, 8)))
+    return Setup(
+        fused=lambda: mae.gather_patches(imgs, ids, p),
+        reference=lambda: torch.gather(R.patchify_official(imgs, p), 1, ref_ids),
+        bytes=_nbytes((2 * b * K * p * p * c, imgs.element_size()), (b * K, 8)),
+    )
 
 
 @_both("mae", "patchify ViT-B/16 B=256", SMALL)
 def _patchify(device, dtype, b, img, p, c, d):
     """Floor: read + write the images (2 × 77.07 MB) = 154 MB -> 51 µs."""
     imgs = torch.randn(b, c, img, img, device=device, dtype=dtype)
-    return Setup(fused=lambda: mae.patchify(imgs, p), reference=lambda: R.patchify_official(imgs, p),
-                 bytes=_nbytes((2 * imgs.numel(), imgs.element_size())))
+    return Setup(
+        fused=lambda: mae.patchify(imgs, p),
+        reference=lambda: R.patchify_official(imgs, p),
+        bytes=_nbytes((2 * imgs.numel(), imgs.element_size())),
+    )
 
 
 def _unshuffle_inputs(device, dtype, b, img, p, d, grad):
@@ -97,9 +108,11 @@ def _unshuffle_fwd(device, dtype, b, img, p, c, d):
     tokens (19.27 MB) + ids_restore (0.40 MB) + write [B, L, D] (77.07 MB) = 96.7 MB -> 32 µs."""
     L, K, m, xv, mt, _ = _unshuffle_inputs(device, dtype, b, img, p, d, False)
     e = xv.element_size()
-    return Setup(fused=lambda: mae.unshuffle(xv, m.ids_restore, mt),
-                 reference=lambda: R.unshuffle_official(xv, m.ids_restore, mt),
-                 bytes=_nbytes((b * K * d, e), (b * L, 8), (b * L * d, e)))
+    return Setup(
+        fused=lambda: mae.unshuffle(xv, m.ids_restore, mt),
+        reference=lambda: R.unshuffle_official(xv, m.ids_restore, mt),
+        bytes=_nbytes((b * K * d, e), (b * L, 8), (b * L * d, e)),
+    )
 
 
 @_both("mae", "unshuffle+pos fwd+bwd ViT-B/16 B=256 D=768", SMALL)
@@ -114,11 +127,15 @@ def _unshuffle_fwdbwd(device, dtype, b, img, p, c, d):
         def call():
             xv.grad = mt.grad = None
             fn(xv, m.ids_restore, mt, pos).backward(g)
+
         return call
 
     e = xv.element_size()
-    return Setup(fused=run(mae.unshuffle), reference=run(R.unshuffle_official),
-                 bytes=_nbytes((b * K * d, 2 * e), (b * L, 16), (b * L * d, 2 * e), (L * d, e)))
+    return Setup(
+        fused=run(mae.unshuffle),
+        reference=run(R.unshuffle_official),
+        bytes=_nbytes((b * K * d, 2 * e), (b * L, 16), (b * L * d, 2 * e), (L * d, e)),
+    )
 
 
 @_both("mae", "norm-pix masked_mse fwd+bwd ViT-B/16 B=256", SMALL)
@@ -135,9 +152,12 @@ def _masked_mse(device, dtype, b, img, p, c, d):
     pred = torch.randn(b, L, E, device=device, dtype=dtype, requires_grad=True)
     mask = mae.random_masking(b, L, RATIO, device=device).mask
 
-    return terminal_loss(lambda: mae.masked_mse_loss(pred, imgs, mask, p), pred,
-                         reference=fwd_bwd(lambda: R.forward_loss_official(imgs, pred, mask, p).float(), pred),
-                         bytes=_nbytes((3 * b * L * E, pred.element_size()), (2 * b * L, 4)))
+    return terminal_loss(
+        lambda: mae.masked_mse_loss(pred, imgs, mask, p),
+        pred,
+        reference=fwd_bwd(lambda: R.forward_loss_official(imgs, pred, mask, p).float(), pred),
+        bytes=_nbytes((3 * b * L * E, pred.element_size()), (2 * b * L, 4)),
+    )
 
 
 # --------------------------------------------------------------------------------------------- encoder front
@@ -161,9 +181,12 @@ def _front_fwd(device, dtype, b, img, p, c, d):
     write tokens (19.27 MB) + weights, pos, ids (2.2 MB) = 40.7 MB -> 14 µs."""
     front, imgs = _front_inputs(device, dtype, b, img, p, c, d)
     flops, nbytes = _front_floor(b, img, p, c, d, imgs.element_size())
-    return Setup(fused=lambda: front(imgs, RATIO),
-                 reference=lambda: R.embed_all_then_mask_official(imgs, front.proj, front.pos_embed, RATIO),
-                 flops=flops, bytes=nbytes)
+    return Setup(
+        fused=lambda: front(imgs, RATIO),
+        reference=lambda: R.embed_all_then_mask_official(imgs, front.proj, front.pos_embed, RATIO),
+        flops=flops,
+        bytes=nbytes,
+    )
 
 
 @_both("mae", "mask-first encoder front fwd+bwd ViT-B/16 B=256", SMALL)
@@ -183,8 +206,9 @@ def _front_fwdbwd(device, dtype, b, img, p, c, d):
         R.embed_all_then_mask_official(imgs, front.proj, front.pos_embed, RATIO)[0].backward(g)
 
     flops, nbytes = _front_floor(b, img, p, c, d, imgs.element_size())
-    return Setup(fused=fused, reference=reference, flops=2 * flops,
-                 bytes=2 * nbytes + _nbytes((b * K * d, imgs.element_size())))
+    return Setup(
+        fused=fused, reference=reference, flops=2 * flops, bytes=2 * nbytes + _nbytes((b * K * d, imgs.element_size()))
+    )
 
 
 # --------------------------------------------------------------------------------------------- whole MAE step
@@ -263,8 +287,11 @@ def _mae_step_factory(device, dtype, b, img, p, c, d, model_kw):
     tokens: encoder on 1 + K tokens, decoder on 1 + L) plus attention."""
     torch.manual_seed(0)
     model = _MAEViT(img, p, c, d, **model_kw).to(device)
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4,
-                            **({"fused": True} if device.type == "cuda" else {}))
+    opt = torch.optim.AdamW(
+        [q for q in model.parameters() if q.requires_grad],
+        lr=1e-4,
+        **({"fused": True} if device.type == "cuda" else {}),
+    )
     imgs = torch.randn(b, c, img, img, device=device)
     amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
@@ -275,6 +302,7 @@ def _mae_step_factory(device, dtype, b, img, p, c, d, model_kw):
                 loss = loss_fn(imgs)
             loss.backward()
             opt.step()
+
         return call
 
     def with_reference_backend():
@@ -288,12 +316,20 @@ def _mae_step_factory(device, dtype, b, img, p, c, d, model_kw):
     attn = 4 * b * ((1 + K) ** 2 * d * len(model.blocks) + (1 + L) ** 2 * dd * len(model.decoder_blocks))
     flops = 6.0 * (enc * b * (1 + K) + dec * b * (1 + L)) + 3.0 * attn
     params = sum(q.numel() for q in model.parameters())
-    return Setup(fused=step(model.loss_fused), reference=step(model.loss_official),
-                 others={"sslfast_backend_reference": with_reference_backend},
-                 flops=flops, bytes=_nbytes((params, 16)))
+    return Setup(
+        fused=step(model.loss_fused),
+        reference=step(model.loss_official),
+        others={"sslfast_backend_reference": with_reference_backend},
+        flops=flops,
+        bytes=_nbytes((params, 16)),
+    )
 
 
 register("mae", "MAE ViT-B/16 training step B=256 (fwd+bwd+AdamW)", dtypes=(torch.bfloat16,))(
-    lambda device, dtype: _mae_step_factory(device, dtype, B, IMG, P, C, D, {}))
-SMALL_CASES.append(lambda device, dtype: _mae_step_factory(
-    device, dtype, 2, 32, 8, 3, 32, dict(depth=1, heads=2, ddim=16, ddepth=1, dheads=2)))
+    lambda device, dtype: _mae_step_factory(device, dtype, B, IMG, P, C, D, {})
+)
+SMALL_CASES.append(
+    lambda device, dtype: _mae_step_factory(
+        device, dtype, 2, 32, 8, 3, 32, dict(depth=1, heads=2, ddim=16, ddepth=1, dheads=2)
+    )
+)

@@ -10,6 +10,7 @@ above the model and optimizer state. FLOP and byte floors are not counted (the b
 `benchmarks/max_batch.py` finds the largest batch each path fits. Each step runs on the same model, so the two
 paths are timed on identical shapes; the weights drift between calls, which does not change the work.
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,9 +56,18 @@ def step_setup(method: str, backbone: str, batch: int, image_size: int, device, 
     from ..methods import get_method
     from ..train import PretrainConfig, preset_for, resolve, setup, train_step
 
-    cfg = resolve(PretrainConfig(method=method, backbone=backbone, batch_size=batch, image_size=image_size,
-                                 profile="paper", epochs=100, out="unused",
-                                 precision="bf16" if dtype == torch.bfloat16 else "fp32"))
+    cfg = resolve(
+        PretrainConfig(
+            method=method,
+            backbone=backbone,
+            batch_size=batch,
+            image_size=image_size,
+            profile="paper",
+            epochs=100,
+            out="unused",
+            precision="bf16" if dtype == torch.bfloat16 else "fp32",
+        )
+    )
     run = setup(cfg, steps_per_epoch=1000, device=device)
     views = [torch.randn(batch, 3, s, s, device=device) for s in preset_for(cfg, get_method(method)).sizes()]
 
@@ -79,13 +89,17 @@ def register_cases() -> None:
     found = cases()
     for method, backbone, batch, size in found:
         register("step", case_name(method, backbone, batch, size), dtypes=(torch.bfloat16,), device_types=("cuda",))(
-            lambda device, dtype, m=method, b=backbone, n=batch, s=size: step_setup(m, b, n, s, device, dtype))
+            lambda device, dtype, m=method, b=backbone, n=batch, s=size: step_setup(m, b, n, s, device, dtype)
+        )
     if found:
         method = found[0][0]
         backbone = get_method(method).default_backbone["small"]
-        register("step", case_name(method, backbone, SMOKE_BATCH, SMOKE_SIZE) + " (smoke)", dtypes=(torch.float32,),
-                 device_types=("cpu",))(
-            lambda device, dtype: step_setup(method, backbone, SMOKE_BATCH, SMOKE_SIZE, device, dtype))
+        register(
+            "step",
+            case_name(method, backbone, SMOKE_BATCH, SMOKE_SIZE) + " (smoke)",
+            dtypes=(torch.float32,),
+            device_types=("cpu",),
+        )(lambda device, dtype: step_setup(method, backbone, SMOKE_BATCH, SMOKE_SIZE, device, dtype))
 
 
 register_cases()

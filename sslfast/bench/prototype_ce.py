@@ -11,6 +11,7 @@ Teacher side (`prototype_teacher_probs`, DINO's centering with the center update
 softmax((f Wᵀ − c)/τ_t): 4BKD FLOPs (the two passes each compute the logits), and 4·B·K bytes of fp32 targets
 written plus 2·(B + K)·D·|x| read.
 """
+
 import torch
 
 from .. import ops
@@ -23,10 +24,13 @@ def _case(B: int, K: int, D: int, temp: float = 0.1):
         x = torch.nn.functional.normalize(torch.randn(B, D, device=device), dim=1).to(dtype).requires_grad_()
         w = torch.nn.functional.normalize(torch.randn(K, D, device=device), dim=1).to(dtype).requires_grad_()
         p = torch.softmax(torch.randn(B, K, device=device, dtype=dtype), dim=1)
-        return Setup(fused=fwd_bwd(lambda: ops.prototype_cross_entropy(x, w, p, student_temp=temp), x, w),
-                     reference=fwd_bwd(lambda: R.prototype_cross_entropy_literal(x, w, p, temp), x, w),
-                     flops=10.0 * B * K * D,
-                     bytes=float(3 * B * K * p.element_size() + 4 * (B + K) * D * x.element_size()))
+        return Setup(
+            fused=fwd_bwd(lambda: ops.prototype_cross_entropy(x, w, p, student_temp=temp), x, w),
+            reference=fwd_bwd(lambda: R.prototype_cross_entropy_literal(x, w, p, temp), x, w),
+            flops=10.0 * B * K * D,
+            bytes=float(3 * B * K * p.element_size() + 4 * (B + K) * D * x.element_size()),
+        )
+
     return setup
 
 
@@ -35,9 +39,13 @@ def _teacher_case(B: int, K: int, D: int, temp: float = 0.04):
         f = torch.nn.functional.normalize(torch.randn(B, D, device=device), dim=1).to(dtype)
         w = torch.nn.functional.normalize(torch.randn(K, D, device=device), dim=1).to(dtype)
         c = torch.zeros(1, K, device=device)
-        return Setup(fused=lambda: ops.prototype_teacher_probs(f, w, teacher_temp=temp, center=c, center_momentum=0.9),
-                     reference=lambda: R.prototype_teacher_probs_literal(f, w, temp, center=c),
-                     flops=4.0 * B * K * D, bytes=float(4 * B * K + 2 * (B + K) * D * f.element_size()))
+        return Setup(
+            fused=lambda: ops.prototype_teacher_probs(f, w, teacher_temp=temp, center=c, center_momentum=0.9),
+            reference=lambda: R.prototype_teacher_probs_literal(f, w, temp, center=c),
+            flops=4.0 * B * K * D,
+            bytes=float(4 * B * K + 2 * (B + K) * D * f.element_size()),
+        )
+
     return setup
 
 
@@ -45,5 +53,6 @@ register("prototype_ce", "B=4096 K=131072 D=256", dtypes=(torch.bfloat16,))(_cas
 register("prototype_ce", "B=4096 K=65536 D=256", dtypes=(torch.bfloat16, torch.float32))(_case(4096, 65536, 256))
 register("prototype_ce", "B=64 K=512 D=32 (smoke)", dtypes=(torch.float32,), device_types=("cpu",))(_case(64, 512, 32))
 register("prototype_ce", "teacher B=4096 K=65536 D=256", dtypes=(torch.bfloat16,))(_teacher_case(4096, 65536, 256))
-register("prototype_ce", "teacher B=64 K=512 D=32 (smoke)", dtypes=(torch.float32,),
-         device_types=("cpu",))(_teacher_case(64, 512, 32))
+register("prototype_ce", "teacher B=64 K=512 D=32 (smoke)", dtypes=(torch.float32,), device_types=("cpu",))(
+    _teacher_case(64, 512, 32)
+)

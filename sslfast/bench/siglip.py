@@ -8,6 +8,7 @@ reference does 6B²D. Bytes: the two inputs read and their gradients written onc
 
 The fused loss computes its gradients in the forward when autograd will want them.
 """
+
 import math
 
 import torch
@@ -22,10 +23,17 @@ def _siglip(b, d):
         img, txt = (torch.randn(b, d, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
         log_t = torch.tensor(math.log(10.0), device=device, requires_grad=True)
         bias = torch.tensor(-10.0, device=device, requires_grad=True)
-        return terminal_loss(lambda: ops.siglip_loss(img, txt, log_t.exp(), bias), img, txt, log_t, bias,
-                             reference=_fwd_bwd(lambda: ref.siglip_loss(img, txt, log_t.exp(), bias),
-                                                img, txt, log_t, bias),
-                             flops=8 * b * b * d, bytes=4 * b * d * img.element_size())
+        return terminal_loss(
+            lambda: ops.siglip_loss(img, txt, log_t.exp(), bias),
+            img,
+            txt,
+            log_t,
+            bias,
+            reference=_fwd_bwd(lambda: ref.siglip_loss(img, txt, log_t.exp(), bias), img, txt, log_t, bias),
+            flops=8 * b * b * d,
+            bytes=4 * b * d * img.element_size(),
+        )
+
     return setup
 
 

@@ -25,6 +25,7 @@ A corrupt image makes DALI invalidate the whole pipeline. Guard: files are check
 PIL (or, when PIL decodes them all, run through DALI one by one), the bad ones are skipped and counted, the
 pipeline is rebuilt and the batch is run again.
 """
+
 from __future__ import annotations
 
 import io
@@ -35,8 +36,10 @@ import torch
 from . import datasets as D
 from .native import read_image_bytes
 
-_INSTALL_HINT = ("backend='dali' needs NVIDIA DALI: pip install 'sslfast[dali]' (nvidia-dali-cuda130), or "
-                 "nvidia-dali-cuda120 on CUDA 12")
+_INSTALL_HINT = (
+    "backend='dali' needs NVIDIA DALI: pip install 'sslfast[dali]' (nvidia-dali-cuda130), or "
+    "nvidia-dali-cuda120 on CUDA 12"
+)
 
 
 def dali_modules():
@@ -72,9 +75,15 @@ def _view_graph(images, spec, *, gpu: bool, mean, std, fp16: bool):
     def coin(p):
         return fn.cast(fn.random.coin_flip(probability=float(p)), dtype=types.FLOAT)
 
-    x = fn.random_resized_crop(images, size=[spec.size, spec.size], random_area=list(spec.scale),
-                               random_aspect_ratio=list(spec.ratio), num_attempts=10,
-                               interp_type=types.INTERP_LINEAR, antialias=True)
+    x = fn.random_resized_crop(
+        images,
+        size=[spec.size, spec.size],
+        random_area=list(spec.scale),
+        random_aspect_ratio=list(spec.ratio),
+        num_attempts=10,
+        interp_type=types.INTERP_LINEAR,
+        antialias=True,
+    )
     x = fn.cast(x, dtype=types.FLOAT)
     if spec.has_jitter:
         on = coin(spec.jitter_p)
@@ -105,31 +114,50 @@ def _view_graph(images, spec, *, gpu: bool, mean, std, fp16: bool):
         hit = s * fn.cast(x >= float(spec.solarize_threshold) * 255.0, dtype=types.FLOAT)
         x = x + hit * (255.0 - 2.0 * x)
     mirror = fn.random.coin_flip(probability=float(spec.flip_p))
-    return fn.crop_mirror_normalize(x, mirror=mirror, mean=[255.0 * v for v in mean], std=[255.0 * v for v in std],
-                                    output_layout="CHW", dtype=types.FLOAT16 if fp16 else types.FLOAT)
+    return fn.crop_mirror_normalize(
+        x,
+        mirror=mirror,
+        mean=[255.0 * v for v in mean],
+        std=[255.0 * v for v in std],
+        output_layout="CHW",
+        dtype=types.FLOAT16 if fp16 else types.FLOAT,
+    )
 
 
-def build_pipeline(preset, batch_size: int, *, encoded: bool, gpu: bool, device_id, seed: int,
-                   num_threads: int = 2, fp16: bool = False):
+def build_pipeline(
+    preset, batch_size: int, *, encoded: bool, gpu: bool, device_id, seed: int, num_threads: int = 2, fp16: bool = False
+):
     """A built DALI pipeline whose `external_source` named "images" takes a batch of encoded bytes (uint8 1-D)
     or of decoded uint8 [H, W, 3] arrays, and whose outputs are the preset's views (NCHW, normalized)."""
     fn, types, _, Pipeline = dali_modules()
-    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id if gpu else None,
-                    seed=seed, prefetch_queue_depth=1)
+    pipe = Pipeline(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id if gpu else None,
+        seed=seed,
+        prefetch_queue_depth=1,
+    )
     with pipe:
         if encoded:
             data = fn.external_source(name="images", dtype=types.UINT8, ndim=1)
             if gpu:  # nvJPEG buffers padded up front (DALI's ImageNet values): no reallocation as sizes vary
-                images = fn.decoders.image(data, device="mixed", output_type=types.RGB,
-                                           device_memory_padding=211025920, host_memory_padding=140544512)
+                images = fn.decoders.image(
+                    data,
+                    device="mixed",
+                    output_type=types.RGB,
+                    device_memory_padding=211025920,
+                    host_memory_padding=140544512,
+                )
             else:
                 images = fn.decoders.image(data, device="cpu", output_type=types.RGB)
         else:
             images = fn.external_source(name="images", dtype=types.UINT8, ndim=3, layout="HWC")
             if gpu:
                 images = images.gpu()
-        outs = [_view_graph(images, spec, gpu=gpu, mean=preset.mean, std=preset.std, fp16=fp16)
-                for spec in preset.expanded()]
+        outs = [
+            _view_graph(images, spec, gpu=gpu, mean=preset.mean, std=preset.std, fp16=fp16)
+            for spec in preset.expanded()
+        ]
         pipe.set_outputs(*outs)
     pipe.build()
     return pipe
@@ -174,10 +202,15 @@ class DaliBackend:
         if self._pipe is None:
             ld = self.loader
             self._pipe = build_pipeline(
-                ld.preset, ld.batch_size, encoded=self.encoded, gpu=self.gpu,
+                ld.preset,
+                ld.batch_size,
+                encoded=self.encoded,
+                gpu=self.gpu,
                 device_id=ld.device.index if self.gpu else None,
                 seed=(ld.seed * 1_000_003 + ld.shard_id * 7919 + self._builds) % (2**31 - 1),
-                num_threads=ld.num_workers, fp16=ld.dtype == torch.float16)
+                num_threads=ld.num_workers,
+                fp16=ld.dtype == torch.float16,
+            )
             self._builds += 1
         return self._pipe
 

@@ -10,6 +10,7 @@ extension are checked when read: `looks_like_image` tests the magic bytes and, f
 marker (which a truncated download lacks). Whatever still fails to decode is skipped and counted by the
 loader.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,7 +27,11 @@ _MAGIC = (
     (b"BM", "bmp"),
     (b"II*\x00", "tiff"),
     (b"MM\x00*", "tiff"),
-    (b"P5", "pnm"), (b"P6", "pnm"), (b"P4", "pnm"), (b"P2", "pnm"), (b"P3", "pnm"),
+    (b"P5", "pnm"),
+    (b"P6", "pnm"),
+    (b"P4", "pnm"),
+    (b"P2", "pnm"),
+    (b"P3", "pnm"),
 )
 
 
@@ -111,8 +116,10 @@ class ArraySource:
             images = images.cpu().numpy()
         if isinstance(images, np.ndarray):
             if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3):
-                raise ValueError("images must be a uint8 [N, H, W, 3] or [N, H, W] array, got "
-                                 f"{images.dtype} of shape {images.shape}")
+                raise ValueError(
+                    "images must be a uint8 [N, H, W, 3] or [N, H, W] array, got "
+                    f"{images.dtype} of shape {images.shape}"
+                )
             if images.ndim == 3:
                 images = np.repeat(images[..., None], 3, axis=-1)
             self.batch = np.ascontiguousarray(images)
@@ -121,11 +128,13 @@ class ArraySource:
             items = [np.asarray(im.cpu().numpy() if isinstance(im, torch.Tensor) else im) for im in images]
             for i, im in enumerate(items):
                 if im.dtype != np.uint8 or im.ndim not in (2, 3) or (im.ndim == 3 and im.shape[-1] != 3):
-                    raise ValueError(f"images[{i}] must be a uint8 [H, W, 3] or [H, W] array, got {im.dtype} "
-                                     f"of shape {im.shape}")
+                    raise ValueError(
+                        f"images[{i}] must be a uint8 [H, W, 3] or [H, W] array, got {im.dtype} of shape {im.shape}"
+                    )
             self.batch = None
-            self.images = [np.ascontiguousarray(np.repeat(im[..., None], 3, -1) if im.ndim == 2 else im)
-                           for im in items]
+            self.images = [
+                np.ascontiguousarray(np.repeat(im[..., None], 3, -1) if im.ndim == 2 else im) for im in items
+            ]
         n = len(self)
         self.labels = list(labels) if labels is not None else [0] * n
         if len(self.labels) != n:
@@ -245,8 +254,10 @@ def find_images(root: str | os.PathLike) -> FileSource:
         classes = []
         add(_scan_images(str(root))[0], 0)
     if not paths:
-        raise ValueError(f"no images found in {str(root)!r} (looked for {', '.join(IMG_EXTENSIONS)} files, in "
-                         "class subfolders or at the top level)")
+        raise ValueError(
+            f"no images found in {str(root)!r} (looked for {', '.join(IMG_EXTENSIONS)} files, in "
+            "class subfolders or at the top level)"
+        )
     return FileSource(paths, labels, classes)
 
 
@@ -313,8 +324,10 @@ def resolve_source(source):
         if all(isinstance(s, (str, os.PathLike)) for s in source):
             return file_list(source)
         return ArraySource(source)
-    raise TypeError("source must be a folder, a .txt file list, a list of paths, a uint8 array [N, H, W, 3] or a "
-                    f"list of arrays, got {type(source).__name__}")
+    raise TypeError(
+        "source must be a folder, a .txt file list, a list of paths, a uint8 array [N, H, W, 3] or a "
+        f"list of arrays, got {type(source).__name__}"
+    )
 
 
 # ------------------------------------------------------------------------------------- embedded default

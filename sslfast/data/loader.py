@@ -24,6 +24,7 @@ generators seeded by (seed, epoch, index), whatever the number of worker process
 operators are seeded once per loader (seed, shard) and run on, so two loaders with the same seed produce the
 same sequence of epochs.
 """
+
 from __future__ import annotations
 
 import collections
@@ -106,10 +107,24 @@ class SSLLoader(BadFiles):
     prefetch: batches read ahead (torch backend: per worker).
     """
 
-    def __init__(self, source, preset="simclr", batch_size: int = 256, *, backend: str = "native",
-                 device="cuda", image_size: int | None = None, shard_id: int | None = None,
-                 num_shards: int | None = None, seed: int = 0, drop_last: bool = True, shuffle: bool = True,
-                 dtype: torch.dtype = torch.float32, num_workers: int | None = None, prefetch: int = 2):
+    def __init__(
+        self,
+        source,
+        preset="simclr",
+        batch_size: int = 256,
+        *,
+        backend: str = "native",
+        device="cuda",
+        image_size: int | None = None,
+        shard_id: int | None = None,
+        num_shards: int | None = None,
+        seed: int = 0,
+        drop_last: bool = True,
+        shuffle: bool = True,
+        dtype: torch.dtype = torch.float32,
+        num_workers: int | None = None,
+        prefetch: int = 2,
+    ):
         self.batch_size = _positive_int("batch_size", batch_size)
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -139,9 +154,11 @@ class SSLLoader(BadFiles):
         self.prefetch = max(1, int(prefetch))
         self.source = D.resolve_source(source)
         if len(self) == 0:
-            raise ValueError(f"no batch to yield: shard {self.shard_id}/{self.num_shards} of {len(self.source)} "
-                             f"images holds {self._shard_len()}, fewer than batch_size={self.batch_size} with "
-                             "drop_last=True")
+            raise ValueError(
+                f"no batch to yield: shard {self.shard_id}/{self.num_shards} of {len(self.source)} "
+                f"images holds {self._shard_len()}, fewer than batch_size={self.batch_size} with "
+                "drop_last=True"
+            )
         self._epoch = 0
         self._bad: dict[int, str] = {}
         self._lock = threading.Lock()
@@ -195,11 +212,10 @@ class SSLLoader(BadFiles):
         total = self._shard_len() * self.num_shards
         if total > n:
             perm = perm + perm[: total - n]
-        return perm[self.shard_id: total: self.num_shards]
+        return perm[self.shard_id : total : self.num_shards]
 
     def _batch_seed(self, epoch: int, batch_no: int) -> int:
         return _mix(self.seed, epoch, self.shard_id, batch_no, 0x5EED)
-
 
     def _mark_bad(self, index: int, reason: str) -> None:
         with self._lock:
@@ -247,8 +263,10 @@ class SSLLoader(BadFiles):
             p = self._fetch(i)
             if p is not None:
                 return i, p
-        raise RuntimeError(f"none of the {len(self.source)} images of the source could be read and decoded; "
-                           f"first failures: {self.bad_files[:3]}")
+        raise RuntimeError(
+            f"none of the {len(self.source)} images of the source could be read and decoded; "
+            f"first failures: {self.bad_files[:3]}"
+        )
 
     # ------------------------------------------------------------------------------------------ iteration
     def _executor(self) -> cf.ThreadPoolExecutor:
@@ -261,7 +279,7 @@ class SSLLoader(BadFiles):
         self._epoch += 1
         shard = self.shard_indices(epoch)
         nb = len(self)
-        batches = [shard[k * self.batch_size: (k + 1) * self.batch_size] for k in range(nb)]
+        batches = [shard[k * self.batch_size : (k + 1) * self.batch_size] for k in range(nb)]
         if self.backend_name == "torch":
             yield from self._backend.iterate(batches, epoch)
             return
@@ -307,6 +325,8 @@ class SSLLoader(BadFiles):
             pass
 
     def __repr__(self) -> str:
-        return (f"SSLLoader({self.source!r}, preset={self.preset.name!r}, batch_size={self.batch_size}, "
-                f"backend={self.backend_name!r}, device={str(self.device)!r}, views={self.preset.sizes()}, "
-                f"shard={self.shard_id}/{self.num_shards}, len={len(self)})")
+        return (
+            f"SSLLoader({self.source!r}, preset={self.preset.name!r}, batch_size={self.batch_size}, "
+            f"backend={self.backend_name!r}, device={str(self.device)!r}, views={self.preset.sizes()}, "
+            f"shard={self.shard_id}/{self.num_shards}, len={len(self)})"
+        )

@@ -12,6 +12,7 @@ Per batch:
    (seed, epoch, shard, batch), and `sslfast.ops.augment.augment_batch` writes every view: one fused kernel
    per view size, plus the separable blur passes for the samples that are blurred.
 """
+
 from __future__ import annotations
 
 import functools
@@ -93,8 +94,11 @@ def pack_hwc(arrays: list[np.ndarray], device: torch.device):
     host = torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays]))
     if device.type == "cuda":
         host = host.pin_memory()
-    return (host.to(device, non_blocking=True), offsets.to(device, non_blocking=True),
-            sizes.to(device, non_blocking=True))
+    return (
+        host.to(device, non_blocking=True),
+        offsets.to(device, non_blocking=True),
+        sizes.to(device, non_blocking=True),
+    )
 
 
 class NativeBackend:
@@ -150,6 +154,15 @@ class NativeBackend:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(loader._batch_seed(epoch, batch_no))
         preset = loader.preset
-        views = aug.augment_batch(flat, offsets, sizes, preset.views, chw=chw, dtype=loader.dtype,
-                                  mean=preset.mean, std=preset.std, generator=gen)
+        views = aug.augment_batch(
+            flat,
+            offsets,
+            sizes,
+            preset.views,
+            chw=chw,
+            dtype=loader.dtype,
+            mean=preset.mean,
+            std=preset.std,
+            generator=gen,
+        )
         return views

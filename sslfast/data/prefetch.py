@@ -22,6 +22,7 @@ Errors raised by the loader are re-raised in the consumer at the position they o
 produced before them). The thread is stopped and joined on `close()`, at the end of a pass, when the
 consumer breaks out of its loop or raises (the pass's generator is closed), and on `with` exit.
 """
+
 from __future__ import annotations
 
 import queue
@@ -125,8 +126,7 @@ class _Pass:
                 return self.queue.get(timeout=_POLL_S)
             except queue.Empty:
                 if not self.thread.is_alive() and self.queue.empty():
-                    raise RuntimeError("the prefetch thread ended without a batch, an end marker or an "
-                                       "error") from None
+                    raise RuntimeError("the prefetch thread ended without a batch, an end marker or an error") from None
 
     def close(self, timeout: float | None) -> None:
         self.stop.set()

@@ -28,6 +28,7 @@ VICReg, MAE, SimCLR's TF code) — see `sslfast.reference.augment` for the exact
 | mae     | 1 × 224          | (0.2, 1)               | none                      | none | none           | none       |
 | swav    | 2 × 224, 6 × 96  | (0.14, 1) / (.05, .14) | (0.8, 0.8, 0.8, 0.2), 0.8 | 0.2  | 0.5 / 0.5      | 0 / 0      |
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,22 +43,23 @@ PIL_SOLARIZE_THRESHOLD = 128 / 255  # PIL ImageOps.solarize(img, threshold=128) 
 class ViewSpec:
     """One view's random augmentation (all probabilities per sample, all ranges uniform); the fields, commented
     below, are the torchvision / paper parameters of the module's table."""
-    size: int = 224                                  # output side (square)
-    scale: tuple[float, float] = (0.08, 1.0)          # RandomResizedCrop area fraction
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)       # RandomResizedCrop aspect ratio (log-uniform)
+
+    size: int = 224  # output side (square)
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fraction
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio (log-uniform)
     flip_p: float = 0.5
     jitter_p: float = 0.8
-    brightness: float = 0.4                          # factor ~ U(max(0, 1 − b), 1 + b)
+    brightness: float = 0.4  # factor ~ U(max(0, 1 − b), 1 + b)
     contrast: float = 0.4
     saturation: float = 0.2
-    hue: float = 0.1                                 # shift ~ U(−h, h) turns
+    hue: float = 0.1  # shift ~ U(−h, h) turns
     gray_p: float = 0.2
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_kernel: int = 23
     solarize_p: float = 0.0
     solarize_threshold: float = 0.5
-    count: int = 1                                   # identical views of this kind (DINO's local crops)
+    count: int = 1  # identical views of this kind (DINO's local crops)
 
     @property
     def has_jitter(self) -> bool:
@@ -137,17 +139,29 @@ def simclr(image_size: int | None = None) -> Preset:
         The `Preset`.
     """
     s = 1.0  # colour distortion strength (ImageNet)
-    v = ViewSpec(scale=(0.08, 1.0), brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s,
-                 jitter_p=0.8, gray_p=0.2, blur_p=0.5)
-    return Preset("simclr", (dataclasses.replace(v, count=2),), sources={
-        "paper": "Chen et al. 2020, A Simple Framework for Contrastive Learning of Visual Representations, "
-                 "Appendix A (Data Augmentation Details) and its PyTorch pseudo-code",
-        "crop": "random crop, area U(0.08, 1.0), aspect ratio U(3/4, 4/3), resized to 224",
-        "jitter": "ColorJitter(0.8s, 0.8s, 0.8s, 0.2s), s = 1.0, applied with p = 0.8, random order",
-        "gray": "RandomGrayscale(p = 0.2)",
-        "blur": "p = 0.5, sigma U(0.1, 2.0), kernel 10% of the image side (23 at 224)",
-        "brightness": "multiplicative (SimCLR v2 code, torchvision); v1's TF code added a random delta",
-    }).with_image_size(image_size)
+    v = ViewSpec(
+        scale=(0.08, 1.0),
+        brightness=0.8 * s,
+        contrast=0.8 * s,
+        saturation=0.8 * s,
+        hue=0.2 * s,
+        jitter_p=0.8,
+        gray_p=0.2,
+        blur_p=0.5,
+    )
+    return Preset(
+        "simclr",
+        (dataclasses.replace(v, count=2),),
+        sources={
+            "paper": "Chen et al. 2020, A Simple Framework for Contrastive Learning of Visual Representations, "
+            "Appendix A (Data Augmentation Details) and its PyTorch pseudo-code",
+            "crop": "random crop, area U(0.08, 1.0), aspect ratio U(3/4, 4/3), resized to 224",
+            "jitter": "ColorJitter(0.8s, 0.8s, 0.8s, 0.2s), s = 1.0, applied with p = 0.8, random order",
+            "gray": "RandomGrayscale(p = 0.2)",
+            "blur": "p = 0.5, sigma U(0.1, 2.0), kernel 10% of the image side (23 at 224)",
+            "brightness": "multiplicative (SimCLR v2 code, torchvision); v1's TF code added a random delta",
+        },
+    ).with_image_size(image_size)
 
 
 def moco_v2(image_size: int | None = None) -> Preset:
@@ -160,12 +174,16 @@ def moco_v2(image_size: int | None = None) -> Preset:
         The `Preset`.
     """
     v = ViewSpec(scale=(0.2, 1.0), brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, blur_p=0.5, count=2)
-    return Preset("moco_v2", (v,), sources={
-        "paper": "Chen, Fan, Girshick, He 2020, Improved Baselines with Momentum Contrastive Learning",
-        "code": "facebookresearch/moco main_moco.py, --aug-plus: RandomResizedCrop(224, scale=(0.2, 1.)), "
-                "RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), RandomGrayscale(p=0.2), "
-                "RandomApply([GaussianBlur([.1, 2.])], p=0.5), RandomHorizontalFlip()",
-    }).with_image_size(image_size)
+    return Preset(
+        "moco_v2",
+        (v,),
+        sources={
+            "paper": "Chen, Fan, Girshick, He 2020, Improved Baselines with Momentum Contrastive Learning",
+            "code": "facebookresearch/moco main_moco.py, --aug-plus: RandomResizedCrop(224, scale=(0.2, 1.)), "
+            "RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), RandomGrayscale(p=0.2), "
+            "RandomApply([GaussianBlur([.1, 2.])], p=0.5), RandomHorizontalFlip()",
+        },
+    ).with_image_size(image_size)
 
 
 def byol(image_size: int | None = None) -> Preset:
@@ -179,14 +197,18 @@ def byol(image_size: int | None = None) -> Preset:
     """
     v1 = dataclasses.replace(_BYOL_VIEW, blur_p=1.0, solarize_p=0.0, solarize_threshold=0.5)
     v2 = dataclasses.replace(_BYOL_VIEW, blur_p=0.1, solarize_p=0.2, solarize_threshold=0.5)
-    return Preset("byol", (v1, v2), sources={
-        "paper": "Grill et al. 2020, Bootstrap Your Own Latent, Appendix B, Table 6 (T and T')",
-        "crop": "random crop, area U(0.08, 1), aspect U(3/4, 4/3), 224",
-        "jitter": "p = 0.8, brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, order random per patch",
-        "gray": "color dropping p = 0.2",
-        "blur": "p = 1.0 (T), 0.1 (T'); sigma U(0.1, 2.0), 23×23 kernel",
-        "solarize": "p = 0.0 (T), 0.2 (T'); threshold 0.5",
-    }).with_image_size(image_size)
+    return Preset(
+        "byol",
+        (v1, v2),
+        sources={
+            "paper": "Grill et al. 2020, Bootstrap Your Own Latent, Appendix B, Table 6 (T and T')",
+            "crop": "random crop, area U(0.08, 1), aspect U(3/4, 4/3), 224",
+            "jitter": "p = 0.8, brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, order random per patch",
+            "gray": "color dropping p = 0.2",
+            "blur": "p = 1.0 (T), 0.1 (T'); sigma U(0.1, 2.0), 23×23 kernel",
+            "solarize": "p = 0.0 (T), 0.2 (T'); threshold 0.5",
+        },
+    ).with_image_size(image_size)
 
 
 def _barlow_like(name: str, sources: dict, image_size) -> Preset:
@@ -205,13 +227,17 @@ def barlow(image_size: int | None = None) -> Preset:
     Returns:
         The `Preset`.
     """
-    return _barlow_like("barlow", {
-        "paper": "Zbontar et al. 2021, Barlow Twins, Section 3 (augmentations follow BYOL)",
-        "code": "facebookresearch/barlowtwins main.py Transform: RandomResizedCrop(224, BICUBIC), flip 0.5, "
-                "RandomApply([ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), RandomGrayscale(0.2), "
-                "GaussianBlur(p=1.0 | 0.1) with PIL radius U(0.1, 2.0), Solarization(p=0.0 | 0.2) "
-                "(ImageOps.solarize, threshold 128)",
-    }, image_size)
+    return _barlow_like(
+        "barlow",
+        {
+            "paper": "Zbontar et al. 2021, Barlow Twins, Section 3 (augmentations follow BYOL)",
+            "code": "facebookresearch/barlowtwins main.py Transform: RandomResizedCrop(224, BICUBIC), flip 0.5, "
+            "RandomApply([ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), RandomGrayscale(0.2), "
+            "GaussianBlur(p=1.0 | 0.1) with PIL radius U(0.1, 2.0), Solarization(p=0.0 | 0.2) "
+            "(ImageOps.solarize, threshold 128)",
+        },
+        image_size,
+    )
 
 
 def vicreg(image_size: int | None = None) -> Preset:
@@ -223,12 +249,16 @@ def vicreg(image_size: int | None = None) -> Preset:
     Returns:
         The `Preset`.
     """
-    return _barlow_like("vicreg", {
-        "paper": "Bardes, Ponce, LeCun 2022, VICReg, Appendix (augmentations follow BYOL / Barlow Twins)",
-        "code": "facebookresearch/vicreg augmentations.py TrainTransform: RandomResizedCrop(224, BICUBIC), "
-                "flip 0.5, RandomApply([ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), RandomGrayscale(0.2), "
-                "GaussianBlur(p=1.0 | 0.1) sigma U(0.1, 2.0), Solarization(p=0.0 | 0.2)",
-    }, image_size)
+    return _barlow_like(
+        "vicreg",
+        {
+            "paper": "Bardes, Ponce, LeCun 2022, VICReg, Appendix (augmentations follow BYOL / Barlow Twins)",
+            "code": "facebookresearch/vicreg augmentations.py TrainTransform: RandomResizedCrop(224, BICUBIC), "
+            "flip 0.5, RandomApply([ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), RandomGrayscale(0.2), "
+            "GaussianBlur(p=1.0 | 0.1) sigma U(0.1, 2.0), Solarization(p=0.0 | 0.2)",
+        },
+        image_size,
+    )
 
 
 def dino(image_size: int | None = None, local_crops: int = 8, local_size: int = 96) -> Preset:
@@ -247,15 +277,19 @@ def dino(image_size: int | None = None, local_crops: int = 8, local_size: int = 
     g2 = dataclasses.replace(_BYOL_VIEW, scale=(0.4, 1.0), blur_p=0.1, solarize_p=0.2, solarize_threshold=t)
     loc = dataclasses.replace(_BYOL_VIEW, size=local_size, scale=(0.05, 0.4), blur_p=0.5, count=int(local_crops))
     views = (g1, g2, loc) if local_crops > 0 else (g1, g2)
-    return Preset("dino", views, sources={
-        "paper": "Caron et al. 2021, Emerging Properties in Self-Supervised Vision Transformers, Section 3.1 "
-                 "(2 global views at 224, several local views at 96)",
-        "code": "facebookresearch/dino main_dino.py DataAugmentationDINO and its defaults: "
-                "global_crops_scale=(0.4, 1.), local_crops_scale=(0.05, 0.4), local_crops_number=8; "
-                "flip 0.5 + RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8) + RandomGrayscale(0.2); "
-                "global 1: GaussianBlur(1.0); global 2: GaussianBlur(0.1) + Solarization(0.2); "
-                "local: GaussianBlur(p=0.5); blur radius U(0.1, 2.0); solarize threshold 128",
-    }).with_image_size(image_size)
+    return Preset(
+        "dino",
+        views,
+        sources={
+            "paper": "Caron et al. 2021, Emerging Properties in Self-Supervised Vision Transformers, Section 3.1 "
+            "(2 global views at 224, several local views at 96)",
+            "code": "facebookresearch/dino main_dino.py DataAugmentationDINO and its defaults: "
+            "global_crops_scale=(0.4, 1.), local_crops_scale=(0.05, 0.4), local_crops_number=8; "
+            "flip 0.5 + RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8) + RandomGrayscale(0.2); "
+            "global 1: GaussianBlur(1.0); global 2: GaussianBlur(0.1) + Solarization(0.2); "
+            "local: GaussianBlur(p=0.5); blur radius U(0.1, 2.0); solarize threshold 128",
+        },
+    ).with_image_size(image_size)
 
 
 def mae(image_size: int | None = None) -> Preset:
@@ -267,13 +301,16 @@ def mae(image_size: int | None = None) -> Preset:
     Returns:
         The `Preset`.
     """
-    v = ViewSpec(scale=(0.2, 1.0), jitter_p=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0,
-                 gray_p=0.0)
-    return Preset("mae", (v,), sources={
-        "paper": "He et al. 2021, Masked Autoencoders Are Scalable Vision Learners, Section 4 / Appendix A.1",
-        "code": "facebookresearch/mae main_pretrain.py: RandomResizedCrop(224, scale=(0.2, 1.0), "
-                "interpolation=BICUBIC), RandomHorizontalFlip(), Normalize(ImageNet)",
-    }).with_image_size(image_size)
+    v = ViewSpec(scale=(0.2, 1.0), jitter_p=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, gray_p=0.0)
+    return Preset(
+        "mae",
+        (v,),
+        sources={
+            "paper": "He et al. 2021, Masked Autoencoders Are Scalable Vision Learners, Section 4 / Appendix A.1",
+            "code": "facebookresearch/mae main_pretrain.py: RandomResizedCrop(224, scale=(0.2, 1.0), "
+            "interpolation=BICUBIC), RandomHorizontalFlip(), Normalize(ImageNet)",
+        },
+    ).with_image_size(image_size)
 
 
 def swav(image_size: int | None = None, local_crops: int = 6, local_size: int = 96) -> Preset:
@@ -288,25 +325,47 @@ def swav(image_size: int | None = None, local_crops: int = 6, local_size: int = 
         The `Preset`.
     """
     s = 1.0  # colour distortion strength, get_color_distortion(s=1.0)
-    g = ViewSpec(scale=(0.14, 1.0), brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s,
-                 jitter_p=0.8, gray_p=0.2, blur_p=0.5, count=2)
+    g = ViewSpec(
+        scale=(0.14, 1.0),
+        brightness=0.8 * s,
+        contrast=0.8 * s,
+        saturation=0.8 * s,
+        hue=0.2 * s,
+        jitter_p=0.8,
+        gray_p=0.2,
+        blur_p=0.5,
+        count=2,
+    )
     loc = dataclasses.replace(g, size=local_size, scale=(0.05, 0.14), count=int(local_crops))
     views = (g, loc) if local_crops > 0 else (g,)
-    return Preset("swav", views, sources={
-        "paper": "Caron et al. 2020, Unsupervised Learning of Visual Features by Contrasting Cluster Assignments, "
-                 "Section 3.2 (multi-crop: 2 × 224 + V × 96) and Appendix A",
-        "code": "facebookresearch/swav src/multicropdataset.py MultiCropDataset with scripts/swav_800ep_pretrain.sh: "
-                "nmb_crops 2 6, size_crops 224 96, min_scale_crops 0.14 0.05, max_scale_crops 1 0.14; every crop: "
-                "RandomResizedCrop, RandomHorizontalFlip(0.5), get_color_distortion(s=1.0) = "
-                "RandomApply([ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8) + RandomGrayscale(0.2), "
-                "PILRandomGaussianBlur(p=0.5, radius U(0.1, 2.0))",
-        "normalization": "the code's std is (0.228, 0.224, 0.225); the ImageNet std (0.229, ...) is kept here, as "
-                         "in the evaluation transforms",
-    }).with_image_size(image_size)
+    return Preset(
+        "swav",
+        views,
+        sources={
+            "paper": "Caron et al. 2020, Unsupervised Learning of Visual Features by Contrasting Cluster Assignments, "
+            "Section 3.2 (multi-crop: 2 × 224 + V × 96) and Appendix A",
+            "code": "facebookresearch/swav src/multicropdataset.py MultiCropDataset with "
+            "scripts/swav_800ep_pretrain.sh: "
+            "nmb_crops 2 6, size_crops 224 96, min_scale_crops 0.14 0.05, max_scale_crops 1 0.14; every crop: "
+            "RandomResizedCrop, RandomHorizontalFlip(0.5), get_color_distortion(s=1.0) = "
+            "RandomApply([ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8) + RandomGrayscale(0.2), "
+            "PILRandomGaussianBlur(p=0.5, radius U(0.1, 2.0))",
+            "normalization": "the code's std is (0.228, 0.224, 0.225); the ImageNet std (0.229, ...) is kept here, as "
+            "in the evaluation transforms",
+        },
+    ).with_image_size(image_size)
 
 
-PRESETS = {"simclr": simclr, "moco_v2": moco_v2, "byol": byol, "barlow": barlow, "vicreg": vicreg,
-           "dino": dino, "mae": mae, "swav": swav}
+PRESETS = {
+    "simclr": simclr,
+    "moco_v2": moco_v2,
+    "byol": byol,
+    "barlow": barlow,
+    "vicreg": vicreg,
+    "dino": dino,
+    "mae": mae,
+    "swav": swav,
+}
 
 
 def get_preset(preset, image_size: int | None = None) -> Preset:

@@ -1,5 +1,6 @@
 """Synthetic photo-like JPEGs for tests and benchmarks: `write_jpeg_folder` writes an ImageFolder tree of them
 (`sslfast bench --ops e2e` and `--ops augment` default to one)."""
+
 from __future__ import annotations
 
 import io
@@ -32,8 +33,16 @@ def synthetic_image(rng: np.random.Generator, height: int, width: int) -> np.nda
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def write_jpeg_folder(root: str | os.PathLike, n: int, size: tuple[int, int] = (500, 375), *, classes: int = 2,
-                      quality: int = 90, seed: int = 0, distinct: int | None = None) -> list[str]:
+def write_jpeg_folder(
+    root: str | os.PathLike,
+    n: int,
+    size: tuple[int, int] = (500, 375),
+    *,
+    classes: int = 2,
+    quality: int = 90,
+    seed: int = 0,
+    distinct: int | None = None,
+) -> list[str]:
     """Writes `n` synthetic JPEGs of `size` (W, H) in ImageFolder layout (root/class_k/img_i.jpg) and returns
     their paths (tests and `sslfast bench`). With `distinct`, only that many different images are encoded and
     the files cycle through them (same decode cost, much faster to write).

@@ -30,6 +30,7 @@ Determinism: every sample's generator is seeded from (seed, epoch, index) alone 
 shard or the batch — so any `num_workers`, and a resumed run (`set_epoch`), give the same views. A slot whose
 file is bad keeps its own seed (its views differ from the replacement image's own views).
 """
+
 from __future__ import annotations
 
 import math
@@ -44,9 +45,9 @@ from . import datasets as D
 from .loader import SSLLoader, _mix
 from .native import BadSample, decode_pil, read_image_bytes
 
-_RRC_ATTEMPTS = 10                 # torchvision RandomResizedCrop.get_params
-_DRAWS = 4 * _RRC_ATTEMPTS + 15    # uniforms per view: 4 per crop attempt, flip, jitter (coin, 4 factors,
-                                   # 4 order keys), gray, blur (coin, sigma), solarize
+_RRC_ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params
+_DRAWS = 4 * _RRC_ATTEMPTS + 15  # uniforms per view: 4 per crop attempt, flip, jitter (coin, 4 factors,
+# 4 order keys), gray, blur (coin, sigma), solarize
 _SAMPLE_SALT = 0x70C4
 
 
@@ -54,6 +55,7 @@ _SAMPLE_SALT = 0x70C4
 class ViewParams:
     """One view's random draws for one image (crop box in source pixels; op order: 0 brightness, 1 contrast,
     2 saturation, 3 hue). Factors are drawn even when `jitter` is off; they are then unused."""
+
     top: int
     left: int
     height: int
@@ -73,10 +75,28 @@ class ViewParams:
 
     def as_row(self) -> list[float]:
         """The parameter row in `sslfast.ops.augment.FIELDS` layout."""
-        return [float(v) for v in (self.top, self.left, self.height, self.width, self.flip, self.jitter,
-                                   self.brightness, self.contrast, self.saturation, self.hue, *self.order,
-                                   self.order.index(1), self.gray, self.blur, self.sigma, self.solarize,
-                                   self.threshold)]
+        return [
+            float(v)
+            for v in (
+                self.top,
+                self.left,
+                self.height,
+                self.width,
+                self.flip,
+                self.jitter,
+                self.brightness,
+                self.contrast,
+                self.saturation,
+                self.hue,
+                *self.order,
+                self.order.index(1),
+                self.gray,
+                self.blur,
+                self.sigma,
+                self.solarize,
+                self.threshold,
+            )
+        ]
 
 
 def _crop_box(u, height: int, width: int, scale, ratio) -> tuple[int, int, int, int]:
@@ -135,8 +155,9 @@ def sample_params(spec, generator: torch.Generator, height: int, width: int) -> 
     blur = coin(spec.blur_p)
     sigma = between(*spec.blur_sigma)
     solarize = coin(spec.solarize_p)
-    return ViewParams(top, left, h, w, flip, jitter, *factors, hue, order, gray, blur, sigma, solarize,
-                      float(spec.solarize_threshold))
+    return ViewParams(
+        top, left, h, w, flip, jitter, *factors, hue, order, gray, blur, sigma, solarize, float(spec.solarize_threshold)
+    )
 
 
 def _shifted_sum(x: torch.Tensor, taps: list[float], dim: int, n: int) -> torch.Tensor:
@@ -160,8 +181,10 @@ def _blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
 def augment_sample(img: torch.Tensor, p: ViewParams, spec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """One view [3, size, size] in [0, 1] (before normalization) of a uint8 [3, H, W] image, computed in
     `dtype`: resized crop (bilinear, antialiased), flip, jitter in `p.order`, gray, blur, solarize."""
-    x = pixel.resized_crop(img, p.top, p.left, p.height, p.width, spec.size, spec.size, antialias=True,
-                         dtype=dtype) / 255.0
+    x = (
+        pixel.resized_crop(img, p.top, p.left, p.height, p.width, spec.size, spec.size, antialias=True, dtype=dtype)
+        / 255.0
+    )
     if p.flip:
         x = x.flip(-1)
     if p.jitter:
@@ -194,7 +217,7 @@ class TorchViews(torch.utils.data.Dataset):
         self.specs = preset.expanded()
         self.seed = int(seed)
         self.dtype = dtype
-        self.bad = set(bad)           # known bad indices (a snapshot taken when an epoch starts)
+        self.bad = set(bad)  # known bad indices (a snapshot taken when an epoch starts)
         self.files = isinstance(source, D.FileSource)
         self.mean = torch.tensor(preset.mean).view(3, 1, 1)
         self.std = torch.tensor(preset.std).view(3, 1, 1)
@@ -247,8 +270,9 @@ class TorchViews(torch.utils.data.Dataset):
                 return self.image(i)
             except BadSample as err:
                 bad[i] = str(err)
-        raise RuntimeError(f"none of the {n} images of the source could be read and decoded; first failures: "
-                           f"{sorted(bad.items())[:3]}")
+        raise RuntimeError(
+            f"none of the {n} images of the source could be read and decoded; first failures: {sorted(bad.items())[:3]}"
+        )
 
 
 class _Batches(torch.utils.data.Sampler):
@@ -280,9 +304,14 @@ class TorchBackend:
         data = TorchViews(ld.source, ld.preset, ld.seed, ld.dtype, bad=ld._bad)
         workers = ld.num_workers
         cuda = ld.device.type == "cuda"
-        dl = torch.utils.data.DataLoader(data, batch_sampler=_Batches(batches, epoch), num_workers=workers,
-                                         collate_fn=_identity, pin_memory=cuda,
-                                         prefetch_factor=ld.prefetch if workers else None)
+        dl = torch.utils.data.DataLoader(
+            data,
+            batch_sampler=_Batches(batches, epoch),
+            num_workers=workers,
+            collate_fn=_identity,
+            pin_memory=cuda,
+            prefetch_factor=ld.prefetch if workers else None,
+        )
         it = iter(dl)
         try:
             for views, bad in it:

@@ -8,6 +8,7 @@ Names: simclr, mocov2, mocov3, byol, simsiam, barlowtwins, vicreg, mae, dino, di
 its paper, heads, loss and training recipe (`Method.RECIPE`), and the CPU-sized `SMALL` profile of the digits demo.
 A new method is one module and one `register_method` line (CONTRIBUTING.md, "Adding a method").
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -49,8 +50,9 @@ def register_method(cls: type[Method]) -> type[Method]:
     if not (isinstance(cls.name, str) and cls.name and cls.name == cls.name.lower()):
         raise ValueError(f"{cls.__name__}.name must be a non-empty lower-case string, got {cls.name!r}")
     if not {"small", "paper"} <= set(cls.default_backbone):
-        raise ValueError(f"{cls.__name__}.default_backbone needs the keys 'small' and 'paper', "
-                         f"got {sorted(cls.default_backbone)}")
+        raise ValueError(
+            f"{cls.__name__}.default_backbone needs the keys 'small' and 'paper', got {sorted(cls.default_backbone)}"
+        )
     if cls.bench_step is not None and not isinstance(cls.bench_step, BenchStep):
         raise TypeError(f"{cls.__name__}.bench_step must be a BenchStep or None, got {type(cls.bench_step).__name__}")
     if METHODS.get(cls.name, cls) is not cls:
@@ -71,8 +73,26 @@ register_method(DINO)
 register_method(SwAV)
 register_method(DINOv2)
 
-__all__ = ["BYOL", "BarlowTwins", "BenchStep", "DINO", "DINOHead", "DINOv2", "MAE", "METHODS", "Method", "MoCoV2",
-           "MoCoV3", "SimCLR", "SimSiam", "SwAV", "VICReg", "build_method", "get_method", "register_method"]
+__all__ = [
+    "BYOL",
+    "BarlowTwins",
+    "BenchStep",
+    "DINO",
+    "DINOHead",
+    "DINOv2",
+    "MAE",
+    "METHODS",
+    "Method",
+    "MoCoV2",
+    "MoCoV3",
+    "SimCLR",
+    "SimSiam",
+    "SwAV",
+    "VICReg",
+    "build_method",
+    "get_method",
+    "register_method",
+]
 
 
 def get_method(name: str) -> type[Method]:
@@ -93,8 +113,9 @@ def get_method(name: str) -> type[Method]:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None
 
 
-def build_method(name: str, backbone: nn.Module, *, profile: str = "paper", gather_distributed: bool = False,
-                 **overrides) -> Method:
+def build_method(
+    name: str, backbone: nn.Module, *, profile: str = "paper", gather_distributed: bool = False, **overrides
+) -> Method:
     """The method `name` on `backbone`, with its paper's heads or the CPU-sized ones.
 
     Args:

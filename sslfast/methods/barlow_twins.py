@@ -9,6 +9,7 @@ RECIPE (§4 / main.py): LARS, lr 0.2 · B/256 for the weights and 0.0048 · B/25
 (`lr_scale` 0.024 on that group), weight decay 1.5e-6 (not on biases / BN), 10 warm-up epochs, cosine.
 SMALL: projector 512 → 512, lr 0.5, 1 warm-up epoch.
 """
+
 from __future__ import annotations
 
 from ..models.layers import mlp
@@ -32,8 +33,15 @@ class BarlowTwins(Method):
     RECIPE = dict(optimizer="lars", lr=0.2, weight_decay=1.5e-6, warmup_epochs=10, momentum=0.9)
     SMALL = dict(hidden_dim=512, out_dim=512, lr=0.5, warmup_epochs=1)
 
-    def __init__(self, backbone, *, hidden_dim: int = 8192, out_dim: int = 8192, lambd: float = 0.0051,
-                 gather_distributed: bool = False):
+    def __init__(
+        self,
+        backbone,
+        *,
+        hidden_dim: int = 8192,
+        out_dim: int = 8192,
+        lambd: float = 0.0051,
+        gather_distributed: bool = False,
+    ):
         super().__init__(backbone, gather_distributed=gather_distributed)
         self.lambd = lambd
         self.projector = mlp(self.feature_dim, hidden_dim, out_dim, 3, bias=False)

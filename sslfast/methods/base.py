@@ -1,5 +1,6 @@
 """What every method shares: the training-loss interface, the recipe (optimizer settings), the parameter
 groups the trainer builds its optimizer from, and the traits the trainer, tests and benches read."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -253,4 +254,3 @@ def check_views(name: str, views: Sequence[torch.Tensor], at_least: int) -> None
     if not isinstance(views, (list, tuple)) or len(views) < at_least:
         got = len(views) if isinstance(views, (list, tuple)) else type(views).__name__
         raise ValueError(f"{name} needs a list of at least {at_least} views [B, C, H, W], got {got}")
-

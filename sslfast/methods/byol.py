@@ -7,6 +7,7 @@ of backbone + projector (`sslfast.EMA`, τ 0.996 → 1 on a cosine, §3.3). Loss
 RECIPE (App. C): LARS lr 0.2 · B/256, weight decay 1.5e-6 (biases and BN excluded from decay and
 adaptation), 10 warm-up epochs, cosine. SMALL: heads 256 → 64, EMA from 0.99, lr 1.0, 1 warm-up epoch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,8 +34,15 @@ class BYOL(Method):
     RECIPE = dict(optimizer="lars", lr=0.2, weight_decay=1.5e-6, warmup_epochs=10, momentum=0.9)
     SMALL = dict(hidden_dim=256, out_dim=64, momentum=0.99, lr=1.0, warmup_epochs=1)
 
-    def __init__(self, backbone, *, hidden_dim: int = 4096, out_dim: int = 256, momentum: float = 0.996,
-                 gather_distributed: bool = False):
+    def __init__(
+        self,
+        backbone,
+        *,
+        hidden_dim: int = 4096,
+        out_dim: int = 256,
+        momentum: float = 0.996,
+        gather_distributed: bool = False,
+    ):
         super().__init__(backbone, gather_distributed=gather_distributed)
         self.projector = mlp(self.feature_dim, hidden_dim, out_dim, 2)
         self.predictor = mlp(out_dim, hidden_dim, out_dim, 2)

@@ -26,6 +26,7 @@ prototypes with BN in the head (DINO's `use_bn_in_head`, its ConvNet option: wit
 backbone's near-identical initial outputs are centered away and the outputs collapse to uniform), EMA from
 0.99, lr 2e-3, 1 warm-up epoch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -64,12 +65,20 @@ class DINOHead(nn.Module):
         use_bn: `SyncBatchNorm` after the two hidden layers (DINO's `use_bn_in_head`).
     """
 
-    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 use_bn: bool = False):
+    def __init__(
+        self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256, use_bn: bool = False
+    ):
         super().__init__()
         norm = (lambda: SyncBatchNorm(hidden_dim)) if use_bn else nn.Identity
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), norm(), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
-                                 norm(), nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            norm(),
+            nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            norm(),
+            nn.GELU(),
+            nn.Linear(hidden_dim, bottleneck_dim),
+        )
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -81,8 +90,7 @@ class DINOHead(nn.Module):
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The L2-normalized bottleneck features [N, bottleneck_dim] of x [N, in_dim] (`forward`'s last layer input).
-        """
+        """The L2-normalized bottleneck features [N, bottleneck_dim] of x [N, in_dim] (`forward`'s last layer input)."""
         return F.normalize(self.mlp(x), dim=-1)
 
     def prototypes(self) -> torch.Tensor:
@@ -134,14 +142,29 @@ class DINO(Method):
     # which AdamW scales to full lr-sized steps, different on 2 ranks and on 1 process
     exact_across_ranks = False
     RECIPE = dict(optimizer="adamw", lr=5e-4, weight_decay=0.04, warmup_epochs=10, betas=(0.9, 0.999))
-    SMALL = dict(out_dim=1024, hidden_dim=256, bottleneck_dim=64, use_bn_in_head=True, momentum=0.99, lr=2e-3,
-                 warmup_epochs=1)
+    SMALL = dict(
+        out_dim=1024, hidden_dim=256, bottleneck_dim=64, use_bn_in_head=True, momentum=0.99, lr=2e-3, warmup_epochs=1
+    )
 
-    def __init__(self, backbone, *, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 momentum: float = 0.996, student_temp: float = 0.1, teacher_temp: float = 0.04,
-                 warmup_teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 0, center_momentum: float = 0.9,
-                 num_global_crops: int = 2, freeze_last_layer: int = 1, use_bn_in_head: bool = False,
-                 gather_distributed: bool = False, fused_head: bool = True):
+    def __init__(
+        self,
+        backbone,
+        *,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        momentum: float = 0.996,
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.04,
+        warmup_teacher_temp: float = 0.04,
+        warmup_teacher_temp_epochs: int = 0,
+        center_momentum: float = 0.9,
+        num_global_crops: int = 2,
+        freeze_last_layer: int = 1,
+        use_bn_in_head: bool = False,
+        gather_distributed: bool = False,
+        fused_head: bool = True,
+    ):
         if not isinstance(fused_head, bool):
             raise TypeError(f"fused_head must be a bool, got {type(fused_head).__name__}")
         super().__init__(backbone, gather_distributed=gather_distributed)
@@ -149,10 +172,15 @@ class DINO(Method):
         self.head = DINOHead(self.feature_dim, out_dim, hidden_dim, bottleneck_dim, use_bn_in_head)
         # the teacher follows backbone + head (a Sequential kept unregistered: no duplicate state-dict keys)
         self.ema = EMA(nn.Sequential(self.backbone, self.head), momentum=momentum, final_momentum=1.0)
-        self.criterion = DINOLoss(output_dim=out_dim, warmup_teacher_temp=warmup_teacher_temp,
-                                  teacher_temp=teacher_temp, warmup_teacher_temp_epochs=warmup_teacher_temp_epochs,
-                                  student_temp=student_temp, center_momentum=center_momentum,
-                                  num_global_crops=num_global_crops)
+        self.criterion = DINOLoss(
+            output_dim=out_dim,
+            warmup_teacher_temp=warmup_teacher_temp,
+            teacher_temp=teacher_temp,
+            warmup_teacher_temp_epochs=warmup_teacher_temp_epochs,
+            student_temp=student_temp,
+            center_momentum=center_momentum,
+            num_global_crops=num_global_crops,
+        )
         self.num_global_crops = num_global_crops
         self.freeze_last_layer = freeze_last_layer
 
@@ -177,11 +205,16 @@ class DINO(Method):
             t_weight = t_head.prototypes()
         multicrop_rows(student.shape[0], teacher.shape[0], num_global_crops=G)  # before the center update
         with loss_region(student):
-            q = prototype_teacher_probs(teacher, t_weight.to(teacher.dtype),
-                                        teacher_temp=crit.teacher_temperature(self.epoch_float), center=crit.center,
-                                        center_momentum=crit.center_momentum if crit.training else None)
-            return multicrop_prototype_loss(student, self.head.prototypes().to(student.dtype), q,
-                                            num_global_crops=G, student_temp=crit.student_temp)
+            q = prototype_teacher_probs(
+                teacher,
+                t_weight.to(teacher.dtype),
+                teacher_temp=crit.teacher_temperature(self.epoch_float),
+                center=crit.center,
+                center_momentum=crit.center_momentum if crit.training else None,
+            )
+            return multicrop_prototype_loss(
+                student, self.head.prototypes().to(student.dtype), q, num_global_crops=G, student_temp=crit.student_temp
+            )
 
     def before_optimizer_step(self):
         if self.steps_per_epoch and self.epoch_float < self.freeze_last_layer:

@@ -58,11 +58,11 @@ have norm 1 here, DINO's `norm_last_layer`), xFormers' fused head pass; DINOv2's
 SMALL (the digits demo, vit_micro): heads 256 → 64 → 1024 prototypes, lr 2e-3, 1 warm-up epoch, teacher
 temperature warm-up over 4 epochs.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-import random
 
 import torch
 import torch.nn.functional as F
@@ -73,70 +73,10 @@ from ..models.vit import VisionTransformer
 from ..nn.ema import EMA
 from ..ops.prototype_ce import prototype_teacher_probs
 from .base import Method, check_views, loss_region
+from ..data.ibot_masks import check_mask_args, ibot_masks
 from .dino import DINOHead, _multicrop
 
 NUM_GLOBAL_CROPS = 2  # DINOv2's forward_backward asserts it
-
-
-# ------------------------------------------------------------------------------------------------ iBOT masks
-def block_mask(grid: tuple[int, int], num_masking_patches: int, rng: random.Random, *, min_num_patches: int = 4,
-               max_num_patches: float | None = None, min_aspect: float = 0.3) -> torch.Tensor:
-    """DINOv2's `MaskingGenerator(grid, max_num_patches)(num_masking_patches)`: a [gh, gw] bool mask made of
-    random rectangles (area ~ U(min_num_patches, remaining), log-aspect ~ U(log a, −log a), strictly smaller
-    than the grid), each accepted if it adds between 1 and `remaining` new patches (at most 10 tries per
-    rectangle); it stops at `num_masking_patches` patches, or earlier when no rectangle fits."""
-    gh, gw = grid
-    cap = num_masking_patches if max_num_patches is None else max_num_patches
-    log_aspect = (math.log(min_aspect), -math.log(min_aspect))
-    mask = torch.zeros(gh, gw, dtype=torch.bool)
-    count = 0
-    while count < num_masking_patches:
-        remaining = min(num_masking_patches - count, cap)
-        delta = 0
-        for _ in range(10):
-            area = rng.uniform(min_num_patches, remaining)
-            aspect = math.exp(rng.uniform(*log_aspect))
-            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-            if w < gw and h < gh:
-                top, left = rng.randint(0, gh - h), rng.randint(0, gw - w)
-                new = h * w - int(mask[top:top + h, left:left + w].sum())
-                if 0 < new <= remaining:
-                    mask[top:top + h, left:left + w] = True
-                    delta = new
-                    break
-        if delta == 0:
-            break
-        count += delta
-    return mask
-
-
-def _check_mask_args(mask_ratio_min_max, mask_sample_probability) -> tuple[float, float]:
-    try:
-        lo, hi = (float(r) for r in mask_ratio_min_max)
-    except (TypeError, ValueError):
-        raise ValueError(f"mask_ratio_min_max must be a pair (min, max), got {mask_ratio_min_max!r}") from None
-    if not (0.0 <= lo <= hi <= 1.0):
-        raise ValueError(f"mask_ratio_min_max must satisfy 0 <= min <= max <= 1, got {mask_ratio_min_max!r}")
-    if not (isinstance(mask_sample_probability, (int, float)) and 0.0 <= mask_sample_probability <= 1.0):
-        raise ValueError(f"mask_sample_probability must be in [0, 1], got {mask_sample_probability!r}")
-    return lo, hi
-
-
-def ibot_masks(n_images: int, grid: tuple[int, int], *, mask_ratio_min_max: tuple[float, float] = (0.1, 0.5),
-               mask_sample_probability: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
-    """iBOT masks [n_images, gh·gw] bool (row-major patches) as DINOv2's collate: ⌊n·p⌋ images masked, the i-th
-    with ⌊L·U(r_i, r_{i+1})⌋ patches (r = linspace(*mask_ratio_min_max, ⌊n·p⌋ + 1)) by `block_mask` (at most
-    L/2 per rectangle), the rest unmasked, shuffled. Randomness from `generator` (default: torch's global RNG)."""
-    lo, hi = _check_mask_args(mask_ratio_min_max, mask_sample_probability)
-    rng = random.Random(int(torch.randint(2**62, (1,), generator=generator)))
-    L = grid[0] * grid[1]
-    n_masked = int(n_images * mask_sample_probability)
-    edges = torch.linspace(lo, hi, n_masked + 1, dtype=torch.float64).tolist()
-    masks = [block_mask(grid, int(L * rng.uniform(edges[i], edges[i + 1])), rng, max_num_patches=0.5 * L)
-             for i in range(n_masked)]
-    masks += [torch.zeros(grid, dtype=torch.bool)] * (n_images - n_masked)
-    rng.shuffle(masks)
-    return torch.stack(masks).flatten(1) if masks else torch.zeros(0, L, dtype=torch.bool)
 
 
 # ------------------------------------------------------------------------------------------------ method
@@ -144,13 +84,14 @@ def ibot_masks(n_images: int, grid: tuple[int, int], *, mask_ratio_min_max: tupl
 class DINOv2Outputs:
     """What one forward computed: the weighted `loss`, its unweighted `terms` (dino, ibot, koleo; a disabled
     or empty term is absent) and the tensors they came from."""
+
     loss: torch.Tensor
     terms: dict
-    masks: torch.Tensor               # [2B, L] bool, the global crops' iBOT masks
-    student_cls: torch.Tensor         # [2B, D] student backbone class tokens of the global crops (KoLeo's input)
-    dino_feats: torch.Tensor          # [V·B, d] normalized head bottleneck features, globals then locals
-    dino_prototypes: torch.Tensor     # [K, d] the DINO head's effective last-layer weight
-    teacher_dino: torch.Tensor        # [2B, K] teacher targets of the global crops (crop 0, then crop 1)
+    masks: torch.Tensor  # [2B, L] bool, the global crops' iBOT masks
+    student_cls: torch.Tensor  # [2B, D] student backbone class tokens of the global crops (KoLeo's input)
+    dino_feats: torch.Tensor  # [V·B, d] normalized head bottleneck features, globals then locals
+    dino_prototypes: torch.Tensor  # [K, d] the DINO head's effective last-layer weight
+    teacher_dino: torch.Tensor  # [2B, K] teacher targets of the global crops (crop 0, then crop 1)
     ibot_logits: torch.Tensor | None  # [M, K'] student logits of the masked tokens (image-major); None if fused
     teacher_ibot: torch.Tensor | None  # [M, K'] teacher targets of the same tokens
     ibot_feats: torch.Tensor | None = None  # [M, d'] normalized iBOT bottleneck features of the masked tokens
@@ -206,43 +147,86 @@ class DINOv2(Method):
     bench_step = None  # no `sslfast bench --ops step` case; `BenchStep(batch=64)` would add ViT-S B=64 224px
     exact_across_ranks = False  # each rank draws its own iBOT masks
     RECIPE = dict(optimizer="adamw", lr=1e-3, weight_decay=0.04, warmup_epochs=10, betas=(0.9, 0.999))
-    SMALL = dict(out_dim=1024, hidden_dim=256, bottleneck_dim=64, ibot_out_dim=1024, ibot_hidden_dim=256,
-                 ibot_bottleneck_dim=64, warmup_teacher_temp_epochs=4, lr=2e-3, warmup_epochs=1)
+    SMALL = dict(
+        out_dim=1024,
+        hidden_dim=256,
+        bottleneck_dim=64,
+        ibot_out_dim=1024,
+        ibot_hidden_dim=256,
+        ibot_bottleneck_dim=64,
+        warmup_teacher_temp_epochs=4,
+        lr=2e-3,
+        warmup_epochs=1,
+    )
 
-    def __init__(self, backbone, *, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 ibot_separate_head: bool = False, ibot_out_dim: int = 65536, ibot_hidden_dim: int = 2048,
-                 ibot_bottleneck_dim: int = 256, momentum: float = 0.992, student_temp: float = 0.1,
-                 teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04, warmup_teacher_temp_epochs: float = 30,
-                 centering: str = "sinkhorn_knopp", sinkhorn_iters: int = 3, center_momentum: float = 0.9,
-                 dino_loss_weight: float = 1.0, ibot_loss_weight: float = 1.0, koleo_loss_weight: float = 0.1,
-                 mask_ratio_min_max: tuple[float, float] = (0.1, 0.5), mask_sample_probability: float = 0.5,
-                 layerwise_decay: float = 0.9, patch_embed_lr_mult: float = 0.2, freeze_last_layer_epochs: float = 1,
-                 gather_distributed: bool = False, fused_head: bool = True):
+    def __init__(
+        self,
+        backbone,
+        *,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        ibot_separate_head: bool = False,
+        ibot_out_dim: int = 65536,
+        ibot_hidden_dim: int = 2048,
+        ibot_bottleneck_dim: int = 256,
+        momentum: float = 0.992,
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.07,
+        warmup_teacher_temp: float = 0.04,
+        warmup_teacher_temp_epochs: float = 30,
+        centering: str = "sinkhorn_knopp",
+        sinkhorn_iters: int = 3,
+        center_momentum: float = 0.9,
+        dino_loss_weight: float = 1.0,
+        ibot_loss_weight: float = 1.0,
+        koleo_loss_weight: float = 0.1,
+        mask_ratio_min_max: tuple[float, float] = (0.1, 0.5),
+        mask_sample_probability: float = 0.5,
+        layerwise_decay: float = 0.9,
+        patch_embed_lr_mult: float = 0.2,
+        freeze_last_layer_epochs: float = 1,
+        gather_distributed: bool = False,
+        fused_head: bool = True,
+    ):
         if not isinstance(fused_head, bool):
             raise TypeError(f"fused_head must be a bool, got {type(fused_head).__name__}")
         if not isinstance(backbone, VisionTransformer):
-            raise ValueError(f"dinov2 needs a ViT backbone (sslfast VisionTransformer: vit_micro, vit_tiny, "
-                             f"vit_small, vit_base), got {type(backbone).__name__}")
+            raise ValueError(
+                f"dinov2 needs a ViT backbone (sslfast VisionTransformer: vit_micro, vit_tiny, "
+                f"vit_small, vit_base), got {type(backbone).__name__}"
+            )
         if centering not in ("sinkhorn_knopp", "centering"):
             raise ValueError(f"centering must be 'sinkhorn_knopp' or 'centering', got {centering!r}")
-        for key, value in (("dino_loss_weight", dino_loss_weight), ("ibot_loss_weight", ibot_loss_weight),
-                           ("koleo_loss_weight", koleo_loss_weight), ("warmup_teacher_temp_epochs",
-                                                                      warmup_teacher_temp_epochs),
-                           ("freeze_last_layer_epochs", freeze_last_layer_epochs)):
+        for key, value in (
+            ("dino_loss_weight", dino_loss_weight),
+            ("ibot_loss_weight", ibot_loss_weight),
+            ("koleo_loss_weight", koleo_loss_weight),
+            ("warmup_teacher_temp_epochs", warmup_teacher_temp_epochs),
+            ("freeze_last_layer_epochs", freeze_last_layer_epochs),
+        ):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
         if not (0 < layerwise_decay <= 1 and 0 < patch_embed_lr_mult):
-            raise ValueError(f"layerwise_decay must be in (0, 1] and patch_embed_lr_mult > 0, got {layerwise_decay!r}"
-                             f" and {patch_embed_lr_mult!r}")
-        _check_mask_args(mask_ratio_min_max, mask_sample_probability)
+            raise ValueError(
+                f"layerwise_decay must be in (0, 1] and patch_embed_lr_mult > 0, got {layerwise_decay!r}"
+                f" and {patch_embed_lr_mult!r}"
+            )
+        check_mask_args(mask_ratio_min_max, mask_sample_probability)
         super().__init__(backbone, gather_distributed=gather_distributed)
         backbone.init_mask_token()
         self.dino_head = DINOHead(self.feature_dim, out_dim, hidden_dim, bottleneck_dim)
-        self.ibot_head = (DINOHead(self.feature_dim, ibot_out_dim, ibot_hidden_dim, ibot_bottleneck_dim)
-                          if ibot_separate_head else None)
+        self.ibot_head = (
+            DINOHead(self.feature_dim, ibot_out_dim, ibot_hidden_dim, ibot_bottleneck_dim)
+            if ibot_separate_head
+            else None
+        )
         # the teacher follows backbone + heads (a ModuleList kept unregistered: no duplicate state-dict keys)
-        self.ema = EMA(nn.ModuleList([m for m in (backbone, self.dino_head, self.ibot_head) if m is not None]),
-                       momentum=momentum, final_momentum=1.0)
+        self.ema = EMA(
+            nn.ModuleList([m for m in (backbone, self.dino_head, self.ibot_head) if m is not None]),
+            momentum=momentum,
+            final_momentum=1.0,
+        )
         self.student_temp, self.teacher_temp = student_temp, teacher_temp
         self.warmup_teacher_temp, self.warmup_teacher_temp_epochs = warmup_teacher_temp, warmup_teacher_temp_epochs
         self.centering, self.sinkhorn_iters, self.center_momentum = centering, sinkhorn_iters, center_momentum
@@ -281,11 +265,21 @@ class DINOv2(Method):
             x = head.features(tokens)
             w = head.prototypes().to(x.dtype)
             if sinkhorn:
-                return prototype_teacher_probs(x, w, teacher_temp=temp, mode="sinkhorn",
-                                               sinkhorn_iters=self.sinkhorn_iters,
-                                               gather_distributed=self.gather_distributed)
-            return prototype_teacher_probs(x, w, teacher_temp=temp, center=getattr(self, center),
-                                           center_momentum=self.center_momentum if self.training else None)
+                return prototype_teacher_probs(
+                    x,
+                    w,
+                    teacher_temp=temp,
+                    mode="sinkhorn",
+                    sinkhorn_iters=self.sinkhorn_iters,
+                    gather_distributed=self.gather_distributed,
+                )
+            return prototype_teacher_probs(
+                x,
+                w,
+                teacher_temp=temp,
+                center=getattr(self, center),
+                center_momentum=self.center_momentum if self.training else None,
+            )
         logits = head(tokens)
         logits = logits if logits.dtype == torch.float64 else logits.float()
         if sinkhorn:
@@ -305,16 +299,21 @@ class DINOv2(Method):
         [2B, L] bool replaces the drawn iBOT masks (tests)."""
         check_views(self.name, views, NUM_GLOBAL_CROPS)
         if views[0].shape != views[1].shape:
-            raise ValueError(f"dinov2's 2 global crops must have one shape, got {tuple(views[0].shape)} and "
-                             f"{tuple(views[1].shape)}")
+            raise ValueError(
+                f"dinov2's 2 global crops must have one shape, got {tuple(views[0].shape)} and {tuple(views[1].shape)}"
+            )
         B, G = views[0].shape[0], NUM_GLOBAL_CROPS
         V = len(views)
         glob = torch.cat(list(views[:G]))
         bb = self.backbone
         grid = (glob.shape[-2] // bb.patch_size, glob.shape[-1] // bb.patch_size)
         if masks is None:
-            masks = ibot_masks(G * B, grid, mask_ratio_min_max=self.mask_ratio_min_max,
-                               mask_sample_probability=self.mask_sample_probability).to(glob.device)
+            masks = ibot_masks(
+                G * B,
+                grid,
+                mask_ratio_min_max=self.mask_ratio_min_max,
+                mask_sample_probability=self.mask_sample_probability,
+            ).to(glob.device)
         teacher = self.ema.teacher
         t_dino_head, t_ibot_head = teacher[1], (teacher[2] if self.ibot_head is not None else teacher[1])
         ibot_head = self.ibot_head if self.ibot_head is not None else self.dino_head
@@ -334,7 +333,7 @@ class DINOv2(Method):
         s_masked = s_tokens[:, 1:][masks]
         if ibot_head is self.dino_head:  # one pass of the shared head's MLP over class and masked tokens
             z = self.dino_head.features(torch.cat([cls_all, s_masked]))
-            z_dino, z_ibot = z[:len(cls_all)], z[len(cls_all):]
+            z_dino, z_ibot = z[: len(cls_all)], z[len(cls_all) :]
         else:
             z_dino, z_ibot = self.dino_head.features(cls_all), ibot_head.features(s_masked)
 
@@ -353,19 +352,24 @@ class DINOv2(Method):
                 masks_weight = (1.0 / m.sum(-1, keepdim=True).clamp(min=1.0)).expand_as(m)[masks]
                 if self.fused_head:  # mean over the M rows of (w_m·M/(2B))·CE_m = Σ_m w_m·CE_m / (2B)
                     scaled = teacher_ibot * (masks_weight.to(teacher_ibot.dtype) * (len(z_ibot) / (G * B)))[:, None]
-                    terms["ibot"] = _ops.prototype_cross_entropy(z_ibot, w_ibot, scaled,
-                                                                 student_temp=self.student_temp)
+                    terms["ibot"] = _ops.prototype_cross_entropy(z_ibot, w_ibot, scaled, student_temp=self.student_temp)
                 else:
                     ibot_logits = F.linear(z_ibot, w_ibot)
-                    terms["ibot"] = _ops.ibot_patch_loss_masked(ibot_logits, teacher_ibot, masks_weight=masks_weight,
-                                                                n_images=G * B, student_temp=self.student_temp)
+                    terms["ibot"] = _ops.ibot_patch_loss_masked(
+                        ibot_logits,
+                        teacher_ibot,
+                        masks_weight=masks_weight,
+                        n_images=G * B,
+                        student_temp=self.student_temp,
+                    )
             if self.loss_weights["koleo"]:
                 terms["koleo"] = sum(_ops.koleo_loss(c) for c in s_cls.chunk(G))
             loss = sum(self.loss_weights[k] * v for k, v in terms.items())
             if not terms:
                 loss = z_dino.sum() * 0.0
-        return DINOv2Outputs(loss, terms, masks, s_cls, z_dino, w_dino, teacher_dino, ibot_logits, teacher_ibot,
-                             z_ibot, w_ibot)
+        return DINOv2Outputs(
+            loss, terms, masks, s_cls, z_dino, w_dino, teacher_dino, ibot_logits, teacher_ibot, z_ibot, w_ibot
+        )
 
     # -------------------------------------------------------------------------------------- trainer hooks
     def before_optimizer_step(self):
@@ -385,7 +389,7 @@ class DINOv2(Method):
         n = len(self.backbone.blocks)
         layer = n + 1
         if name.startswith("backbone."):
-            rel = name[len("backbone."):]
+            rel = name[len("backbone.") :]
             if rel.startswith("patch_embed.") or rel == "mask_token":
                 layer = 0
             elif rel.startswith("blocks."):

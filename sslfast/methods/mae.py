@@ -10,6 +10,7 @@ with per-patch normalized pixel targets (norm_pix_loss).
 RECIPE (App. A.1): AdamW lr 1.5e-4 · B/256, betas (0.9, 0.95), weight decay 0.05, 40 warm-up epochs, cosine;
 mask ratio 0.75. SMALL: decoder 64 wide, 2 blocks, 4 heads; lr 1e-3, 1 warm-up epoch.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,11 +50,21 @@ class MAE(Method):
     RECIPE = dict(optimizer="adamw", lr=1.5e-4, weight_decay=0.05, warmup_epochs=40, betas=(0.9, 0.95))
     SMALL = dict(decoder_dim=64, decoder_depth=2, decoder_heads=4, lr=1e-3, warmup_epochs=1)
 
-    def __init__(self, backbone, *, mask_ratio: float = 0.75, decoder_dim: int = 512, decoder_depth: int = 8,
-                 decoder_heads: int = 16, norm_pix_loss: bool = True, gather_distributed: bool = False):
+    def __init__(
+        self,
+        backbone,
+        *,
+        mask_ratio: float = 0.75,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        norm_pix_loss: bool = True,
+        gather_distributed: bool = False,
+    ):
         if not isinstance(backbone, VisionTransformer):
-            raise ValueError(f"mae needs a ViT backbone (vit_micro, vit_tiny, vit_small, vit_base), got "
-                             f"{type(backbone).__name__}")
+            raise ValueError(
+                f"mae needs a ViT backbone (vit_micro, vit_tiny, vit_small, vit_base), got {type(backbone).__name__}"
+            )
         super().__init__(backbone, gather_distributed=gather_distributed)
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
@@ -61,11 +72,12 @@ class MAE(Method):
         self.patch_size = pe.patch_size
         self.decoder_embed = nn.Linear(backbone.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(decoder_dim, *pe.grid_size)[None],
-                             persistent=False)
+        self.register_buffer(
+            "decoder_pos_embed", sincos_pos_embed_2d(decoder_dim, *pe.grid_size)[None], persistent=False
+        )
         self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_dim, self.patch_size ** 2 * pe.proj.in_channels)
+        self.decoder_pred = nn.Linear(decoder_dim, self.patch_size**2 * pe.proj.in_channels)
         for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
             init_transformer_(m)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -84,7 +96,7 @@ class MAE(Method):
         x = self.decoder_embed(latent)
         cls, vis = x[:, :1], x[:, 1:]
         x = _mae.unshuffle(vis, info.ids_restore, self.mask_token, self.decoder_pos_embed)
-        x = torch.cat([cls, x.to(cls.dtype)], dim=1)   # the official decoder's cls slot (its position is zero)
+        x = torch.cat([cls, x.to(cls.dtype)], dim=1)  # the official decoder's cls slot (its position is zero)
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:], info
@@ -103,8 +115,7 @@ class MAE(Method):
 
         imgs = images[:8]
         masked, recon = self.reconstruct(imgs, generator=torch.Generator(imgs.device).manual_seed(seed))
-        save_image_grid([denormalize(x).cpu() for x in (imgs, masked, recon)],
-                        os.path.join(out_dir, self.pictures[0]))
+        save_image_grid([denormalize(x).cpu() for x in (imgs, masked, recon)], os.path.join(out_dir, self.pictures[0]))
 
     def reconstruct(self, imgs: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(masked images, reconstructions with the visible patches pasted back), both [B, C, H, W], for the

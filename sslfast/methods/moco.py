@@ -16,6 +16,7 @@ RECIPE (ResNet-50): LARS lr 0.6 · B/256, weight decay 1e-6, τ = 1.0, 10 warm-u
 the ViT recipe: AdamW lr 1.5e-4 · B/256, weight decay 0.1, τ = 0.2, 40 warm-up epochs. SMALL: heads 256 → 64,
 τ = 0.2, 1 warm-up epoch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,12 +51,28 @@ class MoCoV2(Method):
     # replace the random initial queue, whose easy negatives make the loss rise first
     short_run = dict(queue_size=128)
 
-    def __init__(self, backbone, *, hidden_dim: int = 2048, out_dim: int = 128, temperature: float = 0.2,
-                 queue_size: int = 65536, momentum: float = 0.999, batch_norm: bool = False,
-                 gather_distributed: bool = False):
+    def __init__(
+        self,
+        backbone,
+        *,
+        hidden_dim: int = 2048,
+        out_dim: int = 128,
+        temperature: float = 0.2,
+        queue_size: int = 65536,
+        momentum: float = 0.999,
+        batch_norm: bool = False,
+        gather_distributed: bool = False,
+    ):
         super().__init__(backbone, gather_distributed=gather_distributed)
-        self.projector = mlp(self.feature_dim, hidden_dim, out_dim, 2, batch_norm=batch_norm,
-                             last_batch_norm=batch_norm, last_affine=False)
+        self.projector = mlp(
+            self.feature_dim,
+            hidden_dim,
+            out_dim,
+            2,
+            batch_norm=batch_norm,
+            last_batch_norm=batch_norm,
+            last_affine=False,
+        )
         # the EMA follows backbone + projector (a Sequential kept unregistered: no duplicate state-dict keys)
         self.ema = EMA(torch.nn.Sequential(self.backbone, self.projector), momentum=momentum, final_momentum=momentum)
         self.criterion = InfoNCELoss(temperature, queue_size, out_dim, gather_distributed=gather_distributed)
@@ -89,13 +106,22 @@ class MoCoV3(Method):
     SMALL = dict(hidden_dim=256, out_dim=64, temperature=0.2, warmup_epochs=1)
     bench_step = BenchStep(backbone="vit_small")  # the paper's ViT study
 
-    def __init__(self, backbone, *, hidden_dim: int = 4096, out_dim: int = 256, temperature: float | None = None,
-                 momentum: float = 0.99, gather_distributed: bool = False):
+    def __init__(
+        self,
+        backbone,
+        *,
+        hidden_dim: int = 4096,
+        out_dim: int = 256,
+        temperature: float | None = None,
+        momentum: float = 0.99,
+        gather_distributed: bool = False,
+    ):
         super().__init__(backbone, gather_distributed=gather_distributed)
         vit = isinstance(backbone, VisionTransformer)
         self.temperature = temperature if temperature is not None else (0.2 if vit else 1.0)
-        self.projector = mlp(self.feature_dim, hidden_dim, out_dim, 3 if vit else 2, last_batch_norm=True,
-                             last_affine=False)
+        self.projector = mlp(
+            self.feature_dim, hidden_dim, out_dim, 3 if vit else 2, last_batch_norm=True, last_affine=False
+        )
         self.predictor = mlp(out_dim, hidden_dim, out_dim, 2, last_batch_norm=True, last_affine=False)
         # the EMA follows backbone + projector (a Sequential kept unregistered: no duplicate state-dict keys)
         self.ema = EMA(torch.nn.Sequential(self.backbone, self.projector), momentum=momentum, final_momentum=1.0)
@@ -112,8 +138,11 @@ class MoCoV3(Method):
 
     def _ctr(self, q, k):
         with loss_region(q):
-            return 2 * self.temperature * info_nce_loss(q, k, None, self.temperature,
-                                                        gather_distributed=self.gather_distributed)
+            return (
+                2
+                * self.temperature
+                * info_nce_loss(q, k, None, self.temperature, gather_distributed=self.gather_distributed)
+            )
 
     def forward(self, views):
         check_views(self.name, views, 2)

@@ -8,6 +8,7 @@ RECIPE (ImageNet, §B.1): LARS, lr = 0.3 · B/256, weight decay 1e-6, 10 warm-up
 temperature 0.1 (the batch-4096 optimum, Table 5). SMALL (CPU digits demo): temperature 0.5 (the CIFAR-10
 setting of §B.9), projector 256 → 64, LARS lr 2.0 · B/256, 1 warm-up epoch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,8 +35,15 @@ class SimCLR(Method):
     RECIPE = dict(optimizer="lars", lr=0.3, weight_decay=1e-6, warmup_epochs=10, momentum=0.9)
     SMALL = dict(temperature=0.5, hidden_dim=256, out_dim=64, lr=2.0, warmup_epochs=1)
 
-    def __init__(self, backbone, *, hidden_dim: int = 2048, out_dim: int = 128, temperature: float = 0.1,
-                 gather_distributed: bool = False):
+    def __init__(
+        self,
+        backbone,
+        *,
+        hidden_dim: int = 2048,
+        out_dim: int = 128,
+        temperature: float = 0.1,
+        gather_distributed: bool = False,
+    ):
         super().__init__(backbone, gather_distributed=gather_distributed)
         self.temperature = temperature
         self.projector = mlp(self.feature_dim, hidden_dim, out_dim, 2)

@@ -8,6 +8,7 @@ with D the negative cosine; no teacher, no negatives.
 RECIPE (§4 / App.): SGD lr 0.05 · B/256, momentum 0.9, weight decay 1e-4, cosine schedule, the predictor at a
 fixed lr (not scheduled, "fix_pred_lr"). SMALL: projector 256, predictor bottleneck 64, lr 0.5.
 """
+
 from __future__ import annotations
 
 from ..models.layers import mlp

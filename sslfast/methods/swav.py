@@ -35,6 +35,7 @@ drift together as training goes on (mean pairwise cosine ≈ 0.3 at init, ≈ 0.
 at lr 0.3, the loss nearing log K); kNN after 10 epochs at batch 128 was best at lr 0.1 (73.0%; 71.0% at 0.3,
 66.6% at 1.0; random init 63.2%).
 """
+
 from __future__ import annotations
 
 import torch
@@ -101,12 +102,30 @@ class SwAV(Method):
     RECIPE = dict(optimizer="lars", lr=0.3, weight_decay=1e-6, warmup_epochs=10, momentum=0.9)
     SMALL = dict(hidden_dim=256, out_dim=64, num_prototypes=100, queue_length=0, lr=0.1, warmup_epochs=1)
 
-    def __init__(self, backbone, *, hidden_dim: int = 2048, out_dim: int = 128, num_prototypes: int = 3000,
-                 temperature: float = 0.1, epsilon: float = 0.05, sinkhorn_iterations: int = 3,
-                 num_global_crops: int = 2, freeze_prototypes_epochs: float = 1.0, queue_length: int = 0,
-                 epoch_queue_starts: float = 15, gather_distributed: bool = False, fused_head: bool = True):
-        for key, value in (("hidden_dim", hidden_dim), ("out_dim", out_dim), ("num_prototypes", num_prototypes),
-                           ("sinkhorn_iterations", sinkhorn_iterations), ("num_global_crops", num_global_crops)):
+    def __init__(
+        self,
+        backbone,
+        *,
+        hidden_dim: int = 2048,
+        out_dim: int = 128,
+        num_prototypes: int = 3000,
+        temperature: float = 0.1,
+        epsilon: float = 0.05,
+        sinkhorn_iterations: int = 3,
+        num_global_crops: int = 2,
+        freeze_prototypes_epochs: float = 1.0,
+        queue_length: int = 0,
+        epoch_queue_starts: float = 15,
+        gather_distributed: bool = False,
+        fused_head: bool = True,
+    ):
+        for key, value in (
+            ("hidden_dim", hidden_dim),
+            ("out_dim", out_dim),
+            ("num_prototypes", num_prototypes),
+            ("sinkhorn_iterations", sinkhorn_iterations),
+            ("num_global_crops", num_global_crops),
+        ):
             _positive_int(key, value)
         _positive_int("queue_length", queue_length, minimum=0)
         for key, value in (("temperature", temperature), ("epsilon", epsilon)):
@@ -147,17 +166,19 @@ class SwAV(Method):
         if self.fused_head:
             w = self.prototypes.weight
             with loss_region(z):
-                codes = self._codes(z[:G * B].detach(), B, weight=w.detach())
-                return multicrop_prototype_loss(z, w.to(z.dtype), codes, num_global_crops=G,
-                                                student_temp=self.temperature)
-        scores = self.prototypes(z)                     # [V·B, K] cosines, crop-major
+                codes = self._codes(z[: G * B].detach(), B, weight=w.detach())
+                return multicrop_prototype_loss(
+                    z, w.to(z.dtype), codes, num_global_crops=G, student_temp=self.temperature
+                )
+        scores = self.prototypes(z)  # [V·B, K] cosines, crop-major
         with loss_region(scores):
-            codes = self._codes(z[:G * B].detach(), B, scores=scores[:G * B].detach())
+            codes = self._codes(z[: G * B].detach(), B, scores=scores[: G * B].detach())
             return swav_loss(scores, codes, temperature=self.temperature, num_global_crops=G)
 
     @torch.no_grad()
-    def _codes(self, z: torch.Tensor, batch: int, *, scores: torch.Tensor | None = None,
-               weight: torch.Tensor | None = None) -> torch.Tensor:
+    def _codes(
+        self, z: torch.Tensor, batch: int, *, scores: torch.Tensor | None = None, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Sinkhorn codes [G·B, K] of the global crops (their queue's stacked above once it is full), then the
         queue update (main_swav.py's order: scores of the queue before this batch enters it). From the scores
         [G·B, K] (`sinkhorn_knopp`), or, without them, from the embeddings z [G·B, D] and the prototypes
@@ -169,15 +190,21 @@ class SwAV(Method):
             if scores is None:
                 if full:  # in the queue's dtype, as the materialized queue scores
                     f = torch.cat([self.queue[i], f.to(self.queue.dtype)])
-                q = prototype_teacher_probs(f, weight.to(f.dtype), teacher_temp=self.epsilon, mode="sinkhorn",
-                                            sinkhorn_iters=self.sinkhorn_iterations,
-                                            gather_distributed=self.gather_distributed)
+                q = prototype_teacher_probs(
+                    f,
+                    weight.to(f.dtype),
+                    teacher_temp=self.epsilon,
+                    mode="sinkhorn",
+                    sinkhorn_iters=self.sinkhorn_iterations,
+                    gather_distributed=self.gather_distributed,
+                )
             else:
-                s = scores[i * batch:(i + 1) * batch]
+                s = scores[i * batch : (i + 1) * batch]
                 if full:
                     s = torch.cat([(self.queue[i] @ self.prototypes.weight.t().to(self.queue.dtype)).to(s.dtype), s])
-                q = sinkhorn_knopp(s, self.epsilon, self.sinkhorn_iterations,
-                                   gather_distributed=self.gather_distributed)
+                q = sinkhorn_knopp(
+                    s, self.epsilon, self.sinkhorn_iterations, gather_distributed=self.gather_distributed
+                )
             codes.append(q[-batch:])
         if use_queue:
             rows = self.queue.shape[1]

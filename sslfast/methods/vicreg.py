@@ -7,6 +7,7 @@ coefficients 25 (invariance) / 25 (variance) / 1 (covariance), over the global b
 RECIPE (§4.1 / main_vicreg.py): LARS, base lr 0.2 · B/256, weight decay 1e-6, 10 warm-up epochs, cosine.
 SMALL: expander 512 → 512, lr 0.5, 1 warm-up epoch.
 """
+
 from __future__ import annotations
 
 from ..models.layers import mlp
@@ -32,8 +33,17 @@ class VICReg(Method):
     RECIPE = dict(optimizer="lars", lr=0.2, weight_decay=1e-6, warmup_epochs=10, momentum=0.9)
     SMALL = dict(hidden_dim=512, out_dim=512, lr=0.5, warmup_epochs=1)
 
-    def __init__(self, backbone, *, hidden_dim: int = 8192, out_dim: int = 8192, sim_coeff: float = 25.0,
-                 std_coeff: float = 25.0, cov_coeff: float = 1.0, gather_distributed: bool = False):
+    def __init__(
+        self,
+        backbone,
+        *,
+        hidden_dim: int = 8192,
+        out_dim: int = 8192,
+        sim_coeff: float = 25.0,
+        std_coeff: float = 25.0,
+        cov_coeff: float = 1.0,
+        gather_distributed: bool = False,
+    ):
         super().__init__(backbone, gather_distributed=gather_distributed)
         self.coeffs = (sim_coeff, std_coeff, cov_coeff)
         self.projector = mlp(self.feature_dim, hidden_dim, out_dim, 3)

@@ -6,6 +6,7 @@ Names: `resnet_tiny`, `resnet18`, `resnet50`, `vit_micro`, `vit_tiny`, `vit_smal
 `vit_small/8` for the patch size), or `timm:<name>` / any timm model name when timm is installed (created
 with `num_classes=0`, no pretrained weights).
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -17,9 +18,22 @@ from .vit import VisionTransformer, default_patch_size, vit
 _RESNETS = {"resnet_tiny": resnet_tiny, "resnet18": resnet18, "resnet50": resnet50}
 VIT_NAMES = ("vit_micro", "vit_tiny", "vit_small", "vit_base")
 
-__all__ = ["ResNet", "SyncBatchNorm", "VisionTransformer", "build_backbone", "check_backbone",
-           "convert_sync_batchnorm",
-           "default_patch_size", "is_vit", "list_backbones", "mlp", "resnet18", "resnet50", "resnet_tiny", "vit"]
+__all__ = [
+    "ResNet",
+    "SyncBatchNorm",
+    "VisionTransformer",
+    "build_backbone",
+    "check_backbone",
+    "convert_sync_batchnorm",
+    "default_patch_size",
+    "is_vit",
+    "list_backbones",
+    "mlp",
+    "resnet18",
+    "resnet50",
+    "resnet_tiny",
+    "vit",
+]
 
 
 def list_backbones() -> list[str]:
@@ -95,7 +109,8 @@ def build_backbone(name: str, *, image_size: int = 224, in_chans: int = 3, **kw)
         return vit(base, image_size=image_size, patch_size=int(patch) if patch else None, in_chans=in_chans, **kw)
     timm_name = name[5:] if name.startswith("timm:") else name
     try:
-        return _timm().create_model(timm_name, pretrained=False, num_classes=0, in_chans=in_chans,
-                                    img_size=image_size, **kw)
+        return _timm().create_model(
+            timm_name, pretrained=False, num_classes=0, in_chans=in_chans, img_size=image_size, **kw
+        )
     except TypeError:  # convnets take no img_size
         return _timm().create_model(timm_name, pretrained=False, num_classes=0, in_chans=in_chans, **kw)

@@ -1,5 +1,6 @@
 """Layers shared by the backbones and the method heads: a BatchNorm whose statistics span every rank (CPU/gloo
 and CUDA/NCCL alike) and the projector / predictor MLPs of the SSL papers."""
+
 from __future__ import annotations
 
 import torch
@@ -31,7 +32,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         n_local = x.numel() // x.shape[1]
         var, mean = torch.var_mean(xf, dim=dims, correction=0)
         count = torch.full_like(mean, float(n_local))
-        stats = all_gather(torch.stack([count, mean, var])[None])       # [W, 3, C]
+        stats = all_gather(torch.stack([count, mean, var])[None])  # [W, 3, C]
         counts, means, vars_ = stats[:, 0], stats[:, 1], stats[:, 2]
         n = counts.sum(0)
         g_mean = (counts * means).sum(0) / n
@@ -72,8 +73,17 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, *, batch_norm: bool = True,
-        last_batch_norm: bool = False, last_affine: bool = True, bias: bool | None = None) -> nn.Sequential:
+def mlp(
+    in_dim: int,
+    hidden_dim: int,
+    out_dim: int,
+    num_layers: int = 2,
+    *,
+    batch_norm: bool = True,
+    last_batch_norm: bool = False,
+    last_affine: bool = True,
+    bias: bool | None = None,
+) -> nn.Sequential:
     """The projector / predictor MLP of the SSL papers: (Linear → [BN] → ReLU) × (num_layers − 1) → Linear
     [→ BN]. Hidden linears drop their bias when followed by BN (it would be cancelled); `last_batch_norm` adds
     a BN after the output layer (SimSiam, MoCo v3; `last_affine=False`: their affine-free last BN). The BNs
@@ -110,4 +120,3 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, *, batc
     if last_batch_norm:
         layers.append(SyncBatchNorm(out_dim, affine=last_affine))
     return nn.Sequential(*layers)
-

@@ -12,6 +12,7 @@ which equals `gather(proj(imgs).flatten(2).transpose(1, 2) + pos_embed, ids_keep
 gradients included). Parameter names follow timm's PatchEmbed (`proj.weight`, `proj.bias`) so weights load
 from a standard ViT/MAE checkpoint (its pos_embed minus the cls slot).
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,9 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     if dim % 4:
         raise ValueError(f"dim must be divisible by 4 for the 2-D sin-cos embedding, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
-    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
-                                torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
+    )
 
     def one_d(pos):
         out = pos.reshape(-1, 1) * omega[None, :]
@@ -55,8 +57,16 @@ class MaskedPatchEmbed(nn.Module):
         ValueError: `img_size` not divisible by `patch_size`, or an unknown `pos_embed`.
     """
 
-    def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, *,
-                 pos_embed: str = "sincos", cls_token: bool = False):
+    def __init__(
+        self,
+        img_size=224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        *,
+        pos_embed: str = "sincos",
+        cls_token: bool = False,
+    ):
         super().__init__()
         h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if h % patch_size or w % patch_size:
@@ -96,12 +106,18 @@ class MaskedPatchEmbed(nn.Module):
             return x
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, *, masking: MaskInfo | None = None,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, MaskInfo]:
+    def forward(
+        self,
+        imgs: torch.Tensor,
+        mask_ratio: float = 0.75,
+        *,
+        masking: MaskInfo | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, MaskInfo]:
         B = imgs.shape[0]
         if masking is None:
             masking = random_masking(B, self.num_patches, mask_ratio, device=imgs.device, generator=generator)
-        patches = gather_patches(imgs, masking.ids_keep, self.patch_size)           # [B, K, p·p·C]
+        patches = gather_patches(imgs, masking.ids_keep, self.patch_size)  # [B, K, p·p·C]
         if torch.is_autocast_enabled(imgs.device.type):
             # as the official front under AMP: the conv output (with bias) in the autocast dtype, + pos in the
             # parameter dtype (fp32 tokens from fp32 parameters)

@@ -4,6 +4,7 @@
 7×7/2 conv + max-pool by one 3×3/1 conv (the CIFAR variant of SimCLR §B.9, solo-learn's `cifar=True`) for
 images of 64 px and less; by default it is chosen from `image_size`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -54,8 +55,9 @@ class Bottleneck(nn.Module):
 def _downsample(inplanes, planes, stride, expansion):
     if stride == 1 and inplanes == planes * expansion:
         return None
-    return nn.Sequential(nn.Conv2d(inplanes, planes * expansion, 1, stride, bias=False),
-                         nn.BatchNorm2d(planes * expansion))
+    return nn.Sequential(
+        nn.Conv2d(inplanes, planes * expansion, 1, stride, bias=False), nn.BatchNorm2d(planes * expansion)
+    )
 
 
 class ResNet(nn.Module):
@@ -70,8 +72,16 @@ class ResNet(nn.Module):
         zero_init_residual: zero the last BN's scale of every block (each starts as the identity).
     """
 
-    def __init__(self, block, layers, *, widths=(64, 128, 256, 512), in_chans: int = 3, small_stem: bool = False,
-                 zero_init_residual: bool = True):
+    def __init__(
+        self,
+        block,
+        layers,
+        *,
+        widths=(64, 128, 256, 512),
+        in_chans: int = 3,
+        small_stem: bool = False,
+        zero_init_residual: bool = True,
+    ):
         super().__init__()
         self.small_stem = small_stem
         w0 = widths[0]
@@ -160,5 +170,11 @@ def resnet_tiny(*, image_size: int | None = None, small_stem: bool | None = None
     Returns:
         The `ResNet`.
     """
-    return ResNet(BasicBlock, (1, 1, 1, 1), widths=(16, 32, 64, 128), in_chans=in_chans,
-                  small_stem=_small(image_size, small_stem), **kw)
+    return ResNet(
+        BasicBlock,
+        (1, 1, 1, 1),
+        widths=(16, 32, 64, 128),
+        in_chans=in_chans,
+        small_stem=_small(image_size, small_stem),
+        **kw,
+    )

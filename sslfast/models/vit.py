@@ -15,6 +15,7 @@ The patch front is `sslfast.models.mae.MaskedPatchEmbed`, so one model serves bo
 Attention is `F.scaled_dot_product_attention` (flash / memory-efficient kernels on CUDA); there is no
 xformers dependency.
 """
+
 from __future__ import annotations
 
 import torch
@@ -95,14 +96,25 @@ class VisionTransformer(nn.Module):
         ValueError: an unknown `global_pool` or `pos_embed`, or `img_size` not divisible by `patch_size`.
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
-                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, *, pos_embed: str = "sincos",
-                 global_pool: str = "token"):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        *,
+        pos_embed: str = "sincos",
+        global_pool: str = "token",
+    ):
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
-        self.patch_embed = MaskedPatchEmbed(img_size, patch_size, in_chans, embed_dim, pos_embed=pos_embed,
-                                            cls_token=True)
+        self.patch_embed = MaskedPatchEmbed(
+            img_size, patch_size, in_chans, embed_dim, pos_embed=pos_embed, cls_token=True
+        )
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.num_features = self.embed_dim = embed_dim
@@ -159,11 +171,15 @@ class VisionTransformer(nn.Module):
         if self.mask_token is None:
             raise ValueError("masks given but this VisionTransformer has no mask_token: call init_mask_token() first")
         if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:
-            raise TypeError(f"masks must be a bool tensor [B, L], got "
-                            f"{masks.dtype if isinstance(masks, torch.Tensor) else type(masks).__name__}")
+            raise TypeError(
+                f"masks must be a bool tensor [B, L], got "
+                f"{masks.dtype if isinstance(masks, torch.Tensor) else type(masks).__name__}"
+            )
         if tuple(masks.shape) != (batch, num_patches):
-            raise ValueError(f"masks must be [B, L] = [{batch}, {num_patches}] (images and patch grid), got shape "
-                             f"{tuple(masks.shape)}")
+            raise ValueError(
+                f"masks must be [B, L] = [{batch}, {num_patches}] (images and patch grid), got shape "
+                f"{tuple(masks.shape)}"
+            )
         if masks.device != device:
             raise ValueError(f"masks must be on the images' device {device}, got {masks.device}")
 
@@ -184,8 +200,8 @@ class VisionTransformer(nn.Module):
 
 
 _VIT = {  # name: (embed_dim, depth, num_heads)
-    "vit_micro": (96, 4, 3),    # CPU demo size (not a paper model)
-    "vit_tiny": (192, 12, 3),   # DeiT-Ti
+    "vit_micro": (96, 4, 3),  # CPU demo size (not a paper model)
+    "vit_tiny": (192, 12, 3),  # DeiT-Ti
     "vit_small": (384, 12, 6),  # DeiT-S / DINO ViT-S
     "vit_base": (768, 12, 12),  # ViT-B
 }
@@ -196,8 +212,9 @@ def default_patch_size(image_size: int) -> int:
     return 16 if image_size >= 128 else max(1, image_size // 8)
 
 
-def vit(name: str, *, image_size: int = 224, patch_size: int | None = None, in_chans: int = 3,
-        **kw) -> VisionTransformer:
+def vit(
+    name: str, *, image_size: int = 224, patch_size: int | None = None, in_chans: int = 3, **kw
+) -> VisionTransformer:
     """A built-in ViT by name.
 
     Args:
@@ -214,5 +231,6 @@ def vit(name: str, *, image_size: int = 224, patch_size: int | None = None, in_c
         KeyError: an unknown name (`sslfast.models.build_backbone` checks names first).
     """
     dim, depth, heads = _VIT[name]
-    return VisionTransformer(image_size, patch_size or default_patch_size(image_size), in_chans, dim, depth, heads,
-                             **kw)
+    return VisionTransformer(
+        image_size, patch_size or default_patch_size(image_size), in_chans, dim, depth, heads, **kw
+    )

@@ -1,4 +1,5 @@
 """`nn.Module` drop-ins over the fused ops (names follow lightly)."""
+
 from .infonce import CLIPLoss, InfoNCELoss, NTXentLoss
 from .dino import DINOLoss
 from .ema import EMA
@@ -6,5 +7,15 @@ from .barlow import BarlowTwinsLoss, VICRegLoss
 from .siglip import SigLIPLoss
 from .heads import PrototypeHead, PrototypeLoss
 
-__all__ = ["BarlowTwinsLoss", "CLIPLoss", "DINOLoss", "EMA", "InfoNCELoss", "NTXentLoss", "PrototypeHead",
-           "PrototypeLoss", "SigLIPLoss", "VICRegLoss"]
+__all__ = [
+    "BarlowTwinsLoss",
+    "CLIPLoss",
+    "DINOLoss",
+    "EMA",
+    "InfoNCELoss",
+    "NTXentLoss",
+    "PrototypeHead",
+    "PrototypeLoss",
+    "SigLIPLoss",
+    "VICRegLoss",
+]

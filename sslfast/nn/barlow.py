@@ -1,4 +1,5 @@
 """Redundancy-reduction losses (names and call signatures follow lightly)."""
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,14 @@ class BarlowTwinsLoss(nn.Module):
     The arguments are checked at each call, by `sslfast.barlow_twins_loss`.
     """
 
-    def __init__(self, lambda_param: float = 0.0051, gather_distributed: bool = False, *, eps: float = 1e-5,
-                 algorithm: str = "auto"):
+    def __init__(
+        self,
+        lambda_param: float = 0.0051,
+        gather_distributed: bool = False,
+        *,
+        eps: float = 1e-5,
+        algorithm: str = "auto",
+    ):
         super().__init__()
         self.lambda_param = lambda_param
         self.gather_distributed = gather_distributed
@@ -44,8 +51,14 @@ class BarlowTwinsLoss(nn.Module):
             TypeError, ValueError: bad embeddings or module arguments, as `sslfast.barlow_twins_loss` raises
                 them (naming z1 / z2 for z_a / z_b, lambd for lambda_param).
         """
-        return _ops.barlow_twins_loss(z_a, z_b, self.lambda_param, eps=self.eps,
-                                      gather_distributed=self.gather_distributed, algorithm=self.algorithm)
+        return _ops.barlow_twins_loss(
+            z_a,
+            z_b,
+            self.lambda_param,
+            eps=self.eps,
+            gather_distributed=self.gather_distributed,
+            algorithm=self.algorithm,
+        )
 
 
 class VICRegLoss(nn.Module):
@@ -64,8 +77,16 @@ class VICRegLoss(nn.Module):
     The arguments are checked at each call, by `sslfast.vicreg_loss`.
     """
 
-    def __init__(self, lambda_param: float = 25.0, mu_param: float = 25.0, nu_param: float = 1.0,
-                 gather_distributed: bool = False, eps: float = 1e-4, *, algorithm: str = "auto"):
+    def __init__(
+        self,
+        lambda_param: float = 25.0,
+        mu_param: float = 25.0,
+        nu_param: float = 1.0,
+        gather_distributed: bool = False,
+        eps: float = 1e-4,
+        *,
+        algorithm: str = "auto",
+    ):
         super().__init__()
         self.lambda_param = lambda_param
         self.mu_param = mu_param
@@ -87,5 +108,13 @@ class VICRegLoss(nn.Module):
             TypeError, ValueError: from `sslfast.vicreg_loss`, which names z1 / z2 for z_a / z_b and sim_coeff /
                 std_coeff / cov_coeff for lambda_param / mu_param / nu_param.
         """
-        return _ops.vicreg_loss(z_a, z_b, self.lambda_param, self.mu_param, self.nu_param, eps=self.eps,
-                                gather_distributed=self.gather_distributed, algorithm=self.algorithm)
+        return _ops.vicreg_loss(
+            z_a,
+            z_b,
+            self.lambda_param,
+            self.mu_param,
+            self.nu_param,
+            eps=self.eps,
+            gather_distributed=self.gather_distributed,
+            algorithm=self.algorithm,
+        )

@@ -1,4 +1,5 @@
 """`DINOLoss`: DINO's multi-crop loss with its teacher-temperature warm-up and center EMA (names as lightly)."""
+
 from __future__ import annotations
 
 import math
@@ -40,16 +41,27 @@ class DINOLoss(nn.Module):
         ValueError: `center_mode` is not "mean"; `warmup_teacher_temp_epochs` is not an int >= 0.
     """
 
-    def __init__(self, output_dim: int = 65536, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.04,
-                 warmup_teacher_temp_epochs: int = 30, student_temp: float = 0.1, center_momentum: float = 0.9,
-                 center_mode: str = "mean", *, num_global_crops: int = 2):
+    def __init__(
+        self,
+        output_dim: int = 65536,
+        warmup_teacher_temp: float = 0.04,
+        teacher_temp: float = 0.04,
+        warmup_teacher_temp_epochs: int = 30,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        center_mode: str = "mean",
+        *,
+        num_global_crops: int = 2,
+    ):
         super().__init__()
         if center_mode != "mean":
             raise ValueError(f"center_mode must be 'mean' (the only mode lightly has), got {center_mode!r}")
-        if isinstance(warmup_teacher_temp_epochs, bool) or not isinstance(warmup_teacher_temp_epochs, int) \
-                or warmup_teacher_temp_epochs < 0:
-            raise ValueError("warmup_teacher_temp_epochs must be an int >= 0, "
-                             f"got {warmup_teacher_temp_epochs!r}")
+        if (
+            isinstance(warmup_teacher_temp_epochs, bool)
+            or not isinstance(warmup_teacher_temp_epochs, int)
+            or warmup_teacher_temp_epochs < 0
+        ):
+            raise ValueError(f"warmup_teacher_temp_epochs must be an int >= 0, got {warmup_teacher_temp_epochs!r}")
         self.num_global_crops = num_global_crops
         self.output_dim = output_dim
         self.warmup_teacher_temp = warmup_teacher_temp
@@ -80,9 +92,13 @@ class DINOLoss(nn.Module):
             return self.teacher_temp if W > 1 else self.warmup_teacher_temp
         return self.warmup_teacher_temp + e * ((self.teacher_temp - self.warmup_teacher_temp) / (W - 1))
 
-    def forward(self, teacher_out: Sequence[torch.Tensor] | torch.Tensor,
-                student_out: Sequence[torch.Tensor] | torch.Tensor, teacher_temp: float | None = None,
-                epoch: float | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        teacher_out: Sequence[torch.Tensor] | torch.Tensor,
+        student_out: Sequence[torch.Tensor] | torch.Tensor,
+        teacher_temp: float | None = None,
+        epoch: float | None = None,
+    ) -> torch.Tensor:
         """The DINO loss of one step; in training mode the center is then updated (`sslfast.ops.dino.dino_loss`).
 
         Args:
@@ -99,8 +115,10 @@ class DINOLoss(nn.Module):
             ValueError: both `teacher_temp` and `epoch` given; a negative or non-finite epoch; as `dino_loss`.
         """
         if isinstance(teacher_temp, int):  # bool included
-            raise TypeError(f"teacher_temp must be a float, got {teacher_temp!r}: the third argument of forward is "
-                            "the teacher temperature (as in lightly >= 1.5); pass the epoch as epoch=")
+            raise TypeError(
+                f"teacher_temp must be a float, got {teacher_temp!r}: the third argument of forward is "
+                "the teacher temperature (as in lightly >= 1.5); pass the epoch as epoch="
+            )
         if teacher_temp is not None and epoch is not None:
             raise ValueError("pass teacher_temp or epoch, not both: teacher_temp would override the schedule")
         tau_t = teacher_temp if teacher_temp is not None else self.teacher_temperature(epoch)
@@ -111,5 +129,12 @@ class DINOLoss(nn.Module):
         s = student_out if isinstance(student_out, torch.Tensor) else torch.cat(list(student_out))
         if self.center.device != t.device:
             self.center = self.center.to(t.device)
-        return _ops.dino_loss(s, t, self.center, self.student_temp, tau_t, num_global_crops=num_global,
-                              center_momentum=self.center_momentum if self.training else None)
+        return _ops.dino_loss(
+            s,
+            t,
+            self.center,
+            self.student_temp,
+            tau_t,
+            num_global_crops=num_global,
+            center_momentum=self.center_momentum if self.training else None,
+        )

@@ -1,4 +1,5 @@
 """`EMA`: a teacher network that follows a student by exponential moving average (BYOL, MoCo, DINO)."""
+
 from __future__ import annotations
 
 import copy
@@ -40,8 +41,9 @@ def _schedule(momentum, final_momentum, total_steps, where: str = "") -> tuple[f
     (NaN refused), total_steps a positive int or None. `where` names the source in messages (a state dict)."""
     m = _real(f"{where}momentum", momentum, 0.0, 1.0)
     final = _real(f"{where}final_momentum", final_momentum, 0.0, 1.0)
-    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
-                                    or total_steps <= 0):
+    if total_steps is not None and (
+        isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0
+    ):
         raise ValueError(f"{where}total_steps must be a positive int or None, got {total_steps!r}")
     return m, final, total_steps
 
@@ -80,8 +82,16 @@ class EMA(nn.Module):
             teacher's parameter or buffer names or shapes differ from the student's.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, momentum: float = 0.996,
-                 final_momentum: float = 1.0, total_steps: int | None = None, *, copy_buffers: bool = True):
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None = None,
+        momentum: float = 0.996,
+        final_momentum: float = 1.0,
+        total_steps: int | None = None,
+        *,
+        copy_buffers: bool = True,
+    ):
         super().__init__()
         if not isinstance(student, nn.Module):
             raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
@@ -112,8 +122,10 @@ class EMA(nn.Module):
             if s_names != t_names:
                 what = "parameters" if kind == "_parameters" else "buffers"
                 missing = sorted(set(s_names) ^ set(t_names))
-                raise ValueError(f"teacher must have the student's {what} (same names, same order); they differ at "
-                                 f"{missing[:5] or 'their order'}")
+                raise ValueError(
+                    f"teacher must have the student's {what} (same names, same order); they differ at "
+                    f"{missing[:5] or 'their order'}"
+                )
             for (name, sm, sa), (_, tm, ta) in zip(s_slots, t_slots):
                 s, t = getattr(sm, kind)[sa], getattr(tm, kind)[ta]
                 if s.shape != t.shape:
@@ -164,16 +176,21 @@ class EMA(nn.Module):
         if self.copy_buffers:
             with torch.no_grad():  # BatchNorm statistics, counters: one multi-tensor copy per dtype
                 for s_slots, t_slots in self._buffer_groups:
-                    torch._foreach_copy_([tm._buffers[ta] for tm, ta in t_slots],
-                                         [sm._buffers[sa] for sm, sa in s_slots])
+                    torch._foreach_copy_(
+                        [tm._buffers[ta] for tm, ta in t_slots], [sm._buffers[sa] for sm, sa in s_slots]
+                    )
         self.step += 1
 
     def forward(self, *args, **kwargs):
         return self.teacher(*args, **kwargs)
 
     def get_extra_state(self):
-        return {"step": self.step, "momentum": self.base_momentum, "final_momentum": self.final_momentum,
-                "total_steps": self.total_steps}
+        return {
+            "step": self.step,
+            "momentum": self.base_momentum,
+            "final_momentum": self.final_momentum,
+            "total_steps": self.total_steps,
+        }
 
     def set_extra_state(self, state):
         try:
@@ -183,10 +200,15 @@ class EMA(nn.Module):
         if isinstance(state["step"], bool) or step < 0:
             raise ValueError(f"state: step must be an int >= 0, got {state['step']!r}")
         self.base_momentum, self.final_momentum, self.total_steps = _schedule(
-            state.get("momentum", self.base_momentum), state.get("final_momentum", self.final_momentum),
-            state.get("total_steps", self.total_steps), where="state: ")
+            state.get("momentum", self.base_momentum),
+            state.get("final_momentum", self.final_momentum),
+            state.get("total_steps", self.total_steps),
+            where="state: ",
+        )
         self.step = step
 
     def extra_repr(self) -> str:
-        return (f"momentum={self.base_momentum}, final_momentum={self.final_momentum}, "
-                f"total_steps={self.total_steps}, step={self.step}")
+        return (
+            f"momentum={self.base_momentum}, final_momentum={self.final_momentum}, "
+            f"total_steps={self.total_steps}, step={self.step}"
+        )

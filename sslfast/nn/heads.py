@@ -11,6 +11,7 @@ center EMA, or Sinkhorn-Knopp for DINOv2 / SwAV) and the student's cross-entropy
 stored. `head(x)` still returns the materialized logits, for evaluation or the plain-logits losses
 (`sf.dino_loss`, `sf.swav_loss`, `sf.ibot_patch_loss`).
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,16 @@ class PrototypeHead(nn.Module):
             or non-finite freeze_epochs.
     """
 
-    def __init__(self, in_dim: int, num_prototypes: int, *, norm: str | None = "weight", learn_norm: bool = False,
-                 normalize_input: bool = True, freeze_epochs: float = 0.0):
+    def __init__(
+        self,
+        in_dim: int,
+        num_prototypes: int,
+        *,
+        norm: str | None = "weight",
+        learn_norm: bool = False,
+        normalize_input: bool = True,
+        freeze_epochs: float = 0.0,
+    ):
         super().__init__()
         for name, value in (("in_dim", in_dim), ("num_prototypes", num_prototypes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -146,9 +155,19 @@ class PrototypeLoss(nn.Module):
         ValueError: an unknown mode, or bad temperatures, momentum or crop counts.
     """
 
-    def __init__(self, num_prototypes: int, *, student_temp: float = 0.1, teacher_temp: float = 0.04,
-                 mode: str = "centering", center_momentum: float = 0.9, sinkhorn_iters: int = 3,
-                 sinkhorn_per_crop: bool = False, num_global_crops: int = 2, gather_distributed: bool = False):
+    def __init__(
+        self,
+        num_prototypes: int,
+        *,
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.04,
+        mode: str = "centering",
+        center_momentum: float = 0.9,
+        sinkhorn_iters: int = 3,
+        sinkhorn_per_crop: bool = False,
+        num_global_crops: int = 2,
+        gather_distributed: bool = False,
+    ):
         super().__init__()
         if mode not in ("centering", "sinkhorn"):
             raise ValueError(f"mode must be 'centering' or 'sinkhorn', got {mode!r}")
@@ -167,12 +186,15 @@ class PrototypeLoss(nn.Module):
             raise TypeError(f"teacher_feats must be a torch.Tensor, got {type(teacher_feats).__name__}")
         G = self.num_global_crops
         if teacher_feats.dim() == 0 or teacher_feats.shape[0] == 0 or teacher_feats.shape[0] % G:
-            raise ValueError(f"teacher_feats must have G·B rows with G = num_global_crops = {G}, got shape "
-                             f"{tuple(teacher_feats.shape)}")
+            raise ValueError(
+                f"teacher_feats must have G·B rows with G = num_global_crops = {G}, got shape "
+                f"{tuple(teacher_feats.shape)}"
+            )
         return teacher_feats.shape[0] // G
 
-    def teacher_probs(self, teacher_feats: torch.Tensor, teacher_weight: torch.Tensor,
-                      teacher_temp: float | None = None) -> torch.Tensor:
+    def teacher_probs(
+        self, teacher_feats: torch.Tensor, teacher_weight: torch.Tensor, teacher_temp: float | None = None
+    ) -> torch.Tensor:
         """The teacher targets [G·B, K] (and, in training mode with mode="centering", the center update).
 
         Args:
@@ -191,17 +213,36 @@ class PrototypeLoss(nn.Module):
         tau = self.teacher_temp if teacher_temp is None else teacher_temp
         if self.mode == "sinkhorn":
             crops = teacher_feats.chunk(self.num_global_crops) if self.sinkhorn_per_crop else (teacher_feats,)
-            codes = [prototype_teacher_probs(f, teacher_weight, teacher_temp=tau, mode="sinkhorn",
-                                             sinkhorn_iters=self.sinkhorn_iters,
-                                             gather_distributed=self.gather_distributed) for f in crops]
+            codes = [
+                prototype_teacher_probs(
+                    f,
+                    teacher_weight,
+                    teacher_temp=tau,
+                    mode="sinkhorn",
+                    sinkhorn_iters=self.sinkhorn_iters,
+                    gather_distributed=self.gather_distributed,
+                )
+                for f in crops
+            ]
             return codes[0] if len(codes) == 1 else torch.cat(codes)
         if self.center.device != teacher_feats.device:
             self.center = self.center.to(teacher_feats.device)
-        return prototype_teacher_probs(teacher_feats, teacher_weight, teacher_temp=tau, center=self.center,
-                                       center_momentum=self.center_momentum if self.training else None)
+        return prototype_teacher_probs(
+            teacher_feats,
+            teacher_weight,
+            teacher_temp=tau,
+            center=self.center,
+            center_momentum=self.center_momentum if self.training else None,
+        )
 
-    def forward(self, student_feats: torch.Tensor, student_weight: torch.Tensor, teacher_feats: torch.Tensor,
-                teacher_weight: torch.Tensor, teacher_temp: float | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        student_feats: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_feats: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        teacher_temp: float | None = None,
+    ) -> torch.Tensor:
         """The loss (class docstring).
 
         Args:
@@ -225,8 +266,9 @@ class PrototypeLoss(nn.Module):
         self._crop_rows(teacher_feats)
         multicrop_rows(student_feats.shape[0], teacher_feats.shape[0], num_global_crops=G)
         q = self.teacher_probs(teacher_feats, teacher_weight, teacher_temp)  # after the checks: it updates the center
-        return multicrop_prototype_loss(student_feats, student_weight, q, num_global_crops=G,
-                                        student_temp=self.student_temp)
+        return multicrop_prototype_loss(
+            student_feats, student_weight, q, num_global_crops=G, student_temp=self.student_temp
+        )
 
 
 def multicrop_rows(student_rows: int, teacher_rows: int, *, num_global_crops: int) -> tuple[int, int]:
@@ -248,13 +290,20 @@ def multicrop_rows(student_rows: int, teacher_rows: int, *, num_global_crops: in
         raise ValueError(f"the teacher's rows must be G·B with G = num_global_crops = {G}, got {teacher_rows}")
     B = teacher_rows // G
     if student_rows % B or student_rows // B < max(G, 2):
-        raise ValueError(f"student_feats must have V·B rows with B = {B} and V >= {max(G, 2)} crops, got "
-                         f"{student_rows}")
+        raise ValueError(
+            f"student_feats must have V·B rows with B = {B} and V >= {max(G, 2)} crops, got {student_rows}"
+        )
     return B, student_rows // B
 
 
-def multicrop_prototype_loss(student_feats: torch.Tensor, student_weight: torch.Tensor, teacher_probs: torch.Tensor,
-                             *, num_global_crops: int, student_temp: float) -> torch.Tensor:
+def multicrop_prototype_loss(
+    student_feats: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    *,
+    num_global_crops: int,
+    student_temp: float,
+) -> torch.Tensor:
     """DINO's / SwAV's multi-crop cross-entropy from the teacher targets q_g of the G global crops, without the
     student logits:
 

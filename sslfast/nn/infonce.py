@@ -1,4 +1,5 @@
 """Contrastive loss modules (names and call signatures follow lightly)."""
+
 from __future__ import annotations
 
 import torch
@@ -15,12 +16,17 @@ def _bank_size(memory_bank_size) -> tuple[int, int | None]:
     is_int = lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
     if is_int(memory_bank_size):
         size, dim = memory_bank_size, None
-    elif isinstance(memory_bank_size, (tuple, list)) and len(memory_bank_size) == 2 \
-            and all(map(is_int, memory_bank_size)):
+    elif (
+        isinstance(memory_bank_size, (tuple, list))
+        and len(memory_bank_size) == 2
+        and all(map(is_int, memory_bank_size))
+    ):
         size, dim = memory_bank_size
     else:
-        raise TypeError("memory_bank_size must be an int K or a (K, D) tuple of ints (gather_distributed is the "
-                        f"third argument, as in lightly), got {memory_bank_size!r}")
+        raise TypeError(
+            "memory_bank_size must be an int K or a (K, D) tuple of ints (gather_distributed is the "
+            f"third argument, as in lightly), got {memory_bank_size!r}"
+        )
     if size < 0 or (dim is not None and size > 0 and dim <= 0):
         raise ValueError(f"memory_bank_size must be K >= 0 or (K, D) with D > 0, got {memory_bank_size!r}")
     return size, dim
@@ -40,8 +46,7 @@ class _KeyQueue(nn.Module):
     rest dropped and the pointer reset to 0 (lightly's MemoryBankModule), or wrapped around (a ring).
     """
 
-    def __init__(self, queue_size: int, embedding_dim: int | None, gather_distributed: bool, *,
-                 drop_overflow: bool):
+    def __init__(self, queue_size: int, embedding_dim: int | None, gather_distributed: bool, *, drop_overflow: bool):
         super().__init__()
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
             raise ValueError(f"queue_size must be an int >= 0, got {queue_size!r}")
@@ -77,13 +82,13 @@ class _KeyQueue(nn.Module):
             return
         ptr, size = self._ptr, self.queue_size
         if self.drop_overflow and ptr + keys.shape[0] >= size:
-            self.queue[ptr:].copy_(keys[:size - ptr])
+            self.queue[ptr:].copy_(keys[: size - ptr])
             self._ptr = 0
             return
         keys = keys[-size:]
         n = keys.shape[0]
         head = min(n, size - ptr)
-        self.queue[ptr:ptr + head].copy_(keys[:head])
+        self.queue[ptr : ptr + head].copy_(keys[:head])
         self.queue[: n - head].copy_(keys[head:])
         self._ptr = (ptr + n) % size
 
@@ -127,8 +132,9 @@ class NTXentLoss(nn.Module):
     the state dict (lightly's is not saved).
     """
 
-    def __init__(self, temperature: float = 0.5, memory_bank_size: int | tuple[int, int] = 0,
-                 gather_distributed: bool = False):
+    def __init__(
+        self, temperature: float = 0.5, memory_bank_size: int | tuple[int, int] = 0, gather_distributed: bool = False
+    ):
         """
         Args:
             temperature: τ > 0.
@@ -180,8 +186,13 @@ class InfoNCELoss(_KeyQueue):
     enqueued keys are gathered from every rank (and, without a queue, the batch negatives too).
     """
 
-    def __init__(self, temperature: float = 0.2, queue_size: int = 65536, embedding_dim: int | None = None,
-                 gather_distributed: bool = False):
+    def __init__(
+        self,
+        temperature: float = 0.2,
+        queue_size: int = 65536,
+        embedding_dim: int | None = None,
+        gather_distributed: bool = False,
+    ):
         """
         Args:
             temperature: τ > 0.
@@ -228,8 +239,9 @@ class CLIPLoss(nn.Module):
         super().__init__()
         self.gather_distributed = gather_distributed
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                logit_scale: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+    ) -> torch.Tensor:
         """
         Args:
             image_features, text_features: [B, D].

@@ -1,4 +1,5 @@
 """SigLIP's loss as a module with its learnable temperature and bias (argument names follow open_clip)."""
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,17 @@ class SigLIPLoss(nn.Module):
     * `init_logit_scale` / `init_logit_bias` (keyword-only) set the parameters' initial values.
     """
 
-    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1, dist_impl: str | None = None,
-                 bidir: bool = True, *, init_logit_scale: float = math.log(10.0), init_logit_bias: float = -10.0):
+    def __init__(
+        self,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        dist_impl: str | None = None,
+        bidir: bool = True,
+        *,
+        init_logit_scale: float = math.log(10.0),
+        init_logit_bias: float = -10.0,
+    ):
         """
         Args:
             cache_labels: accepted for open_clip's signature; no effect.
@@ -61,9 +71,14 @@ class SigLIPLoss(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                logit_scale: torch.Tensor | None = None, logit_bias: torch.Tensor | None = None,
-                output_dict: bool = False):
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | None = None,
+        output_dict: bool = False,
+    ):
         """
         Args:
             image_features, text_features: [N, D].
@@ -80,8 +95,10 @@ class SigLIPLoss(nn.Module):
         """
         gather = self.world_size > 1
         if gather and rank_and_world() != (self.rank, self.world_size):
-            raise ValueError(f"rank={self.rank} and world_size={self.world_size} do not match torch.distributed's "
-                             f"(rank, world_size) = {rank_and_world()}")
+            raise ValueError(
+                f"rank={self.rank} and world_size={self.world_size} do not match torch.distributed's "
+                f"(rank, world_size) = {rank_and_world()}"
+            )
         scale = self.logit_scale.exp() if logit_scale is None else logit_scale
         bias = self.logit_bias if logit_bias is None else logit_bias
         loss = _ops.siglip_loss(image_features, text_features, scale, bias, gather_distributed=gather)

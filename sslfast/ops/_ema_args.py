@@ -1,6 +1,7 @@
 """Argument checks of the EMA family's ops (`ema_update_`, `adamw_ema_step_`, `lars_ema_step_`) and of DINO's
 center update: tensor lists, momenta, finite hyper-parameters. Every failure names the argument and is raised
 before any launch."""
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,9 @@ def tensor_list(name: str, value) -> list[Tensor]:
     return items
 
 
-def check_pairs(name_a: str, a: list[Tensor], name_b: str, b: list, *, b_optional: bool = False,
-                same_dtype: bool = False) -> torch.device | None:
+def check_pairs(
+    name_a: str, a: list[Tensor], name_b: str, b: list, *, b_optional: bool = False, same_dtype: bool = False
+) -> torch.device | None:
     """Per-element checks between two parallel lists; returns their one device (None for empty lists)."""
     if len(a) != len(b):
         raise ValueError(f"{name_a} and {name_b} must have the same length, got {len(a)} and {len(b)}")
@@ -36,16 +38,18 @@ def check_pairs(name_a: str, a: list[Tensor], name_b: str, b: list, *, b_optiona
             continue
         V.tensor(f"{name_b}[{i}]", y)
         if x.shape != y.shape:
-            raise ValueError(f"{name_b}[{i}] must have the shape of {name_a}[{i}], {tuple(x.shape)}, "
-                             f"got {tuple(y.shape)}")
+            raise ValueError(
+                f"{name_b}[{i}] must have the shape of {name_a}[{i}], {tuple(x.shape)}, got {tuple(y.shape)}"
+            )
         if same_dtype and x.dtype != y.dtype:
             raise TypeError(f"{name_b}[{i}] must have the dtype of {name_a}[{i}], {x.dtype}, got {y.dtype}")
         if device is None:
             device = x.device
         for nm, t in ((name_a, x), (name_b, y)):
             if t.device != device:
-                raise ValueError(f"all tensors must be on one device: {nm}[{i}] is on {t.device}, "
-                                 f"{name_a}[0] on {device}")
+                raise ValueError(
+                    f"all tensors must be on one device: {nm}[{i}] is on {t.device}, {name_a}[0] on {device}"
+                )
     if device is None and a:
         device = a[0].device
     return device
@@ -70,8 +74,9 @@ def check_steps(params: list[Tensor], steps: list) -> None:
         if not isinstance(s, Tensor) or s.numel() != 1 or s.dtype != torch.float32 or s.device != p.device:
             where = f" on {s.device}" if isinstance(s, Tensor) else ""
             got = s.dtype if isinstance(s, Tensor) else type(s).__name__
-            raise TypeError(f"steps[{i}] must be a one-element float32 tensor on {p.device} (the step count), "
-                            f"got {got}{where}")
+            raise TypeError(
+                f"steps[{i}] must be a one-element float32 tensor on {p.device} (the step count), got {got}{where}"
+            )
 
 
 def _unit(name: str, value: float) -> float:
@@ -93,15 +98,18 @@ def momentum(name: str, value, device: torch.device | None):
     synchronization (which, as every CUDA device assert, leaves the CUDA context unusable)."""
     if isinstance(value, Tensor):
         if value.numel() != 1 or not value.is_floating_point():
-            raise TypeError(f"{name} must be a float or a floating tensor with one element, got "
-                            f"{value.dtype} of shape {tuple(value.shape)}")
+            raise TypeError(
+                f"{name} must be a float or a floating tensor with one element, got "
+                f"{value.dtype} of shape {tuple(value.shape)}"
+            )
         if value.device.type == "cpu":  # a host scalar: reading it costs no device sync
             return 1.0 - _unit(name, float(value)), None
         if device is not None and value.device != device:
             raise ValueError(f"{name} must be on the tensors' device {device} (or on the CPU), got {value.device}")
         m = value.detach().reshape(()).to(torch.float32)
-        torch._assert_async(m.clamp(0.0, 1.0) == m, f"{name} must lie in [0, 1] (a device tensor, checked on "
-                                                    "the device)")
+        torch._assert_async(
+            m.clamp(0.0, 1.0) == m, f"{name} must lie in [0, 1] (a device tensor, checked on the device)"
+        )
         return None, m
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number in [0, 1] or a tensor, got {type(value).__name__}")
@@ -114,7 +122,14 @@ def real(name: str, value, low: float | None = None, high: float | None = None) 
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not (math.isfinite(value) and (low is None or value >= low) and (high is None or value <= high)):
-        bounds = (f" in [{low}, {high}]" if low is not None and high is not None else
-                  f" >= {low}" if low is not None else f" <= {high}" if high is not None else "")
+        bounds = (
+            f" in [{low}, {high}]"
+            if low is not None and high is not None
+            else f" >= {low}"
+            if low is not None
+            else f" <= {high}"
+            if high is not None
+            else ""
+        )
         raise ValueError(f"{name} must be a finite number{bounds}, got {value}")
     return value

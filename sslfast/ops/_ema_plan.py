@@ -16,6 +16,7 @@ step, are written into the cached tables in place (`FusedPlan.set_grads`). Rows 
 tensor that is not dense, or whose strides differ from its partners') are listed by the plan and updated by
 the PyTorch path in the same call.
 """
+
 from __future__ import annotations
 
 import collections
@@ -34,12 +35,12 @@ Tensor = torch.Tensor
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 FLAG_VECTOR, FLAG_TEACHER, FLAG_ADAPT, FLAG_DECAY = 1, 2, 4, 8
 MAX_TENSORS = 448
-VEC = 8                      # chunk sizes are multiples of this (the widest vector: 8 16-bit elements)
-ALIGN = 16                   # bytes: the vector path needs every pointer of a row aligned to this
+VEC = 8  # chunk sizes are multiples of this (the widest vector: 8 16-bit elements)
+ALIGN = 16  # bytes: the vector path needs every pointer of a row aligned to this
 EMA_DEPTH, LARS_DEPTH, ADAMW_DEPTH = 2, 4, 6
-CHUNK_ELEMS = 2048           # elements per chunk (one 256-thread block each), a multiple of VEC: on the H100
-                             # the ViT-B EMA ran 0.356 ms at 2048 vs 0.373 ms at 8192 (benchmarks/RESULTS.md)
-_MAX_CHUNKS = 2**31 - 1      # int32 chunk indices (and grid size)
+CHUNK_ELEMS = 2048  # elements per chunk (one 256-thread block each), a multiple of VEC: on the H100
+# the ViT-B EMA ran 0.356 ms at 2048 vs 0.373 ms at 8192 (benchmarks/RESULTS.md)
+_MAX_CHUNKS = 2**31 - 1  # int32 chunk indices (and grid size)
 
 _data_ptr = Tensor.data_ptr
 _is_contiguous = Tensor.is_contiguous
@@ -67,10 +68,11 @@ def table_layout(depth: int, max_tensors: int = MAX_TENSORS) -> dict[str, int]:
 @dataclasses.dataclass
 class Table:
     """One kernel launch: the packed table and what it holds."""
-    data: np.ndarray        # uint8, table_layout(depth)["size"] bytes
+
+    data: np.ndarray  # uint8, table_layout(depth)["size"] bytes
     depth: int
-    dtypes: tuple           # dtype code of each list ((teacher, student) or (param, teacher))
-    rows: np.ndarray        # int64: indices (into the caller's rows) of the table's rows, in table order
+    dtypes: tuple  # dtype code of each list ((teacher, student) or (param, teacher))
+    rows: np.ndarray  # int64: indices (into the caller's rows) of the table's rows, in table order
     n_chunks: int
     max_tensors: int = MAX_TENSORS
 
@@ -82,12 +84,18 @@ class Table:
         if view is None:
             lay = table_layout(self.depth, self.max_tensors)
             m = self.max_tensors
-            spec = {"n_tensors": (np.int32, 1), "n_chunks": (np.int32, 1), "chunk_elems": (np.int32, 1),
-                    "ptr": (np.uint64, self.depth * m), "numel": (np.int64, m), "chunk_start": (np.int32, m + 1),
-                    "flags": (np.int32, m)}
+            spec = {
+                "n_tensors": (np.int32, 1),
+                "n_chunks": (np.int32, 1),
+                "chunk_elems": (np.int32, 1),
+                "ptr": (np.uint64, self.depth * m),
+                "numel": (np.int64, m),
+                "chunk_start": (np.int32, m + 1),
+                "flags": (np.int32, m),
+            }
             dt, count = spec[name]
             start = lay[name]
-            view = self.data[start:start + np.dtype(dt).itemsize * count].view(dt)
+            view = self.data[start : start + np.dtype(dt).itemsize * count].view(dt)
             view = self.views[name] = view.reshape(self.depth, m) if name == "ptr" else view
         return view
 
@@ -96,9 +104,16 @@ def _aligned(ptrs) -> bool:
     return all(p % ALIGN == 0 for p in ptrs)
 
 
-def build_tables(rows: Sequence[Sequence[Tensor | None]], keys: Sequence[tuple], *, depth: int,
-                 flags: Sequence[int] | None = None, chunk_elems: int = CHUNK_ELEMS,
-                 max_tensors: int = MAX_TENSORS, scalar_lists: tuple[int, ...] = ()) -> list[Table]:
+def build_tables(
+    rows: Sequence[Sequence[Tensor | None]],
+    keys: Sequence[tuple],
+    *,
+    depth: int,
+    flags: Sequence[int] | None = None,
+    chunk_elems: int = CHUNK_ELEMS,
+    max_tensors: int = MAX_TENSORS,
+    scalar_lists: tuple[int, ...] = (),
+) -> list[Table]:
     """Packs `rows` (each a tuple of `depth` tensors or None; the first one sets the element count) into
     launch tables, one group per distinct `keys[i]` (the per-list dtype codes) in order of first appearance,
     at most `max_tensors` rows per table. Empty tensors are left out. A row gets FLAG_VECTOR when all of its
@@ -117,7 +132,7 @@ def build_tables(rows: Sequence[Sequence[Tensor | None]], keys: Sequence[tuple],
         start = 0
         while start < len(members):
             part, chunks = [], 0
-            for i in members[start:start + max_tensors]:
+            for i in members[start : start + max_tensors]:
                 n = -(-rows[i][0].numel() // chunk_elems)
                 if part and chunks + n > _MAX_CHUNKS:
                     break
@@ -130,8 +145,9 @@ def build_tables(rows: Sequence[Sequence[Tensor | None]], keys: Sequence[tuple],
 
 def _pack(rows, part, key, depth, flags, chunk_elems, max_tensors, scalar_lists) -> Table:
     lay = table_layout(depth, max_tensors)
-    table = Table(np.zeros(lay["size"], dtype=np.uint8), depth, tuple(key), np.asarray(part, dtype=np.int64), 0,
-                  max_tensors)
+    table = Table(
+        np.zeros(lay["size"], dtype=np.uint8), depth, tuple(key), np.asarray(part, dtype=np.int64), 0, max_tensors
+    )
     ptr, numel, chunk_start, flag = (table.field(f) for f in ("ptr", "numel", "chunk_start", "flags"))
     chunk = 0
     for j, i in enumerate(part):
@@ -158,8 +174,10 @@ def _dense(t: Tensor) -> bool:
     """Non-overlapping and dense in a layout the kernels can walk as a flat array."""
     if t.is_contiguous():
         return True
-    return any(t.dim() == (4 if f is torch.channels_last else 5) and t.is_contiguous(memory_format=f)
-               for f in _DENSE_FORMATS[1:])
+    return any(
+        t.dim() == (4 if f is torch.channels_last else 5) and t.is_contiguous(memory_format=f)
+        for f in _DENSE_FORMATS[1:]
+    )
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
@@ -170,8 +188,12 @@ def _layout_key(tensors: Sequence[Tensor]) -> tuple:
     """What a plan's tables were built from, for one list of tensors: their data pointers (storage and offset),
     sizes, strides and dtypes, as four tuples. Built and compared by C-level passes (`map` over the tensor
     methods, tuple equality): a handful of C calls per tensor, no Python loop."""
-    return (tuple(map(_data_ptr, tensors)), tuple(map(_size, tensors)), tuple(map(_stride, tensors)),
-            tuple(map(_dtype_of, tensors)))
+    return (
+        tuple(map(_data_ptr, tensors)),
+        tuple(map(_size, tensors)),
+        tuple(map(_stride, tensors)),
+        tuple(map(_dtype_of, tensors)),
+    )
 
 
 try:  # the C++ tensor checks of torch.compile's guards: Python type, dtype, device, sizes, strides, dispatch keys
@@ -209,8 +231,11 @@ def _static_guard(tensors: Sequence[Tensor]):
     if _TensorGuards is None:
         return None
     try:
-        guard = _TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
-                              dynamic_dims_strides=[list(t.stride()) for t in tensors])
+        guard = _TensorGuards(
+            *tensors,
+            dynamic_dims_sizes=[list(t.shape) for t in tensors],
+            dynamic_dims_strides=[list(t.stride()) for t in tensors],
+        )
         return guard if guard.check(*tensors) else None
     except Exception:  # a private API: any change of its signature falls back to the layout key
         return None
@@ -279,9 +304,11 @@ class EMAPlan(Plan):
         self._remember((teacher, student))
         fast = [i for i, (t, s) in enumerate(zip(teacher, student)) if _same_layout(t, s)]
         self.fallback = [i for i, (t, s) in enumerate(zip(teacher, student)) if not _same_layout(t, s)]
-        self.tables = build_tables([(teacher[i], student[i]) for i in fast],
-                                   [(dtype_code(teacher[i].dtype), dtype_code(student[i].dtype)) for i in fast],
-                                   depth=EMA_DEPTH)
+        self.tables = build_tables(
+            [(teacher[i], student[i]) for i in fast],
+            [(dtype_code(teacher[i].dtype), dtype_code(student[i].dtype)) for i in fast],
+            depth=EMA_DEPTH,
+        )
 
 
 class FusedPlan(Plan):
@@ -293,14 +320,24 @@ class FusedPlan(Plan):
     array (`slow`) take the PyTorch path; teachers whose layout differs from their param's are EMA'd after
     the step (`teacher_fallback`)."""
 
-    def __init__(self, depth: int, params: list[Tensor], states: list[list[Tensor]], teachers: list,
-                 extra: list[list[Tensor]], flags: list[int]):
+    def __init__(
+        self,
+        depth: int,
+        params: list[Tensor],
+        states: list[list[Tensor]],
+        teachers: list,
+        extra: list[list[Tensor]],
+        flags: list[int],
+    ):
         self.device = params[0].device if params else None
         self._remember([params, *states, *extra, [t for t in teachers if t is not None]])
         self.fast, self.slow, self.teacher_fallback, row_teacher = [], [], [], []
         for i, p in enumerate(params):
-            if _dense(p) and all(_same_layout(p, s[i]) for s in states) and all(
-                    x[i].numel() == 1 and x[i].is_contiguous() for x in extra):
+            if (
+                _dense(p)
+                and all(_same_layout(p, s[i]) for s in states)
+                and all(x[i].numel() == 1 and x[i].is_contiguous() for x in extra)
+            ):
                 self.fast.append(i)
                 t = teachers[i]
                 if t is not None and not _same_layout(p, t):
@@ -316,17 +353,23 @@ class FusedPlan(Plan):
             keys.append((dtype_code(p.dtype), dtype_code(t.dtype) if t is not None else None))
             row_flags.append(flags[i] | (FLAG_TEACHER if t is not None else 0))
         scalar_lists = tuple(range(depth - len(extra), depth))  # per-row scalars: alignment irrelevant
-        self.tables = build_tables(rows, _merge_teacherless(keys), depth=depth, flags=row_flags,
-                                   scalar_lists=scalar_lists)
+        self.tables = build_tables(
+            rows, _merge_teacherless(keys), depth=depth, flags=row_flags, scalar_lists=scalar_lists
+        )
         fast = np.asarray(self.fast, dtype=np.int64)
         self.contiguous = [p.is_contiguous() for p in params]
         self.all_contiguous = all(self.contiguous)
         for tbl in self.tables:
             tbl.members = fast[tbl.rows]  # indices into params
             members = tbl.members.tolist()
-            tbl.pick = (None if members == list(range(len(params))) else
-                        operator.itemgetter(*members) if len(members) > 1 else (lambda lst, m=members[0]: (lst[m],)))
-            tbl.base_flags = tbl.field("flags")[:len(tbl.members)].copy()
+            tbl.pick = (
+                None
+                if members == list(range(len(params)))
+                else operator.itemgetter(*members)
+                if len(members) > 1
+                else (lambda lst, m=members[0]: (lst[m],))
+            )
+            tbl.base_flags = tbl.field("flags")[: len(tbl.members)].copy()
             tbl.partials = None
             if depth == LARS_DEPTH and self.device is not None and self.device.type == "cuda":
                 tbl.partials = torch.empty(2 * tbl.n_chunks, dtype=torch.float32, device=self.device)
@@ -360,4 +403,3 @@ def _merge_teacherless(keys: list[tuple]) -> list[tuple]:
         if t is not None:
             by_param.setdefault(p, t)
     return [(p, t if t is not None else by_param.get(p, p)) for p, t in keys]
-

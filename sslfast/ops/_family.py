@@ -23,6 +23,7 @@ and dispatches with ``FAMILY.impl(x).koleo_forward(x, eps)``. ``self`` in the Pr
 (a module satisfies a Protocol the way an instance does). `FAMILIES` lists every declared family;
 ``tests/test_family_contract.py`` checks each one's two modules against its contract.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -57,8 +58,15 @@ class Family:
 
     __slots__ = ("name", "contract", "impl", "_accepts", "_fast", "_kernels_path", "_kernels", "_torch")
 
-    def __init__(self, name: str, contract: type, *, accepts: Callable[..., bool] | None = None,
-                 kernels: str | None = None, fast: Callable[..., bool] = use_triton):
+    def __init__(
+        self,
+        name: str,
+        contract: type,
+        *,
+        accepts: Callable[..., bool] | None = None,
+        kernels: str | None = None,
+        fast: Callable[..., bool] = use_triton,
+    ):
         if name in FAMILIES:
             raise ValueError(f"op family {name!r} is already declared")
         self.name = name
@@ -102,15 +110,18 @@ class Family:
             return torch_impl
 
         if accepts is None:
+
             def impl(*tensors: torch.Tensor | None) -> ModuleType:
                 if fast(*tensors):
                     return kernels or pick(True)
                 return torch_impl or pick(False)
         else:
+
             def impl(*tensors: torch.Tensor | None) -> ModuleType:
                 if fast(*tensors) and accepts(*tensors):
                     return kernels or pick(True)
                 return torch_impl or pick(False)
+
         return impl
 
     def members(self) -> dict[str, inspect.Signature]:

@@ -9,6 +9,7 @@ uint8 images into normalized NCHW views, and a per-sample separable Gaussian blu
 parameter layout: `FIELDS`. CUDA tensors run the Triton kernels (`sslfast.kernels.augment`), CPU tensors the
 PyTorch path in fp32 (`sslfast.ops._torch.augment`), chosen by `FAMILY` (`sslfast.ops._family`).
 """
+
 from __future__ import annotations
 
 from numbers import Integral
@@ -25,15 +26,27 @@ from .augment_params import _int_tensor, pack_images, sample_view_params
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-__all__ = ["FAMILY", "FIELDS", "IMAGENET_MEAN", "IMAGENET_STD", "NUM_FIELDS", "AugmentImpl", "augment_batch",
-           "augment_views", "gaussian_blur", "pack_images", "sample_view_params"]
+__all__ = [
+    "FAMILY",
+    "FIELDS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "NUM_FIELDS",
+    "AugmentImpl",
+    "augment_batch",
+    "augment_views",
+    "gaussian_blur",
+    "pack_images",
+    "sample_view_params",
+]
 
 
 class AugmentImpl(Protocol):
     """What `kernels.augment` and `ops._torch.augment` both define."""
 
-    def augment_views(self, images, offsets, sizes, params, out_h, out_w, chw, out_dtype, mean, std, blur_kernel, *,
-                      antialias=True):
+    def augment_views(
+        self, images, offsets, sizes, params, out_h, out_w, chw, out_dtype, mean, std, blur_kernel, *, antialias=True
+    ):
         """[G, B, 3, out_h, out_w] normalized views in out_dtype from packed uint8 images and parameter rows
         params [G, B, NUM_FIELDS]; samples with the blur flag are blurred with `blur_kernel` taps (0: no blur)."""
 
@@ -51,11 +64,23 @@ def _fake_views(images, offsets, sizes, params, out_h, out_w, chw, out_dtype, me
 
 
 @custom_op("augment_views", fake=_fake_views)
-def _augment_views_op(images: torch.Tensor, offsets: torch.Tensor, sizes: torch.Tensor, params: torch.Tensor,
-                      out_h: int, out_w: int, chw: bool, out_dtype: torch.dtype, mean: list[float],
-                      std: list[float], blur_kernel: int, antialias: bool) -> torch.Tensor:
-    return _impl(images, params).augment_views(images, offsets, sizes, params, out_h, out_w, chw, out_dtype, mean,
-                                               std, blur_kernel, antialias=antialias)
+def _augment_views_op(
+    images: torch.Tensor,
+    offsets: torch.Tensor,
+    sizes: torch.Tensor,
+    params: torch.Tensor,
+    out_h: int,
+    out_w: int,
+    chw: bool,
+    out_dtype: torch.dtype,
+    mean: list[float],
+    std: list[float],
+    blur_kernel: int,
+    antialias: bool,
+) -> torch.Tensor:
+    return _impl(images, params).augment_views(
+        images, offsets, sizes, params, out_h, out_w, chw, out_dtype, mean, std, blur_kernel, antialias=antialias
+    )
 
 
 @custom_op("gaussian_blur", fake=lambda x, sigma, kernel_size: torch.empty_like(x))
@@ -67,8 +92,11 @@ def _gaussian_blur_op(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) ->
 def _size2(name: str, value) -> tuple[int, int]:
     if isinstance(value, Integral) and not isinstance(value, bool):
         value = (value, value)
-    if (not isinstance(value, (tuple, list)) or len(value) != 2
-            or not all(isinstance(v, Integral) and not isinstance(v, bool) for v in value)):
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or not all(isinstance(v, Integral) and not isinstance(v, bool) for v in value)
+    ):
         raise TypeError(f"{name} must be an int or a pair of ints (H, W), got {value!r}")
     if min(value) < 1:
         raise ValueError(f"{name} must be positive, got {tuple(value)}")
@@ -98,20 +126,25 @@ def _triple(name: str, value) -> list[float]:
 
 def _check_packed(images, offsets, sizes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
-        raise TypeError("images must be a flat uint8 tensor of packed images (see pack_images), got "
-                        f"{type(images).__name__ if not isinstance(images, torch.Tensor) else images.dtype}")
+        raise TypeError(
+            "images must be a flat uint8 tensor of packed images (see pack_images), got "
+            f"{type(images).__name__ if not isinstance(images, torch.Tensor) else images.dtype}"
+        )
     images = images.reshape(-1).contiguous()
     offsets = _int_tensor("offsets", offsets, "[B]", 1, torch.int64)
     sizes = _int_tensor("sizes", sizes, "[B, 2] (H, W)", 2, torch.int32)
     if sizes.shape != (offsets.shape[0], 2):
-        raise ValueError(f"sizes must be [B, 2] with B = {offsets.shape[0]} (offsets' length), got "
-                         f"{tuple(sizes.shape)}")
+        raise ValueError(
+            f"sizes must be [B, 2] with B = {offsets.shape[0]} (offsets' length), got {tuple(sizes.shape)}"
+        )
     V.same_device(images=images, offsets=offsets, sizes=sizes)
     if not images.is_cuda and offsets.numel():
         ends = offsets + 3 * sizes[:, 0].long() * sizes[:, 1].long()
         if int(sizes.min()) < 1 or int(offsets.min()) < 0 or int(ends.max()) > images.numel():
-            raise ValueError("offsets and sizes must describe images inside the flat images buffer "
-                             f"({images.numel()} bytes) with H, W >= 1")
+            raise ValueError(
+                "offsets and sizes must describe images inside the flat images buffer "
+                f"({images.numel()} bytes) with H, W >= 1"
+            )
     return images, offsets, sizes
 
 
@@ -123,9 +156,20 @@ def _check_params(params, batch: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- public API
-def augment_views(images: torch.Tensor, offsets: torch.Tensor, sizes: torch.Tensor, params: torch.Tensor,
-                  out_size, *, chw: bool = False, dtype: torch.dtype = torch.float32, mean=IMAGENET_MEAN,
-                  std=IMAGENET_STD, blur_kernel: int = 23, antialias: bool = True) -> torch.Tensor:
+def augment_views(
+    images: torch.Tensor,
+    offsets: torch.Tensor,
+    sizes: torch.Tensor,
+    params: torch.Tensor,
+    out_size,
+    *,
+    chw: bool = False,
+    dtype: torch.dtype = torch.float32,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    blur_kernel: int = 23,
+    antialias: bool = True,
+) -> torch.Tensor:
     """[G, B, 3, H, W] normalized views in `dtype` from packed uint8 images (`pack_images`) and per-(view,
     sample) parameters [G, B, NUM_FIELDS] (`sample_view_params`). One fused pass per view, plus a separable
     blur pass over the samples whose blur flag is set when `blur_kernel` > 0 (odd; 0 skips blur).
@@ -166,8 +210,20 @@ def augment_views(images: torch.Tensor, offsets: torch.Tensor, sizes: torch.Tens
     std = _triple("std", std)
     if min(std) <= 0:
         raise ValueError(f"std must be positive, got {std}")
-    return _augment_views_op(images, offsets, sizes, params, out_h, out_w, bool(chw), dtype,
-                             _triple("mean", mean), std, _kernel_size(blur_kernel), antialias)
+    return _augment_views_op(
+        images,
+        offsets,
+        sizes,
+        params,
+        out_h,
+        out_w,
+        bool(chw),
+        dtype,
+        _triple("mean", mean),
+        std,
+        _kernel_size(blur_kernel),
+        antialias,
+    )
 
 
 def gaussian_blur(x: torch.Tensor, sigma, kernel_size: int = 23) -> torch.Tensor:
@@ -213,9 +269,19 @@ def _group_views(specs, antialias: bool) -> list[tuple[tuple[int, int, bool], li
     return list(groups.items())
 
 
-def augment_batch(images, offsets, sizes, views, *, chw: bool = False, dtype: torch.dtype = torch.float32,
-                  mean=IMAGENET_MEAN, std=IMAGENET_STD, generator: torch.Generator | None = None,
-                  antialias: bool = True) -> list[torch.Tensor]:
+def augment_batch(
+    images,
+    offsets,
+    sizes,
+    views,
+    *,
+    chw: bool = False,
+    dtype: torch.dtype = torch.float32,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    generator: torch.Generator | None = None,
+    antialias: bool = True,
+) -> list[torch.Tensor]:
     """All views of one batch: `views` is a sequence of view specs (e.g. `preset.views`, each with a `count`);
     returns one [B, 3, size, size] tensor per output view, in order. Parameters are drawn on the images'
     device (`sample_view_params`); views that share a size, blur kernel and resize mode share one launch.
@@ -245,12 +311,23 @@ def augment_batch(images, offsets, sizes, views, *, chw: bool = False, dtype: to
     params = torch.cat(params, dim=0)
     out: list[torch.Tensor | None] = [None] * len(specs)
     for (size, kernel, aa), idx in groups:
-        if idx == list(range(idx[0], idx[-1] + 1)):   # presets list same-size views together: a slice
-            group = params[idx[0]: idx[-1] + 1]
+        if idx == list(range(idx[0], idx[-1] + 1)):  # presets list same-size views together: a slice
+            group = params[idx[0] : idx[-1] + 1]
         else:
             group = params.index_select(0, torch.tensor(idx, device=params.device))
-        res = augment_views(images, offsets, sizes, group, size, chw=chw, dtype=dtype, mean=mean, std=std,
-                            blur_kernel=kernel, antialias=aa)
+        res = augment_views(
+            images,
+            offsets,
+            sizes,
+            group,
+            size,
+            chw=chw,
+            dtype=dtype,
+            mean=mean,
+            std=std,
+            blur_kernel=kernel,
+            antialias=aa,
+        )
         for j, i in enumerate(idx):
             out[i] = res[j]
     return out

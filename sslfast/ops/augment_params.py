@@ -3,6 +3,7 @@ their offsets and sizes, and `sample_view_params` draws each view's parameters (
 grayscale, blur σ, solarize; layout `sslfast.ops._torch.augment.FIELDS`) on the images' device, with
 torchvision's distributions and no host sync. `sslfast.ops.augment` re-exports both.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,10 @@ def pack_images(images, *, chw: bool = False) -> tuple[torch.Tensor, torch.Tenso
     """
     if isinstance(images, torch.Tensor):
         if images.dim() != 4 or images.dtype != torch.uint8:
-            raise ValueError(f"images must be a uint8 [B, 3, H, W] or [B, H, W, 3] batch, got {images.dtype} of "
-                             f"shape {tuple(images.shape)}")
+            raise ValueError(
+                f"images must be a uint8 [B, 3, H, W] or [B, H, W, 3] batch, got {images.dtype} of "
+                f"shape {tuple(images.shape)}"
+            )
         images = images.contiguous()
         batch = images.shape[0]
         h, w = (images.shape[2], images.shape[3]) if chw else (images.shape[1], images.shape[2])
@@ -54,11 +57,17 @@ def pack_images(images, *, chw: bool = False) -> tuple[torch.Tensor, torch.Tenso
             raise ValueError("images must hold at least one image")
         shapes = []
         for i, im in enumerate(images):
-            if not isinstance(im, torch.Tensor) or im.dtype != torch.uint8 or im.dim() != 3 \
-                    or im.shape[0 if chw else 2] != 3:
+            if (
+                not isinstance(im, torch.Tensor)
+                or im.dtype != torch.uint8
+                or im.dim() != 3
+                or im.shape[0 if chw else 2] != 3
+            ):
                 want = "[3, H, W]" if chw else "[H, W, 3]"
-                raise ValueError(f"images[{i}] must be a uint8 {want} tensor, got "
-                                 f"{getattr(im, 'dtype', type(im).__name__)} {tuple(getattr(im, 'shape', ()))}")
+                raise ValueError(
+                    f"images[{i}] must be a uint8 {want} tensor, got "
+                    f"{getattr(im, 'dtype', type(im).__name__)} {tuple(getattr(im, 'shape', ()))}"
+                )
             shapes.append((im.shape[1], im.shape[2]) if chw else (im.shape[0], im.shape[1]))
         lengths = [3 * h * w for h, w in shapes]
         offsets = torch.tensor([0] + lengths[:-1], dtype=torch.int64).cumsum(0)
@@ -101,8 +110,9 @@ def _random_resized_crop(sizes: torch.Tensor, scale, ratio, gen, count: int) -> 
     return torch.where(fits.any(dim=2)[..., None], box, fallback.expand_as(box))
 
 
-def sample_view_params(spec, sizes: torch.Tensor, *, count: int = 1, generator: torch.Generator | None = None
-                       ) -> torch.Tensor:
+def sample_view_params(
+    spec, sizes: torch.Tensor, *, count: int = 1, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """[count, B, NUM_FIELDS] fp32 parameters for `count` views of `spec` (a `sslfast.data.ViewSpec` or any
     object with its fields) of images of `sizes` [B, 2] (H, W), drawn on sizes' device from `generator`
     (that device's default generator when None). No host synchronization.
@@ -143,10 +153,23 @@ def sample_view_params(spec, sizes: torch.Tensor, *, count: int = 1, generator: 
     jitter = coin(spec.jitter_p if has_jitter else 0.0)
     order = torch.argsort(torch.rand(shape + (4,), generator=generator, **f32), dim=-1)
     cpos = (order == 1).to(torch.int8).argmax(dim=-1)
-    cols = [box[..., 0], box[..., 1], box[..., 2], box[..., 3], coin(spec.flip_p), jitter,
-            factor(spec.brightness), factor(spec.contrast), factor(spec.saturation),
-            _uniform(generator, shape, -spec.hue, spec.hue, dev),
-            *order.float().unbind(-1), cpos.float(), coin(spec.gray_p), coin(spec.blur_p),
-            _uniform(generator, shape, spec.blur_sigma[0], spec.blur_sigma[1], dev), coin(spec.solarize_p),
-            torch.full(shape, float(spec.solarize_threshold), **f32)]
+    cols = [
+        box[..., 0],
+        box[..., 1],
+        box[..., 2],
+        box[..., 3],
+        coin(spec.flip_p),
+        jitter,
+        factor(spec.brightness),
+        factor(spec.contrast),
+        factor(spec.saturation),
+        _uniform(generator, shape, -spec.hue, spec.hue, dev),
+        *order.float().unbind(-1),
+        cpos.float(),
+        coin(spec.gray_p),
+        coin(spec.blur_p),
+        _uniform(generator, shape, spec.blur_sigma[0], spec.blur_sigma[1], dev),
+        coin(spec.solarize_p),
+        torch.full(shape, float(spec.solarize_threshold), **f32),
+    ]
     return torch.stack(cols, dim=-1).contiguous()

@@ -28,6 +28,7 @@ global loss. How the official implementations differ:
   whose DDP average is the global one: same gradients as sslfast. The official loss *value* differs per
   rank (local MSE); sslfast reports the global loss on every rank.
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -86,10 +87,15 @@ def _fake_forward(z1, z2, kind, coef, eps, rows, world, algorithm):
     f32 = dict(dtype=_stat_dtype(z1))
     odt = _impl(z1).operand_dtype(z1.dtype, m, algorithm)
     gram = algorithm == "gram"
-    return (z1.new_empty((), **f32), z1.new_empty((), **f32), z1.new_empty((NCOL, d), **f32),
-            z1.new_empty((2,), **f32), z1.new_empty((2, m, d), dtype=odt),
-            z1.new_empty((2, n, m) if gram else (2, 0, 0), dtype=odt),
-            z1.new_empty((2, n) if gram else (2, 0), **f32))
+    return (
+        z1.new_empty((), **f32),
+        z1.new_empty((), **f32),
+        z1.new_empty((NCOL, d), **f32),
+        z1.new_empty((2,), **f32),
+        z1.new_empty((2, m, d), dtype=odt),
+        z1.new_empty((2, n, m) if gram else (2, 0, 0), dtype=odt),
+        z1.new_empty((2, n) if gram else (2, 0), **f32),
+    )
 
 
 def _fake_backward(grad, z1, z2, col, scal, ops, grams, pdiag, kind, coef, eps, rows, world, algorithm):
@@ -97,10 +103,22 @@ def _fake_backward(grad, z1, z2, col, scal, ops, grams, pdiag, kind, coef, eps, 
 
 
 @custom_op("redundancy_loss_backward", fake=_fake_backward)
-def redundancy_loss_backward(grad: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, col: torch.Tensor,
-                             scal: torch.Tensor, ops: torch.Tensor, grams: torch.Tensor, pdiag: torch.Tensor,
-                             kind: int, coef: list[float], eps: float, rows: list[int], world: int, algorithm: str
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+def redundancy_loss_backward(
+    grad: torch.Tensor,
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    col: torch.Tensor,
+    scal: torch.Tensor,
+    ops: torch.Tensor,
+    grams: torch.Tensor,
+    pdiag: torch.Tensor,
+    kind: int,
+    coef: list[float],
+    eps: float,
+    rows: list[int],
+    world: int,
+    algorithm: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dz1, dz2) of loss_r for the upstream gradient `grad` (0-d)."""
     return tuple(_run_backward(grad, z1, z2, col, scal, ops, grams, pdiag, kind, coef, eps, rows, world, algorithm))
 
@@ -127,15 +145,28 @@ def _double_backward(ctx, g_loss, *unused):
 
     def loss_r(a, b):
         return _run_forward(a, b, *ctx.cfg)[0]
+
     return (*differentiable_grads(loss_r, (z1, z2), ctx.needs_input_grad[:2], (g_loss,)),) + (None,) * 6
 
 
-@custom_op("redundancy_loss", fake=_fake_forward, backward=_backward, setup_context=_setup_context,
-           non_differentiable=range(1, 7), double_backward=_double_backward)
-def redundancy_loss(z1: torch.Tensor, z2: torch.Tensor, kind: int, coef: list[float], eps: float, rows: list[int],
-                    world: int, algorithm: str
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                               torch.Tensor]:
+@custom_op(
+    "redundancy_loss",
+    fake=_fake_forward,
+    backward=_backward,
+    setup_context=_setup_context,
+    non_differentiable=range(1, 7),
+    double_backward=_double_backward,
+)
+def redundancy_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    kind: int,
+    coef: list[float],
+    eps: float,
+    rows: list[int],
+    world: int,
+    algorithm: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss_r, u_r, col, scal, ops, grams, pdiag): this rank's loss and share (module doc of
     `sslfast.kernels.barlow`), then what the backward needs (per-feature statistics, operand scales, GEMM
     operands, Gram rows and their diagonal). `rows` = [first row of this rank, rows per rank]."""
@@ -146,8 +177,10 @@ def redundancy_loss(z1: torch.Tensor, z2: torch.Tensor, kind: int, coef: list[fl
 def _inputs(z1, z2) -> tuple[torch.Tensor, torch.Tensor]:
     z1, z2 = V.view_pair("z1", z1, "z2", z2)
     if z1.shape[0] < 2:
-        raise ValueError(f"z1 and z2 need at least 2 rows (N >= 2): the per-feature variance of one sample is "
-                         f"undefined, got N={z1.shape[0]}")
+        raise ValueError(
+            f"z1 and z2 need at least 2 rows (N >= 2): the per-feature variance of one sample is "
+            f"undefined, got N={z1.shape[0]}"
+        )
     return z1, z2
 
 
@@ -165,8 +198,15 @@ def choose_algorithm(algorithm: str, rows: int, features: int) -> str:
     return algorithm
 
 
-def _loss(kind: int, z1: torch.Tensor, z2: torch.Tensor, coef: list[float], eps: float, gather_distributed: bool,
-          algorithm: str) -> torch.Tensor:
+def _loss(
+    kind: int,
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    coef: list[float],
+    eps: float,
+    gather_distributed: bool,
+    algorithm: str,
+) -> torch.Tensor:
     rank, world = rank_and_world() if gather_distributed else (0, 1)
     n = z1.shape[0]
     if world > 1:
@@ -183,8 +223,15 @@ def _loss(kind: int, z1: torch.Tensor, z2: torch.Tensor, coef: list[float], eps:
 
 
 # ------------------------------------------------------------------------------------------- public API
-def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051, *, eps: float = 1e-5,
-                      gather_distributed: bool = False, algorithm: str = "auto") -> torch.Tensor:
+def barlow_twins_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    lambd: float = 0.0051,
+    *,
+    eps: float = 1e-5,
+    gather_distributed: bool = False,
+    algorithm: str = "auto",
+) -> torch.Tensor:
     """Barlow Twins' redundancy-reduction loss, exactly, without the D x D cross-correlation.
 
     With zn the batch-standardized z (per-feature mean, biased variance, eps inside the sqrt, as
@@ -222,9 +269,17 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051,
     return _loss(BARLOW, z1, z2, [lambd], eps, gather_distributed, algorithm)
 
 
-def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
-                cov_coeff: float = 1.0, *, eps: float = 1e-4, gather_distributed: bool = False,
-                algorithm: str = "auto") -> torch.Tensor:
+def vicreg_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    sim_coeff: float = 25.0,
+    std_coeff: float = 25.0,
+    cov_coeff: float = 1.0,
+    *,
+    eps: float = 1e-4,
+    gather_distributed: bool = False,
+    algorithm: str = "auto",
+) -> torch.Tensor:
     """VICReg as the official code computes it (facebookresearch/vicreg, `main_vicreg.py`, `VICReg.forward`):
 
         sim_coeff · mse(z1, z2)
@@ -252,8 +307,11 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std
             coefficient < 0, eps <= 0 (or either is not finite), or algorithm is not one of ``ALGORITHMS``.
     """
     z1, z2 = _inputs(z1, z2)
-    coef = [V.non_negative("sim_coeff", sim_coeff), V.non_negative("std_coeff", std_coeff),
-            V.non_negative("cov_coeff", cov_coeff)]
+    coef = [
+        V.non_negative("sim_coeff", sim_coeff),
+        V.non_negative("std_coeff", std_coeff),
+        V.non_negative("cov_coeff", cov_coeff),
+    ]
     eps = V.positive("eps", eps)
     _options(algorithm, gather_distributed)
     return _loss(VICREG, z1, z2, coef, eps, gather_distributed, algorithm)

@@ -17,6 +17,7 @@ With `center_momentum`, the center (a [1, K] or [K] tensor, e.g. the `center` bu
 `sslfast.nn.DINOLoss`) is then updated in place with the batch mean of the teacher outputs, all-reduced over
 ranks (`update_center_`); the loss uses the center from before the update, as DINO does.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,8 +26,14 @@ from typing import Protocol
 import torch
 
 from .. import _validate as V
-from .._custom_op import (TRITON_DOUBLE_BACKWARD, custom_op, differentiable_grads, double_backward_unsupported,
-                          grads_in_forward, loss_with_grads)
+from .._custom_op import (
+    TRITON_DOUBLE_BACKWARD,
+    custom_op,
+    differentiable_grads,
+    double_backward_unsupported,
+    grads_in_forward,
+    loss_with_grads,
+)
 from ._ema_args import real as _real
 from ._family import Family
 
@@ -56,10 +63,19 @@ def _fake_backward(grad, student, teacher, center, lse, student_temp, teacher_te
 
 
 @custom_op("dino_loss_backward", fake=_fake_backward)
-def _dino_loss_backward(grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
-                        lse: torch.Tensor, student_temp: float, teacher_temp: float, num_global: int) -> torch.Tensor:
-    return _impl(student, teacher, center).dino_loss_backward(grad, student, teacher, center, lse, student_temp,
-                                                      teacher_temp, num_global)
+def _dino_loss_backward(
+    grad: torch.Tensor,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    center: torch.Tensor,
+    lse: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+    num_global: int,
+) -> torch.Tensor:
+    return _impl(student, teacher, center).dino_loss_backward(
+        grad, student, teacher, center, lse, student_temp, teacher_temp, num_global
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -85,17 +101,34 @@ def _differentiable_loss(cfg, student, teacher, center) -> torch.Tensor:
 
 def _double_backward(ctx, g_loss, g_lse):
     student, teacher, center, _ = ctx.saved_tensors
-    grads = differentiable_grads(functools.partial(_differentiable_loss, ctx.cfg), (student, teacher, center),
-                                 (ctx.needs_input_grad[0], False, False), (g_loss,))
+    grads = differentiable_grads(
+        functools.partial(_differentiable_loss, ctx.cfg),
+        (student, teacher, center),
+        (ctx.needs_input_grad[0], False, False),
+        (g_loss,),
+    )
     return grads + (None,) * 3
 
 
-@custom_op("dino_loss", fake=_fake_forward, backward=_backward, setup_context=_setup_context,
-           non_differentiable=(1,), double_backward=_double_backward)
-def _dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, student_temp: float,
-               teacher_temp: float, num_global: int) -> tuple[torch.Tensor, torch.Tensor]:
-    loss, lse = _impl(student, teacher, center).dino_loss_forward(student, teacher, center, student_temp, teacher_temp,
-                                                         num_global)
+@custom_op(
+    "dino_loss",
+    fake=_fake_forward,
+    backward=_backward,
+    setup_context=_setup_context,
+    non_differentiable=(1,),
+    double_backward=_double_backward,
+)
+def _dino_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    center: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+    num_global: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    loss, lse = _impl(student, teacher, center).dino_loss_forward(
+        student, teacher, center, student_temp, teacher_temp, num_global
+    )
     return loss, lse
 
 
@@ -109,9 +142,16 @@ def _loss_and_grad(cfg, needs, student, teacher, center):
 _DTYPES = V.FLOAT_DTYPES + (torch.float64,)
 
 
-def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center: torch.Tensor,
-              student_temp: float = 0.1, teacher_temp: float = 0.04, *, num_global_crops: int = 2,
-              center_momentum: float | None = None) -> torch.Tensor:
+def dino_loss(
+    student_output: torch.Tensor,
+    teacher_output: torch.Tensor,
+    center: torch.Tensor,
+    student_temp: float = 0.1,
+    teacher_temp: float = 0.04,
+    *,
+    num_global_crops: int = 2,
+    center_momentum: float | None = None,
+) -> torch.Tensor:
     """DINO loss over every (teacher global crop, other student crop) pair (see the module docstring).
 
     Args:
@@ -142,12 +182,16 @@ def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center
         raise ValueError(f"num_global_crops must be an int >= 1, got {num_global_crops!r}")
     G = num_global_crops
     if t.shape[0] == 0 or t.shape[1] == 0 or t.shape[0] % G:
-        raise ValueError(f"teacher_output must be a non-empty [G·B, K] tensor with G = num_global_crops = {G}, "
-                         f"got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"teacher_output must be a non-empty [G·B, K] tensor with G = num_global_crops = {G}, "
+            f"got shape {tuple(t.shape)}"
+        )
     B, K = t.shape[0] // G, t.shape[1]
     if s.shape[1] != K or s.shape[0] % B or s.shape[0] // B < G:
-        raise ValueError(f"student_output must be [V·B, K] with B = {B}, K = {K} (from teacher_output) and "
-                         f"V >= {G} crops, got shape {tuple(s.shape)}")
+        raise ValueError(
+            f"student_output must be [V·B, K] with B = {B}, K = {K} (from teacher_output) and "
+            f"V >= {G} crops, got shape {tuple(s.shape)}"
+        )
     if s.shape[0] // B == 1:
         raise ValueError("student_output needs at least 2 crops (a pair of different views)")
     if c.numel() != K or c.dim() > 2 or (c.dim() == 2 and c.shape[0] != 1):
@@ -159,10 +203,18 @@ def dino_loss(student_output: torch.Tensor, teacher_output: torch.Tensor, center
         center_momentum = _real("center_momentum", center_momentum, 0.0, 1.0)
     if grads_in_forward(s):
         # a create_graph backward recomputes the loss in plain autograd (reference path only)
-        differentiable = (functools.partial(_differentiable_loss, (st, tt, G)) if _impl(s, t, c) is FAMILY.torch
-                          else None)
-        loss = loss_with_grads(functools.partial(_loss_and_grad, (st, tt, G)), s, t.detach(), c.detach(),
-                               op="dino_loss", differentiable=differentiable, hint=TRITON_DOUBLE_BACKWARD)
+        differentiable = (
+            functools.partial(_differentiable_loss, (st, tt, G)) if _impl(s, t, c) is FAMILY.torch else None
+        )
+        loss = loss_with_grads(
+            functools.partial(_loss_and_grad, (st, tt, G)),
+            s,
+            t.detach(),
+            c.detach(),
+            op="dino_loss",
+            differentiable=differentiable,
+            hint=TRITON_DOUBLE_BACKWARD,
+        )
     else:
         if center_momentum is not None:
             c = c.detach().clone()  # the loss and its backward use the center from before the update
@@ -203,7 +255,8 @@ def update_center_(center: torch.Tensor, teacher_output: torch.Tensor, momentum:
     if out.shape[0] == 0:
         raise ValueError("teacher_output must have at least one row, got shape (0, K)")
     if center.numel() != out.shape[1] or center.dim() > 2 or (center.dim() == 2 and center.shape[0] != 1):
-        raise ValueError(f"center must be [1, K] or [K] with K = {out.shape[1]} (teacher_output's), got "
-                         f"{tuple(center.shape)}")
+        raise ValueError(
+            f"center must be [1, K] or [K] with K = {out.shape[1]} (teacher_output's), got {tuple(center.shape)}"
+        )
     V.same_device(center=center, teacher_output=out)
     FAMILY.torch.update_center_(center, out, _real("momentum", momentum, 0.0, 1.0))

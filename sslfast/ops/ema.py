@@ -10,6 +10,7 @@ csrc kernels (csrc/ema.cu, csrc/optim.cu) through `sslfast.ops._csrc.ema`; other
 call's cached launch plan (`sslfast.ops._ema_plan`): the tables are built once per list of tensors, so a
 repeated call only checks that the tensors did not move and launches.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Protocol
@@ -32,12 +33,29 @@ class EMAImpl(Protocol):
     def ema_update_(self, plan, teacher, student, *, weight, m_tensor):
         """teacher[i] ← lerp(teacher[i], student[i], 1 − m) in place, for every pair."""
 
-    def adamw_ema_step_(self, plan, params, grads, exp_avgs, exp_avg_sqs, steps, teachers, *, lr, beta1, beta2,
-                        eps, weight_decay, weight, m_tensor):
+    def adamw_ema_step_(
+        self,
+        plan,
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        steps,
+        teachers,
+        *,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        weight,
+        m_tensor,
+    ):
         """One AdamW step of every param (moments, step counts in place), then the EMA of the teachers given."""
 
-    def lars_ema_step_(self, plan, params, grads, momentum_buffers, teachers, *, lr, momentum, weight_decay, eta,
-                       weight, m_tensor):
+    def lars_ema_step_(
+        self, plan, params, grads, momentum_buffers, teachers, *, lr, momentum, weight_decay, eta, weight, m_tensor
+    ):
         """One LARS step of every param (`plan.decay` / `plan.adapt` per param), then the EMA of the teachers."""
 
 

@@ -9,6 +9,7 @@ teachers[i] is given. Dispatch as `sslfast.ops.ema` (`FAMILY.impl`): the csrc ke
 `sslfast._C` (one pass over every tensor, no host sync), else the PyTorch path. The plans (`AdamWEMAPlan`,
 `LARSEMAPlan`) hold the launch tables of fixed lists of params / states / teachers and are cached per lists.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -31,11 +32,31 @@ class AdamWEMAPlan(FusedPlan):
     """Launch tables of `adamw_ema_step_` for fixed params / moments / steps / teachers."""
 
     def __init__(self, params, exp_avgs, exp_avg_sqs, steps, teachers):
-        super().__init__(ADAMW_DEPTH, params, [exp_avgs, exp_avg_sqs], _teacher_list(teachers, len(params)),
-                         [steps], [0] * len(params))
+        super().__init__(
+            ADAMW_DEPTH,
+            params,
+            [exp_avgs, exp_avg_sqs],
+            _teacher_list(teachers, len(params)),
+            [steps],
+            [0] * len(params),
+        )
 
-    def step_(self, params, grads, exp_avgs, exp_avg_sqs, steps, teachers, *, lr: float, beta1: float,
-              beta2: float, eps: float, weight_decay: float, momentum) -> None:
+    def step_(
+        self,
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        steps,
+        teachers,
+        *,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        momentum,
+    ) -> None:
         """The tensors must be those the plan was built for (`matches`); grads have the params' shapes and
         dtypes (as `p.grad` always has)."""
         if not params:
@@ -43,9 +64,22 @@ class AdamWEMAPlan(FusedPlan):
         teachers = _teacher_list(teachers, len(params))
         weight, m_tensor = A.momentum("momentum", momentum, self.device)
         grads = self.param_layout_grads(params, grads)
-        _impl(params[0]).adamw_ema_step_(self, params, grads, exp_avgs, exp_avg_sqs, steps, teachers, lr=lr,
-                                         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                                         weight=weight, m_tensor=m_tensor)
+        _impl(params[0]).adamw_ema_step_(
+            self,
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            steps,
+            teachers,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            weight=weight,
+            m_tensor=m_tensor,
+        )
 
 
 class LARSEMAPlan(FusedPlan):
@@ -56,16 +90,38 @@ class LARSEMAPlan(FusedPlan):
         flags = [(FLAG_DECAY if d else 0) | (FLAG_ADAPT if a else 0) for d, a in zip(self.decay, self.adapt)]
         super().__init__(LARS_DEPTH, params, [momentum_buffers], _teacher_list(teachers, len(params)), [], flags)
 
-    def step_(self, params, grads, momentum_buffers, teachers, *, lr: float, momentum: float, weight_decay: float,
-              eta: float, ema_momentum) -> None:
+    def step_(
+        self,
+        params,
+        grads,
+        momentum_buffers,
+        teachers,
+        *,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        eta: float,
+        ema_momentum,
+    ) -> None:
         """As `AdamWEMAPlan.step_`, for one LARS step."""
         if not params:
             return
         teachers = _teacher_list(teachers, len(params))
         weight, m_tensor = A.momentum("momentum", ema_momentum, self.device)
         grads = self.param_layout_grads(params, grads)
-        _impl(params[0]).lars_ema_step_(self, params, grads, momentum_buffers, teachers, lr=lr, momentum=momentum,
-                                        weight_decay=weight_decay, eta=eta, weight=weight, m_tensor=m_tensor)
+        _impl(params[0]).lars_ema_step_(
+            self,
+            params,
+            grads,
+            momentum_buffers,
+            teachers,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            eta=eta,
+            weight=weight,
+            m_tensor=m_tensor,
+        )
 
 
 _FUSED_PLANS = PlanCache()
@@ -84,11 +140,20 @@ def exclude_bias_and_norm(p: Tensor) -> bool:
     return p.ndim <= 1
 
 
-def adamw_ema_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
-                    exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor],
-                    teachers: Sequence[Tensor | None] | None = None, *, lr: float = 1e-3,
-                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                    momentum=0.996) -> None:
+def adamw_ema_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    teachers: Sequence[Tensor | None] | None = None,
+    *,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    momentum=0.996,
+) -> None:
     """One AdamW step (torch.optim.AdamW math: decoupled weight decay, bias-corrected moments) on every
     params[i], and teachers[i] ← lerp(teachers[i], new params[i], 1 − momentum) where teachers[i] is given.
 
@@ -127,22 +192,46 @@ def adamw_ema_step_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs:
     beta1, beta2 = (A.real(f"betas[{i}]", b, 0.0, 1.0) for i, b in enumerate(betas))
     lr, eps, weight_decay = A.real("lr", lr, 0.0), A.real("eps", eps, 0.0), A.real("weight_decay", weight_decay, 0.0)
     lists = (params, exp_avgs, exp_avg_sqs, steps, [t for t in teachers if t is not None] if teachers else [])
-    key = ("adamw", *(tuple(map(id, lst)) for lst in lists),
-           None if teachers is None else tuple(t is None for t in teachers))
+    key = (
+        "adamw",
+        *(tuple(map(id, lst)) for lst in lists),
+        None if teachers is None else tuple(t is None for t in teachers),
+    )
     plan = _FUSED_PLANS.get(key, lists)
     if plan is None:
         A.check_fused(params, {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}, teachers)
         A.check_steps(params, steps)
         plan = _FUSED_PLANS.put(key, AdamWEMAPlan(params, exp_avgs, exp_avg_sqs, steps, teachers), lists)
     A.check_pairs("params", params, "grads", grads, same_dtype=True)
-    plan.step_(params, grads, exp_avgs, exp_avg_sqs, steps, teachers, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-               weight_decay=weight_decay, momentum=momentum)
+    plan.step_(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        steps,
+        teachers,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        momentum=momentum,
+    )
 
 
-def lars_ema_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
-                   teachers: Sequence[Tensor | None] | None = None, *, lr: float, momentum: float = 0.9,
-                   weight_decay: float = 0.0, eta: float = 1e-3, exclude=exclude_bias_and_norm,
-                   ema_momentum=0.996) -> None:
+def lars_ema_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    teachers: Sequence[Tensor | None] | None = None,
+    *,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    eta: float = 1e-3,
+    exclude=exclude_bias_and_norm,
+    ema_momentum=0.996,
+) -> None:
     """One LARS step with BYOL / Barlow Twins semantics (math in `sslfast.reference.ema`), then
     teachers[i] ← lerp(teachers[i], new params[i], 1 − ema_momentum) where teachers[i] is given:
 
@@ -181,12 +270,25 @@ def lars_ema_step_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_b
     weight_decay, eta = A.real("weight_decay", weight_decay, 0.0), A.real("eta", eta, 0.0)
     keep = [not (exclude is not None and bool(exclude(p))) for p in params]
     lists = (params, bufs, [t for t in teachers if t is not None] if teachers else [])
-    key = ("lars", *(tuple(map(id, lst)) for lst in lists),
-           None if teachers is None else tuple(t is None for t in teachers), tuple(keep))
+    key = (
+        "lars",
+        *(tuple(map(id, lst)) for lst in lists),
+        None if teachers is None else tuple(t is None for t in teachers),
+        tuple(keep),
+    )
     plan = _FUSED_PLANS.get(key, lists)
     if plan is None:
         A.check_fused(params, {"momentum_buffers": bufs}, teachers)
         plan = _FUSED_PLANS.put(key, LARSEMAPlan(params, bufs, teachers, keep, keep), lists)
     A.check_pairs("params", params, "grads", grads, same_dtype=True)
-    plan.step_(params, grads, bufs, teachers, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-               ema_momentum=ema_momentum)
+    plan.step_(
+        params,
+        grads,
+        bufs,
+        teachers,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        eta=eta,
+        ema_momentum=ema_momentum,
+    )

@@ -25,6 +25,7 @@ temporary besides the gradient; CPU and fp64 tensors the chunked PyTorch path. A
 differentiated computes the gradient in its forward (`sslfast._custom_op.loss_with_grads`). Returns an fp32
 scalar (fp64 for fp64 student logits). Like DINOv2, the loss is a mean over this rank's images: no collective.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,8 +35,14 @@ import torch
 
 from .. import _validate as V
 from .._backend import without_autocast
-from .._custom_op import (TRITON_DOUBLE_BACKWARD, custom_op, differentiable_grads, double_backward_unsupported,
-                          grads_in_forward, loss_with_grads)
+from .._custom_op import (
+    TRITON_DOUBLE_BACKWARD,
+    custom_op,
+    differentiable_grads,
+    double_backward_unsupported,
+    grads_in_forward,
+    loss_with_grads,
+)
 from ._family import Family
 
 
@@ -84,8 +91,14 @@ def _run_backward(grad, student, teacher, weights, stats, student_temp):
 
 
 @custom_op("ibot_patch_loss_backward", fake=_fake_backward)
-def _ibot_backward(grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor,
-                   stats: torch.Tensor, student_temp: float) -> torch.Tensor:
+def _ibot_backward(
+    grad: torch.Tensor,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    weights: torch.Tensor,
+    stats: torch.Tensor,
+    student_temp: float,
+) -> torch.Tensor:
     return _run_backward(grad, student, teacher, weights, stats, student_temp)
 
 
@@ -111,15 +124,26 @@ def _differentiable_loss(student_temp, student, teacher, weights) -> torch.Tenso
 
 def _double_backward(ctx, g_loss, g_stats):
     student, teacher, weights, _ = ctx.saved_tensors
-    grads = differentiable_grads(functools.partial(_differentiable_loss, ctx.student_temp),
-                                 (student, teacher, weights), (ctx.needs_input_grad[0], False, False), (g_loss,))
+    grads = differentiable_grads(
+        functools.partial(_differentiable_loss, ctx.student_temp),
+        (student, teacher, weights),
+        (ctx.needs_input_grad[0], False, False),
+        (g_loss,),
+    )
     return grads + (None,)
 
 
-@custom_op("ibot_patch_loss", fake=_fake_forward, backward=_backward, setup_context=_setup_context,
-           non_differentiable=(1,), double_backward=_double_backward)
-def _ibot(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor,
-          student_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+@custom_op(
+    "ibot_patch_loss",
+    fake=_fake_forward,
+    backward=_backward,
+    setup_context=_setup_context,
+    non_differentiable=(1,),
+    double_backward=_double_backward,
+)
+def _ibot(
+    student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, student_temp: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     loss, stats = _run_forward(student, teacher, weights, student_temp)
     return loss, stats
 
@@ -135,10 +159,20 @@ def _weighted_loss(student: torch.Tensor, teacher: torch.Tensor, weights: torch.
     dtype, no gradient."""
     if grads_in_forward(student):
         # a create_graph backward recomputes the loss in plain autograd (PyTorch path only)
-        differentiable = (functools.partial(_differentiable_loss, student_temp)
-                          if _impl(student, teacher, weights) is FAMILY.torch else None)
-        return loss_with_grads(functools.partial(_loss_and_grad, student_temp), student, teacher, weights,
-                               op="ibot_patch_loss", differentiable=differentiable, hint=TRITON_DOUBLE_BACKWARD)
+        differentiable = (
+            functools.partial(_differentiable_loss, student_temp)
+            if _impl(student, teacher, weights) is FAMILY.torch
+            else None
+        )
+        return loss_with_grads(
+            functools.partial(_loss_and_grad, student_temp),
+            student,
+            teacher,
+            weights,
+            op="ibot_patch_loss",
+            differentiable=differentiable,
+            hint=TRITON_DOUBLE_BACKWARD,
+        )
     return _ibot(student, teacher, weights, student_temp)[0]
 
 
@@ -150,8 +184,13 @@ def _logits_and_probs(s_name: str, student, t_name: str, teacher, ndim: int, hin
     return s, V.soft_targets(t_name, teacher, shape=s.shape, shape_hint=hint, like={s_name: s})
 
 
-def ibot_patch_loss(student_patch_logits: torch.Tensor, teacher_patch_probs: torch.Tensor, mask: torch.Tensor, *,
-                    student_temp: float = 0.1) -> torch.Tensor:
+def ibot_patch_loss(
+    student_patch_logits: torch.Tensor,
+    teacher_patch_probs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    student_temp: float = 0.1,
+) -> torch.Tensor:
     """DINOv2's `iBOTPatchLoss.forward`: the masked tokens' soft cross-entropy, a mean per image, then over the
     images (an image without masked tokens contributes 0; see the module docstring).
 
@@ -172,15 +211,17 @@ def ibot_patch_loss(student_patch_logits: torch.Tensor, teacher_patch_probs: tor
         ValueError: a rank or shape differs from the above (no tokens, K = 0, shapes disagreeing), the tensors
             are on different devices, or student_temp is not finite and > 0.
     """
-    s, t = _logits_and_probs("student_patch_logits", student_patch_logits, "teacher_patch_probs",
-                             teacher_patch_probs, 3, "[B, L, K]")
+    s, t = _logits_and_probs(
+        "student_patch_logits", student_patch_logits, "teacher_patch_probs", teacher_patch_probs, 3, "[B, L, K]"
+    )
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor [B, L], got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor [B, L], got dtype {mask.dtype}")
     if mask.shape != s.shape[:2]:
-        raise ValueError(f"mask must be [B, L] = {tuple(s.shape[:2])} (from student_patch_logits), got shape "
-                         f"{tuple(mask.shape)}")
+        raise ValueError(
+            f"mask must be [B, L] = {tuple(s.shape[:2])} (from student_patch_logits), got shape {tuple(mask.shape)}"
+        )
     V.same_device(student_patch_logits=s, mask=mask)
     tau = V.positive("student_temp", student_temp)
     B, L, K = s.shape
@@ -200,9 +241,15 @@ def _count(name: str, value, low: int, high: int | None = None) -> int:
     return value
 
 
-def ibot_patch_loss_masked(student_logits_masked: torch.Tensor, teacher_probs_masked: torch.Tensor, *,
-                           masks_weight: torch.Tensor, n_images: int, n_masked_patches: int | None = None,
-                           student_temp: float = 0.1) -> torch.Tensor:
+def ibot_patch_loss_masked(
+    student_logits_masked: torch.Tensor,
+    teacher_probs_masked: torch.Tensor,
+    *,
+    masks_weight: torch.Tensor,
+    n_images: int,
+    n_masked_patches: int | None = None,
+    student_temp: float = 0.1,
+) -> torch.Tensor:
     """DINOv2's `iBOTPatchLoss.forward_masked` with its weights explicit (see the module docstring):
 
         loss = Σ_{m < n} masks_weight[m]·ℓ(t_m, s_m) / n_images,   n = n_masked_patches
@@ -226,18 +273,21 @@ def ibot_patch_loss_masked(student_logits_masked: torch.Tensor, teacher_probs_ma
         ValueError: a rank or shape differs from the above, n_images < 1, n_masked_patches outside [0, M], the
             tensors are on different devices, or student_temp is not finite and > 0.
     """
-    s, t = _logits_and_probs("student_logits_masked", student_logits_masked, "teacher_probs_masked",
-                             teacher_probs_masked, 2, "[M, K]")
+    s, t = _logits_and_probs(
+        "student_logits_masked", student_logits_masked, "teacher_probs_masked", teacher_probs_masked, 2, "[M, K]"
+    )
     M = s.shape[0]
     if M == 0:
         raise ValueError("student_logits_masked must hold at least one token row [M, K], got M = 0")
     n = M if n_masked_patches is None else _count("n_masked_patches", n_masked_patches, 0, M)
     images = _count("n_images", n_images, 1)
-    w = V.tensor("masks_weight", masks_weight, ndim=1, shape_hint=f"[n_masked_patches] = [{n}]",
-                 dtypes=V.ALL_FLOAT_DTYPES)
+    w = V.tensor(
+        "masks_weight", masks_weight, ndim=1, shape_hint=f"[n_masked_patches] = [{n}]", dtypes=V.ALL_FLOAT_DTYPES
+    )
     if w.shape[0] != n:
-        raise ValueError(f"masks_weight must have n_masked_patches = {n} entries (one per counted token), got "
-                         f"shape {tuple(w.shape)}")
+        raise ValueError(
+            f"masks_weight must have n_masked_patches = {n} entries (one per counted token), got shape {tuple(w.shape)}"
+        )
     V.same_device(student_logits_masked=s, masks_weight=w)
     tau = V.positive("student_temp", student_temp)
     work = _work_dtype(s)

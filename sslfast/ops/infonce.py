@@ -14,6 +14,7 @@ An eager call that will be differentiated runs the op's backward inside its forw
 with the closed-form gradients of the epilogue (one launch: `loss_epilogue`) as its upstream gradients. CPU
 tensors and float64 take the chunked PyTorch path, differentiable twice.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,8 +38,19 @@ def _loss_and_input_grads(spec: LseSpec, needs, a, b, partner, scale):
     impl = _impl(a, b, scale)
     *stats, rn_p = _stats(impl, a, b, partner, scale, spec)
     loss, *grads = impl.loss_epilogue(*stats[:3])
-    da, db, dp, ds = _grads(impl, a, b, partner, scale, *stats, *grads, spec, want_b=needs[1] and not spec.symmetric,
-                            want_scale=needs[3], rn_p=rn_p)
+    da, db, dp, ds = _grads(
+        impl,
+        a,
+        b,
+        partner,
+        scale,
+        *stats,
+        *grads,
+        spec,
+        want_b=needs[1] and not spec.symmetric,
+        want_scale=needs[3],
+        rn_p=rn_p,
+    )
     return loss, (da if needs[0] else None, db, dp if needs[2] else None, ds)
 
 
@@ -46,8 +58,9 @@ def _pair_loss_and_input_grads(spec: LseSpec, needs, z1, z2, scale):
     """`_loss_and_input_grads` of z = [z1; z2] against itself (single-device NT-Xent), the concatenation made
     here, outside autograd: the graph gets no concatenation node, and z's gradient is handed on as two views."""
     n, z = z1.shape[0], torch.cat([z1, z2])
-    loss, (dz, _, _, ds) = _loss_and_input_grads(spec, (needs[0] or needs[1], False, False, needs[2]), z, z, None,
-                                                 scale)
+    loss, (dz, _, _, ds) = _loss_and_input_grads(
+        spec, (needs[0] or needs[1], False, False, needs[2]), z, z, None, scale
+    )
     return loss, (dz[:n] if needs[0] else None, dz[n:] if needs[1] else None, ds)
 
 
@@ -65,10 +78,17 @@ def _contrastive(a, b, partner, scale, spec: LseSpec) -> torch.Tensor:
     forward when eager autograd will want them."""
     if grads_in_forward(a, b, partner, scale):
         # a create_graph backward recomputes the loss in plain autograd (PyTorch path only)
-        differentiable = (functools.partial(_differentiable_loss, spec) if _impl(a, b, scale) is FAMILY.torch
-                          else None)
-        return loss_with_grads(functools.partial(_loss_and_input_grads, spec), a, b, partner, scale,
-                               op="similarity_lse", differentiable=differentiable, hint=TRITON_DOUBLE_BACKWARD)
+        differentiable = functools.partial(_differentiable_loss, spec) if _impl(a, b, scale) is FAMILY.torch else None
+        return loss_with_grads(
+            functools.partial(_loss_and_input_grads, spec),
+            a,
+            b,
+            partner,
+            scale,
+            op="similarity_lse",
+            differentiable=differentiable,
+            hint=TRITON_DOUBLE_BACKWARD,
+        )
     lse_r, lse_c, pos, _, _ = similarity_lse_op(a, b, partner, scale, *spec)
     return contrastive_loss(lse_r, lse_c, pos)
 
@@ -88,8 +108,9 @@ def _paired(a: torch.Tensor, b_local: torch.Tensor, scale: torch.Tensor, *, boun
 
 
 # ------------------------------------------------------------------------------------------- public API
-def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *,
-                 gather_distributed: bool = False) -> torch.Tensor:
+def nt_xent_loss(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *, gather_distributed: bool = False
+) -> torch.Tensor:
     """SimCLR's NT-Xent over 2N views (lightly's `NTXentLoss(memory_bank_size=0)`).
 
     With z = norm([z1; z2]) and S = z zᵀ/τ, row i's positive is i ± N and its denominator every k ≠ i:
@@ -120,10 +141,18 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *
     if world == 1:
         spec = _pair_spec(n, bounded)
         if grads_in_forward(z1, z2, scale):
-            differentiable = (functools.partial(_differentiable_pair_loss, spec)
-                              if _impl(z1, z2, scale) is FAMILY.torch else None)
-            return loss_with_grads(functools.partial(_pair_loss_and_input_grads, spec), z1, z2, scale,
-                                   op="similarity_lse", differentiable=differentiable, hint=TRITON_DOUBLE_BACKWARD)
+            differentiable = (
+                functools.partial(_differentiable_pair_loss, spec) if _impl(z1, z2, scale) is FAMILY.torch else None
+            )
+            return loss_with_grads(
+                functools.partial(_pair_loss_and_input_grads, spec),
+                z1,
+                z2,
+                scale,
+                op="similarity_lse",
+                differentiable=differentiable,
+                hint=TRITON_DOUBLE_BACKWARD,
+            )
         z = torch.cat([z1, z2])
         return _contrastive(z, z, None, scale, spec)
     z = torch.cat([z1, z2])
@@ -133,8 +162,14 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *
     return _contrastive(z, zg, None, scale, LseSpec(maps, exclude_self=True, bounded=bounded))
 
 
-def info_nce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None = None,
-                  temperature: float = 0.2, *, gather_distributed: bool = False) -> torch.Tensor:
+def info_nce_loss(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    queue: torch.Tensor | None = None,
+    temperature: float = 0.2,
+    *,
+    gather_distributed: bool = False,
+) -> torch.Tensor:
     """MoCo's InfoNCE.
 
     With a queue (MoCo v1/v2): logits_i = [q̂_i·k̂_i, q̂_i·queuê_1, …]/τ with target 0. Without (MoCo v3, one
@@ -161,8 +196,10 @@ def info_nce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | 
     if queue is None:
         world = rank_and_world()[1] if gather_distributed else 1
         if query.shape[0] * world < 2:
-            raise ValueError("query needs at least 2 rows when queue is None (the other keys are the negatives), "
-                             f"got N={query.shape[0]}")
+            raise ValueError(
+                "query needs at least 2 rows when queue is None (the other keys are the negatives), "
+                f"got N={query.shape[0]}"
+            )
         return _paired(query, key, scale, bounded=bounded, gather=gather_distributed)
     queue = V.tensor("queue", queue, ndim=2, shape_hint="[K, D]", reference_dtypes=V.REFERENCE_DTYPES)
     if queue.shape[1] != query.shape[1]:
@@ -174,8 +211,13 @@ def info_nce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | 
     return _contrastive(query, queue.detach(), key, scale, _QUEUE_SPECS[bounded])
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, *,
-              gather_distributed: bool = False) -> torch.Tensor:
+def clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    gather_distributed: bool = False,
+) -> torch.Tensor:
     """CLIP's symmetric loss: L = logit_scale · norm(img) norm(txt)ᵀ, loss = (CE(L, arange) + CE(Lᵀ, arange)) / 2.
 
     Row and column statistics come from the same tiles in one pass; the gradient reaches `logit_scale`.
@@ -202,6 +244,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     V.same_device(image_features=img, logit_scale=logit_scale)
     scale = logit_scale.reshape(()).to(_stat_dtype(img))
     if gather_distributed and rank_and_world()[1] > 1:
-        return (_paired(img, txt, scale, bounded=False, gather=True)
-                + _paired(txt, img, scale, bounded=False, gather=True)) / 2
+        return (
+            _paired(img, txt, scale, bounded=False, gather=True) + _paired(txt, img, scale, bounded=False, gather=True)
+        ) / 2
     return _contrastive(img, txt, None, scale, _CLIP_SPEC)

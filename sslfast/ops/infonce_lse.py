@@ -9,6 +9,7 @@ A problem travels as an `LseSpec` (its `IndexMaps` and flags); it is flattened t
 custom ops' arguments (`*spec`, its fields in schema order) and rebuilt by `_spec`. The losses over it are in
 `sslfast.ops.infonce`.
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -19,6 +20,7 @@ from .._backend import without_autocast
 from .._custom_op import TRITON_DOUBLE_BACKWARD, custom_op, differentiable_grads, double_backward_unsupported
 from ._family import Family
 from .infonce_spec import LseSpec, _spec
+
 
 class InfoNCEImpl(Protocol):
     """What `kernels.infonce` and `ops._torch.infonce` both define (math in `sslfast.kernels.infonce`)."""
@@ -32,8 +34,25 @@ class InfoNCEImpl(Protocol):
     def similarity_lse(self, r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col_stats, bounded):
         """(lse_r [M], lse_c [Nc] or empty, pos [M] or empty) of rows r against columns c; maps: `IndexMaps`."""
 
-    def similarity_lse_rows_grad(self, r, c, rn_r, rn_c, scale, maps, *, exclude_self, bounded, lse_r=None,
-                                 g_r=None, lse_c=None, g_c=None, g_pr=None, g_pc=None, want_dscale=False):
+    def similarity_lse_rows_grad(
+        self,
+        r,
+        c,
+        rn_r,
+        rn_c,
+        scale,
+        maps,
+        *,
+        exclude_self,
+        bounded,
+        lse_r=None,
+        g_r=None,
+        lse_c=None,
+        g_c=None,
+        g_pr=None,
+        g_pc=None,
+        want_dscale=False,
+    ):
         """(∂L/∂r̂ [M, D], ∂L/∂scale or None) for the upstream gradients given (None: term left out)."""
 
     def row_normalize_backward(self, x, rn, dxh=None, partner=None, rn_p=None, coef=None):
@@ -75,9 +94,15 @@ def _stats(impl, a, b, partner, scale, spec: LseSpec):
     else:
         rn_a, rn_p, pos = impl.row_rnorm(a, partner, scale)
     rn_b = rn_a if spec.symmetric else impl.row_rnorm(b)
-    lse_r, lse_c, tile_pos = impl.similarity_lse(*impl.tile_operands(a, b, rn_a, rn_b), scale, spec.maps,
-                                                 exclude_self=spec.exclude_self, want_pos=spec.want_pos,
-                                                 col_stats=spec.col_stats, bounded=spec.bounded)
+    lse_r, lse_c, tile_pos = impl.similarity_lse(
+        *impl.tile_operands(a, b, rn_a, rn_b),
+        scale,
+        spec.maps,
+        exclude_self=spec.exclude_self,
+        want_pos=spec.want_pos,
+        col_stats=spec.col_stats,
+        bounded=spec.bounded,
+    )
     if partner is None:
         pos = tile_pos
     st = _stat_dtype(a)
@@ -86,18 +111,57 @@ def _stats(impl, a, b, partner, scale, spec: LseSpec):
 
 
 @without_autocast
-def _backward(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p, spec: LseSpec, *, want_b: bool,
-              want_scale: bool):
+def _backward(
+    a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p, spec: LseSpec, *, want_b: bool, want_scale: bool
+):
     """similarity_lse_backward's outputs: a fresh empty tensor for each gradient not computed (outputs may not
     alias each other)."""
-    da, db, dpartner, dscale = _grads(_impl(a, b, scale), a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r,
-                                      g_c, g_p, spec, want_b=want_b, want_scale=want_scale)
-    return (da, a.new_empty(0) if db is None else db, a.new_empty(0) if dpartner is None else dpartner,
-            scale.new_empty(0) if dscale is None else dscale)
+    da, db, dpartner, dscale = _grads(
+        _impl(a, b, scale),
+        a,
+        b,
+        partner,
+        scale,
+        lse_r,
+        lse_c,
+        pos,
+        rn_a,
+        rn_b,
+        g_r,
+        g_c,
+        g_p,
+        spec,
+        want_b=want_b,
+        want_scale=want_scale,
+    )
+    return (
+        da,
+        a.new_empty(0) if db is None else db,
+        a.new_empty(0) if dpartner is None else dpartner,
+        scale.new_empty(0) if dscale is None else dscale,
+    )
 
 
-def _grads(impl, a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p, spec: LseSpec, *, want_b,
-           want_scale, rn_p=None):
+def _grads(
+    impl,
+    a,
+    b,
+    partner,
+    scale,
+    lse_r,
+    lse_c,
+    pos,
+    rn_a,
+    rn_b,
+    g_r,
+    g_c,
+    g_p,
+    spec: LseSpec,
+    *,
+    want_b,
+    want_scale,
+    rn_p=None,
+):
     """`_backward` on `impl`, with None for the gradients it does not compute."""
     maps, symmetric, exclude_self, bounded = spec.maps, spec.symmetric, spec.exclude_self, spec.bounded
     if symmetric:
@@ -106,9 +170,22 @@ def _grads(impl, a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, 
     tile_pos = g_p if partner is None else None
     ta, tb, trn_a, trn_b = impl.tile_operands(a, b, rn_a, rn_b)  # once for both roles
     dah, dscale = impl.similarity_lse_rows_grad(
-        ta, tb, trn_a, trn_b, scale, maps, exclude_self=exclude_self, bounded=bounded, lse_r=lse_r, g_r=g_r,
-        lse_c=lse_c if with_c else None, g_c=g_c, g_pr=tile_pos, g_pc=tile_pos if symmetric else None,
-        want_dscale=want_scale)
+        ta,
+        tb,
+        trn_a,
+        trn_b,
+        scale,
+        maps,
+        exclude_self=exclude_self,
+        bounded=bounded,
+        lse_r=lse_r,
+        g_r=g_r,
+        lse_c=lse_c if with_c else None,
+        g_c=g_c,
+        g_pr=tile_pos,
+        g_pc=tile_pos if symmetric else None,
+        want_dscale=want_scale,
+    )
     db = dpartner = None
     if partner is None:
         da = impl.row_normalize_backward(a, rn_a, dah)
@@ -121,8 +198,20 @@ def _grads(impl, a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, 
             dscale = dscale + (g_p * pos).sum() / scale
     if want_b and not symmetric:
         dbh, _ = impl.similarity_lse_rows_grad(
-            tb, ta, trn_b, trn_a, scale, maps.swapped(), exclude_self=exclude_self, bounded=bounded,
-            lse_r=lse_c if with_c else None, g_r=g_c, lse_c=lse_r, g_c=g_r, g_pc=tile_pos)
+            tb,
+            ta,
+            trn_b,
+            trn_a,
+            scale,
+            maps.swapped(),
+            exclude_self=exclude_self,
+            bounded=bounded,
+            lse_r=lse_c if with_c else None,
+            g_r=g_c,
+            lse_c=lse_r,
+            g_c=g_r,
+            g_pc=tile_pos,
+        )
         db = impl.row_normalize_backward(b, rn_b, dbh)
     return da, db, dpartner, _as(dscale, scale.dtype).reshape(()) if want_scale else None
 
@@ -136,15 +225,40 @@ def _backward_inputs(ctx, g_r, g_c, g_p):
     st = lse_r.dtype
     g_c = _as(g_c, st).contiguous() if spec.col_stats else None
     g_p = _as(g_p, st).contiguous() if spec.want_pos or partner is not None else None
-    return (a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, _as(g_r, st).contiguous(), g_c, g_p, *spec,
-            ctx.needs_input_grad[1] and not spec.symmetric, ctx.needs_input_grad[3])
+    return (
+        a,
+        b,
+        partner,
+        scale,
+        lse_r,
+        lse_c,
+        pos,
+        rn_a,
+        rn_b,
+        _as(g_r, st).contiguous(),
+        g_c,
+        g_p,
+        *spec,
+        ctx.needs_input_grad[1] and not spec.symmetric,
+        ctx.needs_input_grad[3],
+    )
 
 
 def _input_grads(ctx, da, db, dp, dscale):
     """similarity_lse's input gradients: a, b, partner, scale, then None for the six flat `LseSpec` fields."""
     needs = ctx.needs_input_grad
-    return (da, db if needs[1] and not ctx.spec.symmetric else None, dp if ctx.saved_tensors[2] is not None else None,
-            dscale if needs[3] else None, None, None, None, None, None, None)
+    return (
+        da,
+        db if needs[1] and not ctx.spec.symmetric else None,
+        dp if ctx.saved_tensors[2] is not None else None,
+        dscale if needs[3] else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 def _save(ctx, inputs, output):
@@ -157,33 +271,88 @@ def _fake_lse(a, b, partner, scale, maps, symmetric, exclude_self, want_pos, col
     m, nb = a.shape[0], b.shape[0]
     f32 = dict(dtype=_stat_dtype(a), device=a.device)
     has_pos = want_pos or partner is not None
-    return (a.new_empty(m, **f32), a.new_empty(nb if col_stats else 0, **f32),
-            a.new_empty(m if has_pos else 0, **f32), a.new_empty(m, **f32), a.new_empty(0 if symmetric else nb, **f32))
+    return (
+        a.new_empty(m, **f32),
+        a.new_empty(nb if col_stats else 0, **f32),
+        a.new_empty(m if has_pos else 0, **f32),
+        a.new_empty(m, **f32),
+        a.new_empty(0 if symmetric else nb, **f32),
+    )
 
 
-def _fake_lse_backward(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p, maps, symmetric,
-                       exclude_self, want_pos, col_stats, bounded, want_b, want_scale):
+def _fake_lse_backward(
+    a,
+    b,
+    partner,
+    scale,
+    lse_r,
+    lse_c,
+    pos,
+    rn_a,
+    rn_b,
+    g_r,
+    g_c,
+    g_p,
+    maps,
+    symmetric,
+    exclude_self,
+    want_pos,
+    col_stats,
+    bounded,
+    want_b,
+    want_scale,
+):
     db = torch.empty_like(b) if want_b and not symmetric else a.new_empty(0)
     dp = a.new_empty(0) if partner is None else torch.empty_like(partner)
     return torch.empty_like(a), db, dp, scale.new_empty(() if want_scale else (0,))
 
 
 @custom_op("similarity_lse_backward", fake=_fake_lse_backward)
-def similarity_lse_backward(a: torch.Tensor, b: torch.Tensor, partner: torch.Tensor | None, scale: torch.Tensor,
-                            lse_r: torch.Tensor, lse_c: torch.Tensor, pos: torch.Tensor, rn_a: torch.Tensor,
-                            rn_b: torch.Tensor, g_r: torch.Tensor, g_c: torch.Tensor | None,
-                            g_p: torch.Tensor | None, maps: list[int], symmetric: bool, exclude_self: bool,
-                            want_pos: bool, col_stats: bool, bounded: bool, want_b: bool, want_scale: bool
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def similarity_lse_backward(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    partner: torch.Tensor | None,
+    scale: torch.Tensor,
+    lse_r: torch.Tensor,
+    lse_c: torch.Tensor,
+    pos: torch.Tensor,
+    rn_a: torch.Tensor,
+    rn_b: torch.Tensor,
+    g_r: torch.Tensor,
+    g_c: torch.Tensor | None,
+    g_p: torch.Tensor | None,
+    maps: list[int],
+    symmetric: bool,
+    exclude_self: bool,
+    want_pos: bool,
+    col_stats: bool,
+    bounded: bool,
+    want_b: bool,
+    want_scale: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(da, db or [0], dpartner or [0], dscale or [0]) for upstream gradients g_r (of lse_r), g_c (of lse_c),
     g_p (of pos); `maps` … `bounded` are the flat `LseSpec`.
 
     Rows of a see G directly; rows of b see Gᵀ, i.e. the same kernel with the roles swapped. In the
     symmetric case both roles land on a and a single launch computes G + Gᵀ. A partner's positive
     s_i = scale·â_i·p̂_i adds g_p[i]·scale·p̂_i to ∂L/∂â_i (and the mirror term to p) in the row-norm backward."""
-    return _backward(a, b, partner, scale, lse_r, lse_c, pos, rn_a, rn_b, g_r, g_c, g_p,
-                     _spec(tuple(maps), symmetric, exclude_self, want_pos, col_stats, bounded), want_b=want_b,
-                     want_scale=want_scale)
+    return _backward(
+        a,
+        b,
+        partner,
+        scale,
+        lse_r,
+        lse_c,
+        pos,
+        rn_a,
+        rn_b,
+        g_r,
+        g_c,
+        g_p,
+        _spec(tuple(maps), symmetric, exclude_self, want_pos, col_stats, bounded),
+        want_b=want_b,
+        want_scale=want_scale,
+    )
 
 
 def _op_backward(ctx, g_r, g_c, g_p, *_):
@@ -192,30 +361,47 @@ def _op_backward(ctx, g_r, g_c, g_p, *_):
 
 def _differentiable_stats(spec: LseSpec):
     """(a, b, partner, scale) -> (lse_r, lse_c, pos) in plain autograd: the PyTorch path's forward."""
+
     def stats(a, b, partner, scale):
         if _impl(a, b, scale) is not FAMILY.torch:
             raise double_backward_unsupported("similarity_lse", TRITON_DOUBLE_BACKWARD)
         return _forward(a, b, partner, scale, spec)[:3]
+
     return stats
 
 
 def _op_double_backward(ctx, g_r, g_c, g_p, *_):
     """create_graph=True: the statistics recomputed in plain autograd (PyTorch path), so the input gradients
     are differentiable in the inputs and in g_r, g_c, g_p."""
-    grads = differentiable_grads(_differentiable_stats(ctx.spec), ctx.saved_tensors[:4], ctx.needs_input_grad[:4],
-                                 (g_r, g_c, g_p))
+    grads = differentiable_grads(
+        _differentiable_stats(ctx.spec), ctx.saved_tensors[:4], ctx.needs_input_grad[:4], (g_r, g_c, g_p)
+    )
     return _input_grads(ctx, *grads)
 
 
-@custom_op("similarity_lse", fake=_fake_lse, backward=_op_backward, setup_context=_save, non_differentiable=(3, 4),
-           double_backward=_op_double_backward)
-def similarity_lse_op(a: torch.Tensor, b: torch.Tensor, partner: torch.Tensor | None, scale: torch.Tensor,
-                      maps: list[int], symmetric: bool, exclude_self: bool, want_pos: bool, col_stats: bool,
-                      bounded: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@custom_op(
+    "similarity_lse",
+    fake=_fake_lse,
+    backward=_op_backward,
+    setup_context=_save,
+    non_differentiable=(3, 4),
+    double_backward=_op_double_backward,
+)
+def similarity_lse_op(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    partner: torch.Tensor | None,
+    scale: torch.Tensor,
+    maps: list[int],
+    symmetric: bool,
+    exclude_self: bool,
+    want_pos: bool,
+    col_stats: bool,
+    bounded: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`sslfast::similarity_lse`: (lse_r [M], lse_c [Nb] or [0], pos [M] or [0], rn_a, rn_b or [0] if
     symmetric), fp32 (fp64 for fp64 inputs); `maps` … `bounded` are the flat `LseSpec`.
 
     `partner` (MoCo's queue mode): the positive of row i is partner[i] instead of a column of b, scored in the
     row-norm pass. The inverse row norms are returned for the backward; they get no gradient."""
-    return _forward(a, b, partner, scale, _spec(tuple(maps), symmetric, exclude_self, want_pos, col_stats,
-                                                bounded))[:5]
+    return _forward(a, b, partner, scale, _spec(tuple(maps), symmetric, exclude_self, want_pos, col_stats, bounded))[:5]

@@ -2,6 +2,7 @@
 ones are, and each row's positive) and `LseSpec` (the maps plus the problem's flags), with the specs the
 contrastive losses use, cached. The custom ops take a spec's fields flattened (`*spec`) and `_spec` rebuilds it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,8 +31,16 @@ class IndexMaps(NamedTuple):
     @functools.lru_cache(maxsize=256)  # noqa: B019  (a handful of maps, immutable; a hit costs no Python call)
     def swapped(self) -> IndexMaps:
         """The maps of Sᵀ (columns as rows); the pairing is kept, which is Sᵀ's when π is an involution."""
-        return IndexMaps(self.col_off, self.col_split, self.col_shift, self.row_off, self.row_split,
-                         self.row_shift, self.pos_shift, self.pos_period)
+        return IndexMaps(
+            self.col_off,
+            self.col_split,
+            self.col_shift,
+            self.row_off,
+            self.row_split,
+            self.row_shift,
+            self.pos_shift,
+            self.pos_period,
+        )
 
 
 class LseSpec(NamedTuple):

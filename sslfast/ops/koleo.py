@@ -9,6 +9,7 @@ the backward is the exact gradient through x̂_i and x̂_{n(i)}. CUDA tensors ru
 keeps no N×N similarity matrix (`sslfast.kernels.koleo`); CPU and fp64 tensors search over chunks of rows.
 DINOv2 computes KoLeo per rank, and so does this op. Returns an fp32 scalar (fp64 for fp64 inputs).
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,8 +43,12 @@ def _work_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _fake_forward(x, eps):
     N, dtype = x.shape[0], _work_dtype(x)
-    return (x.new_empty((), dtype=dtype), x.new_empty(N, dtype=torch.int64), x.new_empty(N, dtype=dtype),
-            x.new_empty(N, dtype=dtype))
+    return (
+        x.new_empty((), dtype=dtype),
+        x.new_empty(N, dtype=torch.int64),
+        x.new_empty(N, dtype=dtype),
+        x.new_empty(N, dtype=dtype),
+    )
 
 
 def _fake_backward(grad, x, nn, dist, rnorm, eps):
@@ -62,8 +67,9 @@ def _run_backward(grad, x, nn, dist, rnorm, eps):
 
 
 @custom_op("koleo_loss_backward", fake=_fake_backward)
-def _koleo_backward(grad: torch.Tensor, x: torch.Tensor, nn: torch.Tensor, dist: torch.Tensor, rnorm: torch.Tensor,
-                    eps: float) -> torch.Tensor:
+def _koleo_backward(
+    grad: torch.Tensor, x: torch.Tensor, nn: torch.Tensor, dist: torch.Tensor, rnorm: torch.Tensor, eps: float
+) -> torch.Tensor:
     return _run_backward(grad, x, nn, dist, rnorm, eps)
 
 
@@ -89,12 +95,19 @@ def _differentiable_loss(eps, x):
 
 def _double_backward(ctx, g_loss, *_):
     x = ctx.saved_tensors[0]
-    return differentiable_grads(functools.partial(_differentiable_loss, ctx.eps), (x,), (ctx.needs_input_grad[0],),
-                                (g_loss,)) + (None,)
+    return differentiable_grads(
+        functools.partial(_differentiable_loss, ctx.eps), (x,), (ctx.needs_input_grad[0],), (g_loss,)
+    ) + (None,)
 
 
-@custom_op("koleo_loss", fake=_fake_forward, backward=_backward, setup_context=_setup_context,
-           non_differentiable=(1, 2, 3), double_backward=_double_backward)
+@custom_op(
+    "koleo_loss",
+    fake=_fake_forward,
+    backward=_backward,
+    setup_context=_setup_context,
+    non_differentiable=(1, 2, 3),
+    double_backward=_double_backward,
+)
 def _koleo(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     loss, nn, dist, rnorm = _run_forward(x, eps)
     return loss, nn, dist, rnorm

@@ -12,6 +12,7 @@ autograd formula, so `torch.compile(fullgraph=True)` traces through them; eager 
 pass (`loss_with_grads`). CUDA tensors run the Triton kernels, CPU tensors the PyTorch path in
 `sslfast.ops._torch.mae` (`sslfast.ops._family`).
 """
+
 from __future__ import annotations
 
 from .mae_common import FAMILY, MAEImpl, MaskInfo
@@ -19,5 +20,15 @@ from .mae_loss import masked_mse_loss
 from .mae_masking import bert_masking, random_masking
 from .mae_tokens import gather_patches, gather_tokens, patchify, unshuffle
 
-__all__ = ["FAMILY", "MAEImpl", "MaskInfo", "bert_masking", "gather_patches", "gather_tokens", "masked_mse_loss",
-           "patchify", "random_masking", "unshuffle"]
+__all__ = [
+    "FAMILY",
+    "MAEImpl",
+    "MaskInfo",
+    "bert_masking",
+    "gather_patches",
+    "gather_tokens",
+    "masked_mse_loss",
+    "patchify",
+    "random_masking",
+    "unshuffle",
+]

@@ -6,6 +6,7 @@ argument. On CUDA that check would cost a device synchronization per call, so it
 mask every access instead, an out-of-range id yields a row of NaN (never a memory fault, never a silent
 finite value), and its gradient contribution is dropped.
 """
+
 from __future__ import annotations
 
 from numbers import Integral
@@ -46,8 +47,9 @@ class MAEImpl(Protocol):
     def masked_mse_backward(self, g, pred, imgs, mask, wsum, p, norm_pix):
         """∂loss/∂pred in pred's dtype for the 0-d upstream gradient g."""
 
-    def bert_masking(self, seed, input_ids, special, mask_token_id, vocab_size, prob, replace_prob, random_prob,
-                     ignore_index):
+    def bert_masking(
+        self, seed, input_ids, special, mask_token_id, vocab_size, prob, replace_prob, random_prob, ignore_index
+    ):
         """(masked input_ids, labels) in input_ids' dtype and shape."""
 
 
@@ -61,6 +63,7 @@ class MaskInfo(NamedTuple):
     ids_restore: int64 [B, L], position of each patch in the shuffled order (argsort of ids_shuffle)
     mask:        fp32 [B, L], 1 = masked (removed), 0 = visible
     """
+
     ids_keep: torch.Tensor
     ids_restore: torch.Tensor
     mask: torch.Tensor
@@ -83,13 +86,11 @@ def check_images(name: str, imgs, patch_size) -> tuple[torch.Tensor, int]:
     if B == 0 or C == 0:
         raise ValueError(f"{name} must be a non-empty [B, C, H, W] tensor, got shape {tuple(imgs.shape)}")
     if H == 0 or W == 0 or H % p or W % p:
-        raise ValueError(f"{name} height and width must be positive multiples of patch_size={p}, got "
-                         f"H={H}, W={W}")
+        raise ValueError(f"{name} height and width must be positive multiples of patch_size={p}, got H={H}, W={W}")
     return imgs, p
 
 
-def check_ids(name: str, ids, batch: int, upper: int, what: str, batch_of: str, hint: str = "[B, K]"
-              ) -> torch.Tensor:
+def check_ids(name: str, ids, batch: int, upper: int, what: str, batch_of: str, hint: str = "[B, K]") -> torch.Tensor:
     """Integer ids [B, N] in [0, upper), contiguous. The range is checked only off-CUDA and outside
     torch.compile tracing (see the module docstring)."""
     if not isinstance(ids, torch.Tensor):
@@ -97,8 +98,10 @@ def check_ids(name: str, ids, batch: int, upper: int, what: str, batch_of: str, 
     if ids.dtype not in ID_DTYPES:
         raise TypeError(f"{name} must have dtype int64 or int32, got {ids.dtype}")
     if ids.dim() != 2 or ids.shape[0] != batch or ids.shape[1] == 0:
-        raise ValueError(f"{name} must be a non-empty {hint} tensor with B={batch} (the batch of {batch_of}), got "
-                         f"shape {tuple(ids.shape)}")
+        raise ValueError(
+            f"{name} must be a non-empty {hint} tensor with B={batch} (the batch of {batch_of}), got "
+            f"shape {tuple(ids.shape)}"
+        )
     ids = ids.contiguous()
     if not ids.is_cuda and not torch.compiler.is_compiling():
         lo, hi = torch.aminmax(ids)

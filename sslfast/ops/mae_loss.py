@@ -2,6 +2,7 @@
 `forward_loss` with the targets read from the images, never materialized. An eager loss that will be
 differentiated gets ∂loss/∂pred from its forward pass (`sslfast._custom_op.loss_with_grads`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -10,16 +11,29 @@ import torch
 
 from .. import _validate as V
 from .._backend import use_triton
-from .._custom_op import (TRITON_DOUBLE_BACKWARD, backward_on_reference, custom_op, differentiable_grads,
-                          grads_in_forward, loss_with_grads)
+from .._custom_op import (
+    TRITON_DOUBLE_BACKWARD,
+    backward_on_reference,
+    custom_op,
+    differentiable_grads,
+    grads_in_forward,
+    loss_with_grads,
+)
 from .mae_common import FAMILY, check_images, check_tokens
 
 _impl = FAMILY.impl
 
 
 @custom_op("mae_masked_mse_backward", fake=lambda g, pred, imgs, mask, wsum, p, norm_pix: torch.empty_like(pred))
-def _masked_mse_backward_op(g: torch.Tensor, pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor,
-                            wsum: torch.Tensor, p: int, norm_pix: bool) -> torch.Tensor:
+def _masked_mse_backward_op(
+    g: torch.Tensor,
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: torch.Tensor,
+    wsum: torch.Tensor,
+    p: int,
+    norm_pix: bool,
+) -> torch.Tensor:
     return _impl(pred, imgs, mask).masked_mse_backward(g, pred, imgs, mask, wsum, p, norm_pix)
 
 
@@ -48,16 +62,23 @@ def _masked_mse_literal(cfg, pred, imgs, mask):
 
 def _masked_mse_double_backward(ctx, g_loss, g_wsum):
     pred, imgs, mask, _ = ctx.saved_tensors
-    (dpred,) = differentiable_grads(lambda x: _masked_mse_literal(ctx.cfg, x, imgs, mask), [pred],
-                                    [ctx.needs_input_grad[0]], [g_loss])
+    (dpred,) = differentiable_grads(
+        lambda x: _masked_mse_literal(ctx.cfg, x, imgs, mask), [pred], [ctx.needs_input_grad[0]], [g_loss]
+    )
     return dpred, None, None, None, None
 
 
-@custom_op("mae_masked_mse", fake=_fake_masked_mse, backward=_masked_mse_backward, setup_context=_masked_mse_setup,
-           non_differentiable=(1,),
-           double_backward=backward_on_reference("masked_mse_loss", _masked_mse_double_backward))
-def _masked_mse_op(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, p: int,
-                   norm_pix: bool) -> tuple[torch.Tensor, torch.Tensor]:
+@custom_op(
+    "mae_masked_mse",
+    fake=_fake_masked_mse,
+    backward=_masked_mse_backward,
+    setup_context=_masked_mse_setup,
+    non_differentiable=(1,),
+    double_backward=backward_on_reference("masked_mse_loss", _masked_mse_double_backward),
+)
+def _masked_mse_op(
+    pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, p: int, norm_pix: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, Σ mask) as fp32 scalars."""
     loss, wsum, _ = _impl(pred, imgs, mask).masked_mse(pred, imgs, mask, p, norm_pix)
     return loss.float().clone(), wsum.float().clone()
@@ -74,8 +95,9 @@ def _detached(x: torch.Tensor) -> torch.Tensor:
     return x.detach() if x.requires_grad else x
 
 
-def masked_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
-                    norm_pix_loss: bool = True) -> torch.Tensor:
+def masked_mse_loss(
+    pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix_loss: bool = True
+) -> torch.Tensor:
     """The official MAE `forward_loss`: target = patchify(imgs), per patch normalized to mean 0 and
     (unbiased) variance 1 (eps 1e-6) when norm_pix_loss; loss = Σ mask·mean_e (pred − target)² / Σ mask.
 
@@ -104,8 +126,10 @@ def masked_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, 
     B, C, H, W = imgs.shape
     L, E = (H // p) * (W // p), p * p * C
     if pred.shape != (B, L, E):
-        raise ValueError(f"pred must be [B, L, p*p*C] = [{B}, {L}, {E}] for imgs {tuple(imgs.shape)} and "
-                         f"patch_size={p}, got {tuple(pred.shape)}")
+        raise ValueError(
+            f"pred must be [B, L, p*p*C] = [{B}, {L}, {E}] for imgs {tuple(imgs.shape)} and "
+            f"patch_size={p}, got {tuple(pred.shape)}"
+        )
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor [B, L], got {type(mask).__name__}")
     if mask.dtype == torch.bool:
@@ -119,7 +143,14 @@ def masked_mse_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, 
     if grads_in_forward(pred):
         cfg = (p, norm_pix_loss)
         literal = functools.partial(_masked_mse_literal, cfg) if not use_triton(pred, imgs, mask) else None
-        return loss_with_grads(functools.partial(_masked_mse_and_grad, cfg), pred, _detached(imgs), _detached(mask),
-                               op="masked_mse_loss", differentiable=literal, hint=TRITON_DOUBLE_BACKWARD)
+        return loss_with_grads(
+            functools.partial(_masked_mse_and_grad, cfg),
+            pred,
+            _detached(imgs),
+            _detached(mask),
+            op="masked_mse_loss",
+            differentiable=literal,
+            hint=TRITON_DOUBLE_BACKWARD,
+        )
     loss, _ = _masked_mse_op(pred, imgs, _detached(mask), p, norm_pix_loss)
     return loss

@@ -3,6 +3,7 @@
 Philox on it, one kernel per call on CUDA with no host synchronization, and the same streams on the PyTorch
 path (`sslfast.ops._torch.mae.philox`), so one generator state gives the same masks on either backend.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,32 +29,43 @@ def _device_probe(device: torch.device) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------- custom ops
 def _fake_masking(seed, batch, num_patches, keep, block, grid_w, device):
-    return (torch.empty(batch, keep, dtype=torch.int64, device=device),
-            torch.empty(batch, num_patches, dtype=torch.int64, device=device),
-            torch.empty(batch, num_patches, dtype=torch.float32, device=device))
+    return (
+        torch.empty(batch, keep, dtype=torch.int64, device=device),
+        torch.empty(batch, num_patches, dtype=torch.int64, device=device),
+        torch.empty(batch, num_patches, dtype=torch.float32, device=device),
+    )
 
 
 @custom_op("mae_random_masking", fake=_fake_masking)
-def _random_masking_op(seed: torch.Tensor, batch: int, num_patches: int, keep: int, block: int, grid_w: int,
-                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _random_masking_op(
+    seed: torch.Tensor, batch: int, num_patches: int, keep: int, block: int, grid_w: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     impl = _impl(_device_probe(device))
     return impl.random_masking(seed, batch, num_patches, keep, block, grid_w, device)
 
 
-
-def _fake_bert_masking(seed, input_ids, special, mask_token_id, vocab_size, prob, replace_prob, random_prob,
-                       ignore_index):
+def _fake_bert_masking(
+    seed, input_ids, special, mask_token_id, vocab_size, prob, replace_prob, random_prob, ignore_index
+):
     return torch.empty_like(input_ids), torch.empty_like(input_ids)
 
 
 @custom_op("mae_bert_masking", fake=_fake_bert_masking)
-def _bert_masking_op(seed: torch.Tensor, input_ids: torch.Tensor, special: torch.Tensor | None,
-                     mask_token_id: int, vocab_size: int, prob: float, replace_prob: float, random_prob: float,
-                     ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _bert_masking_op(
+    seed: torch.Tensor,
+    input_ids: torch.Tensor,
+    special: torch.Tensor | None,
+    mask_token_id: int,
+    vocab_size: int,
+    prob: float,
+    replace_prob: float,
+    random_prob: float,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     impl = _impl(input_ids, special)
-    return impl.bert_masking(seed, input_ids, special, mask_token_id, vocab_size, prob, replace_prob,
-                             random_prob, ignore_index)
-
+    return impl.bert_masking(
+        seed, input_ids, special, mask_token_id, vocab_size, prob, replace_prob, random_prob, ignore_index
+    )
 
 
 def _normalize_device(device, name: str = "device") -> torch.device:
@@ -61,16 +73,17 @@ def _normalize_device(device, name: str = "device") -> torch.device:
     this process cannot use, is a ValueError naming `name`, raised before anything runs (instead of torch's
     "not compiled with CUDA" AssertionError from deep inside the first allocation)."""
     if not isinstance(device, (str, int, torch.device)) or isinstance(device, bool):
-        raise TypeError(f"{name} must be a torch.device or a device string (e.g. 'cuda'), got "
-                        f"{type(device).__name__}")
+        raise TypeError(f"{name} must be a torch.device or a device string (e.g. 'cuda'), got {type(device).__name__}")
     try:
         device = torch.device(device)
     except RuntimeError:
         raise ValueError(f"{name} must name a device (e.g. 'cpu', 'cuda', 'cuda:1'), got {device!r}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"{name}={str(device)!r} was requested but CUDA is not available (no GPU, or this "
-                             "torch build has no CUDA support)")
+            raise ValueError(
+                f"{name}={str(device)!r} was requested but CUDA is not available (no GPU, or this "
+                "torch build has no CUDA support)"
+            )
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         elif device.index >= torch.cuda.device_count():
@@ -91,18 +104,21 @@ def _draw_seed(generator, device: torch.device) -> torch.Tensor:
     return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=gdev, generator=generator)
 
 
-
 def _masking_grid(num_patches: int, block: int, grid_size) -> tuple[int, int]:
     if block == 1 and grid_size is None:
         return 1, num_patches
     if grid_size is None:
         h = math.isqrt(num_patches)
         if h * h != num_patches:
-            raise ValueError(f"grid_size (h, w) is needed for block masking when num_patches={num_patches} is "
-                             "not a square")
+            raise ValueError(
+                f"grid_size (h, w) is needed for block masking when num_patches={num_patches} is not a square"
+            )
         grid_size = (h, h)
-    if (not isinstance(grid_size, (tuple, list)) or len(grid_size) != 2
-            or any(isinstance(g, bool) or not isinstance(g, Integral) or g < 1 for g in grid_size)):
+    if (
+        not isinstance(grid_size, (tuple, list))
+        or len(grid_size) != 2
+        or any(isinstance(g, bool) or not isinstance(g, Integral) or g < 1 for g in grid_size)
+    ):
         raise ValueError(f"grid_size must be a pair of positive ints (h, w), got {grid_size!r}")
     h, w = int(grid_size[0]), int(grid_size[1])
     if h * w != num_patches:
@@ -113,9 +129,16 @@ def _masking_grid(num_patches: int, block: int, grid_size) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------- public API
-def random_masking(batch_size: int, num_patches: int, mask_ratio: float, *, device=None,
-                   generator: torch.Generator | None = None, block_size: int = 1,
-                   grid_size: tuple[int, int] | None = None) -> MaskInfo:
+def random_masking(
+    batch_size: int,
+    num_patches: int,
+    mask_ratio: float,
+    *,
+    device=None,
+    generator: torch.Generator | None = None,
+    block_size: int = 1,
+    grid_size: tuple[int, int] | None = None,
+) -> MaskInfo:
     """MAE random masking: every sample keeps exactly K = int(L·(1 − mask_ratio)) patches, as the official code.
 
     Returns `MaskInfo(ids_keep [B, K], ids_restore [B, L], mask [B, L])` (int64, int64, fp32; mask 1 =
@@ -160,10 +183,18 @@ def random_masking(batch_size: int, num_patches: int, mask_ratio: float, *, devi
     return MaskInfo(ids_keep, ids_restore, mask)
 
 
-def bert_masking(input_ids: torch.Tensor, mask_token_id: int, vocab_size: int, mlm_probability: float = 0.15,
-                 *, special_tokens_mask: torch.Tensor | None = None, replace_prob: float = 0.8,
-                 random_prob: float = 0.1, ignore_index: int = -100,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def bert_masking(
+    input_ids: torch.Tensor,
+    mask_token_id: int,
+    vocab_size: int,
+    mlm_probability: float = 0.15,
+    *,
+    special_tokens_mask: torch.Tensor | None = None,
+    replace_prob: float = 0.8,
+    random_prob: float = 0.1,
+    ignore_index: int = -100,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT-style token masking (HF `DataCollatorForLanguageModeling`): each token (not special) is selected
     with probability mlm_probability; a selected token becomes mask_token_id with probability replace_prob,
     a uniform random token in [0, vocab_size) with probability random_prob, and stays otherwise. Returns
@@ -210,5 +241,14 @@ def bert_masking(input_ids: torch.Tensor, mask_token_id: int, vocab_size: int, m
     device = _normalize_device(input_ids.device)
     seed = _draw_seed(generator, device)
     rnd_cond = rnd / (1.0 - rep) if rep < 1.0 else 0.0
-    return _bert_masking_op(seed, input_ids, special, mask_token_id, vocab_size, prob, rep, rnd_cond,
-                            check_int("ignore_index", ignore_index, -(1 << 62)))
+    return _bert_masking_op(
+        seed,
+        input_ids,
+        special,
+        mask_token_id,
+        vocab_size,
+        prob,
+        rep,
+        rnd_cond,
+        check_int("ignore_index", ignore_index, -(1 << 62)),
+    )

@@ -1,6 +1,7 @@
 """MAE patch and token ops: `patchify` / `gather_patches` straight from the images, `gather_tokens`, and the
 decoder's `unshuffle` with mask tokens (math in `sslfast.kernels.mae`). Index checks: `sslfast.ops.mae_common`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,15 +31,21 @@ def _gather_patches_backward(ctx, g):
     return FAMILY.torch.gather_patches_backward(g, ids, p, shape), None, None
 
 
-@custom_op("mae_gather_patches", fake=_fake_gather_patches, backward=_gather_patches_backward,
-           setup_context=_gather_patches_setup, double_backward=_gather_patches_backward)
+@custom_op(
+    "mae_gather_patches",
+    fake=_fake_gather_patches,
+    backward=_gather_patches_backward,
+    setup_context=_gather_patches_setup,
+    double_backward=_gather_patches_backward,
+)
 def _gather_patches_op(imgs: torch.Tensor, ids: torch.Tensor | None, p: int) -> torch.Tensor:
     out = _impl(imgs, ids).gather_patches(imgs, ids, p)
     return out.clone() if out.data_ptr() == imgs.data_ptr() else out
 
 
-@custom_op("mae_gather_tokens_backward", fake=lambda g, ids, num_tokens: g.new_empty(g.shape[0], num_tokens,
-                                                                                   g.shape[2]))
+@custom_op(
+    "mae_gather_tokens_backward", fake=lambda g, ids, num_tokens: g.new_empty(g.shape[0], num_tokens, g.shape[2])
+)
 def _gather_tokens_backward_op(g: torch.Tensor, ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return _impl(g, ids).gather_tokens_backward(g, ids, num_tokens)
 
@@ -59,9 +66,13 @@ def _gather_tokens_backward_literal(ctx, g):
     return FAMILY.torch.gather_tokens_backward(g, ids, ctx.num_tokens), None
 
 
-@custom_op("mae_gather_tokens", fake=lambda x, ids: x.new_empty(x.shape[0], ids.shape[1], x.shape[2]),
-           backward=_gather_tokens_backward, setup_context=_gather_tokens_setup,
-           double_backward=backward_on_reference("gather_tokens", _gather_tokens_backward_literal))
+@custom_op(
+    "mae_gather_tokens",
+    fake=lambda x, ids: x.new_empty(x.shape[0], ids.shape[1], x.shape[2]),
+    backward=_gather_tokens_backward,
+    setup_context=_gather_tokens_setup,
+    double_backward=backward_on_reference("gather_tokens", _gather_tokens_backward_literal),
+)
 def _gather_tokens_op(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return _impl(x, ids).gather_tokens(x, ids)
 
@@ -73,13 +84,13 @@ def _unshuffle_dtype(x, mask_token, pos) -> torch.dtype:
 
 def _fake_unshuffle_backward(g, ids_restore, keep, x_dtype, want_mask_token):
     B, _, D = g.shape
-    return (g.new_empty(B, keep, D, dtype=x_dtype),
-            g.new_empty(D if want_mask_token else 0, dtype=torch.float32))
+    return (g.new_empty(B, keep, D, dtype=x_dtype), g.new_empty(D if want_mask_token else 0, dtype=torch.float32))
 
 
 @custom_op("mae_unshuffle_backward", fake=_fake_unshuffle_backward)
-def _unshuffle_backward_op(g: torch.Tensor, ids_restore: torch.Tensor, keep: int, x_dtype: torch.dtype,
-                           want_mask_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _unshuffle_backward_op(
+    g: torch.Tensor, ids_restore: torch.Tensor, keep: int, x_dtype: torch.dtype, want_mask_token: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx [B, K, D] in x_dtype, d mask_token fp32 [D] or [0])."""
     dx, dmt = _impl(g, ids_restore).unshuffle_backward(g, ids_restore, keep, x_dtype, want_mask_token)
     return dx.contiguous(), (dmt.float().contiguous() if want_mask_token else g.new_empty(0, dtype=torch.float32))
@@ -114,10 +125,16 @@ def _unshuffle_backward_literal(ctx, g):
     return (dx if ctx.needs_input_grad[0] else None, None, dmt.to(mt_dtype) if want_mt else None, dpos)
 
 
-@custom_op("mae_unshuffle", fake=_fake_unshuffle, backward=_unshuffle_backward, setup_context=_unshuffle_setup,
-           double_backward=backward_on_reference("unshuffle", _unshuffle_backward_literal))
-def _unshuffle_op(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
-                  pos: torch.Tensor | None) -> torch.Tensor:
+@custom_op(
+    "mae_unshuffle",
+    fake=_fake_unshuffle,
+    backward=_unshuffle_backward,
+    setup_context=_unshuffle_setup,
+    double_backward=backward_on_reference("unshuffle", _unshuffle_backward_literal),
+)
+def _unshuffle_op(
+    x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos: torch.Tensor | None
+) -> torch.Tensor:
     impl = _impl(x, ids_restore, mask_token, pos)
     return impl.unshuffle(x, ids_restore, mask_token, pos, _unshuffle_dtype(x, mask_token, pos))
 
@@ -186,8 +203,9 @@ def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     return _gather_tokens_op(x, ids)
 
 
-def unshuffle(x_visible: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
-              pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+def unshuffle(
+    x_visible: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor | None = None
+) -> torch.Tensor:
     """MAE decoder unshuffle: out[b, l] = x_visible[b, ids_restore[b, l]] if ids_restore[b, l] < K else
     mask_token, plus pos_embed[l] when given; [B, L, D] in the promoted dtype of the inputs (as the official
     cat + gather + add). The cls token is the caller's (official: x[:, 1:] in, cat it back after).
@@ -224,10 +242,15 @@ def unshuffle(x_visible: torch.Tensor, ids_restore: torch.Tensor, mask_token: to
     pos = None
     if pos_embed is not None:
         pos_embed = V.tensor("pos_embed", pos_embed, shape_hint="[L, D]")
-        if (pos_embed.dim() not in (2, 3) or pos_embed.numel() != L * D or pos_embed.shape[-1] != D
-                or pos_embed.shape[-2] != L):
-            raise ValueError(f"pos_embed must be [L, D] or [1, L, D] with L={L}, D={D}, got shape "
-                             f"{tuple(pos_embed.shape)}")
+        if (
+            pos_embed.dim() not in (2, 3)
+            or pos_embed.numel() != L * D
+            or pos_embed.shape[-1] != D
+            or pos_embed.shape[-2] != L
+        ):
+            raise ValueError(
+                f"pos_embed must be [L, D] or [1, L, D] with L={L}, D={D}, got shape {tuple(pos_embed.shape)}"
+            )
         pos = pos_embed.reshape(L, D)
     V.same_device(x_visible=x, ids_restore=ids, mask_token=mask_token, pos_embed=pos)
     return _unshuffle_op(x, ids, mask_token.reshape(D), pos)

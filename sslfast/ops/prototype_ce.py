@@ -23,6 +23,7 @@ its center EMA from (mean_i f_i) Wᵀ, which equals the batch mean of the logits
 Sinkhorn-Knopp targets of DINOv2 and SwAV (`sslfast.ops.sinkhorn`) of the logits f Wᵀ, which Sinkhorn's
 column sums need in full.
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -83,14 +84,23 @@ def _run_forward(x, w, p, student_temp):
 @without_autocast
 def _run_backward(grad, x, w, p, lse, rsum, student_temp, want_x, want_w):
     with torch.no_grad():
-        return _impl(x, w, p).prototype_ce_backward(grad, x, w, p, lse, rsum, student_temp, want_x=want_x,
-                                                    want_w=want_w)
+        return _impl(x, w, p).prototype_ce_backward(
+            grad, x, w, p, lse, rsum, student_temp, want_x=want_x, want_w=want_w
+        )
 
 
 @custom_op("prototype_cross_entropy_backward", fake=_fake_backward)
-def _prototype_ce_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, p: torch.Tensor, lse: torch.Tensor,
-                           rsum: torch.Tensor, student_temp: float, want_x: bool, want_w: bool
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+def _prototype_ce_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    p: torch.Tensor,
+    lse: torch.Tensor,
+    rsum: torch.Tensor,
+    student_temp: float,
+    want_x: bool,
+    want_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dx or [0], dL/dW or [0]) for the upstream gradient of the loss, the logits recomputed from lse."""
     return _run_backward(grad, x, w, p, lse, rsum, student_temp, want_x, want_w)
 
@@ -109,14 +119,19 @@ def _backward(ctx, g_loss, *_):
     return (dx if want_x else None), (dw if want_w else None), None, None
 
 
-@custom_op("prototype_cross_entropy", fake=_fake_forward, backward=_backward, setup_context=_setup_context,
-           non_differentiable=(1, 2))
-def _prototype_ce(x: torch.Tensor, w: torch.Tensor, p: torch.Tensor, student_temp: float
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@custom_op(
+    "prototype_cross_entropy",
+    fake=_fake_forward,
+    backward=_backward,
+    setup_context=_setup_context,
+    non_differentiable=(1, 2),
+)
+def _prototype_ce(
+    x: torch.Tensor, w: torch.Tensor, p: torch.Tensor, student_temp: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lse [B], r [B]): the loss, each row's log-sum-exp of x Wᵀ/τ and Σ_k p_ik (for the backward)."""
     loss, lse, rsum = _run_forward(x, w, p, student_temp)
     return loss, lse, rsum
-
 
 
 def _feats_and_weight(name: str, feats, weight) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,14 +141,16 @@ def _feats_and_weight(name: str, feats, weight) -> tuple[torch.Tensor, torch.Ten
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name} must be a non-empty [B, D] tensor, got shape {tuple(x.shape)}")
     if w.shape[0] == 0 or w.shape[1] != x.shape[1]:
-        raise ValueError(f"weight must be a non-empty [K, D] tensor with D = {x.shape[1]} (from {name}), got shape "
-                         f"{tuple(w.shape)}")
+        raise ValueError(
+            f"weight must be a non-empty [K, D] tensor with D = {x.shape[1]} (from {name}), got shape {tuple(w.shape)}"
+        )
     V.same_device(**{name: x, "weight": w})
     return x, w
 
 
-def prototype_cross_entropy(student_feats: torch.Tensor, weight: torch.Tensor, teacher_probs: torch.Tensor, *,
-                            student_temp: float) -> torch.Tensor:
+def prototype_cross_entropy(
+    student_feats: torch.Tensor, weight: torch.Tensor, teacher_probs: torch.Tensor, *, student_temp: float
+) -> torch.Tensor:
     """Mean over rows of the cross-entropy between `teacher_probs` and softmax(student_feats · weightᵀ /
     student_temp) (see the module docstring), without storing the [B, K] student logits.
 
@@ -155,8 +172,9 @@ def prototype_cross_entropy(student_feats: torch.Tensor, weight: torch.Tensor, t
     """
     x, w = _feats_and_weight("student_feats", student_feats, weight)
     B, K = x.shape[0], w.shape[0]
-    p = V.soft_targets("teacher_probs", teacher_probs, shape=(B, K), shape_hint="[B, K]",
-                       like={"student_feats": x, "weight": w})
+    p = V.soft_targets(
+        "teacher_probs", teacher_probs, shape=(B, K), shape_hint="[B, K]", like={"student_feats": x, "weight": w}
+    )
     if x.dtype != w.dtype:
         raise TypeError(f"student_feats and weight must share a dtype, got {x.dtype} and {w.dtype}")
     tau = V.positive("student_temp", student_temp)
@@ -216,10 +234,17 @@ def _update_center_(center: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mome
     center.mul_(momentum).add_((batch_center * (1 - momentum)).reshape(center.shape).to(center.dtype))
 
 
-def prototype_teacher_probs(teacher_feats: torch.Tensor, weight: torch.Tensor, *, teacher_temp: float,
-                            center: torch.Tensor | None = None, center_momentum: float | None = None,
-                            mode: str = "centering", sinkhorn_iters: int = 3,
-                            gather_distributed: bool = False) -> torch.Tensor:
+def prototype_teacher_probs(
+    teacher_feats: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    teacher_temp: float,
+    center: torch.Tensor | None = None,
+    center_momentum: float | None = None,
+    mode: str = "centering",
+    sinkhorn_iters: int = 3,
+    gather_distributed: bool = False,
+) -> torch.Tensor:
     """The teacher's targets [B, K] of its head's last layer, from features and prototypes (module docstring).
 
     With z = teacher_feats · weightᵀ: mode="centering" (DINO) gives softmax((z_i − center)/τ_t) per row, a
@@ -280,8 +305,9 @@ def prototype_teacher_probs(teacher_feats: torch.Tensor, weight: torch.Tensor, *
     else:
         V.check("center", center, dtypes=_DTYPES)
         if center.numel() != K or center.dim() > 2 or (center.dim() == 2 and center.shape[0] != 1):
-            raise ValueError(f"center must be [1, K] or [K] with K = {K} (from weight), got shape "
-                             f"{tuple(center.shape)}")
+            raise ValueError(
+                f"center must be [1, K] or [K] with K = {K} (from weight), got shape {tuple(center.shape)}"
+            )
         V.same_device(teacher_feats=x, center=center)
         c = center.detach().reshape(K).to(_work_dtype(x)).contiguous()
     if center_momentum is not None:  # checked before any launch

@@ -10,6 +10,7 @@ backward, no gradient); its backward `sslfast::siglip_backward` recomputes the t
 ∂ℓ_ij/∂s_ij depends on s_ij only. The family (`SigLIPImpl`) runs the Triton kernels on CUDA tensors and the
 chunked PyTorch path (`sslfast.ops._torch.siglip`) elsewhere, float64 included.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,8 +20,15 @@ import torch
 
 from .. import _validate as V
 from .._backend import without_autocast
-from .._custom_op import (TRITON_DOUBLE_BACKWARD, custom_op, differentiable_grads, double_backward_unsupported,
-                          grads_in_forward, loss_with_grads, scalar_constant)
+from .._custom_op import (
+    TRITON_DOUBLE_BACKWARD,
+    custom_op,
+    differentiable_grads,
+    double_backward_unsupported,
+    grads_in_forward,
+    loss_with_grads,
+    scalar_constant,
+)
 from ..distributed import all_gather, rank_and_world
 from ._family import Family
 
@@ -54,28 +62,54 @@ def _forward(img, txt, scale, bias, pos_off):
     """(loss, rn_img, rn_txt): the row pass without gradients."""
     impl = _impl(img, txt, scale, bias)
     rn_i, rn_t = impl.row_rnorm(img), impl.row_rnorm(txt)
-    total, *_ = impl.siglip_rows(img, txt, rn_i, rn_t, scale, bias, scale, pos_off, want_loss=True,
-                                 want_grad=False, want_scalars=False)
+    total, *_ = impl.siglip_rows(
+        img, txt, rn_i, rn_t, scale, bias, scale, pos_off, want_loss=True, want_grad=False, want_scalars=False
+    )
     st = _stat_dtype(img)
     return (total / img.shape[0]).to(st), rn_i.to(st), rn_t.to(st)
 
 
 @without_autocast
-def _backward(img, txt, scale, bias, rn_i, rn_t, weight, pos_off, *, want_img: bool, want_txt: bool,
-              want_scalars: bool, want_loss: bool = False):
+def _backward(
+    img,
+    txt,
+    scale,
+    bias,
+    rn_i,
+    rn_t,
+    weight,
+    pos_off,
+    *,
+    want_img: bool,
+    want_txt: bool,
+    want_scalars: bool,
+    want_loss: bool = False,
+):
     """(Σ ℓ or None, d_img or [0], d_txt or [0], d_scale or [0], d_bias or [0]) for gradients weighted by
     `weight` (upstream / rows): a row pass (images against texts) and, for d_txt, the column pass (texts
     against images, positives at −pos_off)."""
     impl = _impl(img, txt, scale, bias)
     total, dih, ds, db = None, None, None, None
     if want_img or want_scalars or want_loss:
-        total, dih, ds, db = impl.siglip_rows(img, txt, rn_i, rn_t, scale, bias, weight, pos_off,
-                                              want_loss=want_loss, want_grad=want_img, want_scalars=want_scalars)
+        total, dih, ds, db = impl.siglip_rows(
+            img,
+            txt,
+            rn_i,
+            rn_t,
+            scale,
+            bias,
+            weight,
+            pos_off,
+            want_loss=want_loss,
+            want_grad=want_img,
+            want_scalars=want_scalars,
+        )
     d_img = impl.row_normalize_backward(img, rn_i, dih) if want_img else img.new_empty(0)
     d_txt = txt.new_empty(0)
     if want_txt:
-        _, dth, _, _ = impl.siglip_rows(txt, img, rn_t, rn_i, scale, bias, weight, -pos_off, want_loss=False,
-                                        want_grad=True, want_scalars=False)
+        _, dth, _, _ = impl.siglip_rows(
+            txt, img, rn_t, rn_i, scale, bias, weight, -pos_off, want_loss=False, want_grad=True, want_scalars=False
+        )
         d_txt = impl.row_normalize_backward(txt, rn_t, dth)
     empty = scale.new_empty(0)
     ds = ds.to(scale.dtype).reshape(()) if want_scalars else empty
@@ -86,18 +120,42 @@ def _backward(img, txt, scale, bias, rn_i, rn_t, weight, pos_off, *, want_img: b
 # ------------------------------------------------------------------------------------------- the ops
 def _fake_backward(img, txt, scale, bias, rn_i, rn_t, weight, pos_off, want_img, want_txt, want_scalars):
     scalar = () if want_scalars else (0,)
-    return (torch.empty_like(img) if want_img else img.new_empty(0),
-            torch.empty_like(txt) if want_txt else txt.new_empty(0), scale.new_empty(scalar), scale.new_empty(scalar))
+    return (
+        torch.empty_like(img) if want_img else img.new_empty(0),
+        torch.empty_like(txt) if want_txt else txt.new_empty(0),
+        scale.new_empty(scalar),
+        scale.new_empty(scalar),
+    )
 
 
 @custom_op("siglip_backward", fake=_fake_backward)
-def siglip_backward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                    rn_i: torch.Tensor, rn_t: torch.Tensor, weight: torch.Tensor, pos_off: int, want_img: bool,
-                    want_txt: bool, want_scalars: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def siglip_backward(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    rn_i: torch.Tensor,
+    rn_t: torch.Tensor,
+    weight: torch.Tensor,
+    pos_off: int,
+    want_img: bool,
+    want_txt: bool,
+    want_scalars: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_img or [0], d_txt or [0], d_scale or [0], d_bias or [0]) of L·(weight·M) (weight = upstream / M)."""
-    return _backward(img, txt, scale, bias, rn_i, rn_t, weight, pos_off, want_img=want_img, want_txt=want_txt,
-                     want_scalars=want_scalars)[1:]
+    return _backward(
+        img,
+        txt,
+        scale,
+        bias,
+        rn_i,
+        rn_t,
+        weight,
+        pos_off,
+        want_img=want_img,
+        want_txt=want_txt,
+        want_scalars=want_scalars,
+    )[1:]
 
 
 def _save(ctx, inputs, output):
@@ -107,16 +165,25 @@ def _save(ctx, inputs, output):
 
 
 def _input_grads(needs, d_img, d_txt, d_scale, d_bias):
-    return (d_img if needs[0] else None, d_txt if needs[1] else None, d_scale if needs[2] else None,
-            d_bias if needs[3] else None, None)
+    return (
+        d_img if needs[0] else None,
+        d_txt if needs[1] else None,
+        d_scale if needs[2] else None,
+        d_bias if needs[3] else None,
+        None,
+    )
 
 
 def _op_backward(ctx, g, *_):
     img, txt, scale, bias, rn_i, rn_t = ctx.saved_tensors
     needs = ctx.needs_input_grad
     weight = g.to(scale.dtype) / img.shape[0]
-    return _input_grads(needs, *siglip_backward(img, txt, scale, bias, rn_i, rn_t, weight, ctx.pos_off, needs[0],
-                                                needs[1], needs[2] or needs[3]))
+    return _input_grads(
+        needs,
+        *siglip_backward(
+            img, txt, scale, bias, rn_i, rn_t, weight, ctx.pos_off, needs[0], needs[1], needs[2] or needs[3]
+        ),
+    )
 
 
 def _differentiable_loss(pos_off, img, txt, scale, bias) -> torch.Tensor:
@@ -139,10 +206,17 @@ def _fake_forward(img, txt, scale, bias, pos_off):
     return img.new_empty((), dtype=st), img.new_empty(img.shape[0], dtype=st), txt.new_empty(txt.shape[0], dtype=st)
 
 
-@custom_op("siglip_loss", fake=_fake_forward, backward=_op_backward, setup_context=_save, non_differentiable=(1, 2),
-           double_backward=_op_double_backward)
-def siglip_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                   pos_off: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@custom_op(
+    "siglip_loss",
+    fake=_fake_forward,
+    backward=_op_backward,
+    setup_context=_save,
+    non_differentiable=(1, 2),
+    double_backward=_op_double_backward,
+)
+def siglip_forward(
+    img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, pos_off: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, rn_img, rn_txt): the loss over img's M rows against txt's columns (row i's positive at column
     i + pos_off), and the inverse row norms for the backward (no gradient). scale, bias: 0-d tensors."""
     return _forward(img, txt, scale, bias, pos_off)
@@ -154,8 +228,20 @@ def _loss_and_input_grads(pos_off, needs, img, txt, scale, bias):
     rn_i, rn_t = impl.row_rnorm(img), impl.row_rnorm(txt)
     st = _stat_dtype(img)
     weight = scalar_constant(1.0 / img.shape[0], img, st)
-    total, *grads = _backward(img, txt, scale, bias, rn_i.to(st), rn_t.to(st), weight, pos_off, want_img=needs[0],
-                              want_txt=needs[1], want_scalars=needs[2] or needs[3], want_loss=True)
+    total, *grads = _backward(
+        img,
+        txt,
+        scale,
+        bias,
+        rn_i.to(st),
+        rn_t.to(st),
+        weight,
+        pos_off,
+        want_img=needs[0],
+        want_txt=needs[1],
+        want_scalars=needs[2] or needs[3],
+        want_loss=True,
+    )
     return (total / img.shape[0]).to(st), _input_grads(needs, *grads)[:4]
 
 
@@ -164,8 +250,9 @@ def _scalar(name: str, value, like: torch.Tensor, other_name: str) -> torch.Tens
     """A one-element floating tensor on `like`'s device, as a 0-d tensor in the statistics' dtype (a view and
     a cast, so its gradient flows back to `value`)."""
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor with one element (e.g. a learnable parameter), got "
-                        f"{type(value).__name__}")
+        raise TypeError(
+            f"{name} must be a torch.Tensor with one element (e.g. a learnable parameter), got {type(value).__name__}"
+        )
     if not value.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype, got {value.dtype}")
     if value.numel() != 1:
@@ -190,8 +277,14 @@ def _check_finite(scale: torch.Tensor, bias: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------------------------------------- public API
-def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor, *, gather_distributed: bool = False) -> torch.Tensor:
+def siglip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    *,
+    gather_distributed: bool = False,
+) -> torch.Tensor:
     """SigLIP's pairwise sigmoid loss (Zhai et al., 2023):
 
         L = −(1/N) Σ_i Σ_j log σ(z_ij (t · x̂_i·ŷ_j + b)),   z_ii = +1, z_ij = −1 (i ≠ j)
@@ -224,8 +317,17 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
         txt = all_gather(txt)
     pos_off = rank * img.shape[0]
     if grads_in_forward(img, txt, scale, bias):
-        differentiable = (functools.partial(_differentiable_loss, pos_off)
-                          if _impl(img, txt, scale, bias) is FAMILY.torch else None)
-        return loss_with_grads(functools.partial(_loss_and_input_grads, pos_off), img, txt, scale, bias,
-                               op="siglip_loss", differentiable=differentiable, hint=TRITON_DOUBLE_BACKWARD)
+        differentiable = (
+            functools.partial(_differentiable_loss, pos_off) if _impl(img, txt, scale, bias) is FAMILY.torch else None
+        )
+        return loss_with_grads(
+            functools.partial(_loss_and_input_grads, pos_off),
+            img,
+            txt,
+            scale,
+            bias,
+            op="siglip_loss",
+            differentiable=differentiable,
+            hint=TRITON_DOUBLE_BACKWARD,
+        )
     return siglip_forward(img, txt, scale, bias, pos_off)[0]

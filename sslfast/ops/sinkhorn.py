@@ -14,6 +14,7 @@ grad, in fp32 (fp64 for fp64 logits), as DINOv2's `.float()`. With `gather_distr
 its own samples [B_rank, K] and gets its rows of the targets of the global batch B = Σ B_rank (every rank must
 call it; each iteration all-gathers one K-vector of per-prototype log-sums).
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -63,8 +64,9 @@ def _sinkhorn(x: torch.Tensor, inv_temp: float, n_iters: int, distributed: bool)
     return impl.softmax_rows(x, u, inv_temp)
 
 
-def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iters: int = 3, *,
-                   gather_distributed: bool = False) -> torch.Tensor:
+def sinkhorn_knopp(
+    teacher_logits: torch.Tensor, temperature: float, n_iters: int = 3, *, gather_distributed: bool = False
+) -> torch.Tensor:
     """Sinkhorn-Knopp targets of teacher logits (see the module docstring); no gradient.
 
     Args:
@@ -83,8 +85,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iters: in
         ValueError: teacher_logits is not a non-empty 2-D tensor, temperature is not finite and > 0, or
             n_iters < 1.
     """
-    x = V.tensor("teacher_logits", teacher_logits, ndim=2, shape_hint="[B, K]",
-                 reference_dtypes=V.REFERENCE_DTYPES)
+    x = V.tensor("teacher_logits", teacher_logits, ndim=2, shape_hint="[B, K]", reference_dtypes=V.REFERENCE_DTYPES)
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"teacher_logits must be a non-empty [B, K] tensor, got shape {tuple(x.shape)}")
     tau = V.positive("temperature", temperature)

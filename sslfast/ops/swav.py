@@ -21,6 +21,7 @@ computed over the global batch (`sf.sinkhorn_knopp(..., gather_distributed=True)
 `distributed_sinkhorn`) and equal per-rank batches, DDP's average of the per-rank gradients is exactly the
 gradient of the single-process loss on the whole batch.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,8 +31,14 @@ import torch
 
 from .. import _validate as V
 from .._backend import without_autocast
-from .._custom_op import (TRITON_DOUBLE_BACKWARD, custom_op, differentiable_grads, double_backward_unsupported,
-                          grads_in_forward, loss_with_grads)
+from .._custom_op import (
+    TRITON_DOUBLE_BACKWARD,
+    custom_op,
+    differentiable_grads,
+    double_backward_unsupported,
+    grads_in_forward,
+    loss_with_grads,
+)
 from ._family import Family
 
 
@@ -46,8 +53,9 @@ class SwavImpl(Protocol):
         """∂loss/∂scores in the scores' dtype for the 0-d upstream gradient `grad`; `stats` from the forward."""
 
 
-FAMILY = Family("swav", SwavImpl,
-                accepts=lambda scores, codes: scores.dtype != torch.float64 and codes.dtype != torch.float64)
+FAMILY = Family(
+    "swav", SwavImpl, accepts=lambda scores, codes: scores.dtype != torch.float64 and codes.dtype != torch.float64
+)
 _impl = FAMILY.impl
 
 
@@ -72,8 +80,14 @@ def _run_backward(grad, scores, codes, stats, temperature, num_global):
 
 
 @custom_op("swav_loss_backward", fake=_fake_backward)
-def _swav_loss_backward(grad: torch.Tensor, scores: torch.Tensor, codes: torch.Tensor, stats: torch.Tensor,
-                        temperature: float, num_global: int) -> torch.Tensor:
+def _swav_loss_backward(
+    grad: torch.Tensor,
+    scores: torch.Tensor,
+    codes: torch.Tensor,
+    stats: torch.Tensor,
+    temperature: float,
+    num_global: int,
+) -> torch.Tensor:
     return _run_backward(grad, scores, codes, stats, temperature, num_global)
 
 
@@ -99,15 +113,23 @@ def _differentiable_loss(cfg, scores, codes) -> torch.Tensor:
 
 def _double_backward(ctx, g_loss, g_stats):
     scores, codes, _ = ctx.saved_tensors
-    grads = differentiable_grads(functools.partial(_differentiable_loss, ctx.cfg), (scores, codes),
-                                 (ctx.needs_input_grad[0], False), (g_loss,))
+    grads = differentiable_grads(
+        functools.partial(_differentiable_loss, ctx.cfg), (scores, codes), (ctx.needs_input_grad[0], False), (g_loss,)
+    )
     return grads + (None,) * 2
 
 
-@custom_op("swav_loss", fake=_fake_forward, backward=_backward, setup_context=_setup_context,
-           non_differentiable=(1,), double_backward=_double_backward)
-def _swav_loss(scores: torch.Tensor, codes: torch.Tensor, temperature: float,
-               num_global: int) -> tuple[torch.Tensor, torch.Tensor]:
+@custom_op(
+    "swav_loss",
+    fake=_fake_forward,
+    backward=_backward,
+    setup_context=_setup_context,
+    non_differentiable=(1,),
+    double_backward=_double_backward,
+)
+def _swav_loss(
+    scores: torch.Tensor, codes: torch.Tensor, temperature: float, num_global: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     loss, stats = _run_forward(scores, codes, temperature, num_global)
     return loss, stats
 
@@ -125,8 +147,10 @@ def _joined(name: str, value) -> tuple[object, int | None]:
         return value, None
     if not value:
         raise ValueError(f"{name} must not be an empty list")
-    parts = {f"{name}[{i}]": V.tensor(f"{name}[{i}]", x, ndim=2, shape_hint="[B, K]", dtypes=V.ALL_FLOAT_DTYPES)
-             for i, x in enumerate(value)}
+    parts = {
+        f"{name}[{i}]": V.tensor(f"{name}[{i}]", x, ndim=2, shape_hint="[B, K]", dtypes=V.ALL_FLOAT_DTYPES)
+        for i, x in enumerate(value)
+    }
     shapes = [tuple(p.shape) for p in parts.values()]
     if shapes.count(shapes[0]) != len(shapes):
         raise ValueError(f"the crops of {name} must share one shape [B, K], got {shapes}")
@@ -171,23 +195,30 @@ def swav_loss(scores, codes, *, temperature: float = 0.1, num_global_crops: int 
         raise ValueError(f"codes must hold num_global_crops = {G} crops, got a list of {n_codes}")
     q = V.soft_targets("codes", q, shape=(None, s.shape[1]), shape_hint="[G·B, K]", like={"scores": s})
     if q.shape[0] == 0 or q.shape[1] == 0 or q.shape[0] % G:
-        raise ValueError(f"codes must be a non-empty [G·B, K] tensor with G = num_global_crops = {G}, got shape "
-                         f"{tuple(q.shape)}")
+        raise ValueError(
+            f"codes must be a non-empty [G·B, K] tensor with G = num_global_crops = {G}, got shape {tuple(q.shape)}"
+        )
     B = q.shape[0] // G
     if s.shape[0] % B:
         raise ValueError(f"scores must be [V·B, K] with B = {B} (from codes), got shape {tuple(s.shape)}")
     if n_crops is not None and s.shape[0] != n_crops * B:
-        raise ValueError(f"the crops of scores must be [B, K] with B = {B} (from codes), got "
-                         f"{tuple(scores[0].shape)}")
+        raise ValueError(f"the crops of scores must be [B, K] with B = {B} (from codes), got {tuple(scores[0].shape)}")
     n_crops = s.shape[0] // B
     if n_crops < max(G, 2):
-        raise ValueError(f"scores must hold V >= max(num_global_crops, 2) = {max(G, 2)} crops of B = {B}, got "
-                         f"{n_crops}")
+        raise ValueError(
+            f"scores must hold V >= max(num_global_crops, 2) = {max(G, 2)} crops of B = {B}, got {n_crops}"
+        )
     tau = V.positive("temperature", temperature)
     cfg = (tau, G)
     if grads_in_forward(s):
         # a create_graph backward recomputes the loss in plain autograd (PyTorch path only)
         differentiable = functools.partial(_differentiable_loss, cfg) if _impl(s, q) is FAMILY.torch else None
-        return loss_with_grads(functools.partial(_loss_and_grad, cfg), s, q, op="swav_loss",
-                               differentiable=differentiable, hint=TRITON_DOUBLE_BACKWARD)
+        return loss_with_grads(
+            functools.partial(_loss_and_grad, cfg),
+            s,
+            q,
+            op="swav_loss",
+            differentiable=differentiable,
+            hint=TRITON_DOUBLE_BACKWARD,
+        )
     return _swav_loss(s, q, tau, G)[0]

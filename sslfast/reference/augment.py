@@ -47,13 +47,35 @@ Deviations from torchvision (the kernel and this reference agree to rounding): v
 ops (PIL rounds to uint8 after each op; the papers' PIL code resizes bicubic), and the blur's reflect index
 folds repeatedly so a kernel wider than the view still works (torchvision raises there).
 """
+
 from __future__ import annotations
 
 import torch
 
-from ..ops._torch.augment import (F_BLUR, F_BRIGHT, F_CONTRAST, F_FLIP, F_GRAY, F_HEIGHT, F_HUE, F_JITTER, F_LEFT,
-                                  F_ORDER, F_SAT, F_SIGMA, F_SOLAR, F_THRESH, F_TOP, F_WIDTH, JITTER_OPS,
-                                  gaussian_blur_image, resized_crop, rgb_to_grayscale, solarize, unpack_image)
+from ..ops._torch.augment import (
+    F_BLUR,
+    F_BRIGHT,
+    F_CONTRAST,
+    F_FLIP,
+    F_GRAY,
+    F_HEIGHT,
+    F_HUE,
+    F_JITTER,
+    F_LEFT,
+    F_ORDER,
+    F_SAT,
+    F_SIGMA,
+    F_SOLAR,
+    F_THRESH,
+    F_TOP,
+    F_WIDTH,
+    JITTER_OPS,
+    gaussian_blur_image,
+    resized_crop,
+    rgb_to_grayscale,
+    solarize,
+    unpack_image,
+)
 
 
 def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -78,8 +100,16 @@ def resize_antialias_literal(x: torch.Tensor, out_h: int, out_w: int) -> torch.T
     return wy @ x @ wx.T
 
 
-def augment_one(img: torch.Tensor, p: list[float], out_h: int, out_w: int, blur_kernel: int,
-                dtype=torch.float64, *, antialias: bool = True) -> torch.Tensor:
+def augment_one(
+    img: torch.Tensor,
+    p: list[float],
+    out_h: int,
+    out_w: int,
+    blur_kernel: int,
+    dtype=torch.float64,
+    *,
+    antialias: bool = True,
+) -> torch.Tensor:
     """One view of one uint8 [3, H, W] image with parameter row `p` (list of floats, layout FIELDS):
     values in [0, 1] after solarize, before normalization."""
     box = (int(p[i]) for i in (F_TOP, F_LEFT, F_HEIGHT, F_WIDTH))
@@ -100,9 +130,22 @@ def augment_one(img: torch.Tensor, p: list[float], out_h: int, out_w: int, blur_
     return x
 
 
-def augment_views_literal(images: torch.Tensor, offsets: torch.Tensor, sizes: torch.Tensor, params: torch.Tensor,
-                          out_h: int, out_w: int, chw: bool, out_dtype: torch.dtype, mean, std, blur_kernel: int,
-                          compute_dtype: torch.dtype = torch.float64, *, antialias: bool = True) -> torch.Tensor:
+def augment_views_literal(
+    images: torch.Tensor,
+    offsets: torch.Tensor,
+    sizes: torch.Tensor,
+    params: torch.Tensor,
+    out_h: int,
+    out_w: int,
+    chw: bool,
+    out_dtype: torch.dtype,
+    mean,
+    std,
+    blur_kernel: int,
+    compute_dtype: torch.dtype = torch.float64,
+    *,
+    antialias: bool = True,
+) -> torch.Tensor:
     """The float64 test oracle: [G, B, 3, out_h, out_w] views, one `augment_one` per (view g, sample b).
     params [G, B, NUM_FIELDS], sizes [B, 2] (H, W) and offsets [B] into the flat uint8 `images`; computed in
     `compute_dtype`, returned in `out_dtype`."""

@@ -12,6 +12,7 @@ Sources of the semantics:
   hinge mean(relu(1 − std)) / 2 per branch; cov = xᵀx / (batch_size − 1), off-diagonal squares summed and
   divided by num_features (D), per branch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,14 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051,
     return on_diag + lambd * off_diag
 
 
-def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
-                cov_coeff: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
+def vicreg_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    sim_coeff: float = 25.0,
+    std_coeff: float = 25.0,
+    cov_coeff: float = 1.0,
+    eps: float = 1e-4,
+) -> torch.Tensor:
     """VICReg as in the official `main_vicreg.py` (single process), the D x D covariances materialized."""
     n, d = z1.shape
     repr_loss = F.mse_loss(z1, z2)

@@ -19,14 +19,21 @@ product is ever stored, and the backward recomputes both softmaxes from the save
 baseline). The op's PyTorch implementation, which runs the rearranged sums over chunks of images, is
 `sslfast.ops._torch.dino`.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 
-def dino_loss_literal(student_output: torch.Tensor, teacher_output: torch.Tensor, center: torch.Tensor,
-                      student_temp: float, teacher_temp: float, num_global: int = 2) -> torch.Tensor:
+def dino_loss_literal(
+    student_output: torch.Tensor,
+    teacher_output: torch.Tensor,
+    center: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+    num_global: int = 2,
+) -> torch.Tensor:
     """facebookresearch/dino main_dino.py, DINOLoss.forward (without the center update)."""
     B = teacher_output.shape[0] // num_global
     ncrops = student_output.shape[0] // B

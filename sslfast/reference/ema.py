@@ -17,6 +17,7 @@ benchmark baselines of `sslfast.ops.ema` and `sslfast.ops.fused_optim`, whose Py
 * DINO's center (`sslfast.ops.dino.update_center_`): c ← m·c + (1 − m)·mean over the (global) batch of the
   teacher outputs.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -33,9 +34,18 @@ def ema_update_loop_(teacher: Sequence[Tensor], student: Sequence[Tensor], momen
             t.mul_(momentum).add_(s, alpha=1.0 - momentum)
 
 
-def lars_step_literal_(params: list[Tensor], grads: list[Tensor], mus: list[Tensor], *, lr: float,
-                       momentum: float, weight_decay: float, eta: float, decay: Sequence[bool],
-                       adapt: Sequence[bool]) -> None:
+def lars_step_literal_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    mus: list[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    eta: float,
+    decay: Sequence[bool],
+    adapt: Sequence[bool],
+) -> None:
     """LARS.step of the official Barlow Twins code (facebookresearch/barlowtwins, main.py), one parameter at a
     time; `decay[i]` / `adapt[i]` are False where its weight_decay_filter / lars_adaptation_filter excludes
     the parameter. The test oracle."""
@@ -48,8 +58,9 @@ def lars_step_literal_(params: list[Tensor], grads: list[Tensor], mus: list[Tens
                 param_norm = torch.norm(p)
                 update_norm = torch.norm(dp)
                 one = torch.ones_like(param_norm)
-                q = torch.where(param_norm > 0.0,
-                                torch.where(update_norm > 0, (eta * param_norm / update_norm), one), one)
+                q = torch.where(
+                    param_norm > 0.0, torch.where(update_norm > 0, (eta * param_norm / update_norm), one), one
+                )
                 dp = dp.mul(q)
             mu.mul_(momentum).add_(dp)
             p.add_(mu, alpha=-lr)

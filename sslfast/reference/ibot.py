@@ -21,6 +21,7 @@ w_r = 0 (unmasked tokens, padding) are neither read nor differentiated: their gr
 (float64 test oracles, benchmark baselines). The op's PyTorch implementation of the weighted rows is
 `sslfast.ops._torch.ibot`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,8 +33,12 @@ def _lossfunc(t: torch.Tensor, s: torch.Tensor, temp: float) -> torch.Tensor:
     return torch.sum(t * F.log_softmax(s / temp, dim=-1), dim=-1)
 
 
-def ibot_patch_loss_literal(student_patch_tokens: torch.Tensor, teacher_patch_tokens: torch.Tensor,
-                            student_masks_flat: torch.Tensor, student_temp: float) -> torch.Tensor:
+def ibot_patch_loss_literal(
+    student_patch_tokens: torch.Tensor,
+    teacher_patch_tokens: torch.Tensor,
+    student_masks_flat: torch.Tensor,
+    student_temp: float,
+) -> torch.Tensor:
     """facebookresearch/dinov2 `iBOTPatchLoss.forward`: tokens [B, L, K], masks [B, L]."""
     t = teacher_patch_tokens
     s = student_patch_tokens
@@ -42,17 +47,24 @@ def ibot_patch_loss_literal(student_patch_tokens: torch.Tensor, teacher_patch_to
     return -loss.mean()
 
 
-def ibot_patch_loss_masked_literal(student_patch_tokens_masked: torch.Tensor,
-                                   teacher_patch_tokens_masked: torch.Tensor, student_masks_flat: torch.Tensor,
-                                   student_temp: float, n_masked_patches: int | None = None,
-                                   masks_weight: torch.Tensor | None = None) -> torch.Tensor:
+def ibot_patch_loss_masked_literal(
+    student_patch_tokens_masked: torch.Tensor,
+    teacher_patch_tokens_masked: torch.Tensor,
+    student_masks_flat: torch.Tensor,
+    student_temp: float,
+    n_masked_patches: int | None = None,
+    masks_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """facebookresearch/dinov2 `iBOTPatchLoss.forward_masked`: masked tokens [M, K], masks [B, L]."""
     t = teacher_patch_tokens_masked
     s = student_patch_tokens_masked
     loss = _lossfunc(t, s, student_temp)
     if masks_weight is None:
-        masks_weight = ((1 / student_masks_flat.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-                        .expand_as(student_masks_flat)[student_masks_flat])
+        masks_weight = (
+            (1 / student_masks_flat.sum(-1).clamp(min=1.0))
+            .unsqueeze(-1)
+            .expand_as(student_masks_flat)[student_masks_flat]
+        )
     if n_masked_patches is not None:
         loss = loss[:n_masked_patches]
     loss = loss * masks_weight

@@ -3,6 +3,7 @@ math with the full logit matrix materialized, as lightly / solo-learn / open_cli
 float64 test oracle and the benchmark baseline; nothing at run time calls them (the CPU path is
 `sslfast.ops._torch.infonce`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,9 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
     return _cross_entropy(s, target)
 
 
-def info_nce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None = None,
-                  temperature: float = 0.2) -> torch.Tensor:
+def info_nce_loss(
+    query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None = None, temperature: float = 0.2
+) -> torch.Tensor:
     """MoCo. With a queue: logits_i = [q̂_i·k̂_i, q̂_i·queuê_j...]/τ, target 0. Without: q̂ k̂ᵀ/τ, target i."""
     q = F.normalize(query, dim=1)
     k = F.normalize(key, dim=1)
@@ -47,8 +49,7 @@ def info_nce_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | 
     return _cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
-              logit_scale: torch.Tensor) -> torch.Tensor:
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """CLIP: L = logit_scale · norm(img) norm(txt)ᵀ; (CE(L, arange) + CE(Lᵀ, arange)) / 2."""
     logits = logit_scale * F.normalize(image_features, dim=1) @ F.normalize(text_features, dim=1).T
     target = torch.arange(logits.shape[0], device=logits.device)

@@ -18,6 +18,7 @@ the smallest j wins.
 `koleo_loss_literal` is DINOv2's `KoLeoLoss.forward` (float64 test oracle, benchmark baseline, N×N
 similarities). The op's PyTorch implementation is `sslfast.ops._torch.koleo`.
 """
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ repeated int64 index), `embed_all_then_mask_official` (patch-embed all L patches
 The CPU path of `sslfast.ops.mae` is `sslfast.ops._torch.mae`; its `masking_noise` gives the noise whose
 argsort is the ops' permutation, so `random_masking_official(x, ratio, noise)` reproduces a given mask.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,16 +38,22 @@ def random_masking_official(x: torch.Tensor, mask_ratio: float, noise: torch.Ten
     return x_masked, mask, ids_restore
 
 
-def embed_all_then_mask_official(imgs: torch.Tensor, proj: torch.nn.Conv2d, pos_embed: torch.Tensor,
-                                 mask_ratio: float, noise: torch.Tensor | None = None):
+def embed_all_then_mask_official(
+    imgs: torch.Tensor,
+    proj: torch.nn.Conv2d,
+    pos_embed: torch.Tensor,
+    mask_ratio: float,
+    noise: torch.Tensor | None = None,
+):
     """Official encoder front: x = patch_embed(imgs) + pos (all L patches), then random_masking."""
     x = proj(imgs).flatten(2).transpose(1, 2)
     x = x + pos_embed.reshape(1, x.shape[1], -1)
     return random_masking_official(x, mask_ratio, noise)
 
 
-def unshuffle_official(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
-                       pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+def unshuffle_official(
+    x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor | None = None
+) -> torch.Tensor:
     """Official decoder unshuffle (cls token left to the caller): cat(x, repeated mask tokens), gather by
     ids_restore, + pos."""
     N, keep, D = x.shape
@@ -59,14 +66,15 @@ def unshuffle_official(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: t
     return x_
 
 
-def forward_loss_official(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, p: int,
-                          norm_pix_loss: bool = True) -> torch.Tensor:
+def forward_loss_official(
+    imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, p: int, norm_pix_loss: bool = True
+) -> torch.Tensor:
     """The official `forward_loss(imgs, pred, mask)`."""
     target = patchify_official(imgs, p)
     if norm_pix_loss:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + 1.e-6) ** .5
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
     loss = (pred - target) ** 2
     loss = loss.mean(dim=-1)
     return (loss * mask).sum() / mask.sum()

@@ -15,6 +15,7 @@ Teacher side. With teacher features f [B, D], the teacher's prototypes W [K, D] 
 The batch mean of z is linear in f: mean_i z_i = (mean_i f_i) Wᵀ, which is how the runtime updates the center
 without the B×K logits (the mean all-reduced over ranks, as DINO's `update_center`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,16 +24,23 @@ import torch.nn.functional as F
 from .sinkhorn import sinkhorn_knopp_literal
 
 
-def prototype_cross_entropy_literal(x: torch.Tensor, w: torch.Tensor, p: torch.Tensor,
-                                    student_temp: float) -> torch.Tensor:
+def prototype_cross_entropy_literal(
+    x: torch.Tensor, w: torch.Tensor, p: torch.Tensor, student_temp: float
+) -> torch.Tensor:
     """mean_i Σ_k −p_ik log softmax(x_i Wᵀ/τ)_k, materialized (in the inputs' dtype)."""
     logits = (x @ w.T) / student_temp
     return torch.sum(-p * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-def prototype_teacher_probs_literal(f: torch.Tensor, w: torch.Tensor, teacher_temp: float, *,
-                                    center: torch.Tensor | None = None, mode: str = "centering",
-                                    sinkhorn_iters: int = 3) -> torch.Tensor:
+def prototype_teacher_probs_literal(
+    f: torch.Tensor,
+    w: torch.Tensor,
+    teacher_temp: float,
+    *,
+    center: torch.Tensor | None = None,
+    mode: str = "centering",
+    sinkhorn_iters: int = 3,
+) -> torch.Tensor:
     """The teacher targets from the materialized logits z = f Wᵀ: DINO's softmax((z − center)/τ_t) (center
     None: 0), or DINOv2's `sinkhorn_knopp_teacher(z, τ_t, sinkhorn_iters)`."""
     logits = f @ w.T
@@ -41,8 +49,9 @@ def prototype_teacher_probs_literal(f: torch.Tensor, w: torch.Tensor, teacher_te
     return F.softmax((logits - (0.0 if center is None else center)) / teacher_temp, dim=-1)
 
 
-def updated_center_literal(center: torch.Tensor, f: torch.Tensor, w: torch.Tensor, momentum: float,
-                           world_feats: torch.Tensor | None = None) -> torch.Tensor:
+def updated_center_literal(
+    center: torch.Tensor, f: torch.Tensor, w: torch.Tensor, momentum: float, world_feats: torch.Tensor | None = None
+) -> torch.Tensor:
     """DINO's `update_center` on the materialized logits, out of place: m·center + (1 − m)·mean over the
     global batch of f Wᵀ (`world_feats`: every rank's features concatenated; default `f`)."""
     logits = (f if world_feats is None else world_feats) @ w.T

@@ -24,6 +24,7 @@ whose logits all lie far below the global maximum (their exp underflows to 0 and
 `sinkhorn_knopp_literal` is DINOv2's code (float64 test oracle, benchmark baseline). The op's PyTorch
 implementation of the log-domain passes is `sslfast.ops._torch.sinkhorn`.
 """
+
 from __future__ import annotations
 
 import torch

@@ -17,24 +17,26 @@ so the loss needs a per-row log-sum-exp, target sum and dot per crop, and the ba
 statistics (lse, c) [2, V·B]. `swav_loss_literal` is main_swav.py's loop (float64 test oracle, benchmark
 baseline); the op's PyTorch implementation of the rearranged sums is `sslfast.ops._torch.swav`.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 
-def swav_loss_literal(scores: torch.Tensor, codes: torch.Tensor, temperature: float, num_global: int = 2
-                      ) -> torch.Tensor:
+def swav_loss_literal(
+    scores: torch.Tensor, codes: torch.Tensor, temperature: float, num_global: int = 2
+) -> torch.Tensor:
     """facebookresearch/swav main_swav.py, the swapped-prediction loop of `train` (crops_for_assign = the first
     `num_global` crops, their codes given)."""
     bs = codes.shape[0] // num_global
     n_crops = scores.shape[0] // bs
     loss = 0
     for i in range(num_global):
-        q = codes[bs * i:bs * (i + 1)].detach()
+        q = codes[bs * i : bs * (i + 1)].detach()
         subloss = 0
         for v in (v for v in range(n_crops) if v != i):
-            x = scores[bs * v:bs * (v + 1)] / temperature
+            x = scores[bs * v : bs * (v + 1)] / temperature
             subloss -= torch.mean(torch.sum(q * F.log_softmax(x, dim=1), dim=1))
         loss += subloss / (n_crops - 1)
     return loss / num_global

@@ -26,6 +26,7 @@ of `config.RESUMABLE` may change on resume. A non-finite loss, or non-finite par
 state at an epoch's end, stops the run with `NonFiniteLossError` before anything is written, leaving the last
 good checkpoint. Ctrl-C raises `RunInterrupted`, naming the checkpoint kept and the command that resumes.
 """
+
 from .checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import CHECKPOINT, DEFAULT_DATA, ConfigError, NonFiniteLossError, PretrainConfig, RunInterrupted, resolve
 from .data import LabeledImages, data_sources, denormalize, labeled_sets, preset_for

@@ -4,6 +4,7 @@ lock, the writability probe and the finite-state check.
 Everything a checkpoint holds loads with `torch.load(weights_only=True)`: tensors, numbers, strings, lists,
 tuples and dicts only (no pickled functions or numpy objects), so reading a checkpoint never runs code.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,7 +23,7 @@ import torch
 from .config import CHECKPOINT, ConfigError, PretrainConfig
 
 REQUIRED_KEYS = ("method", "config", "epoch")
-PREVIOUS = "checkpoint.prev.pt"   # the checkpoint before the newest one (resume falls back to it)
+PREVIOUS = "checkpoint.prev.pt"  # the checkpoint before the newest one (resume falls back to it)
 METRICS = "metrics.json"
 LOCK = ".lock"
 
@@ -35,9 +36,11 @@ def load_checkpoint(path: str, *, what: str = "--checkpoint") -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's message advises weights_only=False, which would run the file's code
-        raise ConfigError(f"{what}: {path} is not a readable sslfast checkpoint: it holds Python objects other "
-                          f"than tensors and plain data (loading it could run code), or is no checkpoint at "
-                          f"all") from None
+        raise ConfigError(
+            f"{what}: {path} is not a readable sslfast checkpoint: it holds Python objects other "
+            f"than tensors and plain data (loading it could run code), or is no checkpoint at "
+            f"all"
+        ) from None
     except Exception as err:  # noqa: BLE001 - any failure to read is the same user error
         text = str(err).strip()
         first = text.splitlines()[0] if text else type(err).__name__
@@ -48,8 +51,10 @@ def load_checkpoint(path: str, *, what: str = "--checkpoint") -> dict:
     fields = {f.name for f in dataclasses.fields(PretrainConfig)}
     if not isinstance(config, dict) or not set(config) <= fields or "method" not in config:
         unknown = sorted(set(config) - fields) if isinstance(config, dict) else []
-        raise ConfigError(f"{what}: {path} holds no config of this sslfast version"
-                          f"{' (unknown keys: ' + ', '.join(map(str, unknown[:5])) + ')' if unknown else ''}")
+        raise ConfigError(
+            f"{what}: {path} holds no config of this sslfast version"
+            f"{' (unknown keys: ' + ', '.join(map(str, unknown[:5])) + ')' if unknown else ''}"
+        )
     return state
 
 
@@ -79,10 +84,17 @@ def load_latest(out: str, *, what: str = "--resume", log: Callable[[str], None] 
 def rng_state() -> dict:
     """Every RNG state of the process as tensors, numbers and tuples (loadable with weights_only=True)."""
     name, key, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"name": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": str(name),
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -92,8 +104,9 @@ def set_rng_state(state: dict) -> None:
     """Restores what `rng_state` returned, exactly."""
     torch.set_rng_state(state["torch"])
     npy = state["numpy"]
-    np.random.set_state((npy["name"], npy["key"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached_gaussian"]))
+    np.random.set_state(
+        (npy["name"], npy["key"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    )
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -217,8 +230,10 @@ def run_lock(folder: str):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(f"another sslfast process is using {folder} (it holds {path}); wait for it to "
-                              f"finish or use another --out") from None
+            raise ConfigError(
+                f"another sslfast process is using {folder} (it holds {path}); wait for it to "
+                f"finish or use another --out"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         try:
@@ -239,8 +254,7 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
             by_device.setdefault((t.device, t.dtype), []).append(t.detach())
     if not by_device:
         return True
-    norms = [n.float().reshape(1) for group in by_device.values()
-             for n in torch._foreach_norm(group, ord=float("inf"))]
+    norms = [n.float().reshape(1) for group in by_device.values() for n in torch._foreach_norm(group, ord=float("inf"))]
     device = norms[0].device
     return bool(torch.isfinite(torch.cat([n.to(device) for n in norms])).all().item())
 

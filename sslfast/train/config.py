@@ -1,5 +1,6 @@
 """`PretrainConfig`: every knob of `sslfast pretrain`, its defaults (the method's recipe, the dataset's
 sizes) and its checks (`resolve` raises `ConfigError` naming the flag)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,31 +34,32 @@ class RunInterrupted(RuntimeError):
 @dataclasses.dataclass
 class PretrainConfig:
     """Every knob of `sslfast pretrain` (None: the method's / dataset's default, resolved by `resolve`)."""
+
     method: str = "simclr"
-    data: str | None = None            # None or "digits": the embedded scikit-learn digits; else an image folder
-    backbone: str | None = None        # default: resnet_tiny / vit_micro on digits, resnet50 / vit_small otherwise
+    data: str | None = None  # None or "digits": the embedded scikit-learn digits; else an image folder
+    backbone: str | None = None  # default: resnet_tiny / vit_micro on digits, resnet50 / vit_small otherwise
     epochs: int | None = None
-    batch_size: int | None = None      # global batch (split over ranks)
-    lr: float | None = None            # base lr for a batch of 256 (default: the method's recipe)
-    optimizer: str | None = None       # lars | adamw | sgd (default: the method's recipe)
-    precision: str = "fp32"            # fp32 | bf16 (autocast)
-    out: str | None = None             # default: runs/<method>
+    batch_size: int | None = None  # global batch (split over ranks)
+    lr: float | None = None  # base lr for a batch of 256 (default: the method's recipe)
+    optimizer: str | None = None  # lars | adamw | sgd (default: the method's recipe)
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    out: str | None = None  # default: runs/<method>
     resume: bool = False
-    overwrite: bool = False            # start a new run in an `out` that holds one (its files are replaced)
+    overwrite: bool = False  # start a new run in an `out` that holds one (its files are replaced)
     image_size: int | None = None
     weight_decay: float | None = None
-    warmup_epochs: float | None = None    # default: the recipe's, at most a tenth of the run
-    profile: str | None = None         # paper | small (default: small on digits, paper otherwise)
+    warmup_epochs: float | None = None  # default: the recipe's, at most a tenth of the run
+    profile: str | None = None  # paper | small (default: small on digits, paper otherwise)
     seed: int = 0
     device: str | None = None
     workers: int = 4
-    loader: str = "native"             # native (fused GPU augmentation) | dali | torch (DataLoader + PIL, per sample)
-    compile: bool = False              # torch.compile the method's forward (CUDA; see `resolve`)
-    cuda_graph: bool = False           # capture the whole step in a CUDA graph (refused for now, see `resolve`)
-    knn: bool = True                   # evaluate kNN (pretrained vs random init) at the end
-    stop_after: int | None = None      # stop after this many epochs of the run (resume later)
+    loader: str = "native"  # native (fused GPU augmentation) | dali | torch (DataLoader + PIL, per sample)
+    compile: bool = False  # torch.compile the method's forward (CUDA; see `resolve`)
+    cuda_graph: bool = False  # capture the whole step in a CUDA graph (refused for now, see `resolve`)
+    knn: bool = True  # evaluate kNN (pretrained vs random init) at the end
+    stop_after: int | None = None  # stop after this many epochs of the run (resume later)
     progress: bool = True
-    strategy: str = "ddp"              # ddp | fsdp (torch's FSDP2 shards student and teacher; several ranks only)
+    strategy: str = "ddp"  # ddp | fsdp (torch's FSDP2 shards student and teacher; several ranks only)
 
     @property
     def embedded(self) -> bool:
@@ -70,7 +72,7 @@ STRATEGIES = ("ddp", "fsdp")
 # Methods refused under --strategy fsdp, with the reason (ConfigError text).
 FSDP_REFUSED = {
     "swav": "swav rescales its prototypes in place at the start of every forward, on the gathered copy that "
-            "FSDP2 frees afterwards (the sharded prototypes would never be normalized); use --strategy ddp",
+    "FSDP2 frees afterwards (the sharded prototypes would never be normalized); use --strategy ddp",
 }
 DIGITS_DEFAULTS = dict(epochs=40, batch_size=256, image_size=16)
 IMAGENET_DEFAULTS = dict(epochs=100, batch_size=256, image_size=224)
@@ -117,8 +119,10 @@ def resolve(cfg: PretrainConfig, world: int = 1) -> PretrainConfig:
     except ValueError as err:
         raise ConfigError(f"--backbone: {err}") from None
     if cls.needs_vit and not is_vit(cfg.backbone):
-        raise ConfigError(f"--backbone: {cls.name} needs a ViT backbone (vit_micro, vit_tiny, vit_small, vit_base), "
-                          f"got {cfg.backbone!r}")
+        raise ConfigError(
+            f"--backbone: {cls.name} needs a ViT backbone (vit_micro, vit_tiny, vit_small, vit_base), "
+            f"got {cfg.backbone!r}"
+        )
     recipe = _recipe(cfg)
     cfg.optimizer = (cfg.optimizer or recipe["optimizer"]).lower()
     if cfg.optimizer not in ("lars", "adamw", "sgd"):
@@ -150,13 +154,17 @@ def resolve(cfg: PretrainConfig, world: int = 1) -> PretrainConfig:
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise ConfigError(f"--lr must be a finite number > 0, got {cfg.lr}")
     if cfg.batch_size < world:
-        raise ConfigError(f"--batch-size {cfg.batch_size} is smaller than the world size {world}: every rank "
-                          f"needs at least one image (use a batch of at least {world})")
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} is smaller than the world size {world}: every rank "
+            f"needs at least one image (use a batch of at least {world})"
+        )
     if cfg.batch_size % world:
         raise ConfigError(f"--batch-size {cfg.batch_size} must be divisible by the world size {world}")
     if cfg.batch_size // world < cls.min_batch_per_rank:
-        raise ConfigError(f"--batch-size: {cls.name} needs at least {cls.min_batch_per_rank} images per rank (batch "
-                          f"statistics, negatives), got {cfg.batch_size // world}")
+        raise ConfigError(
+            f"--batch-size: {cls.name} needs at least {cls.min_batch_per_rank} images per rank (batch "
+            f"statistics, negatives), got {cfg.batch_size // world}"
+        )
     check_device(cfg.device)
     check_step_mode(cfg)
     if cfg.resume and cfg.overwrite:
@@ -200,8 +208,10 @@ def check_step_mode(cfg: PretrainConfig) -> None:
     if cfg.cuda_graph:
         if not on_cuda:
             raise ConfigError("--cuda-graph needs a CUDA device")
-        raise ConfigError("--cuda-graph: capturing the whole step (forward, backward, optimizer and EMA on static "
-                          "buffers) is not implemented yet; use --compile, or neither")
+        raise ConfigError(
+            "--cuda-graph: capturing the whole step (forward, backward, optimizer and EMA on static "
+            "buffers) is not implemented yet; use --compile, or neither"
+        )
 
 
 # What `--resume` may change: these flags apply to the resumed run (with a printed note); every other flag that
@@ -226,8 +236,15 @@ def explicit_fields(cfg: PretrainConfig) -> set[str]:
     return {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
 
 
-def merge_resume(saved: PretrainConfig, given: PretrainConfig, explicit: Iterable[str], *, world: int = 1,
-                 reached: int = 0, log: Callable[[str], None] = print) -> PretrainConfig:
+def merge_resume(
+    saved: PretrainConfig,
+    given: PretrainConfig,
+    explicit: Iterable[str],
+    *,
+    world: int = 1,
+    reached: int = 0,
+    log: Callable[[str], None] = print,
+) -> PretrainConfig:
     """The config of a resumed run: `saved`, with the `RESUMABLE` flags among `explicit` taken from `given`
     (each change printed). Any other explicit flag whose (resolved) value differs from `saved` is a
     `ConfigError` listing every difference."""
@@ -238,21 +255,26 @@ def merge_resume(saved: PretrainConfig, given: PretrainConfig, explicit: Iterabl
     refused = {k: v for k, v in changed.items() if k not in RESUMABLE}
     if refused:
         diff = "; ".join(f"{flag_name(k)}: saved {a!r}, given {b!r}" for k, (a, b) in refused.items())
-        raise ConfigError(f"--resume continues the saved run, which differs in {diff} (only "
-                          f"{', '.join(map(flag_name, RESUMABLE))} may change on resume; start a new run with "
-                          f"another --out, or --overwrite)")
+        raise ConfigError(
+            f"--resume continues the saved run, which differs in {diff} (only "
+            f"{', '.join(map(flag_name, RESUMABLE))} may change on resume; start a new run with "
+            f"another --out, or --overwrite)"
+        )
     if "epochs" in changed and merged.epochs < reached:
         raise ConfigError(f"--epochs {merged.epochs}: the run already reached epoch {reached}")
-    result = dataclasses.replace(saved, **{k: getattr(merged, k) for k in changed}, out=given.out, resume=True,
-                                 overwrite=False)
+    result = dataclasses.replace(
+        saved, **{k: getattr(merged, k) for k in changed}, out=given.out, resume=True, overwrite=False
+    )
     # invocation-only: never inherited
     for key in ("stop_after", "knn", "progress", "workers", "device", "compile", "cuda_graph"):
         if key not in explicit:
             setattr(result, key, getattr(given, key))
     for key, (old, new) in changed.items():
         if key in ("epochs", "lr", "device"):
-            extra = {"epochs": " (the lr schedule is recomputed for the new total)",
-                     "lr": " (the lr schedule is rescaled from the step reached)",
-                     "device": " (results are bit-exact only on the saved device)"}[key]
+            extra = {
+                "epochs": " (the lr schedule is recomputed for the new total)",
+                "lr": " (the lr schedule is rescaled from the step reached)",
+                "device": " (results are bit-exact only on the saved device)",
+            }[key]
             log(f"note: --resume with --{key} {new} instead of the saved {old}{extra}")
     return result

@@ -1,4 +1,5 @@
 """The images of a run: pretraining loader, train/test split, labeled evaluation sets."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,6 +15,7 @@ from ..data import datasets as D
 from ..methods import Method, get_method
 from ..models import build_backbone, is_vit
 from .config import ConfigError, PretrainConfig
+
 
 def _subset(source, idx):
     labels = [source.labels[i] for i in idx]
@@ -55,9 +57,18 @@ def preset_for(cfg: PretrainConfig, method_cls: type[Method]):
 def _data_loader(cfg: PretrainConfig, rank: int, world: int, device):
     train, _ = data_sources(cfg)
     try:
-        return SSLLoader(train, preset_for(cfg, get_method(cfg.method)), cfg.batch_size // world, device=device,
-                         backend=cfg.loader, shard_id=rank, num_shards=world, seed=cfg.seed, drop_last=True,
-                         num_workers=cfg.workers)
+        return SSLLoader(
+            train,
+            preset_for(cfg, get_method(cfg.method)),
+            cfg.batch_size // world,
+            device=device,
+            backend=cfg.loader,
+            shard_id=rank,
+            num_shards=world,
+            seed=cfg.seed,
+            drop_last=True,
+            num_workers=cfg.workers,
+        )
     except ValueError as err:  # e.g. a batch larger than the data
         raise ConfigError(f"--batch-size {cfg.batch_size}: {err}") from None
 
@@ -71,15 +82,22 @@ class LabeledImages(BadFiles):
     label (a batch may come out smaller). Bad files are remembered across passes (`skipped`, `bad_files`) and
     `log` reports each new one once."""
 
-    def __init__(self, source, image_size: int, device, batch_size: int = 256, workers: int = 4,
-                 log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        source,
+        image_size: int,
+        device,
+        batch_size: int = 256,
+        workers: int = 4,
+        log: Callable[[str], None] | None = None,
+    ):
         self.source, self.device, self.batch_size, self.workers = source, torch.device(device), batch_size, workers
         self.preset = get_preset("mae", image_size).replace_views(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0)
         self.labels = torch.tensor(source.labels, dtype=torch.long)
         self.num_classes = max(len(getattr(source, "classes", ())), int(self.labels.max()) + 1)
         self.log = log
         self._loaders: dict[tuple[bool, bool, int], SSLLoader] = {}
-        self._bad: dict[int, str] = {}        # index -> reason, over every loader
+        self._bad: dict[int, str] = {}  # index -> reason, over every loader
         self._positions: dict[str, list[int]] | None = None
         self._tensors: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -89,9 +107,18 @@ class LabeledImages(BadFiles):
     def _loader(self, shuffle: bool, drop_last: bool, batch_size: int) -> SSLLoader:
         key = (shuffle, drop_last, batch_size)
         if key not in self._loaders:
-            self._loaders[key] = SSLLoader(self.source, self.preset, min(batch_size, len(self.source)),
-                                           device=self.device, shard_id=0, num_shards=1, seed=0, shuffle=shuffle,
-                                           drop_last=drop_last, num_workers=self.workers)
+            self._loaders[key] = SSLLoader(
+                self.source,
+                self.preset,
+                min(batch_size, len(self.source)),
+                device=self.device,
+                shard_id=0,
+                num_shards=1,
+                seed=0,
+                shuffle=shuffle,
+                drop_last=drop_last,
+                num_workers=self.workers,
+            )
         return self._loaders[key]
 
     def _collect_bad(self, loader: SSLLoader) -> None:
@@ -104,8 +131,10 @@ class LabeledImages(BadFiles):
                     new.append((name, why))
         if new and self.log is not None:
             first, why = new[0]
-            self.log(f"skipped {len(new)} unreadable image(s) of {len(self)} labeled images ({self.skipped} in all), "
-                     f"each dropped with its label; first: {first} ({why})")
+            self.log(
+                f"skipped {len(new)} unreadable image(s) of {len(self)} labeled images ({self.skipped} in all), "
+                f"each dropped with its label; first: {first} ({why})"
+            )
 
     def _indices_of(self, name: str) -> list[int]:
         paths = getattr(self.source, "paths", None)
@@ -125,7 +154,7 @@ class LabeledImages(BadFiles):
         order = torch.tensor(loader.shard_indices(epoch), dtype=torch.long)
         seen = loader.skipped
         for k, views in enumerate(loader):
-            idx = order[k * loader.batch_size:(k + 1) * loader.batch_size]
+            idx = order[k * loader.batch_size : (k + 1) * loader.batch_size]
             x, y = views[0], self.labels[idx]
             if loader.skipped != seen or self._bad:
                 if loader.skipped != seen:
@@ -155,8 +184,13 @@ class LabeledImages(BadFiles):
         self._loaders.clear()
 
 
-def labeled_sets(cfg: PretrainConfig, device, max_train: int | None = None, max_test: int | None = None,
-                 log: Callable[[str], None] | None = None):
+def labeled_sets(
+    cfg: PretrainConfig,
+    device,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    log: Callable[[str], None] | None = None,
+):
     """(train, test) `LabeledImages` of the run's data (at most `max_train` / `max_test` images, a fixed
     random subset); `log` reports skipped files."""
     train, test = data_sources(cfg)
@@ -164,8 +198,10 @@ def labeled_sets(cfg: PretrainConfig, device, max_train: int | None = None, max_
         train = _split(train, 1 - max_train / len(train), seed=1)[1]
     if max_test and len(test) > max_test:
         test = _split(test, 1 - max_test / len(test), seed=1)[1]
-    return (LabeledImages(train, cfg.image_size, device, workers=cfg.workers, log=log),
-            LabeledImages(test, cfg.image_size, device, workers=cfg.workers, log=log))
+    return (
+        LabeledImages(train, cfg.image_size, device, workers=cfg.workers, log=log),
+        LabeledImages(test, cfg.image_size, device, workers=cfg.workers, log=log),
+    )
 
 
 def denormalize(x: torch.Tensor, preset) -> torch.Tensor:

@@ -21,6 +21,7 @@ State. `full_state` gathers the whole method and optimizer state (plain tensors 
 name) for the checkpoint, which therefore loads into an unsharded model (`sslfast eval`) or back into a
 sharded one (`load_full_state`, `--resume`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,6 +31,7 @@ from torch import nn
 from ..methods import Method
 from ..nn.ema import EMA
 from ..ops import ema_update_
+
 
 def _units(backbone: nn.Module) -> list[nn.Module]:
     """The blocks (ViT `blocks`) or stages (ResNet `layer1..layer4`) of a backbone; [] if it has neither."""
@@ -121,8 +123,9 @@ def full_state(method: Method, optimizer: torch.optim.Optimizer, *, rank0_only: 
     return model_sd, optim_sd
 
 
-def load_full_state(method: Method, optimizer: torch.optim.Optimizer, method_state: dict, optimizer_state: dict
-                    ) -> None:
+def load_full_state(
+    method: Method, optimizer: torch.optim.Optimizer, method_state: dict, optimizer_state: dict
+) -> None:
     """Loads what `full_state` returned (every rank passes the whole states) into a sharded method and its
     optimizer; each rank keeps its shards.
 
@@ -138,14 +141,18 @@ def load_full_state(method: Method, optimizer: torch.optim.Optimizer, method_sta
 def local_state(method: Method, optimizer: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) of this rank's part of every parameter, buffer and optimizer-state tensor (DTensors as
     their local shards), for the finite check."""
-    out = [(k, v.to_local() if hasattr(v, "to_local") else v) for k, v in method.state_dict().items()
-           if isinstance(v, torch.Tensor)]
+    out = [
+        (k, v.to_local() if hasattr(v, "to_local") else v)
+        for k, v in method.state_dict().items()
+        if isinstance(v, torch.Tensor)
+    ]
     names = {p: n for n, p in method.named_parameters()}
     for p, s in optimizer.state.items():
         for key, v in s.items():
             if isinstance(v, torch.Tensor):
-                out.append((f"optimizer state {names.get(p, '?')}.{key}", v.to_local() if hasattr(v, "to_local")
-                            else v))
+                out.append(
+                    (f"optimizer state {names.get(p, '?')}.{key}", v.to_local() if hasattr(v, "to_local") else v)
+                )
     return out
 
 

@@ -1,4 +1,5 @@
 """The pretraining loop behind `sslfast pretrain`: epochs, NaN stop, checkpoints, resume, metrics, pictures."""
+
 from __future__ import annotations
 
 import contextlib
@@ -16,10 +17,30 @@ from tqdm.auto import tqdm
 
 from ..data import Prefetcher
 from ..distributed import is_distributed
-from .checkpoint import (METRICS, PREVIOUS, all_finite, check_writable_dir, load_latest, nonfinite_names, rng_state,
-                         run_lock, save_atomic, saved_config, set_rng_state, write_text_atomic)
-from .config import (CHECKPOINT, ConfigError, NonFiniteLossError, PretrainConfig, RunInterrupted, explicit_fields,
-                     merge_resume, resolve)
+from .checkpoint import (
+    METRICS,
+    PREVIOUS,
+    all_finite,
+    check_writable_dir,
+    load_latest,
+    nonfinite_names,
+    rng_state,
+    run_lock,
+    save_atomic,
+    saved_config,
+    set_rng_state,
+    write_text_atomic,
+)
+from .config import (
+    CHECKPOINT,
+    ConfigError,
+    NonFiniteLossError,
+    PretrainConfig,
+    RunInterrupted,
+    explicit_fields,
+    merge_resume,
+    resolve,
+)
 from .data import _data_loader, denormalize, labeled_sets
 from .evaluation import knn_compare
 from .fsdp import any_rank, full_state, load_full_state, local_state
@@ -48,8 +69,7 @@ def _run_files(out: str) -> list[str]:
     return [name for name in (CHECKPOINT, PREVIOUS, METRICS) if os.path.isfile(os.path.join(out, name))]
 
 
-def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print, *, explicit: Iterable[str] | None = None
-             ) -> dict:
+def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print, *, explicit: Iterable[str] | None = None) -> dict:
     """Runs (or resumes) a pretraining; returns the metrics also written to `<out>/metrics.json`.
 
     A new run refuses an `out` that holds one (checkpoint or metrics) unless `cfg.overwrite`; `cfg.resume`
@@ -90,8 +110,10 @@ def _pretrain_locked(cfg: PretrainConfig, explicit: set, world: int, log) -> dic
     else:
         existing = _run_files(out)
         if existing and not cfg.overwrite:
-            raise ConfigError(f"--out: {out} holds a run ({', '.join(existing)}); pass --resume to continue it or "
-                              f"--overwrite to replace it")
+            raise ConfigError(
+                f"--out: {out} holds a run ({', '.join(existing)}); pass --resume to continue it or "
+                f"--overwrite to replace it"
+            )
     rank, world, device = init_distributed(cfg.device)
     say = log if rank == 0 else (lambda s: None)
     if state is not None:
@@ -110,8 +132,9 @@ def _pretrain_locked(cfg: PretrainConfig, explicit: set, world: int, log) -> dic
         if saved_epoch is None:
             raise RunInterrupted("interrupted: no checkpoint was written yet; start the run again") from None
         resume = f"sslfast pretrain --resume --out {shlex.quote(out)}"
-        raise RunInterrupted(f"interrupted: {ckpt_path} of epoch {saved_epoch} is kept; continue with `{resume}`") \
-            from None
+        raise RunInterrupted(
+            f"interrupted: {ckpt_path} of epoch {saved_epoch} is kept; continue with `{resume}`"
+        ) from None
     finally:
         if loader is not None:
             loader.close()
@@ -129,9 +152,11 @@ def _train(cfg: PretrainConfig, state, loader, progress: dict, rank: int, world:
     if state is not None:
         history = _restore(run, state, lr_changed=state["config"]["lr"] != cfg.lr)
         start_epoch = state["epoch"]
-    say(f"sslfast pretrain: {cfg.method} on {cfg.data} ({len(loader.source)} images), backbone {cfg.backbone} "
+    say(
+        f"sslfast pretrain: {cfg.method} on {cfg.data} ({len(loader.source)} images), backbone {cfg.backbone} "
         f"at {cfg.image_size}px, {cfg.epochs} epoch(s) × {steps_per_epoch} steps of {cfg.batch_size}, "
-        f"{cfg.optimizer} lr {cfg.lr:g}·B/256, {cfg.precision}, {world} process(es) on {device.type}")
+        f"{cfg.optimizer} lr {cfg.lr:g}·B/256, {cfg.precision}, {world} process(es) on {device.type}"
+    )
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.stop_after is not None and epoch - start_epoch >= cfg.stop_after:
             break
@@ -139,16 +164,31 @@ def _train(cfg: PretrainConfig, state, loader, progress: dict, rank: int, world:
         _check_finite_state(run, epoch, ckpt_path, progress["saved_epoch"])
         method_state, optimizer_state = _states(run)
         if rank == 0:
-            save_atomic({"method": method_state, "optimizer": optimizer_state,
-                         "scheduler": run.scheduler.state_dict(), "rng": rng_state(), "epoch": epoch + 1,
-                         "history": history, "config": dataclasses.asdict(cfg)},
-                        ckpt_path, keep_previous=os.path.join(out, PREVIOUS))
+            save_atomic(
+                {
+                    "method": method_state,
+                    "optimizer": optimizer_state,
+                    "scheduler": run.scheduler.state_dict(),
+                    "rng": rng_state(),
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "config": dataclasses.asdict(cfg),
+                },
+                ckpt_path,
+                keep_previous=os.path.join(out, PREVIOUS),
+            )
         progress["saved_epoch"] = epoch + 1
     finished = bool(history["epochs"]) and history["epochs"][-1]["epoch"] == cfg.epochs
-    result = {"config": dataclasses.asdict(cfg), "epochs": history["epochs"],
-              "train_seconds": sum(e["seconds"] for e in history["epochs"]), "finished": finished,
-              "skipped_images": len(history["bad_files"]), "bad_files": dict(list(history["bad_files"].items())[:100]),
-              "world_size": world, "device": str(device)}
+    result = {
+        "config": dataclasses.asdict(cfg),
+        "epochs": history["epochs"],
+        "train_seconds": sum(e["seconds"] for e in history["epochs"]),
+        "finished": finished,
+        "skipped_images": len(history["bad_files"]),
+        "bad_files": dict(list(history["bad_files"].items())[:100]),
+        "world_size": world,
+        "device": str(device),
+    }
     method = run.method
     if run.sharded and ((finished and cfg.knn) or run.method.pictures):
         method = _whole_method(run)
@@ -156,8 +196,11 @@ def _train(cfg: PretrainConfig, state, loader, progress: dict, rank: int, world:
         if finished and cfg.knn:
             result["knn"] = knn_compare(cfg, method, device, say)
         _write_outputs(cfg, method, history, result, device)
-        written = ([CHECKPOINT] if os.path.isfile(ckpt_path) else []) + [METRICS, "loss_curve.png",
-                                                                         *run.method.pictures]
+        written = ([CHECKPOINT] if os.path.isfile(ckpt_path) else []) + [
+            METRICS,
+            "loss_curve.png",
+            *run.method.pictures,
+        ]
         say(f"wrote {out}/{{{', '.join(written)}}}")
     if is_distributed():
         dist.barrier()
@@ -240,14 +283,19 @@ def _train_epoch(run, loader, epoch: int, history: dict, ckpt_path: str, saved_e
                 loss /= world
             value = loss.item()
             if not math.isfinite(value):
-                raise NonFiniteLossError(f"loss became {value} at epoch {epoch + 1}, step {step + 1}: stopping "
-                                         f"({_kept(ckpt_path, saved_epoch)}). Try a lower --lr, or --precision fp32.")
+                raise NonFiniteLossError(
+                    f"loss became {value} at epoch {epoch + 1}, step {step + 1}: stopping "
+                    f"({_kept(ckpt_path, saved_epoch)}). Try a lower --lr, or --precision fp32."
+                )
             seen += views[0].shape[0] * world
             loss_sum += value
             history["step_loss"].append(value)
-            bar.update(loss=f"{value:.4f}", lr=f"{opt.param_groups[0]['lr']:.3g}",
-                       img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}",
-                       wait=f"{batches.wait_s * 1e3:.0f}ms")
+            bar.update(
+                loss=f"{value:.4f}",
+                lr=f"{opt.param_groups[0]['lr']:.3g}",
+                img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}",
+                wait=f"{batches.wait_s * 1e3:.0f}ms",
+            )
     finally:
         bar.close()
         batches.close()
@@ -255,13 +303,21 @@ def _train_epoch(run, loader, epoch: int, history: dict, ckpt_path: str, saved_e
     bad = loader.bad_files
     new_bad = [(path, why) for path, why in bad if path not in history["bad_files"]]
     history["bad_files"].update(dict(bad))
-    record = {"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch, "lr": opt.param_groups[0]["lr"],
-              "images_per_s": seen / seconds, "seconds": seconds, "data_wait_s": batches.epoch_wait_s,
-              "skipped_images": len(history["bad_files"])}
+    record = {
+        "epoch": epoch + 1,
+        "loss": loss_sum / steps_per_epoch,
+        "lr": opt.param_groups[0]["lr"],
+        "images_per_s": seen / seconds,
+        "seconds": seconds,
+        "data_wait_s": batches.epoch_wait_s,
+        "skipped_images": len(history["bad_files"]),
+    }
     history["epochs"].append(record)
     skipped = f"  ({len(history['bad_files'])} undecodable image(s) skipped so far)" if history["bad_files"] else ""
-    say(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}  {record['images_per_s']:.0f} images/s  "
-        f"{seconds:.1f}s (data wait {batches.epoch_wait_s:.1f}s){skipped}")
+    say(
+        f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}  {record['images_per_s']:.0f} images/s  "
+        f"{seconds:.1f}s (data wait {batches.epoch_wait_s:.1f}s){skipped}"
+    )
     for path, why in new_bad[:3]:
         say(f"  skipped {path}: {why}")
 
@@ -277,15 +333,20 @@ def _batches(batches, loader, cfg: PretrainConfig):
             return
         except RuntimeError as err:
             if len(loader.source) and loader.skipped >= len(loader.source):
-                raise ConfigError(f"--data: none of the {len(loader.source)} images of {cfg.data} could be read "
-                                  f"and decoded (first: {loader.bad_files[0][0]}: {loader.bad_files[0][1]})") from None
+                raise ConfigError(
+                    f"--data: none of the {len(loader.source)} images of {cfg.data} could be read "
+                    f"and decoded (first: {loader.bad_files[0][0]}: {loader.bad_files[0][1]})"
+                ) from None
             raise err
         yield views
 
 
 def _kept(ckpt_path: str, saved_epoch) -> str:
-    return f"the last good checkpoint {ckpt_path} (epoch {saved_epoch}) is kept" if saved_epoch is not None \
+    return (
+        f"the last good checkpoint {ckpt_path} (epoch {saved_epoch}) is kept"
+        if saved_epoch is not None
         else "no checkpoint had been written yet"
+    )
 
 
 def _check_finite_state(run, epoch: int, ckpt_path: str, saved_epoch) -> None:
@@ -298,8 +359,12 @@ def _check_finite_state(run, epoch: int, ckpt_path: str, saved_epoch) -> None:
         names = nonfinite_names(named) or ["the shards of another rank"]
         _raise_nonfinite(names, epoch, ckpt_path, saved_epoch)
     method_state = run.method.state_dict()
-    opt_tensors = [(f"optimizer state {pid}.{name}", v) for pid, s in run.optimizer.state_dict()["state"].items()
-                   for name, v in s.items() if isinstance(v, torch.Tensor)]
+    opt_tensors = [
+        (f"optimizer state {pid}.{name}", v)
+        for pid, s in run.optimizer.state_dict()["state"].items()
+        for name, v in s.items()
+        if isinstance(v, torch.Tensor)
+    ]
     tensors = [v for v in method_state.values() if isinstance(v, torch.Tensor)] + [v for _, v in opt_tensors]
     if all_finite(tensors):
         return
@@ -308,17 +373,24 @@ def _check_finite_state(run, epoch: int, ckpt_path: str, saved_epoch) -> None:
 
 
 def _raise_nonfinite(names: list[str], epoch: int, ckpt_path: str, saved_epoch) -> None:
-    raise NonFiniteLossError(f"non-finite values in {', '.join(names)} after epoch {epoch + 1} (the loss was "
-                             f"finite): stopping without saving ({_kept(ckpt_path, saved_epoch)}). Try a lower "
-                             f"--lr, or --precision fp32.")
+    raise NonFiniteLossError(
+        f"non-finite values in {', '.join(names)} after epoch {epoch + 1} (the loss was "
+        f"finite): stopping without saving ({_kept(ckpt_path, saved_epoch)}). Try a lower "
+        f"--lr, or --precision fp32."
+    )
 
 
 def _write_outputs(cfg, method, history, result, device) -> None:
     write_text_atomic(json.dumps(result, indent=1), os.path.join(cfg.out, METRICS))
     from .._plot import line_plot
 
-    line_plot(history["step_loss"], os.path.join(cfg.out, "loss_curve.png"), title=f"{cfg.method} loss",
-              xlabel="step", ylabel="loss")
+    line_plot(
+        history["step_loss"],
+        os.path.join(cfg.out, "loss_curve.png"),
+        title=f"{cfg.method} loss",
+        xlabel="step",
+        ylabel="loss",
+    )
     if method.pictures:
         _, test = labeled_sets(cfg, device)
         imgs = next(test.batches())[0]

@@ -1,4 +1,5 @@
 """One training step and what it needs: process group, model, optimizer and schedule."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,8 +63,13 @@ def build_optimizer(method: Method, cfg: PretrainConfig, *, fuse_teacher: bool =
         opt = LARSEMA(groups, teacher=teacher, lr=lr, momentum=momentum, weight_decay=cfg.weight_decay)
     elif cfg.optimizer == "adamw":
         adamw = AdamWEMA if fuse_teacher else torch.optim.AdamW
-        opt = adamw(groups, **({"teacher": teacher} if fuse_teacher else {}), lr=lr,
-                    betas=tuple(recipe.get("betas", (0.9, 0.999))), weight_decay=cfg.weight_decay)
+        opt = adamw(
+            groups,
+            **({"teacher": teacher} if fuse_teacher else {}),
+            lr=lr,
+            betas=tuple(recipe.get("betas", (0.9, 0.999))),
+            weight_decay=cfg.weight_decay,
+        )
     else:
         opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=cfg.weight_decay)
     return opt
@@ -78,8 +84,10 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def build_scheduler(opt, total_steps: int, warmup_steps: int):
-    lambdas = [(lambda s: 1.0) if g.get("fixed_lr") else (lambda s: lr_factor(s, total_steps, warmup_steps))
-               for g in opt.param_groups]
+    lambdas = [
+        (lambda s: 1.0) if g.get("fixed_lr") else (lambda s: lr_factor(s, total_steps, warmup_steps))
+        for g in opt.param_groups
+    ]
     return torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
 
 
@@ -101,14 +109,15 @@ def build_model(cfg: PretrainConfig, world: int = 1, **overrides) -> Method:
 @dataclasses.dataclass
 class Run:
     """Everything a training step touches (built by `setup`)."""
+
     cfg: PretrainConfig
     method: Method
-    model: nn.Module              # the method, wrapped in DistributedDataParallel when world > 1 (not under FSDP)
+    model: nn.Module  # the method, wrapped in DistributedDataParallel when world > 1 (not under FSDP)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
     world: int = 1
-    sharded: bool = False         # --strategy fsdp on several ranks: the method is sharded with FSDP2
+    sharded: bool = False  # --strategy fsdp on several ranks: the method is sharded with FSDP2
 
     @property
     def fused_ema(self) -> bool:
@@ -144,8 +153,11 @@ def setup(cfg: PretrainConfig, steps_per_epoch: int, device, world: int = 1, **o
         # buffers (global-BN statistics, queue, center) stay equal on every rank by construction: no per-step
         # broadcast (torch >= 2.13 names the switch forward_sync_buffers)
         ddp = nn.parallel.DistributedDataParallel
-        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else \
-            "broadcast_buffers"
+        no_sync = (
+            "forward_sync_buffers"
+            if "forward_sync_buffers" in inspect.signature(ddp).parameters
+            else "broadcast_buffers"
+        )
         model = ddp(method, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})
     if cfg.compile:
         # the method's forward (backbone, heads, the sslfast custom ops) traced and compiled; the parameters,
@@ -167,11 +179,11 @@ def forward_backward(run: Run, views) -> torch.Tensor:
 def optimizer_step(run: Run) -> None:
     """The optimizer step after `forward_backward`: the method's hooks, the schedule and the teacher EMA."""
     run.method.before_optimizer_step()
-    run.optimizer.step()          # lars / adamw: the teacher EMA is fused into this step
+    run.optimizer.step()  # lars / adamw: the teacher EMA is fused into this step
     run.scheduler.step()
     if run.method.ema is not None and not run.fused_ema:
         if run.sharded:
-            ema_update_local(run.method.ema)   # the EMA on each rank's shards
+            ema_update_local(run.method.ema)  # the EMA on each rank's shards
         else:
             run.method.ema.update()
     run.method.after_step()

@@ -5,6 +5,7 @@ walk as one flat array) are updated by `sslfast.ops._torch.ema` in the same call
 
 `sslfast._C` is imported at the first launch, so this module imports without CUDA or the extension.
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,15 +46,24 @@ def launch_tables(device: torch.device, tables, weight: float | None, m_tensor: 
 def ema_update_(plan, teacher, student, *, weight, m_tensor) -> None:
     """One `ema_apply` launch per table of `plan` (an `EMAPlan`), then `lerp_` of its fallback pairs."""
     apply = extension().ema_apply
-    launch_tables(plan.device, plan.tables, weight, m_tensor, lambda tbl, w, mptr, s: apply(
-        tbl.data, tbl.dtypes[0], tbl.dtypes[1], w, mptr, s, plan.device.index))
+    launch_tables(
+        plan.device,
+        plan.tables,
+        weight,
+        m_tensor,
+        lambda tbl, w, mptr, s: apply(tbl.data, tbl.dtypes[0], tbl.dtypes[1], w, mptr, s, plan.device.index),
+    )
     if plan.fallback:
-        _torch.lerp_([teacher[i] for i in plan.fallback], [student[i] for i in plan.fallback],
-                     _torch.momentum_of(weight, m_tensor))
+        _torch.lerp_(
+            [teacher[i] for i in plan.fallback],
+            [student[i] for i in plan.fallback],
+            _torch.momentum_of(weight, m_tensor),
+        )
 
 
 def _launch_steps(plan, grads, weight, m_tensor, launch) -> None:
     """The step kernel of every table of a `FusedPlan`, each after the gradients are written into it."""
+
     def step(tbl, w, mptr, s):
         plan.set_grads(tbl, grads)
         launch(tbl, w, mptr, s)
@@ -69,38 +79,99 @@ def _select(rows, n: int):
 def _teacher_fallback(plan, params, teachers, momentum) -> None:
     """After the kernels: the EMA of the teachers whose layout differs from their param's."""
     if plan.teacher_fallback:
-        _torch.lerp_([teachers[i] for i in plan.teacher_fallback], [params[i] for i in plan.teacher_fallback],
-                     momentum)
+        _torch.lerp_([teachers[i] for i in plan.teacher_fallback], [params[i] for i in plan.teacher_fallback], momentum)
 
 
-def adamw_ema_step_(plan, params, grads, exp_avgs, exp_avg_sqs, steps, teachers, *, lr, beta1, beta2, eps,
-                    weight_decay, weight, m_tensor) -> None:
+def adamw_ema_step_(
+    plan,
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    steps,
+    teachers,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    weight,
+    m_tensor,
+) -> None:
     """`adamw_ema_apply` over `plan`'s tables (an `AdamWEMAPlan`); its slow rows by torch's fused AdamW when
     they are all the rows, else by the foreach step; then the fallback teachers."""
-    _launch_steps(plan, grads, weight, m_tensor, lambda tbl, w, mptr, s: extension().adamw_ema_apply(
-        tbl.data, tbl.dtypes[0], tbl.dtypes[1], lr, beta1, beta2, eps, weight_decay, w, mptr, s, plan.device.index))
+    _launch_steps(
+        plan,
+        grads,
+        weight,
+        m_tensor,
+        lambda tbl, w, mptr, s: extension().adamw_ema_apply(
+            tbl.data, tbl.dtypes[0], tbl.dtypes[1], lr, beta1, beta2, eps, weight_decay, w, mptr, s, plan.device.index
+        ),
+    )
     momentum = _torch.momentum_of(weight, m_tensor)
     rows = plan.slow
     if len(rows):
         sel = _select(rows, len(params))
         step = _torch.adamw_fused_step_ if len(rows) == len(params) else _torch.adamw_foreach_step_
-        step(sel(params), sel(grads), sel(exp_avgs), sel(exp_avg_sqs), sel(steps), sel(teachers), lr=lr,
-             beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, momentum=momentum)
+        step(
+            sel(params),
+            sel(grads),
+            sel(exp_avgs),
+            sel(exp_avg_sqs),
+            sel(steps),
+            sel(teachers),
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            momentum=momentum,
+        )
     _teacher_fallback(plan, params, teachers, momentum)
 
 
-def lars_ema_step_(plan, params, grads, momentum_buffers, teachers, *, lr, momentum, weight_decay, eta, weight,
-                   m_tensor) -> None:
+def lars_ema_step_(
+    plan, params, grads, momentum_buffers, teachers, *, lr, momentum, weight_decay, eta, weight, m_tensor
+) -> None:
     """The two-pass `lars_ema_apply` over `plan`'s tables (a `LARSEMAPlan`, per-chunk norms in each table's
     `partials`); its slow rows by the foreach step; then the fallback teachers."""
-    _launch_steps(plan, grads, weight, m_tensor, lambda tbl, w, mptr, s: extension().lars_ema_apply(
-        tbl.data, tbl.dtypes[0], tbl.dtypes[1], tbl.partials.data_ptr(), lr, momentum, weight_decay, eta, w, mptr,
-        s, plan.device.index))
+    _launch_steps(
+        plan,
+        grads,
+        weight,
+        m_tensor,
+        lambda tbl, w, mptr, s: extension().lars_ema_apply(
+            tbl.data,
+            tbl.dtypes[0],
+            tbl.dtypes[1],
+            tbl.partials.data_ptr(),
+            lr,
+            momentum,
+            weight_decay,
+            eta,
+            w,
+            mptr,
+            s,
+            plan.device.index,
+        ),
+    )
     ema_momentum = _torch.momentum_of(weight, m_tensor)
     rows = plan.slow
     if len(rows):
         sel = _select(rows, len(params))
-        _torch.lars_foreach_step_(sel(params), sel(grads), sel(momentum_buffers), sel(teachers), lr=lr,
-                                  momentum=momentum, weight_decay=weight_decay, eta=eta, decay=sel(plan.decay),
-                                  adapt=sel(plan.adapt), ema_momentum=ema_momentum)
+        _torch.lars_foreach_step_(
+            sel(params),
+            sel(grads),
+            sel(momentum_buffers),
+            sel(teachers),
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            eta=eta,
+            decay=sel(plan.decay),
+            adapt=sel(plan.adapt),
+            ema_momentum=ema_momentum,
+        )
     _teacher_fallback(plan, params, teachers, ema_momentum)

@@ -12,6 +12,7 @@ whose float64 oracle runs these same torchvision functional ops one sample at a 
 * `augment_views`: that math vectorized over (view, sample) rows in chunks of `CHUNK_ELEMS` output values, and
   `gaussian_blur`, the standalone per-sample blur.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,19 +20,50 @@ import torch.nn.functional as F
 
 # Per-(view, sample) parameter row, fp32. Integers (crop box, op order) are stored exactly as floats.
 FIELDS = (
-    "top", "left", "height", "width",      # crop box in source pixels
-    "flip",                                # 1: horizontal flip
-    "jitter",                              # 1: apply the colour jitter below
-    "brightness", "contrast", "saturation", "hue",   # factors (hue: shift in turns, [-0.5, 0.5])
-    "order0", "order1", "order2", "order3",          # op at each position: 0 bright, 1 contrast, 2 sat, 3 hue
-    "contrast_pos",                        # position of the contrast op in the order (0..3)
-    "gray",                                # 1: grayscale
-    "blur", "sigma",                       # 1: Gaussian blur with this sigma (pixels)
-    "solarize", "threshold",               # 1: solarize at this threshold (fraction of full scale)
+    "top",
+    "left",
+    "height",
+    "width",  # crop box in source pixels
+    "flip",  # 1: horizontal flip
+    "jitter",  # 1: apply the colour jitter below
+    "brightness",
+    "contrast",
+    "saturation",
+    "hue",  # factors (hue: shift in turns, [-0.5, 0.5])
+    "order0",
+    "order1",
+    "order2",
+    "order3",  # op at each position: 0 bright, 1 contrast, 2 sat, 3 hue
+    "contrast_pos",  # position of the contrast op in the order (0..3)
+    "gray",  # 1: grayscale
+    "blur",
+    "sigma",  # 1: Gaussian blur with this sigma (pixels)
+    "solarize",
+    "threshold",  # 1: solarize at this threshold (fraction of full scale)
 )
 NUM_FIELDS = len(FIELDS)
-F_TOP, F_LEFT, F_HEIGHT, F_WIDTH, F_FLIP, F_JITTER, F_BRIGHT, F_CONTRAST, F_SAT, F_HUE, F_ORDER, _, _, _, \
-    F_CPOS, F_GRAY, F_BLUR, F_SIGMA, F_SOLAR, F_THRESH = range(NUM_FIELDS)
+(
+    F_TOP,
+    F_LEFT,
+    F_HEIGHT,
+    F_WIDTH,
+    F_FLIP,
+    F_JITTER,
+    F_BRIGHT,
+    F_CONTRAST,
+    F_SAT,
+    F_HUE,
+    F_ORDER,
+    _,
+    _,
+    _,
+    F_CPOS,
+    F_GRAY,
+    F_BLUR,
+    F_SIGMA,
+    F_SOLAR,
+    F_THRESH,
+) = range(NUM_FIELDS)
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale
 
@@ -128,23 +160,31 @@ def gaussian_blur_image(x: torch.Tensor, kernel_size: int, sigma: float) -> torc
     k = gaussian_kernel1d(kernel_size, sigma, x.dtype).to(x.device)
     r = kernel_size // 2
     offs = torch.arange(kernel_size, device=x.device) - r
-    cols = reflect_index(torch.arange(w, device=x.device)[:, None] + offs[None, :], w)   # [W, K]
+    cols = reflect_index(torch.arange(w, device=x.device)[:, None] + offs[None, :], w)  # [W, K]
     x = (x[:, :, cols] * k).sum(-1)
-    rows = reflect_index(torch.arange(h, device=x.device)[:, None] + offs[None, :], h)   # [H, K]
+    rows = reflect_index(torch.arange(h, device=x.device)[:, None] + offs[None, :], h)  # [H, K]
     return (x[:, rows, :] * k[None, None, :, None]).sum(2)
 
 
-def resized_crop(img: torch.Tensor, top: int, left: int, height: int, width: int, out_h: int, out_w: int,
-                 antialias: bool, dtype=torch.float64) -> torch.Tensor:
+def resized_crop(
+    img: torch.Tensor,
+    top: int,
+    left: int,
+    height: int,
+    width: int,
+    out_h: int,
+    out_w: int,
+    antialias: bool,
+    dtype=torch.float64,
+) -> torch.Tensor:
     """torchvision `F.resized_crop` of a [3, H, W] image (bilinear; see the module doc), in `dtype`, 0..255."""
-    crop = img[:, top: top + height, left: left + width].to(dtype)
-    return F.interpolate(crop[None], size=(out_h, out_w), mode="bilinear", align_corners=False,
-                         antialias=antialias)[0]
+    crop = img[:, top : top + height, left : left + width].to(dtype)
+    return F.interpolate(crop[None], size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=antialias)[0]
 
 
 def unpack_image(images: torch.Tensor, offset: int, h: int, w: int, chw: bool) -> torch.Tensor:
     """One packed uint8 image as [3, H, W]."""
-    flat = images[offset: offset + 3 * h * w]
+    flat = images[offset : offset + 3 * h * w]
     return flat.view(3, h, w) if chw else flat.view(h, w, 3).permute(2, 0, 1)
 
 
@@ -197,7 +237,7 @@ def _blur_rows(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.
     half = (kernel_size - 1) * 0.5
     t = torch.linspace(-half, half, kernel_size, dtype=x.dtype, device=x.device)
     pdf = torch.exp(-0.5 * (t[None, :] / sigma.to(x.dtype)[:, None]).pow(2))
-    k = (pdf / pdf.sum(1, keepdim=True)).repeat_interleave(c, 0)                    # [n·C, K]
+    k = (pdf / pdf.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n·C, K]
     r = kernel_size // 2
     cols = reflect_index(torch.arange(-r, w + r, device=x.device), w)
     x = F.conv2d(x[..., cols].reshape(1, n * c, h, w + 2 * r), k.view(n * c, 1, 1, -1), groups=n * c)
@@ -216,9 +256,21 @@ def _rows_where(x: torch.Tensor, mask: torch.Tensor, fn) -> torch.Tensor:
 CHUNK_ELEMS = 1 << 21  # output values per chunk of the batched CPU path (gather indices: 4 × 16 MiB)
 
 
-def augment_views(images: torch.Tensor, offsets: torch.Tensor, sizes: torch.Tensor, params: torch.Tensor,
-                  out_h: int, out_w: int, chw: bool, out_dtype: torch.dtype, mean, std, blur_kernel: int,
-                  *, antialias: bool = True) -> torch.Tensor:
+def augment_views(
+    images: torch.Tensor,
+    offsets: torch.Tensor,
+    sizes: torch.Tensor,
+    params: torch.Tensor,
+    out_h: int,
+    out_w: int,
+    chw: bool,
+    out_dtype: torch.dtype,
+    mean,
+    std,
+    blur_kernel: int,
+    *,
+    antialias: bool = True,
+) -> torch.Tensor:
     """The CPU path: the math of `sslfast.reference.augment.augment_views_literal` in `out_dtype` (computed in
     fp32), vectorized over (view, sample) rows in chunks —
     gathers for the plain bilinear crop (one `F.interpolate` per row when `antialias`), masked sub-batches for
@@ -240,8 +292,12 @@ def augment_views(images: torch.Tensor, offsets: torch.Tensor, sizes: torch.Tens
         crop_resize = _crop_resize_rows_antialiased if antialias else _crop_resize_rows
         x = crop_resize(images, base_all[sl], hgt_all[sl], wid_all[sl], p, out_h, out_w, chw, ct)
         jitter = p[:, F_JITTER] > 0.5
-        factors = [p[:, F_BRIGHT].view(-1, 1, 1, 1), p[:, F_CONTRAST].view(-1, 1, 1, 1),
-                   p[:, F_SAT].view(-1, 1, 1, 1), p[:, F_HUE].view(-1, 1, 1)]
+        factors = [
+            p[:, F_BRIGHT].view(-1, 1, 1, 1),
+            p[:, F_CONTRAST].view(-1, 1, 1, 1),
+            p[:, F_SAT].view(-1, 1, 1, 1),
+            p[:, F_HUE].view(-1, 1, 1),
+        ]
         for k in range(4):
             op_k = p[:, F_ORDER + k].long()
             for op in range(4):
@@ -259,5 +315,6 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     """Per-sample separable Gaussian blur of [B, C, H, W] (any float dtype) with sigma [B], computed in fp32 one
     sample at a time (`gaussian_blur_image`); out in x's dtype."""
     work = x.float()
-    return torch.stack([gaussian_blur_image(work[b], kernel_size, float(sigma[b])) for b in range(x.shape[0])]
-                       ).to(x.dtype)
+    return torch.stack([gaussian_blur_image(work[b], kernel_size, float(sigma[b])) for b in range(x.shape[0])]).to(
+        x.dtype
+    )

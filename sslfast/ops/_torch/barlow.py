@@ -6,13 +6,14 @@ inputs). Neither forms a D x D matrix: the Gram path works with the N x N Gram m
 when N < D), the tiled path with P x D slabs of the cross-correlation (P·D <= `SLAB_ELEMS`). The math,
 including the distributed split L_r = base + W·u_r, is written out in `sslfast.kernels.barlow`.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 BARLOW, VICREG = 0, 1
-NCOL = 9            # rows of the per-feature statistics tensor (layout in sslfast.kernels.barlow)
+NCOL = 9  # rows of the per-feature statistics tensor (layout in sslfast.kernels.barlow)
 SLAB_ELEMS = 1 << 22  # tiled path: at most this many cross-correlation entries held at once (16 MiB fp32)
 
 
@@ -48,14 +49,14 @@ def forward(z1, z2, kind, coef, eps, rows, world, algorithm):
     w = float(world)
     dev = z1.device
     work = operand_dtype(z1.dtype, m, algorithm)
-    ops = torch.stack([z1, z2]).to(work)                    # [2, M, D], updated in place below
+    ops = torch.stack([z1, z2]).to(work)  # [2, M, D], updated in place below
     shift = ops[:, :1].clone()
-    ops -= shift                                            # shifted by row 0: constant columns are exact zeros
+    ops -= shift  # shifted by row 0: constant columns are exact zeros
     mean_y = ops.mean(1, keepdim=True)
-    ops -= mean_y                                           # centered
+    ops -= mean_y  # centered
     col = torch.zeros(NCOL, d, device=dev, dtype=work)
     col[0:2] = (shift + mean_y).squeeze(1)
-    m2 = torch.linalg.vector_norm(ops, dim=1).square()      # [2, D]
+    m2 = torch.linalg.vector_norm(ops, dim=1).square()  # [2, D]
     if kind == BARLOW:
         rstd = torch.rsqrt(m2 / m + eps)
         ops = ops * rstd[:, None, :] if ops.requires_grad else ops.mul_(rstd[:, None, :])  # standardized
@@ -67,14 +68,14 @@ def forward(z1, z2, kind, coef, eps, rows, world, algorithm):
         col[2:4] = torch.sqrt(var + eps)
         col[4:6] = var
         col[6:8] = m2
-        col[8] = (z1[r0:r0 + n].to(work) - z2[r0:r0 + n].to(work)).pow(2).sum(0)
+        col[8] = (z1[r0 : r0 + n].to(work) - z2[r0 : r0 + n].to(work)).pow(2).sum(0)
     scal = torch.ones(2, device=dev, dtype=work)
     s_a = s_b = torch.zeros((), device=dev, dtype=work)
     if algorithm == "gram":
-        g = torch.bmm(ops[:, r0:r0 + n], ops.transpose(1, 2))      # [2, n, M] Gram rows of this rank
+        g = torch.bmm(ops[:, r0 : r0 + n], ops.transpose(1, 2))  # [2, n, M] Gram rows of this rank
         if kind == BARLOW:
             s_a = (g[0] * g[1]).sum()
-            partner = g.flip(0)                                     # Ẑ1 pairs with B = Ẑ2Ẑ2ᵀ and back
+            partner = g.flip(0)  # Ẑ1 pairs with B = Ẑ2Ẑ2ᵀ and back
         else:
             s_a, s_b = g[0].pow(2).sum(), g[1].pow(2).sum()
             partner = g
@@ -167,7 +168,7 @@ def backward(grad, z1, z2, col, scal, ops, grams, pdiag, kind, coef, eps, rows, 
         else:
             g *= cov_c / d * 4 / (m - 1)
         g.addcmul_(ops, self_coef[:, None, :])
-        g -= g.mean(1, keepdim=True)                       # centering backward
+        g -= g.mean(1, keepdim=True)  # centering backward
         g *= grad
         inv = (z1[mine].to(g.dtype) - z2[mine].to(g.dtype)).mul_(2 * sim / (n * d) * grad)
         g[0, mine] += inv

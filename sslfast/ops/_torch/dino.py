@@ -6,6 +6,7 @@ plain PyTorch on every device.
 within `CHUNK_ELEMS` floats: per image one teacher sum P_Σ = Σ_g P_g and per crop a row log-sum-exp and a dot,
 and the backward recomputes both softmaxes from the saved row LSEs. Work is in fp32 (fp64 for fp64 inputs).
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,16 +26,23 @@ def _chunk_rows(B: int, K: int, V: int, G: int) -> int:
     return max(1, min(B, CHUNK_ELEMS // max(1, K * (V + G + 2))))
 
 
-def _teacher_logits(teacher: torch.Tensor, center: torch.Tensor, teacher_temp: float, G: int, B: int,
-                    b0: int, b1: int) -> torch.Tensor:
+def _teacher_logits(
+    teacher: torch.Tensor, center: torch.Tensor, teacher_temp: float, G: int, B: int, b0: int, b1: int
+) -> torch.Tensor:
     """(t_g − c)/τ_t for images b0:b1, [G, b, K] in fp32 (fp64 for fp64 inputs)."""
     work = torch.promote_types(teacher.dtype, torch.float32)
     t = teacher.view(G, B, -1)[:, b0:b1].to(work)
     return (t - center.reshape(1, 1, -1).to(work)) / teacher_temp
 
 
-def dino_loss_forward(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, student_temp: float,
-                      teacher_temp: float, num_global: int) -> tuple[torch.Tensor, torch.Tensor]:
+def dino_loss_forward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    center: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+    num_global: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss [], log-sum-exps [(V + G)·B]: of student/τ_s per row, then of (teacher − center)/τ_t per row), fp32
     (fp64 for fp64 inputs). The backward takes the LSEs back instead of recomputing them."""
     G = num_global
@@ -47,12 +55,12 @@ def dino_loss_forward(student: torch.Tensor, teacher: torch.Tensor, center: torc
     step = _chunk_rows(B, K, V, G)
     for b0 in range(0, B, step):
         b1 = min(B, b0 + step)
-        x = _teacher_logits(teacher, center, teacher_temp, G, B, b0, b1)       # [G, b, K]
+        x = _teacher_logits(teacher, center, teacher_temp, G, B, b0, b1)  # [G, b, K]
         lse[V:, b0:b1] = torch.logsumexp(x, dim=-1)
         p = torch.exp(x - lse[V:, b0:b1, None])
         p_sum = p.sum(0)
-        s = s_all[:, b0:b1].to(work) / student_temp   # [V, b, K]
-        lse_c = torch.logsumexp(s, dim=-1)                                     # [V, b]
+        s = s_all[:, b0:b1].to(work) / student_temp  # [V, b, K]
+        lse_c = torch.logsumexp(s, dim=-1)  # [V, b]
         lse[:V, b0:b1] = lse_c
         dots = torch.einsum("vbk,bk->vb", s, p_sum.to(s.dtype))
         dots[:G] -= torch.einsum("gbk,gbk->gb", s[:G], p.to(s.dtype))
@@ -62,8 +70,16 @@ def dino_loss_forward(student: torch.Tensor, teacher: torch.Tensor, center: torc
     return total / (B * num_pairs(V, G)), lse.reshape(-1)
 
 
-def dino_loss_backward(grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor,
-                       lse: torch.Tensor, student_temp: float, teacher_temp: float, num_global: int) -> torch.Tensor:
+def dino_loss_backward(
+    grad: torch.Tensor,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    center: torch.Tensor,
+    lse: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+    num_global: int,
+) -> torch.Tensor:
     """∂loss/∂student_output (the teacher and the center get none), in the student's dtype; `lse` from the
     forward."""
     G = num_global
@@ -93,8 +109,9 @@ def update_center_(center: torch.Tensor, teacher_output: torch.Tensor, momentum:
     teacher outputs, all-reduced over ranks, divided by the global batch size; then
     center ← center·m + batch_center·(1 − m), in place."""
     with torch.no_grad():
-        batch_center = torch.sum(teacher_output.to(torch.promote_types(teacher_output.dtype, torch.float32)),
-                                 dim=0, keepdim=True)
+        batch_center = torch.sum(
+            teacher_output.to(torch.promote_types(teacher_output.dtype, torch.float32)), dim=0, keepdim=True
+        )
         world = 1
         if is_distributed():
             dist.all_reduce(batch_center)

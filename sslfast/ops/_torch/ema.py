@@ -13,6 +13,7 @@ The contract functions take the call's cached plan (`sslfast.ops._ema_plan`) and
 layer parsed it: the EMA weight 1 − m as a float (`weight`), or the momentum as a 0-dim fp32 device tensor
 (`m_tensor`).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -86,9 +87,21 @@ def ema_update_(plan, teacher, student, *, weight, m_tensor) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ AdamW
-def adamw_foreach_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                        exp_avg_sqs: list[Tensor], steps: list[Tensor], teachers: Sequence[Tensor | None] | None, *,
-                        lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, momentum) -> None:
+def adamw_foreach_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    teachers: Sequence[Tensor | None] | None,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    momentum,
+) -> None:
     """One torch.optim.AdamW step (the ops of its foreach implementation, in the same order), then
     teachers[i] ← lerp(teachers[i], params[i], 1 − momentum) where teachers[i] is not None. `steps` are the
     per-parameter step counters (0-dim tensors), incremented here; their values are read on the host."""
@@ -102,8 +115,8 @@ def adamw_foreach_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
         counts = [float(s) for s in steps]
-        step_size = [-(lr / (1 - beta1 ** c)) for c in counts]
-        bias_correction2_sqrt = [(1 - beta2 ** c) ** 0.5 for c in counts]
+        step_size = [-(lr / (1 - beta1**c)) for c in counts]
+        bias_correction2_sqrt = [(1 - beta2**c) ** 0.5 for c in counts]
         denom = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_div_(denom, bias_correction2_sqrt)
         torch._foreach_add_(denom, eps)
@@ -111,8 +124,9 @@ def adamw_foreach_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
     teacher_lerp_(params, teachers, momentum)
 
 
-def adamw_fused_step_(params, grads, exp_avgs, exp_avg_sqs, steps, teachers, *, lr, beta1, beta2, eps,
-                      weight_decay, momentum) -> None:
+def adamw_fused_step_(
+    params, grads, exp_avgs, exp_avg_sqs, steps, teachers, *, lr, beta1, beta2, eps, weight_decay, momentum
+) -> None:
     """`adamw_foreach_step_` with torch's fused AdamW kernel per param dtype (CUDA without sslfast._C: what
     users run without this library), then the foreach lerp of the teachers."""
     with torch.no_grad():
@@ -122,24 +136,74 @@ def adamw_fused_step_(params, grads, exp_avgs, exp_avg_sqs, steps, teachers, *, 
         for idx in groups.values():
             sel = lambda lst: [lst[i] for i in idx]  # noqa: E731
             torch._foreach_add_(sel(steps), 1)
-            torch._fused_adamw_(sel(params), sel(grads), sel(exp_avgs), sel(exp_avg_sqs), [], sel(steps), lr=lr,
-                                beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False,
-                                maximize=False)
+            torch._fused_adamw_(
+                sel(params),
+                sel(grads),
+                sel(exp_avgs),
+                sel(exp_avg_sqs),
+                [],
+                sel(steps),
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=weight_decay,
+                eps=eps,
+                amsgrad=False,
+                maximize=False,
+            )
     teacher_lerp_(params, teachers, momentum)
 
 
-def adamw_ema_step_(plan, params, grads, exp_avgs, exp_avg_sqs, steps, teachers, *, lr, beta1, beta2, eps,
-                    weight_decay, weight, m_tensor) -> None:
+def adamw_ema_step_(
+    plan,
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    steps,
+    teachers,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    weight,
+    m_tensor,
+) -> None:
     """`adamw_fused_step_` on CUDA (unless SSLFAST_BACKEND=reference), else `adamw_foreach_step_`."""
     step = adamw_fused_step_ if params[0].is_cuda and backend() != "reference" else adamw_foreach_step_
-    step(params, grads, exp_avgs, exp_avg_sqs, steps, teachers, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-         weight_decay=weight_decay, momentum=momentum_of(weight, m_tensor))
+    step(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        steps,
+        teachers,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        momentum=momentum_of(weight, m_tensor),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ LARS
-def lars_foreach_step_(params: list[Tensor], grads: list[Tensor], mus: list[Tensor],
-                       teachers: Sequence[Tensor | None] | None, *, lr: float, momentum: float, weight_decay: float,
-                       eta: float, decay: Sequence[bool], adapt: Sequence[bool], ema_momentum) -> None:
+def lars_foreach_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    mus: list[Tensor],
+    teachers: Sequence[Tensor | None] | None,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    eta: float,
+    decay: Sequence[bool],
+    adapt: Sequence[bool],
+    ema_momentum,
+) -> None:
     """The LARS step of `sslfast.reference.ema.lars_step_literal_` over the whole list (norms in fp32, trust
     ratios as device tensors: no host sync), then teachers[i] ← lerp(teachers[i], params[i], 1 − ema_momentum)."""
     if not params:
@@ -160,9 +224,20 @@ def lars_foreach_step_(params: list[Tensor], grads: list[Tensor], mus: list[Tens
     teacher_lerp_(params, teachers, ema_momentum)
 
 
-def lars_ema_step_(plan, params, grads, momentum_buffers, teachers, *, lr, momentum, weight_decay, eta, weight,
-                   m_tensor) -> None:
+def lars_ema_step_(
+    plan, params, grads, momentum_buffers, teachers, *, lr, momentum, weight_decay, eta, weight, m_tensor
+) -> None:
     """`lars_foreach_step_` with the plan's per-param decay / adaptation flags."""
-    lars_foreach_step_(params, grads, momentum_buffers, teachers, lr=lr, momentum=momentum,
-                       weight_decay=weight_decay, eta=eta, decay=plan.decay, adapt=plan.adapt,
-                       ema_momentum=momentum_of(weight, m_tensor))
+    lars_foreach_step_(
+        params,
+        grads,
+        momentum_buffers,
+        teachers,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        eta=eta,
+        decay=plan.decay,
+        adapt=plan.adapt,
+        ema_momentum=momentum_of(weight, m_tensor),
+    )

@@ -2,6 +2,7 @@
 `sslfast.reference.ibot`): loss = Σ_r w_r ℓ(t_r, s_r) over the weighted token rows only, in chunks of rows
 whose temporaries stay within `CHUNK_ELEMS` floats. Work is in fp32 (fp64 for fp64 student logits).
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,9 @@ def _chunks(n: int, K: int):
     return ((r0, min(n, r0 + step)) for r0 in range(0, n, step))
 
 
-def ibot_forward(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, student_temp: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def ibot_forward(
+    student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, student_temp: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss [], row statistics [2, R]: lse(s/τ), then Σ_k t, per row; 0 where w = 0), fp32 (fp64 for fp64
     student logits); student, teacher [R, K], weights [R]."""
     work = _work(student)
@@ -37,8 +39,14 @@ def ibot_forward(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Te
     return total, stats
 
 
-def ibot_backward(grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor,
-                  stats: torch.Tensor, student_temp: float) -> torch.Tensor:
+def ibot_backward(
+    grad: torch.Tensor,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    weights: torch.Tensor,
+    stats: torch.Tensor,
+    student_temp: float,
+) -> torch.Tensor:
     """∂loss/∂student [R, K] in the student's dtype (0 on rows with w = 0); `stats` from the forward."""
     work = _work(student)
     out = torch.zeros_like(student)

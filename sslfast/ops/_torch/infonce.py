@@ -7,6 +7,7 @@ again (create_graph=True recomputes them here). Work is in fp32 (fp64 for fp64 i
 both implementations: `contrastive_loss`, the differentiable epilogue from the statistics to the loss (what
 torch.compile traces), whose one-launch counterpart with closed-form gradients is `loss_epilogue`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -88,8 +89,24 @@ def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col
     return lse_r, lse_c, pos
 
 
-def similarity_lse_rows_grad(r, c, rn_r, rn_c, scale, maps, *, exclude_self, bounded, lse_r=None, g_r=None,
-                             lse_c=None, g_c=None, g_pr=None, g_pc=None, want_dscale=False):
+def similarity_lse_rows_grad(
+    r,
+    c,
+    rn_r,
+    rn_c,
+    scale,
+    maps,
+    *,
+    exclude_self,
+    bounded,
+    lse_r=None,
+    g_r=None,
+    lse_c=None,
+    g_c=None,
+    g_pr=None,
+    g_pc=None,
+    want_dscale=False,
+):
     """(∂L/∂r̂ [M, D] for the unit rows of r, ∂L/∂scale or None); terms whose tensors are None are left out
     of G (see `sslfast.kernels.infonce`)."""
     ct = _compute_dtype(r)

@@ -2,6 +2,7 @@
 `sslfast.reference.koleo`): `koleo_forward` searches the neighbours over chunks of rows, so its similarities take
 `CHUNK_ELEMS` floats at most, and `koleo_backward` is the closed-form gradient. Work is in fp32 (fp64 for fp64 x).
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,8 +41,9 @@ def koleo_forward(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tens
     return -torch.log(dist + eps).mean(), nn, dist, rnorm
 
 
-def koleo_backward(grad: torch.Tensor, x: torch.Tensor, nn: torch.Tensor, dist: torch.Tensor, rnorm: torch.Tensor,
-                   eps: float) -> torch.Tensor:
+def koleo_backward(
+    grad: torch.Tensor, x: torch.Tensor, nn: torch.Tensor, dist: torch.Tensor, rnorm: torch.Tensor, eps: float
+) -> torch.Tensor:
     """∂loss/∂x in x's dtype for the upstream gradient `grad` (0-d); the rest from `koleo_forward`."""
     work = _work(x)
     unit = work * rnorm[:, None]

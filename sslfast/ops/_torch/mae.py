@@ -5,6 +5,7 @@ Random masking and BERT masking run Triton's Philox generator (`philox`), so for
 kernels draw the same numbers; the permutation then goes through the official argsort logic. Everything else
 computes at fp32 or better (fp64 for fp64 inputs) and returns the kernels' dtypes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -176,7 +177,7 @@ def _residual(pred, imgs, p: int, norm_pix: bool) -> torch.Tensor:
     if norm_pix:
         mean = t.mean(dim=-1, keepdim=True)
         var = t.var(dim=-1, keepdim=True)
-        t = (t - mean) / (var + NORM_PIX_EPS) ** .5
+        t = (t - mean) / (var + NORM_PIX_EPS) ** 0.5
     ct = torch.promote_types(t.dtype, _compute_dtype(pred))
     return pred.to(ct) - t.to(ct)
 
@@ -195,7 +196,7 @@ def masked_mse(pred, imgs, mask, p: int, norm_pix: bool, want_grad: bool = False
     dif = _residual(pred, imgs, p, norm_pix)
     w = mask.to(dif.dtype)
     wsum = w.sum()
-    loss = (dif ** 2).mean(dim=-1)
+    loss = (dif**2).mean(dim=-1)
     return (loss * w).sum() / wsum, wsum, _dpred(dif, mask, 1.0 / wsum, pred.dtype) if want_grad else None
 
 
@@ -209,8 +210,7 @@ def _uniform24(r: torch.Tensor) -> torch.Tensor:
     return (r >> 8).to(torch.float32) * (1.0 / 16777216.0)
 
 
-def bert_masking(seed, input_ids, special, mask_token_id, vocab_size, prob, replace_prob, random_prob,
-                 ignore_index):
+def bert_masking(seed, input_ids, special, mask_token_id, vocab_size, prob, replace_prob, random_prob, ignore_index):
     """BERT's 80/10/10 token masking (HF `DataCollatorForLanguageModeling` semantics) on Philox streams:
     a token (not special) is selected with probability `prob`; a selected token becomes `mask_token_id` when
     u_rep < replace_prob, else a uniform random token when u_rnd < random_prob (conditional), else stays.

@@ -11,6 +11,7 @@ Teacher side: `prototype_teacher_softmax` writes each block's centered logits t 
 the [B, K] result while merging the rows' log-sum-exps, then exponentiates the result in place, t − lse: the
 result is the only B×K tensor. `prototype_teacher_logits` is x Wᵀ itself (what Sinkhorn-Knopp takes).
 """
+
 from __future__ import annotations
 
 import torch
@@ -52,8 +53,18 @@ def prototype_ce_forward(x: torch.Tensor, w: torch.Tensor, p: torch.Tensor, stud
     return (rsum * lse - ps).mean(), lse, rsum
 
 
-def prototype_ce_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, p: torch.Tensor, lse: torch.Tensor,
-                          rsum: torch.Tensor, student_temp: float, *, want_x: bool = True, want_w: bool = True):
+def prototype_ce_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    p: torch.Tensor,
+    lse: torch.Tensor,
+    rsum: torch.Tensor,
+    student_temp: float,
+    *,
+    want_x: bool = True,
+    want_w: bool = True,
+):
     """(dL/dx in x's dtype or an empty tensor, dL/dW in W's dtype or an empty tensor) for the upstream gradient
     `grad` of the mean loss: each block of logits recomputed once and used for both."""
     ct = lse.dtype

@@ -5,6 +5,7 @@
 `CHUNK_ELEMS` logits at a time, so CPU memory stays O(chunk + N·D); it is plain autograd (its loss can be
 differentiated again) and takes float64. The normalization and its backward are InfoNCE's.
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,8 +16,9 @@ from .infonce import row_normalize_backward, row_rnorm  # noqa: F401  (the contr
 CHUNK_ELEMS = 1 << 22  # logits per chunk: 16 MiB in fp32
 
 
-def siglip_rows(r, c, rn_r, rn_c, scale, bias, weight, pos_off: int, *, want_loss: bool, want_grad: bool,
-                want_scalars: bool):
+def siglip_rows(
+    r, c, rn_r, rn_c, scale, bias, weight, pos_off: int, *, want_loss: bool, want_grad: bool, want_scalars: bool
+):
     """(Σ_ij ℓ_ij or None, ∂L/∂r̂ or None, ∂L/∂t or None, ∂L/∂b or None) in fp32 (fp64 for fp64 inputs), row
     chunks at a time; the gradients carry the weight w. See `sslfast.kernels.siglip`."""
     ct = torch.promote_types(r.dtype, torch.float32)
@@ -45,5 +47,9 @@ def siglip_rows(r, c, rn_r, rn_c, scale, bias, weight, pos_off: int, *, want_los
                 db += g.sum()
             if want_grad:
                 dr[rows] = g @ ch
-    return (loss if want_loss else None, dr * (w * t) if want_grad else None, ds * w if want_scalars else None,
-            db * w if want_scalars else None)
+    return (
+        loss if want_loss else None,
+        dr * (w * t) if want_grad else None,
+        ds * w if want_scalars else None,
+        db * w if want_scalars else None,
+    )

@@ -3,6 +3,7 @@
 1/τ, each a `torch.logsumexp` or `torch.softmax` over s = x/τ plus a potential. `sslfast.ops.sinkhorn` runs
 the loop and the collectives. Work is in fp32 (fp64 for fp64 logits).
 """
+
 from __future__ import annotations
 
 import torch

@@ -2,6 +2,7 @@
 and notation in `sslfast.reference.swav`): the rearranged sums over chunks of images, so that the
 temporaries stay within `CHUNK_ELEMS` floats. Work is in fp32 (fp64 for fp64 scores).
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,8 +35,9 @@ def _targets(codes: torch.Tensor, G: int, B: int, V: int, b0: int, b1: int, work
     return w
 
 
-def swav_loss_forward(scores: torch.Tensor, codes: torch.Tensor, temperature: float, num_global: int
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def swav_loss_forward(
+    scores: torch.Tensor, codes: torch.Tensor, temperature: float, num_global: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss [], row statistics [2, V·B]: lse(scores/τ) per row, then the target sums c per row), fp32 (fp64
     for fp64 scores). The backward takes the statistics back instead of recomputing them."""
     G = num_global
@@ -47,7 +49,7 @@ def swav_loss_forward(scores: torch.Tensor, codes: torch.Tensor, temperature: fl
     step = _chunk_rows(B, K, V, G)
     for b0 in range(0, B, step):
         b1 = min(B, b0 + step)
-        w = _targets(codes, G, B, V, b0, b1, work)                 # [V, b, K]
+        w = _targets(codes, G, B, V, b0, b1, work)  # [V, b, K]
         s = s_all[:, b0:b1].to(work) / temperature
         lse = torch.logsumexp(s, dim=-1)
         c = w.sum(-1)
@@ -56,8 +58,14 @@ def swav_loss_forward(scores: torch.Tensor, codes: torch.Tensor, temperature: fl
     return total / (B * num_pairs(V, G)), stats.view(2, V * B)
 
 
-def swav_loss_backward(grad: torch.Tensor, scores: torch.Tensor, codes: torch.Tensor, stats: torch.Tensor,
-                       temperature: float, num_global: int) -> torch.Tensor:
+def swav_loss_backward(
+    grad: torch.Tensor,
+    scores: torch.Tensor,
+    codes: torch.Tensor,
+    stats: torch.Tensor,
+    temperature: float,
+    num_global: int,
+) -> torch.Tensor:
     """∂loss/∂scores (the codes get none) in the scores' dtype; `stats` from the forward."""
     G = num_global
     B, V, K = _shape(scores, codes, G)
