@@ -72,7 +72,7 @@ from .. import ops as _ops
 from ..models.vit import VisionTransformer
 from ..nn.ema import EMA
 from ..ops.prototype_ce import prototype_teacher_probs
-from .base import Method, check_views, loss_region
+from .base import BenchStep, Method, check_views, loss_region
 from ..data.ibot_masks import check_mask_args, ibot_masks
 from .dino import DINOHead, _multicrop
 
@@ -144,7 +144,7 @@ class DINOv2(Method):
     needs_vit = True
     default_backbone = {"small": "vit_micro", "paper": "vit_small"}
     min_batch_per_rank = 2  # KoLeo: each class token's nearest other one in its crop
-    bench_step = None  # no `sslfast bench --ops step` case; `BenchStep(batch=64)` would add ViT-S B=64 224px
+    bench_step = BenchStep(batch=64)  # ViT-S/16 at DINOv2's per-GPU batch 64, 2 × 224 + 8 × 96 crops
     exact_across_ranks = False  # each rank draws its own iBOT masks
     RECIPE = dict(optimizer="adamw", lr=1e-3, weight_decay=0.04, warmup_epochs=10, betas=(0.9, 0.999))
     SMALL = dict(

@@ -48,7 +48,7 @@ from ..nn.heads import multicrop_prototype_loss
 from ..ops.prototype_ce import prototype_teacher_probs
 from ..ops.sinkhorn import sinkhorn_knopp
 from ..ops.swav import swav_loss
-from .base import Method, check_views, loss_region
+from .base import BenchStep, Method, check_views, loss_region
 from .dino import _multicrop
 
 
@@ -98,7 +98,7 @@ class SwAV(Method):
     preset = "swav"
     default_backbone = {"small": "resnet_tiny", "paper": "resnet50"}
     min_batch_per_rank = 2  # BN in the projection head
-    bench_step = None  # no `sslfast bench --ops step` case; `BenchStep()` would add ResNet-50 B=256 224px
+    bench_step = BenchStep()  # ResNet-50, batch 256, 2 × 224 + 6 × 96 crops
     RECIPE = dict(optimizer="lars", lr=0.3, weight_decay=1e-6, warmup_epochs=10, momentum=0.9)
     SMALL = dict(hidden_dim=256, out_dim=64, num_prototypes=100, queue_length=0, lr=0.1, warmup_epochs=1)
 
