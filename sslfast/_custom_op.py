@@ -49,7 +49,13 @@ from ._backend import use_triton
 
 class DoubleBackwardError(NotImplementedError):
     """A backward through an sslfast op was asked to build a graph (create_graph=True, e.g. for a gradient
-    penalty or `torch.autograd.gradgradcheck`) on a path whose gradients are not differentiable again."""
+    penalty or `torch.autograd.gradgradcheck`) on a path whose gradients are not differentiable again (the
+    Triton kernels). The PyTorch path (CPU tensors, float64, `SSLFAST_BACKEND=reference`) is differentiable
+    twice.
+
+    Args:
+        message: names the op and what to do instead (`double_backward_unsupported` builds it).
+    """
 
 
 def double_backward_unsupported(op: str, hint: str = "") -> DoubleBackwardError:
@@ -196,7 +202,11 @@ _MODE = threading.local()  # .separate: depth of `separate_backward` blocks in t
 @contextlib.contextmanager
 def separate_backward():
     """Inside the block, terminal losses leave their gradients to the backward pass as the custom ops do
-    (the benchmarks time both ways)."""
+    (the benchmarks time both ways): needed to backpropagate through such a loss twice (`retain_graph=True`).
+
+    Returns:
+        A context manager; blocks nest, and the mode is per thread.
+    """
     _MODE.separate = getattr(_MODE, "separate", 0) + 1
     try:
         yield

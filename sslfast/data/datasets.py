@@ -336,6 +336,12 @@ def load_digits(image_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     download), as uint8 RGB [1797, image_size, image_size, 3] (bilinearly upscaled, gray → 3 channels) and
     int64 labels [1797]. The project's embedded default data set.
 
+    Args:
+        image_size: the side of the returned images (8 keeps the originals).
+
+    Returns:
+        (images uint8 [1797, image_size, image_size, 3], labels int64 [1797]).
+
     Raises:
         ImportError: scikit-learn is not installed.
     """
@@ -356,6 +362,16 @@ def load_digits(image_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
 
 def digits(image_size: int = 32) -> ArraySource:
     """The embedded default data set (`load_digits(image_size)`) as an `ArraySource` with its labels, ready for
-    `SSLLoader`."""
+    `SSLLoader`.
+
+    Args:
+        image_size: the side of the images.
+
+    Returns:
+        An `ArraySource` of the 1797 images and their labels.
+
+    Raises:
+        ImportError: scikit-learn is not installed.
+    """
     images, labels = load_digits(image_size)
     return ArraySource(images, labels.tolist())

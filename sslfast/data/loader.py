@@ -55,7 +55,11 @@ def _mix(*values: int) -> int:
 
 
 def distributed_shard() -> tuple[int, int]:
-    """(rank, world size) of the default torch.distributed group, (0, 1) when none is initialized."""
+    """The shard a loader reads by default.
+
+    Returns:
+        (rank, world size) of the default torch.distributed group, (0, 1) when none is initialized.
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -93,18 +97,33 @@ class BadFiles:
 
 
 class SSLLoader(BadFiles):
-    """Iterable of multi-view batches.
+    """Iterable of multi-view batches: each item is a list of views [B, 3, S, S], one per view of the preset.
 
-    source: a folder (ImageFolder layout or flat), a .txt file list, a list of paths, a uint8 array/tensor
-        [N, H, W, 3] or a list of uint8 arrays, or a `FileSource` / `ArraySource` (`sslfast.data.datasets`).
-    preset: a name in `sslfast.data.PRESETS` ("simclr", "moco_v2", "byol", "barlow", "vicreg", "dino",
-        "mae") or a `Preset`. `image_size` resizes it (the first view gets image_size; others keep their ratio).
-    backend: "native" (decode + sslfast's fused Triton augmentation; PyTorch on the CPU), "dali", or "torch" (a
-        torch DataLoader: worker processes decode with PIL and augment per sample on the CPU; the baseline).
-    device: where the views live ("cuda" or "cpu"). dtype: torch.float32, bfloat16 or float16.
-    shard_id, num_shards: this process's shard; default: the torch.distributed rank and world size.
-    num_workers: host threads reading/decoding files (torch backend: worker processes; 0 runs in this process).
-    prefetch: batches read ahead (torch backend: per worker).
+    Args:
+        source: a folder (ImageFolder layout or flat), a .txt file list, a list of paths, a uint8 array/tensor
+            [N, H, W, 3] or a list of uint8 arrays, or a `FileSource` / `ArraySource` (`sslfast.data.datasets`).
+        preset: a name in `sslfast.data.PRESETS` ("simclr", "moco_v2", "byol", "barlow", "vicreg", "dino",
+            "mae", ...) or a `Preset`.
+        batch_size: images per batch (per shard).
+        backend: "native" (decode + sslfast's fused Triton augmentation; PyTorch on the CPU), "dali", or
+            "torch" (a torch DataLoader: worker processes decode with PIL and augment per sample on the CPU; the
+            baseline).
+        device: where the views live ("cuda" or "cpu").
+        image_size: resizes the preset (the first view gets image_size; the others keep their ratio).
+        shard_id, num_shards: this process's shard; default: the torch.distributed rank and world size.
+        seed: the shuffling and augmentation seed (with the epoch: `set_epoch`).
+        drop_last: drop the last incomplete batch.
+        shuffle: shuffle the images every epoch.
+        dtype: torch.float32, bfloat16 or float16.
+        num_workers: host threads reading/decoding files (torch backend: worker processes; 0 runs in this
+            process).
+        prefetch: batches read ahead (torch backend: per worker).
+
+    Raises:
+        TypeError: a non-int batch size or shard count, or an unsupported dtype.
+        ValueError: an unknown backend or device, a shard outside [0, num_shards), a source with no image, or
+            a shard too small for one batch with drop_last.
+        RuntimeError: device="cuda" without CUDA.
     """
 
     def __init__(

@@ -41,8 +41,20 @@ PIL_SOLARIZE_THRESHOLD = 128 / 255  # PIL ImageOps.solarize(img, threshold=128) 
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """One view's random augmentation (all probabilities per sample, all ranges uniform); the fields, commented
-    below, are the torchvision / paper parameters of the module's table."""
+    """One view's random augmentation (all probabilities per sample, all ranges uniform); the fields are the
+    torchvision / paper parameters of the module's table.
+
+    Args:
+        size: output side (square).
+        scale, ratio: RandomResizedCrop's area fraction and (log-uniform) aspect ratio ranges.
+        flip_p: horizontal flip probability.
+        jitter_p, brightness, contrast, saturation, hue: ColorJitter's probability and strengths (factors
+            ~ U(max(0, 1 − s), 1 + s); hue shift ~ U(−h, h) turns), applied in a random order per sample.
+        gray_p: RandomGrayscale probability.
+        blur_p, blur_sigma, blur_kernel: Gaussian blur probability, σ range and kernel size.
+        solarize_p, solarize_threshold: solarization probability and threshold (in [0, 1]).
+        count: identical views of this kind (DINO's local crops).
+    """
 
     size: int = 224  # output side (square)
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fraction

@@ -114,7 +114,19 @@ def _koleo(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """KoLeo loss of the rows of `x` [N, D], N >= 2 (see the module docstring)."""
+    """KoLeo loss of the rows of `x` (see the module docstring).
+
+    Args:
+        x: features [N, D], N >= 2, fp32 / bf16 / fp16 / fp64 (fp64 on the PyTorch path).
+        eps: ε, the floor of the norms and the offset inside the log (> 0).
+
+    Returns:
+        The scalar loss, fp32 (fp64 for fp64 `x`); differentiable in `x`.
+
+    Raises:
+        TypeError: `x` is not a floating tensor.
+        ValueError: `x` is not 2-D with at least 2 rows, or `eps` is not finite and > 0.
+    """
     x = V.features("x", x)
     if x.shape[0] < 2:
         raise ValueError(f"x needs at least 2 rows (each row's nearest other row), got shape {tuple(x.shape)}")

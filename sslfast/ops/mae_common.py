@@ -59,9 +59,10 @@ FAMILY = Family("mae", MAEImpl)
 class MaskInfo(NamedTuple):
     """Output of `random_masking`, in the official MAE conventions.
 
-    ids_keep:    int64 [B, K], the visible patches (K = int(L·(1 − mask_ratio)) for every sample)
-    ids_restore: int64 [B, L], position of each patch in the shuffled order (argsort of ids_shuffle)
-    mask:        fp32 [B, L], 1 = masked (removed), 0 = visible
+    Args:
+        ids_keep: int64 [B, K], the visible patches (K = int(L·(1 − mask_ratio)) for every sample).
+        ids_restore: int64 [B, L], position of each patch in the shuffled order (argsort of ids_shuffle).
+        mask: fp32 [B, L], 1 = masked (removed), 0 = visible.
     """
 
     ids_keep: torch.Tensor
