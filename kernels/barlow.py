@@ -75,6 +75,7 @@ import triton.language as tl
 
 from .._backend import interpreting
 from ._common import cdiv, empty, num_sms, upcast_dots
+from ._launch import cached_launch
 
 BARLOW, VICREG = 0, 1
 NCOL = 9  # rows of `col` [NCOL, D], fp32:
@@ -159,6 +160,7 @@ def _chan_merge(mean, m2, cnt, y, mask, nb):
     return mean, m2
 
 
+@cached_launch
 @triton.jit
 def _columns_kernel(
     Z1,
@@ -356,6 +358,7 @@ def _loss_epilogue(
     tl.store(U, u)
 
 
+@cached_launch
 @triton.jit
 def _gram_epilogue_kernel(
     G,
@@ -426,6 +429,7 @@ def _gram_epilogue_kernel(
         tl.store(PART + 2 * pid + 1, s_b)
 
 
+@cached_launch
 @triton.jit
 def _sym_gram_kernel(
     OPS,
@@ -504,6 +508,7 @@ def _sym_gram_kernel(
     tl.store(PD + M + ri, tl.sum(tl.where(diag, p1, 0.0), axis=1), mask=on_diag)
 
 
+@cached_launch
 @triton.jit
 def _finalize_kernel(
     PART,
@@ -536,6 +541,7 @@ def _finalize_kernel(
     )
 
 
+@cached_launch
 @triton.jit
 def _tiles_kernel(
     OPS, PART, M, D, T, SYM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr
@@ -635,6 +641,7 @@ def _grad_chunk(
     return g1, g2, xh1, xh2, x1, x2, mask
 
 
+@cached_launch
 @triton.jit
 def _combine_kernel(
     Z1,

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from .._backend import interpreting
 from ._common import LOG2E, TL_LN2, TL_LOG2E, cdiv, empty, merged_lse2, next_pow2, num_sms
+from ._launch import cached_launch
 
 
 @triton.jit
@@ -53,6 +54,7 @@ def _student_tile(S, b, B, V, vv, kk, ok, stride_s):
     return tl.load(S + rows[:, None] * stride_s + kk[None, :], mask=mask, other=0.0).to(tl.float32), rows, mask
 
 
+@cached_launch
 @triton.jit
 def _teacher_stats_kernel(T, C, PART_T, n_rows, K, stride_t, k_per_split, t2, BLOCK_K: tl.constexpr):
     # Grid (G·B, K splits): one teacher row's columns [k_lo, k_hi); lane-wise online (max, sum) of the base-2
@@ -80,6 +82,7 @@ def _teacher_stats_kernel(T, C, PART_T, n_rows, K, stride_t, k_per_split, t2, BL
     tl.store(PART_T + (tl.num_programs(1) + sp) * n_rows + row, tl.sum(l * tl.exp2(m - mx_use), axis=0))
 
 
+@cached_launch
 @triton.jit
 def _forward_kernel(
     S,
@@ -172,6 +175,7 @@ def _merge_loss(
     tl.store(LOSS, tl.sum(acc, axis=0) * inv_pairs)
 
 
+@cached_launch
 @triton.jit
 def _loss_kernel(PART, LSE_S, LOSS, n_sp, n, B, G, inv_pairs, BLOCK_SP: tl.constexpr, BLOCK: tl.constexpr):
     # Grid (1,): the student LSEs and the loss, c_v = G − [v < G]: one launch for what were a dozen small ATen
@@ -179,6 +183,7 @@ def _loss_kernel(PART, LSE_S, LOSS, n_sp, n, B, G, inv_pairs, BLOCK_SP: tl.const
     _merge_loss(PART, LSE_S, LOSS, n_sp, n, B, G, inv_pairs, False, BLOCK_SP, BLOCK)
 
 
+@cached_launch
 @triton.jit
 def _backward_kernel(
     S,

@@ -65,12 +65,14 @@ import triton.language as tl
 
 from .._backend import interpreting
 from ._common import cdiv, empty, next_pow2, upcast_dots
+from ._launch import cached_launch
 
 NORM_PIX_EPS = 1e-6  # as the official forward_loss
 _PAD_KEY = tl.constexpr(9223372036854775807)  # int64 max: padding lanes sort last (constexpr: a @jit global)
 
 
 # --------------------------------------------------------------------------------------------- kernels
+@cached_launch
 @triton.jit
 def _random_masking_kernel(
     SEED,
@@ -149,6 +151,7 @@ def _patches(
     return tl.reshape(x, (BLOCK_R, BLOCK_E))
 
 
+@cached_launch
 @triton.jit
 def _gather_patches_kernel(
     IMG,
@@ -188,6 +191,7 @@ def _gather_patches_kernel(
     )
 
 
+@cached_launch
 @triton.jit
 def _gather_rows_kernel(
     X,
@@ -237,6 +241,7 @@ def _gather_rows_kernel(
         tl.store(OUT + dst[:, None] + d[None, :], x.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
+@cached_launch
 @triton.jit
 def _index_sum_kernel(
     G,
@@ -358,6 +363,7 @@ def _store_dpred(DPRED, rows, row_ok, act, dif, w, scale, e, e_ok, E):
     )
 
 
+@cached_launch
 @triton.jit
 def _masked_mse_fwd_kernel(
     PRED,
@@ -395,6 +401,7 @@ def _masked_mse_fwd_kernel(
         _store_dpred(DPRED, rows, row_ok, row_ok & (w != 0.0), dif, w, 2.0 / (E * tl.load(WSUM)), e, e_ok, E)
 
 
+@cached_launch
 @triton.jit
 def _masked_mse_bwd_kernel(
     G,
@@ -430,6 +437,7 @@ def _masked_mse_bwd_kernel(
     _store_dpred(DPRED, rows, row_ok, act, dif, w, scale, e, e_ok, E)
 
 
+@cached_launch
 @triton.jit
 def _bert_masking_kernel(
     SEED,
