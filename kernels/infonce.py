@@ -306,7 +306,9 @@ def _normalize_bwd_kernel(
     DX,
     M,
     D,
+    splits,
     stride_x,
+    stride_dxs,
     stride_dxh,
     stride_p,
     stride_dx,
@@ -315,8 +317,9 @@ def _normalize_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """DX = (g − x̂ (x̂·g)) · rn with g = DXH + COEF·p̂: the backward of x ↦ x/‖x‖ for the gradient of the
-    tiles (DXH) plus that of a positive logit c·x̂·p̂ (MoCo's queue mode); whole rows in registers."""
+    """DX = (g − x̂ (x̂·g)) · rn with g = Σ_s DXH[s] + COEF·p̂: the backward of x ↦ x/‖x‖ for the gradient of
+    the tiles (DXH, `splits` partial slices stride_dxs apart, summed in order) plus that of a positive logit
+    c·x̂·p̂ (MoCo's queue mode); whole rows in registers."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     dk = tl.arange(0, BLOCK_D)
@@ -325,12 +328,71 @@ def _normalize_bwd_kernel(
     xh = _load_rows(X, rows, row_ok, dk, D, stride_x, True) * rn[:, None]
     g = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if HAS_DXH:
-        g += tl.load(DXH + rows[:, None] * stride_dxh + dk[None, :], mask=mask, other=0.0)
+        for sp in range(0, splits):
+            g += tl.load(DXH + sp * stride_dxs + rows[:, None] * stride_dxh + dk[None, :], mask=mask, other=0.0)
     if HAS_PARTNER:
         coef = tl.load(COEF + rows, mask=row_ok, other=0.0) * tl.load(RN_P + rows, mask=row_ok, other=0.0)
         g += coef[:, None] * _load_rows(P, rows, row_ok, dk, D, stride_p, True)
     dx = (g - xh * tl.sum(xh * g, axis=1)[:, None]) * rn[:, None]
     tl.store(DX + rows[:, None] * stride_dx + dk[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _pair_normalize_bwd_kernel(
+    X,
+    RN,
+    DXH,
+    P,
+    RN_P,
+    G_P,
+    POS,
+    SCALE,
+    DX,
+    DP,
+    DSCALE,
+    M,
+    D,
+    splits,
+    stride_x,
+    stride_dxs,
+    stride_dxh,
+    stride_p,
+    stride_dx,
+    stride_dp,
+    WANT_DSCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Both row-normalization backwards of a positive logit pos_i = scale · x̂_i·p̂_i scored against a partner
+    row (MoCo's queue mode), from one read of X and P, with c_i = G_P[i]·scale:
+        DX = (g − x̂ (x̂·g)) · rn,     g = Σ_s DXH[s] + c·p̂
+        DP = (h − p̂ (p̂·h)) · rn_p,   h = c·x̂
+    and with WANT_DSCALE, DSCALE += Σ_i G_P[i]·pos_i / scale (∂pos_i/∂scale = pos_i/scale), atomically."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    dk = tl.arange(0, BLOCK_D)
+    mask = row_ok[:, None] & (dk[None, :] < D)
+    rn = tl.load(RN + rows, mask=row_ok, other=0.0)
+    rn_p = tl.load(RN_P + rows, mask=row_ok, other=0.0)
+    scale = tl.load(SCALE).to(tl.float32)
+    g_p = tl.load(G_P + rows, mask=row_ok, other=0.0)
+    c = g_p * scale
+    x = _load_rows(X, rows, row_ok, dk, D, stride_x, True)
+    p = _load_rows(P, rows, row_ok, dk, D, stride_p, True)
+    g = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for sp in range(0, splits):
+        g += tl.load(DXH + sp * stride_dxs + rows[:, None] * stride_dxh + dk[None, :], mask=mask, other=0.0)
+    g += (c * rn_p)[:, None] * p
+    xh = x * rn[:, None]
+    dx = (g - xh * tl.sum(xh * g, axis=1)[:, None]) * rn[:, None]
+    tl.store(DX + rows[:, None] * stride_dx + dk[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    h = (c * rn)[:, None] * x
+    ph = p * rn_p[:, None]
+    dp = (h - ph * tl.sum(ph * h, axis=1)[:, None]) * rn_p[:, None]
+    tl.store(DP + rows[:, None] * stride_dp + dk[None, :], dp.to(DP.dtype.element_ty), mask=mask)
+    if WANT_DSCALE:
+        pos = tl.load(POS + rows, mask=row_ok, other=0.0)
+        tl.atomic_add(DSCALE, tl.sum(g_p * pos, axis=0) / scale)
 
 
 @triton.jit
@@ -691,7 +753,8 @@ def _lse_fwd(
         tl.store(ROW_L + rows, (m_i + tl.log2(l_i)) * TL_LN2, mask=redo)
     else:
         out = tl.program_id(1) * M + rows
-        tl.store(ROW_M + out, m_i, mask=row_ok)
+        if not BOUNDED:  # plain sums have no running max
+            tl.store(ROW_M + out, m_i, mask=row_ok)
         tl.store(ROW_L + out, l_i, mask=row_ok)
         if WANT_POS:
             tl.store(POS + out, pos_i * TL_LN2, mask=row_ok)
@@ -746,10 +809,11 @@ def _lse_bwd_kernel(
 ):
     # Grid (row block, column split, output-feature chunk). Each program recomputes its tiles, forms
     # W = G·rn_c and accumulates W·C = G·Ĉ for BLOCK_DO output features in fp32. A few splits add into DR
-    # atomically; many write their own slice DR[split] (stride_ds), summed by the launcher, since hundreds
-    # of programs adding into one row block serialize on the atomics. W is carried multiplied by g_norm
-    # (≈ the row count) so fp16 dot operands stay normal numbers. When one program covers every output
-    # feature (ONE_CHUNK, BLOCK_DO = BLOCK_D), C's tile is loaded once for both dots (S = R·Cᵀ, then W·C).
+    # atomically; many write their own slice DR[split] (stride_ds), summed by the row-normalization
+    # backward that reads them, since hundreds of programs adding into one row block serialize on the
+    # atomics. W is carried multiplied by g_norm (≈ the row count) so fp16 dot operands stay normal numbers.
+    # When one program covers every output feature (ONE_CHUNK, BLOCK_DO = BLOCK_D), C's tile is loaded once
+    # for both dots (S = R·Cᵀ, then W·C).
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_d = tl.program_id(2)
@@ -964,12 +1028,27 @@ def row_rnorm(x: torch.Tensor, partner: torch.Tensor | None = None, scale: torch
     return rn if partner is None else (rn, rn_p, pos)
 
 
+def _split_strides(dxh) -> tuple[int, int, int]:
+    """(splits, split stride, row stride) of ∂L/∂x̂ as `similarity_lse_rows_grad` returns it: [M, D], or
+    [S, M, D] partial slices whose sum it is."""
+    if dxh.dim() == 3:
+        return dxh.shape[0], dxh.stride(0), dxh.stride(1)
+    return 1, 0, dxh.stride(0)
+
+
+def _normalize_rows(d: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_D) of the row-normalization backwards: whole rows, ~4096 fp32 values a matrix."""
+    bd = next_pow2(d)
+    return (16 if interpreting() else max(1, min(32, 4096 // bd))), bd
+
+
 def row_normalize_backward(x, rn, dxh=None, partner=None, rn_p=None, coef=None) -> torch.Tensor:
-    """dL/dx in x's dtype from dL/dx̂ (fp32, optional) plus the gradient of coef_i · x̂_i·p̂_i."""
+    """dL/dx in x's dtype from dL/dx̂ (fp32, optional; [M, D] or the [S, M, D] partials of
+    `similarity_lse_rows_grad`, summed here) plus the gradient of coef_i · x̂_i·p̂_i."""
     m, d = x.shape
     dx = empty(x.shape, dtype=x.dtype, device=x.device)
-    bd = next_pow2(d)
-    bm = 16 if interpreting() else max(1, min(32, 4096 // bd))
+    splits, stride_dxs, stride_dxh = (0, 0, 0) if dxh is None else _split_strides(dxh)
+    bm, bd = _normalize_rows(d)
     _normalize_bwd_kernel[(cdiv(m, bm),)](
         x,
         rn,
@@ -980,8 +1059,10 @@ def row_normalize_backward(x, rn, dxh=None, partner=None, rn_p=None, coef=None) 
         dx,
         m,
         d,
+        splits,
         x.stride(0),
-        0 if dxh is None else dxh.stride(0),
+        stride_dxs,
+        stride_dxh,
         x.stride(0) if partner is None else partner.stride(0),
         dx.stride(0),
         HAS_DXH=dxh is not None,
@@ -991,6 +1072,45 @@ def row_normalize_backward(x, rn, dxh=None, partner=None, rn_p=None, coef=None) 
         num_warps=4 if bd <= 256 else 8,
     )
     return dx
+
+
+def pair_normalize_backward(x, rn, dxh, partner, rn_p, g_p, scale, pos=None, dscale=None):
+    """(dL/dx, dL/dpartner, dL/dscale or None) in one launch, for a positive pos_i = scale · x̂_i·p̂_i with
+    upstream gradient g_p (the partner's rows get only that term): dxh as in `row_normalize_backward`; with
+    `pos` and `dscale` (the tiles' fp32 scalar, added to in place) also Σ_i g_p_i·pos_i/scale."""
+    m, d = x.shape
+    dx = empty(x.shape, dtype=x.dtype, device=x.device)
+    dp = empty(partner.shape, dtype=partner.dtype, device=x.device)
+    splits, stride_dxs, stride_dxh = _split_strides(dxh)
+    bm, bd = _normalize_rows(d)
+    want_dscale = dscale is not None
+    _pair_normalize_bwd_kernel[(cdiv(m, max(1, bm // 2)),)](
+        x,
+        rn,
+        dxh,
+        partner,
+        rn_p,
+        g_p,
+        pos if want_dscale else g_p,
+        scale,
+        dx,
+        dp,
+        dscale if want_dscale else rn,
+        m,
+        d,
+        splits,
+        x.stride(0),
+        stride_dxs,
+        stride_dxh,
+        partner.stride(0),
+        dx.stride(0),
+        dp.stride(0),
+        WANT_DSCALE=want_dscale,
+        BLOCK_M=max(1, bm // 2),
+        BLOCK_D=bd,
+        num_warps=4 if bd <= 256 else 8,
+    )
+    return dx, dp, dscale
 
 
 def fp32_operand_dtype() -> torch.dtype:
@@ -1046,7 +1166,8 @@ def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col
     columns c with their inverse norms. `maps`: the `sslfast.ops.infonce.IndexMaps` (passed to the kernels as
     its eight ints, in field order); `bounded`: |scale| <= 64 is known (plain-sum statistics). A symmetric,
     bounded problem computes only the tiles on and right of the diagonal (half the FLOPs) with atomic sums,
-    unless torch.use_deterministic_algorithms is on. r, c, rn_r, rn_c come from `tile_operands`."""
+    unless torch.use_deterministic_algorithms is on; its empty lse_c is a view of its statistics' buffer. r, c,
+    rn_r, rn_c come from `tile_operands`."""
     m, d = r.shape
     nb = c.shape[0]
     cfg = _tiles(d, "fwd", bounded)
@@ -1059,14 +1180,22 @@ def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col
     ):
         q = _triangle_span(n_rb, r.device)
         triangle, grid, per = True, (n_rb, cdiv(n_rb, q)), q * cfg["BLOCK_M"]
-        row_l, pos = torch.zeros((2, m), dtype=torch.float32, device=r.device).unbind()  # one "split" of each
+        # one "split" of each, and the empty lse_c, from one allocation (pos, an output, at offset 0)
+        pos, row_l, no_cols = torch.zeros((2 * m,), dtype=torch.float32, device=r.device).split_with_sizes((m, m, 0))
         row_m = row_l  # unused: plain sums
     else:
         splits, per = _splits(n_rb, nb, cfg["BLOCK_N"], r.device, waves=8)
         triangle, grid = False, (n_rb, splits)
-        row_m = empty((splits, m), dtype=torch.float32, device=r.device)
-        row_l = empty((splits, m), dtype=torch.float32, device=r.device)
-        pos = empty((splits, m), dtype=torch.float32, device=r.device) if want_pos else row_m
+        # the partials [splits, M] from one allocation: sums, running maxima (online max only), and first the
+        # positives (one split's pos[0], an output, then starts at offset 0)
+        n_parts = 1 + (not bounded) + want_pos
+        if n_parts == 1:
+            parts = (empty((splits, m), dtype=torch.float32, device=r.device),)
+        else:
+            parts = empty((n_parts, splits, m), dtype=torch.float32, device=r.device).unbind()
+        row_l = parts[-1]
+        row_m = row_l if bounded else parts[-2]  # unused with plain sums
+        pos = parts[0] if want_pos else row_l  # unused without positives
     col_l = torch.zeros((nb,), dtype=torch.float32, device=r.device) if col_stats and bounded else row_m
     col_acc = torch.zeros((nb,), dtype=torch.float64, device=r.device) if col_stats and not bounded else row_m
     _lse_fwd_kernel[grid](
@@ -1096,7 +1225,7 @@ def similarity_lse(r, c, rn_r, rn_c, scale, maps, *, exclude_self, want_pos, col
         **cfg,
     )
     if triangle:  # one split of plain sums, nothing to merge: one log, no launch
-        return torch.log(row_l), row_l.new_empty(0), pos if want_pos else row_l.new_empty(0)
+        return torch.log(row_l), no_cols, pos if want_pos else row_l.new_empty(0)
     lse_r, lse_c, pos = merge_splits(
         row_m, row_l, pos, col_l, col_acc, scale, nb, want_pos=want_pos, col_stats=col_stats, bounded=bounded
     )
@@ -1215,8 +1344,10 @@ def similarity_lse_rows_grad(
     g_pc=None,
     want_dscale=False,
 ):
-    """dL/dr̂ (fp32 [M, D], w.r.t. the unit rows r/‖r‖) and dL/dscale (fp32 scalar or None). Terms whose
-    tensors are None are left out of G (see the module doc). r, c, rn_r, rn_c come from `tile_operands`."""
+    """dL/dr̂ (fp32, w.r.t. the unit rows r/‖r‖) and dL/dscale (fp32 scalar or None). Terms whose tensors are
+    None are left out of G (see the module doc). r, c, rn_r, rn_c come from `tile_operands`. dL/dr̂ is [M, D],
+    or with many column splits their [S, M, D] partials, summed by the row-normalization backward that takes
+    it (`row_normalize_backward`, `pair_normalize_backward`): no extra pass over S·M·D values."""
     m, d = r.shape
     nb = c.shape[0]
     cfg = _tiles(d, "bwd", bounded)
@@ -1264,6 +1395,4 @@ def similarity_lse_rows_grad(
         UPCAST=upcast_dots(),
         **cfg,
     )
-    if dr.dim() == 3:
-        dr = dr.sum(0)
     return dr, (dscale if want_dscale else None)

@@ -208,7 +208,8 @@ def info_nce_loss(
     V.same_dtype(query=query, queue=queue)
     if queue.shape[0] == 0:  # no negatives: softplus(-inf) = 0 for every row, and no gradient
         return (query * 0).sum() + (key * 0).sum()
-    return _contrastive(query, queue.detach(), key, scale, _QUEUE_SPECS[bounded])
+    queue = queue.detach() if queue.requires_grad else queue  # no gradient (a detach costs a dispatch)
+    return _contrastive(query, queue, key, scale, _QUEUE_SPECS[bounded])
 
 
 def clip_loss(
@@ -242,7 +243,7 @@ def clip_loss(
     if not isinstance(logit_scale, torch.Tensor) or logit_scale.numel() != 1 or not logit_scale.is_floating_point():
         raise TypeError("logit_scale must be a floating tensor with one element (e.g. model.logit_scale.exp())")
     V.same_device(image_features=img, logit_scale=logit_scale)
-    scale = logit_scale.reshape(()).to(_stat_dtype(img))
+    scale = (logit_scale if logit_scale.dim() == 0 else logit_scale.reshape(())).to(_stat_dtype(img))
     if gather_distributed and rank_and_world()[1] > 1:
         return (
             _paired(img, txt, scale, bounded=False, gather=True) + _paired(txt, img, scale, bounded=False, gather=True)

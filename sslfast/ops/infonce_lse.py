@@ -53,10 +53,16 @@ class InfoNCEImpl(Protocol):
         g_pc=None,
         want_dscale=False,
     ):
-        """(∂L/∂r̂ [M, D], ∂L/∂scale or None) for the upstream gradients given (None: term left out)."""
+        """(∂L/∂r̂ [M, D] or split partials [S, M, D] summing to it, which only `row_normalize_backward` and
+        `pair_normalize_backward` read; ∂L/∂scale or None) for the upstream gradients given (None: left out)."""
 
     def row_normalize_backward(self, x, rn, dxh=None, partner=None, rn_p=None, coef=None):
-        """∂L/∂x in x's dtype from ∂L/∂x̂ (optional) plus the gradient of coef_i · x̂_i·p̂_i."""
+        """∂L/∂x in x's dtype from ∂L/∂x̂ (optional, as `similarity_lse_rows_grad` returns it) plus the
+        gradient of coef_i · x̂_i·p̂_i."""
+
+    def pair_normalize_backward(self, x, rn, dxh, partner, rn_p, g_p, scale, pos=None, dscale=None):
+        """(∂L/∂x, ∂L/∂partner, dscale + Σ g_p·pos/scale or None) of a positive pos_i = scale · x̂_i·p̂_i (the
+        kernels add into `dscale` in place: use the returned value only)."""
 
     def loss_epilogue(self, lse_r, lse_c, pos):
         """(`contrastive_loss`, ∂/∂lse_r, ∂/∂lse_c or None, ∂/∂pos) for an upstream 1."""
@@ -81,8 +87,10 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _forward(a, b, partner, scale, spec: LseSpec):
     """similarity_lse's outputs, then the partner's inverse norms (or None) for a backward in the same call."""
     *out, rn_p = _stats(_impl(a, b, scale), a, b, partner, scale, spec)
-    if spec.symmetric:
-        out[4] = out[3].new_empty(0)  # a fresh placeholder: outputs may not alias each other
+    if spec.symmetric:  # fresh placeholders: outputs may not alias each other (the triangle's lse_c is a view)
+        out[4] = out[3].new_empty(0)
+        if out[1]._is_view():
+            out[1] = out[3].new_empty(0)
     return (*out, rn_p)
 
 
@@ -191,11 +199,7 @@ def _grads(
         da = impl.row_normalize_backward(a, rn_a, dah)
     else:
         rn_p = impl.row_rnorm(partner) if rn_p is None else rn_p
-        coef = g_p * scale
-        da = impl.row_normalize_backward(a, rn_a, dah, partner, rn_p, coef)
-        dpartner = impl.row_normalize_backward(partner, rn_p, None, a, rn_a, coef)
-        if want_scale:
-            dscale = dscale + (g_p * pos).sum() / scale
+        da, dpartner, dscale = impl.pair_normalize_backward(a, rn_a, dah, partner, rn_p, g_p, scale, pos, dscale)
     if want_b and not symmetric:
         dbh, _ = impl.similarity_lse_rows_grad(
             tb,
@@ -213,7 +217,7 @@ def _grads(
             g_pc=tile_pos,
         )
         db = impl.row_normalize_backward(b, rn_b, dbh)
-    return da, db, dpartner, _as(dscale, scale.dtype).reshape(()) if want_scale else None
+    return da, db, dpartner, _as(dscale, scale.dtype) if want_scale else None  # 0-d, as scale
 
 
 def _backward_inputs(ctx, g_r, g_c, g_p):

@@ -63,6 +63,16 @@ def row_normalize_backward(x, rn, dxh=None, partner=None, rn_p=None, coef=None) 
     return ((g - xh * (xh * g).sum(1, keepdim=True)) * rn[:, None]).to(x.dtype)
 
 
+def pair_normalize_backward(x, rn, dxh, partner, rn_p, g_p, scale, pos=None, dscale=None):
+    """(∂L/∂x, ∂L/∂partner, ∂L/∂scale or None) for a positive pos_i = scale · x̂_i·p̂_i with upstream gradient
+    g_p, plus ∂L/∂x̂ = dxh on x: `row_normalize_backward` of both with coef = g_p · scale, and with `pos` and
+    `dscale` the latter plus Σ_i g_p_i·pos_i/scale (∂pos_i/∂scale = pos_i/scale)."""
+    coef = g_p * scale
+    dx = row_normalize_backward(x, rn, dxh, partner, rn_p, coef)
+    dp = row_normalize_backward(partner, rn_p, None, x, rn, coef)
+    return dx, dp, None if dscale is None else dscale + (g_p * pos).sum() / scale
+
+
 def tile_operands(r, c, rn_r, rn_c):
     """(r, c, rn_r, rn_c) in the compute dtype (fp32; fp64 for fp64), converted once per pass and shared by its
     `similarity_lse` / `similarity_lse_rows_grad` calls (CLIP's backward runs two roles over the same
