@@ -56,7 +56,7 @@ def test_bench_e2e_cpu_prints_every_row_and_writes_json(tmp_path, monkeypatch, c
         assert name in printed
     # no CUDA here: DALI's mixed decode and compile are reported, not dropped
     assert "CUDA device" in rows["dali + fused"]["unavailable"]
-    assert rows["native + fused + compile"]["unavailable"] == C.COMPILE_CPU_REFUSAL
+    assert rows["native + fused + compile"]["unavailable"] == e2e.COMPILE_NOT_ON_CPU
     assert printed.count("unavailable: ") == 2
     for name, row in rows.items():
         if "unavailable" in row:

@@ -190,11 +190,6 @@ def check_device(device: str | None, *, what: str = "--device") -> None:
             raise ConfigError(f"{what} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
-# The e2e bench measures --compile on CUDA only: on a CPU inductor's C++ compile of the step takes about a minute
-# on two cores before the first step, which would dwarf a smoke run. `sslfast pretrain --compile` runs anywhere.
-COMPILE_CPU_REFUSAL = "--compile is benchmarked on CUDA only (on a CPU the compile alone takes about a minute)"
-
-
 def _on_cuda(device: str | None) -> bool:
     return torch.device(device).type == "cuda" if device else torch.cuda.is_available()
 
