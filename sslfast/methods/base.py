@@ -72,7 +72,8 @@ class Method(nn.Module):
                           False says why beside it;
       short_run:          constructor overrides for runs of a few dozen steps (a learning check): a setting of
                           `SMALL` that needs a longer run to show learning (MoCo v2's queue fills after
-                          queue_size / batch steps).
+                          queue_size / batch steps);
+      fsdp_refusal:       why `--strategy fsdp` cannot train the method (one line), or None.
 
     Attributes set by subclasses: `backbone` (the student trunk), `ema` (an `sslfast.EMA` teacher or None;
     the trainer fuses its update into the optimizer step).
@@ -93,6 +94,7 @@ class Method(nn.Module):
     bench_step: BenchStep | None = BenchStep()
     exact_across_ranks = True
     short_run: dict = {}
+    fsdp_refusal: str | None = None
 
     def __init__(self, backbone: nn.Module, *, gather_distributed: bool = False):
         super().__init__()

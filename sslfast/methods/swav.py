@@ -99,6 +99,10 @@ class SwAV(Method):
     default_backbone = {"small": "resnet_tiny", "paper": "resnet50"}
     min_batch_per_rank = 2  # BN in the projection head
     bench_step = BenchStep()  # ResNet-50, batch 256, 2 × 224 + 6 × 96 crops
+    fsdp_refusal = (
+        "swav rescales its prototypes in place at the start of every forward, on the gathered copy that FSDP2 "
+        "frees afterwards (the sharded prototypes would never be normalized); use --strategy ddp"
+    )
     RECIPE = dict(optimizer="lars", lr=0.3, weight_decay=1e-6, warmup_epochs=10, momentum=0.9)
     SMALL = dict(hidden_dim=256, out_dim=64, num_prototypes=100, queue_length=0, lr=0.1, warmup_epochs=1)
 

@@ -69,11 +69,6 @@ class PretrainConfig:
 # Defaults of the embedded digits demo, measured to finish on 2 CPU cores in well under 3 minutes.
 LOADERS = ("native", "dali", "torch")
 STRATEGIES = ("ddp", "fsdp")
-# Methods refused under --strategy fsdp, with the reason (ConfigError text).
-FSDP_REFUSED = {
-    "swav": "swav rescales its prototypes in place at the start of every forward, on the gathered copy that "
-    "FSDP2 frees afterwards (the sharded prototypes would never be normalized); use --strategy ddp",
-}
 DIGITS_DEFAULTS = dict(epochs=40, batch_size=256, image_size=16)
 IMAGENET_DEFAULTS = dict(epochs=100, batch_size=256, image_size=224)
 
@@ -123,6 +118,12 @@ def resolve(cfg: PretrainConfig, world: int = 1) -> PretrainConfig:
             f"--backbone: {cls.name} needs a ViT backbone (vit_micro, vit_tiny, vit_small, vit_base), "
             f"got {cfg.backbone!r}"
         )
+    for key in ("epochs", "batch_size", "image_size", "workers", "stop_after"):
+        value = getattr(cfg, key)
+        if key == "stop_after" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be a positive integer, got {value!r}")
     recipe = _recipe(cfg)
     cfg.optimizer = (cfg.optimizer or recipe["optimizer"]).lower()
     if cfg.optimizer not in ("lars", "adamw", "sgd"):
@@ -141,16 +142,10 @@ def resolve(cfg: PretrainConfig, world: int = 1) -> PretrainConfig:
         raise ConfigError(f"--loader must be one of {', '.join(LOADERS)}, got {cfg.loader!r}")
     if cfg.strategy not in STRATEGIES:
         raise ConfigError(f"--strategy must be ddp or fsdp, got {cfg.strategy!r}")
-    if cfg.strategy == "fsdp" and cls.name in FSDP_REFUSED:
-        raise ConfigError(f"--strategy fsdp: {FSDP_REFUSED[cls.name]}")
+    if cfg.strategy == "fsdp" and cls.fsdp_refusal:
+        raise ConfigError(f"--strategy fsdp: {cls.fsdp_refusal}")
     if cfg.precision not in ("fp32", "bf16"):
         raise ConfigError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
-    for key in ("epochs", "batch_size", "image_size", "workers", "stop_after"):
-        value = getattr(cfg, key)
-        if key == "stop_after" and value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"--{key.replace('_', '-')} must be a positive integer, got {value!r}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise ConfigError(f"--lr must be a finite number > 0, got {cfg.lr}")
     if cfg.batch_size < world:
