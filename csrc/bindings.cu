@@ -104,28 +104,32 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "adamw_ema_apply",
-      [](const py::buffer& table, int param_dtype, int teacher_dtype, float lr, float beta1, float beta2, float eps,
-         float weight_decay, float ema_weight, uintptr_t ema_momentum, uintptr_t stream, int device) {
+      [](const py::buffer& table, int param_dtype, int teacher_dtype, float lr, uintptr_t lr_ptr, float beta1,
+         float beta2, float eps, float weight_decay, float ema_weight, uintptr_t ema_momentum, uintptr_t stream,
+         int device) {
         TableBytes t(table, sizeof(sslfast::TensorTable<sslfast::kAdamWDepth>));
-        sslfast::adamw_ema_apply(t.get(), param_dtype, teacher_dtype, lr, beta1, beta2, eps, weight_decay,
+        sslfast::adamw_ema_apply(t.get(), param_dtype, teacher_dtype, lr, lr_ptr, beta1, beta2, eps, weight_decay,
                                  ema_weight, ema_momentum, stream, device);
       },
-      py::arg("table"), py::arg("param_dtype"), py::arg("teacher_dtype"), py::arg("lr"), py::arg("beta1"),
+      py::arg("table"), py::arg("param_dtype"), py::arg("teacher_dtype"), py::arg("lr"), py::arg("lr_ptr"),
+      py::arg("beta1"),
       py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("ema_weight"),
       py::arg("ema_momentum_ptr"), py::arg("stream"), py::arg("device"),
-      "One AdamW step per row (steps incremented on the device), then the flagged teachers' EMA.");
+      "One AdamW step per row (steps incremented on the device), then the flagged teachers' EMA; lr = *lr_ptr "
+      "(fp32, read on the device) if lr_ptr else lr.");
 
   m.def(
       "lars_ema_apply",
-      [](const py::buffer& table, int param_dtype, int teacher_dtype, uintptr_t partials, float lr, float momentum,
-         float weight_decay, float eta, float ema_weight, uintptr_t ema_momentum, uintptr_t stream, int device) {
+      [](const py::buffer& table, int param_dtype, int teacher_dtype, uintptr_t partials, float lr, uintptr_t lr_ptr,
+         float momentum, float weight_decay, float eta, float ema_weight, uintptr_t ema_momentum, uintptr_t stream,
+         int device) {
         TableBytes t(table, sizeof(sslfast::TensorTable<sslfast::kLarsDepth>));
-        sslfast::lars_ema_apply(t.get(), param_dtype, teacher_dtype, partials, lr, momentum, weight_decay, eta,
-                                ema_weight, ema_momentum, stream, device);
+        sslfast::lars_ema_apply(t.get(), param_dtype, teacher_dtype, partials, lr, lr_ptr, momentum, weight_decay,
+                                eta, ema_weight, ema_momentum, stream, device);
       },
       py::arg("table"), py::arg("param_dtype"), py::arg("teacher_dtype"), py::arg("partials_ptr"), py::arg("lr"),
-      py::arg("momentum"), py::arg("weight_decay"), py::arg("eta"), py::arg("ema_weight"),
+      py::arg("lr_ptr"), py::arg("momentum"), py::arg("weight_decay"), py::arg("eta"), py::arg("ema_weight"),
       py::arg("ema_momentum_ptr"), py::arg("stream"), py::arg("device"),
       "LARS (BYOL / Barlow Twins semantics) + EMA: per-chunk norms into partials_ptr (2 floats per chunk), "
-      "then the update; no host sync.");
+      "then the update (lr = *lr_ptr if lr_ptr else lr); no host sync.");
 }

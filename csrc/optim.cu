@@ -8,6 +8,8 @@
 //     p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 //     teacher = lerp(teacher, p, 1 - momentum)   (with p as stored, i.e. rounded to the param dtype)
 // Bytes per element, fp32: read p g m v teacher (20) + write p m v teacher (16) = 36 B.
+// lr (both steps) and the EMA momentum are each a float argument or, when its pointer is not null, an fp32
+// device scalar read by every block at kernel time (CUDA-graph capturable with a changing schedule).
 //
 // LARS + EMA (two launches). BYOL (Grill et al. 2020, appendix C) / Barlow Twins (Zbontar et al. 2021,
 // official code) semantics of LARS (You et al. 2017): for every parameter tensor
@@ -26,6 +28,12 @@ namespace {
 
 // ------------------------------------------------------------------------------------------ AdamW
 constexpr int kP = 0, kG = 1, kM = 2, kV = 3, kTeacher = 4, kStep = 5;
+
+// A hyper-parameter given either as a float or (ptr != nullptr) as an fp32 device scalar read at kernel time:
+// a CUDA graph replays with whatever value the scalar holds then.
+__device__ __forceinline__ float device_scalar(float value, const float* ptr) {
+  return ptr != nullptr ? __ldg(ptr) : value;
+}
 
 // step += 1 for every row (atomic: rows sharing one step tensor count once each, as torch._foreach_add_ does).
 __global__ void increment_steps_kernel(const __grid_constant__ TensorTable<kAdamWDepth> tbl) {
@@ -48,10 +56,11 @@ struct AdamW {
 
 template <int PD, int TD>
 __global__ void __launch_bounds__(kThreads)
-adamw_ema_kernel(const __grid_constant__ TensorTable<kAdamWDepth> tbl, float lr, float beta1, float beta2,
-                 float eps, float weight_decay, float weight, const float* momentum) {
+adamw_ema_kernel(const __grid_constant__ TensorTable<kAdamWDepth> tbl, float lr_arg, const float* lr_ptr,
+                 float beta1, float beta2, float eps, float weight_decay, float weight, const float* momentum) {
   constexpr int V = vec_width<PD, TD>();
   const float w = ema_weight(weight, momentum);
+  const float lr = device_scalar(lr_arg, lr_ptr);
   for (int c = blockIdx.x; c < tbl.n_chunks; c += gridDim.x) {
     const Chunk ch = chunk_of(tbl, c);
     const float step = __ldg(reinterpret_cast<const float*>(tbl.ptr[kStep][ch.tensor]));
@@ -153,10 +162,12 @@ struct Lars {
 
 template <int PD, int TD>
 __global__ void __launch_bounds__(kThreads)
-lars_ema_kernel(const __grid_constant__ TensorTable<kLarsDepth> tbl, const float* partials, float lr,
-                float momentum, float weight_decay, float eta, float weight, const float* ema_momentum) {
+lars_ema_kernel(const __grid_constant__ TensorTable<kLarsDepth> tbl, const float* partials, float lr_arg,
+                const float* lr_ptr, float momentum, float weight_decay, float eta, float weight,
+                const float* ema_momentum) {
   constexpr int V = vec_width<PD, TD>();
   const float w = ema_weight(weight, ema_momentum);
+  const float lr = device_scalar(lr_arg, lr_ptr);
   for (int c = blockIdx.x; c < tbl.n_chunks; c += gridDim.x) {
     const Chunk ch = chunk_of(tbl, c);
     float q = 1.0f;
@@ -206,9 +217,9 @@ lars_ema_kernel(const __grid_constant__ TensorTable<kLarsDepth> tbl, const float
 
 }  // namespace
 
-void adamw_ema_apply(const void* table, int param_dtype, int teacher_dtype, float lr, float beta1, float beta2,
-                     float eps, float weight_decay, float ema_weight, uintptr_t ema_momentum, uintptr_t stream,
-                     int device) {
+void adamw_ema_apply(const void* table, int param_dtype, int teacher_dtype, float lr, uintptr_t lr_ptr,
+                     float beta1, float beta2, float eps, float weight_decay, float ema_weight,
+                     uintptr_t ema_momentum, uintptr_t stream, int device) {
   const auto& tbl = *static_cast<const TensorTable<kAdamWDepth>*>(table);
   check_table(tbl);
   if (tbl.n_chunks == 0) return;
@@ -219,15 +230,16 @@ void adamw_ema_apply(const void* table, int param_dtype, int teacher_dtype, floa
       increment_steps_kernel<<<1, kThreads, 0, s>>>(tbl);
       check_launch("increment_steps_kernel launch");
       adamw_ema_kernel<decltype(pd)::value, decltype(td)::value><<<tbl.n_chunks, kThreads, 0, s>>>(
-          tbl, lr, beta1, beta2, eps, weight_decay, ema_weight, reinterpret_cast<const float*>(ema_momentum));
+          tbl, lr, reinterpret_cast<const float*>(lr_ptr), beta1, beta2, eps, weight_decay, ema_weight,
+          reinterpret_cast<const float*>(ema_momentum));
       check_launch("adamw_ema_kernel launch");
     });
   });
 }
 
 void lars_ema_apply(const void* table, int param_dtype, int teacher_dtype, uintptr_t partials, float lr,
-                    float momentum, float weight_decay, float eta, float ema_weight, uintptr_t ema_momentum,
-                    uintptr_t stream, int device) {
+                    uintptr_t lr_ptr, float momentum, float weight_decay, float eta, float ema_weight,
+                    uintptr_t ema_momentum, uintptr_t stream, int device) {
   const auto& tbl = *static_cast<const TensorTable<kLarsDepth>*>(table);
   check_table(tbl);
   if (tbl.n_chunks == 0) return;
@@ -240,7 +252,8 @@ void lars_ema_apply(const void* table, int param_dtype, int teacher_dtype, uintp
       lars_norms_kernel<decltype(pd)::value><<<tbl.n_chunks, kThreads, 0, s>>>(tbl, part, weight_decay);
       check_launch("lars_norms_kernel launch");
       lars_ema_kernel<decltype(pd)::value, decltype(td)::value><<<tbl.n_chunks, kThreads, 0, s>>>(
-          tbl, part, lr, momentum, weight_decay, eta, ema_weight, reinterpret_cast<const float*>(ema_momentum));
+          tbl, part, lr, reinterpret_cast<const float*>(lr_ptr), momentum, weight_decay, eta, ema_weight,
+          reinterpret_cast<const float*>(ema_momentum));
       check_launch("lars_ema_kernel launch");
     });
   });

@@ -217,7 +217,8 @@ def _add_pretrain(sub) -> None:
     p.add_argument(
         "--cuda-graph",
         action="store_true",
-        help="capture the whole step in a CUDA graph (not implemented yet: refused with the reason)",
+        help="capture the whole step (forward, backward, optimizer, teacher EMA) once in a CUDA graph and replay it "
+        "per batch; one GPU, methods without host-side schedules (a refused method says why)",
     )
     p.add_argument(
         "--stop-after",

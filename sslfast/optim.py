@@ -14,6 +14,12 @@ optimizer step, its buffers are copied), a sequence of teacher tensors parallel 
 (flattened over the param groups in order; momentum `ema_momentum`, a float or a one-element device tensor),
 or None (a plain fused AdamW / LARS). Parameters without a gradient are not stepped, but their teachers still
 follow them, as `optimizer.step(); ema.update()` would do.
+
+CUDA graphs: a param group's `lr` may be a 0-dim float32 tensor on the parameters' device, and
+`ema_momentum_tensor` (an attribute) a 0-dim float32 tensor that replaces the scheduled EMA momentum; both are
+read by the kernels on the device, so `step()` does no host sync and can be captured in a `torch.cuda.CUDAGraph`
+(after eager warm-up steps) and replayed after the caller fills new values into the tensors
+(`torch.optim.lr_scheduler` fills a tensor lr in place).
 """
 
 from __future__ import annotations
@@ -39,7 +45,18 @@ EXCLUDE_RULES: dict[str, Callable[[torch.Tensor], bool]] = {"bias_and_norm": exc
 class _EMAOptimizer(torch.optim.Optimizer):
     """Per step: one cached plan per param group (keyed by which parameters have gradients and by the
     teacher mapping), checked for moved storage, its gradient pointers refreshed, launched. The Python work is
-    a handful of C-level passes over the parameter list (no per-parameter state lookups)."""
+    a handful of C-level passes over the parameter list (no per-parameter state lookups).
+
+    Attributes:
+        ema_momentum_tensor: None (the default: the EMA momentum is the teacher `EMA`'s scheduled `momentum`,
+            or `ema_momentum`), or a 0-dim float32 tensor on the parameters' device that every `step()` uses as
+            the EMA momentum instead, read on the device (no host sync). The caller fills it before each step
+            (``opt.ema_momentum_tensor.fill_(ema.momentum)``); `step()` never writes it, which makes the step
+            capturable in a CUDA graph with a changing momentum. Checked when set and at each step (TypeError /
+            ValueError naming it); its range [0, 1] as `sslfast.ops.ema.ema_update_` checks a device momentum.
+            An `EMA` teacher still counts its steps in `step()` (in eager mode only: a replayed graph runs no
+            Python).
+    """
 
     def __init__(self, params, defaults, teacher, ema_momentum):
         super().__init__(params, defaults)
@@ -54,8 +71,31 @@ class _EMAOptimizer(torch.optim.Optimizer):
             self._mapping = (flat, teachers, dict(zip(map(id, flat), teachers)), 0)
         _args.momentum("ema_momentum", ema_momentum, None)
         self.ema_momentum = ema_momentum
+        self.ema_momentum_tensor = None
+        device = self._device()
+        for group in self.param_groups:  # a tensor lr must live with the parameters (checked again per step)
+            if isinstance(group["lr"], torch.Tensor):
+                _args.scalar_tensor("lr", group["lr"], device)
         self._plans: dict = {}
         self._leftovers: dict = {}
+
+    @property
+    def ema_momentum_tensor(self) -> torch.Tensor | None:
+        """The device EMA momentum every step uses instead of the scheduled one, or None (class docstring)."""
+        return self._ema_momentum_tensor
+
+    @ema_momentum_tensor.setter
+    def ema_momentum_tensor(self, value: torch.Tensor | None) -> None:
+        if value is not None:
+            _args.scalar_tensor("ema_momentum_tensor", value, self._device())
+        self._ema_momentum_tensor = value
+
+    def _device(self) -> torch.device | None:
+        """The device of the first parameter (all of a fused step's tensors share one), None without any."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return None
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
@@ -109,7 +149,12 @@ class _EMAOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         mapping = self._teacher_mapping()
-        momentum = 0.0 if mapping is None else (self._ema.momentum if self._ema is not None else self.ema_momentum)
+        if mapping is None:
+            momentum = 0.0
+        elif self._ema_momentum_tensor is not None:  # checked (metadata only), read on the device
+            momentum = _args.scalar_tensor("ema_momentum_tensor", self._ema_momentum_tensor, self._device())
+        else:
+            momentum = self._ema.momentum if self._ema is not None else self.ema_momentum
         keys = []
         for index, group in enumerate(self.param_groups):
             params = group["params"]
@@ -138,21 +183,24 @@ class AdamWEMA(_EMAOptimizer):
     `exp_avg_sq`; a torch.optim.AdamW state dict loads as is. Per step and fp32 parameter the CUDA kernel moves
     36 bytes (read param, grad, both moments and the teacher; write param, moments, teacher), against 40 for
     AdamW(fused=True) + _foreach_lerp_.
+
+    `lr` (here or per param group) is a float or a 0-dim float32 tensor on the parameters' device, read on the
+    device at every step (module docstring: CUDA graphs); `ema_momentum_tensor`: see `_EMAOptimizer`.
     """
 
     def __init__(
         self,
         params,
         teacher=None,
-        lr: float = 1e-3,
+        lr: float | torch.Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         *,
         ema_momentum=0.996,
     ):
+        _args.lr_arg("lr", lr, None)
         for name, value, low, high in (
-            ("lr", lr, 0.0, None),
             ("betas[0]", betas[0], 0.0, 1.0),
             ("betas[1]", betas[1], 0.0, 1.0),
             ("eps", eps, 0.0, None),
@@ -215,13 +263,16 @@ class LARSEMA(_EMAOptimizer):
     exclusion) or a callable param -> bool. A param group keeps only a name, so `state_dict()` is plain data: a
     registered rule is stored as its name, any other callable as "callable:<module>.<qualname>", which resolves
     only in an optimizer built with that same callable (a loaded state dict never brings code).
+
+    `lr` and `ema_momentum_tensor` as `AdamWEMA`'s (a float or a 0-dim float32 device tensor lr; a device EMA
+    momentum the caller fills before each step).
     """
 
     def __init__(
         self,
         params,
         teacher=None,
-        lr: float = 0.2,
+        lr: float | torch.Tensor = 0.2,
         momentum: float = 0.9,
         weight_decay: float = 1.5e-6,
         eta: float = 1e-3,
@@ -229,8 +280,8 @@ class LARSEMA(_EMAOptimizer):
         exclude: str | Callable[[torch.Tensor], bool] | None = "bias_and_norm",
         ema_momentum=0.996,
     ):
+        _args.lr_arg("lr", lr, None)
         for name, value, low, high in (
-            ("lr", lr, 0.0, None),
             ("momentum", momentum, 0.0, 1.0),
             ("weight_decay", weight_decay, 0.0, None),
             ("eta", eta, 0.0, None),

@@ -54,10 +54,11 @@ def test_bench_e2e_cpu_prints_every_row_and_writes_json(tmp_path, monkeypatch, c
     assert list(rows) == [name for name, *_ in e2e.ROWS]
     for name in rows:
         assert name in printed
-    # no CUDA here: DALI's mixed decode and compile are reported, not dropped
+    # no CUDA here: DALI's mixed decode, compile and the captured step are reported, not dropped
     assert "CUDA device" in rows["dali + fused"]["unavailable"]
     assert rows["native + fused + compile"]["unavailable"] == e2e.COMPILE_NOT_ON_CPU
-    assert printed.count("unavailable: ") == 2
+    assert rows["native + fused + cuda-graph"]["unavailable"] == "--cuda-graph needs a CUDA device"
+    assert printed.count("unavailable: ") == 3
     for name, row in rows.items():
         if "unavailable" in row:
             continue
@@ -110,11 +111,17 @@ def test_compiled_step_equals_the_eager_step(seed, monkeypatch):
 
 
 def test_step_modes_on_cuda(monkeypatch):
-    """On a CUDA device (faked: resolve only) --compile is accepted and --cuda-graph refused with its reason."""
+    """On a CUDA device (faked: resolve only) --compile and --cuda-graph are accepted; --cuda-graph is refused,
+    with the reason, beside --compile, on several ranks, and for a method that declares a `graph_refusal`."""
     monkeypatch.setattr(C, "_on_cuda", lambda device: True)
     assert resolve(PretrainConfig(compile=True)).compile is True
-    with pytest.raises(C.ConfigError, match="--cuda-graph: .*not implemented"):
-        resolve(PretrainConfig(cuda_graph=True))
+    assert resolve(PretrainConfig(cuda_graph=True)).cuda_graph is True
+    with pytest.raises(C.ConfigError, match="--cuda-graph and --compile exclude each other"):
+        resolve(PretrainConfig(cuda_graph=True, compile=True))
+    with pytest.raises(C.ConfigError, match="--cuda-graph captures the step of one process"):
+        resolve(PretrainConfig(cuda_graph=True, batch_size=8), world=2)
+    with pytest.raises(C.ConfigError, match="--cuda-graph: dino's teacher temperature"):
+        resolve(PretrainConfig(method="dino", cuda_graph=True))
     with pytest.raises(C.ConfigError, match="--compile must be True or False"):
         resolve(PretrainConfig(compile="yes"))
 

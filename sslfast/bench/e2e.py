@@ -1,19 +1,20 @@
-"""`sslfast bench --ops e2e`: images/s of whole pretraining steps from JPEG files on disk, the loader and the
-step together, as `sslfast pretrain` runs them (a `Prefetcher` over the run's `SSLLoader`, `train_step`, the
-loss read back every step).
+"""`sslfast bench --ops e2e`: images/s of whole pretraining steps from JPEG files on disk, the loader and the step
+together, as `sslfast pretrain` runs them (a `Prefetcher` over the run's `SSLLoader`, `train_step`, each loss read
+back one step late).
 
-Rows (`ROWS`): the torch DataLoader with `SSLFAST_BACKEND=reference` (the usual pipeline, the baseline); the
-torch loader with the fused ops; the native loader (fused augmentation on the device); native + `--compile`;
-DALI; and the step alone on one batch already on the device (the ceiling: no data loading at all). A row that
-cannot run here is kept, with `unavailable` saying why.
+Rows (`ROWS`): the torch DataLoader with `SSLFAST_BACKEND=reference` (the usual pipeline, the baseline); the torch
+loader with the fused ops; the native loader (fused augmentation on the device); native + `--compile`; native +
+`--cuda-graph` (the whole step replayed from a CUDA graph); DALI; and the step alone on one batch already on the
+device (the ceiling: no data loading at all). A row that cannot run here is kept, with `unavailable` saying why.
 
-Each row runs two passes of `steps` steps after `warmup` steps. The throughput pass is the training loop as it
-is: images/s = batch · steps / wall time. The split pass times the phases of each step with `perf_counter`,
+Each row runs two passes of `steps` steps after `warmup` steps. The throughput pass is the training loop as it is:
+images/s = batch · steps / wall time. The split pass times the phases of each step with `perf_counter`,
 synchronizing the device at the phase boundaries (so it perturbs the overlap, and is kept apart): data wait (the
-`Prefetcher`'s `step_waits`), forward + backward (`step.forward_backward`), optimizer + EMA
-(`step.optimizer_step`), and other host time (the step's wall time, from the end of the step before, minus
-those three: the loss read-back, the prefetcher's hand-over, the loop). Peak memory: the largest allocation of
-the throughput pass (CUDA), model and optimizer state included.
+`Prefetcher`'s `step_waits`), forward + backward (`step.forward_backward`), optimizer + EMA (`step.optimizer_step`),
+and other host time (the step's wall time, from the end of the step before, minus those three: the loss read-back,
+the prefetcher's hand-over, the loop). A `--cuda-graph` step is one replay: its forward, backward, optimizer and EMA
+are timed together, under fwd+bwd (opt+EMA reads "in fwd+bwd"). Peak memory: the largest allocation of the
+throughput pass (CUDA), model and optimizer state included.
 
 Inputs: a folder of images (`data`), by default a generated set of smooth random JPEGs in the cache directory
 (`jpeg_set`): 2,000 at 500×375 on CUDA, 64 at 64×48 on the CPU.
@@ -31,14 +32,16 @@ import torch
 
 from . import _columns, _fmt, reference_backend
 
-# (name, loader backend, sslfast backend: "fused" or "reference", compile, from files?)
+# (name, loader backend, sslfast backend: "fused" or "reference", step mode: None, "compile" or "cuda_graph" (the
+# `PretrainConfig` flag it sets), from files?)
 ROWS = (
-    ("torch + reference", "torch", "reference", False, True),
-    ("torch + fused", "torch", "fused", False, True),
-    ("native + fused", "native", "fused", False, True),
-    ("native + fused + compile", "native", "fused", True, True),
-    ("dali + fused", "dali", "fused", False, True),
-    ("step only (device batches)", "native", "fused", False, False),
+    ("torch + reference", "torch", "reference", None, True),
+    ("torch + fused", "torch", "fused", None, True),
+    ("native + fused", "native", "fused", None, True),
+    ("native + fused + compile", "native", "fused", "compile", True),
+    ("native + fused + cuda-graph", "native", "fused", "cuda_graph", True),
+    ("dali + fused", "dali", "fused", None, True),
+    ("step only (device batches)", "native", "fused", None, False),
 )
 
 
@@ -124,7 +127,7 @@ def jpeg_set(count: int, size: tuple[int, int], *, root: str | None = None, seed
 COMPILE_NOT_ON_CPU = "--compile is benchmarked on CUDA only (on a CPU the compile alone takes about a minute)"
 
 
-def _unavailable(loader: str, compiled: bool, device: torch.device) -> str | None:
+def _unavailable(loader: str, mode: str | None, device: torch.device, method: str) -> str | None:
     """Why the row cannot run on `device`, or None."""
     if loader == "dali":
         from ..data.dali import dali_available
@@ -133,8 +136,15 @@ def _unavailable(loader: str, compiled: bool, device: torch.device) -> str | Non
         if device.type != "cuda":
             reasons.append("DALI's mixed (GPU) decode needs a CUDA device")
         return "; ".join(reasons) or None
-    if compiled:
+    if mode == "compile":
         return None if device.type == "cuda" else COMPILE_NOT_ON_CPU
+    if mode == "cuda_graph":
+        from ..methods import get_method
+
+        refusal = get_method(method).graph_refusal
+        if refusal:
+            return f"--cuda-graph: {refusal}"
+        return None if device.type == "cuda" else "--cuda-graph needs a CUDA device"
     return None
 
 
@@ -186,7 +196,7 @@ def _device_views(run, batch: int, device) -> list[torch.Tensor]:
     return [torch.randn(batch, 3, s, s, device=device) for s in preset_for(run.cfg, get_method(run.cfg.method)).sizes()]
 
 
-def _measure(settings: Settings, device: torch.device, loader_name: str, compiled: bool, from_files: bool) -> dict:
+def _measure(settings: Settings, device: torch.device, loader_name: str, mode: str | None, from_files: bool) -> dict:
     from ..train import PretrainConfig, resolve, setup
     from ..train.data import _data_loader
     from ..train.step import forward_backward, optimizer_step, train_step
@@ -202,7 +212,8 @@ def _measure(settings: Settings, device: torch.device, loader_name: str, compile
             loader=loader_name,
             workers=settings.workers,
             device=str(device),
-            compile=compiled,
+            compile=mode == "compile",
+            cuda_graph=mode == "cuda_graph",
             profile=_profile(device),
             precision="bf16" if device.type == "cuda" else "fp32",
             out="unused",
@@ -213,16 +224,23 @@ def _measure(settings: Settings, device: torch.device, loader_name: str, compile
     loader = _data_loader(cfg, 0, 1, device) if from_files else None
     run = setup(cfg, steps_per_epoch=len(loader) if loader else 1000, device=device)
     batches, closer, last_wait = _batches(settings, loader, run, device)
+    # compilation, cudnn autotuning, worker start-up; a graph's eager warm-up steps and its capture
+    warmup = settings.warmup + (run.graph.warmup + 1 if run.graph is not None else 0)
     try:
-        for _ in range(settings.warmup):  # compilation, cudnn autotuning, worker start-up
+        for _ in range(warmup):
             train_step(run, next(batches)).float().item()
         # throughput pass: the training loop as `sslfast pretrain` runs it
         _sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
+        previous = None
         for _ in range(settings.steps):
-            train_step(run, next(batches)).float().item()
+            loss = train_step(run, next(batches)).float()
+            if previous is not None:  # read back one step late, as the trainer does
+                previous.item()
+            previous = loss
+        previous.item()
         _sync(device)
         seconds = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
@@ -233,12 +251,17 @@ def _measure(settings: Settings, device: torch.device, loader_name: str, compile
             views = next(batches)
             wait = last_wait()
             t1 = time.perf_counter()
-            loss = forward_backward(run, views)
-            _sync(device)
-            t2 = time.perf_counter()
-            optimizer_step(run)
-            _sync(device)
-            t3 = time.perf_counter()
+            if run.graph is not None:  # one replay: the whole step under fwd+bwd
+                loss = train_step(run, views)
+                _sync(device)
+                t2 = t3 = time.perf_counter()
+            else:
+                loss = forward_backward(run, views)
+                _sync(device)
+                t2 = time.perf_counter()
+                optimizer_step(run)
+                _sync(device)
+                t3 = time.perf_counter()
             loss.detach().float().item()
             t4 = time.perf_counter()
             split += (wait, t2 - t1, t3 - t2, (t4 - end) - wait - (t2 - t1) - (t3 - t2))
@@ -251,7 +274,8 @@ def _measure(settings: Settings, device: torch.device, loader_name: str, compile
     return {
         "images_per_s": settings.batch * settings.steps / seconds,
         "step_ms": seconds / settings.steps * 1e3,
-        "split_ms": dict(zip(("data_wait", "fwd_bwd", "opt_ema", "other"), ms.tolist())),
+        "split_ms": dict(zip(("data_wait", "fwd_bwd", "opt_ema", "other"), ms.tolist()))
+        | ({"opt_ema": None} if run.graph is not None else {}),
         "split_step_ms": float(ms.sum()),
         "peak_mib": peak,
     }
@@ -285,13 +309,13 @@ def run(device: torch.device, settings: Settings | None = None, log=print) -> li
         settings = dataclasses.replace(settings, data=jpeg_set(settings.images, settings.jpeg_size))
     rows = []
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    for name, loader_name, backend, compiled, from_files in ROWS:
+    for name, loader_name, backend, mode, from_files in ROWS:
         row = {
             "op": "e2e",
             "case": name,
             "loader": loader_name if from_files else None,
             "backend": backend,
-            "compile": compiled,
+            "step_mode": mode or "eager",
             "device": dev_name,
             "method": settings.method,
             "backbone": settings.backbone,
@@ -300,13 +324,13 @@ def run(device: torch.device, settings: Settings | None = None, log=print) -> li
             "data": settings.data,
             "steps": settings.steps,
         }
-        why = _unavailable(loader_name if from_files else "", compiled, device)
+        why = _unavailable(loader_name if from_files else "", mode, device, settings.method)
         if why:
             row["unavailable"] = why
         else:
             with reference_backend() if backend == "reference" else contextlib.nullcontext():
                 try:
-                    row.update(_measure(settings, device, loader_name, compiled, from_files))
+                    row.update(_measure(settings, device, loader_name, mode, from_files))
                 except torch.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     row["unavailable"] = "out of memory"
@@ -347,7 +371,10 @@ def table(rows: list[dict]) -> str:
                 _fmt(r["images_per_s"], ".1f"),
                 _fmt(r["images_per_s"] / base if base else None, ".2f"),
                 _fmt(r["step_ms"], ".1f"),
-                *(_fmt(s[k], ".1f") for k in ("data_wait", "fwd_bwd", "opt_ema", "other")),
+                *(
+                    _fmt(s[k], ".1f") if s[k] is not None else "in fwd+bwd"
+                    for k in ("data_wait", "fwd_bwd", "opt_ema", "other")
+                ),
                 _fmt(r["split_step_ms"], ".1f"),
                 _fmt(r["peak_mib"], ".0f"),
             )

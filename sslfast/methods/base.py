@@ -74,6 +74,12 @@ class Method(nn.Module):
                           `SMALL` that needs a longer run to show learning (MoCo v2's queue fills after
                           queue_size / batch steps);
       fsdp_refusal:       why `--strategy fsdp` cannot train the method (one line), or None.
+      graph_refusal:      why `--cuda-graph` cannot capture the method's step (one line), or None. A captured
+                          step replays the kernels of its capture: a method may declare None only when its
+                          forward and hooks read nothing from the host that changes between steps (no Python
+                          schedule of the step count, no host-side ring position, no masks drawn on the
+                          host); what the trainer changes per step (the learning rate, the EMA momentum) it
+                          feeds through device tensors (`sslfast.train.graphed`).
 
     Attributes set by subclasses: `backbone` (the student trunk), `ema` (an `sslfast.EMA` teacher or None;
     the trainer fuses its update into the optimizer step).
@@ -95,6 +101,7 @@ class Method(nn.Module):
     exact_across_ranks = True
     short_run: dict = {}
     fsdp_refusal: str | None = None
+    graph_refusal: str | None = None
 
     def __init__(self, backbone: nn.Module, *, gather_distributed: bool = False):
         super().__init__()

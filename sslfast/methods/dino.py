@@ -141,6 +141,10 @@ class DINO(Method):
     # SMALL's BN in the head follows biased linears: their gradients are rounding noise around an exact zero,
     # which AdamW scales to full lr-sized steps, different on 2 ranks and on 1 process
     exact_across_ranks = False
+    graph_refusal = (
+        "dino's teacher temperature and its last-layer freeze follow the step count on the host; a captured "
+        "step would keep their capture-time values (use --compile)"
+    )
     RECIPE = dict(optimizer="adamw", lr=5e-4, weight_decay=0.04, warmup_epochs=10, betas=(0.9, 0.999))
     SMALL = dict(
         out_dim=1024, hidden_dim=256, bottleneck_dim=64, use_bn_in_head=True, momentum=0.99, lr=2e-3, warmup_epochs=1

@@ -146,6 +146,10 @@ class DINOv2(Method):
     min_batch_per_rank = 2  # KoLeo: each class token's nearest other one in its crop
     bench_step = BenchStep(batch=64)  # ViT-S/16 at DINOv2's per-GPU batch 64, 2 × 224 + 8 × 96 crops
     exact_across_ranks = False  # each rank draws its own iBOT masks
+    graph_refusal = (
+        "dinov2 draws its iBOT masks on the host, and its teacher temperature and last-layer freeze follow the "
+        "step count there; a captured step would replay one mask and the capture-time values (use --compile)"
+    )
     RECIPE = dict(optimizer="adamw", lr=1e-3, weight_decay=0.04, warmup_epochs=10, betas=(0.9, 0.999))
     SMALL = dict(
         out_dim=1024,

@@ -46,6 +46,10 @@ class MoCoV2(Method):
     name = "mocov2"
     preset = "moco_v2"
     RECIPE = dict(optimizer="sgd", lr=0.03, weight_decay=1e-4, warmup_epochs=0, momentum=0.9)
+    graph_refusal = (
+        "mocov2's queue position is a host-side ring index; a captured step would enqueue into one slot "
+        "forever (use --compile)"
+    )
     SMALL = dict(hidden_dim=256, out_dim=64, queue_size=1024, momentum=0.99, batch_norm=True, lr=0.3)
     # a queue filled within one step of a short run: the 1024 keys of SMALL take queue_size / batch steps to
     # replace the random initial queue, whose easy negatives make the loss rise first

@@ -103,6 +103,10 @@ class SwAV(Method):
         "swav rescales its prototypes in place at the start of every forward, on the gathered copy that FSDP2 "
         "frees afterwards (the sharded prototypes would never be normalized); use --strategy ddp"
     )
+    graph_refusal = (
+        "swav starts its queue and unfreezes its prototypes at epochs counted on the host; a captured step "
+        "would keep the capture-time choice (use --compile)"
+    )
     RECIPE = dict(optimizer="lars", lr=0.3, weight_decay=1e-6, warmup_epochs=10, momentum=0.9)
     SMALL = dict(hidden_dim=256, out_dim=64, num_prototypes=100, queue_length=0, lr=0.1, warmup_epochs=1)
 

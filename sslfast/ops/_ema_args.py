@@ -12,6 +12,7 @@ import torch
 from .. import _validate as V
 
 Tensor = torch.Tensor
+_FP32_MAX = torch.finfo(torch.float32).max  # clamp(x, 0, max) == x: finite and >= 0 (NaN compares unequal)
 
 
 def tensor_list(name: str, value) -> list[Tensor]:
@@ -114,6 +115,43 @@ def momentum(name: str, value, device: torch.device | None):
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number in [0, 1] or a tensor, got {type(value).__name__}")
     return 1.0 - _unit(name, float(value)), None
+
+
+def scalar_tensor(name: str, value, device: torch.device | None) -> Tensor:
+    """A hyper-parameter given as a tensor read on the device (a learning rate, an EMA momentum the caller
+    fills before each step): `value` itself, which must be a 0-dim float32 tensor on `device` (None: any
+    device). Only its metadata is checked here (no host read, no sync); TypeError / ValueError naming `name`."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a 0-dim float32 tensor, got {type(value).__name__}")
+    if value.dtype != torch.float32 or value.dim() != 0:
+        raise TypeError(f"{name} must be a 0-dim float32 tensor, got {value.dtype} of shape {tuple(value.shape)}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} must be on the tensors' device {device}, got {value.device}")
+    return value
+
+
+def lr_tensor(name: str, value: Tensor, device: torch.device | None) -> Tensor:
+    """A learning rate given as a tensor: `scalar_tensor`'s checks, then its range (finite, >= 0) checked
+    where it is read, as `momentum` checks a CUDA momentum: a device-side assertion queued on the current
+    stream (`torch._assert_async`, captured with the step by a CUDA graph; on the CPU it raises at once). The
+    value is never read on the host: a graph replayed after ``value.fill_(new_lr)`` steps with the new lr.
+
+    Returns:
+        `value` detached (the tensor the kernels read).
+    """
+    lr = scalar_tensor(name, value, device).detach()
+    torch._assert_async(
+        lr.clamp(0.0, _FP32_MAX) == lr, f"{name} must be finite and >= 0 (a tensor, checked on its device)"
+    )
+    return lr
+
+
+def lr_arg(name: str, value, device: torch.device | None):
+    """A learning rate as the ops take it: a real number (returned as a float, finite and >= 0) or a 0-dim
+    float32 tensor on `device` (`lr_tensor`)."""
+    if isinstance(value, Tensor):
+        return lr_tensor(name, value, device)
+    return real(name, value, 0.0)
 
 
 def real(name: str, value, low: float | None = None, high: float | None = None) -> float:

@@ -8,6 +8,12 @@ Each is one optimizer step of every param, then teachers[i] ← lerp(teachers[i]
 teachers[i] is given. Dispatch as `sslfast.ops.ema` (`FAMILY.impl`): the csrc kernels on CUDA with
 `sslfast._C` (one pass over every tensor, no host sync), else the PyTorch path. The plans (`AdamWEMAPlan`,
 `LARSEMAPlan`) hold the launch tables of fixed lists of params / states / teachers and are cached per lists.
+
+CUDA graphs: `lr` and the EMA momentum may each be a 0-dim float32 tensor on the params' device instead of a
+float. It is never read on the host: the kernels read it when they run, so a step captured once in a
+`torch.cuda.CUDAGraph` and replayed after ``lr.fill_(new_lr)`` / ``m.fill_(new_m)`` uses the new values (a
+learning-rate and momentum schedule under graph replay). Warm the step up (at least once, outside the capture)
+before capturing it: the first call builds and caches the launch tables.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ class AdamWEMAPlan(FusedPlan):
         steps,
         teachers,
         *,
-        lr: float,
+        lr,
         beta1: float,
         beta2: float,
         eps: float,
@@ -58,7 +64,11 @@ class AdamWEMAPlan(FusedPlan):
         momentum,
     ) -> None:
         """The tensors must be those the plan was built for (`matches`); grads have the params' shapes and
-        dtypes (as `p.grad` always has)."""
+        dtypes (as `p.grad` always has). `lr`: a Python float (not checked here: the caller did), or anything
+        else `sslfast.ops._ema_args.lr_arg` accepts (a 0-dim float32 tensor on the params' device, read on the
+        device), checked here before any launch."""
+        if type(lr) is not float:  # a float: checked by the caller (no host work added on that path)
+            lr = A.lr_arg("lr", lr, self.device)
         if not params:
             return
         teachers = _teacher_list(teachers, len(params))
@@ -97,13 +107,15 @@ class LARSEMAPlan(FusedPlan):
         momentum_buffers,
         teachers,
         *,
-        lr: float,
+        lr,
         momentum: float,
         weight_decay: float,
         eta: float,
         ema_momentum,
     ) -> None:
-        """As `AdamWEMAPlan.step_`, for one LARS step."""
+        """As `AdamWEMAPlan.step_` (`lr` a float or a 0-dim float32 device tensor), for one LARS step."""
+        if type(lr) is not float:  # a float: checked by the caller (no host work added on that path)
+            lr = A.lr_arg("lr", lr, self.device)
         if not params:
             return
         teachers = _teacher_list(teachers, len(params))
@@ -148,7 +160,7 @@ def adamw_ema_step_(
     steps: Sequence[Tensor],
     teachers: Sequence[Tensor | None] | None = None,
     *,
-    lr: float = 1e-3,
+    lr: float | Tensor = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 1e-2,
@@ -170,7 +182,9 @@ def adamw_ema_step_(
         steps: per-param step counts, one-element fp32 tensors on the params' device (torch's fused-AdamW
             state), incremented in place.
         teachers: None, or per param a teacher tensor of its shape (fp32 / bf16 / fp16) or None (no EMA).
-        lr: learning rate, finite, >= 0.
+        lr: learning rate, finite, >= 0: a float, or a 0-dim float32 tensor on the params' device read by the
+            kernels on the device (no host sync; a captured CUDA graph uses the value it holds at replay). Its
+            range is then checked by a device-side assertion (`sslfast.ops._ema_args.lr_tensor`).
         betas: (β1, β2), each finite in [0, 1].
         eps: the denominator's ε, finite, >= 0.
         weight_decay: decoupled weight decay, finite, >= 0.
@@ -181,16 +195,18 @@ def adamw_ema_step_(
 
     Raises:
         TypeError: a list is one tensor or not iterable; a dtype differs from its param's; a step count is not
-            a one-element fp32 tensor on its param's device; a hyper-parameter is not a real number.
+            a one-element fp32 tensor on its param's device; a hyper-parameter is not a real number; a tensor
+            `lr` is not 0-dim float32.
         ValueError: lists of different lengths, shapes or devices; a hyper-parameter outside its range, NaN or
-            infinite.
+            infinite; a tensor `lr` on another device than the params.
     """
     params, grads = A.tensor_list("params", params), A.tensor_list("grads", grads)
     exp_avgs, exp_avg_sqs = A.tensor_list("exp_avgs", exp_avgs), A.tensor_list("exp_avg_sqs", exp_avg_sqs)
     steps = A.tensor_list("steps", steps)
     teachers = None if teachers is None else A.tensor_list("teachers", teachers)
     beta1, beta2 = (A.real(f"betas[{i}]", b, 0.0, 1.0) for i, b in enumerate(betas))
-    lr, eps, weight_decay = A.real("lr", lr, 0.0), A.real("eps", eps, 0.0), A.real("weight_decay", weight_decay, 0.0)
+    lr = lr if isinstance(lr, Tensor) else A.real("lr", lr, 0.0)  # a tensor: checked by the plan, on its device
+    eps, weight_decay = A.real("eps", eps, 0.0), A.real("weight_decay", weight_decay, 0.0)
     lists = (params, exp_avgs, exp_avg_sqs, steps, [t for t in teachers if t is not None] if teachers else [])
     key = (
         "adamw",
@@ -225,7 +241,7 @@ def lars_ema_step_(
     momentum_buffers: Sequence[Tensor],
     teachers: Sequence[Tensor | None] | None = None,
     *,
-    lr: float,
+    lr: float | Tensor,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     eta: float = 1e-3,
@@ -246,7 +262,8 @@ def lars_ema_step_(
         grads: their gradients, of the params' shapes and dtypes.
         momentum_buffers: μ per param, of its shape and dtype, updated in place.
         teachers: None, or per param a teacher tensor of its shape or None (no EMA).
-        lr: learning rate, finite, >= 0.
+        lr: learning rate, finite, >= 0: a float or a 0-dim float32 tensor on the params' device, as
+            `adamw_ema_step_`'s.
         momentum: LARS momentum, finite in [0, 1].
         weight_decay: finite, >= 0.
         eta: the trust coefficient η, finite, >= 0.
@@ -259,14 +276,15 @@ def lars_ema_step_(
 
     Raises:
         TypeError: a list is one tensor or not iterable; a dtype differs from its param's; a hyper-parameter
-            is not a real number.
+            is not a real number; a tensor `lr` is not 0-dim float32.
         ValueError: lists of different lengths, shapes or devices; a hyper-parameter outside its range, NaN or
-            infinite.
+            infinite; a tensor `lr` on another device than the params.
     """
     params, grads = A.tensor_list("params", params), A.tensor_list("grads", grads)
     bufs = A.tensor_list("momentum_buffers", momentum_buffers)
     teachers = None if teachers is None else A.tensor_list("teachers", teachers)
-    lr, momentum = A.real("lr", lr, 0.0), A.real("momentum", momentum, 0.0, 1.0)
+    lr = lr if isinstance(lr, Tensor) else A.real("lr", lr, 0.0)  # a tensor: checked by the plan, on its device
+    momentum = A.real("momentum", momentum, 0.0, 1.0)
     weight_decay, eta = A.real("weight_decay", weight_decay, 0.0), A.real("eta", eta, 0.0)
     keep = [not (exclude is not None and bool(exclude(p))) for p in params]
     lists = (params, bufs, [t for t in teachers if t is not None] if teachers else [])

@@ -55,7 +55,7 @@ class PretrainConfig:
     workers: int = 4
     loader: str = "native"  # native (fused GPU augmentation) | dali | torch (DataLoader + PIL, per sample)
     compile: bool = False  # torch.compile the method's forward (CUDA; see `resolve`)
-    cuda_graph: bool = False  # capture the whole step in a CUDA graph (refused for now, see `resolve`)
+    cuda_graph: bool = False  # capture the whole step once, replay it per batch (`sslfast.train.graphed`)
     knn: bool = True  # evaluate kNN (pretrained vs random init) at the end
     stop_after: int | None = None  # stop after this many epochs of the run (resume later)
     progress: bool = True
@@ -161,7 +161,7 @@ def resolve(cfg: PretrainConfig, world: int = 1) -> PretrainConfig:
             f"statistics, negatives), got {cfg.batch_size // world}"
         )
     check_device(cfg.device)
-    check_step_mode(cfg)
+    check_step_mode(cfg, cls, world)
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
     cfg.out = cfg.out or os.path.join("runs", cfg.method)
@@ -189,19 +189,30 @@ def _on_cuda(device: str | None) -> bool:
     return torch.device(device).type == "cuda" if device else torch.cuda.is_available()
 
 
-def check_step_mode(cfg: PretrainConfig) -> None:
-    """`--compile` and `--cuda-graph` on the run's device, else a one-line `ConfigError` saying why."""
+def check_step_mode(cfg: PretrainConfig, method_cls=None, world: int = 1) -> None:
+    """`--compile` and `--cuda-graph` on the run's device, else a one-line `ConfigError` saying why.
+
+    Args:
+        cfg: the config being resolved.
+        method_cls: the method's class (its `graph_refusal`); None skips the method's check.
+        world: the number of ranks.
+    """
     for key in ("compile", "cuda_graph"):
         if not isinstance(getattr(cfg, key), bool):
             raise ConfigError(f"{flag_name(key)} must be True or False, got {getattr(cfg, key)!r}")
-    on_cuda = _on_cuda(cfg.device)
-    if cfg.cuda_graph:
-        if not on_cuda:
-            raise ConfigError("--cuda-graph needs a CUDA device")
+    if not cfg.cuda_graph:
+        return
+    if not _on_cuda(cfg.device):
+        raise ConfigError("--cuda-graph needs a CUDA device")
+    if cfg.compile:
+        raise ConfigError("--cuda-graph and --compile exclude each other: choose one way to run the step")
+    if world > 1:
         raise ConfigError(
-            "--cuda-graph: capturing the whole step (forward, backward, optimizer and EMA on static "
-            "buffers) is not implemented yet; use --compile, or neither"
+            f"--cuda-graph captures the step of one process (the gradient all-reduce of {world} ranks is not "
+            "captured); use --compile on several GPUs"
         )
+    if method_cls is not None and method_cls.graph_refusal:
+        raise ConfigError(f"--cuda-graph: {method_cls.graph_refusal}")
 
 
 # What `--resume` may change: these flags apply to the resumed run (with a printed note); every other flag that

@@ -271,31 +271,45 @@ def _train_epoch(run, loader, epoch: int, history: dict, ckpt_path: str, saved_e
     loader.set_epoch(epoch)
     steps_per_epoch = len(loader)
     bar = _Progress(cfg.progress and rank == 0, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
-    t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+    t0 = time.perf_counter()
     # batch k + 1 is read, decoded and augmented in the background while batch k trains; the prefetcher
     # measures how long each step waited for its data
     batches = Prefetcher(loader, depth=2, device=run.device if run.device.type == "cuda" else None)
+    seen, loss_sum = 0, 0.0
+
+    def record(step: int, loss: torch.Tensor, images: int) -> None:
+        nonlocal seen, loss_sum
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"loss became {value} at epoch {epoch + 1}, step {step + 1}: stopping "
+                f"({_kept(ckpt_path, saved_epoch)}). Try a lower --lr, or --precision fp32."
+            )
+        seen += images
+        loss_sum += value
+        history["step_loss"].append(value)
+        bar.update(
+            loss=f"{value:.4f}",
+            lr=f"{opt.param_groups[0]['lr']:.3g}",
+            img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}",
+            wait=f"{batches.wait_s * 1e3:.0f}ms",
+        )
+
+    # a step's loss is read back after the next step is queued: the read waits for the step before, while the
+    # device already has the next one to run (a read right after its own step would idle the device while the
+    # host prepares the next); a non-finite loss stops the run one step later, before any checkpoint
+    pending = None
     try:
         for step, views in enumerate(_batches(batches, loader, cfg)):
             loss = train_step(run, views).float()
             if world > 1:  # every rank sees the same value, so a NaN stops all of them at the same step
                 dist.all_reduce(loss)
                 loss /= world
-            value = loss.item()
-            if not math.isfinite(value):
-                raise NonFiniteLossError(
-                    f"loss became {value} at epoch {epoch + 1}, step {step + 1}: stopping "
-                    f"({_kept(ckpt_path, saved_epoch)}). Try a lower --lr, or --precision fp32."
-                )
-            seen += views[0].shape[0] * world
-            loss_sum += value
-            history["step_loss"].append(value)
-            bar.update(
-                loss=f"{value:.4f}",
-                lr=f"{opt.param_groups[0]['lr']:.3g}",
-                img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}",
-                wait=f"{batches.wait_s * 1e3:.0f}ms",
-            )
+            if pending is not None:
+                record(*pending)
+            pending = (step, loss, views[0].shape[0] * world)
+        if pending is not None:
+            record(*pending)
     finally:
         bar.close()
         batches.close()

@@ -19,6 +19,7 @@ from ..models import build_backbone, convert_sync_batchnorm, is_vit
 from ..optim import AdamWEMA, LARSEMA
 from .config import PretrainConfig, _recipe
 from .fsdp import ema_update_local, shard_method
+from .graphed import GraphedStep
 
 
 def init_distributed(device: str | None) -> tuple[int, int, torch.device]:
@@ -71,7 +72,15 @@ def build_optimizer(method: Method, cfg: PretrainConfig, *, fuse_teacher: bool =
             weight_decay=cfg.weight_decay,
         )
     else:
-        opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=cfg.weight_decay)
+        # under --cuda-graph, torch's fused SGD: it reads a tensor learning rate on the device (the foreach
+        # SGD would read it back on the host, which a capture refuses); the same update
+        opt = torch.optim.SGD(
+            groups,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=cfg.weight_decay,
+            **({"fused": True} if cfg.cuda_graph else {}),
+        )
     return opt
 
 
@@ -118,6 +127,7 @@ class Run:
     device: torch.device
     world: int = 1
     sharded: bool = False  # --strategy fsdp on several ranks: the method is sharded with FSDP2
+    graph: GraphedStep | None = None  # --cuda-graph: the step captured once and replayed (`train_step` uses it)
 
     @property
     def fused_ema(self) -> bool:
@@ -163,13 +173,20 @@ def setup(cfg: PretrainConfig, steps_per_epoch: int, device, world: int = 1, **o
         # the method's forward (backbone, heads, the sslfast custom ops) traced and compiled; the parameters,
         # buffers and the state dict stay the method's own (`run.method`)
         model = torch.compile(model)
-    return Run(cfg, method, model, opt, sched, device, world, sharded)
+    run = Run(cfg, method, model, opt, sched, device, world, sharded)
+    if cfg.cuda_graph:
+        run.graph = GraphedStep(run)
+    return run
 
 
-def forward_backward(run: Run, views) -> torch.Tensor:
-    """The loss of a batch of views and its backward (gradients in the parameters' `.grad`); returns the loss."""
+def forward_backward(run: Run, views, *, cache_casts: bool = True) -> torch.Tensor:
+    """The loss of a batch of views and its backward (gradients in the parameters' `.grad`); returns the loss.
+
+    `cache_casts=False` turns autocast's cache of the weights' bf16 copies off (a CUDA-graph capture: a cached
+    copy made in the capture would be reused after it, with the weights of the capture)."""
     views = [v.to(run.device, non_blocking=True) for v in views]
-    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cfg.precision == "bf16"):
+    bf16 = run.cfg.precision == "bf16"
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=cache_casts):
         loss = run.model(views)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -189,16 +206,20 @@ def optimizer_step(run: Run) -> None:
     run.method.after_step()
 
 
-def train_step(run: Run, views) -> torch.Tensor:
+def train_step(run: Run, views, *, graphed: bool = True) -> torch.Tensor:
     """One optimizer step on a batch of views.
 
     Args:
         run: what `setup` built.
         views: this rank's augmented views (a list of [B, C, H, W] tensors).
+        graphed: with `--cuda-graph` (`run.graph`), replay the captured step; False runs it eagerly (the
+            graph's warm-up steps).
 
     Returns:
         The (detached) loss of this rank.
     """
+    if graphed and run.graph is not None:
+        return run.graph(views)
     loss = forward_backward(run, views)
     optimizer_step(run)
     return loss.detach()

@@ -61,6 +61,12 @@ def ema_update_(plan, teacher, student, *, weight, m_tensor) -> None:
         )
 
 
+def lr_args(lr) -> tuple[float, int]:
+    """The kernels' (lr, lr_ptr): a float and 0, or (0.0, the address of a 0-dim fp32 device tensor the
+    kernels read at run time)."""
+    return (0.0, lr.data_ptr()) if isinstance(lr, torch.Tensor) else (lr, 0)
+
+
 def _launch_steps(plan, grads, weight, m_tensor, launch) -> None:
     """The step kernel of every table of a `FusedPlan`, each after the gradients are written into it."""
 
@@ -100,14 +106,28 @@ def adamw_ema_step_(
     m_tensor,
 ) -> None:
     """`adamw_ema_apply` over `plan`'s tables (an `AdamWEMAPlan`); its slow rows by torch's fused AdamW when
-    they are all the rows, else by the foreach step; then the fallback teachers."""
+    they are all the rows, else by the foreach step; then the fallback teachers. `lr`: a float or a 0-dim fp32
+    device tensor (its address goes to the kernels)."""
+    lr_f, lr_ptr = lr_args(lr)
     _launch_steps(
         plan,
         grads,
         weight,
         m_tensor,
         lambda tbl, w, mptr, s: extension().adamw_ema_apply(
-            tbl.data, tbl.dtypes[0], tbl.dtypes[1], lr, beta1, beta2, eps, weight_decay, w, mptr, s, plan.device.index
+            tbl.data,
+            tbl.dtypes[0],
+            tbl.dtypes[1],
+            lr_f,
+            lr_ptr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            w,
+            mptr,
+            s,
+            plan.device.index,
         ),
     )
     momentum = _torch.momentum_of(weight, m_tensor)
@@ -136,7 +156,8 @@ def lars_ema_step_(
     plan, params, grads, momentum_buffers, teachers, *, lr, momentum, weight_decay, eta, weight, m_tensor
 ) -> None:
     """The two-pass `lars_ema_apply` over `plan`'s tables (a `LARSEMAPlan`, per-chunk norms in each table's
-    `partials`); its slow rows by the foreach step; then the fallback teachers."""
+    `partials`); its slow rows by the foreach step; then the fallback teachers. `lr` as `adamw_ema_step_`'s."""
+    lr_f, lr_ptr = lr_args(lr)
     _launch_steps(
         plan,
         grads,
@@ -147,7 +168,8 @@ def lars_ema_step_(
             tbl.dtypes[0],
             tbl.dtypes[1],
             tbl.partials.data_ptr(),
-            lr,
+            lr_f,
+            lr_ptr,
             momentum,
             weight_decay,
             eta,

@@ -11,7 +11,10 @@ torch's fused AdamW kernel on CUDA without `sslfast._C`, and the rows the csrc k
 
 The contract functions take the call's cached plan (`sslfast.ops._ema_plan`) and the momentum as the ops
 layer parsed it: the EMA weight 1 − m as a float (`weight`), or the momentum as a 0-dim fp32 device tensor
-(`m_tensor`).
+(`m_tensor`). `lr` is a float or a 0-dim fp32 tensor on the params' device; a tensor is never read on the host:
+the steps use the multi-tensor ops that take a tensor operand (`_foreach_mul_` by a 0-dim tensor,
+`_foreach_addcmul_` by it, `_fused_adamw_`'s tensor lr), with the same results as the float lr holding the same
+fp32 value (bit for bit on the CPU; LARS on a bf16 / fp16 param: see `lars_foreach_step_`).
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def adamw_foreach_step_(
     steps: list[Tensor],
     teachers: Sequence[Tensor | None] | None,
     *,
-    lr: float,
+    lr: float | Tensor,
     beta1: float,
     beta2: float,
     eps: float,
@@ -104,18 +107,27 @@ def adamw_foreach_step_(
 ) -> None:
     """One torch.optim.AdamW step (the ops of its foreach implementation, in the same order), then
     teachers[i] ← lerp(teachers[i], params[i], 1 − momentum) where teachers[i] is not None. `steps` are the
-    per-parameter step counters (0-dim tensors), incremented here; their values are read on the host."""
+    per-parameter step counters (0-dim tensors), incremented here; their values are read on the host (a sync
+    on CUDA, with a float or a tensor lr: the capturable CUDA paths are the csrc kernels and
+    `adamw_fused_step_`). A tensor lr enters as float64 tensor arithmetic that repeats the float path's double
+    arithmetic on the same value: 1 − lr·wd, and −lr / (1 − β1^t) per param (`_foreach_addcdiv_` takes that
+    list as a CPU tensor and reads it as the float path's list of scalars)."""
     if not params:
         return
     with torch.no_grad():
         torch._foreach_add_(steps, 1)
+        lr64 = lr.double() if isinstance(lr, Tensor) else lr
         if weight_decay != 0:
-            torch._foreach_mul_(params, 1 - lr * weight_decay)
+            torch._foreach_mul_(params, 1 - lr64 * weight_decay)
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
         counts = [float(s) for s in steps]
-        step_size = [-(lr / (1 - beta1**c)) for c in counts]
+        if isinstance(lr, Tensor):
+            bc1 = torch.tensor([1 - beta1**c for c in counts], dtype=torch.float64, device=lr.device)
+            step_size = (-(lr64 / bc1)).cpu()
+        else:
+            step_size = [-(lr / (1 - beta1**c)) for c in counts]
         bias_correction2_sqrt = [(1 - beta2**c) ** 0.5 for c in counts]
         denom = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_div_(denom, bias_correction2_sqrt)
@@ -128,7 +140,8 @@ def adamw_fused_step_(
     params, grads, exp_avgs, exp_avg_sqs, steps, teachers, *, lr, beta1, beta2, eps, weight_decay, momentum
 ) -> None:
     """`adamw_foreach_step_` with torch's fused AdamW kernel per param dtype (CUDA without sslfast._C: what
-    users run without this library), then the foreach lerp of the teachers."""
+    users run without this library), then the foreach lerp of the teachers. A tensor lr goes to the kernel as
+    is (its `tensor_lr` overload reads it on the device: no host sync)."""
     with torch.no_grad():
         groups: dict[torch.dtype, list[int]] = {}
         for i, p in enumerate(params):
@@ -196,7 +209,7 @@ def lars_foreach_step_(
     mus: list[Tensor],
     teachers: Sequence[Tensor | None] | None,
     *,
-    lr: float,
+    lr: float | Tensor,
     momentum: float,
     weight_decay: float,
     eta: float,
@@ -205,7 +218,13 @@ def lars_foreach_step_(
     ema_momentum,
 ) -> None:
     """The LARS step of `sslfast.reference.ema.lars_step_literal_` over the whole list (norms in fp32, trust
-    ratios as device tensors: no host sync), then teachers[i] ← lerp(teachers[i], params[i], 1 − ema_momentum)."""
+    ratios as device tensors: no host sync), then teachers[i] ← lerp(teachers[i], params[i], 1 − ema_momentum).
+
+    p ← p − lr·μ: with a float lr `_foreach_add_(params, mus, alpha=-lr)`; with a tensor lr
+    `_foreach_addcmul_(params, mus, −lr)`, which rounds as the former on fp32 params (bit for bit). On bf16 /
+    fp16 params both round −lr to the param dtype, but ATen's CPU add-with-alpha computes the elements past its
+    last full vector in the param dtype (two roundings) where addcmul computes in fp32 (one): those few
+    elements may differ by one unit in the last place."""
     if not params:
         return
     with torch.no_grad():
@@ -220,7 +239,10 @@ def lars_foreach_step_(
                 d[i] = (d[i].float() * q[j]).to(d[i].dtype)
         torch._foreach_mul_(mus, momentum)
         torch._foreach_add_(mus, d)
-        torch._foreach_add_(params, mus, alpha=-lr)
+        if isinstance(lr, Tensor):
+            torch._foreach_addcmul_(params, mus, [-lr] * len(params))
+        else:
+            torch._foreach_add_(params, mus, alpha=-lr)
     teacher_lerp_(params, teachers, ema_momentum)
 
 
