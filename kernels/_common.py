@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting
+from ._launch import cached_launch
 
 # The kernels keep logits in base 2 (x·log2 e) so that every exponential is one exp2. TL_* are the same
 # numbers as constexprs, the only globals a @triton.jit function may read.
@@ -113,6 +114,30 @@ def merged_lse2(m, l, AXIS: tl.constexpr):
     return mx + tl.log2(tl.sum(l * tl.exp2(m - tl.expand_dims(mx, AXIS)), axis=AXIS))
 
 
+@triton.jit
+def online_lse2(m, l, z, AXIS: tl.constexpr):
+    """One tile of base-2 scores z folded along AXIS into lane-wise running (max m, sum l of 2^(z − m)):
+
+        m' = max(m, max_AXIS z),   l' = l·2^(m − m') + Σ_AXIS 2^(z − m'),
+
+    with m' read as 0 in both exponents while it is −inf (nothing but −inf seen yet), so such a lane stays
+    (−inf, 0) instead of NaN. Returns (m', l')."""
+    m_new = tl.maximum(m, tl.max(z, axis=AXIS))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l = l * tl.exp2(m - m_use) + tl.sum(tl.exp2(z - tl.expand_dims(m_use, AXIS)), axis=AXIS)
+    return m_new, l
+
+
+@triton.jit
+def online_lse2_lanes(m, l, z):
+    """`online_lse2` with one score per lane (z shaped like m, nothing reduced):
+    m' = max(m, z), l' = l·2^(m − m') + 2^(z − m'), m' read as 0 while it is −inf. Returns (m', l')."""
+    m_new = tl.maximum(m, z)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, l * tl.exp2(m - m_use) + tl.exp2(z - m_use)
+
+
+@cached_launch
 @triton.jit
 def _scale_unless_one_kernel(X, G, n, BLOCK: tl.constexpr):
     # Grid (cdiv(n, BLOCK),): x *= g in place, unless g = 1 (then each program reads g only).

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from .._backend import interpreting
 from ._common import cdiv, empty, next_pow2
+from ._launch import cached_launch
 
 FIELDS = (
     "top",
@@ -280,6 +281,7 @@ def _gauss_sum(sigma, KSIZE: tl.constexpr):
 
 
 # --------------------------------------------------------------------------------------------- kernels
+@cached_launch
 @triton.jit
 def _augment_kernel(
     IMG,
@@ -366,6 +368,7 @@ def _augment_kernel(
             tl.store(OUT + obase + 2 * npix + pix, ((b - m2) * is2).to(OUT.dtype.element_ty), mask=ok)
 
 
+@cached_launch
 @triton.jit
 def _blur_rows_kernel(
     SRC,
@@ -407,6 +410,7 @@ def _blur_rows_kernel(
             tl.store(DST + img + ys[:, None] * w + xs[None, :], acc, mask=mask)
 
 
+@cached_launch
 @triton.jit
 def _blur_cols_kernel(
     SRC,

@@ -25,7 +25,18 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting
-from ._common import LOG2E, TL_LN2, TL_LOG2E, cdiv, empty, merged_lse2, next_pow2, num_sms
+from ._common import (
+    LOG2E,
+    TL_LN2,
+    TL_LOG2E,
+    cdiv,
+    empty,
+    merged_lse2,
+    next_pow2,
+    num_sms,
+    online_lse2,
+    online_lse2_lanes,
+)
 from ._launch import cached_launch
 
 
@@ -71,11 +82,7 @@ def _teacher_stats_kernel(T, C, PART_T, n_rows, K, stride_t, k_per_split, t2, BL
         ok = kk < k_hi
         t = tl.load(T + row.to(tl.int64) * stride_t + kk, mask=ok, other=0.0).to(tl.float32)
         c = tl.load(C + kk, mask=ok, other=0.0).to(tl.float32)
-        x = tl.where(ok, (t - c) * t2, float("-inf"))
-        m_new = tl.maximum(m, x)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp2(m - m_use) + tl.exp2(x - m_use)
-        m = m_new
+        m, l = online_lse2_lanes(m, l, tl.where(ok, (t - c) * t2, float("-inf")))
     mx = tl.max(m, axis=0)
     mx_use = tl.where(mx == float("-inf"), 0.0, mx)
     tl.store(PART_T + sp * n_rows + row, mx)
@@ -133,11 +140,7 @@ def _forward_kernel(
         ok = kk < k_hi
         w = _targets(T, C, lse_t, b, B, G, gg, vv, kk, ok, stride_t, t2)
         s, _, mask = _student_tile(S, b, B, V, vv, kk, ok, stride_s)
-        x = tl.where(mask, s * s2, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp2(m - m_use) + tl.sum(tl.exp2(x - m_use[:, None]), axis=1)
-        m = m_new
+        m, l = online_lse2(m, l, tl.where(mask, s * s2, float("-inf")), 1)
         dot += tl.sum(w * s, axis=1)
     out = (sp * V + vv) * B + b
     tl.store(PART + out, m, mask=vv < V)

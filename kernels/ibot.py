@@ -21,9 +21,11 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting
-from ._common import LOG2E, TL_LN2, TL_LOG2E, cdiv, empty, next_pow2
+from ._common import LOG2E, TL_LN2, TL_LOG2E, cdiv, empty, merged_lse2, next_pow2, online_lse2_lanes
+from ._launch import cached_launch
 
 
+@cached_launch
 @triton.jit
 def _forward_kernel(S, T, W, STATS, PART, R, K, stride_s, stride_t, s2, BLOCK_K: tl.constexpr):
     # Grid (R,): one token row. An unweighted row's sweep is empty (k_end = 0), so it reads nothing.
@@ -41,16 +43,10 @@ def _forward_kernel(S, T, W, STATS, PART, R, K, stride_s, stride_t, s2, BLOCK_K:
         ok = kk < K
         s = tl.load(s_row + kk, mask=ok, other=0.0).to(tl.float32)
         t = tl.load(t_row + kk, mask=ok, other=0.0).to(tl.float32)
-        x = tl.where(ok, s * s2, float("-inf"))
-        m_new = tl.maximum(m, x)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp2(m - m_use) + tl.exp2(x - m_use)
-        m = m_new
+        m, l = online_lse2_lanes(m, l, tl.where(ok, s * s2, float("-inf")))
         ts += t * s
         tt += t
-    mx = tl.max(m, axis=0)
-    mx_use = tl.where(mx == float("-inf"), 0.0, mx)
-    lse = (mx_use + tl.log2(tl.sum(l * tl.exp2(m - mx_use), axis=0))) * TL_LN2
+    lse = merged_lse2(m, l, 0) * TL_LN2
     t_sum = tl.sum(tt, axis=0)
     weighted = w != 0.0
     tl.store(STATS + r, tl.where(weighted, lse, 0.0))
@@ -59,6 +55,7 @@ def _forward_kernel(S, T, W, STATS, PART, R, K, stride_s, stride_t, s2, BLOCK_K:
     tl.store(PART + r, tl.where(weighted, part, 0.0))
 
 
+@cached_launch
 @triton.jit
 def _backward_kernel(
     S, T, W, STATS, GRAD, DS, R, K, stride_s, stride_t, stride_ds, s2, inv_temp, BLOCK_K: tl.constexpr

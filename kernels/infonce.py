@@ -66,7 +66,8 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting
-from ._common import TL_LN2, TL_LOG2E, cdiv, empty, merged_lse2, next_pow2, num_sms, upcast_dots
+from ._common import TL_LN2, TL_LOG2E, cdiv, empty, merged_lse2, next_pow2, num_sms, online_lse2, upcast_dots
+from ._launch import cached_launch
 
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize
 MAX_ATOMIC_SPLITS = 4  # backward column splits that add into one output atomically (more: per-split slices)
@@ -241,6 +242,7 @@ def _tile_masks(g_row, g_pos, cols, col_ok, c_off, c_split, c_shift, EXCLUDE_SEL
 
 
 # --------------------------------------------------------------------------------------------- kernels
+@cached_launch
 @triton.jit
 def _rownorm_kernel(
     X,
@@ -281,6 +283,7 @@ def _rownorm_kernel(
         tl.store(POS + rows, tl.load(SCALE).to(tl.float32) * rn * rn_p * xp, mask=row_ok)
 
 
+@cached_launch
 @triton.jit
 def _unit_rows_kernel(X, RN, XH, M, D, stride_x, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """XH = X · RN[:, None] in XH's dtype (fp16 unit rows, the tile operands of fp32 inputs)."""
@@ -295,6 +298,7 @@ def _unit_rows_kernel(X, RN, XH, M, D, stride_x, BLOCK_M: tl.constexpr, BLOCK_D:
         )
 
 
+@cached_launch
 @triton.jit
 def _normalize_bwd_kernel(
     X,
@@ -337,6 +341,7 @@ def _normalize_bwd_kernel(
     tl.store(DX + rows[:, None] * stride_dx + dk[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
 
+@cached_launch
 @triton.jit
 def _pair_normalize_bwd_kernel(
     X,
@@ -404,6 +409,7 @@ def _softplus(x):
     return tl.maximum(x, 0.0) + tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
 
 
+@cached_launch
 @triton.jit
 def _loss_epilogue_kernel(LSE_R, LSE_C, POS, LOSS, G_R, G_C, G_P, m, w_over_m, COLS: tl.constexpr, BLOCK: tl.constexpr):
     # Grid (1,): one program walks the M rows in BLOCK chunks (a few µs at M ≤ 10⁶), so the loss is summed in
@@ -427,6 +433,7 @@ def _loss_epilogue_kernel(LSE_R, LSE_C, POS, LOSS, G_R, G_C, G_P, m, w_over_m, C
     tl.store(LOSS, tl.sum(acc, axis=0) * w_over_m)
 
 
+@cached_launch
 @triton.jit
 def _merge_splits_kernel(
     ROW_M,
@@ -471,6 +478,7 @@ def _merge_splits_kernel(
         tl.store(LSE_C + i, lse_c, mask=col_ok)
 
 
+@cached_launch
 @triton.jit
 def _lse_fwd_kernel(
     R,
@@ -547,6 +555,7 @@ def _lse_fwd_kernel(
     )
 
 
+@cached_launch
 @triton.jit
 def _lse_redo_kernel(
     R,
@@ -735,10 +744,7 @@ def _lse_fwd(
             if mirror:
                 tl.atomic_add(ROW_L + cols, tl.sum(p, axis=0), mask=col_ok)
         else:
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), axis=1)
-            m_i = m_new
+            m_i, l_i = online_lse2(m_i, l_i, s, 1)
             if COL_STATS:
                 cm = tl.max(s, axis=0)
                 cm_use = tl.where(cm == float("-inf"), 0.0, cm)
@@ -760,6 +766,7 @@ def _lse_fwd(
             tl.store(POS + out, pos_i * TL_LN2, mask=row_ok)
 
 
+@cached_launch
 @triton.jit
 def _lse_bwd_kernel(
     R,

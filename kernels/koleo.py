@@ -26,10 +26,12 @@ import triton.language as tl
 
 from .._backend import interpreting
 from ._common import cdiv, empty, next_pow2, upcast_dots
+from ._launch import cached_launch
 
 PDIST_EPS = 1e-8
 
 
+@cached_launch
 @triton.jit
 def _rnorm_kernel(X, R, N, D, stride_x, eps, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     # Grid (cdiv(N, BLOCK_M),): Σ x² of BLOCK_M rows over D chunks, r = 1/max(‖x‖, ε).
@@ -51,6 +53,7 @@ def _unit(X, R, row, dd, ok, stride_x):
     return x * tl.load(R + row)
 
 
+@cached_launch
 @triton.jit
 def _neighbour_kernel(
     X,
@@ -110,6 +113,7 @@ def _neighbour_kernel(
     tl.store(DIST + ii, tl.sqrt(sq), mask=i_ok)
 
 
+@cached_launch
 @triton.jit
 def _loss_kernel(DIST, LOSS, N, eps, BLOCK: tl.constexpr):
     # Grid (1,): loss = −Σ log(d_i + ε) / N in a fixed order.
@@ -138,6 +142,7 @@ def _unit_grad(X, R, NN, DIST, ORDER, START, j, dd, ok, stride_x, coef, p, eps):
     return g, u_j
 
 
+@cached_launch
 @triton.jit
 def _grad_kernel(
     X, R, NN, DIST, ORDER, START, GRAD, DX, D, stride_x, stride_dx, inv_n, p, eps, inv_eps, BLOCK_D: tl.constexpr

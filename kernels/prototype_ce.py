@@ -44,7 +44,19 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting
-from ._common import LOG2E, TL_LN2, TL_LOG2E, cdiv, empty, merged_lse2, next_pow2, num_sms, upcast_dots
+from ._common import (
+    LOG2E,
+    TL_LN2,
+    TL_LOG2E,
+    cdiv,
+    empty,
+    merged_lse2,
+    next_pow2,
+    num_sms,
+    online_lse2,
+    upcast_dots,
+)
+from ._launch import cached_launch
 
 FWD_WAVES = 4  # forward splits over K: row blocks × splits fill about this many waves of the machine
 DX_WAVES = 2  # dX splits: fewer, each writes an fp32 [B, D] slice
@@ -159,6 +171,7 @@ def _grad_logits(s2, lse2, r, p, ok):
 
 
 # --------------------------------------------------------------------------------------------- kernels
+@cached_launch
 @triton.jit
 def _fwd_kernel(
     X,
@@ -203,9 +216,7 @@ def _fwd_kernel(
         ps += tl.sum(p * s, axis=1)
         r += tl.sum(p, axis=1)
         s2 = tl.where(col_ok[None, :], s * TL_LOG2E, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s2, axis=1))
-        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s2 - m_new[:, None]), axis=1)
-        m = m_new
+        m, l = online_lse2(m, l, s2, 1)
     out = pid_s * B + rows
     tl.store(M_OUT + out, m, mask=row_ok)
     tl.store(L_OUT + out, l, mask=row_ok)
@@ -213,6 +224,7 @@ def _fwd_kernel(
     tl.store(R_OUT + out, r, mask=row_ok)
 
 
+@cached_launch
 @triton.jit
 def _merge_kernel(M_IN, L_IN, PS_IN, R_IN, LSE, RSUM, ROW_LOSS, B, splits, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
     # Grid (cdiv(B, BLOCK),): the splits' partials of BLOCK rows -> lse (natural log), r, loss_i = r·lse − Σ p·s.
@@ -231,6 +243,7 @@ def _merge_kernel(M_IN, L_IN, PS_IN, R_IN, LSE, RSUM, ROW_LOSS, B, splits, BLOCK
     tl.store(ROW_LOSS + rows, r * lse - ps, mask=row_ok)
 
 
+@cached_launch
 @triton.jit
 def _dx_kernel(
     X,
@@ -286,6 +299,7 @@ def _dx_kernel(
     tl.store(out, acc * (g * grad_scale), mask=row_ok[:, None] & (do[None, :] < D))
 
 
+@cached_launch
 @triton.jit
 def _dw_kernel(
     X,
@@ -341,6 +355,7 @@ def _dw_kernel(
     tl.store(out, (acc * (g * grad_scale)).to(DW.dtype.element_ty), mask=col_ok[:, None] & (do[None, :] < D))
 
 
+@cached_launch
 @triton.jit
 def _teacher_lse_kernel(
     X,
@@ -377,14 +392,13 @@ def _teacher_lse_kernel(
         )
         c = tl.load(C + cols, mask=col_ok, other=0.0)
         t2 = tl.where(col_ok[None, :], (s - c[None, :]) * scale2, float("-inf"))
-        m_new = tl.maximum(m, tl.max(t2, axis=1))
-        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(t2 - m_new[:, None]), axis=1)
-        m = m_new
+        m, l = online_lse2(m, l, t2, 1)
     out = pid_s * B + rows
     tl.store(M_OUT + out, m, mask=row_ok)
     tl.store(L_OUT + out, l, mask=row_ok)
 
 
+@cached_launch
 @triton.jit
 def _teacher_out_kernel(
     X,

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from .._backend import interpreting
 from ._common import TL_LN2, TL_LOG2E, cdiv, empty, next_pow2, upcast_dots
+from ._launch import cached_launch
 from .infonce import row_normalize_backward, row_rnorm  # noqa: F401  (the normalization, shared with InfoNCE)
 
 
@@ -58,6 +59,7 @@ def _load_tile(X, rows, row_ok, dk, D, stride, UPCAST: tl.constexpr):
     return x
 
 
+@cached_launch
 @triton.jit
 def _siglip_rows_kernel(
     R,

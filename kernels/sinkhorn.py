@@ -20,18 +20,11 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting
-from ._common import LOG2E, TL_LN2, TL_LOG2E, cdiv, empty, next_pow2
+from ._common import LOG2E, TL_LN2, TL_LOG2E, cdiv, empty, merged_lse2, next_pow2, online_lse2, online_lse2_lanes
+from ._launch import cached_launch
 
 
-@triton.jit
-def _online(m, l, z, AXIS: tl.constexpr):
-    """One tile's base-2 scores z folded into lane-wise running (max m, sum l of 2^(z − m)) along AXIS."""
-    m_new = tl.maximum(m, tl.max(z, axis=AXIS))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    l = l * tl.exp2(m - m_use) + tl.sum(tl.exp2(z - tl.expand_dims(m_use, AXIS)), axis=AXIS)
-    return m_new, l
-
-
+@cached_launch
 @triton.jit
 def _column_kernel(X, V, OUT, B, K, stride_x, s2, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     # Grid (cdiv(K, BLOCK_K),): prototypes kk, a sweep over every sample in [BLOCK_B, BLOCK_K] tiles (rows are
@@ -46,7 +39,7 @@ def _column_kernel(X, V, OUT, B, K, stride_x, s2, BLOCK_B: tl.constexpr, BLOCK_K
         mask = b_ok[:, None] & k_ok[None, :]
         x = tl.load(X + bb.to(tl.int64)[:, None] * stride_x + kk[None, :], mask=mask, other=0.0).to(tl.float32)
         v = tl.load(V + bb, mask=b_ok, other=0.0) * TL_LOG2E
-        m, l = _online(m, l, tl.where(mask, x * s2 + v[:, None], float("-inf")), 0)
+        m, l = online_lse2(m, l, tl.where(mask, x * s2 + v[:, None], float("-inf")), 0)
     m_use = tl.where(m == float("-inf"), 0.0, m)
     tl.store(OUT + kk, (m_use + tl.log2(l)) * TL_LN2, mask=k_ok)
 
@@ -62,16 +55,11 @@ def _row_lse2(X, U, b, K, stride_x, s2, BLOCK_K: tl.constexpr):
         ok = kk < K
         x = tl.load(row + kk, mask=ok, other=0.0).to(tl.float32)
         u = tl.load(U + kk, mask=ok, other=0.0) * TL_LOG2E
-        z = tl.where(ok, x * s2 + u, float("-inf"))
-        m_new = tl.maximum(m, z)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp2(m - m_use) + tl.exp2(z - m_use)
-        m = m_new
-    mx = tl.max(m, axis=0)
-    mx_use = tl.where(mx == float("-inf"), 0.0, mx)
-    return mx_use + tl.log2(tl.sum(l * tl.exp2(m - mx_use), axis=0))
+        m, l = online_lse2_lanes(m, l, tl.where(ok, x * s2 + u, float("-inf")))
+    return merged_lse2(m, l, 0)
 
 
+@cached_launch
 @triton.jit
 def _row_kernel(X, U, OUT, K, stride_x, s2, BLOCK_K: tl.constexpr):
     # Grid (B,): one sample's K scores, lane-wise online LSE then one merge.
@@ -79,6 +67,7 @@ def _row_kernel(X, U, OUT, K, stride_x, s2, BLOCK_K: tl.constexpr):
     tl.store(OUT + b, _row_lse2(X, U, b, K, stride_x, s2, BLOCK_K) * TL_LN2)
 
 
+@cached_launch
 @triton.jit
 def _softmax_kernel(X, U, Q, K, stride_x, stride_q, s2, BLOCK_K: tl.constexpr):
     # Grid (B,): sample b's LSE (first sweep), then Q[b, :] written in the second.

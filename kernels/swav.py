@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting
-from ._common import LOG2E, TL_LN2, TL_LOG2E, cdiv, empty, next_pow2
+from ._common import LOG2E, TL_LN2, TL_LOG2E, cdiv, empty, next_pow2, online_lse2
+from ._launch import cached_launch
 from .dino import _blocks, _merge_loss, _splits, _student_tile, _warps
 
 
@@ -41,6 +42,7 @@ def _targets(Q, b, B, G, vv, kk, ok, stride_q):
     return tl.where(ok[None, :], q_sum[None, :] - own, 0.0)
 
 
+@cached_launch
 @triton.jit
 def _forward_kernel(
     S, Q, PART, B, V, G, K, stride_s, stride_q, k_per_split, s2, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr
@@ -62,11 +64,7 @@ def _forward_kernel(
         ok = kk < k_hi
         w = _targets(Q, b, B, G, vv, kk, ok, stride_q)
         s, _, mask = _student_tile(S, b, B, V, vv, kk, ok, stride_s)
-        x = tl.where(mask, s * s2, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp2(m - m_use) + tl.sum(tl.exp2(x - m_use[:, None]), axis=1)
-        m = m_new
+        m, l = online_lse2(m, l, tl.where(mask, s * s2, float("-inf")), 1)
         dot += tl.sum(w * s, axis=1)
         c += tl.sum(w, axis=1)
     out = (sp * V + vv) * B + b
@@ -77,12 +75,14 @@ def _forward_kernel(
     tl.store(PART + 3 * n_out + out, c, mask=vv < V)
 
 
+@cached_launch
 @triton.jit
 def _loss_kernel(PART, STATS, LOSS, n_sp, n, inv_pairs, BLOCK_SP: tl.constexpr, BLOCK: tl.constexpr):
     # Grid (1,): DINO's `_merge_loss` with the target sums c merged from the splits too: STATS [2, n] = (lse, c).
     _merge_loss(PART, STATS, LOSS, n_sp, n, 0, 0, inv_pairs, True, BLOCK_SP, BLOCK)
 
 
+@cached_launch
 @triton.jit
 def _backward_kernel(
     S,

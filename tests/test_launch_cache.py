@@ -1,18 +1,24 @@
 """The cached launch path (`sslfast.kernels._launch`) against Triton's own binder, cache key and launch.
 
-On the CPU: launches of the real MAE / Barlow Twins / DINO kernels are recorded under the interpreter, then
+On the CPU: launches of the real kernels of every op family are recorded under the interpreter, then
 varied one argument at a time (dtype, 16-byte alignment, ints of value 1 / multiples of 16 / others / i64 /
 u64, floats, constexprs, launch options); the launch key must separate exactly the variants Triton's binder
 and `compute_cache_key` separate, and the bound arguments must be Triton's `bound_args`, in order. The hit
 and miss plumbing runs against a stand-in driver and compiled kernel. On CUDA (`gpu`): every recorded launch
 is replayed through the cached path (a miss, then a hit, then a hit captured in a CUDA graph) and must write
-bit-for-bit what the normal path wrote.
+bit-for-bit what the normal path wrote, and a representative call of each op family must give the same
+results with the cache on and off. The kernels covered are every `@cached_launch` kernel of the package,
+found in its source; a launched `@triton.jit` kernel left undecorated, or a decorated one no op call here
+launches, fails the tests.
 """
 
 from __future__ import annotations
 
+import ast
 import collections
+import importlib
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,14 +35,68 @@ import sslfast as sf  # noqa: E402
 from sslfast import mae  # noqa: E402
 from sslfast.kernels import _launch  # noqa: E402
 
-_MODULES = ("sslfast.kernels.mae", "sslfast.kernels.barlow", "sslfast.kernels.dino")
+def _decorated() -> list[str]:
+    """"module.kernel" of every `@cached_launch` kernel of the kernels package, read from the source (with the
+    cache off the decorator hands the kernel back unmarked); fails on a misplaced decorator, a decorated
+    helper, or a launched `@triton.jit` kernel left undecorated."""
+    found = []
+    for path in sorted(Path(_launch.__file__).parent.glob("*.py")):
+        module = f"sslfast.kernels.{path.stem}"
+        tree = ast.parse(path.read_text())
+        jitted = {node.name for node in tree.body if isinstance(node, ast.FunctionDef) and _jit_index(node) >= 0}
+        launched = {
+            node.func.value.id
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Subscript)
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id in jitted
+        }
+        for node in tree.body:
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            names = [_decorator_name(d) for d in node.decorator_list]
+            if "cached_launch" in names:
+                assert names.index("cached_launch") == _jit_index(node) - 1, f"{module}.{node.name}: decorator order"
+                assert node.name in launched, f"{module}.{node.name}: a device helper must not be decorated"
+                found.append(f"{module}.{node.name}")
+            elif node.name in launched:
+                raise AssertionError(f"{module}.{node.name} is launched but not on the cached launch path")
+    return found
+
+
+def _decorator_name(node) -> str:
+    node = node.func if isinstance(node, ast.Call) else node
+    return node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", "")
+
+
+def _jit_index(node) -> int:
+    names = [_decorator_name(d) for d in node.decorator_list]
+    return names.index("jit") if "jit" in names else -1
+
+
+DECORATED = _decorated()
+_MODULES = frozenset(name.rpartition(".")[0] for name in DECORATED)
+
+
+def _qualname(fn) -> str:
+    return f"{fn.__module__}.{fn.__name__}"
 
 
 def _run_ops():
-    """Small calls of the ops whose kernels are routed through the launch cache (forward and backward)."""
+    """Small calls of every op family whose kernels are routed through the launch cache (forward and
+    backward), reaching each decorated kernel at least once (`launches` checks it)."""
+    from sslfast.kernels import _common, barlow
+
     z1, z2 = (torch.randn(10, 24, requires_grad=True) for _ in range(2))
     sf.barlow_twins_loss(z1, z2).backward()
-    sf.vicreg_loss(z1, z2).backward()
+    sf.vicreg_loss(z1, z2, algorithm="tiled").backward()
+    forced, barlow.GRAM_FORWARD = barlow.GRAM_FORWARD, "triton"  # the symmetric dual-Gram kernel
+    try:
+        sf.barlow_twins_loss(z1, z2).backward()
+    finally:
+        barlow.GRAM_FORWARD = forced
+    _common.scale_unless_one_(torch.randn(37), torch.tensor(2.0))  # large gradients' in-place scaling
     student = torch.randn(6 * 3, 40, requires_grad=True)
     sf.dino_loss(student, torch.randn(2 * 3, 40), torch.randn(1, 40)).backward()
     b, L, d, p, c = 2, 16, 12, 4, 3
@@ -47,6 +107,58 @@ def _run_ops():
     mae.gather_patches(imgs, m.ids_keep, p)
     pred = torch.randn(b, L, p * p * c, requires_grad=True)
     mae.masked_mse_loss(pred, imgs, m.mask, p).backward()
+    with sf.separate_backward():
+        mae.masked_mse_loss(pred, imgs, m.mask, p).backward()
+    mae.bert_masking(torch.randint(5, 50, (3, 17)), 1, 50)
+    _run_contrastive()
+    _run_prototypes()
+    _run_augment()
+
+
+def _run_contrastive():
+    """InfoNCE (NT-Xent, MoCo with and without a queue, CLIP bounded and at a scale that underflows column
+    sums), SigLIP and KoLeo."""
+    from sslfast.kernels import infonce
+
+    z1, z2 = (torch.randn(9, 20, requires_grad=True) for _ in range(2))
+    sf.nt_xent_loss(z1, z2, 0.5).backward()
+    sf.info_nce_loss(z1, z2, torch.randn(11, 20), 0.2).backward()
+    sf.info_nce_loss(z1, z2, None, 0.2).backward()
+    scale = torch.tensor(20.0, requires_grad=True)
+    sf.clip_loss(z1, z2, scale).backward()
+    img, txt = torch.randn(37, 48), torch.randn(37, 48)
+    near = [*range(16), 30]
+    txt[near] = img[[(j + 1) % 37 for j in near]] + 1e-3 * torch.randn(len(near), 48)
+    img.requires_grad_(True)
+    sf.clip_loss(img, txt, torch.tensor(1e4, requires_grad=True)).backward()
+    sf.siglip_loss(z1, z2, torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)).backward()
+    sf.koleo_loss(torch.randn(13, 20, requires_grad=True)).backward()
+    x = torch.randn(9, 20)
+    infonce._unit_rows(x, infonce.row_rnorm(x))  # 16-bit tile operands of fp32 inputs (a GPU's default)
+
+
+def _run_prototypes():
+    """SwAV, Sinkhorn-Knopp, iBOT and the prototype cross-entropy (student and teacher sides)."""
+    scores = torch.randn(4 * 3, 30, requires_grad=True)
+    sf.swav_loss(scores, torch.softmax(torch.randn(2 * 3, 30), 1), num_global_crops=2).backward()
+    sf.sinkhorn_knopp(torch.randn(7, 30), 0.05, 2)
+    s = torch.randn(2, 9, 30, requires_grad=True)
+    sf.ibot_patch_loss(s, torch.softmax(torch.randn(2, 9, 30), -1), torch.rand(2, 9) < 0.5).backward()
+    feats, w = torch.randn(11, 16, requires_grad=True), torch.randn(23, 16, requires_grad=True)
+    probs = sf.prototype_teacher_probs(feats.detach(), w.detach(), teacher_temp=0.04, center=torch.zeros(23))
+    sf.prototype_cross_entropy(feats, w, probs, student_temp=0.1).backward()
+
+
+def _run_augment():
+    """The fused multi-view augmentation with its blur pass, and the standalone blur."""
+    from sslfast.data import presets
+    from sslfast.ops import augment as aug
+
+    imgs = [torch.randint(0, 256, (h, w, 3), dtype=torch.uint8) for h, w in ((21, 17), (9, 30))]
+    flat, offs, sizes = aug.pack_images(imgs, chw=False)
+    params = aug.sample_view_params(presets.ViewSpec(blur_p=1.0), sizes, count=2)
+    aug.augment_views(flat, offs, sizes, params, (11, 9), blur_kernel=5)
+    aug.gaussian_blur(torch.rand(2, 3, 10, 9), torch.tensor([0.5, 1.5]), 5)
 
 
 def _record(monkeypatch, run_name: str, cls) -> list:
@@ -75,9 +187,19 @@ def launches():
 
     with pytest.MonkeyPatch.context() as mp:
         seen = _record(mp, "run", InterpretedFunction)
-    names = {fn.__name__ for fn, *_ in seen}
-    assert len(names) >= 12, names  # the MAE, Barlow Twins and DINO kernels all launched
+    missing = set(DECORATED) - {_qualname(fn) for fn, *_ in seen}
+    assert not missing, f"decorated kernels `_run_ops` does not launch (extend it): {sorted(missing)}"
     return seen
+
+
+def test_every_launched_kernel_is_decorated():
+    """The scan itself: every family's kernels are on the cached path (a new kernel module is picked up)."""
+    assert len(DECORATED) >= 45, DECORATED
+    families = {"mae", "barlow", "dino", "infonce", "siglip", "koleo", "sinkhorn", "swav", "ibot", "prototype_ce"}
+    assert {f"sslfast.kernels.{f}" for f in families | {"augment", "_common"}} <= _MODULES
+
+
+_CALLS = 4  # recorded launches per kernel whose variants are checked (the first ones, in launch order)
 
 
 def _int_values():
@@ -112,13 +234,17 @@ def _variants(jf, args, kwargs):
     yield bound, {**options, "num_stages": 3}
 
 
-def test_key_separates_exactly_what_triton_separates(launches):
-    """Per kernel: Triton's cache key and the launch key induce the same partition of the variants, and the
-    launch's argument tuple is Triton's `bound_args`, element for element."""
+@pytest.mark.parametrize("kernel", DECORATED)
+def test_key_separates_exactly_what_triton_separates(launches, kernel):
+    """Per decorated kernel: Triton's cache key and the launch key induce the same partition of the variants of
+    its recorded launches (up to `_CALLS` distinct ones), and the launch's argument tuple is Triton's
+    `bound_args`, element for element."""
     backend = CUDABackend(GPUTarget("cuda", 90, 32))
     by_kernel = collections.defaultdict(list)
     for fn, _, args, kwargs in launches:
-        by_kernel[fn].append((args, kwargs))
+        if _qualname(fn) == kernel and len(by_kernel[fn]) < _CALLS:
+            by_kernel[fn].append((args, kwargs))
+    assert len(by_kernel) == 1, kernel
     for fn, calls in by_kernel.items():
         jf = JITFunction(fn)
         triton_bind = create_function_from_signature(jf.signature, jf.params, backend)
@@ -166,16 +292,13 @@ def test_key_classes_of_ints_and_tensors():
 def test_off_by_default_and_under_the_interpreter(launches):
     """Unset (and always under TRITON_INTERPRET) the decorator hands the kernel back: the default launch path
     is Triton's, with no added call."""
-    from sslfast.kernels import barlow, dino
-    from sslfast.kernels import mae as kmae
-
     assert not _launch.enabled()
     sentinel = object()
     assert _launch.cached_launch(sentinel) is sentinel
-    for module in (kmae, barlow, dino):
-        for name in dir(module):
-            obj = getattr(module, name)
-            assert not hasattr(obj, "_sslfast_tables"), name
+    for name in DECORATED:
+        module, _, attr = name.rpartition(".")
+        obj = getattr(importlib.import_module(module), attr)
+        assert not hasattr(obj, "_sslfast_tables") and type(obj).__name__ != "CachedJITFunction", name
 
 
 class _FakeCompiled:
@@ -230,10 +353,41 @@ def test_hit_launches_what_the_normal_path_launches(monkeypatch, launches):
     assert len(normal) == 4 and len(calls) == 6 and calls[-1] == calls[0]
 
 
+def _uses_atomics(fn) -> bool:
+    """Whether the kernel, or a `@triton.jit` helper of its module it calls (transitively), adds atomically:
+    the order of its atomic adds differs from run to run, so its fp32 outputs do too, cache or not."""
+    tree = ast.parse(Path(importlib.import_module(fn.__module__).__file__).read_text())
+    defs = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    todo, seen = [fn.__name__], set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in defs:
+            continue
+        seen.add(name)
+        for node in ast.walk(defs[name]):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("atomic_"):
+                return True
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                todo.append(node.func.id)
+    return False
+
+
+def _assert_same(want, got, exact: bool, what: str):
+    """Bit for bit, or (`exact` False: atomically summed outputs) to fp32 rounding of a reordered sum."""
+    for a, b in itertools.zip_longest(want, got):
+        if not isinstance(a, torch.Tensor):
+            continue
+        if exact or not a.is_floating_point():
+            assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), what
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, equal_nan=True, msg=what)
+
+
 @pytest.mark.gpu
 def test_cached_launch_matches_normal_launch_on_cuda(monkeypatch):
-    """Every recorded launch, replayed on copies of its inputs through the normal path and through the cache
-    (a miss, a hit, and a hit captured in a CUDA graph), writes the same bits."""
+    """Every recorded launch of every decorated kernel, replayed on copies of its inputs through the normal
+    path and through the cache (a miss, a hit, and a hit captured in a CUDA graph), writes the same bits
+    (kernels that add atomically: the same values up to the order of their sums)."""
     seen = []
     run = JITFunction.run
 
@@ -249,11 +403,13 @@ def test_cached_launch_matches_normal_launch_on_cuda(monkeypatch):
     finally:
         torch.set_default_device(None)
         monkeypatch.undo()
-    assert len({fn for fn, *_ in seen}) >= 12
+    missing = set(DECORATED) - {_qualname(fn) for fn, *_ in seen}
+    assert not missing, sorted(missing)
     kernels = {}
     for fn, grid, args, kwargs in seen:
         jf = kernels.setdefault(fn, _launch.wrap(JITFunction(fn)))
-        assert hasattr(jf, "_sslfast_tables")
+        assert hasattr(jf, "_sslfast_tables"), fn.__name__
+        exact = not _uses_atomics(fn)
         want = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
         JITFunction.run(jf, *want, grid=grid, warmup=False, **kwargs)
         for attempt in range(3):
@@ -266,7 +422,110 @@ def test_cached_launch_matches_normal_launch_on_cuda(monkeypatch):
                     jf[grid](*got, **kwargs)
                 graph.replay()
             torch.cuda.synchronize()
-            for a, b in itertools.zip_longest(want, got):
-                if isinstance(a, torch.Tensor):
-                    assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), fn.__name__
+            _assert_same(want, got, exact, f"{_qualname(fn)}, attempt {attempt}")
         assert jf._sslfast_tables, fn.__name__
+
+
+def _family_calls(device: str = "cuda") -> dict:
+    """One representative call per op family: name -> function of nothing returning (loss or output, grads)."""
+    from sslfast.data import presets
+    from sslfast.ops import augment as aug
+
+    def grads(out, *leaves):
+        return (out, *torch.autograd.grad(out, leaves))
+
+    def leaves(*shapes):
+        return [torch.randn(*s, device=device, requires_grad=True) for s in shapes]
+
+    def masked_mse():
+        m = mae.random_masking(3, 64, 0.75, device=device)
+        (pred,) = leaves((3, 64, 48))
+        return grads(mae.masked_mse_loss(pred, torch.randn(3, 3, 32, 32, device=device), m.mask, 4), pred)
+
+    def augment():
+        imgs = [torch.randint(0, 256, (h, w, 3), dtype=torch.uint8) for h, w in ((61, 47), (33, 70))]
+        flat, offs, sizes = aug.pack_images(imgs, chw=False)
+        params = aug.sample_view_params(presets.ViewSpec(blur_p=0.5), sizes, count=2)
+        flat, offs, sizes, params = (t.to(device) for t in (flat, offs, sizes, params))
+        return (aug.augment_views(flat, offs, sizes, params, 24, blur_kernel=9),)
+
+    def contrastive(loss, *extra):
+        z1, z2 = leaves((67, 96), (67, 96))
+        return grads(loss(z1, z2, *extra), z1, z2)
+
+    def prototypes():
+        x, w = leaves((45, 64), (301, 64))
+        center = torch.zeros(301, device=device)
+        probs = sf.prototype_teacher_probs(x.detach(), w.detach(), teacher_temp=0.04, center=center)
+        return grads(sf.prototype_cross_entropy(x, w, probs, student_temp=0.1), x, w)
+
+    def swav():
+        (s,) = leaves((4 * 5, 300))
+        codes = sf.sinkhorn_knopp(torch.randn(2 * 5, 300, device=device), 0.05, 3)
+        return (*grads(sf.swav_loss(s, codes), s), codes)
+
+    def ibot():
+        (s,) = leaves((3, 17, 200))
+        t = torch.softmax(torch.randn(3, 17, 200, device=device), -1)
+        return grads(sf.ibot_patch_loss(s, t, torch.rand(3, 17, device=device) < 0.4), s)
+
+    def dino():
+        (s,) = leaves((6 * 4, 500))
+        t = torch.randn(2 * 4, 500, device=device)
+        return grads(sf.dino_loss(s, t, torch.randn(1, 500, device=device)), s)
+
+    def koleo():
+        (x,) = leaves((77, 64))
+        return grads(sf.koleo_loss(x), x)
+
+    scale = torch.tensor(20.0, device=device)
+    bias = torch.tensor(-10.0, device=device)
+    return {
+        "barlow": lambda: contrastive(sf.barlow_twins_loss),
+        "vicreg": lambda: contrastive(sf.vicreg_loss),
+        "mae": masked_mse,
+        "dino": dino,
+        "nt_xent": lambda: contrastive(sf.nt_xent_loss, 0.5),
+        "info_nce": lambda: contrastive(sf.info_nce_loss, torch.randn(130, 96, device=device), 0.2),
+        "clip": lambda: contrastive(sf.clip_loss, scale),
+        "siglip": lambda: contrastive(sf.siglip_loss, scale, bias),
+        "koleo": koleo,
+        "swav+sinkhorn": swav,
+        "ibot": ibot,
+        "prototype_ce": prototypes,
+        "augment": augment,
+    }
+
+
+@pytest.mark.gpu
+def test_op_families_with_the_cache_on_and_off(monkeypatch):
+    """A representative call of each op family with every decorated kernel on the cached path (a miss, then a
+    hit) gives what it gives on Triton's path: bit for bit, except where a kernel it launches adds atomically
+    (then to the rounding of a reordered sum). Deterministic algorithms are on, so InfoNCE takes its ordered
+    (non-triangle) schedule."""
+    calls = _family_calls()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        launched, run = set(), JITFunction.run
+
+        def recording(self, *args, grid, warmup, **kwargs):
+            launched.add(self.fn)
+            return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+        for name, call in calls.items():
+            torch.manual_seed(0)
+            with monkeypatch.context() as mp:
+                mp.setattr(JITFunction, "run", recording)
+                want = call()
+            exact = not any(_uses_atomics(fn) for fn in launched if fn.__module__ in _MODULES)
+            launched.clear()
+            with monkeypatch.context() as mp:
+                for qual in DECORATED:
+                    module, _, attr = qual.rpartition(".")
+                    mod = importlib.import_module(module)
+                    mp.setattr(mod, attr, _launch.wrap(JITFunction(getattr(mod, attr).fn)))
+                for attempt in range(2):
+                    torch.manual_seed(0)
+                    _assert_same(want, call(), exact, f"{name}, cached, attempt {attempt}")
+    finally:
+        torch.use_deterministic_algorithms(False)
