@@ -128,6 +128,9 @@ class GraphedStep:
         self.static_loss = torch.zeros((), dtype=torch.float32, device=run.device)
         if self.side_stream is not None:  # the warm-up's side-stream work done before the capture reads state
             torch.cuda.current_stream(run.device).wait_stream(self.side_stream)
+            # the warm-up's freed activations go back to the device: the graph's own pool takes their place
+            torch.cuda.synchronize(run.device)
+            torch.cuda.empty_cache()
         run.optimizer.zero_grad(set_to_none=True)  # the backward allocates the gradients in the graph's pool
         self.graph = self.graph_factory()
         self.graph.capture(self._captured_step)
