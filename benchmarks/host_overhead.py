@@ -1,25 +1,26 @@
 """Host cost of each op's fast path, measured on a machine without a GPU.
 
-A small op on an H100 (Barlow Twins at N=256, the MAE token ops, the EMA of a parameter list) finishes its
-GPU work in tens of microseconds, so what a call costs is the Python, the PyTorch dispatch and the kernel
-launches in front of it. This script measures that part on the CPU:
+A small op on an H100 (Barlow Twins at N=256, the MAE token ops, the EMA of a parameter list) finishes its GPU
+work in tens of microseconds, so what a call costs is the Python, the PyTorch dispatch and the kernel launches
+in front of it. This script measures that part on the CPU:
 
 * SSLFAST_BACKEND=triton with TRITON_INTERPRET=1 sends every op down its Triton path (the same launchers,
   validation, autograd plumbing and torch glue ops as on a GPU);
 * the interpreter's launch is replaced by a counter, so kernels cost nothing and are only counted;
 * inputs are tiny, so the glue ops' CPU arithmetic is negligible next to their dispatch.
 
-Per case it prints the median wall time of one call (forward + backward where the op trains), the median
-CPU time of this thread for it (less sensitive than the wall time to other processes on a loaded machine),
-the Triton launches and the ATen ops it issued. The times exclude the launches themselves: on a GPU add the
-launcher's cost for each one (the Triton launch path, a few microseconds each). `ema_update_` runs on CPU
-tensors, so its final multi-tensor update (`ops._torch.ema.ema_update_`, the stand-in for the csrc launch) is
-stubbed and counted like a launch: its row is the validation and the cached plan's check.
+The first rows are floors, not ops: a two-op torch expression and an empty autograd node, forward and backward,
+which no eager training op can undercut. Per case it prints the median wall time of one call (forward + backward
+where the op trains), the median CPU time of this thread for it (less sensitive than the wall time to other
+processes on a loaded machine), the Triton launches and the ATen ops it issued. The times exclude the launches
+themselves: on a GPU add the launcher's cost for each one (the Triton launch path, a few microseconds each).
+`ema_update_` runs on CPU tensors, so its final multi-tensor update (`ops._torch.ema.ema_update_`, the stand-in
+for the csrc launch) is stubbed and counted like a launch: its row is the validation and the cached plan's
+check.
 
     python benchmarks/host_overhead.py [--json FILE] [--repeat 200] [--cases REGEX ...] [--compare BEFORE.json]
 
-`--compare` takes the --json of an earlier run (e.g. of the code before a change) and prints both.
-"""
+`--compare` takes the --json of an earlier run (e.g. of the code before a change) and prints both."""
 
 from __future__ import annotations
 
@@ -79,8 +80,32 @@ def _leaves(*shapes):
     return [torch.randn(*s, requires_grad=True) for s in shapes]
 
 
+class _EmptyFunction(torch.autograd.Function):
+    """An autograd node that allocates its two input gradients in the forward and scales them in the backward:
+    the plumbing every training op pays, with no work."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(torch.empty_like(a), torch.empty_like(b))
+        return a.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, g):
+        ga, gb = ctx.saved_tensors
+        return ga * g, gb * g
+
+
+def floors():
+    """name -> call: what any eager call costs in torch alone, measured in the same run as the ops, so that each
+    op's row reads against the floor the machine gives at that moment."""
+    a, b = _leaves((16, 32), (16, 32))
+    yield "floor: torch (a*b).sum() fwd+bwd", fwd_bwd(lambda: (a * b).sum(), a, b)
+    yield "floor: empty autograd.Function fwd+bwd", fwd_bwd(lambda: _EmptyFunction.apply(a, b), a, b)
+
+
 def cases():
     """name -> call. Shapes are tiny; only the code path (algorithm, flags) matters."""
+    yield from floors()
     z1, z2 = _leaves((16, 64), (16, 64))
     q, k = _leaves((16, 32), (16, 32))
     queue = torch.randn(64, 32)

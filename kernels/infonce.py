@@ -175,8 +175,9 @@ def _logit_tile(
     UPCAST: tl.constexpr,
 ):
     """Base-2 logits of the tile at column c0, its columns and their inverse norms (1 past the end, where the
-    logits are masked by the caller), and with C_ROWS (ONE_CHUNK only) the tile's rows of C [BLOCK_N, BLOCK_D]
-    as loaded for the dot, for the caller to use again (the backward's G·C)."""
+    logits are masked by the caller), with C_ROWS (ONE_CHUNK only) the tile's rows of C [BLOCK_N, BLOCK_D]
+    as loaded for the dot, for the caller to use again (the backward's G·C), and the tile's dots R·Cᵀ before
+    the factors (the cosines times ‖r‖‖c‖: the backward's ∂S/∂scale, whatever the scale)."""
     cols = c0 + tl.arange(0, BLOCK_N)
     col_ok = cols < col_hi
     col_fac = tl.load(RN_C + cols, mask=col_ok, other=1.0)
@@ -188,7 +189,7 @@ def _logit_tile(
         s = _tile_dots(
             r_res, R, C, rows, row_ok, cols, col_ok, D, stride_r, stride_c, BLOCK_M, BLOCK_N, BLOCK_D, ONE_CHUNK, UPCAST
         )
-    return s * row_fac[:, None] * col_fac[None, :], cols, col_ok, col_fac, c_rows
+    return s * row_fac[:, None] * col_fac[None, :], cols, col_ok, col_fac, c_rows, s
 
 
 @triton.jit
@@ -350,7 +351,6 @@ def _pair_normalize_bwd_kernel(
     P,
     RN_P,
     G_P,
-    POS,
     SCALE,
     DX,
     DP,
@@ -372,7 +372,8 @@ def _pair_normalize_bwd_kernel(
     row (MoCo's queue mode), from one read of X and P, with c_i = G_P[i]·scale:
         DX = (g − x̂ (x̂·g)) · rn,     g = Σ_s DXH[s] + c·p̂
         DP = (h − p̂ (p̂·h)) · rn_p,   h = c·x̂
-    and with WANT_DSCALE, DSCALE += Σ_i G_P[i]·pos_i / scale (∂pos_i/∂scale = pos_i/scale), atomically."""
+    and with WANT_DSCALE, DSCALE += Σ_i G_P[i]·x̂_i·p̂_i (= ∂pos_i/∂scale, from the rows loaded: pos_i/scale
+    would be 0/0 at scale 0), atomically."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     dk = tl.arange(0, BLOCK_D)
@@ -396,8 +397,7 @@ def _pair_normalize_bwd_kernel(
     dp = (h - ph * tl.sum(ph * h, axis=1)[:, None]) * rn_p[:, None]
     tl.store(DP + rows[:, None] * stride_dp + dk[None, :], dp.to(DP.dtype.element_ty), mask=mask)
     if WANT_DSCALE:
-        pos = tl.load(POS + rows, mask=row_ok, other=0.0)
-        tl.atomic_add(DSCALE, tl.sum(g_p * pos, axis=0) / scale)
+        tl.atomic_add(DSCALE, tl.sum(g_p * rn * rn_p * tl.sum(x * p, axis=1), axis=0))
 
 
 @triton.jit
@@ -703,7 +703,7 @@ def _lse_fwd(
     if REDO:
         col_hi = tl.where(live, col_hi, col_lo)
     for c0 in range(col_lo, col_hi, BLOCK_N):
-        s, cols, col_ok, col_fac, _ = _logit_tile(
+        s, cols, col_ok, col_fac, _, _ = _logit_tile(
             r_res,
             R,
             C,
@@ -831,7 +831,8 @@ def _lse_bwd_kernel(
     ragged_rows = (pid_m + 1) * BLOCK_M > M
     g_row, g_pos, g_lo, g_hi, p_lo, p_hi = _index_ranges(rows, row_ok, r_off, r_split, r_shift, p_shift, p_period)
     scale2 = tl.load(SCALE).to(tl.float32) * TL_LOG2E
-    row_fac = tl.load(RN_R + rows, mask=row_ok, other=0.0) * scale2
+    rn_r = tl.load(RN_R + rows, mask=row_ok, other=0.0)
+    row_fac = rn_r * scale2
     if ROW_TERM:
         lse_r = tl.load(LSE_R + rows, mask=row_ok, other=0.0) * TL_LOG2E
         g_r = tl.load(G_R + rows, mask=row_ok, other=0.0) * g_norm
@@ -848,7 +849,7 @@ def _lse_bwd_kernel(
     col_lo = pid_s * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, NB)
     for c0 in range(col_lo, col_hi, BLOCK_N):
-        s, cols, col_ok, col_fac, c_rows = _logit_tile(
+        s, cols, col_ok, col_fac, c_rows, dots = _logit_tile(
             r_res,
             R,
             C,
@@ -902,8 +903,8 @@ def _lse_bwd_kernel(
                 w = tl.where(valid, w, 0.0)
         if ragged_rows:  # padding rows: their column terms may be inf·0
             w = tl.where(row_ok[:, None], w, 0.0)
-        if WANT_DSCALE:  # Σ G·s with G = W / rn_c
-            ds += tl.sum(w * s / col_fac[None, :], axis=1)
+        if WANT_DSCALE:  # Σ_j G_ij·cos_ij · g_norm/rn_r[i], with G = W / (g_norm·rn_c) and cos = dots·rn_r·rn_c
+            ds += tl.sum(w * dots, axis=1)
         if SHARE_C:
             cd = c_rows
         else:
@@ -919,7 +920,7 @@ def _lse_bwd_kernel(
         tl.store(dptr, acc, mask=dmask)
     if WANT_DSCALE:
         if pid_d == 0:
-            tl.atomic_add(DSCALE, tl.sum(ds, axis=0) / (g_norm * scale2))
+            tl.atomic_add(DSCALE, tl.sum(ds * rn_r, axis=0) / g_norm)
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -1081,10 +1082,11 @@ def row_normalize_backward(x, rn, dxh=None, partner=None, rn_p=None, coef=None) 
     return dx
 
 
-def pair_normalize_backward(x, rn, dxh, partner, rn_p, g_p, scale, pos=None, dscale=None):
+def pair_normalize_backward(x, rn, dxh, partner, rn_p, g_p, scale, dscale=None):
     """(dL/dx, dL/dpartner, dL/dscale or None) in one launch, for a positive pos_i = scale · x̂_i·p̂_i with
     upstream gradient g_p (the partner's rows get only that term): dxh as in `row_normalize_backward`; with
-    `pos` and `dscale` (the tiles' fp32 scalar, added to in place) also Σ_i g_p_i·pos_i/scale."""
+    `dscale` (the tiles' fp32 scalar, added to in place) also Σ_i g_p_i · x̂_i·p̂_i = Σ_i g_p_i · ∂pos_i/∂scale,
+    from the rows (not as pos_i/scale: that is 0/0 at scale 0)."""
     m, d = x.shape
     dx = empty(x.shape, dtype=x.dtype, device=x.device)
     dp = empty(partner.shape, dtype=partner.dtype, device=x.device)
@@ -1098,7 +1100,6 @@ def pair_normalize_backward(x, rn, dxh, partner, rn_p, g_p, scale, pos=None, dsc
         partner,
         rn_p,
         g_p,
-        pos if want_dscale else g_p,
         scale,
         dx,
         dp,

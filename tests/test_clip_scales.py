@@ -8,6 +8,8 @@ Tolerances: an fp32 logit s carries an absolute error of a few ulps, ~|s|·2⁻�
 relative error of each softmax weight, so gradients are compared at max(dtype tolerance, 8·|scale|·2⁻²⁴).
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,10 +42,12 @@ def _clip64(img, txt, scale):
     return (_cross_entropy64(logits, target) + _cross_entropy64(logits.T, target)) / 2
 
 
-def _run_clip(img, txt, scale, dtype):
-    """(loss, grads) of sf.clip_loss on fp32/bf16/fp16 leaves, and of the float64 formula on the same values."""
+def _run_clip(img, txt, scale, dtype, *, gather_distributed=False, separate=False):
+    """(loss, grads) of sf.clip_loss on fp32/bf16/fp16 leaves (inside `sf.separate_backward()` if `separate`),
+    and of the float64 formula on the same values."""
     a, b, s = leaf(img, dtype), leaf(txt, dtype), torch.tensor(scale, requires_grad=True)
-    loss = sf.clip_loss(a, b, s)
+    with sf.separate_backward() if separate else contextlib.nullcontext():
+        loss = sf.clip_loss(a, b, s, gather_distributed=gather_distributed)
     loss.backward()
     a64, b64 = leaf(a, torch.float64), leaf(b, torch.float64)
     s64 = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
@@ -87,6 +91,55 @@ def test_clip_large_logit_scale_half_inputs(backend, seed, dtype, scale):
     img, txt = torch.randn(37, 48), torch.randn(37, 48)
     got, want, inputs = _run_clip(img, txt, scale, dtype)
     _check_clip(got, want, inputs, dtype, scale, seed)
+
+
+@pytest.mark.parametrize("separate", [False, True], ids=["grad_in_forward", "separate_backward"])
+@pytest.mark.parametrize("gather", [False, True], ids=["local", "gathered"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [0.0, 1e-30, -1e-30])
+def test_clip_zero_logit_scale(backend, seed, monkeypatch, scale, dtype, gather, separate):
+    """logit_scale = 0 is legal: every logit is 0, the loss is log N, and ∂L/∂scale = Σ_ij G_ij·â_i·b̂_j =
+    (Σ_i â_i)·(Σ_j b̂_j)/N² − Σ_i â_i·b̂_i/N is finite; it must not come out as (Σ G∘S)/scale = 0/0. A tiny
+    scale of either sign sits next to it. `gathered` runs the all-gathered path (rows against all columns,
+    twice) on one process: a world of 2 whose all-gather returns the local rows, which is then the same loss."""
+    if gather:
+        import sslfast.ops.infonce as ops_infonce
+
+        monkeypatch.setattr(ops_infonce, "rank_and_world", lambda: (0, 2))
+        monkeypatch.setattr(ops_infonce, "all_gather", lambda x: x)
+    img, txt = torch.randn(13, 20), torch.randn(13, 20)
+    got, want, inputs = _run_clip(img, txt, scale, dtype, gather_distributed=gather, separate=separate)
+    _check_clip(got, want, inputs, dtype, scale, seed)
+    if scale == 0.0:
+        a64, b64 = (F.normalize(x.detach(), dim=1) for x in inputs)
+        closed = a64.sum(0) @ b64.sum(0) / 13**2 - (a64 * b64).sum() / 13
+        assert abs(want[3].item() - closed.item()) < 1e-12, "the float64 formula's ∂L/∂scale at scale 0"
+
+
+@pytest.mark.parametrize("scale", [0.0, -1e-30, 3.0])
+def test_queue_positive_logit_scale_grad(backend, seed, scale):
+    """The queue form (positive q̂_i·k̂_i scored in the row-norm pass, `pair_normalize_backward`) with a scale
+    that requires grad, against float64 autograd: ∂pos_i/∂scale comes from the rows, not pos_i/scale."""
+    from sslfast.ops.infonce import _contrastive
+    from sslfast.ops.infonce_spec import _QUEUE_SPECS
+
+    n, k, d = 11, 17, 24
+    q, key, queue = torch.randn(n, d), torch.randn(n, d), torch.randn(k, d)
+    a, b, s = leaf(q), leaf(key), torch.tensor(scale, requires_grad=True)
+    loss = _contrastive(a, queue, b, s, _QUEUE_SPECS[False])
+    loss.backward()
+    a64, b64, s64 = leaf(q, torch.float64), leaf(key, torch.float64), leaf(torch.tensor(scale, dtype=torch.float64))
+    qh, kh = F.normalize(a64, dim=1), F.normalize(b64, dim=1)
+    logits = torch.cat([(qh * kh).sum(1, keepdim=True), qh @ F.normalize(queue.double(), dim=1).T], dim=1)
+    want = _cross_entropy64(s64 * logits, torch.zeros(n, dtype=torch.long))
+    want.backward()
+    what = f"scale {scale:g}, seed {seed}"
+    assert_loss_close(loss, want, tol(torch.float32), f"loss ({what})")
+    assert_close(a.grad, a64.grad, tol(torch.float32), f"query grad ({what})")
+    assert_close(b.grad, b64.grad, tol(torch.float32), f"key grad ({what})")
+    assert torch.isfinite(s.grad), f"logit_scale grad ({what}): {s.grad.item()}"
+    got, want = s.grad.item(), s64.grad.item()
+    assert abs(got - want) < 1e-5, f"logit_scale grad ({what}): {got} vs {want}"
 
 
 def test_clip_some_columns_underflow(backend, seed):

@@ -141,8 +141,8 @@ def test_split_partials_summed_by_the_normalize_backwards(seed, bounded):
     a, b, p = torch.randn(m, d), torch.randn(nb, d), torch.randn(m, d)
     scale = torch.tensor(3.0)
     a64, b64, p64, s64 = a.double(), b.double(), p.double(), scale.double()
-    rn_a, rn_p, pos = kern.row_rnorm(a, p, scale)
-    rn64, rn_p64, pos64 = T.row_rnorm(a64, p64, s64)
+    rn_a, rn_p, _ = kern.row_rnorm(a, p, scale)
+    rn64, rn_p64, _ = T.row_rnorm(a64, p64, s64)
     rn_b, rn_b64 = kern.row_rnorm(b), T.row_rnorm(b64)
     maps = IndexMaps()
     lse = T.similarity_lse(
@@ -154,8 +154,8 @@ def test_split_partials_summed_by_the_normalize_backwards(seed, bounded):
     dw, sw = T.similarity_lse_rows_grad(a64, b64, rn64, rn_b64, s64, maps, lse_r=lse, g_r=g_r.double(), **kw)
     assert dg.dim() == 3 and dg.shape[0] > kern.MAX_ATOMIC_SPLITS, dg.shape
     assert_close(kern.row_normalize_backward(a, rn_a, dg), T.row_normalize_backward(a64, rn64, dw), 1e-5, "da")
-    got = kern.pair_normalize_backward(a, rn_a, dg, p, rn_p, g_p, scale, pos, sg)
-    want = T.pair_normalize_backward(a64, rn64, dw, p64, rn_p64, g_p.double(), s64, pos64, sw)
+    got = kern.pair_normalize_backward(a, rn_a, dg, p, rn_p, g_p, scale, sg)
+    want = T.pair_normalize_backward(a64, rn64, dw, p64, rn_p64, g_p.double(), s64, sw)
     for name, g, w in zip(("da", "dpartner", "dscale"), got, want):
         assert_close(g, w, 1e-5, f"pair {name} (seed {seed})")
     da, dp, none = kern.pair_normalize_backward(a, rn_a, dg[0], p, rn_p, g_p, scale)

@@ -35,8 +35,9 @@ import sslfast as sf  # noqa: E402
 from sslfast import mae  # noqa: E402
 from sslfast.kernels import _launch  # noqa: E402
 
+
 def _decorated() -> list[str]:
-    """"module.kernel" of every `@cached_launch` kernel of the kernels package, read from the source (with the
+    """ "module.kernel" of every `@cached_launch` kernel of the kernels package, read from the source (with the
     cache off the decorator hands the kernel back unmarked); fails on a misplaced decorator, a decorated
     helper, or a launched `@triton.jit` kernel left undecorated."""
     found = []

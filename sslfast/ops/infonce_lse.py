@@ -60,8 +60,8 @@ class InfoNCEImpl(Protocol):
         """∂L/∂x in x's dtype from ∂L/∂x̂ (optional, as `similarity_lse_rows_grad` returns it) plus the
         gradient of coef_i · x̂_i·p̂_i."""
 
-    def pair_normalize_backward(self, x, rn, dxh, partner, rn_p, g_p, scale, pos=None, dscale=None):
-        """(∂L/∂x, ∂L/∂partner, dscale + Σ g_p·pos/scale or None) of a positive pos_i = scale · x̂_i·p̂_i (the
+    def pair_normalize_backward(self, x, rn, dxh, partner, rn_p, g_p, scale, dscale=None):
+        """(∂L/∂x, ∂L/∂partner, dscale + Σ g_p·x̂·p̂ or None) of a positive pos_i = scale · x̂_i·p̂_i (the
         kernels add into `dscale` in place: use the returned value only)."""
 
     def loss_epilogue(self, lse_r, lse_c, pos):
@@ -199,7 +199,7 @@ def _grads(
         da = impl.row_normalize_backward(a, rn_a, dah)
     else:
         rn_p = impl.row_rnorm(partner) if rn_p is None else rn_p
-        da, dpartner, dscale = impl.pair_normalize_backward(a, rn_a, dah, partner, rn_p, g_p, scale, pos, dscale)
+        da, dpartner, dscale = impl.pair_normalize_backward(a, rn_a, dah, partner, rn_p, g_p, scale, dscale)
     if want_b and not symmetric:
         dbh, _ = impl.similarity_lse_rows_grad(
             tb,

@@ -63,14 +63,18 @@ def row_normalize_backward(x, rn, dxh=None, partner=None, rn_p=None, coef=None) 
     return ((g - xh * (xh * g).sum(1, keepdim=True)) * rn[:, None]).to(x.dtype)
 
 
-def pair_normalize_backward(x, rn, dxh, partner, rn_p, g_p, scale, pos=None, dscale=None):
+def pair_normalize_backward(x, rn, dxh, partner, rn_p, g_p, scale, dscale=None):
     """(∂L/∂x, ∂L/∂partner, ∂L/∂scale or None) for a positive pos_i = scale · x̂_i·p̂_i with upstream gradient
-    g_p, plus ∂L/∂x̂ = dxh on x: `row_normalize_backward` of both with coef = g_p · scale, and with `pos` and
-    `dscale` the latter plus Σ_i g_p_i·pos_i/scale (∂pos_i/∂scale = pos_i/scale)."""
+    g_p, plus ∂L/∂x̂ = dxh on x: `row_normalize_backward` of both with coef = g_p · scale, and with `dscale`
+    the latter plus Σ_i g_p_i · x̂_i·p̂_i (= ∂pos_i/∂scale, computed from the rows, not as pos_i/scale: that is
+    0/0 at scale 0)."""
     coef = g_p * scale
     dx = row_normalize_backward(x, rn, dxh, partner, rn_p, coef)
     dp = row_normalize_backward(partner, rn_p, None, x, rn, coef)
-    return dx, dp, None if dscale is None else dscale + (g_p * pos).sum() / scale
+    if dscale is None:
+        return dx, dp, None
+    ct = rn.dtype
+    return dx, dp, dscale + (g_p * rn * rn_p * (x.to(ct) * partner.to(ct)).sum(1)).sum()
 
 
 def tile_operands(r, c, rn_r, rn_c):
@@ -118,12 +122,14 @@ def similarity_lse_rows_grad(
     want_dscale=False,
 ):
     """(∂L/∂r̂ [M, D] for the unit rows of r, ∂L/∂scale or None); terms whose tensors are None are left out
-    of G (see `sslfast.kernels.infonce`)."""
+    of G (see `sslfast.kernels.infonce`). With G = ∂L/∂S: ∂L/∂r̂ = scale · G ĉ and ∂L/∂scale =
+    Σ_ij G_ij r̂_i·ĉ_j = Σ_i r̂_i·(G ĉ)_i, from the unit rows (Σ G∘S / scale would be 0/0 at scale 0)."""
     ct = _compute_dtype(r)
     dah = torch.empty(r.shape, dtype=ct, device=r.device)
     dscale = torch.zeros((), dtype=ct, device=r.device)
     with_pos = g_pr is not None or g_pc is not None
     sc = scale.to(ct)
+    rh = r.to(ct) * rn_r.to(ct)[:, None] if want_dscale else None
     for rows, s, match, ch in _tiles(r, c, rn_r, rn_c, scale, maps, exclude_self):
         s_neg = s.masked_fill(match, float("-inf")) if with_pos else s
         w = torch.zeros_like(s)
@@ -135,9 +141,10 @@ def similarity_lse_rows_grad(
             w += torch.where(match, g_pr[rows, None], 0.0)
         if g_pc is not None:
             w += torch.where(match, g_pc[None, :], 0.0)
-        dah[rows] = sc * (w @ ch)
-        if want_dscale:
-            dscale += (w * torch.where(torch.isfinite(s), s, 0.0)).sum() / sc
+        wc = w @ ch
+        dah[rows] = sc * wc
+        if want_dscale:  # Σ_ij G_ij r̂_i·ĉ_j = Σ_i r̂_i·(G ĉ)_i: no division by the scale, which may be 0
+            dscale += (wc * rh[rows]).sum()
     return dah, (dscale if want_dscale else None)
 
 
