@@ -5,12 +5,27 @@
 * SSLFAST_POISON=1: launchers fill their outputs with NaN before a kernel writes them.
 * `backend` fixture: runs a test once on the reference (PyTorch) path and once on the Triton path.
 * `gpu` marker: skipped without CUDA.
+* Under pytest-xdist (`-n 2`, the README's command) each worker process computes on one CPU thread, and so do the
+  processes it starts (OMP_NUM_THREADS, inherited, unless already set): W workers on W cores then share the
+  machine instead of oversubscribing it. A test that needs more threads sets them itself and restores them.
+  What the workers share stays race-free: every fixture and test writes under its own `tmp_path` (xdist gives each
+  worker its own base temp folder), process groups rendezvous through a fresh temporary file
+  (`distributed_harness.run_ranks`, no fixed port), and Triton's compile cache (TRITON_CACHE_DIR, used by the
+  ahead-of-time compile tests) writes each entry into a unique temporary folder that it then renames into place,
+  so concurrent workers compiling the same kernel each leave a whole entry.
 """
 
 import os
 
-import torch
+# Before torch loads its OpenMP runtime; a value the developer set is kept.
+_ONE_THREAD = bool(os.environ.get("PYTEST_XDIST_WORKER")) and "OMP_NUM_THREADS" not in os.environ
+if _ONE_THREAD:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
+import torch  # noqa: E402
+
+if _ONE_THREAD:
+    torch.set_num_threads(1)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("SSLFAST_POISON", "1")

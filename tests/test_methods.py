@@ -133,17 +133,21 @@ def test_vit_only_methods_refuse_a_resnet(name):
 # first steps); the windows compared skip the first two steps.
 LEARN_STEPS = 30
 LEARN_BATCH = 128
+# DINOv2's step (10 crops through the ViT, iBOT and KoLeo on top) costs several times a two-view method's; at 64
+# images its loss still falls step after step (seed 0: 11.25 -> 10.61 between the compared windows).
+LEARN_BATCH_OF = {"dinov2": 64}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_loss_goes_down_on_digits(name):
     torch.manual_seed(0)
-    cfg = _cfg(name, batch_size=LEARN_BATCH, epochs=3, warmup_epochs=0.0)
+    batch = LEARN_BATCH_OF.get(name, LEARN_BATCH)
+    cfg = _cfg(name, batch_size=batch, epochs=3, warmup_epochs=0.0)
     train, _ = data_sources(cfg)
     loader = SSLLoader(
         train,
         preset_for(cfg, METHODS[name]),
-        LEARN_BATCH,
+        batch,
         device="cpu",
         seed=0,
         num_workers=1,
