@@ -277,7 +277,7 @@ def _train_epoch(run, loader, epoch: int, history: dict, ckpt_path: str, saved_e
     batches = Prefetcher(loader, depth=2, device=run.device if run.device.type == "cuda" else None)
     seen, loss_sum = 0, 0.0
 
-    def record(step: int, loss: torch.Tensor, images: int) -> None:
+    def record(step: int, loss: torch.Tensor, images: int, lr: float) -> None:
         nonlocal seen, loss_sum
         value = loss.item()
         if not math.isfinite(value):
@@ -290,7 +290,7 @@ def _train_epoch(run, loader, epoch: int, history: dict, ckpt_path: str, saved_e
         history["step_loss"].append(value)
         bar.update(
             loss=f"{value:.4f}",
-            lr=f"{opt.param_groups[0]['lr']:.3g}",
+            lr=f"{lr:.3g}",
             img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}",
             wait=f"{batches.wait_s * 1e3:.0f}ms",
         )
@@ -301,13 +301,14 @@ def _train_epoch(run, loader, epoch: int, history: dict, ckpt_path: str, saved_e
     pending = None
     try:
         for step, views in enumerate(_batches(batches, loader, cfg)):
+            lr = opt.param_groups[0]["lr"]  # this step's (the scheduler moves it in the step)
             loss = train_step(run, views).float()
             if world > 1:  # every rank sees the same value, so a NaN stops all of them at the same step
                 dist.all_reduce(loss)
                 loss /= world
             if pending is not None:
                 record(*pending)
-            pending = (step, loss, views[0].shape[0] * world)
+            pending = (step, loss, views[0].shape[0] * world, lr)
         if pending is not None:
             record(*pending)
     finally:
