@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from sslfast.methods import METHODS
-from sslfast.train import PretrainConfig, resolve, setup
-from sslfast.train.data import preset_for
+from sslfast.train import setup
 from sslfast.train.graphed import GraphedStep
 from sslfast.train.step import build_model, train_step
+from step_helpers import small_config, step_batches
 
 CAPTURABLE = sorted(name for name, cls in METHODS.items() if cls.graph_refusal is None)
 REFUSED = sorted(name for name, cls in METHODS.items() if cls.graph_refusal)
@@ -39,15 +39,6 @@ class EagerReplay:
     def replay(self):
         self.replays += 1
         self.fn()
-
-
-def _config(name: str, device: str = "cpu"):
-    return resolve(PretrainConfig(method=name, batch_size=8, epochs=1, image_size=16, device=device))
-
-
-def _batches(cfg, n: int, device: str = "cpu"):
-    sizes = preset_for(cfg, METHODS[cfg.method]).sizes()
-    return [[torch.randn(cfg.batch_size, 3, s, s, device=device) for s in sizes] for _ in range(n)]
 
 
 def _state(run) -> dict:
@@ -87,8 +78,8 @@ def test_replayed_step_trains_like_the_eager_step(name, seed):
     the same batches: the same losses, weights, teacher, optimizer state, schedules and step counts. The
     learning rate changes every step (warm-up, then the cosine over STEPS steps) and so does a cosine EMA
     momentum, so a replay reading last step's value, or a host half that did not advance a schedule, fails."""
-    cfg = _config(name)
-    batches = _batches(cfg, STEPS)
+    cfg = small_config(name)
+    batches = step_batches(cfg, STEPS)
     eager = setup(cfg, steps_per_epoch=STEPS, device="cpu")
     graphed = setup(dataclasses.replace(cfg, cuda_graph=True), steps_per_epoch=STEPS, device="cpu")
     assert isinstance(graphed.graph, GraphedStep) and eager.graph is None
@@ -123,10 +114,10 @@ def _host_attributes(module: nn.Module) -> dict:
 
 
 def _changed_host_attributes(name: str) -> set:
-    cfg = _config(name)
+    cfg = small_config(name)
     run = setup(cfg, steps_per_epoch=STEPS, device="cpu")
     before = _host_attributes(run.method)
-    for views in _batches(cfg, 3):
+    for views in step_batches(cfg, 3):
         train_step(run, views)
     after = _host_attributes(run.method)
     return {k.rsplit(".", 1)[-1] for k in before if before[k] != after.get(k)}
@@ -153,10 +144,10 @@ def _loss_at_step(method: nn.Module, views, step: int, seed: int) -> torch.Tenso
 
 
 def _loss_moves_with_the_step_count(name: str, seed: int, **overrides) -> bool:
-    cfg = _config(name)
+    cfg = small_config(name)
     method = build_model(cfg, **overrides)
     method.configure(total_steps=100, steps_per_epoch=10)
-    views = _batches(cfg, 1)[0]
+    views = step_batches(cfg, 1)[0]
     early = _loss_at_step(copy.deepcopy(method), views, 0, seed)
     late = _loss_at_step(copy.deepcopy(method), views, 60, seed)
     return not torch.equal(early, late)
@@ -182,10 +173,10 @@ def test_refusals_are_one_line_and_name_the_method():
 
 
 def test_views_of_another_shape_are_refused():
-    cfg = _config("simclr")
+    cfg = small_config("simclr")
     run = setup(dataclasses.replace(cfg, cuda_graph=True), steps_per_epoch=STEPS, device="cpu")
     run.graph.warmup, run.graph.graph_factory = 0, EagerReplay
-    batches = _batches(cfg, 2)
+    batches = step_batches(cfg, 2)
     train_step(run, batches[0])
     with pytest.raises(ValueError, match="views: --cuda-graph replays the step captured for views"):
         train_step(run, [v[:4] for v in batches[1]])
@@ -196,8 +187,8 @@ def test_views_of_another_shape_are_refused():
 @pytest.mark.parametrize("name", ["simclr", "byol", "simsiam"])
 def test_gpu_captured_step_trains_like_the_eager_step(name, seed):
     """A real capture (fp32): STEPS replays after the warm-up and the capture equal the eager steps."""
-    cfg = dataclasses.replace(_config(name, "cuda"), precision="fp32")
-    batches = _batches(cfg, STEPS + 3, "cuda")
+    cfg = dataclasses.replace(small_config(name, "cuda"), precision="fp32")
+    batches = step_batches(cfg, STEPS + 3, "cuda")
     eager = setup(cfg, steps_per_epoch=len(batches), device="cuda")
     graphed = setup(dataclasses.replace(cfg, cuda_graph=True), steps_per_epoch=len(batches), device="cuda")
     a = _train(eager, batches, seed)
@@ -214,9 +205,9 @@ def test_gpu_captured_step_trains_like_the_eager_step(name, seed):
 def test_gpu_captured_mae_draws_new_masks_every_replay():
     """MAE's masks come from the device generator, which each replay advances: the same batch replayed twice
     gives two different losses, both finite, and the weights move."""
-    cfg = _config("mae", "cuda")
+    cfg = small_config("mae", "cuda")
     run = setup(dataclasses.replace(cfg, cuda_graph=True), steps_per_epoch=20, device="cuda")
-    views = _batches(cfg, 1, "cuda")[0]
+    views = step_batches(cfg, 1, "cuda")[0]
     for _ in range(run.graph.warmup + 1):
         train_step(run, views)
     before = [p.detach().clone() for p in run.method.parameters()]

@@ -61,6 +61,9 @@ def check_mask_args(mask_ratio_min_max, mask_sample_probability) -> tuple[float,
     return lo, hi
 
 
+# host-side data: under `torch.compile` of a method that draws its masks in the forward (DINOv2), the draw runs
+# eagerly between the compiled graphs (dynamo cannot trace `random.Random`, and the masks are data, not compute)
+@torch.compiler.disable
 def ibot_masks(
     n_images: int,
     grid: tuple[int, int],
