@@ -2,8 +2,10 @@
 # GPU check for the lent H100/H200 box: install (builds csrc), `pytest -m gpu`, the InfoNCE tile sweep,
 # `sslfast bench` and a profile (kernels vs host) of the cases still off target. Everything lands under $OUT
 # (default ./gpu_out); the last lines printed are the tables.
-#   STEPS="tests tune bench profile"   which steps (default: these four; "maxbatch" adds the largest batch per
+#   STEPS="tests e2e tune bench profile"   which steps (default: these five; "maxbatch" adds the largest batch per
 #                              method and path, benchmarks/max_batch.py with MAXBATCH_ARGS)
+#   E2E_ARGS                   passed to `sslfast bench --ops e2e` (default: SimCLR ResNet-50 B=256 224 px on
+#                              2,000 generated JPEGs, every row: torch + reference ... native + --cuda-graph, DALI)
 #   TEST_FILES="tests/..."     test files for `pytest -m gpu` (default: all)
 #   BENCH_OPS / BENCH_CASES    passed to `sslfast bench --ops / --cases` (default: everything)
 #   TUNE_ARGS                  passed to benchmarks/tune_infonce.py (the tune step also runs tune_mae.py)
@@ -11,12 +13,12 @@
 #                              profile step first times single launches (--launch-costs)
 #   PROFILE_PYTHON=N           also cProfile N calls per profiled case
 #   SKIP_INSTALL=1, BENCH_TAG  for a second call in the same session (bench$BENCH_TAG.{txt,json})
-#   TESTS_S / TUNE_S / BENCH_S / PROFILE_S / MAXBATCH_S  each step's time limit in seconds (short leases)
+#   TESTS_S / E2E_S / TUNE_S / BENCH_S / PROFILE_S / MAXBATCH_S  each step's time limit in seconds (short leases)
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-STEPS=${STEPS:-tests tune bench profile}
+STEPS=${STEPS:-tests e2e tune bench profile}
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -31,6 +33,10 @@ if has tests; then
   timeout ${TESTS_S:-900} python3 -m pytest -m gpu -q -rfE -p no:cacheprovider --continue-on-collection-errors --timeout 240 \
     ${TEST_FILES:-tests} >"$OUT/pytest_gpu.txt" 2>&1
   echo "pytest -m gpu exit $?"; grep -E "passed|failed|error" "$OUT/pytest_gpu.txt" | tail -30
+fi
+if has e2e; then
+  timeout ${E2E_S:-600} python3 -m sslfast.cli bench --ops e2e ${E2E_ARGS:-} --json "$OUT/e2e.json" >"$OUT/e2e.txt" 2>&1
+  echo "e2e exit $?"; grep -v '^{' "$OUT/e2e.txt" | tail -20
 fi
 if has tune; then
   timeout ${TUNE_S:-600} python3 benchmarks/tune_infonce.py --json "$OUT/tune.json" ${TUNE_ARGS:-} >"$OUT/tune.txt" 2>&1
