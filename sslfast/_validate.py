@@ -17,6 +17,20 @@ REFERENCE_DTYPES = (torch.float64,)  # what the reference path runs (gradcheck's
 ALL_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 
+def host_scalar(t: torch.Tensor) -> float | int | bool:
+    """The value of a one-element tensor in host memory (CPU), for an argument check: reading it costs no
+    device sync. The runtime's only read of a tensor's value back on the host goes through here; a device tensor
+    raises instead (callers branch on the device first: on CUDA they check on the device or not at all, so a
+    CUDA-graph capture never syncs), and the tests of `--cuda-graph` allow host reads from here only.
+
+    Raises:
+        RuntimeError: `t` is not on the CPU.
+    """
+    if t.device.type != "cpu":
+        raise RuntimeError(f"host_scalar: reading a {t.device} tensor on the host would wait for the device")
+    return t.item()
+
+
 def tensor(
     name: str,
     value,

@@ -64,6 +64,14 @@ def _clip():
     return [img, txt], _with_grads(lambda: sf.clip_loss(img, txt, scale), [img, txt, scale])
 
 
+@_case("siglip")
+def _siglip():
+    img, txt = _leaves((257, 128), (257, 128))
+    scale = torch.tensor(10.0, device=DEV, requires_grad=True)
+    bias = torch.tensor(-10.0, device=DEV, requires_grad=True)
+    return [img, txt], _with_grads(lambda: sf.siglip_loss(img, txt, scale, bias), [img, txt, scale, bias])
+
+
 @_case("barlow_twins")
 def _barlow_twins():
     b1, b2 = _leaves((256, 1000), (256, 1000))

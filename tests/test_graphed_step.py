@@ -9,11 +9,15 @@ and its loss does not depend on them. The `gpu` tests capture for real."""
 
 import copy
 import dataclasses
+import sys
+import traceback
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from sslfast import _validate as V
 from sslfast.methods import METHODS
 from sslfast.train import setup
 from sslfast.train.graphed import GraphedStep
@@ -100,6 +104,68 @@ def test_replayed_step_trains_like_the_eager_step(name, seed):
         assert type(gb["lr"]) is float and gb["lr"] == ga["lr"]  # floats outside the capture
     if eager.method.ema is not None:
         assert graphed.method.ema.step == eager.method.ema.step == STEPS
+
+
+# ops that make the host wait for a CUDA device: a value read back (`.item()`, `bool(t)`, `float(t)`) and the ops
+# whose output size depends on the values
+_SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "_unique2", "unique_dim"}
+
+
+def _in_host_scalar() -> bool:
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_code is V.host_scalar.__code__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the ops of `_SYNC_OPS` run under it, with their stacks, except the reads of a CPU argument check
+    through `sslfast._validate.host_scalar` (which, on CUDA tensors, the runtime never makes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in _SYNC_OPS and not _in_host_scalar():
+            self.reads.append(f"{func}\n" + "".join(traceback.format_stack(limit=10)[:-1]))
+        return func(*args, **(kwargs or {}))
+
+
+class RecordingReplay(EagerReplay):
+    """`EagerReplay` whose replays record the host reads of the step (`_HostReads`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mode = _HostReads()
+
+    def replay(self):
+        with self.mode:
+            super().replay()
+
+
+def _host_reads_of_the_captured_step(name: str) -> list[str]:
+    cfg = small_config(name)
+    run = setup(dataclasses.replace(cfg, cuda_graph=True), steps_per_epoch=STEPS, device="cpu")
+    run.graph.warmup, run.graph.graph_factory = 1, RecordingReplay
+    for views in step_batches(cfg, 3):
+        train_step(run, views)
+    return run.graph.graph.mode.reads
+
+
+@pytest.mark.parametrize("name", CAPTURABLE)
+def test_captured_step_reads_nothing_back_on_the_host(name):
+    """A capture fails at the first read of a device value on the host (and a value-dependent output size is
+    one): the captured step of a capturable method makes none, but the CPU-only argument checks."""
+    reads = _host_reads_of_the_captured_step(name)
+    assert not reads, reads[0]
+
+
+def test_host_read_check_sees_a_read():
+    """The check above can fail: DINOv2 draws its iBOT masks' seed back to the host (and it is refused)."""
+    assert _host_reads_of_the_captured_step("dinov2") and METHODS["dinov2"].graph_refusal
 
 
 def _host_attributes(module: nn.Module) -> dict:

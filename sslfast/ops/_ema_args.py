@@ -104,7 +104,7 @@ def momentum(name: str, value, device: torch.device | None):
                 f"{value.dtype} of shape {tuple(value.shape)}"
             )
         if value.device.type == "cpu":  # a host scalar: reading it costs no device sync
-            return 1.0 - _unit(name, float(value)), None
+            return 1.0 - _unit(name, float(V.host_scalar(value))), None
         if device is not None and value.device != device:
             raise ValueError(f"{name} must be on the tensors' device {device} (or on the CPU), got {value.device}")
         m = value.detach().reshape(()).to(torch.float32)

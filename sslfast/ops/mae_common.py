@@ -106,7 +106,7 @@ def check_ids(name: str, ids, batch: int, upper: int, what: str, batch_of: str, 
     ids = ids.contiguous()
     if not ids.is_cuda and not torch.compiler.is_compiling():
         lo, hi = torch.aminmax(ids)
-        lo, hi = int(lo), int(hi)
+        lo, hi = V.host_scalar(lo), V.host_scalar(hi)
         if lo < 0 or hi >= upper:
             raise ValueError(f"{name} must hold {what} in [0, {upper}), got values in [{lo}, {hi}]")
     return ids

@@ -266,11 +266,17 @@ def _concrete(x: torch.Tensor) -> bool:
 
 
 def _check_finite(scale: torch.Tensor, bias: torch.Tensor) -> None:
-    """Non-finite t or b -> ValueError (one host sync for both; skipped while tracing, where values are not
-    known)."""
+    """Non-finite t or b -> ValueError for CPU tensors. On a GPU the check is a device-side assertion queued
+    before the kernels (no host sync, so a call can be captured in a CUDA graph and checks every replay): a
+    non-finite value raises at the next synchronization, which, as every CUDA device assert, leaves the CUDA
+    context unusable. Skipped while tracing, where values are not known."""
     if not _concrete(scale):
         return
-    ok = torch.isfinite(torch.stack([scale.detach(), bias.detach()])).tolist()
+    both = torch.stack([scale.detach(), bias.detach()])
+    if both.device.type != "cpu":
+        torch._assert_async(torch.isfinite(both).all(), "logit_scale and logit_bias must be finite")
+        return
+    ok = torch.isfinite(both).tolist()
     for name, fine in zip(("logit_scale", "logit_bias"), ok):
         if not fine:
             raise ValueError(f"{name} must be finite, got {(scale if name == 'logit_scale' else bias).item()}")

@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from ... import _validate as V
 from ..._backend import backend
 
 Tensor = torch.Tensor
@@ -90,6 +91,14 @@ def ema_update_(plan, teacher, student, *, weight, m_tensor) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ AdamW
+def _step_counts(steps: list[Tensor]) -> list[float]:
+    """The step counters' values on the host: CPU tensors read directly (`host_scalar`), device ones in one
+    transfer (a sync: on CUDA this path runs only as `SSLFAST_BACKEND=reference`, the benchmarks' baseline)."""
+    if steps[0].device.type == "cpu":
+        return [float(V.host_scalar(s)) for s in steps]
+    return torch.stack(steps).tolist()
+
+
 def adamw_foreach_step_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -122,7 +131,7 @@ def adamw_foreach_step_(
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-        counts = [float(s) for s in steps]
+        counts = _step_counts(steps)
         if isinstance(lr, Tensor):
             bc1 = torch.tensor([1 - beta1**c for c in counts], dtype=torch.float64, device=lr.device)
             step_size = (-(lr64 / bc1)).cpu()
