@@ -19,9 +19,9 @@ ALL_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 def host_scalar(t: torch.Tensor) -> float | int | bool:
     """The value of a one-element tensor in host memory (CPU), for an argument check: reading it costs no
-    device sync. The runtime's only read of a tensor's value back on the host goes through here; a device tensor
-    raises instead (callers branch on the device first: on CUDA they check on the device or not at all, so a
-    CUDA-graph capture never syncs), and the tests of `--cuda-graph` allow host reads from here only.
+    device sync. The ops' checks read tensor values on the host only through here; a device tensor raises
+    instead (callers branch on the device first: on CUDA they check on the device or not at all, so a CUDA-graph
+    capture never syncs), and the tests of `--cuda-graph` allow no other read inside a captured step.
 
     Raises:
         RuntimeError: `t` is not on the CPU.
