@@ -2,23 +2,33 @@
 
 A small op on an H100 (Barlow Twins at N=256, the MAE token ops, the EMA of a parameter list) finishes its GPU
 work in tens of microseconds, so what a call costs is the Python, the PyTorch dispatch and the kernel launches
-in front of it. This script measures that part on the CPU:
+in front of it. This script measures that part on the CPU, in one of two ways (``--launch-path``):
 
-* SSLFAST_BACKEND=triton with TRITON_INTERPRET=1 sends every op down its Triton path (the same launchers,
-  validation, autograd plumbing and torch glue ops as on a GPU);
-* the interpreter's launch is replaced by a counter, so kernels cost nothing and are only counted;
-* inputs are tiny, so the glue ops' CPU arithmetic is negligible next to their dispatch.
+``stubbed`` (default): the glue alone.
+  SSLFAST_BACKEND=triton with TRITON_INTERPRET=1 sends every op down its Triton path (the same launchers,
+  validation, autograd plumbing and torch glue ops as on a GPU); the interpreter's launch is replaced by a
+  counter, so kernels cost nothing and are only counted. The interpreter picks its own, smaller block sizes,
+  and a few launchers branch on it (InfoNCE's fp32 tile operands), so its launch counts can differ from a GPU's.
 
-The first rows are floors, not ops: a two-op torch expression and an empty autograd node, forward and backward,
-which no eager training op can undercut. Per case it prints the median wall time of one call (forward + backward
-where the op trains), the median CPU time of this thread for it (less sensitive than the wall time to other
-processes on a loaded machine), the Triton launches and the ATen ops it issued. The times exclude the launches
-themselves: on a GPU add the launcher's cost for each one (the Triton launch path, a few microseconds each).
-`ema_update_` runs on CPU tensors, so its final multi-tensor update (`ops._torch.ema.ema_update_`, the stand-in
-for the csrc launch) is stubbed and counted like a launch: its row is the validation and the cached plan's
-check.
+``driver``: the glue and Triton's launch path, as on a GPU.
+  No interpreter: the kernels compile for sm_90 with Triton's own backend (on first use: about a minute for
+  all of them) and every launch runs Triton's Python launch path up to the C launcher, which a recorder
+  replaces (`sslfast.kernels._stub_driver`). Each case is timed three ways in one process: ``glue`` (every
+  ``kernel[grid](...)`` replaced by a counter: the GPU configuration's glue), ``triton`` (Triton's launch
+  path, the default) and ``cached`` (the cached launch path of `sslfast.kernels._launch`, what
+  SSLFAST_LAUNCH_CACHE=1 selects). Their differences over the launch count are the host µs per launch of each
+  path, less the C launcher's own argument conversion and the driver call.
 
-    python benchmarks/host_overhead.py [--json FILE] [--repeat 200] [--cases REGEX ...] [--compare BEFORE.json]
+Inputs are tiny, so the glue ops' CPU arithmetic is negligible next to their dispatch. The first rows are floors,
+not ops: a two-op torch expression and an empty autograd node, forward and backward, which no eager training op
+can undercut. Per case it prints the median wall time of one call (forward + backward where the op trains), the
+median CPU time of this thread for it (less sensitive than the wall time to other processes on a loaded
+machine), the Triton launches and the ATen ops it issued. `ema_update_` runs on CPU tensors, so its final
+multi-tensor update (`ops._torch.ema.ema_update_`, the stand-in for the csrc launch) is stubbed and counted like
+a launch: its row is the validation and the cached plan's check.
+
+    python benchmarks/host_overhead.py [--launch-path stubbed|driver] [--json FILE] [--repeat 200]
+        [--rounds 3] [--cases REGEX ...] [--compare BEFORE.json]
 
 `--compare` takes the --json of an earlier run (e.g. of the code before a change) and prints both."""
 
@@ -27,25 +37,44 @@ from __future__ import annotations
 import argparse
 import collections
 import cProfile
+import contextlib
 import importlib
 import json
 import os
 import pstats
 import re
 import statistics
+import sys
 import time
 
+LAUNCH_PATHS = ("stubbed", "driver")
+
+
+def _launch_path(argv) -> str:
+    """--launch-path, read before torch and sslfast import: it decides TRITON_INTERPRET, which `triton.jit`
+    reads when the kernels are decorated."""
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--launch-path", choices=LAUNCH_PATHS, default="stubbed")
+    return ap.parse_known_args(argv)[0].launch_path
+
+
+MODE = _launch_path(sys.argv[1:])
 os.environ["SSLFAST_BACKEND"] = "triton"
-os.environ["TRITON_INTERPRET"] = "1"
 os.environ.pop("SSLFAST_POISON", None)
+os.environ.pop("SSLFAST_LAUNCH_CACHE", None)  # `driver` switches the cache itself
+if MODE == "stubbed":
+    os.environ["TRITON_INTERPRET"] = "1"
+else:
+    os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
-import triton.runtime.interpreter as _interp  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import sslfast as sf  # noqa: E402
 from sslfast import mae  # noqa: E402
 from sslfast.bench import fwd_bwd  # noqa: E402
+from sslfast.kernels import _launch  # noqa: E402
+from sslfast.kernels._stub_driver import stub_driver  # noqa: E402
 
 LAUNCHES: collections.Counter = collections.Counter()
 
@@ -54,11 +83,17 @@ def _count_launch(self, *args, grid, warmup, **kwargs):
     LAUNCHES[self.fn.__name__] += 1
 
 
-_interp.InterpretedFunction.run = _count_launch
+if MODE == "stubbed":
+    import triton.runtime.interpreter as _interp
+
+    _interp.InterpretedFunction.run = _count_launch
+
+
+_EMA_STUB = "ema_update_ (multi-tensor update)"
 
 
 def _count_ema(*args, **kwargs):
-    LAUNCHES["ema_update_ (multi-tensor update)"] += 1
+    LAUNCHES[_EMA_STUB] += 1
 
 
 _ema_torch = importlib.import_module("sslfast.ops._torch.ema")
@@ -157,13 +192,8 @@ def _vit_b_params() -> list:
     return [torch.randn(s) for s in shapes]
 
 
-def measure(call, repeat: int) -> dict:
-    for _ in range(5):
-        call()
-    LAUNCHES.clear()
-    with _CountAten() as mode:
-        call()
-    launches = dict(LAUNCHES)
+def _times(call, repeat: int) -> tuple[float, float]:
+    """Median wall and thread-CPU µs of one call over `repeat` calls."""
     times, cpu = [], []
     for _ in range(repeat):
         c0 = time.thread_time()
@@ -172,19 +202,127 @@ def measure(call, repeat: int) -> dict:
         t1 = time.perf_counter()
         cpu.append(time.thread_time() - c0)
         times.append(t1 - t0)
+    return statistics.median(times) * 1e6, statistics.median(cpu) * 1e6
+
+
+def _counts(call, driver_launches) -> dict:
+    """Launches (by kernel) and ATen ops of one call."""
+    LAUNCHES.clear()
+    if driver_launches is not None:
+        driver_launches.clear()
+        driver_launches.record = True
+    try:
+        with _CountAten() as mode:
+            call()
+    finally:
+        if driver_launches is not None:
+            driver_launches.record = False
+    kernels = collections.Counter(LAUNCHES)
+    kernels.update(x.kernel for x in driver_launches or ())
     return {
-        "us": statistics.median(times) * 1e6,
-        "cpu_us": statistics.median(cpu) * 1e6,
-        "launches": sum(launches.values()),
-        "kernels": launches,
+        "launches": sum(kernels.values()),
+        "kernels": dict(kernels),
         "aten_ops": sum(mode.ops.values()),
         "aten": dict(mode.ops),
     }
 
 
+def measure(call, repeat: int, rounds: int = 1) -> dict:
+    """--launch-path stubbed: one call's median host µs (median over `rounds` of each round's median)."""
+    for _ in range(5):
+        call()
+    counts = _counts(call, None)
+    walls, cpus = zip(*(_times(call, repeat) for _ in range(rounds)))
+    return {"us": statistics.median(walls), "cpu_us": statistics.median(cpus), **counts}
+
+
+def _glue_launch(kernel, grid):
+    def launch(*args, **kwargs):
+        LAUNCHES[kernel.fn.__name__] += 1
+
+    return launch
+
+
+@contextlib.contextmanager
+def _launch_variant(variant: str):
+    """`glue`: every `kernel[grid](...)` is a counter; `triton`: Triton's launch path; `cached`: the cache."""
+    from triton.runtime.jit import JITFunction
+
+    _launch.switch(variant == "cached")
+    if variant != "glue":
+        yield
+        return
+    classes = (JITFunction, _launch._cached_class())
+    saved = [cls.__dict__.get("__getitem__") for cls in classes]  # JITFunction inherits it
+    for cls in classes:
+        cls.__getitem__ = _glue_launch
+    try:
+        yield
+    finally:
+        for cls, item in zip(classes, saved):
+            if item is None:
+                del cls.__getitem__
+            else:
+                cls.__getitem__ = item
+
+
+VARIANTS = ("glue", "triton", "cached")
+
+
+def measure_driver(call, repeat: int, rounds: int, driver_launches) -> dict:
+    """--launch-path driver: each variant's median host µs, interleaved over `rounds`; the counts are the
+    Triton path's (the glue variant must issue the same launches)."""
+    row = {}
+    for variant in VARIANTS:
+        with _launch_variant(variant):
+            for _ in range(5):
+                call()  # compiles on first use, then fills the cache's tables
+            counts = _counts(call, None if variant == "glue" else driver_launches)
+        if variant == "triton":
+            row.update(counts)
+        row[f"{variant}_launches"] = counts["launches"]
+    samples = {v: [] for v in VARIANTS}
+    for _ in range(rounds):
+        for variant in VARIANTS:
+            with _launch_variant(variant):
+                samples[variant].append(_times(call, repeat))
+    for variant, got in samples.items():
+        walls, cpus = zip(*got)
+        row[f"{variant}_us"], row[f"{variant}_cpu_us"] = statistics.median(walls), statistics.median(cpus)
+    row["us"], row["cpu_us"] = row["triton_us"], row["triton_cpu_us"]
+    n = row["launches"] - row["kernels"].get(_EMA_STUB, 0)
+    for variant in ("triton", "cached"):
+        row[f"{variant}_us_per_launch"] = (row[f"{variant}_us"] - row["glue_us"]) / n if n else None
+    return row
+
+
+def _line(name: str, row: dict, before: dict | None) -> str:
+    if MODE == "driver":
+        per = [row[f"{v}_us_per_launch"] for v in ("triton", "cached")]
+        line = (
+            f"{name:46s} {row['glue_us']:8.1f} {row['triton_us']:8.1f} {row['cached_us']:8.1f} {row['launches']:9d}"
+            + "".join(f" {p:11.1f}" if p is not None else f" {'-':>11s}" for p in per)
+            + f" {row['aten_ops']:9d}"
+        )
+    else:
+        line = f"{name:46s} {row['us']:9.1f} {row['cpu_us']:8.1f} {row['launches']:9d} {row['aten_ops']:9d}"
+    if before:
+        line += f"   | {before['us']:16.1f} {before.get('cpu_us', float('nan')):8.1f}"
+        line += f" {before['launches']:8d} {before['aten_ops']:8d}"
+    return line
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=200)
+    ap.add_argument(
+        "--launch-path",
+        choices=LAUNCH_PATHS,
+        default="stubbed",
+        help="stubbed: the glue alone, under the interpreter; driver: also Triton's launch path and the cached "
+        "one, on kernels compiled for sm_90 (module docstring)",
+    )
+    ap.add_argument("--repeat", type=int, default=200, help="calls per timing round")
+    ap.add_argument("--rounds", type=int, default=1, help="timing rounds per case (interleaved across variants)")
     ap.add_argument("--cases", nargs="*", help="regular expressions on the case names")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument(
@@ -196,31 +334,39 @@ def main(argv=None):
     )
     ap.add_argument("--compare", metavar="BEFORE.json", help="an earlier --json: print its numbers next to these")
     args = ap.parse_args(argv)
+    if args.launch_path != MODE:
+        ap.error("--launch-path must be given on the command line (it is read before the imports)")
     before = {}
     if args.compare:
         with open(args.compare) as f:
             before = {r["case"]: r for r in json.load(f)["rows"]}
     rows = []
-    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    head = f"{'case':46s} {'host us':>9s} {'cpu us':>8s} {'launches':>9s} {'aten ops':>9s}"
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, launch path: {MODE}")
+    if MODE == "driver":
+        head = f"{'case':46s} {'glue us':>8s} {'triton':>8s} {'cached':>8s} {'launches':>9s}"
+        head += f" {'us/launch T':>11s} {'us/launch C':>11s} {'aten ops':>9s}"
+    else:
+        head = f"{'case':46s} {'host us':>9s} {'cpu us':>8s} {'launches':>9s} {'aten ops':>9s}"
     print(head + (f"   | before: {'host us':>8s} {'cpu us':>8s} {'launches':>8s} {'aten ops':>8s}" if before else ""))
-    for name, call in cases():
-        if args.cases and not any(re.search(c, name) for c in args.cases):
-            continue
-        row = {"case": name, **measure(call, args.repeat)}
-        rows.append(row)
-        line = f"{name:46s} {row['us']:9.1f} {row['cpu_us']:8.1f} {row['launches']:9d} {row['aten_ops']:9d}"
-        if name in before:
-            b = before[name]
-            line += f"   | {b['us']:16.1f} {b.get('cpu_us', float('nan')):8.1f} {b['launches']:8d} {b['aten_ops']:8d}"
-        print(line)
-        if args.profile:
-            prof = cProfile.Profile()
-            prof.runcall(lambda: [call() for _ in range(args.repeat)])
-            pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
+    with stub_driver() if MODE == "driver" else contextlib.nullcontext() as driver_launches:
+        for name, call in cases():
+            if args.cases and not any(re.search(c, name) for c in args.cases):
+                continue
+            if MODE == "driver":
+                measured = measure_driver(call, args.repeat, args.rounds, driver_launches)
+            else:
+                measured = measure(call, args.repeat, args.rounds)
+            row = {"case": name, **measured}
+            rows.append(row)
+            print(_line(name, row, before.get(name)))
+            if args.profile:
+                prof = cProfile.Profile()
+                prof.runcall(lambda: [call() for _ in range(args.repeat)])
+                pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "load": os.getloadavg(), "rows": rows}, f, indent=1)
+            meta = {"torch": torch.__version__, "load": os.getloadavg(), "launch_path": MODE}
+            json.dump({**meta, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

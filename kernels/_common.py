@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import interpreting
+from .._backend import STUB_DRIVER, interpreting
 from ._launch import cached_launch
 
 # The kernels keep logits in base 2 (x·log2 e) so that every exponential is one exp2. TL_* are the same
@@ -76,10 +76,14 @@ def poisoning() -> bool:
 
 def empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
     """`torch.empty` for kernel outputs. With SSLFAST_POISON=1 (the test suite sets it) the buffer is filled
-    with NaN (floats) or -1 (integers) first, so an element a kernel forgets to write cannot pass a check."""
+    with NaN (floats) or -1 (integers) first, so an element a kernel forgets to write cannot pass a check.
+    While launches are only recorded (`_stub_driver`) it is zeroed instead: no kernel writes it, and the host
+    code after a launch (index checks, `bincount` of neighbour ids) must see legal values."""
     out = torch.empty(shape, dtype=dtype, device=device)
     if poisoning():
         out.fill_(float("nan") if out.is_floating_point() else -1)
+    elif STUB_DRIVER[0]:
+        out.zero_()
     return out
 
 

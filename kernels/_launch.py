@@ -102,6 +102,10 @@ def _constexpr_key(x):
     return x.__class__, str(x)
 
 
+_BOOL_KEYS = {True: (bool, "True"), False: (bool, "False")}  # = _constexpr_key of each, without the str()
+_I32_KEYS = (_I32, _I32_D)
+
+
 def make_binder(kernel):
     """The launch-key binder of a ``JITFunction``, or None where the key does not model its parameters.
 
@@ -114,16 +118,34 @@ def make_binder(kernel):
         TypeError for arguments that do not bind and ``_Uncacheable`` for arguments the key does not model.
         None when a parameter is annotated (other than ``tl.constexpr``), ``do_not_specialize``d or
         ``do_not_specialize_on_alignment``ed.
+
+    Each parameter's key part is an inline expression whose common cases (a plain tensor, a positive int32,
+    an int or bool constexpr) cost no Python call; every other value goes to `_arg_key` / `_constexpr_key`,
+    which give the same part the inline case would (so the two spellings never split one specialization).
     """
-    names, parts, namespace = [], [], {"_arg_key": _arg_key, "_constexpr_key": _constexpr_key}
+    names, parts = [], []
+    namespace = {
+        "_arg_key": _arg_key,
+        "_constexpr_key": _constexpr_key,
+        "_Tensor": torch.Tensor,
+        "_BOOL_KEYS": _BOOL_KEYS,
+        "_I32_KEYS": _I32_KEYS,
+    }
     for param in kernel.params:
         name = param.name
         if param.is_constexpr:
-            parts.append(f"({name} if {name}.__class__ is int else _constexpr_key({name}))")
+            parts.append(
+                f"({name} if {name}.__class__ is int else _BOOL_KEYS[{name}] if {name}.__class__ is bool"
+                f" else _constexpr_key({name}))"
+            )
         elif param.annotation or param.do_not_specialize or param.do_not_specialize_on_alignment:
             return None
         else:
-            parts.append(f"_arg_key({name})")
+            parts.append(
+                f"(({name}.dtype, not {name}.data_ptr() & 15) if {name}.__class__ is _Tensor"
+                f" else _I32_KEYS[not {name} & 15] if {name}.__class__ is int and 1 < {name} < 0x80000000"
+                f" else _arg_key({name}))"
+            )
         if param.has_default:
             namespace[f"default_{name}"] = param.default
             names.append(f"{name}=default_{name}")
@@ -138,6 +160,9 @@ def make_binder(kernel):
     return namespace["bind"]
 
 
+KERNELS: list = []  # every kernel `cached_launch` has seen, cached or not (measurements switch them: `switch`)
+
+
 def cached_launch(kernel):
     """Decorator (outside ``@triton.jit``): route ``kernel[grid](...)`` through the launch cache when it is on.
 
@@ -147,7 +172,21 @@ def cached_launch(kernel):
     Returns:
         ``kernel`` itself when the cache is off (the default) or when interpreting; otherwise ``wrap(kernel)``.
     """
+    KERNELS.append(kernel)
     return wrap(kernel) if enabled() else kernel
+
+
+def switch(on: bool) -> None:
+    """Put every kernel in `KERNELS` on the cached path (``on``) or back on Triton's, whatever
+    ``SSLFAST_LAUNCH_CACHE`` said at import; the cache tables are kept. For measurements that compare the two
+    paths in one process (``benchmarks/host_overhead.py --launch-path driver``)."""
+    from triton.runtime.jit import JITFunction
+
+    for kernel in KERNELS:
+        if on and not hasattr(kernel, "_sslfast_tables"):
+            wrap(kernel)
+        elif hasattr(kernel, "_sslfast_tables"):
+            kernel.__class__ = _cached_class() if on else JITFunction
 
 
 def wrap(kernel):
@@ -197,7 +236,9 @@ def _cached_class():
             return compiled
         table = kernel._sslfast_tables.setdefault(driver.active.get_current_device(), {})
         if len(table) < MAX_ENTRIES:
-            used = tuple((g, name, val) for (name, _), (val, g) in kernel.used_global_vals.items())
+            # Triton keeps a deep copy of each global the kernel read and compares with `!=` per launch; its
+            # check just passed, so the objects bound now are the ones to hold on to (an identity check).
+            used = tuple((g, name, g.get(name, missing)) for (name, _), (_, g) in kernel.used_global_vals.items())
             table[key] = (compiled, compiled.run, compiled.function, compiled.packed_metadata, used)
         return compiled
 

@@ -49,6 +49,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
+# True while `sslfast.kernels._stub_driver.stub_driver` is active: launches take CPU tensors and record them
+# without running anything (host-path measurements and tests; module docstring there).
+STUB_DRIVER = [False]
+
+
 def use_triton(*tensors: torch.Tensor | None) -> bool:
     """Whether an op over `tensors` should launch its Triton kernels."""
     choice = backend()
@@ -57,7 +62,7 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     if choice == "triton":
         if not triton_available():
             raise RuntimeError("SSLFAST_BACKEND=triton but triton is not installed")
-        if not interpreting() and any(t is not None and not t.is_cuda for t in tensors):
+        if not (interpreting() or STUB_DRIVER[0]) and any(t is not None and not t.is_cuda for t in tensors):
             raise RuntimeError("SSLFAST_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1")
         return True
     present = False

@@ -38,6 +38,25 @@ def test_host_overhead_counts_launches_and_aten_ops(tmp_path):
     assert all(r["us"] > 0 and r["aten_ops"] > 0 for r in rows.values())
 
 
+def test_host_overhead_driver_mode_times_the_launch_paths(tmp_path):
+    """--launch-path driver: kernels compiled for sm_90, Triton's launch path and the cached one timed against
+    the glue alone, with the launches a GPU makes (InfoNCE's 16-bit tile operands: `_unit_rows_kernel`, which
+    the interpreter's configuration never launches)."""
+    out = tmp_path / "driver.json"
+    cases = ("--cases", "gather_tokens", r"^nt_xent fwd\+bwd$")
+    _run("host_overhead.py", "--launch-path", "driver", "--repeat", "3", *cases, "--json", str(out))
+    data = json.loads(out.read_text())
+    assert data["launch_path"] == "driver"
+    rows = {r["case"]: r for r in data["rows"]}
+    assert set(rows) == {"mae gather_tokens fwd", "nt_xent fwd+bwd"}
+    assert rows["mae gather_tokens fwd"]["kernels"] == {"_gather_rows_kernel": 1}
+    assert rows["nt_xent fwd+bwd"]["kernels"]["_unit_rows_kernel"] == 2
+    for row in rows.values():
+        assert row["glue_launches"] == row["triton_launches"] == row["cached_launches"] == row["launches"]
+        assert all(row[f"{v}_us"] > 0 for v in ("glue", "triton", "cached")), row
+        assert row["triton_us_per_launch"] is not None and row["cached_us_per_launch"] is not None
+
+
 def test_profile_ops_runs_the_cpu_smoke_cases(tmp_path):
     out = tmp_path / "profile.json"
     _run(

@@ -18,6 +18,9 @@ import ast
 import collections
 import importlib
 import itertools
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -352,6 +355,101 @@ def test_hit_launches_what_the_normal_path_launches(monkeypatch, launches):
     assert len(normal) == 4
     jf[grid](*args, **kwargs)
     assert len(normal) == 4 and len(calls) == 6 and calls[-1] == calls[0]
+
+
+def stub_driver_check():
+    """The body of `test_cached_path_on_compiled_kernels`, run in a process without the interpreter (the test
+    suite's processes interpret, and a process cannot switch: `triton.jit` reads the variable at import)."""
+    from sslfast._backend import interpreting
+    from sslfast.kernels._stub_driver import stub_driver
+
+    assert not interpreting() and not _launch.enabled()
+    seen, triton_run, triton_calls = [], JITFunction.run, []
+
+    def recording(self, *args, grid, warmup, **kwargs):
+        if self.fn.__module__ in _MODULES:
+            seen.append((self, grid, args, kwargs))
+        return triton_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    def counting(self, *args, **kwargs):
+        triton_calls.append(self)
+        return triton_run(self, *args, **kwargs)
+
+    def shape(launch):
+        """A launch with each tensor argument read as what its specialization and kernel see of it."""
+        args = tuple(
+            (a.dtype, a.shape, a.stride(), a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (type(a), a)
+            for a in launch.args
+        )
+        return launch.kernel, launch.function, launch.grid, args, launch.packed_metadata
+
+    with stub_driver(record=True) as launches:
+        JITFunction.run = recording
+        try:
+            torch.manual_seed(0)
+            _run_ops()
+        finally:
+            JITFunction.run = triton_run
+        want = list(launches)
+        missing = set(DECORATED) - {_qualname(jf.fn) for jf, *_ in seen}
+        assert not missing, f"decorated kernels `_run_ops` does not launch: {sorted(missing)}"
+        assert len(want) == len(seen)
+        for qual in DECORATED:  # in place, as SSLFAST_LAUNCH_CACHE=1 does at import
+            module, _, attr = qual.rpartition(".")
+            assert hasattr(_launch.wrap(getattr(importlib.import_module(module), attr)), "_sslfast_tables"), qual
+
+        # Each recorded launch, on the very same arguments: Triton's path, then the cache (a miss or a hit, then
+        # a hit) must reach the launcher with the same compiled kernel, grid, metadata and argument objects.
+        JITFunction.run = counting
+        try:
+            for jf, grid, args, kwargs in seen:
+                launches.clear()
+                triton_run(jf, *args, grid=grid, warmup=False, **kwargs)
+                jf[grid](*args, **kwargs)
+                del triton_calls[:]
+                jf[grid](*args, **kwargs)
+                assert not triton_calls, f"{jf.fn.__name__}: a repeated launch took Triton's path"
+                normal, *cached = launches
+                assert len(cached) == 2, jf.fn.__name__
+                for c in cached:
+                    assert (c.kernel, c.function, c.grid) == (normal.kernel, normal.function, normal.grid)
+                    assert c.packed_metadata is normal.packed_metadata, jf.fn.__name__
+                    assert len(c.args) == len(normal.args), jf.fn.__name__
+                    assert all(a is b for a, b in zip(c.args, normal.args)), jf.fn.__name__
+                # a hit passes no hooks: the launcher skips None, and Triton's chains are empty (nothing profiles)
+                assert cached[1].hooks == (None, None, None), jf.fn.__name__
+                assert all(h is None or not h.calls for h in normal.hooks[1:]), jf.fn.__name__
+
+            # Whole op calls with the cache on: the launches of the cache-off run, and none through Triton's
+            # path once every specialization has been seen.
+            for attempt in range(2):
+                launches.clear()
+                del triton_calls[:]
+                torch.manual_seed(0)
+                _run_ops()
+                assert [shape(x) for x in launches] == [shape(x) for x in want], f"attempt {attempt}"
+            assert not triton_calls, sorted({jf.fn.__name__ for jf in triton_calls})
+        finally:
+            JITFunction.run = triton_run
+    print(f"stub driver: {len(seen)} launches of {len(DECORATED)} kernels checked")
+
+
+def test_cached_path_on_compiled_kernels():
+    """Without a GPU, on kernels compiled for sm_90 by Triton's own backend and launched through its whole
+    Python launch path, with only the C launcher replaced by a recorder (`sslfast.kernels._stub_driver`):
+    every launch `_run_ops` makes, replayed on the same arguments through Triton's path and then the cache,
+    reaches the launcher with the same compiled kernel, grid, packed metadata and argument objects; the
+    second launch of a specialization never re-enters Triton's path (a global the kernel reads, which
+    Triton deep-copies, once sent every such launch back there); and the ops issue the same launches with
+    the cache on as off. It also compiles every decorated kernel for Hopper, which the interpreter never does."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SSLFAST_POISON", _launch.ENV)}
+    env["SSLFAST_BACKEND"] = "triton"
+    code = "import test_launch_cache as t; t.stub_driver_check()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert f"launches of {len(DECORATED)} kernels checked" in proc.stdout, proc.stdout[-2000:]
 
 
 def _uses_atomics(fn) -> bool:
