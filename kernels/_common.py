@@ -77,12 +77,12 @@ def poisoning() -> bool:
 def empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
     """`torch.empty` for kernel outputs. With SSLFAST_POISON=1 (the test suite sets it) the buffer is filled
     with NaN (floats) or -1 (integers) first, so an element a kernel forgets to write cannot pass a check.
-    While launches are only recorded (`_stub_driver`) it is zeroed instead: no kernel writes it, and the host
-    code after a launch (index checks, `bincount` of neighbour ids) must see legal values."""
+    While launches are only recorded (`_stub_driver`) an integer buffer is zeroed instead: no kernel writes it,
+    and the host code after a launch (index checks, `bincount` of neighbour ids) must see legal indices."""
     out = torch.empty(shape, dtype=dtype, device=device)
     if poisoning():
         out.fill_(float("nan") if out.is_floating_point() else -1)
-    elif STUB_DRIVER[0]:
+    elif STUB_DRIVER[0] and not out.is_floating_point():
         out.zero_()
     return out
 

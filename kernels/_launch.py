@@ -106,6 +106,47 @@ _BOOL_KEYS = {True: (bool, "True"), False: (bool, "False")}  # = _constexpr_key 
 _I32_KEYS = (_I32, _I32_D)
 
 
+def _signature(kernel):
+    """(parameter list with defaults, key-part expressions, parameter names, namespace) of a kernel's generated
+    binder and launcher, or None where the key does not model a parameter (`make_binder`)."""
+    params, parts = [], []
+    namespace = {
+        "_arg_key": _arg_key,
+        "_constexpr_key": _constexpr_key,
+        "_Tensor": torch.Tensor,
+        "_BOOL_KEYS": _BOOL_KEYS,
+        "_I32_KEYS": _I32_KEYS,
+    }
+    for param in kernel.params:
+        name = param.name
+        if name.startswith("_sslfast_"):
+            return None  # the generated launcher's own names
+        if param.is_constexpr:
+            parts.append(
+                f"({name} if {name}.__class__ is int else _BOOL_KEYS[{name}] if {name}.__class__ is bool"
+                f" else _constexpr_key({name}))"
+            )
+        elif param.annotation or param.do_not_specialize or param.do_not_specialize_on_alignment:
+            return None
+        else:
+            parts.append(
+                f"(({name}.dtype, not {name}.data_ptr() & 15) if {name}.__class__ is _Tensor"
+                f" else _I32_KEYS[not {name} & 15] if {name}.__class__ is int and 1 < {name} < 0x80000000"
+                f" else _arg_key({name}))"
+            )
+        if param.has_default:
+            namespace[f"_sslfast_default_{name}"] = param.default
+            params.append(f"{name}=_sslfast_default_{name}")
+        else:
+            params.append(name)
+    return params, parts, [p.name for p in kernel.params], namespace
+
+
+def _compile(source: str, namespace: dict, name: str):
+    exec(source, namespace)  # noqa: S102 - generated from the kernel's own signature, as Triton's binder is
+    return namespace[name]
+
+
 def make_binder(kernel):
     """The launch-key binder of a ``JITFunction``, or None where the key does not model its parameters.
 
@@ -122,42 +163,131 @@ def make_binder(kernel):
     Each parameter's key part is an inline expression whose common cases (a plain tensor, a positive int32,
     an int or bool constexpr) cost no Python call; every other value goes to `_arg_key` / `_constexpr_key`,
     which give the same part the inline case would (so the two spellings never split one specialization).
+    The launcher (`make_launcher`) computes the same key with the same expressions.
     """
-    names, parts = [], []
-    namespace = {
-        "_arg_key": _arg_key,
-        "_constexpr_key": _constexpr_key,
-        "_Tensor": torch.Tensor,
-        "_BOOL_KEYS": _BOOL_KEYS,
-        "_I32_KEYS": _I32_KEYS,
-    }
-    for param in kernel.params:
-        name = param.name
-        if param.is_constexpr:
-            parts.append(
-                f"({name} if {name}.__class__ is int else _BOOL_KEYS[{name}] if {name}.__class__ is bool"
-                f" else _constexpr_key({name}))"
-            )
-        elif param.annotation or param.do_not_specialize or param.do_not_specialize_on_alignment:
-            return None
-        else:
-            parts.append(
-                f"(({name}.dtype, not {name}.data_ptr() & 15) if {name}.__class__ is _Tensor"
-                f" else _I32_KEYS[not {name} & 15] if {name}.__class__ is int and 1 < {name} < 0x80000000"
-                f" else _arg_key({name}))"
-            )
-        if param.has_default:
-            namespace[f"default_{name}"] = param.default
-            names.append(f"{name}=default_{name}")
-        else:
-            names.append(name)
-    plain = [p.name for p in kernel.params]
+    signature = _signature(kernel)
+    if signature is None:
+        return None
+    params, parts, names, namespace = signature
     source = (
-        f"def bind({', '.join([*names, '**options'])}):\n"
-        f"    return ({''.join(p + ', ' for p in parts)}*options.items()), ({''.join(n + ', ' for n in plain)})\n"
+        f"def bind({', '.join([*params, '**options'])}):\n"
+        f"    return ({''.join(p + ', ' for p in parts)}*options.items()), ({''.join(n + ', ' for n in names)})\n"
     )
-    exec(source, namespace)  # noqa: S102 - generated from the kernel's own signature, as Triton's binder is
-    return namespace["bind"]
+    return _compile(source, namespace, "bind")
+
+
+def make_launcher(kernel, tables: dict, slow):
+    """The cached launch of one ``JITFunction``: a function of ``(grid, *args, **kwargs)``, generated from the
+    kernel's signature so that binding, key and launch are one Python call, or None (as `make_binder`).
+
+    Args:
+        kernel: the ``JITFunction``.
+        tables: device -> {launch key: entry}, filled by `slow` (`_cached_class`).
+        slow: ``slow(kernel, grid, kwargs, key)``: Triton's path for this launch (every argument by name in
+            ``kwargs``); ``key`` is None where the launch must not be cached.
+    """
+    signature = _signature(kernel)
+    if signature is None:
+        return None
+    params, parts, names, namespace = signature
+    from triton import knobs
+    from triton.knobs import HookChain
+    from triton.runtime.driver import driver
+
+    namespace.update(
+        _sslfast_kernel=kernel,
+        _sslfast_tables=tables,
+        _sslfast_slow=slow,
+        _sslfast_driver=driver,
+        _sslfast_runtime=knobs.runtime,
+        _sslfast_compilation=knobs.compilation,
+        _sslfast_HookChain=HookChain,
+        _sslfast_missing=_MISSING,
+        _sslfast_Uncacheable=_Uncacheable,
+        _sslfast_empty={},
+    )
+    # Every name of the generated function other than the kernel's parameters starts with `_sslfast_`, which
+    # `_signature` refuses as a parameter name: a local must never shadow an argument.
+    by_name = "{" + "".join(f"{n!r}: {n}, " for n in names) + "**_sslfast_options}"
+    slow = f"_sslfast_slow(_sslfast_kernel, _sslfast_grid, {by_name}"
+    args = "".join(f", {n}" for n in names)
+    source = f"""\
+def launch(_sslfast_grid, {", ".join([*params, "**_sslfast_options"])}):
+    try:
+        _sslfast_key = ({"".join(p + ", " for p in parts)}*_sslfast_options.items())
+    except _sslfast_Uncacheable:
+        return {slow}, None)
+    if (
+        _sslfast_kernel.pre_run_hooks
+        or _sslfast_runtime.debug
+        or _sslfast_compilation.instrumentation_mode
+        or not (
+            (_sslfast_hook := _sslfast_runtime.launch_enter_hook) is None
+            or _sslfast_hook.__class__ is _sslfast_HookChain and not _sslfast_hook.calls
+        )
+        or not (
+            (_sslfast_hook := _sslfast_runtime.launch_exit_hook) is None
+            or _sslfast_hook.__class__ is _sslfast_HookChain and not _sslfast_hook.calls
+        )
+        or callable(_sslfast_grid)
+    ):
+        return {slow}, None)
+    _sslfast_active = _sslfast_driver.active
+    _sslfast_device = _sslfast_active.get_current_device()
+    _sslfast_entry = _sslfast_tables.get(_sslfast_device, _sslfast_empty).get(_sslfast_key)
+    if _sslfast_entry is None:
+        return {slow}, _sslfast_key)
+    _sslfast_compiled, _sslfast_launcher, _sslfast_direct, _sslfast_head, _sslfast_used = _sslfast_entry
+    for _sslfast_globals, _sslfast_name, _sslfast_value in _sslfast_used:
+        if _sslfast_globals.get(_sslfast_name, _sslfast_missing) is not _sslfast_value:
+            return {slow}, None)  # Triton's check raises if the value really changed
+    _sslfast_n = len(_sslfast_grid)
+    _sslfast_launcher(
+        _sslfast_grid[0],
+        _sslfast_grid[1] if _sslfast_n > 1 else 1,
+        _sslfast_grid[2] if _sslfast_n > 2 else 1,
+        _sslfast_active.get_current_stream(_sslfast_device),
+        *_sslfast_head{args}
+    )
+    return _sslfast_compiled
+"""
+    return _compile(source, namespace, "launch")
+
+
+_MISSING = object()
+
+
+@functools.lru_cache(maxsize=None)
+def _direct_launcher_class():
+    """Triton's CUDA launcher class when its ``__call__`` is the one `_entry` mirrors (Triton 3.6: scratch
+    buffers allocated when the kernel asks for them, then ``self.launch(gx, gy, gz, stream, function,
+    cooperative, pdl, global scratch, profile scratch, *args)``), else None."""
+    import triton
+
+    if not triton.__version__.startswith("3.6."):
+        return None
+    from triton.backends.nvidia.driver import CudaLauncher
+
+    return CudaLauncher
+
+
+def _entry(compiled, used) -> tuple:
+    """A table entry, ``(compiled, launcher, direct, head, used)``: the launcher is called as
+    ``launcher(gx, gy, gz, stream, *head, *args)``. A kernel that needs no scratch buffer, launched by Triton
+    3.6's CUDA launcher, goes through the launcher's C entry point directly (what its Python ``__call__``
+    would do, minus a Python frame and two closures); any other through the launcher object."""
+    run, launcher_class = compiled.run, _direct_launcher_class()
+    function, packed = compiled.function, compiled.packed_metadata
+    if (
+        launcher_class is not None
+        and isinstance(run, launcher_class)
+        and type(run).__call__ is launcher_class.__call__
+        and not run.global_scratch_size
+        and not run.profile_scratch_size
+    ):
+        head = (function, run.launch_cooperative_grid, run.launch_pdl, None, None, packed, None, None, None)
+        return compiled, run.launch, True, head, used
+    return compiled, run, False, (function, packed, None, None, None), used
 
 
 KERNELS: list = []  # every kernel `cached_launch` has seen, cached or not (measurements switch them: `switch`)
@@ -203,88 +333,43 @@ def wrap(kernel):
 
     if type(kernel) is not JITFunction or kernel.debug:
         return kernel
-    bind = make_binder(kernel)
-    if bind is None:
+    tables = {}  # device -> {launch key: `_entry`}
+    launch = make_launcher(kernel, tables, _slow)
+    if launch is None:
         return kernel
-    kernel._sslfast_bind = bind
-    kernel._sslfast_tables = {}  # device -> {launch key: (compiled, launcher, function, packed metadata, globals)}
+    kernel._sslfast_launch = launch
+    kernel._sslfast_tables = tables
     kernel.__class__ = _cached_class()
     return kernel
+
+
+def _slow(kernel, grid, kwargs, key):
+    """Triton's path for one launch; where `key` is given (a launch the cache may take), the compiled kernel is
+    then remembered under it."""
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    compiled = JITFunction.run(kernel, grid=grid, warmup=False, **kwargs)
+    if key is None or compiled is None:
+        return compiled
+    table = kernel._sslfast_tables.setdefault(driver.active.get_current_device(), {})
+    if len(table) < MAX_ENTRIES:
+        # Triton keeps a deep copy of each global the kernel read and compares with `!=` per launch; its check
+        # just passed, so the objects bound now are the ones to hold on to (an identity check).
+        used = tuple((g, name, g.get(name, _MISSING)) for (name, _), (_, g) in kernel.used_global_vals.items())
+        table[key] = _entry(compiled, used)
+    return compiled
 
 
 @functools.lru_cache(maxsize=None)
 def _cached_class():
     """`JITFunction` with `kernel[grid]` on the cached path (a subclass: `isinstance` and every attribute stay)."""
-    from triton import knobs
-    from triton.knobs import HookChain
-    from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
-
-    runtime, compilation, missing = knobs.runtime, knobs.compilation, object()
-
-    def idle(hook) -> bool:
-        return hook is None or (hook.__class__ is HookChain and not hook.calls)
-
-    def normal(kernel, grid, args, kwargs):
-        return JITFunction.run(kernel, *args, grid=grid, warmup=False, **kwargs)
-
-    def miss(kernel, grid, args, kwargs, key):
-        compiled = normal(kernel, grid, args, kwargs)
-        if compiled is None or callable(grid) or kernel.pre_run_hooks or runtime.debug:
-            return compiled
-        if compilation.instrumentation_mode or not (idle(runtime.launch_enter_hook) and idle(runtime.launch_exit_hook)):
-            return compiled
-        table = kernel._sslfast_tables.setdefault(driver.active.get_current_device(), {})
-        if len(table) < MAX_ENTRIES:
-            # Triton keeps a deep copy of each global the kernel read and compares with `!=` per launch; its
-            # check just passed, so the objects bound now are the ones to hold on to (an identity check).
-            used = tuple((g, name, g.get(name, missing)) for (name, _), (_, g) in kernel.used_global_vals.items())
-            table[key] = (compiled, compiled.run, compiled.function, compiled.packed_metadata, used)
-        return compiled
-
-    def launch(kernel, grid, *args, **kwargs):
-        try:
-            key, bound = kernel._sslfast_bind(*args, **kwargs)
-        except (_Uncacheable, TypeError):
-            return normal(kernel, grid, args, kwargs)
-        device = driver.active.get_current_device()
-        table = kernel._sslfast_tables.get(device)
-        entry = None if table is None else table.get(key)
-        if entry is None:
-            return miss(kernel, grid, args, kwargs, key)
-        compiled, run, function, packed, used = entry
-        enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
-        if (
-            kernel.pre_run_hooks
-            or runtime.debug
-            or compilation.instrumentation_mode
-            or not (enter is None or (enter.__class__ is HookChain and not enter.calls))
-            or not (exit_ is None or (exit_.__class__ is HookChain and not exit_.calls))
-            or callable(grid)
-        ):
-            return normal(kernel, grid, args, kwargs)
-        for g, name, val in used:
-            if g.get(name, missing) is not val:
-                return normal(kernel, grid, args, kwargs)  # Triton's check raises if the value really changed
-        n = len(grid)
-        run(
-            grid[0],
-            grid[1] if n > 1 else 1,
-            grid[2] if n > 2 else 1,
-            driver.active.get_current_stream(device),
-            function,
-            packed,
-            None,
-            None,
-            None,
-            *bound,
-        )
-        return compiled
 
     class CachedJITFunction(JITFunction):
         """A `JITFunction` whose `kernel[grid](...)` takes the launch cache (module docstring)."""
 
         def __getitem__(self, grid):
-            return functools.partial(launch, self, grid)
+            return functools.partial(self._sslfast_launch, grid)
 
     return CachedJITFunction

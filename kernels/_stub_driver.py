@@ -11,7 +11,8 @@ untested on a CPU. With this driver active, and the interpreter off:
 * only the C launcher's entry point (argument conversion and ``cuLaunchKernel``) is replaced, by a function that
   counts the launch and, when ``record`` is set, records what it was given.
 
-Inputs are CPU tensors (their ``data_ptr`` is all a launcher reads); no kernel runs, so outputs stay unwritten.
+Inputs are CPU tensors (their ``data_ptr`` is all a launcher reads); no kernel runs, so outputs stay unwritten
+(integer ones from ``_common.empty`` read as zeros, so that host code after a launch sees legal indices).
 The launch recorded per call is::
 
     Launch(kernel=name, function=handle, grid=(gx, gy, gz), args=(every argument in parameter order, constexprs

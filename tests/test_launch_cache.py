@@ -429,6 +429,10 @@ def stub_driver_check():
                 _run_ops()
                 assert [shape(x) for x in launches] == [shape(x) for x in want], f"attempt {attempt}"
             assert not triton_calls, sorted({jf.fn.__name__ for jf in triton_calls})
+            # and every launch went to the launcher's C entry point directly (no kernel here needs scratch)
+            for jf, *_ in seen:
+                entries = [e for table in jf._sslfast_tables.values() for e in table.values()]
+                assert entries and all(direct for _, _, direct, _, _ in entries), jf.fn.__name__
         finally:
             JITFunction.run = triton_run
     print(f"stub driver: {len(seen)} launches of {len(DECORATED)} kernels checked")
