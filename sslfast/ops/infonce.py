@@ -36,7 +36,7 @@ from .infonce_spec import _CLIP_SPEC, _QUEUE_SPECS, BOUNDED_SCALE, IndexMaps, Ls
 def _loss_and_input_grads(spec: LseSpec, needs, a, b, partner, scale):
     """`loss_with_grads`' function: the loss, then the backward with the epilogue's gradients."""
     impl = _impl(a, b, scale)
-    *stats, rn_p = _stats(impl, a, b, partner, scale, spec)
+    *stats, rn_p, tiles = _stats(impl, a, b, partner, scale, spec)
     loss, *grads = impl.loss_epilogue(*stats[:3])
     da, db, dp, ds = _grads(
         impl,
@@ -50,6 +50,7 @@ def _loss_and_input_grads(spec: LseSpec, needs, a, b, partner, scale):
         want_b=needs[1] and not spec.symmetric,
         want_scale=needs[3],
         rn_p=rn_p,
+        tiles=tiles,
     )
     return loss, (da if needs[0] else None, db, dp if needs[2] else None, ds)
 

@@ -86,7 +86,7 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @without_autocast
 def _forward(a, b, partner, scale, spec: LseSpec):
     """similarity_lse's outputs, then the partner's inverse norms (or None) for a backward in the same call."""
-    *out, rn_p = _stats(_impl(a, b, scale), a, b, partner, scale, spec)
+    *out, rn_p, _ = _stats(_impl(a, b, scale), a, b, partner, scale, spec)
     if spec.symmetric:  # fresh placeholders: outputs may not alias each other (the triangle's lse_c is a view)
         out[4] = out[3].new_empty(0)
         if out[1]._is_view():
@@ -95,15 +95,17 @@ def _forward(a, b, partner, scale, spec: LseSpec):
 
 
 def _stats(impl, a, b, partner, scale, spec: LseSpec):
-    """`_forward` on `impl`, except that rn_b is None when symmetric."""
+    """`_forward` on `impl`, except that rn_b is None when symmetric, then the tile operands (`tiles` of
+    `_grads`, for a backward in the same call)."""
     rn_p = None
     if partner is None:
         rn_a = impl.row_rnorm(a)
     else:
         rn_a, rn_p, pos = impl.row_rnorm(a, partner, scale)
     rn_b = rn_a if spec.symmetric else impl.row_rnorm(b)
+    tiles = impl.tile_operands(a, b, rn_a, rn_b)
     lse_r, lse_c, tile_pos = impl.similarity_lse(
-        *impl.tile_operands(a, b, rn_a, rn_b),
+        *tiles,
         scale,
         spec.maps,
         exclude_self=spec.exclude_self,
@@ -115,7 +117,7 @@ def _stats(impl, a, b, partner, scale, spec: LseSpec):
         pos = tile_pos
     st = _stat_dtype(a)
     sym = spec.symmetric
-    return _as(lse_r, st), _as(lse_c, st), _as(pos, st), _as(rn_a, st), None if sym else _as(rn_b, st), rn_p
+    return _as(lse_r, st), _as(lse_c, st), _as(pos, st), _as(rn_a, st), None if sym else _as(rn_b, st), rn_p, tiles
 
 
 @without_autocast
@@ -169,14 +171,16 @@ def _grads(
     want_b,
     want_scale,
     rn_p=None,
+    tiles=None,
 ):
-    """`_backward` on `impl`, with None for the gradients it does not compute."""
+    """`_backward` on `impl`, with None for the gradients it does not compute. `rn_p`, `tiles`: what `_stats`
+    returned, when the backward runs in the same call (not recomputed: one unit-rows launch fewer)."""
     maps, symmetric, exclude_self, bounded = spec.maps, spec.symmetric, spec.exclude_self, spec.bounded
     if symmetric:
         lse_c, g_c, rn_b = lse_r, g_r, rn_a
     with_c = g_c is not None
     tile_pos = g_p if partner is None else None
-    ta, tb, trn_a, trn_b = impl.tile_operands(a, b, rn_a, rn_b)  # once for both roles
+    ta, tb, trn_a, trn_b = impl.tile_operands(a, b, rn_a, rn_b) if tiles is None else tiles  # once for both roles
     dah, dscale = impl.similarity_lse_rows_grad(
         ta,
         tb,
