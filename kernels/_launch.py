@@ -11,6 +11,9 @@ hooks: several microseconds of Python per launch. With the cache on, a kernel de
 
 where ``bound`` is every argument in parameter order, defaults applied, constexprs included (the generated
 launcher skips constexpr positions itself, so this is exactly ``*bound_args.values()`` of Triton's ``run``).
+With Triton 3.6's CUDA launcher and a kernel that needs no scratch buffer, the call goes one step further in,
+to the launcher's C entry point, with the arguments its Python ``__call__`` would pass (`_entry`). Binding,
+key, guards and launch are one function per kernel, generated from its signature (`make_launcher`).
 
 The launch key, per (kernel, current device), is what Triton's own key depends on, computed cheaply:
 
@@ -31,9 +34,13 @@ With the variable unset (the default), or under ``TRITON_INTERPRET=1`` (where ``
 
 What is checked without a GPU (``tests/test_launch_cache.py``): that the launch key separates exactly the
 argument sets Triton's binder and cache key separate, for real kernels of this package, and that the
-argument tuple equals Triton's ``bound_args``; the hit/miss plumbing against a stand-in compiled kernel.
-What needs a GPU (the ``gpu``-marked test there): the launch through the real CUDA launcher, bit-for-bit
-against the normal path, including under CUDA-graph capture, and the host time it saves.
+argument tuple equals Triton's ``bound_args``; the hit/miss plumbing against a stand-in compiled kernel; and,
+on every kernel compiled for sm_90 with a stub driver (`_stub_driver`: only the C launcher is replaced), that
+each launch reaches the launcher with the compiled kernel, grid, metadata and argument objects Triton's path
+gives it, and that a repeated launch never re-enters Triton's path. The host cost per launch of both paths
+is measured the same way (``benchmarks/host_overhead.py --launch-path driver``). What needs a GPU (the
+``gpu``-marked tests there): the launch through the real C launcher and driver, bit-for-bit against the normal
+path, including under CUDA-graph capture, and the wall time it saves.
 """
 
 from __future__ import annotations
@@ -209,14 +216,14 @@ def make_launcher(kernel, tables: dict, slow):
     # Every name of the generated function other than the kernel's parameters starts with `_sslfast_`, which
     # `_signature` refuses as a parameter name: a local must never shadow an argument.
     by_name = "{" + "".join(f"{n!r}: {n}, " for n in names) + "**_sslfast_options}"
-    slow = f"_sslfast_slow(_sslfast_kernel, _sslfast_grid, {by_name}"
+    slow_call = f"_sslfast_slow(_sslfast_kernel, _sslfast_grid, {by_name}"
     args = "".join(f", {n}" for n in names)
     source = f"""\
 def launch(_sslfast_grid, {", ".join([*params, "**_sslfast_options"])}):
     try:
         _sslfast_key = ({"".join(p + ", " for p in parts)}*_sslfast_options.items())
     except _sslfast_Uncacheable:
-        return {slow}, None)
+        return {slow_call}, None)
     if (
         _sslfast_kernel.pre_run_hooks
         or _sslfast_runtime.debug
@@ -231,16 +238,16 @@ def launch(_sslfast_grid, {", ".join([*params, "**_sslfast_options"])}):
         )
         or callable(_sslfast_grid)
     ):
-        return {slow}, None)
+        return {slow_call}, None)
     _sslfast_active = _sslfast_driver.active
     _sslfast_device = _sslfast_active.get_current_device()
     _sslfast_entry = _sslfast_tables.get(_sslfast_device, _sslfast_empty).get(_sslfast_key)
     if _sslfast_entry is None:
-        return {slow}, _sslfast_key)
+        return {slow_call}, _sslfast_key)
     _sslfast_compiled, _sslfast_launcher, _sslfast_direct, _sslfast_head, _sslfast_used = _sslfast_entry
     for _sslfast_globals, _sslfast_name, _sslfast_value in _sslfast_used:
         if _sslfast_globals.get(_sslfast_name, _sslfast_missing) is not _sslfast_value:
-            return {slow}, None)  # Triton's check raises if the value really changed
+            return {slow_call}, None)  # Triton's check raises if the value really changed
     _sslfast_n = len(_sslfast_grid)
     _sslfast_launcher(
         _sslfast_grid[0],
