@@ -435,7 +435,22 @@ def stub_driver_check():
                 assert entries and all(direct for _, _, direct, _, _ in entries), jf.fn.__name__
         finally:
             JITFunction.run = triton_run
-    print(f"stub driver: {len(seen)} launches of {len(DECORATED)} kernels checked")
+
+        # Each op family's representative call in bf16 and fp16: their kernels compile for sm_90 too (GPU
+        # block sizes; the interpreter compiles nothing), with the cache on.
+        compiled16 = set()
+        JITFunction.run = recording
+        try:
+            for dtype in (torch.bfloat16, torch.float16):
+                for name, call in _family_calls("cpu", dtype).items():
+                    launches.clear()
+                    del seen[:]
+                    call()
+                    assert launches.count > 0, (name, dtype)
+                    compiled16.update(_qualname(jf.fn) for jf, *_ in seen)
+        finally:
+            JITFunction.run = triton_run
+    print(f"stub driver: {len(want)} launches of {len(DECORATED)} kernels checked; {len(compiled16)} in 16 bits")
 
 
 def test_cached_path_on_compiled_kernels():
@@ -445,7 +460,8 @@ def test_cached_path_on_compiled_kernels():
     reaches the launcher with the same compiled kernel, grid, packed metadata and argument objects; the
     second launch of a specialization never re-enters Triton's path (a global the kernel reads, which
     Triton deep-copies, once sent every such launch back there); and the ops issue the same launches with
-    the cache on as off. It also compiles every decorated kernel for Hopper, which the interpreter never does."""
+    the cache on as off. It also compiles every decorated kernel for Hopper, which the interpreter never does,
+    and each op family's representative call (`_family_calls`) in bf16 and fp16."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SSLFAST_POISON", _launch.ENV)}
     env["SSLFAST_BACKEND"] = "triton"
     code = "import test_launch_cache as t; t.stub_driver_check()"
@@ -529,8 +545,9 @@ def test_cached_launch_matches_normal_launch_on_cuda(monkeypatch):
         assert jf._sslfast_tables, fn.__name__
 
 
-def _family_calls(device: str = "cuda") -> dict:
-    """One representative call per op family: name -> function of nothing returning (loss or output, grads)."""
+def _family_calls(device: str = "cuda", dtype: torch.dtype = torch.float32) -> dict:
+    """One representative call per op family: name -> function of nothing returning (loss or output, grads);
+    its floating inputs in `dtype` (the scales and biases stay fp32)."""
     from sslfast.data import presets
     from sslfast.ops import augment as aug
 
@@ -538,12 +555,12 @@ def _family_calls(device: str = "cuda") -> dict:
         return (out, *torch.autograd.grad(out, leaves))
 
     def leaves(*shapes):
-        return [torch.randn(*s, device=device, requires_grad=True) for s in shapes]
+        return [torch.randn(*s, device=device, dtype=dtype, requires_grad=True) for s in shapes]
 
     def masked_mse():
         m = mae.random_masking(3, 64, 0.75, device=device)
         (pred,) = leaves((3, 64, 48))
-        return grads(mae.masked_mse_loss(pred, torch.randn(3, 3, 32, 32, device=device), m.mask, 4), pred)
+        return grads(mae.masked_mse_loss(pred, torch.randn(3, 3, 32, 32, device=device, dtype=dtype), m.mask, 4), pred)
 
     def augment():
         imgs = [torch.randint(0, 256, (h, w, 3), dtype=torch.uint8) for h, w in ((61, 47), (33, 70))]
@@ -558,24 +575,24 @@ def _family_calls(device: str = "cuda") -> dict:
 
     def prototypes():
         x, w = leaves((45, 64), (301, 64))
-        center = torch.zeros(301, device=device)
+        center = torch.zeros(301, device=device, dtype=dtype)
         probs = sf.prototype_teacher_probs(x.detach(), w.detach(), teacher_temp=0.04, center=center)
         return grads(sf.prototype_cross_entropy(x, w, probs, student_temp=0.1), x, w)
 
     def swav():
         (s,) = leaves((4 * 5, 300))
-        codes = sf.sinkhorn_knopp(torch.randn(2 * 5, 300, device=device), 0.05, 3)
+        codes = sf.sinkhorn_knopp(torch.randn(2 * 5, 300, device=device, dtype=dtype), 0.05, 3)
         return (*grads(sf.swav_loss(s, codes), s), codes)
 
     def ibot():
         (s,) = leaves((3, 17, 200))
-        t = torch.softmax(torch.randn(3, 17, 200, device=device), -1)
+        t = torch.softmax(torch.randn(3, 17, 200, device=device, dtype=dtype), -1)
         return grads(sf.ibot_patch_loss(s, t, torch.rand(3, 17, device=device) < 0.4), s)
 
     def dino():
         (s,) = leaves((6 * 4, 500))
-        t = torch.randn(2 * 4, 500, device=device)
-        return grads(sf.dino_loss(s, t, torch.randn(1, 500, device=device)), s)
+        t = torch.randn(2 * 4, 500, device=device, dtype=dtype)
+        return grads(sf.dino_loss(s, t, torch.randn(1, 500, device=device, dtype=dtype)), s)
 
     def koleo():
         (x,) = leaves((77, 64))
@@ -589,7 +606,7 @@ def _family_calls(device: str = "cuda") -> dict:
         "mae": masked_mse,
         "dino": dino,
         "nt_xent": lambda: contrastive(sf.nt_xent_loss, 0.5),
-        "info_nce": lambda: contrastive(sf.info_nce_loss, torch.randn(130, 96, device=device), 0.2),
+        "info_nce": lambda: contrastive(sf.info_nce_loss, torch.randn(130, 96, device=device, dtype=dtype), 0.2),
         "clip": lambda: contrastive(sf.clip_loss, scale),
         "siglip": lambda: contrastive(sf.siglip_loss, scale, bias),
         "koleo": koleo,
