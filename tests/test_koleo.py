@@ -49,12 +49,19 @@ def test_shared_neighbours_and_scale(backend, seed):
     """Rows of very different norms (normalization removes them) and a hub: one row that is the nearest
     neighbour of several others, so its gradient sums their contributions."""
     x = torch.randn(23, 6, dtype=torch.float64)
-    x[1:8] = x[0] + 0.05 * torch.randn(7, 6, dtype=torch.float64) * torch.arange(1, 8)[:, None]
+    # Rows 1-7 around row 0, each in its own direction orthogonal to it (±q1, ±q2, ±q3, q4) at angles
+    # 0.05-0.08 rad: each is nearer to row 0 than to any other (orthogonal: sqrt(r_i² + r_j²); opposite:
+    # r_i + r_j), and no two distances tie. (Random offsets of growing size made a chain instead of a hub at
+    # some seeds.)
+    q = torch.linalg.qr(torch.cat([x[:1].T, torch.randn(6, 4, dtype=torch.float64)], 1))[0][:, 1:]
+    directions = torch.stack([q[:, 0], -q[:, 0], q[:, 1], -q[:, 1], q[:, 2], -q[:, 2], q[:, 3]])
+    radii = 0.05 * (1 + 0.1 * torch.arange(7, dtype=torch.float64)) * x[0].norm()
+    x[1:8] = x[0] + radii[:, None] * directions
     x *= torch.logspace(-3, 3, 23, dtype=torch.float64)[:, None]
     x = x.float()
     with torch.no_grad():
         nn = T.nearest_neighbours(torch.nn.functional.normalize(x.double()))
-    assert torch.bincount(nn, minlength=23).max() >= 3
+    assert torch.bincount(nn, minlength=23)[0] == 7
     _check(x, seed)
 
 
