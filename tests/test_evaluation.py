@@ -2,6 +2,7 @@
 against the linear probe, and the checks of `evaluate`'s arguments."""
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -59,7 +60,10 @@ def test_corrupt_images_never_shift_labels(tmp_path, seed):
         # every good image once (drop_last: the last partial batch of positions is dropped, bad rows removed)
         assert delivered == good if not drop_last else good - 5 <= delivered <= good
     assert images.skipped == 2 and sorted(p.rsplit("/", 2)[-2] for p, _ in images.bad_files) == ["class_1", "class_2"]
-    assert len(lines) == 1 and "skipped 2 unreadable image(s)" in lines[0], lines  # reported once
+    # each bad file reported once: in one line, or in two when the workers had decoded only one of them when the
+    # first batch that lost a row came out (a race; it failed CI once)
+    counts = [int(re.match(r"skipped (\d+) unreadable image\(s\)", line).group(1)) for line in lines]
+    assert sum(counts) == 2 and "(2 in all)" in lines[-1], lines
     feats, labels = extract_features(torch.nn.Flatten(), images)
     assert feats.shape[0] == labels.shape[0] == good
     assert torch.equal(labels.bincount(), torch.tensor([6, 5, 7]))
