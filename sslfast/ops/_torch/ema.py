@@ -229,11 +229,11 @@ def lars_foreach_step_(
     """The LARS step of `sslfast.reference.ema.lars_step_literal_` over the whole list (norms in fp32, trust
     ratios as device tensors: no host sync), then teachers[i] ← lerp(teachers[i], params[i], 1 − ema_momentum).
 
-    p ← p − lr·μ: with a float lr `_foreach_add_(params, mus, alpha=-lr)`; with a tensor lr
-    `_foreach_addcmul_(params, mus, −lr)`, which rounds as the former on fp32 params (bit for bit). On bf16 /
-    fp16 params both round −lr to the param dtype, but ATen's CPU add-with-alpha computes the elements past its
-    last full vector in the param dtype (two roundings) where addcmul computes in fp32 (one): those few
-    elements may differ by one unit in the last place."""
+    p ← p − lr·μ by `_foreach_addcmul_(params, mus, −lr)` with lr as a 0-dim fp32 tensor (a float lr is made
+    one), so that a float lr and a tensor lr holding the same fp32 value step bit for bit alike in every
+    dtype. (`_foreach_add_(params, mus, alpha=-lr)` equals it on fp32 params, but on bf16 / fp16 ATen's CPU
+    add-with-alpha computes the elements past its last full vector in the param dtype, two roundings, where
+    addcmul computes in fp32, one: a float-lr run and a tensor-lr run drifted apart by a few ulps.)"""
     if not params:
         return
     with torch.no_grad():
@@ -248,10 +248,8 @@ def lars_foreach_step_(
                 d[i] = (d[i].float() * q[j]).to(d[i].dtype)
         torch._foreach_mul_(mus, momentum)
         torch._foreach_add_(mus, d)
-        if isinstance(lr, Tensor):
-            torch._foreach_addcmul_(params, mus, [-lr] * len(params))
-        else:
-            torch._foreach_add_(params, mus, alpha=-lr)
+        neg_lr = -lr if isinstance(lr, Tensor) else torch.tensor(-lr, dtype=torch.float32, device=params[0].device)
+        torch._foreach_addcmul_(params, mus, [neg_lr] * len(params))
     teacher_lerp_(params, teachers, ema_momentum)
 
 
