@@ -229,8 +229,8 @@ def lars_foreach_step_(
     """The LARS step of `sslfast.reference.ema.lars_step_literal_` over the whole list (norms in fp32, trust
     ratios as device tensors: no host sync), then teachers[i] ← lerp(teachers[i], params[i], 1 − ema_momentum).
 
-    p ← p − lr·μ by `_foreach_addcmul_(params, mus, −lr)` with lr as a 0-dim fp32 tensor (a float lr is made
-    one), so that a float lr and a tensor lr holding the same fp32 value step bit for bit alike in every
+    p ← p − lr·μ by `_foreach_addcmul_(params, mus, −lr)` with lr as a 0-dim fp32 tensor (a float lr is made a
+    CPU one), so that a float lr and a tensor lr holding the same fp32 value step bit for bit alike in every
     dtype. (`_foreach_add_(params, mus, alpha=-lr)` equals it on fp32 params, but on bf16 / fp16 ATen's CPU
     add-with-alpha computes the elements past its last full vector in the param dtype, two roundings, where
     addcmul computes in fp32, one: a float-lr run and a tensor-lr run drifted apart by a few ulps.)"""
@@ -248,7 +248,8 @@ def lars_foreach_step_(
                 d[i] = (d[i].float() * q[j]).to(d[i].dtype)
         torch._foreach_mul_(mus, momentum)
         torch._foreach_add_(mus, d)
-        neg_lr = -lr if isinstance(lr, Tensor) else torch.tensor(-lr, dtype=torch.float32, device=params[0].device)
+        # a float lr becomes a CPU scalar tensor (an elementwise op takes it as a scalar: no host-to-device copy)
+        neg_lr = -lr if isinstance(lr, Tensor) else torch.tensor(-lr, dtype=torch.float32)
         torch._foreach_addcmul_(params, mus, [neg_lr] * len(params))
     teacher_lerp_(params, teachers, ema_momentum)
 
