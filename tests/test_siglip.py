@@ -65,10 +65,17 @@ def _check(loss, grads, want, dtype, t, seed, device="cpu"):
         assert got is not None, f"{name}: no gradient"
         assert_close(got, w, bound, f"{name} grad (seed {seed})")
     for name, got, w, terms in zip(("logit_scale", "logit_bias"), grads[2:], want_grads[2:], (terms_t, terms_b)):
-        assert got is not None and torch.isfinite(got).all(), f"{name}: no gradient"
-        err = abs(got.item() - w.item())
-        limit = max(bound * terms, torch.finfo(torch.float32).tiny)
-        assert err <= limit, f"{name} grad (seed {seed}): error {err:.3g} > {limit:.3g} (terms {terms:.3g})"
+        _assert_scalar_grad(got, w, terms, bound, f"{name} grad (seed {seed})")
+
+
+def _assert_scalar_grad(got, want, terms: float, bound: float, what: str):
+    """∂L/∂t and ∂L/∂b are sums of terms that cancel (positives and negatives pull opposite ways): their error
+    is bounded against the size of the terms (`_oracle`'s Σ|g c| and Σ|g|), not of the sum, whose relative
+    error is ill-conditioned (1.5e-5 at one seed of a 1e-5 relative check, in CI)."""
+    assert got is not None and torch.isfinite(got).all(), f"{what}: no gradient"
+    err = abs(got.item() - want.item())
+    limit = max(bound * terms, torch.finfo(torch.float32).tiny)
+    assert err <= limit, f"{what}: error {err:.3g} > {limit:.3g} (terms {terms:.3g})"
 
 
 # ------------------------------------------------------------------------------------------ correctness
@@ -90,7 +97,7 @@ def test_separate_backward_and_partial_grads(backend, seed, needs):
     """The custom op's own backward (`separate_backward`), with only some inputs requiring gradients (each pass
     and output is then skipped or kept), against the gradients of the fused eager call and the oracle."""
     x, y, ts, bs = _inputs(5, 33, torch.float32, 10.0, -10.0)
-    want_loss, want_grads, _ = _oracle(x, y, ts, bs)
+    want_loss, want_grads, terms = _oracle(x, y, ts, bs)
     for separate in (True, False):
         leaves = [v.clone().requires_grad_(need) for v, need in zip((x, y, ts, bs), needs)]
         if separate:
@@ -101,11 +108,14 @@ def test_separate_backward_and_partial_grads(backend, seed, needs):
             loss = sf.siglip_loss(*leaves)
             loss.backward()
         assert_loss_close(loss, want_loss, 1e-5, f"loss (seed {seed})")
-        for name, v, w, need in zip(("img", "txt", "scale", "bias"), leaves, want_grads, needs):
-            if need:
-                assert_close(v.grad, w, 1e-5, f"{name} grad, separate={separate} (seed {seed})")
-            else:
+        for k, (name, v, w, need) in enumerate(zip(("img", "txt", "scale", "bias"), leaves, want_grads, needs)):
+            what = f"{name} grad, separate={separate} (seed {seed})"
+            if not need:
                 assert v.grad is None
+            elif k < 2:
+                assert_close(v.grad, w, 1e-5, what)
+            else:
+                _assert_scalar_grad(v.grad, w, terms[k - 2], 1e-5, what)
     with torch.no_grad():
         assert_loss_close(sf.siglip_loss(x, y, ts, bs), want_loss, 1e-5, f"no-grad loss (seed {seed})")
 
@@ -113,12 +123,14 @@ def test_separate_backward_and_partial_grads(backend, seed, needs):
 def test_separate_backward_upstream_gradient(backend, seed):
     """An upstream gradient other than 1 reaches every input gradient (the custom op's weight = g / N)."""
     x, y, ts, bs = _inputs(5, 20, torch.float32, 3.0, -2.0)
-    _, want_grads, _ = _oracle(x, y, ts, bs)
+    _, want_grads, terms = _oracle(x, y, ts, bs)
     leaves = [leaf(v) for v in (x, y, ts, bs)]
     with sf.separate_backward():
         (-2.5 * sf.siglip_loss(*leaves)).backward()
-    for v, w in zip(leaves, want_grads):
+    for v, w in zip(leaves[:2], want_grads[:2]):
         assert_close(v.grad, -2.5 * w, 1e-5, f"scaled grad (seed {seed})")
+    for v, w, t in zip(leaves[2:], want_grads[2:], terms):
+        _assert_scalar_grad(v.grad, -2.5 * w, 2.5 * t, 1e-5, f"scaled scalar grad (seed {seed})")
 
 
 @pytest.mark.parametrize("t,b", [(1e5, -1e4), (1e5, 1e4), (1e-3, 50.0), (-30.0, 0.0)])
@@ -201,11 +213,11 @@ def test_module(seed):
     a, b = leaf(x), leaf(y)
     loss = loss_fn(a, b)
     loss.backward()
-    want_loss, want_grads, _ = _oracle(x, y, torch.tensor(10.0), torch.tensor(-10.0))
+    want_loss, want_grads, (terms_t, terms_b) = _oracle(x, y, torch.tensor(10.0), torch.tensor(-10.0))
     assert_loss_close(loss, want_loss, 1e-5, "module loss")
     assert_close(a.grad, want_grads[0], 1e-5, "module image grad")
-    assert_close(loss_fn.logit_scale.grad, want_grads[2] * 10.0, 1e-5, "d/d log t = t · d/dt")
-    assert_close(loss_fn.logit_bias.grad, want_grads[3], 1e-5, "logit_bias grad")
+    _assert_scalar_grad(loss_fn.logit_scale.grad, want_grads[2] * 10.0, terms_t * 10.0, 1e-5, "d/d log t = t · d/dt")
+    _assert_scalar_grad(loss_fn.logit_bias.grad, want_grads[3], terms_b, 1e-5, "logit_bias grad")
     # open_clip's call: the model's own (exponentiated) scale and bias, and output_dict
     out = loss_fn(x, y, torch.tensor(3.0), torch.tensor(-1.0), output_dict=True)
     assert_loss_close(out["contrastive_loss"], ref.siglip_loss(x.double(), y.double(), 3.0, -1.0), 1e-5, "dict")
