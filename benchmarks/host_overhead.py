@@ -46,6 +46,7 @@ import re
 import statistics
 import sys
 import time
+from unittest import mock
 
 LAUNCH_PATHS = ("stubbed", "driver")
 
@@ -248,22 +249,9 @@ def _launch_variant(variant: str):
     """`glue`: every `kernel[grid](...)` is a counter; `triton`: Triton's launch path; `cached`: the cache."""
     from triton.runtime.jit import JITFunction
 
-    _launch.switch(variant == "cached")
-    if variant != "glue":
+    _launch.switch(variant == "cached")  # off for `glue` too: every kernel is then a plain JITFunction
+    with mock.patch.object(JITFunction, "__getitem__", _glue_launch) if variant == "glue" else contextlib.nullcontext():
         yield
-        return
-    classes = (JITFunction, _launch._cached_class())
-    saved = [cls.__dict__.get("__getitem__") for cls in classes]  # JITFunction inherits it
-    for cls in classes:
-        cls.__getitem__ = _glue_launch
-    try:
-        yield
-    finally:
-        for cls, item in zip(classes, saved):
-            if item is None:
-                del cls.__getitem__
-            else:
-                cls.__getitem__ = item
 
 
 VARIANTS = ("glue", "triton", "cached")

@@ -189,7 +189,7 @@ def make_launcher(kernel, tables: dict, slow):
 
     Args:
         kernel: the ``JITFunction``.
-        tables: device -> {launch key: entry}, filled by `slow` (`_cached_class`).
+        tables: device -> {launch key: `_entry`}, filled by `slow`.
         slow: ``slow(kernel, grid, kwargs, key)``: Triton's path for this launch (every argument by name in
             ``kwargs``); ``key`` is None where the launch must not be cached.
     """

@@ -14,7 +14,7 @@ layer parsed it: the EMA weight 1 − m as a float (`weight`), or the momentum a
 (`m_tensor`). `lr` is a float or a 0-dim fp32 tensor on the params' device; a tensor is never read on the host:
 the steps use the multi-tensor ops that take a tensor operand (`_foreach_mul_` by a 0-dim tensor,
 `_foreach_addcmul_` by it, `_fused_adamw_`'s tensor lr), with the same results as the float lr holding the same
-fp32 value (bit for bit on the CPU; LARS on a bf16 / fp16 param: see `lars_foreach_step_`).
+fp32 value (bit for bit on the CPU, every dtype: a float lr takes the tensor path, see `lars_foreach_step_`).
 """
 
 from __future__ import annotations
@@ -229,11 +229,12 @@ def lars_foreach_step_(
     """The LARS step of `sslfast.reference.ema.lars_step_literal_` over the whole list (norms in fp32, trust
     ratios as device tensors: no host sync), then teachers[i] ← lerp(teachers[i], params[i], 1 − ema_momentum).
 
-    p ← p − lr·μ by `_foreach_addcmul_(params, mus, −lr)` with lr as a 0-dim fp32 tensor (a float lr is made a
-    CPU one), so that a float lr and a tensor lr holding the same fp32 value step bit for bit alike in every
-    dtype. (`_foreach_add_(params, mus, alpha=-lr)` equals it on fp32 params, but on bf16 / fp16 ATen's CPU
-    add-with-alpha computes the elements past its last full vector in the param dtype, two roundings, where
-    addcmul computes in fp32, one: a float-lr run and a tensor-lr run drifted apart by a few ulps.)"""
+    p ← p − lr·μ by `_foreach_addcmul_(params, mus, −lr)` with lr as a 0-dim fp32 tensor (a float lr is made
+    one, on the params' device), so that a float lr and a tensor lr holding the same fp32 value step bit for
+    bit alike in every dtype. (`_foreach_add_(params, mus, alpha=-lr)` equals it on fp32 params, but on bf16 /
+    fp16 ATen's CPU add-with-alpha computes the elements past its last full vector in the param dtype, two
+    roundings, where addcmul computes in fp32, one: a float-lr run and a tensor-lr run drifted apart by a few
+    ulps.)"""
     if not params:
         return
     with torch.no_grad():
@@ -248,8 +249,9 @@ def lars_foreach_step_(
                 d[i] = (d[i].float() * q[j]).to(d[i].dtype)
         torch._foreach_mul_(mus, momentum)
         torch._foreach_add_(mus, d)
-        # a float lr becomes a CPU scalar tensor (an elementwise op takes it as a scalar: no host-to-device copy)
-        neg_lr = -lr if isinstance(lr, Tensor) else torch.tensor(-lr, dtype=torch.float32)
+        # a float lr becomes a 0-dim fp32 tensor on the params' device: `full` writes it with a fill kernel (no
+        # host-to-device copy, no sync), and the foreach op sees one device
+        neg_lr = -lr if isinstance(lr, Tensor) else torch.full((), -lr, dtype=torch.float32, device=params[0].device)
         torch._foreach_addcmul_(params, mus, [neg_lr] * len(params))
     teacher_lerp_(params, teachers, ema_momentum)
 
