@@ -12,6 +12,9 @@
 #   PROFILE_CASES              regexes for benchmarks/profile_ops.py (default: the cases off target); the
 #                              profile step first times single launches (--launch-costs)
 #   PROFILE_PYTHON=N           also cProfile N calls per profiled case
+#                              ("launchcache" adds the cached launch path's GPU check: tests/test_launch_cache.py and
+#                              `sslfast bench` with SSLFAST_LAUNCH_CACHE=1, into bench_cached.{txt,json} beside the
+#                              bench step's default-path rows)
 #   SKIP_INSTALL=1, BENCH_TAG  for a second call in the same session (bench$BENCH_TAG.{txt,json})
 #   TESTS_S / E2E_S / TUNE_S / BENCH_S / PROFILE_S / MAXBATCH_S  each step's time limit in seconds (short leases)
 set -uo pipefail
@@ -20,6 +23,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 STEPS=${STEPS:-tests e2e tune bench profile}
 has() { [[ " $STEPS " == *" $1 "* ]]; }
+# a per-test time limit where pytest-timeout is installed (pytest refuses the flag otherwise)
+PYTEST_TIMEOUT=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 240")
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/env.txt"
@@ -30,7 +35,7 @@ if [ -z "${SKIP_INSTALL:-}" ]; then
 fi
 
 if has tests; then
-  timeout ${TESTS_S:-900} python3 -m pytest -m gpu -q -rfE -p no:cacheprovider --continue-on-collection-errors --timeout 240 \
+  timeout ${TESTS_S:-900} python3 -m pytest -m gpu -q -rfE -p no:cacheprovider --continue-on-collection-errors ${PYTEST_TIMEOUT} \
     ${TEST_FILES:-tests} >"$OUT/pytest_gpu.txt" 2>&1
   echo "pytest -m gpu exit $?"; grep -E "passed|failed|error" "$OUT/pytest_gpu.txt" | tail -30
 fi
@@ -56,6 +61,15 @@ if has profile; then
   timeout ${PROFILE_S:-600} python3 benchmarks/profile_ops.py --launch-costs --python ${PROFILE_PYTHON:-0} \
     --cases "$@" --json "$OUT/profile.json" >"$OUT/profile.txt" 2>&1
   echo "profile exit $?"; grep -E " us |wall|Error" "$OUT/profile.txt" | tail -40
+fi
+if has launchcache; then
+  SSLFAST_LAUNCH_CACHE=1 timeout ${TESTS_S:-900} python3 -m pytest -m gpu -q -rfE -p no:cacheprovider ${PYTEST_TIMEOUT} \
+    tests/test_launch_cache.py >"$OUT/pytest_launch_cache.txt" 2>&1
+  echo "pytest -m gpu (launch cache on) exit $?"; grep -E "passed|failed|error" "$OUT/pytest_launch_cache.txt" | tail -10
+  SSLFAST_LAUNCH_CACHE=1 timeout ${BENCH_S:-1200} python3 -m sslfast.cli bench --warmup 2 --repeat 7 \
+    ${BENCH_OPS:+--ops $BENCH_OPS} ${BENCH_CASES:+--cases $BENCH_CASES} --json "$OUT/bench_cached.json" \
+    >"$OUT/bench_cached.txt" 2>&1
+  echo "bench (launch cache on) exit $?"; grep -v '^{' "$OUT/bench_cached.txt" | tail -70
 fi
 if has maxbatch; then
   timeout ${MAXBATCH_S:-600} python3 benchmarks/max_batch.py ${MAXBATCH_ARGS:-} --json "$OUT/max_batch.json" \

@@ -36,15 +36,18 @@ from .infonce_spec import _CLIP_SPEC, _QUEUE_SPECS, BOUNDED_SCALE, IndexMaps, Ls
 def _loss_and_input_grads(spec: LseSpec, needs, a, b, partner, scale):
     """`loss_with_grads`' function: the loss, then the backward with the epilogue's gradients."""
     impl = _impl(a, b, scale)
-    *stats, rn_p, tiles = _stats(impl, a, b, partner, scale, spec)
-    loss, *grads = impl.loss_epilogue(*stats[:3])
+    lse_r, lse_c, pos, rn_a, rn_b, rn_p, tiles = _stats(impl, a, b, partner, scale, spec)
+    loss, *grads = impl.loss_epilogue(lse_r, lse_c, pos)
     da, db, dp, ds = _grads(
         impl,
         a,
         b,
         partner,
         scale,
-        *stats,
+        lse_r,
+        lse_c,
+        rn_a,
+        rn_b,
         *grads,
         spec,
         want_b=needs[1] and not spec.symmetric,

@@ -134,7 +134,6 @@ def _backward(
         scale,
         lse_r,
         lse_c,
-        pos,
         rn_a,
         rn_b,
         g_r,
@@ -160,7 +159,6 @@ def _grads(
     scale,
     lse_r,
     lse_c,
-    pos,
     rn_a,
     rn_b,
     g_r,
@@ -173,7 +171,8 @@ def _grads(
     rn_p=None,
     tiles=None,
 ):
-    """`_backward` on `impl`, with None for the gradients it does not compute. `rn_p`, `tiles`: what `_stats`
+    """`_backward` on `impl` (the positives' logits are not needed), with None for the gradients it does not
+    compute. `rn_p`, `tiles`: what `_stats`
     returned, when the backward runs in the same call (not recomputed: one unit-rows launch fewer)."""
     maps, symmetric, exclude_self, bounded = spec.maps, spec.symmetric, spec.exclude_self, spec.bounded
     if symmetric:
