@@ -21,7 +21,8 @@ in front of it. This script measures that part on the CPU, in one of two ways (`
 
 Inputs are tiny, so the glue ops' CPU arithmetic is negligible next to their dispatch. The first rows are floors,
 not ops: a two-op torch expression and an empty autograd node, forward and backward, which no eager training op
-can undercut. Per case it prints the median wall time of one call (forward + backward where the op trains), the
+can undercut, and nt_xent's own ATen ops alone in such a node (what nt_xent would cost if its Python and its
+launches were free). Per case it prints the median wall time of one call (forward + backward where the op trains), the
 median CPU time of this thread for it (less sensitive than the wall time to other processes on a loaded
 machine), the Triton launches and the ATen ops it issued. `ema_update_` runs on CPU tensors, so its final
 multi-tensor update (`ops._torch.ema.ema_update_`, the stand-in for the csrc launch) is stubbed and counted like
@@ -131,12 +132,39 @@ class _EmptyFunction(torch.autograd.Function):
         return ga * g, gb * g
 
 
+class _NtXentOps(torch.autograd.Function):
+    """The ATen ops one eager `nt_xent_loss` call issues (its row's `aten` counts, which
+    tests/test_bench_tools.py holds equal), in an autograd node that does nothing else: no validation, no Python
+    of the op, no launches. What the call would cost if all of its own host work were free."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        n, f32 = a.shape[0], dict(dtype=torch.float32)
+        z = torch.cat([a, b])  # the rows of both views
+        torch.empty((2 * n,), **f32)  # inverse norms
+        _, row_sums, _ = torch.zeros((4 * n,), **f32).split_with_sizes((2 * n, 2 * n, 0))  # pos, sums, lse_c
+        torch.log(row_sums)  # lse
+        loss = torch.empty((), **f32)
+        torch.empty((4 * n,), **f32).split_with_sizes((2 * n, 2 * n))  # the epilogue's gradients
+        torch.zeros(z.shape, **f32)  # the rows-grad accumulator
+        dz = torch.empty(z.shape, dtype=z.dtype)
+        ctx.grads = (dz[:n], dz[n:])
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        grads, ctx.grads = ctx.grads, None  # handed on, as nt_xent does: AccumulateGrad may keep them
+        torch._foreach_mul_(list(grads), g)
+        return grads
+
+
 def floors():
     """name -> call: what any eager call costs in torch alone, measured in the same run as the ops, so that each
     op's row reads against the floor the machine gives at that moment."""
     a, b = _leaves((16, 32), (16, 32))
     yield "floor: torch (a*b).sum() fwd+bwd", fwd_bwd(lambda: (a * b).sum(), a, b)
     yield "floor: empty autograd.Function fwd+bwd", fwd_bwd(lambda: _EmptyFunction.apply(a, b), a, b)
+    yield "floor: nt_xent's ATen ops alone fwd+bwd", fwd_bwd(lambda: _NtXentOps.apply(a, b), a, b)
 
 
 def cases():

@@ -38,6 +38,17 @@ def test_host_overhead_counts_launches_and_aten_ops(tmp_path):
     assert all(r["us"] > 0 and r["aten_ops"] > 0 for r in rows.values())
 
 
+def test_host_overhead_floor_of_nt_xent_issues_its_aten_ops(tmp_path):
+    """The floor row that stands for nt_xent's own ATen ops issues exactly the ops an nt_xent call issues: when the
+    op's glue changes, this fails until the floor row follows."""
+    out = tmp_path / "host.json"
+    _run("host_overhead.py", "--repeat", "3", "--cases", "^floor: nt_xent", r"^nt_xent fwd\+bwd$", "--json", str(out))
+    rows = {r["case"]: r for r in json.loads(out.read_text())["rows"]}
+    floor, op = rows["floor: nt_xent's ATen ops alone fwd+bwd"], rows["nt_xent fwd+bwd"]
+    assert floor["launches"] == 0 and op["launches"] > 0
+    assert floor["aten"] == op["aten"], (floor["aten"], op["aten"])
+
+
 def test_host_overhead_driver_mode_times_the_launch_paths(tmp_path):
     """--launch-path driver: kernels compiled for sm_90, Triton's launch path and the cached one timed against
     the glue alone, with the launches a GPU makes (InfoNCE's 16-bit tile operands: `_unit_rows_kernel`, which
