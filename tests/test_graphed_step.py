@@ -268,6 +268,8 @@ def test_gpu_captured_step_trains_like_the_eager_step(name, seed):
     batches = step_batches(cfg, STEPS + 3, "cuda")
     eager = setup(cfg, steps_per_epoch=len(batches), device="cuda")
     graphed = setup(dataclasses.replace(cfg, cuda_graph=True), steps_per_epoch=len(batches), device="cuda")
+    _fp32_schedule(eager)  # the lrs and EMA momentum the replay's fp32 device tensors hold (as on the CPU)
+    _fp32_schedule(graphed)
     a = _train(eager, batches, seed)
     b = _train(graphed, batches, seed)
     torch.cuda.synchronize()
