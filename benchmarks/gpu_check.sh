@@ -3,7 +3,9 @@
 # `sslfast bench` and a profile (kernels vs host) of the cases still off target. Everything lands under $OUT
 # (default ./gpu_out); the last lines printed are the tables.
 #   STEPS="tests e2e tune bench profile"   which steps (default: these five; "maxbatch" adds the largest batch per
-#                              method and path, benchmarks/max_batch.py with MAXBATCH_ARGS)
+#                              method and path, benchmarks/max_batch.py with MAXBATCH_ARGS; "launchcache" the cached
+#                              launch path's GPU check: tests/test_launch_cache.py and `sslfast bench` with
+#                              SSLFAST_LAUNCH_CACHE=1, into bench_cached.{txt,json} beside the bench step's rows)
 #   E2E_ARGS                   passed to `sslfast bench --ops e2e` (default: SimCLR ResNet-50 B=256 224 px on
 #                              2,000 generated JPEGs, every row: torch + reference ... native + --cuda-graph, DALI)
 #   TEST_FILES="tests/..."     test files for `pytest -m gpu` (default: all)
@@ -12,9 +14,6 @@
 #   PROFILE_CASES              regexes for benchmarks/profile_ops.py (default: the cases off target); the
 #                              profile step first times single launches (--launch-costs)
 #   PROFILE_PYTHON=N           also cProfile N calls per profiled case
-#                              ("launchcache" adds the cached launch path's GPU check: tests/test_launch_cache.py and
-#                              `sslfast bench` with SSLFAST_LAUNCH_CACHE=1, into bench_cached.{txt,json} beside the
-#                              bench step's default-path rows)
 #   SKIP_INSTALL=1, BENCH_TAG  for a second call in the same session (bench$BENCH_TAG.{txt,json})
 #   TESTS_S / E2E_S / TUNE_S / BENCH_S / PROFILE_S / MAXBATCH_S  each step's time limit in seconds (short leases)
 set -uo pipefail
