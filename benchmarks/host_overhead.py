@@ -22,9 +22,9 @@ in front of it. This script measures that part on the CPU, in one of two ways (`
 Inputs are tiny, so the glue ops' CPU arithmetic is negligible next to their dispatch. The first rows are floors,
 not ops: a two-op torch expression and an empty autograd node, forward and backward, which no eager training op
 can undercut, and nt_xent's own ATen ops alone in such a node (what nt_xent would cost if its Python and its
-launches were free). Per case it prints the median wall time of one call (forward + backward where the op trains), the
-median CPU time of this thread for it (less sensitive than the wall time to other processes on a loaded
-machine), the Triton launches and the ATen ops it issued. `ema_update_` runs on CPU tensors, so its final
+launches were free). Per case it prints the median wall time of one call (forward + backward where the op
+trains), the median CPU time of this thread for it (less sensitive than the wall time to other processes on a
+loaded machine), the Triton launches and the ATen ops it issued. `ema_update_` runs on CPU tensors, so its final
 multi-tensor update (`ops._torch.ema.ema_update_`, the stand-in for the csrc launch) is stubbed and counted like
 a launch: its row is the validation and the cached plan's check.
 

@@ -21,9 +21,9 @@ The launch recorded per call is::
 where ``handle`` is unique per compiled kernel (what ``load_binary`` returned), so two launches with the same
 handle run the same compiled code.
 
-Uses: ``benchmarks/host_overhead.py --launch-path triton|cached`` (an eager call's host cost including Triton's
-launch path, on a CPU) and ``tests/test_launch_cache.py`` (the cached launch path against Triton's own, launch
-by launch, on compiled kernels).
+Uses: ``benchmarks/host_overhead.py --launch-path driver`` (an eager call's host cost including Triton's
+launch path or the cached one, on a CPU) and ``tests/test_launch_cache.py`` (the cached launch path against
+Triton's own, launch by launch, on compiled kernels).
 
     with stub_driver(record=True) as launches:
         kernel[grid](...)

@@ -172,8 +172,8 @@ def _grads(
     tiles=None,
 ):
     """`_backward` on `impl` (the positives' logits are not needed), with None for the gradients it does not
-    compute. `rn_p`, `tiles`: what `_stats`
-    returned, when the backward runs in the same call (not recomputed: one unit-rows launch fewer)."""
+    compute. `rn_p`, `tiles`: what `_stats` returned, when the backward runs in the same call (not recomputed:
+    one unit-rows launch fewer)."""
     maps, symmetric, exclude_self, bounded = spec.maps, spec.symmetric, spec.exclude_self, spec.bounded
     if symmetric:
         lse_c, g_c, rn_b = lse_r, g_r, rn_a
